@@ -1,0 +1,60 @@
+//! The shared truth of the fleet SDK: the wire format and every rule, defined
+//! once and used unchanged by the device agent, the cloud service, the
+//! bindings and firmware.
+//!
+//! ```
+//! use fleet_core::topic::{JobsTopic, JobsTopicKind, Topic, TopicPrefix};
+//! use fleet_core::ThingName;
+//!
+//! // Which topic announces the next job to thing `pump-7`?
+//! let topic = Topic::Jobs(JobsTopic {
+//!     thing: ThingName::new("pump-7")?,
+//!     kind: JobsTopicKind::NotifyNext,
+//! });
+//! assert_eq!(
+//!     topic.display(&TopicPrefix::AWS).to_string(),
+//!     "$aws/things/pump-7/jobs/notify-next"
+//! );
+//!
+//! // And what is this topic that just arrived?
+//! let incoming = "$aws/things/pump-7/jobs/notify-next";
+//! assert_eq!(Topic::parse(&TopicPrefix::AWS, incoming)?, topic);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # What is here
+//! - [`identity`]: validated thing names, shadow names, job and stream ids,
+//!   provisioning template names and client tokens.
+//! - [`topic`]: every MQTT topic of the protocol (the AWS IoT device API
+//!   layout under a configurable prefix), built and parsed without
+//!   allocating.
+//!
+//! # What is not here
+//! No I/O, no clock, no random numbers, no async runtime and no TLS: time and
+//! input are always arguments. The crate is `no_std`; the `alloc` feature adds
+//! owned names, and `std` (the default) adds nothing but `std::error::Error`
+//! integration through `core::error::Error`.
+//!
+//! # Features
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `std` | yes | implies `alloc` |
+//! | `alloc` | via `std` | names that own their text (`ThingName<'static>` from a `String`) |
+//!
+//! Build for a microcontroller with `--no-default-features` (optionally
+//! `--features alloc`); CI builds both for `thumbv7em-none-eabihf`.
+
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod identity;
+pub mod topic;
+
+pub use identity::{
+    ClientToken, JobId, NameError, NameKind, NameProblem, ShadowName, StreamId, TemplateName,
+    ThingName,
+};
+pub use topic::{Topic, TopicError, TopicPrefix};
