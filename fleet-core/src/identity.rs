@@ -103,7 +103,11 @@ impl fmt::Display for NameError {
         match self.problem {
             NameProblem::Empty => write!(f, "{} is empty", self.kind),
             NameProblem::TooLong { len, max } => {
-                write!(f, "{} is {len} bytes long, at most {max} allowed", self.kind)
+                write!(
+                    f,
+                    "{} is {len} bytes long, at most {max} allowed",
+                    self.kind
+                )
             }
             NameProblem::InvalidByte { position, byte } => write!(
                 f,
@@ -364,12 +368,24 @@ mod tests {
 
     #[test]
     fn empty_is_rejected_for_every_kind() {
-        assert_eq!(ThingName::new("").unwrap_err().problem(), NameProblem::Empty);
-        assert_eq!(ShadowName::new("").unwrap_err().kind(), NameKind::ShadowName);
+        assert_eq!(
+            ThingName::new("").unwrap_err().problem(),
+            NameProblem::Empty
+        );
+        assert_eq!(
+            ShadowName::new("").unwrap_err().kind(),
+            NameKind::ShadowName
+        );
         assert_eq!(JobId::new("").unwrap_err().kind(), NameKind::JobId);
         assert_eq!(StreamId::new("").unwrap_err().kind(), NameKind::StreamId);
-        assert_eq!(TemplateName::new("").unwrap_err().kind(), NameKind::TemplateName);
-        assert_eq!(ClientToken::new("").unwrap_err().kind(), NameKind::ClientToken);
+        assert_eq!(
+            TemplateName::new("").unwrap_err().kind(),
+            NameKind::TemplateName
+        );
+        assert_eq!(
+            ClientToken::new("").unwrap_err().kind(),
+            NameKind::ClientToken
+        );
     }
 
     #[test]

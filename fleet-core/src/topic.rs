@@ -380,9 +380,13 @@ impl<'a> Topic<'a> {
                     _ => Err(TopicError::Unknown),
                 }
             }
-            ["provisioning-templates", template, "provision", format, role @ ..]
-                if role.len() <= 1 =>
-            {
+            [
+                "provisioning-templates",
+                template,
+                "provision",
+                format,
+                role @ ..,
+            ] if role.len() <= 1 => {
                 let format = Format::parse(format).ok_or(TopicError::Unknown)?;
                 let role = Role::from_suffix(role.first().copied()).ok_or(TopicError::Unknown)?;
                 Ok(Topic::Provisioning(ProvisioningTopic::RegisterThing(
@@ -736,7 +740,9 @@ mod tests {
             Err(TopicError::WrongPrefix)
         );
         let err = Topic::parse(&p, "$aws/things/+/shadow/get").unwrap_err();
-        assert!(matches!(err, TopicError::InvalidName(e) if e.kind() == crate::NameKind::ThingName));
+        assert!(
+            matches!(err, TopicError::InvalidName(e) if e.kind() == crate::NameKind::ThingName)
+        );
         assert!(matches!(
             Topic::parse(&p, "$aws/things//shadow/get"),
             Err(TopicError::InvalidName(_))
@@ -759,7 +765,11 @@ mod tests {
             Err(TopicError::WrongPrefix)
         );
         for bad in ["", "/a", "a/", "a//b", "a/+", "#", "a\0"] {
-            assert_eq!(TopicPrefix::new(bad), Err(TopicError::InvalidPrefix), "{bad:?}");
+            assert_eq!(
+                TopicPrefix::new(bad),
+                Err(TopicError::InvalidPrefix),
+                "{bad:?}"
+            );
         }
     }
 
@@ -782,7 +792,11 @@ mod tests {
     }
 
     fn role() -> impl Strategy<Value = Role> {
-        prop_oneof![Just(Role::Request), Just(Role::Accepted), Just(Role::Rejected)]
+        prop_oneof![
+            Just(Role::Request),
+            Just(Role::Accepted),
+            Just(Role::Rejected)
+        ]
     }
 
     fn format() -> impl Strategy<Value = Format> {
@@ -834,7 +848,8 @@ mod tests {
                     kind,
                 })
             }),
-            (thing.clone(), jobs_kind).prop_map(|(thing, kind)| Topic::Jobs(JobsTopic { thing, kind })),
+            (thing.clone(), jobs_kind)
+                .prop_map(|(thing, kind)| Topic::Jobs(JobsTopic { thing, kind })),
             (thing, stream, stream_kind, format()).prop_map(|(thing, stream, kind, format)| {
                 Topic::Stream(StreamTopic {
                     thing,
