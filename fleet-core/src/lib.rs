@@ -28,6 +28,17 @@
 //! - [`topic`]: every MQTT topic of the protocol (the AWS IoT device API
 //!   layout under a configurable prefix), built and parsed without
 //!   allocating.
+//! - `shadow` (with `alloc`): shadow documents, the service's processing
+//!   rules (exactly AWS IoT's) and `ShadowSync`, the device-side engine.
+//! - [`time`]: the monotonic [`time::Instant`] that state machines are given.
+//!
+//! # State machines
+//! The engines here are sans-I/O, in the style of quinn-proto: inputs go in
+//! through `handle_*` methods (a message, a connection change, a timeout,
+//! each with the current time), commands through plain methods, and outputs
+//! come back from `poll_transmit` (what to send), `poll_timeout` (when to
+//! call `handle_timeout` next) and `poll_event` (what to tell the
+//! application). Drain all three after every input.
 //!
 //! # What is not here
 //! No I/O, no clock, no random numbers, no async runtime and no TLS: time and
@@ -39,7 +50,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `std` | yes | implies `alloc` |
-//! | `alloc` | via `std` | names that own their text (`ThingName<'static>` from a `String`) |
+//! | `alloc` | via `std` | owned names, shadows and `ShadowSync` (serde_json without std) |
 //!
 //! Build for a microcontroller with `--no-default-features` (optionally
 //! `--features alloc`); CI builds both for `thumbv7em-none-eabihf`.
@@ -51,7 +62,12 @@
 extern crate alloc;
 
 pub mod identity;
+#[cfg(feature = "alloc")]
+pub mod shadow;
+pub mod time;
 pub mod topic;
+#[cfg(feature = "alloc")]
+pub mod transmit;
 
 pub use identity::{
     ClientToken, JobId, NameError, NameKind, NameProblem, ShadowName, StreamId, TemplateName,
