@@ -43,17 +43,19 @@ pub(crate) fn merge(target: &mut Object, meta: &mut Object, patch: &Object, now:
                 meta.remove(key);
             }
             Value::Object(sub_patch) => {
-                let (sub_target, sub_meta) = match (target.get_mut(key), meta.get_mut(key)) {
-                    (Some(Value::Object(t)), Some(Value::Object(m))) => (t, m),
-                    _ => {
-                        // Absent, or a value of another kind: start afresh.
-                        target.insert(key.clone(), Value::Object(Map::new()));
-                        meta.insert(key.clone(), Value::Object(Map::new()));
-                        match (target.get_mut(key), meta.get_mut(key)) {
-                            (Some(Value::Object(t)), Some(Value::Object(m))) => (t, m),
-                            _ => continue, // just inserted as objects
-                        }
-                    }
+                // Decided by the state alone, so a caller without metadata
+                // (the device's replica) can pass a scratch map.
+                if !matches!(target.get(key), Some(Value::Object(_))) {
+                    // Absent, or a value of another kind: start afresh.
+                    target.insert(key.clone(), Value::Object(Map::new()));
+                    meta.insert(key.clone(), Value::Object(Map::new()));
+                } else if !matches!(meta.get(key), Some(Value::Object(_))) {
+                    meta.insert(key.clone(), Value::Object(Map::new()));
+                }
+                let (Some(Value::Object(sub_target)), Some(Value::Object(sub_meta))) =
+                    (target.get_mut(key), meta.get_mut(key))
+                else {
+                    continue; // both were made objects just above
                 };
                 merge(sub_target, sub_meta, sub_patch, now);
                 if sub_target.is_empty() {

@@ -590,12 +590,14 @@ impl ShadowSync {
                 }
                 continue;
             }
-            let slot = &self.slots[i];
-            if slot.phase == Phase::Synced
-                && slot.in_flight.is_none()
-                && slot.next_resync.is_some_and(|t| t <= now)
-            {
-                self.start_read(i, now);
+            let slot = &mut self.slots[i];
+            if slot.next_resync.is_some_and(|t| t <= now) {
+                if slot.phase == Phase::Synced && slot.in_flight.is_none() {
+                    self.start_read(i, now);
+                } else {
+                    // Busy: look again once the current exchange is over.
+                    slot.next_resync = Some(now + self.config.request_timeout);
+                }
             }
         }
     }
