@@ -735,7 +735,7 @@ mod sim {
             let desired = match n {
                 0 => json!({ "speed": value }),
                 1 => json!({ "mode": format!("m{value}") }),
-                2 => json!({ "led": { "on": value % 2 == 0, "level": value } }),
+                2 => json!({ "led": { "on": value.is_multiple_of(2), "level": value } }),
                 _ => json!({ "speed": null }),
             };
             let request = UpdateRequest::desired(desired).to_payload();
