@@ -43,12 +43,24 @@ fn sample_shadow() -> Shadow {
     });
     let s = Shadow::new();
     let s = s
-        .update(json!({"state": {"desired": desired}}).to_string().as_bytes(), NOW, &limits)
+        .update(
+            json!({"state": {"desired": desired}})
+                .to_string()
+                .as_bytes(),
+            NOW,
+            &limits,
+        )
         .expect("accepted")
         .shadow;
-    s.update(json!({"state": {"reported": reported}}).to_string().as_bytes(), NOW, &limits)
-        .expect("accepted")
-        .shadow
+    s.update(
+        json!({"state": {"reported": reported}})
+            .to_string()
+            .as_bytes(),
+        NOW,
+        &limits,
+    )
+    .expect("accepted")
+    .shadow
 }
 
 fn bench(c: &mut Criterion) {
@@ -101,7 +113,9 @@ fn bench(c: &mut Criterion) {
         // stored form, process, write the stored form.
         b.iter(|| {
             let s = Shadow::from_stored_json(black_box(&stored)).unwrap();
-            let u = s.update(black_box(request.as_bytes()), NOW + 1, &limits).unwrap();
+            let u = s
+                .update(black_box(request.as_bytes()), NOW + 1, &limits)
+                .unwrap();
             black_box((u.shadow.to_stored_json(), u.accepted, u.delta, u.documents))
         })
     });
