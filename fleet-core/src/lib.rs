@@ -30,6 +30,9 @@
 //!   allocating.
 //! - `shadow` (with `alloc`): shadow documents, the service's processing
 //!   rules (exactly AWS IoT's) and `ShadowSync`, the device-side engine.
+//! - [`ota`]: signed manifests, trust roots with k-of-n thresholds and
+//!   rotation, streaming image verification (no allocator), the A/B
+//!   `OtaUpdate` state machine and signed install receipts.
 //! - [`time`]: the monotonic [`time::Instant`] that state machines are given.
 //!
 //! # State machines
@@ -62,6 +65,7 @@
 extern crate alloc;
 
 pub mod identity;
+pub mod ota;
 #[cfg(feature = "alloc")]
 pub mod shadow;
 pub mod time;
