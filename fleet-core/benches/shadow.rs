@@ -3,6 +3,9 @@
 //!
 //! `cargo bench -p fleet-core --bench shadow`
 
+// A benchmark panics on a broken fixture, like a test.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};

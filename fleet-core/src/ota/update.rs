@@ -365,7 +365,16 @@ impl OtaUpdate {
                 }
             }
             OtaPhase::Rebooting if on_new => this.enter_trial(),
-            OtaPhase::Rebooting => {
+            // Booted the new slot with a trial record: the confirm took
+            // effect but its record did not. Confirming again is harmless.
+            OtaPhase::TrialBoot if on_new => this.request(OtaAction::Confirm {
+                slot: this.record.target,
+            }),
+            // The new slot did not come up, or its trial was cut short (by
+            // a crash, a watchdog or a power cut) before a confirm, and the
+            // one-shot trial boot went back to the old slot: try again, a
+            // bounded number of times.
+            OtaPhase::Rebooting | OtaPhase::TrialBoot => {
                 if this.record.attempts < config.max_boot_attempts {
                     this.record.attempts += 1;
                     this.set_phase(OtaPhase::Rebooting);
@@ -374,17 +383,9 @@ impl OtaUpdate {
                     this.finish_rolled_back();
                 }
             }
-            // Booted the new slot with a trial record: the confirm took
-            // effect but its record did not. Confirming again is harmless.
-            OtaPhase::TrialBoot if on_new => this.request(OtaAction::Confirm {
-                slot: this.record.target,
-            }),
-            // The trial was cut short before a confirm: the one-shot boot
-            // went back to the old slot.
-            OtaPhase::TrialBoot | OtaPhase::RollingBack if !on_new => this.finish_rolled_back(),
+            OtaPhase::RollingBack if !on_new => this.finish_rolled_back(),
             OtaPhase::RollingBack => this.request(OtaAction::Reboot),
             OtaPhase::Committed | OtaPhase::RolledBack | OtaPhase::Failed => {}
-            OtaPhase::TrialBoot => this.enter_trial(),
         }
         let _ = now;
         Ok(this)
