@@ -30,6 +30,9 @@
 //!   allocating.
 //! - `shadow` (with `alloc`): shadow documents, the service's processing
 //!   rules (exactly AWS IoT's) and `ShadowSync`, the device-side engine.
+//! - `jobs` (with `alloc`): job executions with AWS IoT Jobs semantics, the
+//!   service side per thing, `JobRunner` on the device, the pure rollout
+//!   planner, job documents and commands.
 //! - [`ota`]: signed manifests, trust roots with k-of-n thresholds and
 //!   rotation, streaming image verification (no allocator), the A/B
 //!   `OtaUpdate` state machine and signed install receipts.
@@ -65,6 +68,8 @@
 extern crate alloc;
 
 pub mod identity;
+#[cfg(feature = "alloc")]
+pub mod jobs;
 pub mod ota;
 #[cfg(feature = "alloc")]
 pub mod shadow;
