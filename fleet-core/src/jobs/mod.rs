@@ -51,7 +51,7 @@ pub use execution::{
 pub use rollout::{
     AbortCriterion, AbortReason, Decision, FailureType, GroupAction, RateIncrease, RateLimit,
     RetryPolicy, RolloutControl, RolloutGroup, RolloutPolicy, RolloutStatus, Target, TargetStatus,
-    current_rate, plan,
+    Threshold, current_rate, plan,
 };
 pub use runner::{JobEvent, JobRunner, RunnerConfig, RunnerError, UpdateId};
 pub use service::{JobsMessage, ThingJobs};

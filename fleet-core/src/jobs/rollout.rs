@@ -232,7 +232,8 @@ pub enum RolloutStatus {
     Running,
     /// Paused by the operator.
     Paused,
-    /// Group `0` succeeded and waits for approval to open the next.
+    /// Group `0` finished (above its success threshold with a `Pause`
+    /// action, or below it) and waits for an operator to open the next.
     AwaitingApproval(u32),
     /// Stopped: QUEUED executions are canceled, nothing more is released.
     Aborted(AbortReason),
@@ -324,15 +325,24 @@ pub fn current_rate(policy: &RolloutPolicy, targets: &[Target]) -> u32 {
 /// a group that reached its success threshold opens the next or waits for
 /// approval; then retries and new releases from the open groups, in order,
 /// never more than the rate allows in any 60-second window.
+///
+/// `recent_releases` are the times (epoch seconds) of every release, first
+/// or retry, in the last 60 seconds: the caller keeps this log with the
+/// decisions it persists (a target's `released_at` alone would forget a
+/// first release once it is retried).
 pub fn plan(
     policy: &RolloutPolicy,
     targets: &[Target],
     control: RolloutControl,
+    recent_releases: &[u64],
     now: u64,
 ) -> Decision {
+    let ranges = group_ranges(policy, targets.len());
+    // A stored control may name more groups than the policy has.
+    let open_groups = (control.open_groups as usize).clamp(1, ranges.len()) as u32;
     let mut d = Decision {
         control: RolloutControl {
-            open_groups: control.open_groups.max(1),
+            open_groups,
             ..control
         },
         ..Decision::default()
@@ -342,7 +352,6 @@ pub fn plan(
         d.status = Some(RolloutStatus::Aborted(AbortReason::Aborted));
         return d;
     }
-    let ranges = group_ranges(policy, targets.len());
 
     // Abort criteria over all finished executions.
     let finished = targets.iter().filter(|t| t.status.is_terminal()).count();
@@ -391,7 +400,16 @@ pub fn plan(
         }
     }
 
-    // Open groups whose predecessor succeeded enough.
+    let retry_allowed = |t: &Target| match t.status {
+        TargetStatus::Failed => t.attempts <= policy.retry.failed,
+        TargetStatus::TimedOut => t.attempts <= policy.retry.timed_out,
+        _ => false,
+    };
+    let finished = |t: &Target| t.status.is_terminal() && !retry_allowed(t);
+
+    // Open groups whose predecessor succeeded enough. A group that finished
+    // below its success threshold waits for an operator: the rollout is
+    // never silently stuck.
     loop {
         let g = d.control.open_groups as usize - 1;
         if g + 1 >= ranges.len() {
@@ -404,6 +422,9 @@ pub fn plan(
             .filter(|t| t.status == TargetStatus::Succeeded)
             .count();
         if !Threshold::Percent(gp.success_percent).reached(succeeded, end - start) && end > start {
+            if targets[start..end].iter().all(finished) {
+                d.status = Some(RolloutStatus::AwaitingApproval(g as u32));
+            }
             break;
         }
         match gp.on_success {
@@ -416,11 +437,6 @@ pub fn plan(
     }
 
     let open_end = ranges[d.control.open_groups as usize - 1].1;
-    let retry_allowed = |t: &Target| match t.status {
-        TargetStatus::Failed => t.attempts <= policy.retry.failed,
-        TargetStatus::TimedOut => t.attempts <= policy.retry.timed_out,
-        _ => false,
-    };
     let all_done = targets
         .iter()
         .all(|t| t.status.is_terminal() && !retry_allowed(t));
@@ -439,9 +455,9 @@ pub fn plan(
     // 60 seconds counts.
     let rate = current_rate(policy, targets) as usize;
     let window_start = now.saturating_sub(59);
-    let recent: Vec<u64> = targets
+    let recent: Vec<u64> = recent_releases
         .iter()
-        .filter_map(|t| t.released_at)
+        .copied()
         .filter(|&r| r >= window_start && r <= now)
         .collect();
     let mut budget = rate.saturating_sub(recent.len());

@@ -26,6 +26,9 @@ pub struct RunnerConfig {
     pub request_timeout: Duration,
     /// How many times an update is sent before it is given up.
     pub max_attempts: u32,
+    /// With no job, ask for one this often anyway, to repair a lost
+    /// notification. `None`: only when notified or reconnected.
+    pub idle_poll_interval: Option<Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -34,6 +37,7 @@ impl Default for RunnerConfig {
             prefix: String::from("$aws"),
             request_timeout: Duration::from_secs(10),
             max_attempts: 5,
+            idle_poll_interval: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -160,6 +164,7 @@ pub struct JobRunner {
     current: Option<Current>,
     start_next: Option<InFlight>,
     recheck: bool,
+    next_idle_poll: Option<Instant>,
     update_in_flight: Option<(PendingUpdate, InFlight)>,
     updates: VecDeque<PendingUpdate>,
     /// Executions handed to the application, most recent last.
@@ -188,6 +193,7 @@ impl JobRunner {
             current: None,
             start_next: None,
             recheck: false,
+            next_idle_poll: None,
             update_in_flight: None,
             updates: VecDeque::new(),
             handed: VecDeque::new(),
@@ -283,10 +289,10 @@ impl JobRunner {
             JobsTopicKind::StartNext(Role::Accepted) => {
                 let msg: ExecutionResponse =
                     serde_json::from_value(body).map_err(|_| RunnerError::InvalidPayload)?;
-                if !self
+                if self
                     .start_next
                     .as_ref()
-                    .is_some_and(|f| Some(&f.token) == token.as_ref())
+                    .is_none_or(|f| Some(&f.token) != token.as_ref())
                 {
                     return Ok(()); // a reply to an earlier try, or not ours
                 }
@@ -336,6 +342,12 @@ impl JobRunner {
         }
         if self.start_next.as_ref().is_some_and(|f| f.deadline <= now) {
             self.send_start_next(now);
+        }
+        if self.next_idle_poll.is_some_and(|t| t <= now) {
+            self.next_idle_poll = None;
+            if self.current.is_none() && self.start_next.is_none() {
+                self.send_start_next(now);
+            }
         }
         let expired = self
             .update_in_flight
@@ -392,12 +404,14 @@ impl JobRunner {
         if !self.connected {
             return None;
         }
-        let a = self.start_next.as_ref().map(|f| f.deadline);
-        let b = self.update_in_flight.as_ref().map(|(_, f)| f.deadline);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.start_next.as_ref().map(|f| f.deadline),
+            self.update_in_flight.as_ref().map(|(_, f)| f.deadline),
+            self.next_idle_poll,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn token(&mut self) -> String {
@@ -448,6 +462,7 @@ impl JobRunner {
                 .push_back(JobEvent::Canceled { job_id: old.job_id });
         }
         let Some(e) = execution else {
+            self.next_idle_poll = self.config.idle_poll_interval.map(|d| now + d);
             return;
         };
         let key = (e.job_id.clone(), e.execution_number);
