@@ -50,6 +50,30 @@ pub enum Malformed {
     Checksum,
 }
 
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadMagic => f.write_str("missing or wrong magic bytes"),
+            Self::Truncated => f.write_str("input ends inside a field"),
+            Self::TrailingBytes => f.write_str("bytes after the last field"),
+            Self::FieldLength { tag } => write!(f, "field {tag} has the wrong length"),
+            Self::BadText { tag } => {
+                write!(f, "field {tag} is not UTF-8 text of the allowed length")
+            }
+            Self::Repeated { tag } => write!(f, "field {tag} appears too often"),
+            Self::Missing { tag } => write!(f, "required field {tag} is missing"),
+            Self::UnknownField { tag } => write!(f, "unknown required field {tag}"),
+            Self::TooLarge => f.write_str("larger than the format allows"),
+            Self::SignatureCount => f.write_str("no signatures, or too many"),
+            Self::BadKey => f.write_str("not a valid Ed25519 public key"),
+            Self::BadThreshold => f.write_str("a threshold is 0 or cannot be met by the keys"),
+            Self::Checksum => f.write_str("checksum mismatch"),
+        }
+    }
+}
+
+impl core::error::Error for Malformed {}
+
 /// Why an update was refused. Every failure has its own variant, so that a
 /// device can report exactly what it rejected.
 #[non_exhaustive]
@@ -119,7 +143,7 @@ impl From<Malformed> for OtaError {
 impl fmt::Display for OtaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Malformed(m) => write!(f, "malformed input: {m:?}"),
+            Self::Malformed(m) => write!(f, "malformed input: {m}"),
             Self::WrongPayloadType => f.write_str("envelope carries another kind of payload"),
             Self::BadSignature => f.write_str("a signature by a trusted key does not verify"),
             Self::UnknownKey => f.write_str("signed by keys the trust root does not know"),
