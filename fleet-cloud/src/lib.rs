@@ -1,19 +1,41 @@
 //! The fleet backend.
 //!
 //! ```
-//! // The backend parses every device topic with fleet-core's rules.
-//! use fleet_cloud::{Topic, TopicPrefix};
-//! let topic = Topic::parse(&TopicPrefix::AWS, "$aws/things/pump-7/shadow/update")?;
-//! assert_eq!(topic.thing().map(|t| t.as_str()), Some("pump-7"));
-//! # Ok::<(), fleet_cloud::TopicError>(())
+//! use fleet_cloud::{MemoryStore, ShadowService};
+//! use fleet_core::shadow::UpdateRequest;
+//! use fleet_core::ThingName;
+//! use serde_json::json;
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! // An application backend sets desired state; the service says what to
+//! // publish to the device (accepted, delta, documents).
+//! let service = ShadowService::new(MemoryStore::new());
+//! let thing = ThingName::new("pump-7")?;
+//! let out = service.update(&thing, None, &UpdateRequest::desired(json!({"on": true})), 1_700_000_000).await?;
+//! assert_eq!(out[1].topic, "$aws/things/pump-7/shadow/update/delta");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
 //! ```
 //!
+//! # What is here
+//! - [`store`]: one storage trait with compare-and-set writes, an in-memory
+//!   store for tests and SQLite as the durable embedded default.
+//! - [`ShadowService`]: the AWS IoT Device Shadow service over a store, the
+//!   rules being fleet-core's, callable from Rust and from the broker.
+//! - [`serve_shadows`]: the service as a privileged MQTT 5 backend client
+//!   with mutual TLS and shared subscriptions, so several instances split the
+//!   load.
+//!
 //! # Status
-//! This crate is the home of the backend service (broker client, storage,
-//! registry, provisioning, shadow and job services, the `fleet` binary). The
-//! service is not built yet; today the crate re-exports the `fleet-core`
-//! topic types it will serve.
+//! The registry, provisioning, jobs, commands, telemetry routing, the
+//! embedded broker and the `fleet` binary are not built yet.
 
 #![forbid(unsafe_code)]
 
-pub use fleet_core::{Topic, TopicError, TopicPrefix};
+mod broker;
+mod shadows;
+pub mod store;
+
+pub use broker::{BrokerConfig, RunningService, StartError, serve_shadows};
+pub use shadows::{Outgoing, ServiceError, ShadowService};
+pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};

@@ -72,6 +72,8 @@ impl AclPolicy {
             // `#` does not match topics that start with `$`, so the prefix
             // gets a line of its own.
             let _ = writeln!(acl, "topic readwrite {p}/#");
+            // Shared subscriptions are checked as written, `$share/...`.
+            let _ = writeln!(acl, "topic read $share/#");
             let _ = writeln!(acl, "topic readwrite #");
         }
         acl
@@ -355,7 +357,9 @@ mod tests {
         assert!(acl.contains("pattern write $aws/things/%u/shadow/name/+/update\n"));
         assert!(acl.contains("pattern read $aws/things/%u/shadow/#\n"));
         assert!(acl.contains("pattern write $aws/things/%u/jobs/+/update\n"));
-        assert!(acl.contains("user fleet-backend\ntopic readwrite $aws/#\ntopic readwrite #\n"));
+        assert!(acl.contains(
+            "user fleet-backend\ntopic readwrite $aws/#\ntopic read $share/#\ntopic readwrite #\n"
+        ));
         // No device line grants anything outside the device's own subtree.
         for line in acl.lines().filter(|l| l.starts_with("pattern")) {
             assert!(line.contains(" $aws/things/%u/"), "{line}");

@@ -1,0 +1,207 @@
+//! Running the service against an MQTT broker, as a privileged backend
+//! client (MQTT 5, mutual TLS, shared subscriptions).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::shadows::ShadowService;
+use crate::store::ShadowStore;
+
+/// How to reach the broker, with the backend's identity (all PEM).
+#[derive(Clone)]
+pub struct BrokerConfig {
+    /// Host name (checked against the broker's certificate).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// MQTT client id; unique per instance.
+    pub client_id: String,
+    /// The backend's certificate chain, PEM.
+    pub cert_pem: String,
+    /// The backend's private key, PEM.
+    pub key_pem: String,
+    /// The CA that signed the broker's certificate, PEM.
+    pub ca_pem: String,
+    /// Instances in the same group share the load (MQTT 5 shared
+    /// subscriptions): each request goes to one of them. `None`: a plain
+    /// subscription, for a single instance.
+    ///
+    /// Mosquitto 2.0 does not deliver topics that start with `$` (such as
+    /// `$aws/...`) to shared subscriptions: with Mosquitto, scale out under
+    /// a prefix without `$` (`ShadowService::with_prefix("fleet")`), or use
+    /// a broker that does (EMQX, HiveMQ, VerneMQ, AWS IoT Core).
+    pub share_group: Option<String>,
+    /// Requests buffered between the network and the workers; when full,
+    /// the service stops reading from the broker (back-pressure), it does
+    /// not grow.
+    pub queue_capacity: usize,
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("share_group", &self.share_group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The service could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The TLS material is unusable.
+    Tls(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tls(e) => write!(f, "TLS configuration: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+fn tls(config: &BrokerConfig) -> Result<rustls::ClientConfig, StartError> {
+    let bad = |e: &dyn fmt::Display| StartError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(config.ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    let chain = CertificateDer::pem_slice_iter(config.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    let key = PrivateKeyDer::from_pem_slice(config.key_pem.as_bytes()).map_err(|e| bad(&e))?;
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| bad(&e))
+}
+
+/// A running service; stops when dropped or on [`shutdown`](Self::shutdown).
+#[derive(Debug)]
+pub struct RunningService {
+    client: AsyncClient,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningService {
+    /// Disconnects and stops.
+    pub async fn shutdown(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn epoch_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Connects to the broker and serves shadow requests until stopped.
+/// Subscriptions are made again after every reconnection.
+pub fn serve_shadows<S: ShadowStore>(
+    config: BrokerConfig,
+    service: ShadowService<S>,
+) -> Result<RunningService, StartError> {
+    let tls = tls(&config)?;
+    let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(true)
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
+    let share = config
+        .share_group
+        .as_ref()
+        .map_or(String::new(), |g| format!("$share/{g}/"));
+    let prefix = service.prefix().to_string();
+    let filters = [
+        format!("{share}{prefix}/things/+/shadow/+"),
+        format!("{share}{prefix}/things/+/shadow/name/+/+"),
+    ];
+
+    let sub_client = client.clone();
+    let network = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    for f in &filters {
+                        if let Err(e) = sub_client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                            tracing::warn!("subscribe {f}: {e}");
+                        }
+                    }
+                    tracing::info!("connected; serving shadow requests");
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    // Awaiting here is the back-pressure: a full queue stops
+                    // reads from the broker.
+                    if tx.send((topic, p.payload.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    });
+
+    let pub_client = client.clone();
+    let worker = tokio::spawn(async move {
+        while let Some((topic, payload)) = rx.recv().await {
+            match service.handle(&topic, &payload, epoch_seconds()).await {
+                Ok(out) => {
+                    for o in out {
+                        if let Err(e) = pub_client
+                            .publish(o.topic, QoS::AtLeastOnce, false, o.payload)
+                            .await
+                        {
+                            tracing::warn!("publish: {e}");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("{topic}: {e}"),
+            }
+        }
+    });
+
+    Ok(RunningService {
+        client,
+        tasks: vec![network, worker],
+    })
+}

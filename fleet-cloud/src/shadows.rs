@@ -1,0 +1,243 @@
+//! The shadow service: fleet-core's processing rules over a store, with
+//! compare-and-set retries.
+
+use std::fmt;
+
+use fleet_core::shadow::{Shadow, ShadowLimits, UpdateRequest, process};
+use fleet_core::topic::{Role, ShadowOp, ShadowTopic, ShadowTopicKind, Topic, TopicPrefix};
+use fleet_core::{ShadowName, ThingName};
+
+use crate::store::{ShadowKey, ShadowStore, StoreError};
+
+/// How often a request is re-read and re-processed after losing a
+/// compare-and-set race before the service gives up with a 500.
+const MAX_CAS_ATTEMPTS: usize = 16;
+
+/// A message to publish: topic and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// A request the service could not handle at all (it answers everything it
+/// can with a `/rejected` message instead).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// Not a shadow request topic under the service's prefix.
+    NotAShadowRequest,
+    /// The topic prefix is not valid.
+    InvalidPrefix,
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotAShadowRequest => f.write_str("not a shadow request topic"),
+            Self::InvalidPrefix => f.write_str("invalid topic prefix"),
+            Self::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+/// Shadows for every thing, backed by a [`ShadowStore`].
+#[derive(Debug, Clone)]
+pub struct ShadowService<S> {
+    store: S,
+    limits: ShadowLimits,
+    prefix: String,
+}
+
+impl<S: ShadowStore> ShadowService<S> {
+    /// A service with AWS's limits under the `$aws` prefix.
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            limits: ShadowLimits::default(),
+            prefix: "$aws".into(),
+        }
+    }
+
+    /// The same service under another topic prefix (`$aws` by default).
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, ServiceError> {
+        TopicPrefix::new(prefix).map_err(|_| ServiceError::InvalidPrefix)?;
+        self.prefix = prefix.into();
+        Ok(self)
+    }
+
+    /// The topic prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Handles a request a device (or anyone allowed) published on `topic`,
+    /// at `now` (epoch seconds), and returns what to publish. A request the
+    /// rules refuse is answered on `/rejected` and changes nothing.
+    pub async fn handle(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Vec<Outgoing>, ServiceError> {
+        let prefix = TopicPrefix::new(&self.prefix).map_err(|_| ServiceError::NotAShadowRequest)?;
+        let Ok(Topic::Shadow(ShadowTopic {
+            thing,
+            shadow,
+            kind: ShadowTopicKind::Op(op, Role::Request),
+        })) = Topic::parse(&prefix, topic)
+        else {
+            return Err(ServiceError::NotAShadowRequest);
+        };
+        self.apply(thing, shadow, op, payload, now).await
+    }
+
+    /// Updates a shadow from the backend (an application setting desired
+    /// state), with the same rules and messages as a device's request.
+    pub async fn update(
+        &self,
+        thing: &ThingName<'_>,
+        shadow: Option<&ShadowName<'_>>,
+        request: &UpdateRequest,
+        now: u64,
+    ) -> Result<Vec<Outgoing>, ServiceError> {
+        self.apply(
+            thing.borrow(),
+            shadow.map(ShadowName::borrow),
+            ShadowOp::Update,
+            &request.to_payload(),
+            now,
+        )
+        .await
+    }
+
+    /// The stored shadow.
+    pub async fn get(
+        &self,
+        thing: &ThingName<'_>,
+        shadow: Option<&ShadowName<'_>>,
+    ) -> Result<Shadow, ServiceError> {
+        let key = ShadowKey {
+            thing: thing.as_str().into(),
+            shadow: shadow.map(|s| s.as_str().into()),
+        };
+        Ok(self
+            .store
+            .load(&key)
+            .await
+            .map_err(ServiceError::Store)?
+            .value)
+    }
+
+    async fn apply(
+        &self,
+        thing: ThingName<'_>,
+        shadow: Option<ShadowName<'_>>,
+        op: ShadowOp,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Vec<Outgoing>, ServiceError> {
+        let key = ShadowKey {
+            thing: thing.as_str().into(),
+            shadow: shadow.as_ref().map(|s| s.as_str().into()),
+        };
+        let prefix = TopicPrefix::new(&self.prefix).map_err(|_| ServiceError::NotAShadowRequest)?;
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let current = self.store.load(&key).await.map_err(ServiceError::Store)?;
+            let out = process(&current.value, op, payload, now, &self.limits);
+            if let Some(next) = &out.shadow {
+                match self.store.save(&key, current.revision, next).await {
+                    Ok(_) => {}
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(ServiceError::Store(e)),
+                }
+            }
+            return Ok(out
+                .messages
+                .into_iter()
+                .map(|m| Outgoing {
+                    topic: Topic::Shadow(ShadowTopic {
+                        thing: thing.borrow(),
+                        shadow: shadow.as_ref().map(ShadowName::borrow),
+                        kind: m.kind,
+                    })
+                    .display(&prefix)
+                    .to_string(),
+                    payload: m.payload,
+                })
+                .collect());
+        }
+        Err(ServiceError::Store(StoreError::Conflict))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn requests_become_replies_on_the_right_topics() {
+        let service = ShadowService::new(MemoryStore::new());
+        let out = service
+            .handle(
+                "$aws/things/dev-1/shadow/name/cfg/update",
+                br#"{"state":{"desired":{"a":1}}}"#,
+                5,
+            )
+            .await
+            .unwrap();
+        let topics: Vec<_> = out.iter().map(|o| o.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            [
+                "$aws/things/dev-1/shadow/name/cfg/update/accepted",
+                "$aws/things/dev-1/shadow/name/cfg/update/delta",
+                "$aws/things/dev-1/shadow/name/cfg/update/documents",
+            ]
+        );
+        let out = service
+            .handle("$aws/things/dev-1/shadow/get", b"", 5)
+            .await
+            .unwrap();
+        assert_eq!(out[0].topic, "$aws/things/dev-1/shadow/get/rejected");
+        assert!(matches!(
+            service
+                .handle("$aws/things/dev-1/shadow/update/accepted", b"{}", 5)
+                .await,
+            Err(ServiceError::NotAShadowRequest)
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_updates_never_lose_a_version() {
+        let service = ShadowService::new(MemoryStore::new());
+        let thing = ThingName::new("dev-1").unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let s = service.clone();
+            let thing = thing.clone().into_owned();
+            tasks.push(tokio::spawn(async move {
+                let req = UpdateRequest::reported(serde_json::json!({ format!("k{i}"): i }));
+                s.update(&thing, None, &req, 1).await.unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let shadow = service.get(&thing, None).await.unwrap();
+        assert_eq!(shadow.version(), 50);
+        assert_eq!(shadow.state().unwrap().reported().len(), 50);
+    }
+}
