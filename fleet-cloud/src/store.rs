@@ -98,9 +98,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<ShadowKey, (Shadow, u64)>>, StoreError> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, ShadowMap>, StoreError> {
         self.shadows
             .lock()
             .map_err(|_| StoreError::Backend("a writer panicked".into()))
