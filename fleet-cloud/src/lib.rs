@@ -22,6 +22,9 @@
 //!   store for tests and SQLite as the durable embedded default.
 //! - [`ShadowService`]: the AWS IoT Device Shadow service over a store, the
 //!   rules being fleet-core's, callable from Rust and from the broker.
+//! - [`BrokerPolicy`]: the broker's access rules for a fleet (devices
+//!   confined to their own topics by certificate common name, backend
+//!   identities, claim identities), written as a Mosquitto ACL.
 //! - [`serve_shadows`]: the service as a privileged MQTT 5 backend client
 //!   with mutual TLS and shared subscriptions, so several instances split the
 //!   load.
@@ -33,9 +36,11 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod policy;
 mod shadows;
 pub mod store;
 
 pub use broker::{BrokerConfig, RunningService, StartError, serve_shadows};
+pub use policy::{BrokerPolicy, DEFAULT_BACKEND_IDENTITY, PolicyError};
 pub use shadows::{Outgoing, ServiceError, ShadowService};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};

@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use fleet_cloud::BrokerPolicy;
 use fleet_cloud::{BrokerConfig, ShadowService, SqliteStore, serve_shadows};
-use fleet_testkit::{AclPolicy, Broker, BrokerOptions, TestClient};
+use fleet_testkit::{Broker, BrokerOptions, TestClient};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -132,9 +133,9 @@ async fn two_instances_share_the_load_without_losing_a_version() {
     // Mosquitto delivers no `$`-topics to shared subscriptions, so the
     // scaled-out service runs under a `fleet` prefix here.
     let broker = Broker::start_with(BrokerOptions {
-        acl: AclPolicy {
+        policy: BrokerPolicy {
             prefix: "fleet".into(),
-            ..AclPolicy::default()
+            ..BrokerPolicy::default()
         },
         ..BrokerOptions::default()
     })

@@ -23,8 +23,9 @@ mod broker;
 mod client;
 mod pki;
 
-pub use broker::{AclPolicy, BACKEND_IDENTITY, Broker, BrokerOptions};
+pub use broker::{BACKEND_IDENTITY, Broker, BrokerOptions};
 pub use client::{Message, TestClient, client_tls_config};
+pub use fleet_cloud::BrokerPolicy;
 pub use pki::{Identity, Pki};
 
 /// Why the harness could not do what a test asked.
@@ -58,6 +59,8 @@ pub enum HarnessError {
     Tls(String),
     /// The MQTT client failed (connect refused, no reply, ...).
     Mqtt(String),
+    /// The broker policy cannot be written.
+    Policy(String),
 }
 
 impl HarnessError {
@@ -100,6 +103,7 @@ impl std::fmt::Display for HarnessError {
             Self::Certificate(e) => write!(f, "could not make a test certificate: {e}"),
             Self::Tls(e) => write!(f, "could not load TLS material: {e}"),
             Self::Mqtt(e) => write!(f, "MQTT client error: {e}"),
+            Self::Policy(e) => write!(f, "broker policy: {e}"),
         }
     }
 }

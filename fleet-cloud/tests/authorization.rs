@@ -1,0 +1,139 @@
+//! The generated broker policy against a real Mosquitto: for every topic
+//! family, device A can neither write nor read device B's topics, and a
+//! claim identity can touch provisioning only.
+
+// Test helpers fail the test on a broken fixture.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use fleet_cloud::BrokerPolicy;
+use fleet_testkit::{Broker, BrokerOptions, Message, TestClient};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// B's topics in every family: requests, replies, notifications.
+const B_TOPICS: &[&str] = &[
+    "$aws/things/dev-b/shadow/update",
+    "$aws/things/dev-b/shadow/get",
+    "$aws/things/dev-b/shadow/update/accepted",
+    "$aws/things/dev-b/shadow/update/delta",
+    "$aws/things/dev-b/shadow/name/cfg/update",
+    "$aws/things/dev-b/shadow/name/cfg/update/delta",
+    "$aws/things/dev-b/jobs/start-next",
+    "$aws/things/dev-b/jobs/notify-next",
+    "$aws/things/dev-b/jobs/job-1/update",
+    "$aws/things/dev-b/jobs/job-1/update/accepted",
+    "$aws/things/dev-b/streams/s1/get/json",
+    "$aws/things/dev-b/streams/s1/data/json",
+    "$aws/commands/things/dev-b/executions/c1/request/json",
+    "$aws/commands/things/dev-b/executions/c1/response/json",
+    "dt/dev-b/temperature",
+];
+
+async fn broker_with_claims() -> Broker {
+    Broker::start_with(BrokerOptions {
+        policy: BrokerPolicy {
+            claim_identities: vec!["claim@factory".into()],
+            ..BrokerPolicy::default()
+        },
+        ..BrokerOptions::default()
+    })
+    .expect("start mosquitto")
+}
+
+async fn client(broker: &Broker, name: &str) -> TestClient {
+    let id = broker.pki().client_identity(name).unwrap();
+    TestClient::connect(broker, &id, name).await.unwrap()
+}
+
+/// Receives until `sentinel` arrives; returns what came before it.
+async fn before_sentinel(c: &mut TestClient, sentinel: &str) -> Vec<Message> {
+    let mut before = Vec::new();
+    loop {
+        let m = c.recv(WAIT).await.expect("the sentinel arrives");
+        if m.payload == sentinel.as_bytes() {
+            return before;
+        }
+        before.push(m);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_write_another_devices_topics() {
+    let broker = broker_with_claims().await;
+    let mut backend = client(&broker, "fleet-backend").await;
+    for f in ["$aws/#", "dt/#"] {
+        assert!(backend.subscribe(f).await.unwrap());
+    }
+    for who in ["dev-a", "claim@factory"] {
+        let c = client(&broker, who).await;
+        for topic in B_TOPICS {
+            c.publish(topic, "forged").await.unwrap();
+        }
+        // Each may write something of its own: the sentinel.
+        let own = if who == "dev-a" {
+            "$aws/things/dev-a/shadow/update"
+        } else {
+            "$aws/certificates/create-from-csr/json"
+        };
+        c.publish(own, "sentinel").await.unwrap();
+        let leaked = before_sentinel(&mut backend, "sentinel").await;
+        assert!(
+            leaked.is_empty(),
+            "{who} wrote {:?}",
+            leaked.iter().map(|m| &m.topic).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_read_another_devices_topics() {
+    let broker = broker_with_claims().await;
+    let backend = client(&broker, "fleet-backend").await;
+    for who in ["dev-a", "claim@factory"] {
+        let mut c = client(&broker, who).await;
+        for f in [
+            "$aws/things/dev-b/#",
+            "$aws/things/+/shadow/#",
+            "$aws/commands/things/dev-b/#",
+            "dt/#",
+            "$aws/#",
+        ] {
+            let _ = c.subscribe(f).await.unwrap();
+        }
+        let own = if who == "dev-a" {
+            "$aws/things/dev-a/jobs/notify-next"
+        } else {
+            // A claim identity reads only its own client's response topics.
+            "$aws/clients/claim@factory/provisioning/accepted"
+        };
+        assert!(c.subscribe(own).await.unwrap());
+        for topic in B_TOPICS {
+            backend.publish(topic, "secret").await.unwrap();
+        }
+        backend.publish(own, "sentinel").await.unwrap();
+        let leaked = before_sentinel(&mut c, "sentinel").await;
+        assert!(
+            leaked.is_empty(),
+            "{who} read {:?}",
+            leaked.iter().map(|m| &m.topic).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_identity_reaches_provisioning() {
+    let broker = broker_with_claims().await;
+    let mut backend = client(&broker, "fleet-backend").await;
+    assert!(backend.subscribe("$aws/#").await.unwrap());
+    let claim = client(&broker, "claim@factory").await;
+    for topic in [
+        "$aws/certificates/create-from-csr/json",
+        "$aws/provisioning-templates/factory/provision/json",
+    ] {
+        claim.publish(topic, "request").await.unwrap();
+        let got = backend.recv(WAIT).await.expect("the backend receives it");
+        assert_eq!(got.topic, topic);
+    }
+}
