@@ -1,0 +1,151 @@
+//! `fleet serve` as a process: killed with SIGKILL during a stream of
+//! shadow updates and restarted, it has kept every update it acknowledged;
+//! SIGTERM stops it cleanly.
+
+// Test helpers fail the test on a broken fixture.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleet_testkit::{Broker, TestClient};
+use serde_json::Value;
+
+fn spawn_fleet(broker: &Broker, dir: &Path) -> Child {
+    let backend = broker.backend_identity().unwrap();
+    std::fs::write(dir.join("backend.pem"), backend.cert_pem).unwrap();
+    std::fs::write(dir.join("backend.key"), backend.key_pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), broker.pki().ca_pem()).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .arg("serve")
+        .arg("--broker")
+        .arg(format!("localhost:{}", broker.port()))
+        .arg("--cert")
+        .arg(dir.join("backend.pem"))
+        .arg("--key")
+        .arg(dir.join("backend.key"))
+        .arg("--ca")
+        .arg(dir.join("ca.pem"))
+        .arg("--store")
+        .arg(dir.join("fleet.db"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleet serve")
+}
+
+async fn device(broker: &Broker) -> TestClient {
+    let id = broker.device_identity("dev-a").unwrap();
+    let mut c = TestClient::connect(broker, &id, "dev-a").await.unwrap();
+    for s in [
+        "update/accepted",
+        "update/rejected",
+        "get/accepted",
+        "get/rejected",
+    ] {
+        assert!(
+            c.subscribe(&format!("$aws/things/dev-a/shadow/{s}"))
+                .await
+                .unwrap()
+        );
+    }
+    c
+}
+
+/// Asks for the shadow until the service answers; returns the answer.
+async fn get(dev: &mut TestClient) -> Value {
+    for _ in 0..100 {
+        dev.publish("$aws/things/dev-a/shadow/get", "{}")
+            .await
+            .unwrap();
+        if let Some(m) = dev.recv(Duration::from_millis(300)).await
+            && m.topic.starts_with("$aws/things/dev-a/shadow/get/")
+        {
+            return serde_json::from_slice(&m.payload).unwrap();
+        }
+    }
+    panic!("fleet serve never answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_updates_survive_sigkill() {
+    let broker = Broker::start().expect("start mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = spawn_fleet(&broker, dir.path());
+    let mut dev = device(&broker).await;
+    get(&mut dev).await;
+
+    let mut acknowledged = BTreeSet::new();
+    let mut highest = 0;
+    // A steady stream, each waited for...
+    for i in 0..40 {
+        let body = format!(r#"{{"state":{{"reported":{{"k{i}":{i}}}}},"clientToken":"c{i}"}}"#);
+        dev.publish("$aws/things/dev-a/shadow/update", body)
+            .await
+            .unwrap();
+        let m = dev.recv(Duration::from_secs(10)).await.expect("accepted");
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert!(m.topic.ends_with("/update/accepted"), "{}", m.topic);
+        acknowledged.insert(i);
+        highest = v["version"].as_u64().unwrap();
+    }
+    // ...then a burst that the kill cuts through.
+    for i in 40..100 {
+        let body = format!(r#"{{"state":{{"reported":{{"k{i}":{i}}}}},"clientToken":"c{i}"}}"#);
+        dev.publish("$aws/things/dev-a/shadow/update", body)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    fleet.kill().unwrap(); // SIGKILL
+    fleet.wait().unwrap();
+    while let Some(m) = dev.recv(Duration::from_millis(300)).await {
+        if m.topic.ends_with("/update/accepted") {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            let token = v["clientToken"].as_str().unwrap();
+            acknowledged.insert(token[1..].parse::<u32>().unwrap());
+            highest = highest.max(v["version"].as_u64().unwrap());
+        }
+    }
+
+    let mut fleet = spawn_fleet(&broker, dir.path());
+    let doc = get(&mut dev).await;
+    let reported = doc["state"]["reported"].as_object().unwrap();
+    for i in &acknowledged {
+        assert_eq!(
+            reported.get(&format!("k{i}")),
+            Some(&Value::from(*i)),
+            "acknowledged k{i} was lost"
+        );
+    }
+    assert!(doc["version"].as_u64().unwrap() >= highest);
+    fleet.kill().unwrap();
+    fleet.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly() {
+    let broker = Broker::start().expect("start mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = spawn_fleet(&broker, dir.path());
+    let mut dev = device(&broker).await;
+    get(&mut dev).await;
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(fleet.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for _ in 0..50 {
+        if let Some(status) = fleet.try_wait().unwrap() {
+            assert!(status.success(), "fleet serve exited with {status}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.kill().unwrap();
+    panic!("fleet serve did not stop on SIGTERM");
+}
