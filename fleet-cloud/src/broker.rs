@@ -14,8 +14,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::commands::CommandCenter;
 use crate::shadows::ShadowService;
 use crate::store::ShadowStore;
+use crate::telemetry::{TelemetryRecord, TelemetryRouter};
 
 /// How to reach the broker, with the backend's identity (all PEM).
 #[derive(Clone)]
@@ -94,14 +96,27 @@ fn tls(config: &BrokerConfig) -> Result<rustls::ClientConfig, StartError> {
         .map_err(|e| bad(&e))
 }
 
+/// What a running service serves besides shadows.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Telemetry routing; `None`: telemetry is not subscribed to.
+    pub telemetry: Option<TelemetryRouter>,
+}
+
 /// A running service; stops when dropped or on [`shutdown`](Self::shutdown).
 #[derive(Debug)]
 pub struct RunningService {
     client: AsyncClient,
+    commands: CommandCenter,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningService {
+    /// Sends commands to things and awaits their answers.
+    pub fn commands(&self) -> &CommandCenter {
+        &self.commands
+    }
+
     /// Disconnects and stops.
     pub async fn shutdown(self) {
         let _ = self.client.disconnect().await;
@@ -124,10 +139,20 @@ fn epoch_seconds() -> u64 {
 }
 
 /// Connects to the broker and serves shadow requests until stopped.
-/// Subscriptions are made again after every reconnection.
 pub fn serve_shadows<S: ShadowStore>(
     config: BrokerConfig,
     service: ShadowService<S>,
+) -> Result<RunningService, StartError> {
+    serve(config, service, Extras::default())
+}
+
+/// Connects to the broker and serves shadows, command answers and (with a
+/// router) telemetry until stopped. Subscriptions are made again after
+/// every reconnection.
+pub fn serve<S: ShadowStore>(
+    config: BrokerConfig,
+    service: ShadowService<S>,
+    extras: Extras,
 ) -> Result<RunningService, StartError> {
     let tls = tls(&config)?;
     let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
@@ -139,15 +164,26 @@ pub fn serve_shadows<S: ShadowStore>(
         )));
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
+    let (telemetry_tx, mut telemetry_rx) =
+        mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let share = config
         .share_group
         .as_ref()
         .map_or(String::new(), |g| format!("$share/{g}/"));
     let prefix = service.prefix().to_string();
-    let filters = [
+    let mut filters = vec![
         format!("{share}{prefix}/things/+/shadow/+"),
         format!("{share}{prefix}/things/+/shadow/name/+/+"),
+        // Not shared: the instance that sent a command holds its waiter.
+        format!("{prefix}/commands/things/+/executions/+/response/+"),
     ];
+    let telemetry_prefix = extras.telemetry.as_ref().map(|t| t.prefix.clone());
+    if let Some(t) = &telemetry_prefix {
+        filters.push(format!("{share}{t}/#"));
+    }
+    let commands = CommandCenter::new(client.clone(), &prefix);
+    let command_answers = commands.clone();
+    let responses_under = format!("{prefix}/commands/things/");
 
     let sub_client = client.clone();
     let network = tokio::spawn(async move {
@@ -165,9 +201,21 @@ pub fn serve_shadows<S: ShadowStore>(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    if let Some(rest) = topic.strip_prefix(&responses_under) {
+                        if let Some(thing) = rest.split('/').next() {
+                            command_answers.handle_response(thing, &p.payload);
+                        }
+                        continue;
+                    }
+                    let is_telemetry = telemetry_prefix.as_ref().is_some_and(|t| {
+                        topic
+                            .strip_prefix(t.as_str())
+                            .is_some_and(|r| r.starts_with('/'))
+                    });
                     // Awaiting here is the back-pressure: a full queue stops
                     // reads from the broker.
-                    if tx.send((topic, p.payload.to_vec())).await.is_err() {
+                    let queue = if is_telemetry { &telemetry_tx } else { &tx };
+                    if queue.send((topic, p.payload.to_vec())).await.is_err() {
                         return;
                     }
                 }
@@ -200,8 +248,26 @@ pub fn serve_shadows<S: ShadowStore>(
         }
     });
 
+    let mut tasks = vec![network, worker];
+    if let Some(router) = extras.telemetry {
+        tasks.push(tokio::spawn(async move {
+            while let Some((topic, payload)) = telemetry_rx.recv().await {
+                // `{prefix}/{thing}/...`: the broker policy lets a device
+                // publish only under its own name.
+                let thing = topic.split('/').nth(1).unwrap_or_default().to_string();
+                let record = TelemetryRecord {
+                    thing,
+                    topic,
+                    received_at: epoch_seconds(),
+                    payload,
+                };
+                router.route(record).await;
+            }
+        }));
+    }
     Ok(RunningService {
         client,
-        tasks: vec![network, worker],
+        commands,
+        tasks,
     })
 }

@@ -29,18 +29,27 @@
 //!   with mutual TLS and shared subscriptions, so several instances split the
 //!   load.
 //!
+//! - [`CommandCenter`]: send a command to a thing and await its answer,
+//!   with a timeout.
+//! - [`telemetry`]: rules route device telemetry to sinks (JSON lines,
+//!   SQLite); a failing sink is retried, then dead-lettered.
+//! - The `fleet` binary: `fleet serve` against an external broker.
+//!
 //! # Status
-//! The registry, provisioning, jobs, commands, telemetry routing, the
-//! embedded broker and the `fleet` binary are not built yet.
+//! The registry, provisioning, the jobs service and the embedded broker are
+//! not built yet.
 
 #![forbid(unsafe_code)]
 
 mod broker;
+mod commands;
 mod policy;
 mod shadows;
 pub mod store;
+pub mod telemetry;
 
-pub use broker::{BrokerConfig, RunningService, StartError, serve_shadows};
+pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
+pub use commands::{CommandCenter, CommandFailure};
 pub use policy::{BrokerPolicy, DEFAULT_BACKEND_IDENTITY, PolicyError};
 pub use shadows::{Outgoing, ServiceError, ShadowService};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};

@@ -297,6 +297,18 @@ impl PendingCommands {
         out
     }
 
+    /// Marks one pending command as timed out (its waiter gave up);
+    /// returns whether it was pending.
+    pub fn expire(&mut self, execution_id: &str) -> bool {
+        match self.commands.get_mut(execution_id) {
+            Some((_, state @ CommandState::Pending { .. })) => {
+                *state = CommandState::TimedOut;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The earliest deadline of a pending command.
     pub fn poll_timeout(&self) -> Option<u64> {
         self.commands
