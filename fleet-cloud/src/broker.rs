@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::v5::mqttbytes::QoS;
@@ -108,6 +109,7 @@ pub struct Extras {
 pub struct RunningService {
     client: AsyncClient,
     commands: CommandCenter,
+    stopping: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -119,6 +121,7 @@ impl RunningService {
 
     /// Disconnects and stops.
     pub async fn shutdown(self) {
+        self.stopping.store(true, Ordering::SeqCst);
         let _ = self.client.disconnect().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -185,6 +188,8 @@ pub fn serve<S: ShadowStore>(
     let command_answers = commands.clone();
     let responses_under = format!("{prefix}/commands/things/");
 
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop_seen = stopping.clone();
     let sub_client = client.clone();
     let network = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
@@ -220,6 +225,7 @@ pub fn serve<S: ShadowStore>(
                     }
                 }
                 Ok(_) => {}
+                Err(_) if stop_seen.load(Ordering::SeqCst) => return,
                 Err(e) => {
                     tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
@@ -268,6 +274,7 @@ pub fn serve<S: ShadowStore>(
     Ok(RunningService {
         client,
         commands,
+        stopping,
         tasks,
     })
 }

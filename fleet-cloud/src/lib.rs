@@ -25,6 +25,8 @@
 //! - [`BrokerPolicy`]: the broker's access rules for a fleet (devices
 //!   confined to their own topics by certificate common name, backend
 //!   identities, claim identities), written as a Mosquitto ACL.
+//! - [`pki`]: a development CA with server, device, backend and claim
+//!   certificates (rcgen).
 //! - [`serve_shadows`]: the service as a privileged MQTT 5 backend client
 //!   with mutual TLS and shared subscriptions, so several instances split the
 //!   load.
@@ -43,6 +45,7 @@
 
 mod broker;
 mod commands;
+pub mod pki;
 mod policy;
 mod shadows;
 pub mod store;
@@ -50,6 +53,6 @@ pub mod telemetry;
 
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
 pub use commands::{CommandCenter, CommandFailure};
-pub use policy::{BrokerPolicy, DEFAULT_BACKEND_IDENTITY, PolicyError};
+pub use policy::{BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
 pub use shadows::{Outgoing, ServiceError, ShadowService};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};

@@ -149,3 +149,75 @@ async fn sigterm_stops_cleanly() {
     fleet.kill().unwrap();
     panic!("fleet serve did not stop on SIGTERM");
 }
+
+#[test]
+fn dev_setup_writes_a_consistent_setup() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "dev-setup",
+            "--thing",
+            "pump-1",
+            "--thing",
+            "pump-2",
+            "--claim",
+            "claim@line-4",
+            "--port",
+            "18883",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap();
+    let policy = fleet_cloud::BrokerPolicy {
+        claim_identities: vec!["claim@line-4".into()],
+        ..fleet_cloud::BrokerPolicy::default()
+    };
+    assert_eq!(read("acl"), policy.mosquitto_acl());
+    let conf = read("mosquitto.conf");
+    assert!(conf.contains("listener 18883 127.0.0.1\n"));
+    assert!(conf.contains("require_certificate true\nuse_identity_as_username true\n"));
+    // Every identity chains to the CA and loads as a TLS client identity.
+    let ca = read("ca.pem");
+    for name in [
+        "things/pump-1",
+        "things/pump-2",
+        "claims/claim@line-4",
+        "backend",
+    ] {
+        let id = fleet_testkit::Identity {
+            common_name: name.into(),
+            cert_pem: read(&format!("{name}.pem")),
+            key_pem: read(&format!("{name}.key")),
+        };
+        fleet_testkit::client_tls_config(&id, &ca).unwrap();
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
+    }
+    // Bad names are refused before anything is written.
+    let bad = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "dev-setup",
+            "--dir",
+            "/nonexistent/x",
+            "--thing",
+            "bad/name",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(!std::path::Path::new("/nonexistent/x").exists());
+}

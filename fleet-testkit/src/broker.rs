@@ -6,7 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::HarnessError;
-use crate::pki::{Identity, Pki};
+use fleet_cloud::MosquittoListener;
+use fleet_cloud::pki::{Identity, Pki};
 
 use fleet_cloud::BrokerPolicy;
 
@@ -76,7 +77,7 @@ impl Broker {
             broker.port = free_port()?;
             write(
                 broker.dir.path().join("mosquitto.conf"),
-                &config(broker.dir.path(), broker.port),
+                &config(&options.policy, broker.dir.path(), broker.port),
             )?;
             match broker.spawn_and_wait() {
                 Ok(()) => return Ok(broker),
@@ -103,18 +104,18 @@ impl Broker {
 
     /// A device identity: a client certificate whose common name is `thing`.
     pub fn device_identity(&self, thing: &str) -> Result<Identity, HarnessError> {
-        self.pki.client_identity(thing)
+        Ok(self.pki.client_identity(thing)?)
     }
 
     /// A claim identity (its name must contain `@` and be listed in the
     /// policy's `claim_identities`).
     pub fn claim_identity(&self, name: &str) -> Result<Identity, HarnessError> {
-        self.pki.client_identity(name)
+        Ok(self.pki.client_identity(name)?)
     }
 
     /// The privileged backend identity of the default ACL.
     pub fn backend_identity(&self) -> Result<Identity, HarnessError> {
-        self.pki.client_identity(BACKEND_IDENTITY)
+        Ok(self.pki.client_identity(BACKEND_IDENTITY)?)
     }
 
     /// Whether the broker process is running.
@@ -224,34 +225,33 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-fn config(dir: &Path, port: u16) -> String {
+fn config(policy: &BrokerPolicy, dir: &Path, port: u16) -> String {
+    let listener = MosquittoListener {
+        bind: "127.0.0.1".into(),
+        port,
+        cafile: dir.join("ca.pem"),
+        certfile: dir.join("server.pem"),
+        keyfile: dir.join("server.key"),
+        acl_file: dir.join("acl"),
+        persistence_dir: None,
+        // Run as root, Mosquitto would switch to the `mosquitto` user, which
+        // cannot read this private directory. As another user it has no effect.
+        run_as_user: Some("root".into()),
+    };
     let d = dir.display();
+    // The deployment's own configuration, plus what a test run needs.
     format!(
-        "# Written by fleet-testkit.
-# Run as root, Mosquitto would switch to the `mosquitto` user, which cannot
-# read this private directory. As another user the line has no effect.
-user root
-per_listener_settings false
-allow_anonymous false
-persistence false
+        "{}
+# Added by fleet-testkit.
 log_dest file {d}/mosquitto.log
 log_type error
 log_type warning
 log_type notice
 log_type information
 connection_messages true
-acl_file {d}/acl
 max_queued_messages 100000
-
-listener {port} 127.0.0.1
-protocol mqtt
-cafile {d}/ca.pem
-certfile {d}/server.pem
-keyfile {d}/server.key
-tls_version tlsv1.2
-require_certificate true
-use_identity_as_username true
-"
+",
+        policy.mosquitto_conf(&listener)
     )
 }
 

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::HarnessError;
 use crate::broker::Broker;
-use crate::pki::Identity;
+use fleet_cloud::pki::Identity;
 
 /// A message received on a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]

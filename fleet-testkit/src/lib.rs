@@ -21,12 +21,11 @@
 
 mod broker;
 mod client;
-mod pki;
 
 pub use broker::{BACKEND_IDENTITY, Broker, BrokerOptions};
 pub use client::{Message, TestClient, client_tls_config};
 pub use fleet_cloud::BrokerPolicy;
-pub use pki::{Identity, Pki};
+pub use fleet_cloud::pki::{Identity, Pki};
 
 /// Why the harness could not do what a test asked.
 #[derive(Debug)]
@@ -54,7 +53,7 @@ pub enum HarnessError {
         source: std::io::Error,
     },
     /// Making a certificate failed.
-    Certificate(rcgen::Error),
+    Certificate(fleet_cloud::pki::PkiError),
     /// Loading TLS material failed.
     Tls(String),
     /// The MQTT client failed (connect refused, no reply, ...).
@@ -72,8 +71,8 @@ impl HarnessError {
     }
 }
 
-impl From<rcgen::Error> for HarnessError {
-    fn from(e: rcgen::Error) -> Self {
+impl From<fleet_cloud::pki::PkiError> for HarnessError {
+    fn from(e: fleet_cloud::pki::PkiError) -> Self {
         Self::Certificate(e)
     }
 }

@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fleet_cloud::pki::Pki;
 use fleet_cloud::{
-    BrokerConfig, MemoryStore, ShadowService, ShadowStore, SqliteStore, serve_shadows,
+    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MemoryStore, MosquittoListener,
+    ShadowService, ShadowStore, SqliteStore, serve_shadows,
 };
 
 #[derive(Parser)]
@@ -24,6 +26,25 @@ struct Cli {
 enum Command {
     /// Run the backend service until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Write a development setup: a CA, broker, backend, device and claim
+    /// certificates, and the Mosquitto configuration and ACL for them.
+    DevSetup(DevSetupArgs),
+}
+
+#[derive(clap::Args)]
+struct DevSetupArgs {
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// A device to issue a certificate for (its thing name); repeatable.
+    #[arg(long = "thing")]
+    things: Vec<String>,
+    /// A claim identity for provisioning (must contain `@`); repeatable.
+    #[arg(long = "claim")]
+    claims: Vec<String>,
+    /// The broker's port.
+    #[arg(long, default_value_t = 8883)]
+    port: u16,
 }
 
 #[derive(clap::Args)]
@@ -75,6 +96,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::DevSetup(args) => dev_setup(&args),
         }
     });
     match result {
@@ -111,6 +133,70 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!("store: SQLite at {}", args.store);
         run(config, store, &args.prefix).await
     }
+}
+
+fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
+    for thing in &args.things {
+        fleet_core::ThingName::new(thing).map_err(|e| format!("--thing {thing}: {e}"))?;
+    }
+    let policy = BrokerPolicy {
+        claim_identities: args.claims.clone(),
+        ..BrokerPolicy::default()
+    };
+    let acl = policy.try_mosquitto_acl()?;
+    let dir = &args.dir;
+    std::fs::create_dir_all(dir.join("things"))?;
+    std::fs::create_dir_all(dir.join("claims"))?;
+    let write = |name: &str, text: &str, secret: bool| -> std::io::Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        #[cfg(not(unix))]
+        let _ = secret;
+        Ok(())
+    };
+    let pki = Pki::new("fleet development CA")?;
+    write("ca.pem", &pki.ca_pem(), false)?;
+    write("ca.key", &pki.ca_key_pem(), true)?;
+    let server = pki.server_identity()?;
+    write("server.pem", &server.cert_pem, false)?;
+    write("server.key", &server.key_pem, true)?;
+    let backend = pki.client_identity(DEFAULT_BACKEND_IDENTITY)?;
+    write("backend.pem", &backend.cert_pem, false)?;
+    write("backend.key", &backend.key_pem, true)?;
+    for (sub, names) in [("things", &args.things), ("claims", &args.claims)] {
+        for name in names {
+            let id = pki.client_identity(name)?;
+            write(&format!("{sub}/{name}.pem"), &id.cert_pem, false)?;
+            write(&format!("{sub}/{name}.key"), &id.key_pem, true)?;
+        }
+    }
+    let abs = std::fs::canonicalize(dir)?;
+    write("acl", &acl, false)?;
+    let listener = MosquittoListener {
+        bind: "127.0.0.1".into(),
+        port: args.port,
+        cafile: abs.join("ca.pem"),
+        certfile: abs.join("server.pem"),
+        keyfile: abs.join("server.key"),
+        acl_file: abs.join("acl"),
+        persistence_dir: None,
+        // The key files belong to whoever ran this; so should the broker.
+        run_as_user: std::env::var("USER").ok().filter(|u| !u.is_empty()),
+    };
+    write("mosquitto.conf", &policy.mosquitto_conf(&listener), false)?;
+    println!("Wrote a development setup to {}.", abs.display());
+    println!("  mosquitto -c {}/mosquitto.conf", abs.display());
+    println!(
+        "  fleet serve --broker localhost:{} --cert {d}/backend.pem --key {d}/backend.key --ca {d}/ca.pem",
+        args.port,
+        d = abs.display()
+    );
+    Ok(())
 }
 
 async fn run<S: ShadowStore>(

@@ -1,11 +1,36 @@
-//! A throwaway certificate authority and the identities a test needs.
+//! A development certificate authority: the CA, a server certificate for
+//! the broker, and client certificates for devices, backends and claims.
+//! For development and tests; production fleets issue device certificates
+//! through provisioning from a CA whose key is kept offline or in an HSM.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use crate::HarnessError;
+use std::fmt;
+
+/// A certificate could not be made.
+#[derive(Debug)]
+pub struct PkiError(rcgen::Error);
+
+impl fmt::Display for PkiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "certificate generation failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for PkiError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+impl From<rcgen::Error> for PkiError {
+    fn from(e: rcgen::Error) -> Self {
+        Self(e)
+    }
+}
 
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
@@ -26,18 +51,18 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// A certificate authority made for one test run (ECDSA P-256 keys).
+/// A development certificate authority (ECDSA P-256 keys), made fresh.
 pub struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Pki {
     /// Makes a new CA whose subject is `name`.
-    pub fn new(name: &str) -> Result<Self, HarnessError> {
+    pub fn new(name: &str) -> Result<Self, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
-        dn.push(DnType::OrganizationName, "fleet test harness");
+        dn.push(DnType::OrganizationName, "fleet development CA");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -50,13 +75,18 @@ impl Pki {
         Ok(Self { ca })
     }
 
+    /// The CA's private key, PEM (keep it out of version control).
+    pub fn ca_key_pem(&self) -> String {
+        self.ca.key().serialize_pem()
+    }
+
     /// The CA certificate, PEM: the trust anchor of servers and clients.
     pub fn ca_pem(&self) -> String {
         self.ca.pem()
     }
 
     /// A server certificate for `localhost`, `127.0.0.1` and `::1`.
-    pub fn server_identity(&self) -> Result<Identity, HarnessError> {
+    pub fn server_identity(&self) -> Result<Identity, PkiError> {
         let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
         params
             .subject_alt_names
@@ -70,7 +100,7 @@ impl Pki {
 
     /// A client certificate whose common name is `common_name` (a thing
     /// name for a device; any name for a backend or claim identity).
-    pub fn client_identity(&self, common_name: &str) -> Result<Identity, HarnessError> {
+    pub fn client_identity(&self, common_name: &str) -> Result<Identity, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(params, common_name)
@@ -80,7 +110,7 @@ impl Pki {
         &self,
         mut params: CertificateParams,
         common_name: &str,
-    ) -> Result<Identity, HarnessError> {
+    ) -> Result<Identity, PkiError> {
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
