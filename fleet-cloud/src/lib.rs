@@ -22,6 +22,8 @@
 //!   store for tests and SQLite as the durable embedded default.
 //! - [`ShadowService`]: the AWS IoT Device Shadow service over a store, the
 //!   rules being fleet-core's, callable from Rust and from the broker.
+//! - [`Registry`]: things with attributes, static and dynamic thing groups,
+//!   certificates with status.
 //! - [`BrokerPolicy`]: the broker's access rules for a fleet (devices
 //!   confined to their own topics by certificate common name, backend
 //!   identities, claim identities), written as a Mosquitto ACL.
@@ -47,6 +49,7 @@ mod broker;
 mod commands;
 pub mod pki;
 mod policy;
+mod registry;
 mod shadows;
 pub mod store;
 pub mod telemetry;
@@ -54,5 +57,8 @@ pub mod telemetry;
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
 pub use commands::{CommandCenter, CommandFailure};
 pub use policy::{BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
+pub use registry::{
+    AttributeQuery, CertificateRecord, CertificateStatus, Registry, RegistryError, Thing,
+};
 pub use shadows::{Outgoing, ServiceError, ShadowService};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};

@@ -54,6 +54,11 @@ pub struct BrokerPolicy {
     pub backend_identities: Vec<String>,
     /// Common names of claim identities (each contains `@`).
     pub claim_identities: Vec<String>,
+    /// Identities refused everything: disabled things, and things whose
+    /// certificates are all revoked ([`Registry::denied_identities`](crate::Registry::denied_identities)).
+    /// Mosquitto re-reads the ACL on SIGHUP and applies it to connected
+    /// clients too.
+    pub denied_identities: Vec<String>,
 }
 
 /// The backend identity of the default policy.
@@ -66,6 +71,7 @@ impl Default for BrokerPolicy {
             telemetry_prefix: "dt".into(),
             backend_identities: vec![DEFAULT_BACKEND_IDENTITY.into()],
             claim_identities: Vec::new(),
+            denied_identities: Vec::new(),
         }
     }
 }
@@ -107,6 +113,7 @@ impl BrokerPolicy {
             .backend_identities
             .iter()
             .chain(&self.claim_identities)
+            .chain(&self.denied_identities)
             .chain([&self.prefix, &self.telemetry_prefix])
         {
             if unsafe_name(n) {
@@ -186,6 +193,15 @@ impl BrokerPolicy {
         // to its own response topics.
         let _ = writeln!(acl, "pattern read {p}/clients/%c/#");
 
+        for denied in &self.denied_identities {
+            let _ = writeln!(
+                acl,
+                "\n# Denied identity: disabled, or every certificate revoked."
+            );
+            let _ = writeln!(acl, "user {denied}");
+            let _ = writeln!(acl, "topic deny {p}/#");
+            let _ = writeln!(acl, "topic deny #");
+        }
         for claim in &self.claim_identities {
             let _ = writeln!(acl, "\n# Claim identity: provisioning requests only.");
             let _ = writeln!(acl, "user {claim}");

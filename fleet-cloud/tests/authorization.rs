@@ -137,3 +137,65 @@ async fn a_claim_identity_reaches_provisioning() {
         assert_eq!(got.topic, topic);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_every_certificate_cuts_a_connected_device_off() {
+    let mut broker = Broker::start().expect("start mosquitto");
+    let registry = fleet_cloud::Registry::in_memory().unwrap();
+    registry.create_thing("dev-a", Default::default()).unwrap();
+    let id = broker.device_identity("dev-a").unwrap();
+    registry
+        .add_certificate("cert-1", "dev-a", &id.cert_pem)
+        .unwrap();
+
+    let mut backend = client(&broker, "fleet-backend").await;
+    assert!(
+        backend
+            .subscribe("$aws/things/+/shadow/update")
+            .await
+            .unwrap()
+    );
+    let mut dev = TestClient::connect(&broker, &id, "dev-a").await.unwrap();
+    assert!(
+        dev.subscribe("$aws/things/dev-a/shadow/update/delta")
+            .await
+            .unwrap()
+    );
+    dev.publish("$aws/things/dev-a/shadow/update", "before")
+        .await
+        .unwrap();
+    assert_eq!(backend.recv(WAIT).await.unwrap().payload, b"before");
+
+    registry.revoke_certificate("cert-1").unwrap();
+    let policy = BrokerPolicy {
+        denied_identities: registry.denied_identities().unwrap(),
+        ..BrokerPolicy::default()
+    };
+    assert_eq!(policy.denied_identities, ["dev-a"]);
+    broker.reload_policy(&policy).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The still-connected device can neither publish nor receive.
+    dev.publish("$aws/things/dev-a/shadow/update", "after")
+        .await
+        .unwrap();
+    backend
+        .publish("$aws/things/dev-a/shadow/update/delta", "for dev-a")
+        .await
+        .unwrap();
+    let other = client(&broker, "dev-b").await;
+    other
+        .publish("$aws/things/dev-b/shadow/update", "sentinel")
+        .await
+        .unwrap();
+    let leaked = before_sentinel(&mut backend, "sentinel").await;
+    assert!(
+        leaked.is_empty(),
+        "a revoked device still publishes: {leaked:?}"
+    );
+    assert_eq!(
+        dev.recv(Duration::from_millis(500)).await,
+        None,
+        "a revoked device still receives"
+    );
+}

@@ -151,6 +151,32 @@ impl Broker {
         Err(last_err.unwrap_or(HarnessError::StartTimeout { log: self.log() }))
     }
 
+    /// Writes a new access policy and makes the running broker re-read it
+    /// (SIGHUP); it applies to connected clients too.
+    pub fn reload_policy(&mut self, policy: &BrokerPolicy) -> Result<(), HarnessError> {
+        let acl = policy
+            .try_mosquitto_acl()
+            .map_err(|e| HarnessError::Policy(e.to_string()))?;
+        write(self.dir.path().join("acl"), &acl)?;
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or(HarnessError::StartTimeout { log: self.log() })?;
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .map_err(|e| HarnessError::io("signal mosquitto", e))?;
+        if !status.success() {
+            return Err(HarnessError::io(
+                "signal mosquitto",
+                std::io::Error::other(format!("kill -HUP exited with {status}")),
+            ));
+        }
+        Ok(())
+    }
+
     /// Everything Mosquitto has logged so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
