@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::commands::CommandCenter;
+use crate::provisioning::ProvisioningService;
 use crate::shadows::ShadowService;
 use crate::store::ShadowStore;
 use crate::telemetry::{TelemetryRecord, TelemetryRouter};
@@ -102,6 +103,8 @@ fn tls(config: &BrokerConfig) -> Result<rustls::ClientConfig, StartError> {
 pub struct Extras {
     /// Telemetry routing; `None`: telemetry is not subscribed to.
     pub telemetry: Option<TelemetryRouter>,
+    /// Fleet provisioning by claim; `None`: not served.
+    pub provisioning: Option<ProvisioningService>,
 }
 
 /// A running service; stops when dropped or on [`shutdown`](Self::shutdown).
@@ -169,6 +172,9 @@ pub fn serve<S: ShadowStore>(
     let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let (telemetry_tx, mut telemetry_rx) =
         mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
+    type ProvisioningRequest = (String, Vec<u8>, Option<String>, Option<bytes::Bytes>);
+    let (provisioning_tx, mut provisioning_rx) =
+        mpsc::channel::<ProvisioningRequest>(config.queue_capacity.max(1));
     let share = config
         .share_group
         .as_ref()
@@ -183,6 +189,14 @@ pub fn serve<S: ShadowStore>(
     let telemetry_prefix = extras.telemetry.as_ref().map(|t| t.prefix.clone());
     if let Some(t) = &telemetry_prefix {
         filters.push(format!("{share}{t}/#"));
+    }
+    let provisioning_filters: Vec<String> = extras
+        .provisioning
+        .as_ref()
+        .map(|p| p.filters().to_vec())
+        .unwrap_or_default();
+    for f in &provisioning_filters {
+        filters.push(format!("{share}{f}"));
     }
     let commands = CommandCenter::new(client.clone(), &prefix);
     let command_answers = commands.clone();
@@ -209,6 +223,22 @@ pub fn serve<S: ShadowStore>(
                     if let Some(rest) = topic.strip_prefix(&responses_under) {
                         if let Some(thing) = rest.split('/').next() {
                             command_answers.handle_response(thing, &p.payload);
+                        }
+                        continue;
+                    }
+                    if provisioning_filters
+                        .iter()
+                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                    {
+                        let props = p.properties.as_ref();
+                        let request = (
+                            topic,
+                            p.payload.to_vec(),
+                            props.and_then(|pr| pr.response_topic.clone()),
+                            props.and_then(|pr| pr.correlation_data.clone()),
+                        );
+                        if provisioning_tx.send(request).await.is_err() {
+                            return;
                         }
                         continue;
                     }
@@ -255,6 +285,37 @@ pub fn serve<S: ShadowStore>(
     });
 
     let mut tasks = vec![network, worker];
+    if let Some(provisioning) = extras.provisioning {
+        let reply_client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some((topic, payload, response_topic, correlation)) =
+                provisioning_rx.recv().await
+            {
+                let p = provisioning.clone();
+                let reply = tokio::task::spawn_blocking(move || {
+                    p.handle(&topic, &payload, response_topic.as_deref(), epoch_seconds())
+                })
+                .await;
+                let Ok(Some(reply)) = reply else { continue };
+                let properties = PublishProperties {
+                    correlation_data: correlation,
+                    ..PublishProperties::default()
+                };
+                if let Err(e) = reply_client
+                    .publish_with_properties(
+                        reply.topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        reply.payload,
+                        properties,
+                    )
+                    .await
+                {
+                    tracing::warn!("provisioning reply: {e}");
+                }
+            }
+        }));
+    }
     if let Some(router) = extras.telemetry {
         tasks.push(tokio::spawn(async move {
             while let Some((topic, payload)) = telemetry_rx.recv().await {

@@ -24,6 +24,9 @@
 //!   rules being fleet-core's, callable from Rust and from the broker.
 //! - [`Registry`]: things with attributes, static and dynamic thing groups,
 //!   certificates with status.
+//! - [`ProvisioningService`]: fleet provisioning by claim (`create-from-csr`
+//!   signed by the fleet CA, ownership tokens, templates, a pre-provisioning
+//!   hook, `RegisterThing`), with replies only to the requester.
 //! - [`BrokerPolicy`]: the broker's access rules for a fleet (devices
 //!   confined to their own topics by certificate common name, backend
 //!   identities, claim identities), written as a Mosquitto ACL.
@@ -40,8 +43,7 @@
 //! - The `fleet` binary: `fleet serve` against an external broker.
 //!
 //! # Status
-//! The registry, provisioning, the jobs service and the embedded broker are
-//! not built yet.
+//! The jobs service and the embedded broker are not built yet.
 
 #![forbid(unsafe_code)]
 
@@ -49,6 +51,7 @@ mod broker;
 mod commands;
 pub mod pki;
 mod policy;
+mod provisioning;
 mod registry;
 mod shadows;
 pub mod store;
@@ -57,6 +60,9 @@ pub mod telemetry;
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
 pub use commands::{CommandCenter, CommandFailure};
 pub use policy::{BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
+pub use provisioning::{
+    PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,
+};
 pub use registry::{
     AttributeQuery, CertificateRecord, CertificateStatus, Registry, RegistryError, Thing,
 };

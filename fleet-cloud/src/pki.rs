@@ -4,8 +4,8 @@
 //! through provisioning from a CA whose key is kept offline or in an HSM.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use std::fmt;
@@ -53,7 +53,8 @@ impl std::fmt::Debug for Identity {
 
 /// A development certificate authority (ECDSA P-256 keys), made fresh.
 pub struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
+    ca: Issuer<'static, KeyPair>,
+    ca_pem: String,
 }
 
 impl Pki {
@@ -71,8 +72,42 @@ impl Pki {
             KeyUsagePurpose::DigitalSignature,
         ];
         let key = KeyPair::generate()?;
-        let ca = CertifiedIssuer::self_signed(params, key)?;
-        Ok(Self { ca })
+        let ca_pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            ca: Issuer::new(params, key),
+            ca_pem,
+        })
+    }
+
+    /// A CA from its certificate and private key (PEM).
+    pub fn from_pem(ca_pem: &str, ca_key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(ca_key_pem)?;
+        Ok(Self {
+            ca: Issuer::from_ca_cert_pem(ca_pem, key)?,
+            ca_pem: ca_pem.into(),
+        })
+    }
+
+    /// Signs a device's certificate signing request (after checking its
+    /// signature: the device holds the key) for `days` days, as a client
+    /// certificate. Returns the certificate (PEM) and its common name.
+    pub fn sign_csr(&self, csr_pem: &str, days: u32) -> Result<(String, String), PkiError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let common_name = match csr.params.distinguished_name.get(&DnType::CommonName) {
+            Some(DnValue::Utf8String(s)) => s.clone(),
+            Some(DnValue::PrintableString(s)) => s.as_str().to_string(),
+            Some(DnValue::Ia5String(s)) => s.as_str().to_string(),
+            _ => String::new(),
+        };
+        let now = time::OffsetDateTime::now_utc();
+        csr.params.not_before = now;
+        csr.params.not_after = now + std::time::Duration::from_secs(u64::from(days) * 86_400);
+        csr.params.is_ca = IsCa::ExplicitNoCa;
+        csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        csr.params.subject_alt_names.clear();
+        let cert = csr.signed_by(&self.ca)?;
+        Ok((cert.pem(), common_name))
     }
 
     /// The CA's private key, PEM (keep it out of version control).
@@ -82,7 +117,7 @@ impl Pki {
 
     /// The CA certificate, PEM: the trust anchor of servers and clients.
     pub fn ca_pem(&self) -> String {
-        self.ca.pem()
+        self.ca_pem.clone()
     }
 
     /// A server certificate for `localhost`, `127.0.0.1` and `::1`.

@@ -117,6 +117,7 @@ async fn telemetry_is_routed_by_rule() {
         ShadowService::new(MemoryStore::new()),
         Extras {
             telemetry: Some(router),
+            ..Extras::default()
         },
     )
     .unwrap();

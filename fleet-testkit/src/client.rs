@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
@@ -182,6 +182,23 @@ impl TestClient {
     ) -> Result<(), HarnessError> {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .map_err(|e| HarnessError::Mqtt(e.to_string()))
+    }
+
+    /// Publishes at QoS 1 with an MQTT 5 response topic.
+    pub async fn publish_with_response_topic(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        response_topic: &str,
+    ) -> Result<(), HarnessError> {
+        let properties = PublishProperties {
+            response_topic: Some(response_topic.to_string()),
+            ..PublishProperties::default()
+        };
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), properties)
             .await
             .map_err(|e| HarnessError::Mqtt(e.to_string()))
     }

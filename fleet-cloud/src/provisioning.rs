@@ -1,0 +1,381 @@
+//! Fleet provisioning by claim: a device that holds only a shared claim
+//! certificate makes its own key, sends a certificate signing request
+//! (`create-from-csr`), and registers itself from a template
+//! (`RegisterThing`), AWS IoT's JSON shapes.
+//!
+//! The fleet CA signs the CSR (the private key never leaves the device) and
+//! returns a certificate ownership token that expires (one hour by default)
+//! and is good for one registration. The certificate's common name is the
+//! device's future thing name, which the template must produce, because the
+//! broker knows a device by that name.
+//!
+//! Replies carry secrets (the ownership token), so they go only to the
+//! requester: to its MQTT 5 response topic, which must lie under
+//! `{prefix}/clients/` (the broker policy lets a client read only its own
+//! `{prefix}/clients/{client id}/...`). A request without a response topic
+//! is answered on AWS's reply topics, which the fleet policy lets no claim
+//! identity read; AWS IoT Core delivers those to the requesting connection
+//! only, Mosquitto cannot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::pki::Pki;
+use crate::registry::{Registry, RegistryError};
+
+/// A provisioning template: how a thing is named and what it gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisioningTemplate {
+    /// The template's name (in the topic).
+    pub name: String,
+    /// The thing name is this prefix followed by the value of
+    /// `name_parameter` (`pump-` + `SerialNumber`, say).
+    pub thing_name_prefix: String,
+    /// The parameter that names the thing.
+    pub name_parameter: String,
+    /// Parameters that must be present (besides `name_parameter`); each
+    /// value is 1–128 bytes of `[A-Za-z0-9:_.-]`.
+    pub required_parameters: Vec<String>,
+    /// Attributes every thing from this template gets; the parameters are
+    /// added as attributes too.
+    pub attributes: BTreeMap<String, String>,
+    /// Static groups the thing joins.
+    pub groups: Vec<String>,
+}
+
+/// A check the operator runs before a device is registered (an allow list,
+/// a call to a manufacturing database): `Err(reason)` refuses it.
+pub trait PreProvisioningHook: Send + Sync + 'static {
+    /// Decides on a registration.
+    fn check(&self, template: &str, parameters: &BTreeMap<String, String>) -> Result<(), String>;
+}
+
+struct Token {
+    certificate_id: String,
+    certificate_pem: String,
+    common_name: String,
+    expires_at: u64,
+    used: bool,
+}
+
+/// The provisioning service.
+#[derive(Clone)]
+pub struct ProvisioningService {
+    ca: Arc<Pki>,
+    registry: Registry,
+    templates: Arc<HashMap<String, ProvisioningTemplate>>,
+    hook: Option<Arc<dyn PreProvisioningHook>>,
+    tokens: Arc<Mutex<HashMap<String, Token>>>,
+    /// How long an ownership token is good for.
+    pub token_lifetime: Duration,
+    /// How long issued certificates are valid.
+    pub certificate_days: u32,
+    prefix: String,
+}
+
+impl fmt::Debug for ProvisioningService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProvisioningService")
+            .field("templates", &self.templates.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The AWS error reply: `{"statusCode", "errorCode", "errorMessage"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisioningError {
+    /// HTTP-style status.
+    pub status_code: u16,
+    /// Machine-readable code.
+    pub error_code: &'static str,
+    /// For people.
+    pub message: String,
+}
+
+impl ProvisioningError {
+    fn new(status_code: u16, error_code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status_code,
+            error_code,
+            message: message.into(),
+        }
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        json!({"statusCode": self.status_code, "errorCode": self.error_code, "errorMessage": self.message})
+            .to_string()
+            .into_bytes()
+    }
+}
+
+impl fmt::Display for ProvisioningError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status_code, self.error_code, self.message
+        )
+    }
+}
+
+impl std::error::Error for ProvisioningError {}
+
+/// A reply: the topic (the request's response topic, or AWS's) and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Where to publish.
+    pub topic: String,
+    /// What.
+    pub payload: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CsrRequest {
+    certificate_signing_request: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegisterRequest {
+    certificate_ownership_token: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, String>,
+}
+
+fn valid_parameter(v: &str) -> bool {
+    (1..=128).contains(&v.len())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '-'))
+}
+
+impl ProvisioningService {
+    /// A service signing with `ca`, registering into `registry`.
+    pub fn new(ca: Pki, registry: Registry, templates: Vec<ProvisioningTemplate>) -> Self {
+        Self {
+            ca: Arc::new(ca),
+            registry,
+            templates: Arc::new(templates.into_iter().map(|t| (t.name.clone(), t)).collect()),
+            hook: None,
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+            token_lifetime: Duration::from_secs(3600),
+            certificate_days: 365,
+            prefix: "$aws".into(),
+        }
+    }
+
+    /// Adds a pre-provisioning hook.
+    pub fn with_hook(mut self, hook: impl PreProvisioningHook) -> Self {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// The topic filters of provisioning requests.
+    pub fn filters(&self) -> [String; 2] {
+        [
+            format!("{}/certificates/create-from-csr/json", self.prefix),
+            format!("{}/provisioning-templates/+/provision/json", self.prefix),
+        ]
+    }
+
+    /// Handles a request on `topic` at `now` (epoch seconds); `response_topic`
+    /// is the request's MQTT 5 response topic. `None` if the topic is not a
+    /// provisioning request.
+    pub fn handle(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        response_topic: Option<&str>,
+        now: u64,
+    ) -> Option<Reply> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let (result, base) = if rest == "certificates/create-from-csr/json" {
+            (self.create_from_csr(payload, now), topic.to_string())
+        } else {
+            let template = rest
+                .strip_prefix("provisioning-templates/")?
+                .strip_suffix("/provision/json")?;
+            (
+                self.register_thing(template, payload, now),
+                topic.to_string(),
+            )
+        };
+        let clients = format!("{}/clients/", self.prefix);
+        let (outcome, body) = match result {
+            Ok(v) => ("accepted", v.to_string().into_bytes()),
+            Err(e) => ("rejected", e.payload()),
+        };
+        let topic = match response_topic {
+            // Only a client's own namespace: the service must not be made
+            // to publish on someone else's device topics.
+            Some(r) if r.starts_with(&clients) && !r.contains(['+', '#']) => {
+                format!("{r}/{outcome}")
+            }
+            Some(_) => return None,
+            None => format!("{base}/{outcome}"),
+        };
+        Some(Reply {
+            topic,
+            payload: body,
+        })
+    }
+
+    fn create_from_csr(&self, payload: &[u8], now: u64) -> Result<Value, ProvisioningError> {
+        let request: CsrRequest = serde_json::from_slice(payload).map_err(|_| {
+            ProvisioningError::new(
+                400,
+                "InvalidPayload",
+                "expected {\"certificateSigningRequest\": PEM}",
+            )
+        })?;
+        let (certificate_pem, common_name) = self
+            .ca
+            .sign_csr(&request.certificate_signing_request, self.certificate_days)
+            .map_err(|e| ProvisioningError::new(400, "InvalidCSR", e.to_string()))?;
+        fleet_core::ThingName::new(&common_name).map_err(|e| {
+            ProvisioningError::new(
+                400,
+                "InvalidCSR",
+                format!("the CSR's common name must be the thing name: {e}"),
+            )
+        })?;
+        let certificate_id = fingerprint(&certificate_pem);
+        let token =
+            random_token().map_err(|e| ProvisioningError::new(500, "InternalFailure", e))?;
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.retain(|_, t| t.expires_at > now && !t.used);
+        tokens.insert(
+            token.clone(),
+            Token {
+                certificate_id: certificate_id.clone(),
+                certificate_pem: certificate_pem.clone(),
+                common_name,
+                expires_at: now + self.token_lifetime.as_secs(),
+                used: false,
+            },
+        );
+        Ok(json!({
+            "certificateOwnershipToken": token,
+            "certificateId": certificate_id,
+            "certificatePem": certificate_pem,
+        }))
+    }
+
+    fn register_thing(
+        &self,
+        template: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Value, ProvisioningError> {
+        let t = self.templates.get(template).ok_or_else(|| {
+            ProvisioningError::new(404, "NotFound", format!("no template {template}"))
+        })?;
+        let request: RegisterRequest = serde_json::from_slice(payload).map_err(|_| {
+            ProvisioningError::new(
+                400,
+                "InvalidPayload",
+                "expected certificateOwnershipToken and parameters",
+            )
+        })?;
+        for p in std::iter::once(&t.name_parameter).chain(&t.required_parameters) {
+            match request.parameters.get(p) {
+                Some(v) if valid_parameter(v) => {}
+                _ => {
+                    return Err(ProvisioningError::new(
+                        400,
+                        "InvalidParameters",
+                        format!("parameter {p} is missing or invalid"),
+                    ));
+                }
+            }
+        }
+        let thing = format!(
+            "{}{}",
+            t.thing_name_prefix, request.parameters[&t.name_parameter]
+        );
+        // Check the token without spending it: a refused registration
+        // leaves it usable until it expires.
+        let (certificate_id, certificate_pem) = {
+            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            let token = tokens
+                .get(&request.certificate_ownership_token)
+                .filter(|t| !t.used && t.expires_at > now)
+                .ok_or_else(|| {
+                    ProvisioningError::new(
+                        400,
+                        "InvalidToken",
+                        "the ownership token is unknown, used or expired",
+                    )
+                })?;
+            if token.common_name != thing {
+                return Err(ProvisioningError::new(
+                    400,
+                    "InvalidParameters",
+                    format!(
+                        "the template names the thing {thing}, the certificate is for {}",
+                        token.common_name
+                    ),
+                ));
+            }
+            (token.certificate_id.clone(), token.certificate_pem.clone())
+        };
+        if let Some(hook) = &self.hook {
+            hook.check(template, &request.parameters)
+                .map_err(|reason| ProvisioningError::new(403, "AccessDenied", reason))?;
+        }
+        {
+            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            match tokens.get_mut(&request.certificate_ownership_token) {
+                Some(t) if !t.used => t.used = true,
+                _ => {
+                    return Err(ProvisioningError::new(
+                        400,
+                        "InvalidToken",
+                        "the ownership token was used",
+                    ));
+                }
+            }
+        }
+        let mut attributes = t.attributes.clone();
+        attributes.extend(request.parameters.clone());
+        let internal =
+            |e: RegistryError| ProvisioningError::new(500, "InternalFailure", e.to_string());
+        match self.registry.create_thing(&thing, attributes) {
+            Ok(_) | Err(RegistryError::AlreadyExists(_)) => {}
+            Err(e) => return Err(internal(e)),
+        }
+        self.registry
+            .add_certificate(&certificate_id, &thing, &certificate_pem)
+            .map_err(internal)?;
+        for g in &t.groups {
+            self.registry.add_to_group(g, &thing).map_err(internal)?;
+        }
+        Ok(json!({"thingName": thing, "deviceConfiguration": {}}))
+    }
+}
+
+fn fingerprint(pem: &str) -> String {
+    use std::fmt::Write as _;
+    // The certificate's id: a hash of its PEM text, hex.
+    let digest = fleet_core_sha256(pem.as_bytes());
+    digest.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn fleet_core_sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+fn random_token() -> Result<String, String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

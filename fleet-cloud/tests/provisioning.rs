@@ -1,0 +1,324 @@
+//! Provisioning by claim, end to end through Mosquitto: a device with only
+//! a claim certificate ends up registered with its own certificate and
+//! connects with it; expired or reused tokens are refused; a second
+//! claimant never sees the first one's replies.
+
+// Test helpers fail the test on a broken fixture.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleet_cloud::pki::Pki;
+use fleet_cloud::{
+    BrokerConfig, BrokerPolicy, Extras, MemoryStore, PreProvisioningHook, ProvisioningService,
+    ProvisioningTemplate, Registry, ShadowService, serve,
+};
+use fleet_testkit::{Broker, BrokerOptions, Identity, TestClient};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use serde_json::{Value, json};
+
+struct DenySerial13;
+impl PreProvisioningHook for DenySerial13 {
+    fn check(&self, _: &str, parameters: &BTreeMap<String, String>) -> Result<(), String> {
+        if parameters.get("SerialNumber").map(String::as_str) == Some("13") {
+            Err("serial 13 is on the deny list".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn csr(common_name: &str) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key).unwrap();
+    (csr.pem().unwrap(), key.serialize_pem())
+}
+
+fn template() -> ProvisioningTemplate {
+    ProvisioningTemplate {
+        name: "factory".into(),
+        thing_name_prefix: "pump-".into(),
+        name_parameter: "SerialNumber".into(),
+        required_parameters: vec!["Model".into()],
+        attributes: BTreeMap::from([("fleet".to_string(), "pumps".to_string())]),
+        groups: vec!["new-pumps".into()],
+    }
+}
+
+struct Setup {
+    broker: Broker,
+    registry: Registry,
+    _cloud: fleet_cloud::RunningService,
+}
+
+fn setup(token_lifetime: Duration) -> Setup {
+    let broker = Broker::start_with(BrokerOptions {
+        policy: BrokerPolicy {
+            claim_identities: vec!["claim@factory".into(), "claim@rival".into()],
+            ..BrokerPolicy::default()
+        },
+        ..BrokerOptions::default()
+    })
+    .expect("start mosquitto");
+    // The fleet CA is the broker's CA here, so issued certificates connect.
+    let ca = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap();
+    let registry = Registry::in_memory().unwrap();
+    registry.create_group("new-pumps", None).unwrap();
+    let mut provisioning =
+        ProvisioningService::new(ca, registry.clone(), vec![template()]).with_hook(DenySerial13);
+    provisioning.token_lifetime = token_lifetime;
+    let backend = broker.backend_identity().unwrap();
+    let config = BrokerConfig {
+        host: "localhost".into(),
+        port: broker.port(),
+        client_id: "cloud".into(),
+        cert_pem: backend.cert_pem,
+        key_pem: backend.key_pem,
+        ca_pem: broker.pki().ca_pem(),
+        share_group: None,
+        queue_capacity: 64,
+    };
+    let cloud = serve(
+        config,
+        ShadowService::new(MemoryStore::new()),
+        Extras {
+            provisioning: Some(provisioning),
+            ..Extras::default()
+        },
+    )
+    .unwrap();
+    Setup {
+        broker,
+        registry,
+        _cloud: cloud,
+    }
+}
+
+async fn claimant(broker: &Broker, name: &str) -> TestClient {
+    let id = broker.claim_identity(name).unwrap();
+    let mut c = TestClient::connect(broker, &id, name).await.unwrap();
+    assert!(
+        c.subscribe(&format!("$aws/clients/{name}/#"))
+            .await
+            .unwrap()
+    );
+    c
+}
+
+/// Sends a request until the service (which subscribes after it connects)
+/// answers; returns the reply's outcome and body.
+async fn request(
+    c: &mut TestClient,
+    name: &str,
+    topic: &str,
+    body: &Value,
+    what: &str,
+) -> (String, Value) {
+    let response = format!("$aws/clients/{name}/{what}");
+    for _ in 0..50 {
+        c.publish_with_response_topic(topic, body.to_string(), &response)
+            .await
+            .unwrap();
+        if let Some(m) = c.recv(Duration::from_millis(300)).await {
+            let outcome = m.topic.rsplit('/').next().unwrap().to_string();
+            return (outcome, serde_json::from_slice(&m.payload).unwrap());
+        }
+    }
+    panic!("no reply to {topic}");
+}
+
+const CSR_TOPIC: &str = "$aws/certificates/create-from-csr/json";
+const REGISTER_TOPIC: &str = "$aws/provisioning-templates/factory/provision/json";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_device_registers_and_connects_with_its_own_certificate() {
+    let s = setup(Duration::from_secs(3600));
+    let mut rival = claimant(&s.broker, "claim@rival").await;
+    for f in ["$aws/#", "#", "$aws/clients/claim@factory/#"] {
+        let _ = rival.subscribe(f).await.unwrap();
+    }
+    let mut claim = claimant(&s.broker, "claim@factory").await;
+
+    let (csr_pem, key_pem) = csr("pump-42");
+    let (outcome, created) = request(
+        &mut claim,
+        "claim@factory",
+        CSR_TOPIC,
+        &json!({"certificateSigningRequest": csr_pem}),
+        "csr",
+    )
+    .await;
+    assert_eq!(outcome, "accepted", "{created}");
+    let token = created["certificateOwnershipToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cert_pem = created["certificatePem"].as_str().unwrap().to_string();
+
+    // Parameters are validated, and the hook may refuse.
+    let (outcome, body) = request(
+        &mut claim,
+        "claim@factory",
+        REGISTER_TOPIC,
+        &json!({"certificateOwnershipToken": token, "parameters": {"SerialNumber": "42"}}),
+        "reg",
+    )
+    .await;
+    assert_eq!(
+        (outcome.as_str(), body["errorCode"].as_str()),
+        ("rejected", Some("InvalidParameters"))
+    );
+    let register = json!({"certificateOwnershipToken": token, "parameters": {"SerialNumber": "42", "Model": "p7"}});
+    let (outcome, body) = request(
+        &mut claim,
+        "claim@factory",
+        REGISTER_TOPIC,
+        &register,
+        "reg",
+    )
+    .await;
+    assert_eq!(outcome, "accepted", "{body}");
+    assert_eq!(body["thingName"], "pump-42");
+
+    // Registered, with its certificate, attributes and group.
+    let thing = s.registry.thing("pump-42").unwrap();
+    assert_eq!(thing.attributes["Model"], "p7");
+    assert_eq!(thing.attributes["fleet"], "pumps");
+    assert_eq!(s.registry.certificates("pump-42").unwrap()[0].pem, cert_pem);
+    assert_eq!(s.registry.group_members("new-pumps").unwrap(), ["pump-42"]);
+
+    // It connects with its own key and certificate, as pump-42.
+    let own = Identity {
+        common_name: "pump-42".into(),
+        cert_pem,
+        key_pem,
+    };
+    let mut device = TestClient::connect(&s.broker, &own, "pump-42")
+        .await
+        .unwrap();
+    assert!(
+        device
+            .subscribe("$aws/things/pump-42/shadow/update/delta")
+            .await
+            .unwrap()
+    );
+
+    // The token is spent.
+    let (outcome, body) = request(
+        &mut claim,
+        "claim@factory",
+        REGISTER_TOPIC,
+        &register,
+        "reg",
+    )
+    .await;
+    assert_eq!(
+        (outcome.as_str(), body["errorCode"].as_str()),
+        ("rejected", Some("InvalidToken"))
+    );
+
+    // The rival, subscribed to all it may read, saw none of it.
+    assert_eq!(rival.recv(Duration::from_millis(500)).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_registrations() {
+    let s = setup(Duration::from_secs(3));
+    let mut claim = claimant(&s.broker, "claim@factory").await;
+
+    // A CSR that is not a CSR, and one whose name cannot be a thing name.
+    let (outcome, body) = request(
+        &mut claim,
+        "claim@factory",
+        CSR_TOPIC,
+        &json!({"certificateSigningRequest": "garbage"}),
+        "csr",
+    )
+    .await;
+    assert_eq!(
+        (outcome.as_str(), body["errorCode"].as_str()),
+        ("rejected", Some("InvalidCSR"))
+    );
+    let (bad_csr, _) = csr("not a thing name");
+    let (outcome, _) = request(
+        &mut claim,
+        "claim@factory",
+        CSR_TOPIC,
+        &json!({"certificateSigningRequest": bad_csr}),
+        "csr",
+    )
+    .await;
+    assert_eq!(outcome, "rejected");
+
+    // The hook refuses serial 13.
+    let (csr13, _) = csr("pump-13");
+    let (_, created) = request(
+        &mut claim,
+        "claim@factory",
+        CSR_TOPIC,
+        &json!({"certificateSigningRequest": csr13}),
+        "csr",
+    )
+    .await;
+    let token13 = created["certificateOwnershipToken"].clone();
+    let (outcome, body) = request(
+        &mut claim,
+        "claim@factory",
+        REGISTER_TOPIC,
+        &json!({"certificateOwnershipToken": token13, "parameters": {"SerialNumber": "13", "Model": "p7"}}),
+        "reg",
+    )
+    .await;
+    assert_eq!(
+        (outcome.as_str(), body["errorCode"].as_str()),
+        ("rejected", Some("AccessDenied"))
+    );
+
+    // A template that names another thing than the certificate.
+    let (csr7, _) = csr("pump-7");
+    let (_, created) = request(
+        &mut claim,
+        "claim@factory",
+        CSR_TOPIC,
+        &json!({"certificateSigningRequest": csr7}),
+        "csr",
+    )
+    .await;
+    let token7 = created["certificateOwnershipToken"].clone();
+    let (outcome, body) = request(
+        &mut claim,
+        "claim@factory",
+        REGISTER_TOPIC,
+        &json!({"certificateOwnershipToken": token7, "parameters": {"SerialNumber": "8", "Model": "p7"}}),
+        "reg",
+    )
+    .await;
+    assert_eq!(
+        (outcome.as_str(), body["errorCode"].as_str()),
+        ("rejected", Some("InvalidParameters"))
+    );
+
+    // An expired token (lifetime 3 s here, counted in whole seconds).
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    let (outcome, body) = request(
+        &mut claim,
+        "claim@factory",
+        REGISTER_TOPIC,
+        &json!({"certificateOwnershipToken": token7, "parameters": {"SerialNumber": "7", "Model": "p7"}}),
+        "reg",
+    )
+    .await;
+    assert_eq!(
+        (outcome.as_str(), body["errorCode"].as_str()),
+        ("rejected", Some("InvalidToken"))
+    );
+    assert!(
+        s.registry.things(None, 10).unwrap().is_empty(),
+        "nothing was registered"
+    );
+}
