@@ -1,19 +1,39 @@
 //! The fleet device agent.
 //!
-//! ```
-//! // The agent speaks the topics defined in fleet-core; the names it uses are
-//! // validated once, on the way in.
-//! let thing = fleet_device::ThingName::new("pump-7")?;
-//! assert_eq!(thing.as_str(), "pump-7");
-//! # Ok::<(), fleet_device::NameError>(())
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use fleet_device::{AgentBuilder, AgentEvent};
+//!
+//! let read = |p| std::fs::read_to_string(p);
+//! let mut agent = AgentBuilder::new(
+//!     "broker.example", 8883, "pump-7",
+//!     &read("pump-7.pem")?, &read("pump-7.key")?, &read("ca.pem")?,
+//! )
+//! .start()?;
+//! while let Some(event) = agent.next_event().await {
+//!     if let AgentEvent::ShadowDelta { shadow, delta, .. } = event {
+//!         // Apply the desired change, then report it.
+//!         agent.report(shadow.as_deref(), delta).await?;
+//!     }
+//! }
+//! # Ok(()) }
 //! ```
 //!
+//! The agent is a thin pump around the sans-I/O engines of `fleet-core`
+//! (today: `ShadowSync`) over MQTT 5 with mutual TLS (rustls, ring). It
+//! reconnects by itself with exponential backoff and full jitter, makes its
+//! subscriptions again after every reconnection, and reads each shadow in
+//! full before it trusts a delta.
+//!
 //! # Status
-//! This crate is the home of the device agent (tokio, MQTT with mutual TLS,
-//! shadow sync, jobs, commands, telemetry with a durable outbox, OTA with A/B
-//! slots). The agent itself is not built yet; today the crate re-exports the
-//! `fleet-core` identity types it will take.
+//! Shadows are built. Jobs, commands, telemetry with the durable outbox,
+//! OTA, provisioning by claim, a signing-key trait for hardware keys and
+//! MQTT 3.1.1 are not built yet. No rumqttc or rustls type appears in this
+//! crate's API.
 
 #![forbid(unsafe_code)]
 
+mod agent;
+
+pub use agent::{Agent, AgentBuilder, AgentError, AgentEvent, Backoff};
 pub use fleet_core::{NameError, ThingName};
