@@ -6,6 +6,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use fleet_core::jobs::{JobEvent, JobRunner, JobStatus, RunnerConfig, UpdateId};
 use fleet_core::shadow::{RequestId, ShadowEvent, ShadowSync, SyncConfig};
 use fleet_core::time::Instant as CoreInstant;
 use fleet_core::transmit::Transmit;
@@ -31,6 +34,8 @@ pub enum AgentError {
     InvalidName(String),
     /// The shadow is not one the agent tracks.
     UnknownShadow,
+    /// No job is running.
+    NoCurrentJob,
     /// The service refused the update (its code and message).
     Rejected {
         /// HTTP-style code (400, 409, 413, ...).
@@ -38,6 +43,8 @@ pub enum AgentError {
         /// AWS's message.
         message: String,
     },
+    /// The jobs service refused the update (its error code).
+    JobRejected(String),
     /// No answer after every retry.
     TimedOut,
     /// The agent has stopped.
@@ -50,7 +57,9 @@ impl fmt::Display for AgentError {
             Self::Tls(e) => write!(f, "TLS configuration: {e}"),
             Self::InvalidName(e) => write!(f, "invalid name: {e}"),
             Self::UnknownShadow => f.write_str("not a shadow this agent tracks"),
+            Self::NoCurrentJob => f.write_str("no job is running"),
             Self::Rejected { code, message } => write!(f, "rejected: {code} {message}"),
+            Self::JobRejected(code) => write!(f, "job update rejected: {code}"),
             Self::TimedOut => f.write_str("no answer after every retry"),
             Self::Stopped => f.write_str("the agent has stopped"),
         }
@@ -80,6 +89,24 @@ pub enum AgentEvent {
         version: u64,
         /// Every differing key of desired.
         delta: Map<String, Value>,
+    },
+    /// A job to run (or to go on with after a restart: `status_details`
+    /// holds what was last reported). Report with [`Agent::update_job`].
+    Job {
+        /// The job.
+        job_id: String,
+        /// Which execution.
+        execution_number: u64,
+        /// The job document.
+        document: Value,
+        /// Details last reported.
+        status_details: BTreeMap<String, String>,
+    },
+    /// The current job was canceled (or removed, or timed out) by the
+    /// service: stop working on it.
+    JobCanceled {
+        /// The job.
+        job_id: String,
     },
     /// The broker or the service sent something the agent cannot use; it
     /// changed nothing.
@@ -138,6 +165,7 @@ pub struct AgentBuilder {
     shadows: Vec<Option<String>>,
     backoff: Backoff,
     sync: SyncConfig,
+    jobs: RunnerConfig,
 }
 
 impl fmt::Debug for AgentBuilder {
@@ -172,6 +200,7 @@ impl AgentBuilder {
             shadows: vec![None],
             backoff: Backoff::default(),
             sync: SyncConfig::default(),
+            jobs: RunnerConfig::default(),
         }
     }
 
@@ -190,6 +219,7 @@ impl AgentBuilder {
     /// Request timeouts and retries of shadow requests.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.sync.request_timeout = timeout;
+        self.jobs.request_timeout = timeout;
         self
     }
 
@@ -236,12 +266,16 @@ impl AgentBuilder {
             )));
         let (client, eventloop) = AsyncClient::new(options, 64);
         let session = random_u64();
+        let jobs = JobRunner::new(thing.clone(), self.jobs.clone(), session);
         let sync = ShadowSync::new(thing, &names, self.sync.clone(), session);
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = mpsc::channel(256);
         let pump = Pump {
             client,
             sync,
+            jobs,
+            job_waiters: HashMap::new(),
+            pending_subacks: 0,
             commands: commands_rx,
             events: events_tx,
             waiters: HashMap::new(),
@@ -259,6 +293,11 @@ impl AgentBuilder {
 }
 
 enum Command {
+    UpdateJob {
+        status: JobStatus,
+        details: Option<BTreeMap<String, String>>,
+        done: oneshot::Sender<Result<(), AgentError>>,
+    },
     Report {
         shadow: Option<String>,
         reported: Map<String, Value>,
@@ -289,6 +328,26 @@ impl Agent {
             .send(Command::Report {
                 shadow: shadow.map(String::from),
                 reported,
+                done,
+            })
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)?
+    }
+
+    /// Reports the status of the current job and waits until the service
+    /// accepted it (`details` replace the previous ones). A terminal status
+    /// ends the job; the agent then asks for the next.
+    pub async fn update_job(
+        &self,
+        status: JobStatus,
+        details: Option<BTreeMap<String, String>>,
+    ) -> Result<(), AgentError> {
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(Command::UpdateJob {
+                status,
+                details,
                 done,
             })
             .await
@@ -328,6 +387,10 @@ fn random_u64() -> u64 {
 struct Pump {
     client: AsyncClient,
     sync: ShadowSync,
+    jobs: JobRunner,
+    job_waiters: HashMap<UpdateId, oneshot::Sender<Result<(), AgentError>>>,
+    /// SUBACKs still expected for this connection's subscriptions.
+    pending_subacks: usize,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<AgentEvent>,
     waiters: HashMap<RequestId, oneshot::Sender<Result<u64, AgentError>>>,
@@ -369,13 +432,19 @@ impl Pump {
                         failures = 0;
                         connected = true;
                         let now = self.now();
+                        self.pending_subacks = 0;
                         self.sync.handle_connection(now, true);
+                        self.jobs.handle_connection(now, true);
                         self.emit(AgentEvent::Connected).await;
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
-                            let now = self.now();
-                            self.sync.handle_subscribed(now);
+                            self.pending_subacks = self.pending_subacks.saturating_sub(1);
+                            if self.pending_subacks == 0 {
+                                let now = self.now();
+                                self.sync.handle_subscribed(now);
+                                self.jobs.handle_subscribed(now);
+                            }
                         } else {
                             self.emit(AgentEvent::InvalidInput {
                                 topic: String::new(),
@@ -387,8 +456,13 @@ impl Pump {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
                         let now = self.now();
-                        if let Err(e) = self.sync.handle_message(now, &topic, &p.payload) {
-                            self.emit(AgentEvent::InvalidInput { topic, reason: e.to_string() }).await;
+                        let result = if topic.contains("/jobs/") {
+                            self.jobs.handle_message(now, &topic, &p.payload).map_err(|e| e.to_string())
+                        } else {
+                            self.sync.handle_message(now, &topic, &p.payload).map_err(|e| e.to_string())
+                        };
+                        if let Err(reason) = result {
+                            self.emit(AgentEvent::InvalidInput { topic, reason }).await;
                         }
                     }
                     Ok(_) => {}
@@ -397,6 +471,7 @@ impl Pump {
                             connected = false;
                             let now = self.now();
                             self.sync.handle_connection(now, false);
+                            self.jobs.handle_connection(now, false);
                         }
                         let r = self.random();
                         let delay = self.backoff.delay(failures, r);
@@ -406,6 +481,17 @@ impl Pump {
                     }
                 },
                 command = self.commands.recv() => match command {
+                    Some(Command::UpdateJob { status, details, done }) => {
+                        let now = self.now();
+                        match self.jobs.update(now, status, details) {
+                            Ok(id) => {
+                                self.job_waiters.insert(id, done);
+                            }
+                            Err(_) => {
+                                let _ = done.send(Err(AgentError::NoCurrentJob));
+                            }
+                        }
+                    }
                     Some(Command::Report { shadow, reported, done }) => {
                         let now = self.now();
                         let name = match shadow.map(ShadowName::try_from).transpose() {
@@ -439,6 +525,7 @@ impl Pump {
                 } => {
                     let now = self.now();
                     self.sync.handle_timeout(now);
+                    self.jobs.handle_timeout(now);
                 }
             }
             self.drain().await;
@@ -447,9 +534,19 @@ impl Pump {
 
     /// Sends what the engine asks for and forwards its events.
     async fn drain(&mut self) {
+        // Both engines subscribe on every connection; they are told once
+        // every SUBACK of the connection has come.
+        let mut transmits = Vec::new();
         while let Some(t) = self.sync.poll_transmit() {
+            transmits.push(t);
+        }
+        while let Some(t) = self.jobs.poll_transmit() {
+            transmits.push(t);
+        }
+        for t in transmits {
             let result = match t {
                 Transmit::Subscribe { filters } => {
+                    self.pending_subacks += 1;
                     let subs = filters
                         .into_iter()
                         .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce));
@@ -463,6 +560,41 @@ impl Pump {
             };
             if let Err(e) = result {
                 tracing::warn!("cannot hand a message to the MQTT client: {e}");
+            }
+        }
+        while let Some(event) = self.jobs.poll_event() {
+            match event {
+                JobEvent::Job {
+                    job_id,
+                    execution_number,
+                    document,
+                    status_details,
+                } => {
+                    self.emit(AgentEvent::Job {
+                        job_id,
+                        execution_number,
+                        document,
+                        status_details,
+                    })
+                    .await;
+                }
+                JobEvent::Canceled { job_id } => {
+                    self.emit(AgentEvent::JobCanceled { job_id }).await;
+                }
+                JobEvent::Updated { id, .. } => {
+                    if let Some(w) = self.job_waiters.remove(&id) {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                JobEvent::UpdateFailed { id, code, .. } => {
+                    if let Some(w) = self.job_waiters.remove(&id) {
+                        let _ = w.send(Err(match code {
+                            Some(c) => AgentError::JobRejected(format!("{c:?}")),
+                            None => AgentError::TimedOut,
+                        }));
+                    }
+                }
+                _ => {}
             }
         }
         while let Some(event) = self.sync.poll_event() {

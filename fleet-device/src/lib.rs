@@ -20,13 +20,13 @@
 //! ```
 //!
 //! The agent is a thin pump around the sans-I/O engines of `fleet-core`
-//! (today: `ShadowSync`) over MQTT 5 with mutual TLS (rustls, ring). It
+//! (today: `ShadowSync` and `JobRunner`) over MQTT 5 with mutual TLS (rustls, ring). It
 //! reconnects by itself with exponential backoff and full jitter, makes its
 //! subscriptions again after every reconnection, and reads each shadow in
 //! full before it trusts a delta.
 //!
 //! # Status
-//! Shadows are built. Jobs, commands, telemetry with the durable outbox,
+//! Shadows and jobs are built. Commands, telemetry with the durable outbox,
 //! OTA, provisioning by claim, a signing-key trait for hardware keys and
 //! MQTT 3.1.1 are not built yet. No rumqttc or rustls type appears in this
 //! crate's API.
