@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use fleet_core::jobs::{JobEvent, JobRunner, JobStatus, RunnerConfig, UpdateId};
+use fleet_core::jobs::{
+    CommandInbox, CommandStatus, Delivery, JobEvent, JobRunner, JobStatus, RunnerConfig, UpdateId,
+};
 use fleet_core::shadow::{RequestId, ShadowEvent, ShadowSync, SyncConfig};
 use fleet_core::time::Instant as CoreInstant;
 use fleet_core::transmit::Transmit;
@@ -36,6 +38,8 @@ pub enum AgentError {
     UnknownShadow,
     /// No job is running.
     NoCurrentJob,
+    /// A command answer was refused (unknown, answered, past its deadline).
+    Command(String),
     /// The service refused the update (its code and message).
     Rejected {
         /// HTTP-style code (400, 409, 413, ...).
@@ -58,6 +62,7 @@ impl fmt::Display for AgentError {
             Self::InvalidName(e) => write!(f, "invalid name: {e}"),
             Self::UnknownShadow => f.write_str("not a shadow this agent tracks"),
             Self::NoCurrentJob => f.write_str("no job is running"),
+            Self::Command(e) => write!(f, "command: {e}"),
             Self::Rejected { code, message } => write!(f, "rejected: {code} {message}"),
             Self::JobRejected(code) => write!(f, "job update rejected: {code}"),
             Self::TimedOut => f.write_str("no answer after every retry"),
@@ -107,6 +112,18 @@ pub enum AgentEvent {
     JobCanceled {
         /// The job.
         job_id: String,
+    },
+    /// A command to run once; answer with [`Agent::respond`] before its
+    /// deadline. A redelivered command is not handed out again.
+    Command {
+        /// Its execution id (for the answer).
+        execution_id: String,
+        /// Which command.
+        command: String,
+        /// Its arguments.
+        payload: Value,
+        /// Epoch seconds after which an answer no longer counts.
+        deadline: u64,
     },
     /// The broker or the service sent something the agent cannot use; it
     /// changed nothing.
@@ -274,6 +291,8 @@ impl AgentBuilder {
             client,
             sync,
             jobs,
+            inbox: CommandInbox::new(256),
+            commands_base: format!("$aws/commands/things/{}/executions", self.thing),
             job_waiters: HashMap::new(),
             pending_subacks: 0,
             commands: commands_rx,
@@ -293,6 +312,12 @@ impl AgentBuilder {
 }
 
 enum Command {
+    Respond {
+        execution_id: String,
+        status: CommandStatus,
+        payload: Value,
+        done: oneshot::Sender<Result<(), AgentError>>,
+    },
     UpdateJob {
         status: JobStatus,
         details: Option<BTreeMap<String, String>>,
@@ -328,6 +353,26 @@ impl Agent {
             .send(Command::Report {
                 shadow: shadow.map(String::from),
                 reported,
+                done,
+            })
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)?
+    }
+
+    /// Answers a command. Refused after its deadline, or a second time.
+    pub async fn respond(
+        &self,
+        execution_id: &str,
+        status: CommandStatus,
+        payload: Value,
+    ) -> Result<(), AgentError> {
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Respond {
+                execution_id: execution_id.into(),
+                status,
+                payload,
                 done,
             })
             .await
@@ -371,6 +416,12 @@ impl Agent {
     }
 }
 
+fn epoch_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // Without an OS random source, time is a fallback that still varies
@@ -388,6 +439,9 @@ struct Pump {
     client: AsyncClient,
     sync: ShadowSync,
     jobs: JobRunner,
+    inbox: CommandInbox,
+    /// `$aws/commands/things/{thing}/executions`
+    commands_base: String,
     job_waiters: HashMap<UpdateId, oneshot::Sender<Result<(), AgentError>>>,
     /// SUBACKs still expected for this connection's subscriptions.
     pending_subacks: usize,
@@ -435,6 +489,11 @@ impl Pump {
                         self.pending_subacks = 0;
                         self.sync.handle_connection(now, true);
                         self.jobs.handle_connection(now, true);
+                        let filter = format!("{}/+/request/json", self.commands_base);
+                        match self.client.subscribe(filter, QoS::AtLeastOnce).await {
+                            Ok(()) => self.pending_subacks += 1,
+                            Err(e) => tracing::warn!("cannot subscribe to commands: {e}"),
+                        }
                         self.emit(AgentEvent::Connected).await;
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -456,6 +515,10 @@ impl Pump {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
                         let now = self.now();
+                        if topic.starts_with(&self.commands_base) {
+                            self.handle_command(&topic, &p.payload).await;
+                            continue;
+                        }
                         let result = if topic.contains("/jobs/") {
                             self.jobs.handle_message(now, &topic, &p.payload).map_err(|e| e.to_string())
                         } else {
@@ -481,6 +544,19 @@ impl Pump {
                     }
                 },
                 command = self.commands.recv() => match command {
+                    Some(Command::Respond { execution_id, status, payload, done }) => {
+                        let result = match self.inbox.respond(epoch_seconds(), &execution_id, status, payload) {
+                            Ok(answer) => {
+                                let topic = format!("{}/{execution_id}/response/json", self.commands_base);
+                                self.client
+                                    .publish(topic, QoS::AtLeastOnce, false, answer)
+                                    .await
+                                    .map_err(|e| AgentError::Command(e.to_string()))
+                            }
+                            Err(e) => Err(AgentError::Command(e.to_string())),
+                        };
+                        let _ = done.send(result);
+                    }
                     Some(Command::UpdateJob { status, details, done }) => {
                         let now = self.now();
                         match self.jobs.update(now, status, details) {
@@ -529,6 +605,37 @@ impl Pump {
                 }
             }
             self.drain().await;
+        }
+    }
+
+    async fn handle_command(&mut self, topic: &str, payload: &[u8]) {
+        match self.inbox.handle_request(epoch_seconds(), payload) {
+            Ok(Delivery::Run(r)) => {
+                self.emit(AgentEvent::Command {
+                    execution_id: r.execution_id,
+                    command: r.command,
+                    payload: r.payload,
+                    deadline: r.deadline,
+                })
+                .await;
+            }
+            Ok(Delivery::Duplicate {
+                resend: Some(answer),
+            }) => {
+                let response = topic.replace("/request/", "/response/");
+                let _ = self
+                    .client
+                    .publish(response, QoS::AtLeastOnce, false, answer)
+                    .await;
+            }
+            Ok(Delivery::Duplicate { resend: None } | Delivery::Expired) => {}
+            Err(e) => {
+                self.emit(AgentEvent::InvalidInput {
+                    topic: topic.into(),
+                    reason: e.to_string(),
+                })
+                .await;
+            }
         }
     }
 

@@ -20,13 +20,13 @@
 //! ```
 //!
 //! The agent is a thin pump around the sans-I/O engines of `fleet-core`
-//! (today: `ShadowSync` and `JobRunner`) over MQTT 5 with mutual TLS (rustls, ring). It
+//! (today: `ShadowSync`, `JobRunner` and `CommandInbox`) over MQTT 5 with mutual TLS (rustls, ring). It
 //! reconnects by itself with exponential backoff and full jitter, makes its
 //! subscriptions again after every reconnection, and reads each shadow in
 //! full before it trusts a delta.
 //!
 //! # Status
-//! Shadows and jobs are built. Commands, telemetry with the durable outbox,
+//! Shadows, jobs and commands are built. Telemetry with the durable outbox,
 //! OTA, provisioning by claim, a signing-key trait for hardware keys and
 //! MQTT 3.1.1 are not built yet. No rumqttc or rustls type appears in this
 //! crate's API.
