@@ -14,17 +14,7 @@ use fleet_testkit::{Broker, TestClient};
 use serde_json::json;
 
 fn config(broker: &Broker) -> BrokerConfig {
-    let backend = broker.backend_identity().unwrap();
-    BrokerConfig {
-        host: "localhost".into(),
-        port: broker.port(),
-        client_id: "cloud-1".into(),
-        cert_pem: backend.cert_pem,
-        key_pem: backend.key_pem,
-        ca_pem: broker.pki().ca_pem(),
-        share_group: None,
-        queue_capacity: 64,
-    }
+    broker.backend_config("cloud-1").unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

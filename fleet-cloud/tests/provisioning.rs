@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, Extras, MemoryStore, PreProvisioningHook, ProvisioningService,
+    BrokerPolicy, Extras, MemoryStore, PreProvisioningHook, ProvisioningService,
     ProvisioningTemplate, Registry, ShadowService, serve,
 };
 use fleet_testkit::{Broker, BrokerOptions, Identity, TestClient};
@@ -72,17 +72,7 @@ fn setup(token_lifetime: Duration) -> Setup {
     let mut provisioning =
         ProvisioningService::new(ca, registry.clone(), vec![template()]).with_hook(DenySerial13);
     provisioning.token_lifetime = token_lifetime;
-    let backend = broker.backend_identity().unwrap();
-    let config = BrokerConfig {
-        host: "localhost".into(),
-        port: broker.port(),
-        client_id: "cloud".into(),
-        cert_pem: backend.cert_pem,
-        key_pem: backend.key_pem,
-        ca_pem: broker.pki().ca_pem(),
-        share_group: None,
-        queue_capacity: 64,
-    };
+    let config = broker.backend_config("cloud").unwrap();
     let cloud = serve(
         config,
         ShadowService::new(MemoryStore::new()),

@@ -14,16 +14,9 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config(broker: &Broker, client_id: &str, share_group: Option<&str>) -> BrokerConfig {
-    let backend = broker.backend_identity().expect("backend identity");
     BrokerConfig {
-        host: "localhost".into(),
-        port: broker.port(),
-        client_id: client_id.into(),
-        cert_pem: backend.cert_pem,
-        key_pem: backend.key_pem,
-        ca_pem: broker.pki().ca_pem(),
         share_group: share_group.map(String::from),
-        queue_capacity: 64,
+        ..broker.backend_config(client_id).expect("backend identity")
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use fleet_cloud::{BrokerConfig, CommandFailure, Extras, MemoryStore, ShadowService, serve};
+use fleet_cloud::{CommandFailure, Extras, MemoryStore, ShadowService, serve};
 use fleet_core::ThingName;
 use fleet_core::jobs::CommandStatus;
 use fleet_device::{AgentBuilder, AgentEvent};
@@ -16,18 +16,8 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_reach_the_agent_and_come_back() {
     let broker = Broker::start().expect("start mosquitto");
-    let backend = broker.backend_identity().unwrap();
     let cloud = serve(
-        BrokerConfig {
-            host: "localhost".into(),
-            port: broker.port(),
-            client_id: "cloud".into(),
-            cert_pem: backend.cert_pem,
-            key_pem: backend.key_pem,
-            ca_pem: broker.pki().ca_pem(),
-            share_group: None,
-            queue_capacity: 64,
-        },
+        broker.backend_config("cloud").unwrap(),
         ShadowService::new(MemoryStore::new()),
         Extras::default(),
     )

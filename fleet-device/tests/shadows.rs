@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use fleet_cloud::{BrokerConfig, RunningService, ShadowService, SqliteStore, serve_shadows};
+use fleet_cloud::{RunningService, ShadowService, SqliteStore, serve_shadows};
 use fleet_core::ThingName;
 use fleet_core::shadow::UpdateRequest;
 use fleet_device::{Agent, AgentBuilder, AgentEvent, Backoff};
@@ -17,17 +17,7 @@ use serde_json::{Map, Value, json};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn cloud(broker: &Broker, db: &Path) -> RunningService {
-    let backend = broker.backend_identity().unwrap();
-    let config = BrokerConfig {
-        host: "localhost".into(),
-        port: broker.port(),
-        client_id: "cloud".into(),
-        cert_pem: backend.cert_pem,
-        key_pem: backend.key_pem,
-        ca_pem: broker.pki().ca_pem(),
-        share_group: None,
-        queue_capacity: 64,
-    };
+    let config = broker.backend_config("cloud").unwrap();
     serve_shadows(config, ShadowService::new(SqliteStore::open(db).unwrap())).unwrap()
 }
 

@@ -118,6 +118,25 @@ impl Broker {
         Ok(self.pki.client_identity(BACKEND_IDENTITY)?)
     }
 
+    /// How a fleet-cloud service connects to this broker as the backend
+    /// identity (no shared subscription, a queue of 64).
+    pub fn backend_config(
+        &self,
+        client_id: &str,
+    ) -> Result<fleet_cloud::BrokerConfig, HarnessError> {
+        let backend = self.backend_identity()?;
+        Ok(fleet_cloud::BrokerConfig {
+            host: "localhost".into(),
+            port: self.port,
+            client_id: client_id.into(),
+            cert_pem: backend.cert_pem,
+            key_pem: backend.key_pem,
+            ca_pem: self.pki.ca_pem(),
+            share_group: None,
+            queue_capacity: 64,
+        })
+    }
+
     /// Whether the broker process is running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
