@@ -26,7 +26,9 @@
 //! full before it trusts a delta.
 //!
 //! # Status
-//! Shadows, jobs and commands are built. Telemetry with the durable outbox,
+//! Shadows, jobs and commands are built, and the durable [`Outbox`]
+//! (crash-safe, size-bounded, with an overflow policy) exists but is not yet
+//! wired into a telemetry API. Telemetry,
 //! OTA, provisioning by claim, a signing-key trait for hardware keys and
 //! MQTT 3.1.1 are not built yet. No rumqttc or rustls type appears in this
 //! crate's API.
@@ -34,6 +36,8 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+pub mod outbox;
 
 pub use agent::{Agent, AgentBuilder, AgentError, AgentEvent, Backoff};
 pub use fleet_core::{NameError, ThingName};
+pub use outbox::{MessageKind, Outbox, OutboxError, Overflow};
