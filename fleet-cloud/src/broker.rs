@@ -138,6 +138,9 @@ impl Drop for RunningService {
     }
 }
 
+/// Largest packet the backend accepts.
+const MAX_PACKET: u32 = 256 * 1024;
+
 fn epoch_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -164,6 +167,10 @@ pub fn serve<S: ShadowStore>(
     let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
     options
         .set_keep_alive(Duration::from_secs(30))
+        // Above the broker's limit for devices (128 KiB, as AWS IoT), so a
+        // device can never send the backend a packet it refuses (rumqttc's
+        // default of 10 KiB would drop the connection).
+        .set_max_packet_size(Some(MAX_PACKET))
         .set_clean_start(true)
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),

@@ -99,6 +99,29 @@ async fn devices_get_aws_replies_through_the_broker() {
     let rejected = dev.recv(WAIT).await.expect("rejected");
     assert_eq!(rejected.topic, "$aws/things/dev-a/shadow/update/rejected");
     assert_eq!(json(&rejected.payload)["code"], 400);
+    // Oversized: refused with 413 before parsing; also nothing changes.
+    let huge = format!(
+        r#"{{"state":{{"reported":{{"blob":"{}"}}}}}}"#,
+        "x".repeat(70 * 1024)
+    );
+    dev.publish("$aws/things/dev-a/shadow/update", huge)
+        .await
+        .unwrap();
+    let rejected = dev.recv(WAIT).await.expect("rejected");
+    assert_eq!(rejected.topic, "$aws/things/dev-a/shadow/update/rejected");
+    assert_eq!(json(&rejected.payload)["code"], 413);
+    // Over the broker's 128 KiB limit: the broker drops it (and the
+    // sender); the service is not disturbed.
+    let attacker = device(&broker, "dev-c").await;
+    let _ = attacker
+        .publish("$aws/things/dev-c/shadow/update", vec![b' '; 200 * 1024])
+        .await;
+    // Not UTF-8: 415.
+    dev.publish("$aws/things/dev-a/shadow/update", vec![0xff, 0xfe])
+        .await
+        .unwrap();
+    let rejected = dev.recv(WAIT).await.expect("rejected");
+    assert_eq!(json(&rejected.payload)["code"], 415);
     dev.publish("$aws/things/dev-a/shadow/get", r#"{"clientToken":"g"}"#)
         .await
         .unwrap();

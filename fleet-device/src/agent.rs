@@ -277,6 +277,8 @@ impl AgentBuilder {
         let mut options = MqttOptions::new(self.thing.clone(), self.host.clone(), self.port);
         options
             .set_keep_alive(Duration::from_secs(30))
+            // The broker limits messages to 128 KiB; accept all it sends.
+            .set_max_packet_size(Some(256 * 1024))
             .set_clean_start(true)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),

@@ -84,6 +84,7 @@ impl TestClient {
         let mut options = MqttOptions::new(client_id, "localhost", broker.port());
         options
             .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(Some(256 * 1024))
             .set_clean_start(true)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
