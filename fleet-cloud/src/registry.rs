@@ -97,6 +97,19 @@ CREATE TABLE IF NOT EXISTS certificates (
 ) STRICT;
 ";
 
+/// A group's attribute query (`None`: a static group).
+fn group_query(conn: &rusqlite::Connection, group: &str) -> Result<Option<String>, RegistryError> {
+    conn.query_row(
+        "SELECT query FROM thing_groups WHERE name = ?1",
+        [group],
+        |r| r.get(0),
+    )
+    .map_err(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => RegistryError::NotFound(group.into()),
+        e => backend(e),
+    })
+}
+
 /// The registry. Cloning shares it.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -281,17 +294,7 @@ impl Registry {
     /// Adds a thing to a static group.
     pub fn add_to_group(&self, group: &str, thing: &str) -> Result<(), RegistryError> {
         let conn = self.conn();
-        let query: Option<String> = conn
-            .query_row(
-                "SELECT query FROM thing_groups WHERE name = ?1",
-                [group],
-                |r| r.get(0),
-            )
-            .map_err(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => RegistryError::NotFound(group.into()),
-                e => backend(e),
-            })?;
-        if query.is_some() {
+        if group_query(&conn, group)?.is_some() {
             return Err(RegistryError::InvalidName(format!(
                 "{group} is a dynamic group"
             )));
@@ -313,17 +316,7 @@ impl Registry {
 
     /// The members of a group, in name order.
     pub fn group_members(&self, group: &str) -> Result<Vec<String>, RegistryError> {
-        let query: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT query FROM thing_groups WHERE name = ?1",
-                [group],
-                |r| r.get(0),
-            )
-            .map_err(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => RegistryError::NotFound(group.into()),
-                e => backend(e),
-            })?;
+        let query = group_query(&self.conn(), group)?;
         match query {
             None => {
                 let conn = self.conn();

@@ -574,28 +574,11 @@ mod sim {
 
     use super::*;
     use crate::identity::{ShadowName, ThingName};
+    use crate::testutil::SimRng;
     use crate::time::Instant;
     use crate::topic::{ShadowTopic, Topic, TopicPrefix};
     use crate::transmit::Transmit;
     use core::time::Duration;
-
-    /// xorshift64*: deterministic, seedable, good enough to pick faults.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn chance(&mut self, percent: u64) -> bool {
-            self.next() % 100 < percent
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
 
     #[derive(Clone, Copy)]
     struct Faults {
@@ -622,7 +605,7 @@ mod sim {
 
     struct World {
         now: Instant,
-        rng: Rng,
+        rng: SimRng,
         faults: Faults,
         device: ShadowSync,
         service: BTreeMap<Option<String>, Shadow>,
@@ -645,7 +628,7 @@ mod sim {
             let device = ShadowSync::new(thing.clone(), &shadows, config, seed);
             let mut w = Self {
                 now: Instant::ZERO,
-                rng: Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+                rng: SimRng::new(seed),
                 faults: CALM,
                 device,
                 service: BTreeMap::new(),
