@@ -24,7 +24,8 @@ pub struct RunnerConfig {
     pub prefix: String,
     /// How long to wait for a reply before sending a request again.
     pub request_timeout: Duration,
-    /// How many times an update is sent before it is given up.
+    /// How many times a progress (IN_PROGRESS) update is sent before it is
+    /// given up; terminal updates are sent until the service answers.
     pub max_attempts: u32,
     /// With no job, ask for one this often anyway, to repair a lost
     /// notification. `None`: only when notified or reconnected.
@@ -354,7 +355,10 @@ impl JobRunner {
             .as_ref()
             .is_some_and(|(_, f)| f.deadline <= now);
         if expired && let Some((u, f)) = self.update_in_flight.take() {
-            if f.attempts >= self.config.max_attempts {
+            // A terminal status is the job's outcome: it is sent until the
+            // service answers (giving it up would leave the job IN_PROGRESS
+            // and this runner stuck on it). Progress updates may be given up.
+            if f.attempts >= self.config.max_attempts && !u.status.is_terminal() {
                 self.events.push_back(JobEvent::UpdateFailed {
                     id: u.id,
                     job_id: self.current_job().unwrap_or_default().into(),
@@ -452,6 +456,14 @@ impl JobRunner {
             if let (Some(e), Some(c)) = (&execution, self.current.as_mut()) {
                 c.version = c.version.max(e.version_number);
             }
+            self.send_next_update(now);
+            return;
+        }
+        if self.current.is_some() && (self.update_in_flight.is_some() || !self.updates.is_empty()) {
+            // Our own update of the current job may be what ended it on the
+            // service (its reply lost or late). Let that update's outcome
+            // decide; it starts the next job when it is terminal, and a job
+            // really ended by the service refuses it (TerminalStateReached).
             self.send_next_update(now);
             return;
         }
@@ -593,7 +605,9 @@ impl JobRunner {
             return;
         }
         match msg.code {
-            JobErrorCode::VersionMismatch if f.attempts < self.config.max_attempts => {
+            JobErrorCode::VersionMismatch
+                if f.attempts < self.config.max_attempts || u.status.is_terminal() =>
+            {
                 if let (Some(s), Some(c)) = (&state, self.current.as_mut()) {
                     c.version = s.version_number;
                 }

@@ -832,23 +832,11 @@ mod sim {
 
     use super::*;
     use crate::identity::ThingName;
+    use crate::testutil::SimRng;
     use crate::time::Instant;
     use crate::topic::{JobsTopic, Topic, TopicPrefix};
     use crate::transmit::Transmit;
     use core::time::Duration;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn chance(&mut self, pct: u64) -> bool {
-            self.next() % 100 < pct
-        }
-    }
 
     #[derive(Clone)]
     enum Wire {
@@ -858,7 +846,7 @@ mod sim {
 
     struct World {
         now: Instant,
-        rng: Rng,
+        rng: SimRng,
         loss: u64,
         dup: u64,
         jitter: u64,
@@ -871,6 +859,8 @@ mod sim {
         subscribed_at: Option<Instant>,
         /// Jobs handed to the device application, with how often.
         handed: BTreeMap<String, u32>,
+        /// Jobs the runner reported as canceled.
+        canceled: Vec<String>,
         /// The device application's work: job id -> when it finishes.
         working: Option<(String, Instant)>,
         session: u64,
@@ -881,11 +871,13 @@ mod sim {
             let thing = ThingName::new("dev-1").unwrap().into_owned();
             let config = RunnerConfig {
                 request_timeout: Duration::from_secs(2),
+                // Well inside the healing period of the runs.
+                idle_poll_interval: Some(Duration::from_secs(30)),
                 ..RunnerConfig::default()
             };
             Self {
                 now: Instant::ZERO,
-                rng: Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+                rng: SimRng::new(seed),
                 loss: 0,
                 dup: 0,
                 jitter: 0,
@@ -897,6 +889,7 @@ mod sim {
                 reconnect_at: Some(Instant::ZERO),
                 subscribed_at: None,
                 handed: BTreeMap::new(),
+                canceled: Vec::new(),
                 working: None,
                 session: seed,
             }
@@ -961,6 +954,7 @@ mod sim {
                     {
                         self.working = None;
                     }
+                    JobEvent::Canceled { job_id } => self.canceled.push(job_id),
                     _ => {}
                 }
             }
@@ -1106,6 +1100,11 @@ mod sim {
             for (job, n) in &w.handed {
                 assert_eq!(*n, 1, "seed {seed}: {job} handed out {n} times");
             }
+            assert!(
+                w.canceled.is_empty(),
+                "seed {seed}: nothing was canceled, yet {:?} was reported",
+                w.canceled
+            );
             assert_eq!(
                 w.handed.len(),
                 w.service.executions().len(),
