@@ -59,7 +59,7 @@ pub mod telemetry;
 
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
 pub use commands::{CommandCenter, CommandFailure};
-pub use policy::{BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
+pub use policy::{Access, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
 pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,
 };
