@@ -49,6 +49,7 @@
 
 mod broker;
 mod commands;
+mod embedded;
 pub mod pki;
 mod policy;
 mod provisioning;
@@ -59,6 +60,7 @@ pub mod telemetry;
 
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
 pub use commands::{CommandCenter, CommandFailure};
+pub use embedded::{EmbeddedBroker, EmbeddedConfig, EmbeddedError, certificate_fingerprint};
 pub use policy::{Access, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
 pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,

@@ -215,11 +215,8 @@ impl BrokerPolicy {
             for (rule, pattern) in &block.rules {
                 let pattern = pattern.replace("%u", identity).replace("%c", client_id);
                 match rule {
-                    Access::Deny => {
-                        if overlaps(topic, &pattern) {
-                            return false;
-                        }
-                    }
+                    Access::Deny if overlaps(topic, &pattern) => return false,
+                    Access::Deny => {}
                     _ if rule.grants(access) => allowed |= covers(&pattern, topic),
                     _ => {}
                 }
@@ -415,14 +412,30 @@ mod tests {
         // Wildcards in a name would widen a pattern.
         no("t1/+", Access::Write, "$aws/things/t1/+/shadow/update");
         no("+", Access::Write, "dt/+/x");
-        yes("claim@f1", Access::Write, "$aws/certificates/create-from-csr/json");
-        no("claim@f1", Access::Read, "$aws/certificates/create-from-csr/json/accepted");
+        yes(
+            "claim@f1",
+            Access::Write,
+            "$aws/certificates/create-from-csr/json",
+        );
+        no(
+            "claim@f1",
+            Access::Read,
+            "$aws/certificates/create-from-csr/json/accepted",
+        );
         no("claim@f1", Access::Write, "$aws/things/t1/shadow/update");
         yes("fleet-backend", Access::Read, "$aws/things/+/shadow/+");
-        yes("fleet-backend", Access::Read, "$share/g/$aws/things/+/shadow/+");
+        yes(
+            "fleet-backend",
+            Access::Read,
+            "$share/g/$aws/things/+/shadow/+",
+        );
         yes("fleet-backend", Access::Write, "anything/at/all");
         no("gone", Access::Write, "$aws/things/gone/shadow/update");
-        no("gone", Access::Read, "$aws/things/gone/shadow/update/accepted");
+        no(
+            "gone",
+            Access::Read,
+            "$aws/things/gone/shadow/update/accepted",
+        );
         no("gone", Access::Write, "dt/gone/x");
     }
 

@@ -1,6 +1,6 @@
-//! The generated broker policy against a real Mosquitto: for every topic
-//! family, device A can neither write nor read device B's topics, and a
-//! claim identity can touch provisioning only.
+//! The generated broker policy against a real Mosquitto and against the
+//! embedded broker: for every topic family, device A can neither write nor
+//! read device B's topics, and a claim identity can touch provisioning only.
 
 // Test helpers fail the test on a broken fixture.
 #![allow(clippy::unwrap_used)]
@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use fleet_cloud::BrokerPolicy;
-use fleet_testkit::{Broker, BrokerOptions, Message, TestClient};
+use fleet_testkit::{Broker, BrokerKind, BrokerOptions, Message, TestClient};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -31,15 +31,30 @@ const B_TOPICS: &[&str] = &[
     "dt/dev-b/temperature",
 ];
 
-async fn broker_with_claims() -> Broker {
+fleet_testkit::on_both_brokers!(
+    a_device_cannot_write_another_devices_topics,
+    a_device_cannot_read_another_devices_topics,
+    a_claim_identity_reaches_provisioning,
+    revoking_every_certificate_cuts_a_connected_device_off,
+);
+
+fn start(kind: BrokerKind, policy: BrokerPolicy) -> Broker {
     Broker::start_with(BrokerOptions {
-        policy: BrokerPolicy {
+        policy,
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker")
+}
+
+async fn broker_with_claims(kind: BrokerKind) -> Broker {
+    start(
+        kind,
+        BrokerPolicy {
             claim_identities: vec!["claim@factory".into()],
             ..BrokerPolicy::default()
         },
-        ..BrokerOptions::default()
-    })
-    .expect("start mosquitto")
+    )
 }
 
 async fn client(broker: &Broker, name: &str) -> TestClient {
@@ -59,9 +74,8 @@ async fn before_sentinel(c: &mut TestClient, sentinel: &str) -> Vec<Message> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_cannot_write_another_devices_topics() {
-    let broker = broker_with_claims().await;
+async fn a_device_cannot_write_another_devices_topics(kind: BrokerKind) {
+    let broker = broker_with_claims(kind).await;
     let mut backend = client(&broker, "fleet-backend").await;
     for f in ["$aws/#", "dt/#"] {
         assert!(backend.subscribe(f).await.unwrap());
@@ -87,9 +101,8 @@ async fn a_device_cannot_write_another_devices_topics() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_cannot_read_another_devices_topics() {
-    let broker = broker_with_claims().await;
+async fn a_device_cannot_read_another_devices_topics(kind: BrokerKind) {
+    let broker = broker_with_claims(kind).await;
     let backend = client(&broker, "fleet-backend").await;
     for who in ["dev-a", "claim@factory"] {
         let mut c = client(&broker, who).await;
@@ -122,9 +135,8 @@ async fn a_device_cannot_read_another_devices_topics() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_identity_reaches_provisioning() {
-    let broker = broker_with_claims().await;
+async fn a_claim_identity_reaches_provisioning(kind: BrokerKind) {
+    let broker = broker_with_claims(kind).await;
     let mut backend = client(&broker, "fleet-backend").await;
     assert!(backend.subscribe("$aws/#").await.unwrap());
     let claim = client(&broker, "claim@factory").await;
@@ -138,9 +150,8 @@ async fn a_claim_identity_reaches_provisioning() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_every_certificate_cuts_a_connected_device_off() {
-    let mut broker = Broker::start().expect("start mosquitto");
+async fn revoking_every_certificate_cuts_a_connected_device_off(kind: BrokerKind) {
+    let mut broker = start(kind, BrokerPolicy::default());
     let registry = fleet_cloud::Registry::in_memory().unwrap();
     registry.create_thing("dev-a", Default::default()).unwrap();
     let id = broker.device_identity("dev-a").unwrap();

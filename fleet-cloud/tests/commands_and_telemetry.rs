@@ -10,16 +10,24 @@ use fleet_cloud::telemetry::{JsonLinesSink, Predicate, Rule, TelemetryRouter};
 use fleet_cloud::{BrokerConfig, CommandFailure, Extras, MemoryStore, ShadowService, serve};
 use fleet_core::ThingName;
 use fleet_core::jobs::{CommandInbox, CommandState, CommandStatus, Delivery};
-use fleet_testkit::{Broker, TestClient};
+use fleet_testkit::{Broker, BrokerKind, BrokerOptions, TestClient};
 use serde_json::json;
+
+fleet_testkit::on_both_brokers!(
+    a_command_is_answered_once_and_a_silent_device_times_out,
+    telemetry_is_routed_by_rule
+);
 
 fn config(broker: &Broker) -> BrokerConfig {
     broker.backend_config("cloud-1").unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_is_answered_once_and_a_silent_device_times_out() {
-    let broker = Broker::start().expect("start mosquitto");
+async fn a_command_is_answered_once_and_a_silent_device_times_out(kind: BrokerKind) {
+    let broker = Broker::start_with(BrokerOptions {
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker");
     let cloud = serve(
         config(&broker),
         ShadowService::new(MemoryStore::new()),
@@ -86,9 +94,12 @@ async fn a_command_is_answered_once_and_a_silent_device_times_out() {
     assert!(matches!(err, CommandFailure::TimedOut));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn telemetry_is_routed_by_rule() {
-    let broker = Broker::start().expect("start mosquitto");
+async fn telemetry_is_routed_by_rule(kind: BrokerKind) {
+    let broker = Broker::start_with(BrokerOptions {
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker");
     let dir = tempfile::tempdir().unwrap();
     let hot = dir.path().join("hot.jsonl");
     let router = TelemetryRouter::new(

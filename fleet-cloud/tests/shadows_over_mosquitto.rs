@@ -8,8 +8,13 @@ use std::time::Duration;
 
 use fleet_cloud::BrokerPolicy;
 use fleet_cloud::{BrokerConfig, ShadowService, SqliteStore, serve_shadows};
-use fleet_testkit::{Broker, BrokerOptions, TestClient};
+use fleet_testkit::{Broker, BrokerKind, BrokerOptions, TestClient};
 use serde_json::Value;
+
+fleet_testkit::on_both_brokers!(
+    devices_get_aws_replies_through_the_broker,
+    two_instances_share_the_load_without_losing_a_version
+);
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -65,9 +70,12 @@ async fn until_served_under(broker: &Broker, prefix: &str, dev: &mut TestClient,
     panic!("the service never answered; broker log:\n{}", broker.log());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devices_get_aws_replies_through_the_broker() {
-    let broker = Broker::start().expect("start mosquitto");
+async fn devices_get_aws_replies_through_the_broker(kind: BrokerKind) {
+    let broker = Broker::start_with(BrokerOptions {
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker");
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
     let _service =
@@ -144,18 +152,18 @@ async fn devices_get_aws_replies_through_the_broker() {
     assert_eq!(json(&got.payload)["version"], 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_share_the_load_without_losing_a_version() {
+async fn two_instances_share_the_load_without_losing_a_version(kind: BrokerKind) {
     // Mosquitto delivers no `$`-topics to shared subscriptions, so the
     // scaled-out service runs under a `fleet` prefix here.
     let broker = Broker::start_with(BrokerOptions {
+        kind,
         policy: BrokerPolicy {
             prefix: "fleet".into(),
             ..BrokerPolicy::default()
         },
         ..BrokerOptions::default()
     })
-    .expect("start mosquitto");
+    .expect("start the broker");
     let service = |path: &std::path::Path| {
         ShadowService::new(SqliteStore::open(path).unwrap())
             .with_prefix("fleet")

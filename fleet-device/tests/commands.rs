@@ -10,12 +10,17 @@ use fleet_cloud::{CommandFailure, Extras, MemoryStore, ShadowService, serve};
 use fleet_core::ThingName;
 use fleet_core::jobs::CommandStatus;
 use fleet_device::{AgentBuilder, AgentEvent};
-use fleet_testkit::Broker;
+use fleet_testkit::{Broker, BrokerKind, BrokerOptions};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_reach_the_agent_and_come_back() {
-    let broker = Broker::start().expect("start mosquitto");
+fleet_testkit::on_both_brokers!(commands_reach_the_agent_and_come_back);
+
+async fn commands_reach_the_agent_and_come_back(kind: BrokerKind) {
+    let broker = Broker::start_with(BrokerOptions {
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker");
     let cloud = serve(
         broker.backend_config("cloud").unwrap(),
         ShadowService::new(MemoryStore::new()),

@@ -12,9 +12,11 @@ use fleet_core::ThingName;
 use fleet_core::jobs::{JobExecution, JobStatus, JobsMessage, ThingJobs, TimeoutConfig};
 use fleet_core::topic::{JobsTopic, Topic, TopicPrefix};
 use fleet_device::{AgentBuilder, AgentEvent};
-use fleet_testkit::{Broker, TestClient};
+use fleet_testkit::{Broker, BrokerKind, BrokerOptions, TestClient};
 use serde_json::json;
 use tokio::sync::mpsc;
+
+fleet_testkit::on_both_brokers!(jobs_are_run_in_order_and_cancellation_is_reported);
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -75,9 +77,12 @@ fn jobs_service(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_are_run_in_order_and_cancellation_is_reported() {
-    let broker = Broker::start().expect("start mosquitto");
+async fn jobs_are_run_in_order_and_cancellation_is_reported(kind: BrokerKind) {
+    let broker = Broker::start_with(BrokerOptions {
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker");
     let mut backend = TestClient::connect(&broker, &broker.backend_identity().unwrap(), "jobs")
         .await
         .unwrap();

@@ -11,8 +11,13 @@ use fleet_cloud::{RunningService, ShadowService, SqliteStore, serve_shadows};
 use fleet_core::ThingName;
 use fleet_core::shadow::UpdateRequest;
 use fleet_device::{Agent, AgentBuilder, AgentEvent, Backoff};
-use fleet_testkit::{Broker, TestClient};
+use fleet_testkit::{Broker, BrokerKind, BrokerOptions, TestClient};
 use serde_json::{Map, Value, json};
+
+fleet_testkit::on_both_brokers!(
+    the_device_converges_on_desired_state,
+    bad_input_from_the_broker_is_reported_and_changes_nothing
+);
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -57,9 +62,12 @@ fn obj(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_device_converges_on_desired_state() {
-    let mut broker = Broker::start().expect("start mosquitto");
+async fn the_device_converges_on_desired_state(kind: BrokerKind) {
+    let mut broker = Broker::start_with(BrokerOptions {
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("fleet.db");
     let _cloud = cloud(&broker, &db);
@@ -156,9 +164,12 @@ async fn the_device_converges_on_desired_state() {
     dev.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_from_the_broker_is_reported_and_changes_nothing() {
-    let broker = Broker::start().expect("start mosquitto");
+async fn bad_input_from_the_broker_is_reported_and_changes_nothing(kind: BrokerKind) {
+    let broker = Broker::start_with(BrokerOptions {
+        kind,
+        ..BrokerOptions::default()
+    })
+    .expect("start the broker");
     let dir = tempfile::tempdir().unwrap();
     let _cloud = cloud(&broker, &dir.path().join("fleet.db"));
     let mut dev = agent(&broker);

@@ -1,4 +1,5 @@
-//! A real Mosquitto with mutual TLS and ACLs, one per test.
+//! A real broker with mutual TLS and ACLs, one per test: Mosquitto, or
+//! fleet-cloud's embedded broker.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,41 @@ pub struct BrokerOptions {
     /// The `mosquitto` binary; if `None`, `$MOSQUITTO`, then `PATH`, then
     /// `/usr/sbin` and `/usr/local/sbin`.
     pub mosquitto: Option<PathBuf>,
+    /// Which broker to run.
+    pub kind: BrokerKind,
+}
+
+/// Which broker a [`Broker`] runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Mosquitto, configured from the policy's generated configuration and
+    /// ACL.
+    #[default]
+    Mosquitto,
+    /// fleet-cloud's [`EmbeddedBroker`](fleet_cloud::EmbeddedBroker)
+    /// enforcing the same policy, on a runtime of its own.
+    Embedded,
+}
+
+/// The embedded broker and the runtime it runs on (separate from the
+/// test's, as a broker is a separate process in a deployment).
+struct Embedded {
+    runtime: tokio::runtime::Runtime,
+    broker: Option<fleet_cloud::EmbeddedBroker>,
+    policy: BrokerPolicy,
+}
+
+impl Embedded {
+    /// Runs `f` to completion on the broker's runtime, from any thread
+    /// (also from inside a test's runtime).
+    fn run<T: Send, F: std::future::Future<Output = T> + Send>(&self, f: F) -> T {
+        let handle = self.runtime.handle();
+        std::thread::scope(|s| {
+            s.spawn(|| handle.block_on(f))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
 }
 
 /// A Mosquitto process on a free loopback port, with mutual TLS required,
@@ -37,6 +73,7 @@ pub struct Broker {
     child: Option<Child>,
     pki: Pki,
     mosquitto: PathBuf,
+    embedded: Option<Embedded>,
 }
 
 impl Broker {
@@ -47,7 +84,10 @@ impl Broker {
 
     /// Starts a broker with `options`.
     pub fn start_with(options: BrokerOptions) -> Result<Self, HarnessError> {
-        let mosquitto = find_mosquitto(options.mosquitto.as_deref())?;
+        let mosquitto = match options.kind {
+            BrokerKind::Mosquitto => find_mosquitto(options.mosquitto.as_deref())?,
+            BrokerKind::Embedded => PathBuf::new(),
+        };
         let dir = tempfile::Builder::new()
             .prefix("fleet-broker-")
             .tempdir()
@@ -69,7 +109,23 @@ impl Broker {
             child: None,
             pki,
             mosquitto,
+            embedded: None,
         };
+        if options.kind == BrokerKind::Embedded {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| HarnessError::io("start the embedded broker's runtime", e))?;
+            broker.embedded = Some(Embedded {
+                runtime,
+                broker: None,
+                policy: options.policy.clone(),
+            });
+            broker.port = free_port()?;
+            broker.spawn_and_wait()?;
+            return Ok(broker);
+        }
         // Another process may take the port between our probe and
         // Mosquitto's bind; try a few ports before giving up.
         let mut last_err = None;
@@ -137,14 +193,47 @@ impl Broker {
         })
     }
 
-    /// Whether the broker process is running.
+    /// Whether the broker is running.
     pub fn is_running(&mut self) -> bool {
+        if let Some(e) = &self.embedded {
+            return e.broker.is_some();
+        }
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
-    /// Kills the broker (SIGKILL: no goodbye to clients, as in a crash or a
-    /// network cut). Idempotent.
+    /// Which broker this is.
+    pub fn kind(&self) -> BrokerKind {
+        match self.embedded {
+            Some(_) => BrokerKind::Embedded,
+            None => BrokerKind::Mosquitto,
+        }
+    }
+
+    /// Revokes certificates (by [`fleet_cloud::certificate_fingerprint`]).
+    /// The embedded broker only: Mosquitto is reached through the policy's
+    /// denied identities ([`reload_policy`](Self::reload_policy)).
+    pub fn revoke(&self, fingerprints: Vec<String>) -> Result<(), HarnessError> {
+        match self.embedded.as_ref().and_then(|e| e.broker.as_ref()) {
+            Some(b) => {
+                b.revoke(fingerprints);
+                Ok(())
+            }
+            None => Err(HarnessError::Policy(
+                "per-certificate revocation needs the embedded broker".into(),
+            )),
+        }
+    }
+
+    /// Kills the broker (Mosquitto: SIGKILL, no goodbye to clients, as in a
+    /// crash or a network cut; the embedded broker closes every connection).
+    /// Idempotent.
     pub fn stop(&mut self) {
+        if let Some(e) = &mut self.embedded {
+            if let Some(b) = e.broker.take() {
+                e.run(b.shutdown());
+            }
+            return;
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -176,6 +265,13 @@ impl Broker {
         let acl = policy
             .try_mosquitto_acl()
             .map_err(|e| HarnessError::Policy(e.to_string()))?;
+        if let Some(e) = &mut self.embedded {
+            e.policy = policy.clone();
+            if let Some(b) = &e.broker {
+                b.set_policy(policy.clone());
+            }
+            return Ok(());
+        }
         write(self.dir.path().join("acl"), &acl)?;
         let pid = self
             .child
@@ -207,6 +303,26 @@ impl Broker {
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), HarnessError> {
+        if let Some(e) = &mut self.embedded {
+            let server = self.pki.server_identity()?;
+            let mut config = fleet_cloud::EmbeddedConfig::new(
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
+                &server.cert_pem,
+                &server.key_pem,
+                &self.pki.ca_pem(),
+            );
+            config.policy = e.policy.clone();
+            let broker = e
+                .run(fleet_cloud::EmbeddedBroker::start(config))
+                .map_err(|err| {
+                    HarnessError::io(
+                        "start the embedded broker",
+                        std::io::Error::other(err.to_string()),
+                    )
+                })?;
+            e.broker = Some(broker);
+            return Ok(());
+        }
         let conf = self.dir.path().join("mosquitto.conf");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -258,6 +374,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+        if let Some(e) = self.embedded.take() {
+            e.runtime.shutdown_background();
+        }
     }
 }
 

@@ -22,7 +22,7 @@
 mod broker;
 mod client;
 
-pub use broker::{BACKEND_IDENTITY, Broker, BrokerOptions};
+pub use broker::{BACKEND_IDENTITY, Broker, BrokerKind, BrokerOptions};
 pub use client::{Message, TestClient, client_tls_config};
 pub use fleet_cloud::BrokerPolicy;
 pub use fleet_cloud::pki::{Identity, Pki};
@@ -115,4 +115,23 @@ impl std::error::Error for HarnessError {
             _ => None,
         }
     }
+}
+
+/// Turns scenario functions `async fn name(kind: BrokerKind)` into two tests
+/// each, `name::mosquitto` and `name::embedded`, so that one suite checks
+/// both brokers.
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mosquitto() {
+                super::$name($crate::BrokerKind::Mosquitto).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name($crate::BrokerKind::Embedded).await
+            }
+        }
+    )*};
 }

@@ -1,0 +1,461 @@
+//! MQTT 3.1.1 and 5 packets, read and written with rumqttc's codecs and
+//! turned into one small vocabulary the broker works with.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::QoS as QoS4;
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5;
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Version {
+    V4,
+    V5,
+}
+
+/// A message travelling through the broker.
+#[derive(Debug, Clone)]
+pub(super) struct Message {
+    pub(super) topic: String,
+    pub(super) payload: Bytes,
+    pub(super) qos: u8,
+    pub(super) retain: bool,
+    /// MQTT 5 properties (response topic, correlation data, user
+    /// properties...), passed on to MQTT 5 subscribers.
+    pub(super) properties: Option<v5::PublishProperties>,
+}
+
+/// What a client sent.
+#[derive(Debug)]
+pub(super) enum In {
+    Connect {
+        client_id: String,
+        keep_alive: u16,
+        will: Option<Message>,
+    },
+    Publish {
+        pkid: u16,
+        message: Message,
+        /// The topic was not valid UTF-8 or used a topic alias.
+        bad_topic: bool,
+    },
+    PubAck,
+    PubRel(u16),
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    PingReq,
+    Disconnect,
+    /// A packet a client never sends to a server.
+    Unexpected,
+}
+
+/// Why a read failed.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// More bytes are needed.
+    Incomplete,
+    /// The bytes are not MQTT, or the packet is larger than allowed.
+    Malformed(String),
+}
+
+/// The protocol level of the CONNECT at the start of `buf`, once enough of
+/// it has arrived.
+pub(super) fn peek_version(buf: &[u8]) -> Result<Version, ReadError> {
+    if buf.is_empty() {
+        return Err(ReadError::Incomplete);
+    }
+    if buf[0] >> 4 != 1 {
+        return Err(ReadError::Malformed(
+            "the first packet is not CONNECT".into(),
+        ));
+    }
+    // Remaining length: 1 to 4 bytes.
+    let mut i = 1;
+    loop {
+        let Some(b) = buf.get(i) else {
+            return Err(ReadError::Incomplete);
+        };
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return Err(ReadError::Malformed("bad remaining length".into()));
+        }
+    }
+    let (Some(hi), Some(lo)) = (buf.get(i), buf.get(i + 1)) else {
+        return Err(ReadError::Incomplete);
+    };
+    let name_len = usize::from(*hi) << 8 | usize::from(*lo);
+    let Some(level) = buf.get(i + 2 + name_len) else {
+        return Err(ReadError::Incomplete);
+    };
+    match level {
+        3 | 4 => Ok(Version::V4),
+        5 => Ok(Version::V5),
+        l => Err(ReadError::Malformed(format!(
+            "unsupported protocol level {l}"
+        ))),
+    }
+}
+
+fn qos4(q: QoS4) -> u8 {
+    q as u8
+}
+
+fn qos5(q: QoS5) -> u8 {
+    q as u8
+}
+
+fn to_qos4(q: u8) -> QoS4 {
+    match q {
+        0 => QoS4::AtMostOnce,
+        _ => QoS4::AtLeastOnce,
+    }
+}
+
+fn to_qos5(q: u8) -> QoS5 {
+    match q {
+        0 => QoS5::AtMostOnce,
+        _ => QoS5::AtLeastOnce,
+    }
+}
+
+/// Reads one packet from the front of `buf`.
+pub(super) fn read(version: Version, buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
+    match version {
+        Version::V4 => read4(buf, max),
+        Version::V5 => read5(buf, max),
+    }
+}
+
+fn read4(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
+    use rumqttc::mqttbytes::Error;
+    let packet = match v4::Packet::read(buf, max) {
+        Ok(p) => p,
+        Err(Error::InsufficientBytes(_)) => return Err(ReadError::Incomplete),
+        Err(e) => return Err(ReadError::Malformed(e.to_string())),
+    };
+    Ok(match packet {
+        v4::Packet::Connect(c) => In::Connect {
+            client_id: c.client_id,
+            keep_alive: c.keep_alive,
+            will: c.last_will.map(|w| Message {
+                topic: w.topic,
+                payload: w.message,
+                qos: qos4(w.qos),
+                retain: w.retain,
+                properties: None,
+            }),
+        },
+        v4::Packet::Publish(p) => In::Publish {
+            pkid: p.pkid,
+            message: Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos: qos4(p.qos),
+                retain: p.retain,
+                properties: None,
+            },
+            bad_topic: false,
+        },
+        v4::Packet::PubAck(_) => In::PubAck,
+        v4::Packet::PubRel(r) => In::PubRel(r.pkid),
+        v4::Packet::Subscribe(s) => In::Subscribe {
+            pkid: s.pkid,
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, qos4(f.qos)))
+                .collect(),
+        },
+        v4::Packet::Unsubscribe(u) => In::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.topics,
+        },
+        v4::Packet::PingReq => In::PingReq,
+        v4::Packet::Disconnect => In::Disconnect,
+        _ => In::Unexpected,
+    })
+}
+
+fn read5(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
+    use rumqttc::v5::mqttbytes::Error;
+    let max = u32::try_from(max).unwrap_or(u32::MAX);
+    let packet = match v5::Packet::read(buf, Some(max)) {
+        Ok(p) => p,
+        Err(Error::InsufficientBytes(_)) => return Err(ReadError::Incomplete),
+        Err(e) => return Err(ReadError::Malformed(e.to_string())),
+    };
+    Ok(match packet {
+        v5::Packet::Connect(c, will, _login) => In::Connect {
+            client_id: c.client_id,
+            keep_alive: c.keep_alive,
+            will: will.and_then(|w| {
+                Some(Message {
+                    topic: String::from_utf8(w.topic.to_vec()).ok()?,
+                    payload: w.message,
+                    qos: qos5(w.qos),
+                    retain: w.retain,
+                    properties: w.properties.map(|p| v5::PublishProperties {
+                        payload_format_indicator: p.payload_format_indicator,
+                        message_expiry_interval: p.message_expiry_interval,
+                        response_topic: p.response_topic,
+                        correlation_data: p.correlation_data,
+                        user_properties: p.user_properties,
+                        content_type: p.content_type,
+                        ..Default::default()
+                    }),
+                })
+            }),
+        },
+        v5::Packet::Publish(p) => {
+            let topic = String::from_utf8(p.topic.to_vec());
+            let alias = p
+                .properties
+                .as_ref()
+                .is_some_and(|pr| pr.topic_alias.is_some());
+            let bad_topic = topic.is_err() || alias;
+            let properties = p.properties.map(|mut pr| {
+                pr.topic_alias = None;
+                pr.subscription_identifiers.clear();
+                pr
+            });
+            In::Publish {
+                pkid: p.pkid,
+                message: Message {
+                    topic: topic.unwrap_or_default(),
+                    payload: p.payload,
+                    qos: qos5(p.qos),
+                    retain: p.retain,
+                    properties,
+                },
+                bad_topic,
+            }
+        }
+        v5::Packet::PubAck(_) => In::PubAck,
+        v5::Packet::PubRel(r) => In::PubRel(r.pkid),
+        v5::Packet::Subscribe(s) => In::Subscribe {
+            pkid: s.pkid,
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, qos5(f.qos)))
+                .collect(),
+        },
+        v5::Packet::Unsubscribe(u) => In::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.filters,
+        },
+        v5::Packet::PingReq(_) => In::PingReq,
+        v5::Packet::Disconnect(_) => In::Disconnect,
+        _ => In::Unexpected,
+    })
+}
+
+/// How a CONNECT is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConnAckCode {
+    Accepted,
+    NotAuthorized,
+    BadClientId,
+    ServerUnavailable,
+}
+
+/// Writes packets for one connection.
+pub(super) struct Writer {
+    pub(super) version: Version,
+    pub(super) buf: BytesMut,
+    pub(super) max_packet: usize,
+}
+
+impl Writer {
+    fn put4(&mut self, p: v4::Packet) {
+        // A packet we build never exceeds the limit we checked it against;
+        // an error here drops that one packet.
+        let _ = p.write(&mut self.buf, usize::MAX);
+    }
+
+    fn put5(&mut self, p: v5::Packet) {
+        let _ = p.write(&mut self.buf, None);
+    }
+
+    pub(super) fn connack(&mut self, code: ConnAckCode, assigned: Option<String>, max_packet: u32) {
+        match self.version {
+            Version::V4 => {
+                let code = match code {
+                    ConnAckCode::Accepted => v4::ConnectReturnCode::Success,
+                    ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                    ConnAckCode::BadClientId => v4::ConnectReturnCode::BadClientId,
+                    ConnAckCode::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                };
+                self.put4(v4::Packet::ConnAck(v4::ConnAck::new(code, false)));
+            }
+            Version::V5 => {
+                let code = match code {
+                    ConnAckCode::Accepted => v5::ConnectReturnCode::Success,
+                    ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+                    ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                    ConnAckCode::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                };
+                let properties = v5::ConnAckProperties {
+                    session_expiry_interval: None,
+                    receive_max: None,
+                    max_qos: Some(1),
+                    retain_available: Some(1),
+                    max_packet_size: Some(max_packet),
+                    assigned_client_identifier: assigned,
+                    topic_alias_max: Some(0),
+                    reason_string: None,
+                    user_properties: Vec::new(),
+                    wildcard_subscription_available: Some(1),
+                    subscription_identifiers_available: Some(0),
+                    shared_subscription_available: Some(1),
+                    server_keep_alive: None,
+                    response_information: None,
+                    server_reference: None,
+                    authentication_method: None,
+                    authentication_data: None,
+                };
+                self.put5(v5::Packet::ConnAck(v5::ConnAck {
+                    session_present: false,
+                    code,
+                    properties: Some(properties),
+                }));
+            }
+        }
+    }
+
+    /// Writes a message; false if it is larger than the client accepts.
+    pub(super) fn publish(&mut self, m: &Message, qos: u8, pkid: u16) -> bool {
+        match self.version {
+            Version::V4 => {
+                let mut p = v4::Publish::new(m.topic.as_str(), to_qos4(qos), Vec::new());
+                p.payload = m.payload.clone();
+                p.pkid = pkid;
+                p.retain = m.retain;
+                if p.size() > self.max_packet {
+                    return false;
+                }
+                self.put4(v4::Packet::Publish(p));
+            }
+            Version::V5 => {
+                let mut p = v5::Publish::new(
+                    m.topic.as_str(),
+                    to_qos5(qos),
+                    m.payload.clone(),
+                    m.properties.clone(),
+                );
+                p.pkid = pkid;
+                p.retain = m.retain;
+                if p.size() > self.max_packet {
+                    return false;
+                }
+                self.put5(v5::Packet::Publish(p));
+            }
+        }
+        true
+    }
+
+    pub(super) fn puback(&mut self, pkid: u16, authorized: bool) {
+        match self.version {
+            Version::V4 => self.put4(v4::Packet::PubAck(v4::PubAck::new(pkid))),
+            Version::V5 => {
+                let mut ack = v5::PubAck::new(pkid, None);
+                if !authorized {
+                    ack.reason = v5::PubAckReason::NotAuthorized;
+                }
+                self.put5(v5::Packet::PubAck(ack));
+            }
+        }
+    }
+
+    pub(super) fn pubrec(&mut self, pkid: u16) {
+        match self.version {
+            Version::V4 => self.put4(v4::Packet::PubRec(v4::PubRec::new(pkid))),
+            Version::V5 => self.put5(v5::Packet::PubRec(v5::PubRec::new(pkid, None))),
+        }
+    }
+
+    pub(super) fn pubcomp(&mut self, pkid: u16) {
+        match self.version {
+            Version::V4 => self.put4(v4::Packet::PubComp(v4::PubComp::new(pkid))),
+            Version::V5 => self.put5(v5::Packet::PubComp(v5::PubComp::new(pkid, None))),
+        }
+    }
+
+    /// `granted`: per filter, the QoS granted or `Err(not_authorized)`.
+    pub(super) fn suback(&mut self, pkid: u16, granted: &[Result<u8, bool>]) {
+        match self.version {
+            Version::V4 => {
+                let codes = granted
+                    .iter()
+                    .map(|g| match g {
+                        Ok(q) => v4::SubscribeReasonCode::Success(to_qos4(*q)),
+                        Err(_) => v4::SubscribeReasonCode::Failure,
+                    })
+                    .collect();
+                self.put4(v4::Packet::SubAck(v4::SubAck::new(pkid, codes)));
+            }
+            Version::V5 => {
+                let codes = granted
+                    .iter()
+                    .map(|g| match g {
+                        Ok(q) => v5::SubscribeReasonCode::Success(to_qos5(*q)),
+                        Err(true) => v5::SubscribeReasonCode::NotAuthorized,
+                        Err(false) => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    })
+                    .collect();
+                self.put5(v5::Packet::SubAck(v5::SubAck {
+                    pkid,
+                    return_codes: codes,
+                    properties: None,
+                }));
+            }
+        }
+    }
+
+    pub(super) fn unsuback(&mut self, pkid: u16, removed: &[bool]) {
+        match self.version {
+            Version::V4 => self.put4(v4::Packet::UnsubAck(v4::UnsubAck::new(pkid))),
+            Version::V5 => {
+                let reasons = removed
+                    .iter()
+                    .map(|r| {
+                        if *r {
+                            v5::UnsubAckReason::Success
+                        } else {
+                            v5::UnsubAckReason::NoSubscriptionExisted
+                        }
+                    })
+                    .collect();
+                self.put5(v5::Packet::UnsubAck(v5::UnsubAck {
+                    pkid,
+                    reasons,
+                    properties: None,
+                }));
+            }
+        }
+    }
+
+    pub(super) fn pingresp(&mut self) {
+        match self.version {
+            Version::V4 => self.put4(v4::Packet::PingResp),
+            Version::V5 => self.put5(v5::Packet::PingResp(v5::PingResp)),
+        }
+    }
+
+    /// MQTT 5 only: 3.1.1 servers just close the connection.
+    pub(super) fn disconnect(&mut self, reason: v5::DisconnectReasonCode) {
+        if self.version == Version::V5 {
+            self.put5(v5::Packet::Disconnect(v5::Disconnect::new(reason)));
+        }
+    }
+}
