@@ -455,7 +455,11 @@ impl Writer {
     /// MQTT 5 only: 3.1.1 servers just close the connection.
     pub(super) fn disconnect(&mut self, reason: v5::DisconnectReasonCode) {
         if self.version == Version::V5 {
-            self.put5(v5::Packet::Disconnect(v5::Disconnect::new(reason)));
+            // Written by hand: rumqttc 0.25 miscounts the length of a
+            // DISCONNECT with a reason code. Type, remaining length 2, the
+            // reason, an empty property block.
+            self.buf
+                .extend_from_slice(&[0xE0, 0x02, reason as u8, 0x00]);
         }
     }
 }

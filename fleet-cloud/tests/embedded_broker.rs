@@ -1,0 +1,354 @@
+//! What the embedded broker does beyond the suites that run on both brokers:
+//! MQTT 3.1.1 clients (the AWS device SDKs' default) served under `$aws`,
+//! a handshake timeout, no plaintext, per-certificate revocation, client-id
+//! takeover, `$aws` shared subscriptions, retained messages and wills.
+
+// Test helpers fail the test on a broken fixture.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_cloud::pki::{Identity, Pki};
+use fleet_cloud::{
+    BrokerConfig, BrokerPolicy, EmbeddedBroker, EmbeddedConfig, MemoryStore, ShadowService,
+    certificate_fingerprint, serve_shadows,
+};
+use fleet_testkit::client_tls_config;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use tokio::io::AsyncReadExt;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    pki: Pki,
+    broker: EmbeddedBroker,
+}
+
+async fn setup(policy: BrokerPolicy, handshake_timeout: Duration) -> Setup {
+    let pki = Pki::new("embedded test CA").unwrap();
+    let server = pki.server_identity().unwrap();
+    let mut config = EmbeddedConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.cert_pem,
+        &server.key_pem,
+        &pki.ca_pem(),
+    );
+    config.policy = policy;
+    config.handshake_timeout = handshake_timeout;
+    let broker = EmbeddedBroker::start(config).await.unwrap();
+    Setup { pki, broker }
+}
+
+fn v5(s: &Setup, id: &Identity, client_id: &str) -> (AsyncClient, EventLoop) {
+    let tls = client_tls_config(id, &s.pki.ca_pem()).unwrap();
+    let mut o = MqttOptions::new(client_id, "localhost", s.broker.local_addr().port());
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    AsyncClient::new(o, 64)
+}
+
+/// Polls until a packet matching `want` arrives (errors count as packets
+/// of their own: `Err(text)`).
+async fn until<T>(
+    ev: &mut EventLoop,
+    mut want: impl FnMut(Result<&Packet, String>) -> Option<T>,
+) -> T {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if let Some(t) = want(Ok(&p)) {
+                        return t;
+                    }
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => {
+                    if let Some(t) = want(Err(e.to_string())) {
+                        return t;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the expected packet arrives")
+}
+
+async fn connected(ev: &mut EventLoop) {
+    until(ev, |p| matches!(p, Ok(Packet::ConnAck(_))).then_some(())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_3_client_is_served_under_the_aws_prefix() {
+    let s = setup(BrokerPolicy::default(), Duration::from_secs(10)).await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let service = serve_shadows(
+        BrokerConfig {
+            host: "localhost".into(),
+            port: s.broker.local_addr().port(),
+            client_id: "svc".into(),
+            cert_pem: backend.cert_pem,
+            key_pem: backend.key_pem,
+            ca_pem: s.pki.ca_pem(),
+            share_group: None,
+            queue_capacity: 64,
+        },
+        ShadowService::new(MemoryStore::new()),
+    )
+    .unwrap();
+
+    // A 3.1.1 client, as the AWS IoT device SDKs connect by default.
+    let id = s.pki.client_identity("pump-3").unwrap();
+    let tls = client_tls_config(&id, &s.pki.ca_pem()).unwrap();
+    let mut o = rumqttc::MqttOptions::new("pump-3", "localhost", s.broker.local_addr().port());
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )));
+    let (client, mut ev) = rumqttc::AsyncClient::new(o, 16);
+    client
+        .subscribe(
+            "$aws/things/pump-3/shadow/update/accepted",
+            rumqttc::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    client
+        .subscribe(
+            "$aws/things/+/shadow/update/accepted",
+            rumqttc::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let codes = tokio::time::timeout(WAIT, async {
+        let mut codes = Vec::new();
+        while codes.len() < 2 {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) = ev.poll().await {
+                codes.extend(a.return_codes);
+            }
+        }
+        codes
+    })
+    .await
+    .unwrap();
+    assert!(matches!(codes[0], rumqttc::SubscribeReasonCode::Success(_)));
+    // Another thing's replies: refused.
+    assert_eq!(codes[1], rumqttc::SubscribeReasonCode::Failure);
+
+    let accepted = tokio::time::timeout(WAIT, async {
+        let mut n = 0;
+        loop {
+            // The service subscribes after it connects: ask until answered.
+            if n % 20 == 0 {
+                client
+                    .publish(
+                        "$aws/things/pump-3/shadow/update",
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        r#"{"state":{"reported":{"rpm":900}},"clientToken":"c-1"}"#,
+                    )
+                    .await
+                    .unwrap();
+            }
+            n += 1;
+            if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_millis(50), ev.poll()).await
+            {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(accepted.topic, "$aws/things/pump-3/shadow/update/accepted");
+    let body: serde_json::Value = serde_json::from_slice(&accepted.payload).unwrap();
+    assert_eq!(body["state"]["reported"]["rpm"], 900);
+    assert_eq!(body["clientToken"], "c-1");
+    service.shutdown().await;
+    s.broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_or_plaintext_connection_is_closed() {
+    let s = setup(BrokerPolicy::default(), Duration::from_millis(300)).await;
+    let addr = s.broker.local_addr();
+    // Connects and says nothing: closed after the handshake timeout.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, silent.read(&mut buf))
+        .await
+        .expect("the broker closes a silent connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // Speaks plaintext MQTT: no TLS, no service.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    plain
+        .write_all(b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x03abc")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut reply)).await;
+    assert!(
+        !reply.starts_with(&[0x20]),
+        "a plaintext client got a CONNACK: {reply:?}"
+    );
+    assert_eq!(s.broker.connected(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_cut_off_and_the_things_other_certificate_is_not() {
+    let s = setup(BrokerPolicy::default(), Duration::from_secs(10)).await;
+    let old = s.pki.client_identity("dev-a").unwrap();
+    let new = s.pki.client_identity("dev-a").unwrap();
+    let (_c1, mut e1) = v5(&s, &old, "dev-a-1");
+    connected(&mut e1).await;
+    s.broker
+        .revoke([certificate_fingerprint(&old.cert_pem).unwrap()]);
+    // rumqttc reports the server's DISCONNECT as an error naming its reason.
+    let reason = until(&mut e1, |p| p.err()).await;
+    assert!(reason.contains("NotAuthorized"), "{reason}");
+    // It cannot come back.
+    let refused = until(&mut e1, |p| match p {
+        Ok(Packet::ConnAck(a)) => Some(format!("{:?}", a.code)),
+        Err(e) if e.contains("NotAuthorized") || e.contains("Refused") => Some(e),
+        _ => None,
+    })
+    .await;
+    assert!(refused.contains("NotAuthorized"), "{refused}");
+    // The thing's other certificate still works.
+    let (_c2, mut e2) = v5(&s, &new, "dev-a-2");
+    connected(&mut e2).await;
+    assert_eq!(s.broker.connected(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_with_the_same_client_id_takes_over() {
+    let s = setup(BrokerPolicy::default(), Duration::from_secs(10)).await;
+    let id = s.pki.client_identity("dev-a").unwrap();
+    let (_c1, mut e1) = v5(&s, &id, "dev-a");
+    connected(&mut e1).await;
+    let (_c2, mut e2) = v5(&s, &id, "dev-a");
+    connected(&mut e2).await;
+    let reason = until(&mut e1, |p| p.err()).await;
+    assert!(reason.contains("SessionTakenOver"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_retained_messages_and_wills() {
+    let s = setup(BrokerPolicy::default(), Duration::from_secs(10)).await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    // Two members of one group under `$aws` (Mosquitto cannot do this).
+    let mut members = Vec::new();
+    for n in 0..2 {
+        let (c, mut e) = v5(&s, &backend, &format!("svc-{n}"));
+        c.subscribe(
+            "$share/g/$aws/things/+/shadow/update",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+        until(&mut e, |p| matches!(p, Ok(Packet::SubAck(_))).then_some(())).await;
+        members.push((c, e));
+    }
+    let dev = s.pki.client_identity("dev-a").unwrap();
+    let (d, mut de) = v5(&s, &dev, "dev-a");
+    connected(&mut de).await;
+    let pump = tokio::spawn(async move {
+        loop {
+            if de.poll().await.is_err() {
+                return;
+            }
+        }
+    });
+    for i in 0..10 {
+        d.publish(
+            "$aws/things/dev-a/shadow/update",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            format!("{i}"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut counts = [0usize; 2];
+    let mut got = 0;
+    while got < 10 {
+        for (n, (_, e)) in members.iter_mut().enumerate() {
+            if let Ok(Ok(Event::Incoming(Packet::Publish(_)))) =
+                tokio::time::timeout(Duration::from_millis(50), e.poll()).await
+            {
+                counts[n] += 1;
+                got += 1;
+            }
+        }
+    }
+    assert_eq!(counts[0] + counts[1], 10);
+    assert!(counts[0] > 0 && counts[1] > 0, "{counts:?}");
+    pump.abort();
+
+    // Retained: a late subscriber gets the last value at once.
+    let (b, mut be) = v5(&s, &backend, "svc-r");
+    connected(&mut be).await;
+    b.publish(
+        "$aws/things/dev-a/shadow/update/delta",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        true,
+        "latest",
+    )
+    .await
+    .unwrap();
+    until(&mut be, |p| {
+        matches!(p, Ok(Packet::PubAck(_))).then_some(())
+    })
+    .await;
+    let (d2, mut d2e) = v5(&s, &dev, "dev-a-late");
+    d2.subscribe(
+        "$aws/things/dev-a/shadow/update/delta",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let p = until(&mut d2e, |p| match p {
+        Ok(Packet::Publish(p)) => Some(p.payload.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&p[..], b"latest");
+
+    // A will: published when a client vanishes without DISCONNECT.
+    b.subscribe("dt/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut be, |p| {
+        matches!(p, Ok(Packet::SubAck(_))).then_some(())
+    })
+    .await;
+    let tls = client_tls_config(&dev, &s.pki.ca_pem()).unwrap();
+    let mut o = MqttOptions::new("dev-a-will", "localhost", s.broker.local_addr().port());
+    o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+        "dt/dev-a/status",
+        "gone",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        None,
+    ))
+    .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )));
+    let (_w, mut we) = AsyncClient::new(o, 8);
+    connected(&mut we).await;
+    drop(we);
+    let will = until(&mut be, |p| match p {
+        Ok(Packet::Publish(p)) => Some((p.topic.clone(), p.payload.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&will.0[..], b"dt/dev-a/status");
+    assert_eq!(&will.1[..], b"gone");
+}
