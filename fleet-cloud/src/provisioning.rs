@@ -75,6 +75,10 @@ pub struct ProvisioningService {
     pub token_lifetime: Duration,
     /// How long issued certificates are valid.
     pub certificate_days: u32,
+    /// Ownership tokens held at most (issued, not yet used or expired):
+    /// bounds this instance's memory; more `create-from-csr` requests are
+    /// refused with 429 `ThrottlingException` until some are used or expire.
+    pub max_outstanding_tokens: usize,
     prefix: String,
 }
 
@@ -165,6 +169,7 @@ impl ProvisioningService {
             tokens: Arc::new(Mutex::new(HashMap::new())),
             token_lifetime: Duration::from_secs(3600),
             certificate_days: 365,
+            max_outstanding_tokens: 10_000,
             prefix: "$aws".into(),
         }
     }
@@ -249,6 +254,13 @@ impl ProvisioningService {
             random_token().map_err(|e| ProvisioningError::new(500, "InternalFailure", e))?;
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens.retain(|_, t| t.expires_at > now && !t.used);
+        if tokens.len() >= self.max_outstanding_tokens {
+            return Err(ProvisioningError::new(
+                429,
+                "ThrottlingException",
+                "too many certificates await registration; try again later",
+            ));
+        }
         tokens.insert(
             token.clone(),
             Token {
@@ -359,23 +371,61 @@ impl ProvisioningService {
     }
 }
 
+/// The certificate's id: the SHA-256 of its DER bytes, hex (as AWS IoT's
+/// certificate ids, and what the embedded broker revokes by).
 fn fingerprint(pem: &str) -> String {
-    use std::fmt::Write as _;
-    // The certificate's id: a hash of its PEM text, hex.
-    let digest = fleet_core_sha256(pem.as_bytes());
-    digest.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-fn fleet_core_sha256(bytes: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).into()
+    crate::certificate_fingerprint(pem).unwrap_or_default()
 }
 
 fn random_token() -> Result<String, String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr(common_name: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn outstanding_tokens_are_bounded() {
+        let mut service = ProvisioningService::new(
+            Pki::new("test CA").unwrap(),
+            Registry::in_memory().unwrap(),
+            Vec::new(),
+        );
+        service.max_outstanding_tokens = 2;
+        let topic = "$aws/certificates/create-from-csr/json";
+        let ask = |now| {
+            let body = json!({"certificateSigningRequest": csr("pump-1")}).to_string();
+            let reply = service.handle(topic, body.as_bytes(), None, now).unwrap();
+            let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+            (reply.topic, v)
+        };
+        for _ in 0..2 {
+            let (t, v) = ask(1_000);
+            assert!(t.ends_with("/accepted"), "{v}");
+            // The certificate id is the SHA-256 of the DER certificate.
+            assert_eq!(
+                v["certificateId"].as_str(),
+                crate::certificate_fingerprint(v["certificatePem"].as_str().unwrap()).as_deref()
+            );
+        }
+        let (t, v) = ask(1_000);
+        assert!(t.ends_with("/rejected"));
+        assert_eq!(v["statusCode"], 429);
+        assert_eq!(v["errorCode"], "ThrottlingException");
+        // Expired tokens make room again.
+        let (t, _) = ask(1_000 + 3_601);
+        assert!(t.ends_with("/accepted"));
+    }
 }

@@ -1,6 +1,7 @@
 //! `fleet serve` as a process: killed with SIGKILL during a stream of
 //! shadow updates and restarted, it has kept every update it acknowledged;
-//! SIGTERM stops it cleanly.
+//! SIGTERM stops it cleanly; with no `--broker` it runs the whole backend
+//! (embedded broker, development CA, SQLite) in one process.
 
 // Test helpers fail the test on a broken fixture.
 #![allow(clippy::unwrap_used)]
@@ -220,4 +221,78 @@ fn dev_setup_writes_a_consistent_setup() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(!std::path::Path::new("/nonexistent/x").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_it_runs_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut fleet = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .arg("serve")
+        .arg("--dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--claim")
+        .arg("claim@factory")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleet serve");
+    // It writes a development CA on first start, then listens.
+    let mut up = false;
+    for _ in 0..200 {
+        if data.join("backend.key").exists()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "fleet serve did not start its broker");
+    let ca = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let pki = fleet_cloud::pki::Pki::from_pem(
+        &ca,
+        &std::fs::read_to_string(data.join("ca.key")).unwrap(),
+    )
+    .unwrap();
+    let id = pki.client_identity("dev-a").unwrap();
+    let mut dev = TestClient::connect_to(port, &ca, &id, "dev-a")
+        .await
+        .unwrap();
+    assert!(
+        dev.subscribe("$aws/things/dev-a/shadow/get/accepted")
+            .await
+            .unwrap()
+    );
+    assert!(
+        dev.subscribe("$aws/things/dev-a/shadow/get/rejected")
+            .await
+            .unwrap()
+    );
+    // Another device's topics are refused: the policy is enforced.
+    assert!(
+        !dev.subscribe("$aws/things/dev-b/shadow/get/accepted")
+            .await
+            .unwrap()
+    );
+    let reply = get(&mut dev).await;
+    assert_eq!(reply["code"], 404, "{reply}");
+    assert!(data.join("fleet.db").exists());
+
+    let pid = fleet.id().to_string();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(&pid)
+        .status()
+        .unwrap();
+    let status = fleet.wait().unwrap();
+    assert!(status.success(), "{status}");
 }

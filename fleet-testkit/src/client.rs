@@ -80,8 +80,19 @@ impl TestClient {
         identity: &Identity,
         client_id: &str,
     ) -> Result<Self, HarnessError> {
-        let tls = client_tls_config(identity, &broker.pki().ca_pem())?;
-        let mut options = MqttOptions::new(client_id, "localhost", broker.port());
+        Self::connect_to(broker.port(), &broker.pki().ca_pem(), identity, client_id).await
+    }
+
+    /// Connects to a broker on `localhost:port` whose certificate `ca_pem`
+    /// signed (a broker the harness did not start: `fleet serve`'s own).
+    pub async fn connect_to(
+        port: u16,
+        ca_pem: &str,
+        identity: &Identity,
+        client_id: &str,
+    ) -> Result<Self, HarnessError> {
+        let tls = client_tls_config(identity, ca_pem)?;
+        let mut options = MqttOptions::new(client_id, "localhost", port);
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(Some(256 * 1024))

@@ -1,18 +1,24 @@
 //! The `fleet` command: `fleet serve` runs the backend.
 //!
 //! ```text
+//! # One process: embedded broker on 127.0.0.1:8883, SQLite, a development
+//! # CA created in ./fleet-data on first start.
+//! fleet serve
+//! # Against an external broker (Mosquitto with fleet's ACL):
 //! fleet serve --broker localhost:8883 --cert backend.pem --key backend.key \
 //!             --ca ca.pem --store /var/lib/fleet/fleet.db
 //! ```
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MemoryStore, MosquittoListener,
-    ShadowService, ShadowStore, SqliteStore, serve_shadows,
+    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
+    MemoryStore, MosquittoListener, ProvisioningService, ProvisioningTemplate, Registry,
+    ShadowService, ShadowStore, SqliteStore, serve,
 };
 
 #[derive(Parser)]
@@ -49,22 +55,36 @@ struct DevSetupArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// The MQTT broker, `host:port` (mutual TLS). The embedded broker is not
-    /// available yet: run Mosquitto with `fleet`'s ACL.
+    /// An external MQTT broker, `host:port` (mutual TLS, with fleet's ACL).
+    /// Without it, fleet runs its embedded broker.
     #[arg(long)]
-    broker: String,
-    /// The backend's client certificate (PEM).
+    broker: Option<String>,
+    /// Embedded broker: the address to listen on. Loopback by default; bind
+    /// a public address only if devices on other machines must connect.
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    listen: SocketAddr,
+    /// The fleet's keys and certificates (embedded broker: `ca.pem`,
+    /// `ca.key`, `server.*`, `backend.*`; written with a new development CA
+    /// on first start if `ca.pem` is missing), and the default store.
+    #[arg(long, default_value = "fleet-data")]
+    dir: PathBuf,
+    /// The backend's client certificate (PEM); default `{dir}/backend.pem`.
     #[arg(long)]
-    cert: PathBuf,
-    /// The backend's private key (PEM).
+    cert: Option<PathBuf>,
+    /// The backend's private key (PEM); default `{dir}/backend.key`.
     #[arg(long)]
-    key: PathBuf,
-    /// The CA of the broker's certificate (PEM).
+    key: Option<PathBuf>,
+    /// The CA of the broker's certificate (PEM); default `{dir}/ca.pem`.
     #[arg(long)]
-    ca: PathBuf,
-    /// A SQLite database path, or `memory`.
-    #[arg(long, default_value = "fleet.db")]
-    store: String,
+    ca: Option<PathBuf>,
+    /// A SQLite database path, or `memory`; default `{dir}/fleet.db`.
+    #[arg(long)]
+    store: Option<String>,
+    /// Embedded broker: a claim identity allowed to provision (its name
+    /// contains `@`); repeatable. Provisioning by claim is served when
+    /// `{dir}/ca.key` exists.
+    #[arg(long = "claim")]
+    claims: Vec<String>,
     /// MQTT client id of this instance.
     #[arg(long, default_value = "fleet-cloud")]
     client_id: String,
@@ -95,7 +115,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve_command(args).await,
             Command::DevSetup(args) => dev_setup(&args),
         }
     });
@@ -108,43 +128,144 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let (host, port) = args
-        .broker
-        .rsplit_once(':')
-        .ok_or("--broker must be host:port")?;
+async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };
+    let dir = &args.dir;
+    let mut embedded = None;
+    let (host, port) = match &args.broker {
+        Some(broker) => {
+            let (host, port) = broker
+                .rsplit_once(':')
+                .ok_or("--broker must be host:port")?;
+            (
+                host.to_owned(),
+                port.parse().map_err(|_| "--broker port must be a number")?,
+            )
+        }
+        None => {
+            if !dir.join("ca.pem").exists() {
+                write_setup(dir, &[], &args.claims, args.listen.port())?;
+                tracing::info!(
+                    "wrote a development CA and certificates to {}",
+                    dir.display()
+                );
+            }
+            let mut config = EmbeddedConfig::new(
+                args.listen,
+                &read(&dir.join("server.pem"))?,
+                &read(&dir.join("server.key"))?,
+                &read(&dir.join("ca.pem"))?,
+            );
+            config.policy = BrokerPolicy {
+                prefix: args.prefix.clone(),
+                claim_identities: args.claims.clone(),
+                ..BrokerPolicy::default()
+            };
+            config.policy.try_mosquitto_acl()?;
+            let broker = EmbeddedBroker::start(config).await?;
+            let port = broker.local_addr().port();
+            embedded = Some(broker);
+            ("localhost".to_owned(), port)
+        }
+    };
+    let or_dir = |p: &Option<PathBuf>, name: &str| p.clone().unwrap_or_else(|| dir.join(name));
     let config = BrokerConfig {
-        host: host.into(),
-        port: port.parse().map_err(|_| "--broker port must be a number")?,
-        client_id: args.client_id,
-        cert_pem: read(&args.cert)?,
-        key_pem: read(&args.key)?,
-        ca_pem: read(&args.ca)?,
-        share_group: args.share_group,
+        host,
+        port,
+        client_id: args.client_id.clone(),
+        cert_pem: read(&or_dir(&args.cert, "backend.pem"))?,
+        key_pem: read(&or_dir(&args.key, "backend.key"))?,
+        ca_pem: read(&or_dir(&args.ca, "ca.pem"))?,
+        share_group: args.share_group.clone(),
         queue_capacity: 1024,
     };
-    if args.store == "memory" {
-        run(config, MemoryStore::new(), &args.prefix).await
+    let provisioning = match (
+        std::fs::read_to_string(dir.join("ca.pem")),
+        std::fs::read_to_string(dir.join("ca.key")),
+    ) {
+        // Provisioning speaks the `$aws` topics only.
+        (Ok(ca), Ok(key)) if embedded.is_some() && args.prefix == "$aws" => {
+            let registry = Registry::open(&dir.join("registry.db"))?;
+            tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
+            Some(ProvisioningService::new(
+                Pki::from_pem(&ca, &key)?,
+                registry,
+                vec![default_template()],
+            ))
+        }
+        _ => None,
+    };
+    let store = args
+        .store
+        .clone()
+        .unwrap_or_else(|| dir.join("fleet.db").display().to_string());
+    let extras = Extras {
+        telemetry: None,
+        provisioning,
+    };
+    let result = if store == "memory" {
+        run(config, MemoryStore::new(), &args.prefix, extras).await
     } else {
-        let store = SqliteStore::open(std::path::Path::new(&args.store))?;
-        tracing::info!("store: SQLite at {}", args.store);
-        run(config, store, &args.prefix).await
+        if let Some(parent) = std::path::Path::new(&store).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)?;
+        }
+        let s = SqliteStore::open(std::path::Path::new(&store))?;
+        tracing::info!("store: SQLite at {store}");
+        run(config, s, &args.prefix, extras).await
+    };
+    if let Some(b) = embedded {
+        b.shutdown().await;
+    }
+    result
+}
+
+/// Things provisioned by claim are named `thing-{SerialNumber}`.
+fn default_template() -> ProvisioningTemplate {
+    ProvisioningTemplate {
+        name: "default".into(),
+        thing_name_prefix: "thing-".into(),
+        name_parameter: "SerialNumber".into(),
+        required_parameters: Vec::new(),
+        attributes: Default::default(),
+        groups: Vec::new(),
     }
 }
 
 fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
-    for thing in &args.things {
+    let abs = write_setup(&args.dir, &args.things, &args.claims, args.port)?;
+    println!("Wrote a development setup to {}.", abs.display());
+    println!("  fleet serve --dir {}", abs.display());
+    println!("or, with Mosquitto:");
+    println!("  mosquitto -c {}/mosquitto.conf", abs.display());
+    println!(
+        "  fleet serve --dir {d} --broker localhost:{}",
+        args.port,
+        d = abs.display()
+    );
+    Ok(())
+}
+
+/// Writes a CA, server, backend, device and claim certificates, and the
+/// Mosquitto configuration and ACL for them; returns the directory's
+/// absolute path.
+fn write_setup(
+    dir: &std::path::Path,
+    things: &[String],
+    claims: &[String],
+    port: u16,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    for thing in things {
         fleet_core::ThingName::new(thing).map_err(|e| format!("--thing {thing}: {e}"))?;
     }
     let policy = BrokerPolicy {
-        claim_identities: args.claims.clone(),
+        claim_identities: claims.to_vec(),
         ..BrokerPolicy::default()
     };
     let acl = policy.try_mosquitto_acl()?;
-    let dir = &args.dir;
     std::fs::create_dir_all(dir.join("things"))?;
     std::fs::create_dir_all(dir.join("claims"))?;
     let write = |name: &str, text: &str, secret: bool| -> std::io::Result<()> {
@@ -168,7 +289,7 @@ fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = pki.client_identity(DEFAULT_BACKEND_IDENTITY)?;
     write("backend.pem", &backend.cert_pem, false)?;
     write("backend.key", &backend.key_pem, true)?;
-    for (sub, names) in [("things", &args.things), ("claims", &args.claims)] {
+    for (sub, names) in [("things", things), ("claims", claims)] {
         for name in names {
             let id = pki.client_identity(name)?;
             write(&format!("{sub}/{name}.pem"), &id.cert_pem, false)?;
@@ -179,7 +300,7 @@ fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
     write("acl", &acl, false)?;
     let listener = MosquittoListener {
         bind: "127.0.0.1".into(),
-        port: args.port,
+        port,
         cafile: abs.join("ca.pem"),
         certfile: abs.join("server.pem"),
         keyfile: abs.join("server.key"),
@@ -189,23 +310,17 @@ fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
         run_as_user: std::env::var("USER").ok().filter(|u| !u.is_empty()),
     };
     write("mosquitto.conf", &policy.mosquitto_conf(&listener), false)?;
-    println!("Wrote a development setup to {}.", abs.display());
-    println!("  mosquitto -c {}/mosquitto.conf", abs.display());
-    println!(
-        "  fleet serve --broker localhost:{} --cert {d}/backend.pem --key {d}/backend.key --ca {d}/ca.pem",
-        args.port,
-        d = abs.display()
-    );
-    Ok(())
+    Ok(abs)
 }
 
 async fn run<S: ShadowStore>(
     config: BrokerConfig,
     store: S,
     prefix: &str,
+    extras: Extras,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let service = ShadowService::new(store).with_prefix(prefix)?;
-    let running = serve_shadows(config, service)?;
+    let running = serve(config, service, extras)?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;

@@ -85,6 +85,9 @@ pub enum CommandError {
     AlreadyAnswered,
     /// An execution id already in use.
     Duplicate,
+    /// As many commands are pending as the limit allows
+    /// ([`PendingCommands::with_limits`]); try again when some are answered.
+    TooManyPending,
 }
 
 impl fmt::Display for CommandError {
@@ -96,6 +99,7 @@ impl fmt::Display for CommandError {
             Self::Unknown => "no such command",
             Self::AlreadyAnswered => "the command was answered already",
             Self::Duplicate => "execution id already in use",
+            Self::TooManyPending => "too many commands pending",
         })
     }
 }
@@ -216,15 +220,54 @@ pub enum CommandState {
 }
 
 /// The cloud side: the commands sent and their outcomes.
-#[derive(Debug, Default)]
+///
+/// Memory is bounded: at most `max_pending` commands wait for an answer
+/// (more are refused with [`CommandError::TooManyPending`]), and the
+/// outcomes of the `max_finished` most recently finished ones are kept
+/// for [`state`](Self::state); older outcomes are forgotten.
+#[derive(Debug)]
 pub struct PendingCommands {
     commands: BTreeMap<String, (String, CommandState)>,
+    /// Finished commands, oldest first.
+    finished: VecDeque<String>,
+    max_pending: usize,
+    max_finished: usize,
+}
+
+impl Default for PendingCommands {
+    fn default() -> Self {
+        Self::with_limits(10_000, 10_000)
+    }
 }
 
 impl PendingCommands {
-    /// Nothing sent yet.
+    /// Nothing sent yet; 10,000 pending and 10,000 finished at most.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Nothing sent yet, with these limits.
+    pub fn with_limits(max_pending: usize, max_finished: usize) -> Self {
+        Self {
+            commands: BTreeMap::new(),
+            finished: VecDeque::new(),
+            max_pending,
+            max_finished,
+        }
+    }
+
+    /// Commands waiting for an answer.
+    pub fn pending(&self) -> usize {
+        self.commands.len() - self.finished.len()
+    }
+
+    fn finish(&mut self, execution_id: &str) {
+        self.finished.push_back(execution_id.into());
+        while self.finished.len() > self.max_finished {
+            if let Some(old) = self.finished.pop_front() {
+                self.commands.remove(&old);
+            }
+        }
     }
 
     /// Records a command for `thing` and returns the request payload.
@@ -239,6 +282,9 @@ impl PendingCommands {
         JobId::new(execution_id).map_err(|_| CommandError::InvalidExecutionId)?;
         if self.commands.contains_key(execution_id) {
             return Err(CommandError::Duplicate);
+        }
+        if self.pending() >= self.max_pending {
+            return Err(CommandError::TooManyPending);
         }
         let request = CommandRequest {
             execution_id: execution_id.into(),
@@ -264,25 +310,30 @@ impl PendingCommands {
     ) -> Result<&CommandState, CommandError> {
         let response: CommandResponse =
             serde_json::from_slice(payload).map_err(|_| CommandError::InvalidPayload)?;
-        let (owner, state) = self
-            .commands
-            .get_mut(&response.execution_id)
-            .ok_or(CommandError::Unknown)?;
+        let id = response.execution_id.clone();
+        let (owner, state) = self.commands.get_mut(&id).ok_or(CommandError::Unknown)?;
         if owner != thing {
             return Err(CommandError::Unknown);
         }
         match state {
             CommandState::Pending { deadline } if now <= *deadline => {
                 *state = CommandState::Done(response);
-                Ok(state)
             }
             CommandState::Pending { .. } => {
                 *state = CommandState::TimedOut;
-                Err(CommandError::PastDeadline)
+                self.finish(&id);
+                return Err(CommandError::PastDeadline);
             }
-            CommandState::TimedOut => Err(CommandError::PastDeadline),
-            CommandState::Done(_) => Err(CommandError::AlreadyAnswered),
+            CommandState::TimedOut => return Err(CommandError::PastDeadline),
+            CommandState::Done(_) => return Err(CommandError::AlreadyAnswered),
         }
+        self.finish(&id);
+        // Just answered, so the newest finished entry: still there unless
+        // no finished command may be kept at all.
+        self.commands
+            .get(&id)
+            .map(|(_, s)| s)
+            .ok_or(CommandError::Unknown)
     }
 
     /// Marks commands whose deadline passed as timed out; returns them.
@@ -294,6 +345,9 @@ impl PendingCommands {
                 out.push(id.clone());
             }
         }
+        for id in &out {
+            self.finish(id);
+        }
         out
     }
 
@@ -303,6 +357,7 @@ impl PendingCommands {
         match self.commands.get_mut(execution_id) {
             Some((_, state @ CommandState::Pending { .. })) => {
                 *state = CommandState::TimedOut;
+                self.finish(execution_id);
                 true
             }
             _ => false,

@@ -416,6 +416,37 @@ fn ota_job_documents() {
 }
 
 #[test]
+fn pending_commands_use_bounded_memory() {
+    let mut cloud = PendingCommands::with_limits(2, 3);
+    cloud.send("d", "c1", "x", json!(null), T0 + 10).unwrap();
+    cloud.send("d", "c2", "x", json!(null), T0 + 10).unwrap();
+    assert_eq!(
+        cloud.send("d", "c3", "x", json!(null), T0 + 10),
+        Err(CommandError::TooManyPending)
+    );
+    assert_eq!(cloud.state("c3"), None, "a refused command is not recorded");
+    // An answer frees a place; its outcome stays readable.
+    let answer = |id: &str| {
+        serde_json::to_vec(&json!({"executionId": id, "status": "SUCCEEDED", "result": null}))
+            .unwrap()
+    };
+    assert!(matches!(
+        cloud.handle_response(T0 + 1, "d", &answer("c1")),
+        Ok(CommandState::Done(_))
+    ));
+    cloud.send("d", "c3", "x", json!(null), T0 + 10).unwrap();
+    assert_eq!(cloud.pending(), 2);
+    // Finished outcomes beyond the limit are forgotten, oldest first.
+    assert_eq!(cloud.handle_timeout(T0 + 11).len(), 2);
+    cloud.send("d", "c4", "x", json!(null), T0 + 20).unwrap();
+    assert!(cloud.expire("c4"));
+    assert_eq!(cloud.state("c1"), None);
+    assert_eq!(cloud.state("c2"), Some(&CommandState::TimedOut));
+    assert_eq!(cloud.state("c4"), Some(&CommandState::TimedOut));
+    assert_eq!(cloud.pending(), 0);
+}
+
+#[test]
 fn commands_run_once_and_never_answer_late() {
     let mut cloud = PendingCommands::new();
     let request = cloud
