@@ -273,6 +273,7 @@ impl BrokerPolicy {
                 who: Who::User(claim.clone()),
                 rules: vec![
                     (Write, format!("{p}/certificates/create-from-csr/+")),
+                    (Write, format!("{p}/certificates/create/+")),
                     (Write, format!("{p}/provisioning-templates/+/provision/+")),
                 ],
             });

@@ -61,6 +61,9 @@ struct Token {
     common_name: String,
     expires_at: u64,
     used: bool,
+    /// Issued by `CreateKeysAndCertificate`: the thing is named after the
+    /// certificate, whatever the template would name it.
+    named_by_certificate: bool,
 }
 
 /// The provisioning service.
@@ -79,6 +82,14 @@ pub struct ProvisioningService {
     /// bounds this instance's memory; more `create-from-csr` requests are
     /// refused with 429 `ThrottlingException` until some are used or expire.
     pub max_outstanding_tokens: usize,
+    /// Serve `CreateKeysAndCertificate`: the cloud generates the device's
+    /// private key and sends it over MQTT. Off by default (`create-from-csr`
+    /// keeps the key on the device); when off, requests are rejected with
+    /// 403. A certificate from it has the common name `device-{12 hex}`, and
+    /// `RegisterThing` names the thing so (the template's naming parameter
+    /// becomes an attribute like the others): the common name is the
+    /// identity the broker's policy confines.
+    pub allow_create_keys: bool,
     prefix: String,
 }
 
@@ -170,6 +181,7 @@ impl ProvisioningService {
             token_lifetime: Duration::from_secs(3600),
             certificate_days: 365,
             max_outstanding_tokens: 10_000,
+            allow_create_keys: false,
             prefix: "$aws".into(),
         }
     }
@@ -181,9 +193,10 @@ impl ProvisioningService {
     }
 
     /// The topic filters of provisioning requests.
-    pub fn filters(&self) -> [String; 2] {
+    pub fn filters(&self) -> [String; 3] {
         [
             format!("{}/certificates/create-from-csr/json", self.prefix),
+            format!("{}/certificates/create/json", self.prefix),
             format!("{}/provisioning-templates/+/provision/json", self.prefix),
         ]
     }
@@ -201,6 +214,8 @@ impl ProvisioningService {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         let (result, base) = if rest == "certificates/create-from-csr/json" {
             (self.create_from_csr(payload, now), topic.to_string())
+        } else if rest == "certificates/create/json" {
+            (self.create_keys(now), topic.to_string())
         } else {
             let template = rest
                 .strip_prefix("provisioning-templates/")?
@@ -249,7 +264,52 @@ impl ProvisioningService {
                 format!("the CSR's common name must be the thing name: {e}"),
             )
         })?;
-        let certificate_id = fingerprint(&certificate_pem);
+        let (token, certificate_id) =
+            self.issue_token(&certificate_pem, common_name, false, now)?;
+        Ok(json!({
+            "certificateOwnershipToken": token,
+            "certificateId": certificate_id,
+            "certificatePem": certificate_pem,
+        }))
+    }
+
+    fn create_keys(&self, now: u64) -> Result<Value, ProvisioningError> {
+        if !self.allow_create_keys {
+            return Err(ProvisioningError::new(
+                403,
+                "AccessDenied",
+                "CreateKeysAndCertificate is disabled on this fleet: send a CSR to create-from-csr",
+            ));
+        }
+        let mut r = [0u8; 6];
+        getrandom::fill(&mut r)
+            .map_err(|e| ProvisioningError::new(500, "InternalFailure", e.to_string()))?;
+        let name = format!(
+            "device-{}",
+            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let identity = self
+            .ca
+            .client_identity(&name)
+            .map_err(|e| ProvisioningError::new(500, "InternalFailure", e.to_string()))?;
+        let (token, certificate_id) = self.issue_token(&identity.cert_pem, name, true, now)?;
+        Ok(json!({
+            "certificateOwnershipToken": token,
+            "certificateId": certificate_id,
+            "certificatePem": identity.cert_pem,
+            "privateKey": identity.key_pem,
+        }))
+    }
+
+    /// Records a certificate awaiting registration; returns its token and id.
+    fn issue_token(
+        &self,
+        certificate_pem: &str,
+        common_name: String,
+        named_by_certificate: bool,
+        now: u64,
+    ) -> Result<(String, String), ProvisioningError> {
+        let certificate_id = fingerprint(certificate_pem);
         let token =
             random_token().map_err(|e| ProvisioningError::new(500, "InternalFailure", e))?;
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
@@ -265,17 +325,14 @@ impl ProvisioningService {
             token.clone(),
             Token {
                 certificate_id: certificate_id.clone(),
-                certificate_pem: certificate_pem.clone(),
+                certificate_pem: certificate_pem.into(),
                 common_name,
                 expires_at: now + self.token_lifetime.as_secs(),
                 used: false,
+                named_by_certificate,
             },
         );
-        Ok(json!({
-            "certificateOwnershipToken": token,
-            "certificateId": certificate_id,
-            "certificatePem": certificate_pem,
-        }))
+        Ok((token, certificate_id))
     }
 
     fn register_thing(
@@ -306,7 +363,7 @@ impl ProvisioningService {
                 }
             }
         }
-        let thing = format!(
+        let mut thing = format!(
             "{}{}",
             t.thing_name_prefix, request.parameters[&t.name_parameter]
         );
@@ -324,7 +381,9 @@ impl ProvisioningService {
                         "the ownership token is unknown, used or expired",
                     )
                 })?;
-            if token.common_name != thing {
+            if token.named_by_certificate {
+                thing.clone_from(&token.common_name);
+            } else if token.common_name != thing {
                 return Err(ProvisioningError::new(
                     400,
                     "InvalidParameters",
@@ -427,5 +486,57 @@ mod tests {
         // Expired tokens make room again.
         let (t, _) = ask(1_000 + 3_601);
         assert!(t.ends_with("/accepted"));
+    }
+
+    #[test]
+    fn create_keys_and_certificate_is_opt_in() {
+        let template = ProvisioningTemplate {
+            name: "factory".into(),
+            thing_name_prefix: "pump-".into(),
+            name_parameter: "SerialNumber".into(),
+            required_parameters: Vec::new(),
+            attributes: BTreeMap::new(),
+            groups: Vec::new(),
+        };
+        let registry = Registry::in_memory().unwrap();
+        let mut service = ProvisioningService::new(
+            Pki::new("test CA").unwrap(),
+            registry.clone(),
+            vec![template],
+        );
+        let create = "$aws/certificates/create/json";
+        let call = |s: &ProvisioningService, topic: &str, body: &str| {
+            let reply = s.handle(topic, body.as_bytes(), None, 1_000).unwrap();
+            let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+            (reply.topic.rsplit('/').next().unwrap().to_string(), v)
+        };
+        let (outcome, v) = call(&service, create, "{}");
+        assert_eq!(
+            (outcome.as_str(), v["statusCode"].as_u64()),
+            ("rejected", Some(403))
+        );
+
+        service.allow_create_keys = true;
+        let (outcome, v) = call(&service, create, "{}");
+        assert_eq!(outcome, "accepted");
+        assert!(v["privateKey"].as_str().unwrap().contains("PRIVATE KEY"));
+        let body = json!({
+            "certificateOwnershipToken": v["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "77"},
+        })
+        .to_string();
+        let (outcome, r) = call(
+            &service,
+            "$aws/provisioning-templates/factory/provision/json",
+            &body,
+        );
+        assert_eq!(outcome, "accepted", "{r}");
+        let thing = r["thingName"].as_str().unwrap();
+        assert!(thing.starts_with("device-"), "{thing}");
+        assert_eq!(
+            registry.thing(thing).unwrap().attributes["SerialNumber"],
+            "77"
+        );
+        assert_eq!(registry.certificates(thing).unwrap().len(), 1);
     }
 }

@@ -185,13 +185,18 @@ async fn two_instances_share_the_load_without_losing_a_version(kind: BrokerKind)
             .unwrap();
     }
     let mut versions = Vec::new();
+    let mut others = Vec::new();
     while versions.len() < N as usize {
-        let m = dev
-            .recv(WAIT)
-            .await
-            .expect("an accepted reply for every update");
+        let Some(m) = dev.recv(WAIT).await else {
+            panic!(
+                "an accepted reply for every update; got versions {versions:?} and {others:?}; broker log:\n{}",
+                broker.log()
+            );
+        };
         if m.topic.ends_with("/update/accepted") {
             versions.push(json(&m.payload)["version"].as_u64().unwrap());
+        } else {
+            others.push((m.topic, String::from_utf8_lossy(&m.payload).into_owned()));
         }
     }
     versions.sort_unstable();

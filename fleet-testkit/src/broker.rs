@@ -122,7 +122,9 @@ impl Broker {
                 broker: None,
                 policy: options.policy.clone(),
             });
-            broker.port = free_port()?;
+            // Port 0: the broker binds a free port itself (no race with
+            // other tests between a probe and the bind); restarts reuse it.
+            broker.port = 0;
             broker.spawn_and_wait()?;
             return Ok(broker);
         }
@@ -320,6 +322,7 @@ impl Broker {
                         std::io::Error::other(err.to_string()),
                     )
                 })?;
+            self.port = broker.local_addr().port();
             e.broker = Some(broker);
             return Ok(());
         }
