@@ -32,6 +32,9 @@
 //!   identities, claim identities), written as a Mosquitto ACL.
 //! - [`pki`]: a development CA with server, device, backend and claim
 //!   certificates (rcgen).
+//! - [`EmbeddedBroker`]: an MQTT 3.1.1 and 5 broker for one machine, mutual
+//!   TLS only, enforcing the same [`BrokerPolicy`] in-process, revoking
+//!   single certificates; the default of `fleet serve`.
 //! - [`serve_shadows`]: the service as a privileged MQTT 5 backend client
 //!   with mutual TLS and shared subscriptions, so several instances split the
 //!   load.
@@ -40,10 +43,11 @@
 //!   with a timeout.
 //! - [`telemetry`]: rules route device telemetry to sinks (JSON lines,
 //!   SQLite); a failing sink is retried, then dead-lettered.
-//! - The `fleet` binary: `fleet serve` against an external broker.
+//! - The `fleet` binary: `fleet serve` with the embedded broker, or against
+//!   an external one.
 //!
 //! # Status
-//! The jobs service and the embedded broker are not built yet.
+//! The jobs service is not built yet.
 
 #![forbid(unsafe_code)]
 

@@ -413,10 +413,24 @@ impl Registry {
         .collect()
     }
 
+    /// The ids of every revoked certificate (SHA-256 fingerprints when
+    /// issued by provisioning), for
+    /// [`EmbeddedBroker::revoke`](crate::EmbeddedBroker::revoke).
+    pub fn revoked_certificates(&self) -> Result<Vec<String>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id FROM certificates WHERE status = 'REVOKED' ORDER BY id")
+            .map_err(backend)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)
+    }
+
     /// Identities the broker must refuse: things that are disabled, or
-    /// whose every certificate is revoked. (The broker knows a device by
-    /// its certificate's common name, the thing name, so a single revoked
-    /// certificate among active ones is refused by a CRL, not here.)
+    /// whose every certificate is revoked. (A broker that knows a device
+    /// only by its certificate's common name, as Mosquitto with the
+    /// generated ACL, refuses a thing, not one certificate of it; the
+    /// embedded broker also refuses single certificates:
+    /// [`revoked_certificates`](Self::revoked_certificates).)
     pub fn denied_identities(&self) -> Result<Vec<String>, RegistryError> {
         let conn = self.conn();
         let mut stmt = conn
@@ -506,6 +520,7 @@ mod tests {
             r.denied_identities().unwrap().is_empty(),
             "pump-1 still has c2"
         );
+        assert_eq!(r.revoked_certificates().unwrap(), ["c1"]);
         r.revoke_certificate("c2").unwrap();
         assert_eq!(r.denied_identities().unwrap(), ["pump-1"]);
         assert_eq!(

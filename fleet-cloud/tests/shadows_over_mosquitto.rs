@@ -188,8 +188,12 @@ async fn two_instances_share_the_load_without_losing_a_version(kind: BrokerKind)
     let mut others = Vec::new();
     while versions.len() < N as usize {
         let Some(m) = dev.recv(WAIT).await else {
+            let stored = service(&path)
+                .get(&fleet_core::ThingName::new("dev-a").unwrap(), None)
+                .await
+                .map(|s| s.version());
             panic!(
-                "an accepted reply for every update; got versions {versions:?} and {others:?}; broker log:\n{}",
+                "an accepted reply for every update; got versions {versions:?} and {others:?}; stored version {stored:?}; broker log:\n{}",
                 broker.log()
             );
         };

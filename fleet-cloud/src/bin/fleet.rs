@@ -188,6 +188,13 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         // Provisioning speaks the `$aws` topics only.
         (Ok(ca), Ok(key)) if embedded.is_some() && args.prefix == "$aws" => {
             let registry = Registry::open(&dir.join("registry.db"))?;
+            // What the registry says is revoked or denied, the broker refuses.
+            if let Some(b) = &embedded {
+                b.revoke(registry.revoked_certificates()?);
+                let mut policy = b.policy();
+                policy.denied_identities = registry.denied_identities()?;
+                b.set_policy(policy);
+            }
             tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
             Some(ProvisioningService::new(
                 Pki::from_pem(&ca, &key)?,

@@ -304,6 +304,11 @@ impl EmbeddedBroker {
         self.local_addr
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> BrokerPolicy {
+        (*self.shared.policy()).clone()
+    }
+
     /// Applies a new policy: new requests are checked against it at once,
     /// and a connected client that is now denied, or holds a subscription
     /// the policy no longer allows, is disconnected.
