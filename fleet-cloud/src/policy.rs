@@ -59,6 +59,13 @@ pub struct BrokerPolicy {
     /// Mosquitto re-reads the ACL on SIGHUP and applies it to connected
     /// clients too.
     pub denied_identities: Vec<String>,
+    /// Claim identities may subscribe to AWS's provisioning reply topics
+    /// (`.../create-from-csr/json/accepted`, ...), as AWS SDK devices do.
+    /// Only safe with the embedded broker, which delivers a reply there only
+    /// to the client that asked (it routes replies like AWS IoT does); with
+    /// it off, such clients must use an MQTT 5 response topic.
+    /// [`try_mosquitto_acl`](Self::try_mosquitto_acl) refuses it.
+    pub reply_routing: bool,
 }
 
 /// The backend identity of the default policy.
@@ -72,6 +79,7 @@ impl Default for BrokerPolicy {
             backend_identities: vec![DEFAULT_BACKEND_IDENTITY.into()],
             claim_identities: Vec::new(),
             denied_identities: Vec::new(),
+            reply_routing: false,
         }
     }
 }
@@ -85,6 +93,9 @@ pub enum PolicyError {
     /// A name holds a character that would change the ACL's meaning
     /// (whitespace, `+`, `#`, a line break).
     UnsafeName(String),
+    /// [`BrokerPolicy::reply_routing`] needs the embedded broker: Mosquitto
+    /// would show one claimant's replies to every other.
+    ReplyRoutingNeedsTheEmbeddedBroker,
 }
 
 impl std::fmt::Display for PolicyError {
@@ -97,6 +108,9 @@ impl std::fmt::Display for PolicyError {
                 )
             }
             Self::UnsafeName(n) => write!(f, "{n:?} cannot be written into a broker policy"),
+            Self::ReplyRoutingNeedsTheEmbeddedBroker => f.write_str(
+                "reply routing would let every claimant read provisioning replies on Mosquitto",
+            ),
         }
     }
 }
@@ -106,6 +120,16 @@ impl std::error::Error for PolicyError {}
 impl BrokerPolicy {
     /// Checks the names, then writes the policy as a Mosquitto ACL file.
     pub fn try_mosquitto_acl(&self) -> Result<String, PolicyError> {
+        self.validate()?;
+        if self.reply_routing {
+            return Err(PolicyError::ReplyRoutingNeedsTheEmbeddedBroker);
+        }
+        Ok(self.mosquitto_acl())
+    }
+
+    /// Checks that every name can be used in rules safely: no wildcard or
+    /// whitespace in a name, an `@` in every claim identity.
+    pub fn validate(&self) -> Result<(), PolicyError> {
         let unsafe_name = |n: &str| {
             n.is_empty() || n.contains(|c: char| c.is_whitespace() || matches!(c, '+' | '#'))
         };
@@ -123,7 +147,7 @@ impl BrokerPolicy {
         if let Some(n) = self.claim_identities.iter().find(|n| !n.contains('@')) {
             return Err(PolicyError::ClaimNameCouldBeAThing(n.clone()));
         }
-        Ok(self.mosquitto_acl())
+        Ok(())
     }
 
     /// A Mosquitto configuration that enforces this policy: mutual TLS
@@ -268,14 +292,22 @@ impl BrokerPolicy {
             });
         }
         for claim in &self.claim_identities {
+            let mut rules = vec![
+                (Write, format!("{p}/certificates/create-from-csr/+")),
+                (Write, format!("{p}/certificates/create/+")),
+                (Write, format!("{p}/provisioning-templates/+/provision/+")),
+            ];
+            if self.reply_routing {
+                rules.extend([
+                    (Read, format!("{p}/certificates/create-from-csr/+/+")),
+                    (Read, format!("{p}/certificates/create/+/+")),
+                    (Read, format!("{p}/provisioning-templates/+/provision/+/+")),
+                ]);
+            }
             blocks.push(RuleBlock {
                 comment: "Claim identity: provisioning requests only.",
                 who: Who::User(claim.clone()),
-                rules: vec![
-                    (Write, format!("{p}/certificates/create-from-csr/+")),
-                    (Write, format!("{p}/certificates/create/+")),
-                    (Write, format!("{p}/provisioning-templates/+/provision/+")),
-                ],
+                rules,
             });
         }
         for backend in &self.backend_identities {

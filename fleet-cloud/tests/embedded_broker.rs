@@ -352,3 +352,166 @@ async fn shared_subscriptions_retained_messages_and_wills() {
     assert_eq!(&will.0[..], b"dt/dev-a/status");
     assert_eq!(&will.1[..], b"gone");
 }
+
+/// An MQTT 3.1.1 claimant (no response topic), as AWS's SDKs provision.
+async fn v3_claimant(s: &Setup, name: &str) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let id = s.pki.client_identity(name).unwrap();
+    let tls = client_tls_config(&id, &s.pki.ca_pem()).unwrap();
+    let mut o = rumqttc::MqttOptions::new(name, "localhost", s.broker.local_addr().port());
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )));
+    let (c, mut ev) = rumqttc::AsyncClient::new(o, 16);
+    for t in [
+        "$aws/certificates/create-from-csr/json/accepted",
+        "$aws/certificates/create-from-csr/json/rejected",
+        "$aws/provisioning-templates/factory/provision/json/accepted",
+        "$aws/provisioning-templates/factory/provision/json/rejected",
+    ] {
+        c.subscribe(t, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    }
+    let granted = tokio::time::timeout(WAIT, async {
+        let mut n = 0;
+        while n < 4 {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) = ev.poll().await {
+                assert!(
+                    a.return_codes
+                        .iter()
+                        .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+                    "{a:?}"
+                );
+                n += 1;
+            }
+        }
+    })
+    .await;
+    assert!(granted.is_ok(), "the reply topics are granted");
+    (c, ev)
+}
+
+/// Publishes until a message arrives (the service subscribes after it
+/// connects); returns its topic and JSON body.
+async fn ask(
+    c: &rumqttc::AsyncClient,
+    ev: &mut rumqttc::EventLoop,
+    topic: &str,
+    body: &serde_json::Value,
+) -> (String, serde_json::Value) {
+    tokio::time::timeout(WAIT, async {
+        let mut n = 0;
+        loop {
+            if n % 20 == 0 {
+                c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                    .await
+                    .unwrap();
+            }
+            n += 1;
+            if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_millis(50), ev.poll()).await
+            {
+                return (p.topic, serde_json::from_slice(&p.payload).unwrap());
+            }
+        }
+    })
+    .await
+    .expect("a reply")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
+    let policy = BrokerPolicy {
+        claim_identities: vec!["claim@a".into(), "claim@b".into()],
+        reply_routing: true,
+        ..BrokerPolicy::default()
+    };
+    let s = setup(policy, Duration::from_secs(10)).await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let ca = Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem()).unwrap();
+    let registry = fleet_cloud::Registry::in_memory().unwrap();
+    let provisioning = fleet_cloud::ProvisioningService::new(
+        ca,
+        registry.clone(),
+        vec![fleet_cloud::ProvisioningTemplate {
+            name: "factory".into(),
+            thing_name_prefix: "pump-".into(),
+            name_parameter: "SerialNumber".into(),
+            required_parameters: Vec::new(),
+            attributes: Default::default(),
+            groups: Vec::new(),
+        }],
+    );
+    let _service = fleet_cloud::serve(
+        BrokerConfig {
+            host: "localhost".into(),
+            port: s.broker.local_addr().port(),
+            client_id: "svc".into(),
+            cert_pem: backend.cert_pem,
+            key_pem: backend.key_pem,
+            ca_pem: s.pki.ca_pem(),
+            share_group: None,
+            queue_capacity: 64,
+        },
+        ShadowService::new(MemoryStore::new()),
+        fleet_cloud::Extras {
+            provisioning: Some(provisioning),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+
+    let (a, mut a_ev) = v3_claimant(&s, "claim@a").await;
+    let (_b, mut b_ev) = v3_claimant(&s, "claim@b").await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "pump-7");
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let (topic, created) = ask(
+        &a,
+        &mut a_ev,
+        "$aws/certificates/create-from-csr/json",
+        &serde_json::json!({"certificateSigningRequest": csr}),
+    )
+    .await;
+    assert_eq!(topic, "$aws/certificates/create-from-csr/json/accepted");
+    let (topic, registered) = ask(
+        &a,
+        &mut a_ev,
+        "$aws/provisioning-templates/factory/provision/json",
+        &serde_json::json!({
+            "certificateOwnershipToken": created["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "7"},
+        }),
+    )
+    .await;
+    assert_eq!(
+        topic, "$aws/provisioning-templates/factory/provision/json/accepted",
+        "{registered}"
+    );
+    assert_eq!(registered["thingName"], "pump-7");
+    assert_eq!(registry.certificates("pump-7").unwrap().len(), 1);
+    // The other claimant, subscribed to the same topics, saw nothing.
+    let leaked = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = b_ev.poll().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert!(
+        leaked.is_err(),
+        "claim@b read {:?}",
+        leaked.map(|p| p.topic)
+    );
+    // Such a policy is refused for Mosquitto, which cannot route replies.
+    assert!(
+        BrokerPolicy {
+            reply_routing: true,
+            ..BrokerPolicy::default()
+        }
+        .try_mosquitto_acl()
+        .is_err()
+    );
+}

@@ -161,9 +161,11 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             config.policy = BrokerPolicy {
                 prefix: args.prefix.clone(),
                 claim_identities: args.claims.clone(),
+                // AWS SDK devices provision over MQTT 3.1.1: the embedded
+                // broker routes each reply to its requester alone.
+                reply_routing: true,
                 ..BrokerPolicy::default()
             };
-            config.policy.try_mosquitto_acl()?;
             let broker = EmbeddedBroker::start(config).await?;
             let port = broker.local_addr().port();
             embedded = Some(broker);

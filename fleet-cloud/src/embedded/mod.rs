@@ -115,6 +115,8 @@ pub enum EmbeddedError {
     Tls(String),
     /// The listening socket could not be opened.
     Bind(std::io::Error),
+    /// The policy names an identity unsafely.
+    Policy(crate::PolicyError),
 }
 
 impl fmt::Display for EmbeddedError {
@@ -122,6 +124,7 @@ impl fmt::Display for EmbeddedError {
         match self {
             Self::Tls(e) => write!(f, "embedded broker TLS configuration: {e}"),
             Self::Bind(e) => write!(f, "embedded broker cannot listen: {e}"),
+            Self::Policy(e) => write!(f, "embedded broker policy: {e}"),
         }
     }
 }
@@ -203,7 +206,24 @@ impl Shared {
     /// Delivers a message to every subscriber (publisher's rights already
     /// checked). A full queue drops the message for that client only.
     fn route(&self, message: &Message) {
+        let routed = self.policy().reply_routing;
         let mut router = self.router();
+        if routed {
+            let prefix = &self.policy().prefix;
+            if let Some((client, topic)) = routed_reply(prefix, &message.topic)
+                && let Some(c) = router.clients.get(client)
+                && router.subscriptions.subscribed(client, topic)
+            {
+                let mut m = message.clone();
+                m.topic = topic.to_owned();
+                m.qos = m.qos.min(1);
+                m.retain = false;
+                m.properties = None;
+                if c.tx.try_send(m).is_err() {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         if message.retain {
             if message.payload.is_empty() {
                 router.retained.remove(&message.topic);
@@ -265,6 +285,7 @@ impl fmt::Debug for EmbeddedBroker {
 impl EmbeddedBroker {
     /// Binds and starts accepting connections.
     pub async fn start(config: EmbeddedConfig) -> Result<Self, EmbeddedError> {
+        config.policy.validate().map_err(EmbeddedError::Policy)?;
         let tls = server_tls(&config)?;
         let listener = TcpListener::bind(config.bind)
             .await
@@ -441,6 +462,49 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// The marker of a reply the broker routes to one client under AWS's topic.
+const ROUTED: &str = "aws-reply";
+
+/// A provisioning request without a response topic (an MQTT 3.1.1 client,
+/// as AWS's SDKs) gets one naming its sender, so that the service's reply
+/// can be delivered to that client alone, on the topic it expects.
+fn reply_to_sender(prefix: &str, client_id: &str, message: &mut Message) {
+    let Some(rest) = message
+        .topic
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return;
+    };
+    let is_request = rest.starts_with("certificates/create-from-csr/")
+        || rest.starts_with("certificates/create/")
+        || (rest.starts_with("provisioning-templates/") && rest.contains("/provision/"));
+    if !is_request || rest.matches('/').count() > 3 {
+        return;
+    }
+    let has_response_topic = message
+        .properties
+        .as_ref()
+        .is_some_and(|p| p.response_topic.is_some());
+    if has_response_topic {
+        return;
+    }
+    let properties = message.properties.get_or_insert_with(Default::default);
+    properties.response_topic = Some(format!(
+        "{prefix}/clients/{client_id}/{ROUTED}/{}",
+        message.topic
+    ));
+}
+
+/// `{prefix}/clients/{client}/aws-reply/{topic}`: the client and the topic
+/// to deliver on.
+fn routed_reply<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix("/clients/")?;
+    let (client, rest) = rest.split_once('/')?;
+    let original = rest.strip_prefix(ROUTED)?.strip_prefix('/')?;
+    original.starts_with(prefix).then_some((client, original))
 }
 
 fn common_name(der: &[u8]) -> Option<String> {
@@ -762,6 +826,9 @@ impl Session<'_> {
                 let qos = message.qos;
                 if allowed {
                     message.qos = message.qos.min(1);
+                    if policy.reply_routing {
+                        reply_to_sender(&policy.prefix, self.client_id, &mut message);
+                    }
                     self.shared.route(&message);
                 } else {
                     tracing::debug!(

@@ -132,40 +132,14 @@ impl Subscriptions {
         walk(&mut self.root, &levels, client, group)
     }
 
-    /// The clients a message on `topic` goes to, each with the highest QoS
-    /// it subscribed with; one member of each matching shared group, in
-    /// turn.
-    pub(super) fn recipients(&self, topic: &str) -> HashMap<&str, u8> {
-        fn collect<'a>(
-            node: &'a Node,
-            levels: &[&str],
-            first: bool,
-            dollar: bool,
-            out: &mut Vec<&'a Node>,
-        ) {
-            match levels.split_first() {
-                None => {
-                    out.push(node);
-                    if let Some(h) = node.children.get("#") {
-                        out.push(h);
-                    }
-                }
-                Some((level, rest)) => {
-                    if let Some(c) = node.children.get(*level) {
-                        collect(c, rest, false, dollar, out);
-                    }
-                    if first && dollar {
-                        return;
-                    }
-                    if let Some(c) = node.children.get("+") {
-                        collect(c, rest, false, dollar, out);
-                    }
-                    if let Some(h) = node.children.get("#") {
-                        out.push(h);
-                    }
-                }
-            }
-        }
+    /// Whether `client` holds a (non-shared) subscription matching `topic`.
+    pub(super) fn subscribed(&self, client: &str, topic: &str) -> bool {
+        self.matching(topic)
+            .iter()
+            .any(|n| n.subscribers.contains_key(client))
+    }
+
+    fn matching(&self, topic: &str) -> Vec<&Node> {
         let levels: Vec<&str> = topic.split('/').collect();
         let mut nodes = Vec::new();
         collect(
@@ -175,8 +149,15 @@ impl Subscriptions {
             topic.starts_with('$'),
             &mut nodes,
         );
+        nodes
+    }
+
+    /// The clients a message on `topic` goes to, each with the highest QoS
+    /// it subscribed with; one member of each matching shared group, in
+    /// turn.
+    pub(super) fn recipients(&self, topic: &str) -> HashMap<&str, u8> {
         let mut out: HashMap<&str, u8> = HashMap::new();
-        for node in nodes {
+        for node in self.matching(topic) {
             for (client, qos) in &node.subscribers {
                 let e = out.entry(client.as_str()).or_insert(*qos);
                 *e = (*e).max(*qos);
@@ -193,6 +174,38 @@ impl Subscriptions {
             }
         }
         out
+    }
+}
+
+/// The nodes whose subscribers a message on `levels` reaches.
+fn collect<'a>(
+    node: &'a Node,
+    levels: &[&str],
+    first: bool,
+    dollar: bool,
+    out: &mut Vec<&'a Node>,
+) {
+    match levels.split_first() {
+        None => {
+            out.push(node);
+            if let Some(h) = node.children.get("#") {
+                out.push(h);
+            }
+        }
+        Some((level, rest)) => {
+            if let Some(c) = node.children.get(*level) {
+                collect(c, rest, false, dollar, out);
+            }
+            if first && dollar {
+                return;
+            }
+            if let Some(c) = node.children.get("+") {
+                collect(c, rest, false, dollar, out);
+            }
+            if let Some(h) = node.children.get("#") {
+                out.push(h);
+            }
+        }
     }
 }
 
