@@ -1,30 +1,30 @@
 //! The agent: a thin pump between MQTT (rumqttc over rustls) and the
 //! fleet-core engines.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::BTreeMap;
-
 use fleet_core::jobs::{
-    CommandInbox, CommandStatus, Delivery, JobEvent, JobRunner, JobStatus, RunnerConfig, UpdateId,
+    CommandInbox, CommandStatus, Delivery as CommandDelivery, JobEvent, JobRunner, JobStatus,
+    RunnerConfig, UpdateId,
 };
 use fleet_core::shadow::{RequestId, ShadowEvent, ShadowSync, SyncConfig};
 use fleet_core::time::Instant as CoreInstant;
 use fleet_core::transmit::Transmit;
 use fleet_core::{ShadowName, ThingName};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::{TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use crate::key::{DeviceKey, Resolver};
+use crate::mqtt::{self, Client, Ev, Protocol};
+use crate::outbox::{MessageKind, Outbox, Overflow};
 
 /// Why the agent could not do something.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +53,13 @@ pub enum AgentError {
     TimedOut,
     /// The agent has stopped.
     Stopped,
+    /// The outbox is full (and its policy keeps what it holds), or its
+    /// storage failed; nothing was queued.
+    Outbox(String),
+    /// The broker refused the message (MQTT 5 reason: not authorized, say).
+    Refused(String),
+    /// The state directory cannot be used.
+    StateDir(String),
 }
 
 impl fmt::Display for AgentError {
@@ -67,6 +74,9 @@ impl fmt::Display for AgentError {
             Self::JobRejected(code) => write!(f, "job update rejected: {code}"),
             Self::TimedOut => f.write_str("no answer after every retry"),
             Self::Stopped => f.write_str("the agent has stopped"),
+            Self::Outbox(e) => write!(f, "outbox: {e}"),
+            Self::Refused(e) => write!(f, "the broker refused the message: {e}"),
+            Self::StateDir(e) => write!(f, "state directory: {e}"),
         }
     }
 }
@@ -125,6 +135,14 @@ pub enum AgentEvent {
         /// Epoch seconds after which an answer no longer counts.
         deadline: u64,
     },
+    /// Another connection keeps taking this client id (two devices with the
+    /// same identity, or a stale process): the broker drops one of them each
+    /// time. Reported after three take-overs in a row; the agent goes on
+    /// reconnecting with backoff.
+    ClientIdConflict {
+        /// Take-overs in a row so far.
+        times: u32,
+    },
     /// The broker or the service sent something the agent cannot use; it
     /// changed nothing.
     InvalidInput {
@@ -170,19 +188,65 @@ impl Backoff {
     }
 }
 
+/// Quality of service of a telemetry message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Qos {
+    /// Sent once, not stored: lost if the connection is down.
+    AtMostOnce,
+    /// Stored in the outbox until the broker acknowledged it; sent again
+    /// after a reconnection or a restart (so it may arrive twice).
+    AtLeastOnce,
+}
+
+/// A queued message: resolves when the broker acknowledged it.
+#[derive(Debug)]
+pub struct Delivery {
+    seq: u64,
+    rx: oneshot::Receiver<Result<(), AgentError>>,
+}
+
+impl Delivery {
+    /// The message's sequence number in the outbox (0 for QoS 0).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Waits until the broker acknowledged the message (QoS 1), or it was
+    /// handed to the network (QoS 0). If the agent stops first, the message
+    /// stays in the outbox and goes out after the next start:
+    /// [`AgentError::Stopped`] says only that this process will not see it.
+    pub async fn acknowledged(self) -> Result<(), AgentError> {
+        self.rx.await.map_err(|_| AgentError::Stopped)?
+    }
+}
+
+#[derive(Clone)]
+enum KeySource {
+    Pem(String),
+    Custom(Arc<dyn DeviceKey>),
+}
+
 /// Builds an [`Agent`].
 #[derive(Clone)]
 pub struct AgentBuilder {
     host: String,
     port: u16,
     thing: String,
+    client_id: Option<String>,
     cert_pem: String,
-    key_pem: String,
+    key: KeySource,
     ca_pem: String,
     shadows: Vec<Option<String>>,
     backoff: Backoff,
     sync: SyncConfig,
     jobs: RunnerConfig,
+    protocol: Protocol,
+    state_dir: Option<PathBuf>,
+    outbox_bytes: usize,
+    overflow: Overflow,
+    telemetry_prefix: String,
+    keep_alive: Duration,
 }
 
 impl fmt::Debug for AgentBuilder {
@@ -191,6 +255,8 @@ impl fmt::Debug for AgentBuilder {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("thing", &self.thing)
+            .field("protocol", &self.protocol)
+            .field("state_dir", &self.state_dir)
             .finish_non_exhaustive()
     }
 }
@@ -211,14 +277,51 @@ impl AgentBuilder {
             host: host.into(),
             port,
             thing: thing.into(),
+            client_id: None,
             cert_pem: cert_pem.into(),
-            key_pem: key_pem.into(),
+            key: KeySource::Pem(key_pem.into()),
             ca_pem: ca_pem.into(),
             shadows: vec![None],
             backoff: Backoff::default(),
             sync: SyncConfig::default(),
             jobs: RunnerConfig::default(),
+            protocol: Protocol::V5,
+            state_dir: None,
+            outbox_bytes: 16 * 1024 * 1024,
+            overflow: Overflow::DropOldestTelemetry,
+            telemetry_prefix: "dt".into(),
+            keep_alive: Duration::from_secs(30),
         }
+    }
+
+    /// As [`new`](Self::new), reading the certificate, key and trust
+    /// anchors from PEM files.
+    pub fn from_files(
+        host: &str,
+        port: u16,
+        thing: &str,
+        cert: impl AsRef<std::path::Path>,
+        key: impl AsRef<std::path::Path>,
+        ca: impl AsRef<std::path::Path>,
+    ) -> Result<Self, AgentError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| AgentError::Tls(format!("{}: {e}", p.display())))
+        };
+        Ok(Self::new(
+            host,
+            port,
+            thing,
+            &read(cert.as_ref())?,
+            &read(key.as_ref())?,
+            &read(ca.as_ref())?,
+        ))
+    }
+
+    /// Signs with `key` instead of the PEM key: a key in a secure element,
+    /// TPM or HSM. The certificate must be for that key.
+    pub fn device_key(mut self, key: Arc<dyn DeviceKey>) -> Self {
+        self.key = KeySource::Custom(key);
+        self
     }
 
     /// Tracks these shadows (`None`: classic). Default: the classic shadow.
@@ -240,27 +343,85 @@ impl AgentBuilder {
         self
     }
 
+    /// MQTT 5 (default) or 3.1.1.
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The MQTT client id; default: the thing name (what AWS IoT policies
+    /// expect).
+    pub fn client_id(mut self, client_id: &str) -> Self {
+        self.client_id = Some(client_id.into());
+        self
+    }
+
+    /// Where the agent keeps what must survive a restart (the outbox).
+    /// Without one, the outbox lives in memory only.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// The outbox's size bound (bytes of topics and payloads; default
+    /// 16 MiB) and what happens when it is full (default: drop the oldest
+    /// telemetry; job updates and receipts are never dropped).
+    pub fn outbox(mut self, max_bytes: usize, overflow: Overflow) -> Self {
+        self.outbox_bytes = max_bytes;
+        self.overflow = overflow;
+        self
+    }
+
+    /// Telemetry goes to `{prefix}/{thing}/{channel}`; default `dt`.
+    pub fn telemetry_prefix(mut self, prefix: &str) -> Self {
+        self.telemetry_prefix = prefix.into();
+        self
+    }
+
+    /// MQTT keep-alive (default 30 s).
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
     fn tls(&self) -> Result<rustls::ClientConfig, AgentError> {
         let bad = |e: &dyn fmt::Display| AgentError::Tls(e.to_string());
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
         }
+        if roots.is_empty() {
+            return Err(AgentError::Tls("no trust anchor in the CA PEM".into()));
+        }
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad(&e))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(&e))?;
-        rustls::ClientConfig::builder_with_provider(Arc::new(
+        if chain.is_empty() {
+            return Err(AgentError::Tls(
+                "no certificate in the certificate PEM".into(),
+            ));
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| bad(&e))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| bad(&e))
+        .with_root_certificates(roots);
+        match &self.key {
+            KeySource::Pem(pem) => {
+                let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| bad(&e))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad(&e))
+            }
+            KeySource::Custom(key) => {
+                Ok(builder.with_client_cert_resolver(Arc::new(Resolver::new(chain, key.clone()))))
+            }
+        }
     }
 
-    /// Starts the agent: it connects, and reconnects, by itself.
+    /// Starts the agent: it connects, and reconnects, by itself. Messages
+    /// left in the outbox by an earlier run are sent again.
     pub fn start(self) -> Result<Agent, AgentError> {
         let thing = ThingName::try_from(self.thing.clone())
             .map_err(|e| AgentError::InvalidName(e.to_string()))?;
@@ -274,35 +435,74 @@ impl AgentBuilder {
             );
         }
         let tls = self.tls()?;
-        let mut options = MqttOptions::new(self.thing.clone(), self.host.clone(), self.port);
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            // The broker limits messages to 128 KiB; accept all it sends.
-            .set_max_packet_size(Some(256 * 1024))
-            .set_clean_start(true)
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )));
-        let (client, eventloop) = AsyncClient::new(options, 64);
+        let outbox = match &self.state_dir {
+            Some(dir) => Outbox::open(&dir.join("outbox"), self.outbox_bytes, self.overflow)
+                .map_err(|e| AgentError::StateDir(e.to_string()))?,
+            None => Outbox::in_memory(self.outbox_bytes, self.overflow),
+        };
+        let (client, eventloop) = mqtt::connect(
+            self.protocol,
+            mqtt::Options {
+                client_id: self.client_id.clone().unwrap_or_else(|| self.thing.clone()),
+                host: self.host.clone(),
+                port: self.port,
+                tls,
+                keep_alive: self.keep_alive,
+                // The broker limits messages to 128 KiB; accept all it sends.
+                max_packet: 256 * 1024,
+                capacity: 1024,
+            },
+        );
         let session = random_u64();
         let jobs = JobRunner::new(thing.clone(), self.jobs.clone(), session);
-        let sync = ShadowSync::new(thing, &names, self.sync.clone(), session);
+        let mut sync = ShadowSync::new(thing, &names, self.sync.clone(), session);
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = mpsc::channel(256);
+        let epoch = Instant::now();
+        // Shadow reports accepted before a restart and never confirmed are
+        // reported again (a fresh request, same content).
+        let mut report_seqs = HashMap::new();
+        let mut engine_owned = HashSet::new();
+        for e in outbox.pending() {
+            if e.kind == MessageKind::ShadowReport
+                && let Ok(Value::Object(reported)) = serde_json::from_slice(&e.payload)
+            {
+                let name = (!e.topic.is_empty())
+                    .then(|| ShadowName::try_from(e.topic.clone()).ok())
+                    .flatten();
+                if let Ok(id) = sync.report(CoreInstant::from_millis(0), name.as_ref(), reported) {
+                    report_seqs.insert(id, e.seq);
+                    engine_owned.insert(e.seq);
+                }
+            }
+        }
         let pump = Pump {
             client,
             sync,
             jobs,
             inbox: CommandInbox::new(256),
             commands_base: format!("$aws/commands/things/{}/executions", self.thing),
+            telemetry_base: format!("{}/{}", self.telemetry_prefix, self.thing),
+            jobs_base: format!("$aws/things/{}/jobs", self.thing),
             job_waiters: HashMap::new(),
             pending_subacks: 0,
             commands: commands_rx,
             events: events_tx,
             waiters: HashMap::new(),
-            epoch: Instant::now(),
+            epoch,
             backoff: self.backoff,
             rng: session | 1,
+            outbox,
+            handles: HashMap::new(),
+            report_seqs,
+            job_seqs: HashMap::new(),
+            engine_owned,
+            sent: VecDeque::new(),
+            awaiting: HashMap::new(),
+            cursor: 0,
+            inflight: 0,
+            connected: false,
+            taken_over: 0,
         };
         let task = tokio::spawn(pump.run(eventloop));
         Ok(Agent {
@@ -314,6 +514,12 @@ impl AgentBuilder {
 }
 
 enum Command {
+    Publish {
+        channel: String,
+        payload: Vec<u8>,
+        qos: Qos,
+        done: oneshot::Sender<Result<Delivery, AgentError>>,
+    },
     Respond {
         execution_id: String,
         status: CommandStatus,
@@ -342,6 +548,37 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Publishes telemetry to `channel` (topic
+    /// `{telemetry_prefix}/{thing}/{channel}`). With [`Qos::AtLeastOnce`]
+    /// the message is first written to the outbox (on disk with a state
+    /// directory), so it survives an outage or a restart; the returned
+    /// [`Delivery`] resolves when the broker acknowledged it. Fails at once
+    /// with [`AgentError::Outbox`] when the outbox is full and its policy
+    /// keeps what it holds.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payload: impl Into<Vec<u8>>,
+        qos: Qos,
+    ) -> Result<Delivery, AgentError> {
+        if channel.is_empty() || channel.contains(['+', '#', '\0']) {
+            return Err(AgentError::InvalidName(format!(
+                "telemetry channel {channel:?}"
+            )));
+        }
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Publish {
+                channel: channel.into(),
+                payload: payload.into(),
+                qos,
+                done,
+            })
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)?
+    }
+
     /// Reports state to a shadow and waits until the service accepted it;
     /// returns the shadow's new version. While offline, the report waits
     /// and goes out after the next connection.
@@ -437,13 +674,24 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Outbox messages handed to the MQTT client and not yet acknowledged, at
+/// most.
+const WINDOW: usize = 64;
+
+/// Take-overs in a row before the agent reports a client-id conflict.
+const CONFLICT_AFTER: u32 = 3;
+
 struct Pump {
-    client: AsyncClient,
+    client: Client,
     sync: ShadowSync,
     jobs: JobRunner,
     inbox: CommandInbox,
     /// `$aws/commands/things/{thing}/executions`
     commands_base: String,
+    /// `{telemetry_prefix}/{thing}`
+    telemetry_base: String,
+    /// `$aws/things/{thing}/jobs`
+    jobs_base: String,
     job_waiters: HashMap<UpdateId, oneshot::Sender<Result<(), AgentError>>>,
     /// SUBACKs still expected for this connection's subscriptions.
     pending_subacks: usize,
@@ -453,6 +701,25 @@ struct Pump {
     epoch: Instant,
     backoff: Backoff,
     rng: u64,
+    outbox: Outbox,
+    /// Outbox sequence -> the application's handle.
+    handles: HashMap<u64, oneshot::Sender<Result<(), AgentError>>>,
+    /// Shadow reports and job updates of this run: the engines deliver them
+    /// (with their own retries); the outbox keeps them for a restart.
+    report_seqs: HashMap<RequestId, u64>,
+    job_seqs: HashMap<UpdateId, u64>,
+    engine_owned: HashSet<u64>,
+    /// One tag per publish handed to the client, in order: the outbox
+    /// sequence, or `None` for the engines' own messages. rumqttc reports
+    /// each publish as it writes it, in the same order, with its packet id.
+    sent: VecDeque<Option<u64>>,
+    /// Packet id -> outbox sequence, awaiting PUBACK.
+    awaiting: HashMap<u16, u64>,
+    /// Outbox sequences below this were handed out on this connection.
+    cursor: u64,
+    inflight: usize,
+    connected: bool,
+    taken_over: u32,
 }
 
 impl Pump {
@@ -474,32 +741,92 @@ impl Pump {
         let _ = self.events.send(event).await;
     }
 
-    async fn run(mut self, mut eventloop: rumqttc::v5::EventLoop) {
+    /// Hands an engine's message to the client (never waits).
+    fn send_raw(&mut self, topic: &str, qos: u8, payload: Vec<u8>) -> Result<(), String> {
+        self.client.try_publish(topic, qos, payload)?;
+        self.sent.push_back(None);
+        Ok(())
+    }
+
+    /// Hands outbox messages to the client, oldest first, up to the window.
+    fn pump_outbox(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let room = WINDOW.saturating_sub(self.inflight);
+        let batch: Vec<(u64, String, Vec<u8>)> = self
+            .outbox
+            .pending()
+            .filter(|e| e.seq >= self.cursor)
+            .filter(|e| e.kind != MessageKind::ShadowReport && !self.engine_owned.contains(&e.seq))
+            .take(room)
+            .map(|e| (e.seq, e.topic.clone(), e.payload.clone()))
+            .collect();
+        for (seq, topic, payload) in batch {
+            if self.client.try_publish(&topic, 1, payload).is_err() {
+                return;
+            }
+            self.sent.push_back(Some(seq));
+            self.inflight += 1;
+            self.cursor = seq + 1;
+        }
+    }
+
+    /// The message `seq` is done with: forget it, tell whoever waits.
+    fn settle(&mut self, seq: u64, result: Result<(), AgentError>) {
+        if let Err(e) = self.outbox.ack(seq) {
+            tracing::warn!("outbox: {e}");
+        }
+        self.engine_owned.remove(&seq);
+        if let Some(h) = self.handles.remove(&seq) {
+            let _ = h.send(result);
+        }
+    }
+
+    fn connection_lost(&mut self) {
+        if self.connected {
+            self.connected = false;
+            let now = self.now();
+            self.sync.handle_connection(now, false);
+            self.jobs.handle_connection(now, false);
+        }
+        // rumqttc starts each connection clean: whatever was not
+        // acknowledged goes again from the outbox.
+        self.sent.clear();
+        self.awaiting.clear();
+        self.inflight = 0;
+        self.cursor = 0;
+    }
+
+    async fn run(mut self, mut eventloop: mqtt::EventLoop) {
         let mut failures = 0u32;
-        let mut connected = false;
         loop {
-            let wake = self
-                .sync
-                .poll_timeout()
+            let wake = [self.sync.poll_timeout(), self.jobs.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min()
                 .map(|t| self.epoch + Duration::from_millis(t.as_millis()));
             tokio::select! {
                 polled = eventloop.poll() => match polled {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ev::ConnAck => {
                         failures = 0;
-                        connected = true;
+                        self.connected = true;
                         let now = self.now();
                         self.pending_subacks = 0;
                         self.sync.handle_connection(now, true);
                         self.jobs.handle_connection(now, true);
                         let filter = format!("{}/+/request/json", self.commands_base);
-                        match self.client.subscribe(filter, QoS::AtLeastOnce).await {
+                        match self.client.try_subscribe_many(vec![filter]) {
                             Ok(()) => self.pending_subacks += 1,
                             Err(e) => tracing::warn!("cannot subscribe to commands: {e}"),
                         }
+                        self.pump_outbox();
                         self.emit(AgentEvent::Connected).await;
                     }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
+                    Ev::SubAck { ok } => {
+                        if ok {
+                            // A session that got this far was not taken over.
+                            self.taken_over = 0;
                             self.pending_subacks = self.pending_subacks.saturating_sub(1);
                             if self.pending_subacks == 0 {
                                 let now = self.now();
@@ -514,46 +841,91 @@ impl Pump {
                             .await;
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    Ev::Publish { topic, payload } => {
                         let now = self.now();
                         if topic.starts_with(&self.commands_base) {
-                            self.handle_command(&topic, &p.payload).await;
-                            continue;
-                        }
-                        let result = if topic.contains("/jobs/") {
-                            self.jobs.handle_message(now, &topic, &p.payload).map_err(|e| e.to_string())
+                            self.handle_command(&topic, &payload).await;
                         } else {
-                            self.sync.handle_message(now, &topic, &p.payload).map_err(|e| e.to_string())
-                        };
-                        if let Err(reason) = result {
-                            self.emit(AgentEvent::InvalidInput { topic, reason }).await;
+                            let result = if topic.contains("/jobs/") {
+                                self.jobs.handle_message(now, &topic, &payload).map_err(|e| e.to_string())
+                            } else {
+                                self.sync.handle_message(now, &topic, &payload).map_err(|e| e.to_string())
+                            };
+                            if let Err(reason) = result {
+                                self.emit(AgentEvent::InvalidInput { topic, reason }).await;
+                            }
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if connected {
-                            connected = false;
-                            let now = self.now();
-                            self.sync.handle_connection(now, false);
-                            self.jobs.handle_connection(now, false);
+                    Ev::OutgoingPublish(pkid) => {
+                        if let Some(Some(seq)) = self.sent.pop_front() {
+                            self.awaiting.insert(pkid, seq);
+                        }
+                    }
+                    Ev::PubAck { pkid, refused } => {
+                        if let Some(seq) = self.awaiting.remove(&pkid) {
+                            self.inflight = self.inflight.saturating_sub(1);
+                            // A refusal is final: sending it again would be
+                            // refused again.
+                            self.settle(seq, refused.map_or(Ok(()), |r| Err(AgentError::Refused(r))));
+                            self.pump_outbox();
+                        }
+                    }
+                    Ev::Other => {}
+                    Ev::Error { reason, taken_over } => {
+                        self.connection_lost();
+                        if taken_over {
+                            self.taken_over += 1;
+                            if self.taken_over >= CONFLICT_AFTER {
+                                self.emit(AgentEvent::ClientIdConflict { times: self.taken_over }).await;
+                            }
                         }
                         let r = self.random();
                         let delay = self.backoff.delay(failures, r);
                         failures = failures.saturating_add(1);
-                        self.emit(AgentEvent::Disconnected { reason: e.to_string(), retry_in: delay }).await;
+                        self.emit(AgentEvent::Disconnected { reason, retry_in: delay }).await;
                         tokio::time::sleep(delay).await;
                     }
                 },
                 command = self.commands.recv() => match command {
+                    Some(Command::Publish { channel, payload, qos, done }) => {
+                        let topic = format!("{}/{channel}", self.telemetry_base);
+                        let result = match qos {
+                            Qos::AtMostOnce => {
+                                let (tx, rx) = oneshot::channel();
+                                let sent = if self.connected {
+                                    self.send_raw(&topic, 0, payload).map_err(AgentError::Outbox)
+                                } else {
+                                    Err(AgentError::Outbox("not connected; QoS 0 is not stored".into()))
+                                };
+                                let _ = tx.send(sent);
+                                Ok(Delivery { seq: 0, rx })
+                            }
+                            Qos::AtLeastOnce => match self.outbox.push(MessageKind::Telemetry, &topic, &payload) {
+                                Ok(seq) => {
+                                    let (tx, rx) = oneshot::channel();
+                                    self.handles.insert(seq, tx);
+                                    self.pump_outbox();
+                                    Ok(Delivery { seq, rx })
+                                }
+                                Err(e) => Err(AgentError::Outbox(e.to_string())),
+                            },
+                        };
+                        // Telemetry dropped by the overflow policy never
+                        // arrives: tell its waiters.
+                        let live: HashSet<u64> = self.outbox.pending().map(|e| e.seq).collect();
+                        let dropped: Vec<u64> = self.handles.keys().copied().filter(|s| !live.contains(s)).collect();
+                        for seq in dropped {
+                            if let Some(h) = self.handles.remove(&seq) {
+                                let _ = h.send(Err(AgentError::Outbox("dropped by the overflow policy".into())));
+                            }
+                        }
+                        let _ = done.send(result);
+                    }
                     Some(Command::Respond { execution_id, status, payload, done }) => {
                         let result = match self.inbox.respond(epoch_seconds(), &execution_id, status, payload) {
                             Ok(answer) => {
                                 let topic = format!("{}/{execution_id}/response/json", self.commands_base);
-                                self.client
-                                    .publish(topic, QoS::AtLeastOnce, false, answer)
-                                    .await
-                                    .map_err(|e| AgentError::Command(e.to_string()))
+                                self.send_raw(&topic, 1, answer).map_err(AgentError::Command)
                             }
                             Err(e) => Err(AgentError::Command(e.to_string())),
                         };
@@ -561,8 +933,21 @@ impl Pump {
                     }
                     Some(Command::UpdateJob { status, details, done }) => {
                         let now = self.now();
-                        match self.jobs.update(now, status, details) {
+                        let job = self.jobs.current_job().map(String::from);
+                        match self.jobs.update(now, status, details.clone()) {
                             Ok(id) => {
+                                // Kept for a restart: sent then as a plain update.
+                                if let Some(job) = job {
+                                    let body = serde_json::json!({"status": status, "statusDetails": details.unwrap_or_default()});
+                                    let topic = format!("{}/{job}/update", self.jobs_base);
+                                    match self.outbox.push(MessageKind::JobUpdate, &topic, body.to_string().as_bytes()) {
+                                        Ok(seq) => {
+                                            self.engine_owned.insert(seq);
+                                            self.job_seqs.insert(id, seq);
+                                        }
+                                        Err(e) => tracing::warn!("outbox: {e}"),
+                                    }
+                                }
                                 self.job_waiters.insert(id, done);
                             }
                             Err(_) => {
@@ -572,15 +957,23 @@ impl Pump {
                     }
                     Some(Command::Report { shadow, reported, done }) => {
                         let now = self.now();
-                        let name = match shadow.map(ShadowName::try_from).transpose() {
+                        let name = match shadow.clone().map(ShadowName::try_from).transpose() {
                             Ok(n) => n,
                             Err(e) => {
                                 let _ = done.send(Err(AgentError::InvalidName(e.to_string())));
                                 continue;
                             }
                         };
+                        let intent = Value::Object(reported.clone()).to_string();
                         match self.sync.report(now, name.as_ref(), reported) {
                             Ok(id) => {
+                                match self.outbox.push(MessageKind::ShadowReport, shadow.as_deref().unwrap_or(""), intent.as_bytes()) {
+                                    Ok(seq) => {
+                                        self.engine_owned.insert(seq);
+                                        self.report_seqs.insert(id, seq);
+                                    }
+                                    Err(e) => tracing::warn!("outbox: {e}"),
+                                }
                                 self.waiters.insert(id, done);
                             }
                             Err(_) => {
@@ -589,9 +982,7 @@ impl Pump {
                         }
                     }
                     Some(Command::Stop) | None => {
-                        let _ = self.client.disconnect().await;
-                        // Let the DISCONNECT go out.
-                        let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+                        self.flush(&mut eventloop).await;
                         return;
                     }
                 },
@@ -610,9 +1001,36 @@ impl Pump {
         }
     }
 
+    /// A clean stop: waits (a little) for what is in flight to be
+    /// acknowledged, then disconnects. What is not acknowledged stays in
+    /// the outbox for the next start.
+    async fn flush(&mut self, eventloop: &mut mqtt::EventLoop) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.connected && self.inflight > 0 {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ev::OutgoingPublish(pkid)) => {
+                    if let Some(Some(seq)) = self.sent.pop_front() {
+                        self.awaiting.insert(pkid, seq);
+                    }
+                }
+                Ok(Ev::PubAck { pkid, refused }) => {
+                    if let Some(seq) = self.awaiting.remove(&pkid) {
+                        self.inflight = self.inflight.saturating_sub(1);
+                        self.settle(seq, refused.map_or(Ok(()), |r| Err(AgentError::Refused(r))));
+                    }
+                }
+                Ok(Ev::Error { .. }) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        self.client.try_disconnect();
+        // Let the DISCONNECT go out.
+        let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    }
+
     async fn handle_command(&mut self, topic: &str, payload: &[u8]) {
         match self.inbox.handle_request(epoch_seconds(), payload) {
-            Ok(Delivery::Run(r)) => {
+            Ok(CommandDelivery::Run(r)) => {
                 self.emit(AgentEvent::Command {
                     execution_id: r.execution_id,
                     command: r.command,
@@ -621,16 +1039,13 @@ impl Pump {
                 })
                 .await;
             }
-            Ok(Delivery::Duplicate {
+            Ok(CommandDelivery::Duplicate {
                 resend: Some(answer),
             }) => {
                 let response = topic.replace("/request/", "/response/");
-                let _ = self
-                    .client
-                    .publish(response, QoS::AtLeastOnce, false, answer)
-                    .await;
+                let _ = self.send_raw(&response, 1, answer);
             }
-            Ok(Delivery::Duplicate { resend: None } | Delivery::Expired) => {}
+            Ok(CommandDelivery::Duplicate { resend: None } | CommandDelivery::Expired) => {}
             Err(e) => {
                 self.emit(AgentEvent::InvalidInput {
                     topic: topic.into(),
@@ -656,16 +1071,9 @@ impl Pump {
             let result = match t {
                 Transmit::Subscribe { filters } => {
                     self.pending_subacks += 1;
-                    let subs = filters
-                        .into_iter()
-                        .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce));
-                    self.client.subscribe_many(subs).await
+                    self.client.try_subscribe_many(filters)
                 }
-                Transmit::Publish { topic, payload, .. } => {
-                    self.client
-                        .publish(topic, QoS::AtLeastOnce, false, payload)
-                        .await
-                }
+                Transmit::Publish { topic, payload, .. } => self.send_raw(&topic, 1, payload),
             };
             if let Err(e) = result {
                 tracing::warn!("cannot hand a message to the MQTT client: {e}");
@@ -691,11 +1099,17 @@ impl Pump {
                     self.emit(AgentEvent::JobCanceled { job_id }).await;
                 }
                 JobEvent::Updated { id, .. } => {
+                    if let Some(seq) = self.job_seqs.remove(&id) {
+                        self.settle(seq, Ok(()));
+                    }
                     if let Some(w) = self.job_waiters.remove(&id) {
                         let _ = w.send(Ok(()));
                     }
                 }
                 JobEvent::UpdateFailed { id, code, .. } => {
+                    if let Some(seq) = self.job_seqs.remove(&id) {
+                        self.settle(seq, Ok(()));
+                    }
                     if let Some(w) = self.job_waiters.remove(&id) {
                         let _ = w.send(Err(match code {
                             Some(c) => AgentError::JobRejected(format!("{c:?}")),
@@ -721,11 +1135,17 @@ impl Pump {
                     .await;
                 }
                 ShadowEvent::Accepted { id, version, .. } => {
+                    if let Some(seq) = self.report_seqs.remove(&id) {
+                        self.settle(seq, Ok(()));
+                    }
                     if let Some(w) = self.waiters.remove(&id) {
                         let _ = w.send(Ok(version));
                     }
                 }
                 ShadowEvent::Failed { id, error, .. } => {
+                    if let Some(seq) = self.report_seqs.remove(&id) {
+                        self.settle(seq, Ok(()));
+                    }
                     if let Some(w) = self.waiters.remove(&id) {
                         let _ = w.send(Err(match error {
                             Some(e) => AgentError::Rejected {

@@ -36,8 +36,12 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod key;
+mod mqtt;
 pub mod outbox;
 
-pub use agent::{Agent, AgentBuilder, AgentError, AgentEvent, Backoff};
+pub use agent::{Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Qos};
 pub use fleet_core::{NameError, ThingName};
+pub use key::{DeviceKey, KeyAlgorithm, KeyError};
+pub use mqtt::Protocol;
 pub use outbox::{MessageKind, Outbox, OutboxError, Overflow};

@@ -108,9 +108,10 @@ impl Entry {
 /// The durable, size-bounded queue.
 #[derive(Debug)]
 pub struct Outbox {
-    dir: PathBuf,
-    log: File,
-    acks: File,
+    /// `None`: in memory only.
+    dir: Option<PathBuf>,
+    log: Option<File>,
+    acks: Option<File>,
     entries: VecDeque<Entry>,
     next_seq: u64,
     bytes: usize,
@@ -232,9 +233,9 @@ impl Outbox {
             .append(true)
             .open(dir.join(ACKS))?;
         let mut outbox = Self {
-            dir: dir.into(),
-            log,
-            acks,
+            dir: Some(dir.into()),
+            log: Some(log),
+            acks: Some(acks),
             entries,
             next_seq,
             bytes,
@@ -244,6 +245,27 @@ impl Outbox {
         };
         outbox.compact_if_worth_it()?;
         Ok(outbox)
+    }
+
+    /// An outbox in memory: the same bounds and overflow policy, but nothing
+    /// survives the process (for an agent without a state directory).
+    pub fn in_memory(max_bytes: usize, overflow: Overflow) -> Self {
+        Self {
+            dir: None,
+            log: None,
+            acks: None,
+            entries: VecDeque::new(),
+            next_seq: 1,
+            bytes: 0,
+            logged: 0,
+            max_bytes,
+            overflow,
+        }
+    }
+
+    /// Whether messages survive a restart (the outbox is on disk).
+    pub fn is_durable(&self) -> bool {
+        self.dir.is_some()
     }
 
     /// Queues a message durably; returns its sequence number.
@@ -285,8 +307,10 @@ impl Outbox {
             topic: topic.into(),
             payload: payload.into(),
         };
-        self.log.write_all(&encode(&entry))?;
-        self.log.sync_data()?;
+        if let Some(log) = &mut self.log {
+            log.write_all(&encode(&entry))?;
+            log.sync_data()?;
+        }
         self.next_seq += 1;
         self.logged += 1;
         self.bytes += size;
@@ -303,10 +327,12 @@ impl Outbox {
         let Some(i) = self.entries.iter().position(|e| e.seq == seq) else {
             return Ok(());
         };
-        let mut rec = seq.to_le_bytes().to_vec();
-        rec.extend_from_slice(&crc32(&seq.to_le_bytes()).to_le_bytes());
-        self.acks.write_all(&rec)?;
-        self.acks.sync_data()?;
+        if let Some(acks) = &mut self.acks {
+            let mut rec = seq.to_le_bytes().to_vec();
+            rec.extend_from_slice(&crc32(&seq.to_le_bytes()).to_le_bytes());
+            acks.write_all(&rec)?;
+            acks.sync_data()?;
+        }
         if let Some(e) = self.entries.remove(i) {
             self.bytes -= e.size();
         }
@@ -336,11 +362,14 @@ impl Outbox {
     /// Rewrites the log with only the live records when at least half of it
     /// (and at least 64 records) is acknowledged.
     fn compact_if_worth_it(&mut self) -> Result<(), OutboxError> {
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
+        };
         let dead = self.logged.saturating_sub(self.entries.len());
         if dead < 64 || dead * 2 < self.logged {
             return Ok(());
         }
-        let tmp = self.dir.join("outbox.log.tmp");
+        let tmp = dir.join("outbox.log.tmp");
         {
             let mut f = File::create(&tmp)?;
             for e in &self.entries {
@@ -348,14 +377,14 @@ impl Outbox {
             }
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, self.dir.join(LOG))?;
-        sync_dir(&self.dir)?;
+        std::fs::rename(&tmp, dir.join(LOG))?;
+        sync_dir(&dir)?;
         // The new log holds only live records; older acks are moot.
-        let acks = File::create(self.dir.join(ACKS))?;
+        let acks = File::create(dir.join(ACKS))?;
         acks.sync_all()?;
-        sync_dir(&self.dir)?;
-        self.log = OpenOptions::new().append(true).open(self.dir.join(LOG))?;
-        self.acks = OpenOptions::new().append(true).open(self.dir.join(ACKS))?;
+        sync_dir(&dir)?;
+        self.log = Some(OpenOptions::new().append(true).open(dir.join(LOG))?);
+        self.acks = Some(OpenOptions::new().append(true).open(dir.join(ACKS))?);
         self.logged = self.entries.len();
         Ok(())
     }
