@@ -137,8 +137,9 @@ pub enum AgentEvent {
     },
     /// Another connection keeps taking this client id (two devices with the
     /// same identity, or a stale process): the broker drops one of them each
-    /// time. Reported after three take-overs in a row; the agent goes on
-    /// reconnecting with backoff.
+    /// time. Reported after three take-overs in a row, each within a minute
+    /// of connecting; the agent goes on reconnecting with backoff. Needs MQTT
+    /// 5 (a 3.1.1 broker just closes the connection, without a reason).
     ClientIdConflict {
         /// Take-overs in a row so far.
         times: u32,
@@ -681,6 +682,10 @@ const WINDOW: usize = 64;
 /// Take-overs in a row before the agent reports a client-id conflict.
 const CONFLICT_AFTER: u32 = 3;
 
+/// A connection taken over sooner than this after it was made counts
+/// toward a conflict.
+const CONFLICT_WINDOW: Duration = Duration::from_secs(60);
+
 struct Pump {
     client: Client,
     sync: ShadowSync,
@@ -800,6 +805,7 @@ impl Pump {
 
     async fn run(mut self, mut eventloop: mqtt::EventLoop) {
         let mut failures = 0u32;
+        let mut connected_at = Instant::now();
         loop {
             let wake = [self.sync.poll_timeout(), self.jobs.poll_timeout()]
                 .into_iter()
@@ -811,6 +817,7 @@ impl Pump {
                     Ev::ConnAck => {
                         failures = 0;
                         self.connected = true;
+                        connected_at = Instant::now();
                         let now = self.now();
                         self.pending_subacks = 0;
                         self.sync.handle_connection(now, true);
@@ -825,8 +832,6 @@ impl Pump {
                     }
                     Ev::SubAck { ok } => {
                         if ok {
-                            // A session that got this far was not taken over.
-                            self.taken_over = 0;
                             self.pending_subacks = self.pending_subacks.saturating_sub(1);
                             if self.pending_subacks == 0 {
                                 let now = self.now();
@@ -872,8 +877,14 @@ impl Pump {
                     }
                     Ev::Other => {}
                     Ev::Error { reason, taken_over } => {
+                        let was_connected = self.connected;
                         self.connection_lost();
                         if taken_over {
+                            // A connection that lasted was taken over once,
+                            // not in a fight over the client id.
+                            if was_connected && connected_at.elapsed() > CONFLICT_WINDOW {
+                                self.taken_over = 0;
+                            }
                             self.taken_over += 1;
                             if self.taken_over >= CONFLICT_AFTER {
                                 self.emit(AgentEvent::ClientIdConflict { times: self.taken_over }).await;
