@@ -39,9 +39,11 @@ mod agent;
 mod key;
 mod mqtt;
 pub mod outbox;
+pub mod provision;
 
 pub use agent::{Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Qos};
 pub use fleet_core::{NameError, ThingName};
 pub use key::{DeviceKey, KeyAlgorithm, KeyError};
 pub use mqtt::Protocol;
 pub use outbox::{MessageKind, Outbox, OutboxError, Overflow};
+pub use provision::{ClaimConfig, ProvisionError, Provisioned, provision_by_claim};
