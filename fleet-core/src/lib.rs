@@ -73,6 +73,8 @@ pub mod jobs;
 pub mod ota;
 #[cfg(feature = "alloc")]
 pub mod shadow;
+#[cfg(feature = "alloc")]
+pub mod stream;
 #[cfg(test)]
 mod testutil;
 pub mod time;
