@@ -105,6 +105,8 @@ pub struct Extras {
     pub telemetry: Option<TelemetryRouter>,
     /// Fleet provisioning by claim; `None`: not served.
     pub provisioning: Option<ProvisioningService>,
+    /// MQTT file streams (OTA images); `None`: not served.
+    pub streams: Option<crate::StreamService>,
 }
 
 /// A running service; stops when dropped or on [`shutdown`](Self::shutdown).
@@ -205,6 +207,16 @@ pub fn serve<S: ShadowStore>(
     for f in &provisioning_filters {
         filters.push(format!("{share}{f}"));
     }
+    let stream_filters: Vec<String> = if extras.streams.is_some() {
+        crate::StreamService::filters(&prefix).to_vec()
+    } else {
+        Vec::new()
+    };
+    for f in &stream_filters {
+        filters.push(format!("{share}{f}"));
+    }
+    let (streams_tx, mut streams_rx) =
+        mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let commands = CommandCenter::new(client.clone(), &prefix);
     let command_answers = commands.clone();
     let responses_under = format!("{prefix}/commands/things/");
@@ -245,6 +257,15 @@ pub fn serve<S: ShadowStore>(
                             props.and_then(|pr| pr.correlation_data.clone()),
                         );
                         if provisioning_tx.send(request).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if stream_filters
+                        .iter()
+                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                    {
+                        if streams_tx.send((topic, p.payload.to_vec())).await.is_err() {
                             return;
                         }
                         continue;
@@ -319,6 +340,26 @@ pub fn serve<S: ShadowStore>(
                     .await
                 {
                     tracing::warn!("provisioning reply: {e}");
+                }
+            }
+        }));
+    }
+    if let Some(streams) = extras.streams {
+        let stream_client = client.clone();
+        let prefix = prefix.clone();
+        tasks.push(tokio::spawn(async move {
+            let Ok(p) = fleet_core::topic::TopicPrefix::new(&prefix) else {
+                return;
+            };
+            while let Some((topic, payload)) = streams_rx.recv().await {
+                for reply in streams.handle_under(&p, &topic, &payload) {
+                    // Awaiting is the back-pressure of a large read.
+                    if let Err(e) = stream_client
+                        .publish(reply.topic, QoS::AtLeastOnce, false, reply.payload)
+                        .await
+                    {
+                        tracing::warn!("stream reply: {e}");
+                    }
                 }
             }
         }));

@@ -39,6 +39,8 @@
 //!   with mutual TLS and shared subscriptions, so several instances split the
 //!   load.
 //!
+//! - [`StreamService`]: MQTT file streams (describe, get blocks; JSON and
+//!   CBOR), how OTA images reach devices.
 //! - [`CommandCenter`]: send a command to a thing and await its answer,
 //!   with a timeout.
 //! - [`telemetry`]: rules route device telemetry to sinks (JSON lines,
@@ -60,6 +62,7 @@ mod provisioning;
 mod registry;
 mod shadows;
 pub mod store;
+mod streams;
 pub mod telemetry;
 
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
@@ -74,3 +77,4 @@ pub use registry::{
 };
 pub use shadows::{Outgoing, ServiceError, ShadowService};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};
+pub use streams::{StreamReply, StreamService};

@@ -211,8 +211,8 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         .clone()
         .unwrap_or_else(|| dir.join("fleet.db").display().to_string());
     let extras = Extras {
-        telemetry: None,
         provisioning,
+        ..Extras::default()
     };
     let result = if store == "memory" {
         run(config, MemoryStore::new(), &args.prefix, extras).await

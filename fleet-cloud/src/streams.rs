@@ -1,0 +1,310 @@
+//! MQTT file streams: the service side of AWS IoT's MQTT-based file
+//! delivery. Devices `describe` a stream and `get` blocks of its files, in
+//! JSON or CBOR; OTA images reach devices this way.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use fleet_core::stream::{
+    DataBlock, DescribeRequest, FileInfo, Format, GetRequest, StreamDescription, StreamRejected,
+};
+use fleet_core::topic::{StreamTopic, StreamTopicKind, Topic, TopicPrefix};
+
+/// A message for the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamReply {
+    /// Where.
+    pub topic: String,
+    /// What.
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    version: u32,
+    description: String,
+    files: Vec<Arc<Vec<u8>>>,
+}
+
+/// The streams a fleet serves, and the service that serves them.
+///
+/// ```
+/// use fleet_cloud::StreamService;
+/// let streams = StreamService::new();
+/// streams.put("fw-1-2", "firmware 1.2", vec![vec![7u8; 1000]]);
+/// let out = streams.handle("$aws/things/pump-7/streams/fw-1-2/get/json",
+///     br#"{"c":"t","f":0,"l":256,"o":3,"n":1}"#);
+/// assert_eq!(out[0].topic, "$aws/things/pump-7/streams/fw-1-2/data/json");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct StreamService {
+    streams: Arc<RwLock<HashMap<String, Stream>>>,
+}
+
+impl StreamService {
+    /// No streams yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves `files` (file id = index) as stream `id`; replacing a stream
+    /// raises its version, so a device reading the old one is told.
+    /// Returns the version.
+    pub fn put(&self, id: &str, description: &str, files: Vec<Vec<u8>>) -> u32 {
+        let mut streams = self.streams.write().unwrap_or_else(PoisonError::into_inner);
+        let version = streams.get(id).map_or(1, |s| s.version + 1);
+        streams.insert(
+            id.into(),
+            Stream {
+                version,
+                description: description.into(),
+                files: files.into_iter().map(Arc::new).collect(),
+            },
+        );
+        version
+    }
+
+    /// Stops serving a stream.
+    pub fn remove(&self, id: &str) {
+        self.streams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// The topic filters of stream requests under `prefix`.
+    pub fn filters(prefix: &str) -> [String; 2] {
+        [
+            format!("{prefix}/things/+/streams/+/describe/+"),
+            format!("{prefix}/things/+/streams/+/get/+"),
+        ]
+    }
+
+    /// Answers a request under the `$aws` prefix; nothing for a topic that
+    /// is not a stream request.
+    pub fn handle(&self, topic: &str, payload: &[u8]) -> Vec<StreamReply> {
+        self.handle_under(&TopicPrefix::AWS, topic, payload)
+    }
+
+    /// Answers a request under `prefix`.
+    pub fn handle_under(
+        &self,
+        prefix: &TopicPrefix<'_>,
+        topic: &str,
+        payload: &[u8],
+    ) -> Vec<StreamReply> {
+        let Some((base, kind, format)) = topic
+            .rsplit_once('/')
+            .and_then(|(rest, fmt)| Some((rest, Format::parse(fmt)?)))
+            .and_then(|(rest, format)| {
+                let Ok(Topic::Stream(StreamTopic { kind, .. })) = Topic::parse(prefix, topic)
+                else {
+                    return None;
+                };
+                let base = rest.rsplit_once('/')?.0.to_string();
+                Some((base, kind, format))
+            })
+        else {
+            return Vec::new();
+        };
+        let stream_id = base.rsplit('/').next().unwrap_or_default().to_string();
+        let reply = |kind: &str, payload: Vec<u8>| StreamReply {
+            topic: format!("{base}/{kind}/{}", format.as_str()),
+            payload,
+        };
+        let reject = |token: Option<String>, code: &str, message: String| {
+            vec![reply(
+                "rejected",
+                StreamRejected {
+                    client_token: token,
+                    code: code.into(),
+                    message,
+                }
+                .encode(format),
+            )]
+        };
+        let streams = self.streams.read().unwrap_or_else(PoisonError::into_inner);
+        match kind {
+            StreamTopicKind::Describe => {
+                let token = DescribeRequest::decode(payload, format)
+                    .ok()
+                    .and_then(|r| r.client_token);
+                let Some(s) = streams.get(&stream_id) else {
+                    return reject(token, "ResourceNotFound", format!("no stream {stream_id}"));
+                };
+                vec![reply(
+                    "description",
+                    StreamDescription {
+                        client_token: token,
+                        version: s.version,
+                        description: Some(s.description.clone()),
+                        files: s
+                            .files
+                            .iter()
+                            .enumerate()
+                            .map(|(i, f)| FileInfo {
+                                file_id: u32::try_from(i).unwrap_or(u32::MAX),
+                                size: f.len() as u64,
+                            })
+                            .collect(),
+                    }
+                    .encode(format),
+                )]
+            }
+            StreamTopicKind::Get => {
+                let request = match GetRequest::decode(payload, format) {
+                    Ok(r) => r,
+                    Err(e) => return reject(None, "InvalidRequest", e.to_string()),
+                };
+                let token = request.client_token.clone();
+                let Some(s) = streams.get(&stream_id) else {
+                    return reject(token, "ResourceNotFound", format!("no stream {stream_id}"));
+                };
+                if request.version.is_some_and(|v| v != s.version) {
+                    return reject(
+                        token,
+                        "VersionMismatch",
+                        format!("the stream is at version {}", s.version),
+                    );
+                }
+                let Some(file) = usize::try_from(request.file_id)
+                    .ok()
+                    .and_then(|i| s.files.get(i))
+                else {
+                    return reject(
+                        token,
+                        "ResourceNotFound",
+                        format!("no file {}", request.file_id),
+                    );
+                };
+                let blocks = match request.blocks() {
+                    Ok(b) => b,
+                    Err(e) => return reject(token, "InvalidRequest", e.to_string()),
+                };
+                let size = request.block_size as usize;
+                let mut out = Vec::with_capacity(blocks.len());
+                for id in blocks {
+                    let start = usize::try_from(u64::from(id) * size as u64).unwrap_or(usize::MAX);
+                    if start >= file.len() {
+                        return reject(
+                            token,
+                            "BlockOutOfBounds",
+                            format!("block {id} is past the end"),
+                        );
+                    }
+                    let end = (start + size).min(file.len());
+                    out.push(reply(
+                        "data",
+                        DataBlock {
+                            client_token: token.clone(),
+                            file_id: request.file_id,
+                            block_size: request.block_size,
+                            block_id: id,
+                            payload: file[start..end].to_vec(),
+                        }
+                        .encode(format),
+                    ));
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_get_and_refusals() {
+        let s = StreamService::new();
+        let image: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        assert_eq!(s.put("fw", "firmware", vec![image.clone()]), 1);
+        let base = "$aws/things/pump-7/streams/fw";
+        for format in [Format::Json, Format::Cbor] {
+            let f = format.as_str();
+            let d = s.handle(
+                &format!("{base}/describe/{f}"),
+                &DescribeRequest {
+                    client_token: Some("t".into()),
+                }
+                .encode(format),
+            );
+            assert_eq!(d[0].topic, format!("{base}/description/{f}"));
+            let desc = StreamDescription::decode(&d[0].payload, format).unwrap();
+            assert_eq!(
+                (
+                    desc.version,
+                    desc.files[0].size,
+                    desc.client_token.as_deref()
+                ),
+                (1, 1000, Some("t"))
+            );
+
+            let get = GetRequest {
+                client_token: Some("g".into()),
+                version: Some(1),
+                file_id: 0,
+                block_size: 256,
+                offset: 2,
+                count: 2,
+                bitmap: None,
+            };
+            let blocks = s.handle(&format!("{base}/get/{f}"), &get.encode(format));
+            assert_eq!(blocks.len(), 2);
+            let last = DataBlock::decode(&blocks[1].payload, format).unwrap();
+            assert_eq!((last.block_id, last.payload.as_slice()), (3, &image[768..]));
+
+            for (payload, code) in [
+                (
+                    GetRequest {
+                        version: Some(9),
+                        ..get.clone()
+                    }
+                    .encode(format),
+                    "VersionMismatch",
+                ),
+                (
+                    GetRequest {
+                        offset: 4,
+                        count: 1,
+                        ..get.clone()
+                    }
+                    .encode(format),
+                    "BlockOutOfBounds",
+                ),
+                (
+                    GetRequest {
+                        file_id: 5,
+                        ..get.clone()
+                    }
+                    .encode(format),
+                    "ResourceNotFound",
+                ),
+                (b"nonsense".to_vec(), "InvalidRequest"),
+            ] {
+                let r = s.handle(&format!("{base}/get/{f}"), &payload);
+                assert_eq!(r[0].topic, format!("{base}/rejected/{f}"));
+                assert_eq!(
+                    StreamRejected::decode(&r[0].payload, format).unwrap().code,
+                    code
+                );
+            }
+        }
+        let none = s.handle("$aws/things/pump-7/streams/other/describe/json", b"{}");
+        assert_eq!(
+            StreamRejected::decode(&none[0].payload, Format::Json)
+                .unwrap()
+                .code,
+            "ResourceNotFound"
+        );
+        assert!(s.handle("$aws/things/pump-7/shadow/get", b"").is_empty());
+        assert!(s.handle(&format!("{base}/get/xml"), b"").is_empty());
+        assert_eq!(
+            s.put("fw", "firmware", vec![image]),
+            2,
+            "a replaced stream has a new version"
+        );
+    }
+}
