@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::key::{DeviceKey, Resolver};
 use crate::mqtt::{self, Client, Ev, Protocol};
+use crate::ota::OtaSettings;
 use crate::outbox::{MessageKind, Outbox, Overflow};
 
 /// Why the agent could not do something.
@@ -144,6 +145,38 @@ pub enum AgentEvent {
         /// Take-overs in a row so far.
         times: u32,
     },
+    /// An update is downloading (with [`AgentBuilder::ota`]).
+    OtaProgress {
+        /// The job.
+        job_id: String,
+        /// Bytes written to the new slot.
+        received: u64,
+        /// Image size.
+        total: u64,
+    },
+    /// The new image is staged and the trial boot set: restart the device
+    /// (a process using [`FileSlots`](crate::FileSlots): restart it).
+    RebootRequired {
+        /// The job.
+        job_id: String,
+    },
+    /// An update ended; the job is reported with a signed install receipt.
+    OtaFinished {
+        /// The job.
+        job_id: String,
+        /// The new image runs and is confirmed (`false`: the previous image
+        /// runs again, or the download never verified).
+        committed: bool,
+    },
+    /// An update job was refused before anything was written (a manifest
+    /// not signed by the trust root, for another device, older than what
+    /// runs...). The job is reported failed with the reason.
+    OtaRejected {
+        /// The job.
+        job_id: String,
+        /// Why.
+        reason: String,
+    },
     /// The broker or the service sent something the agent cannot use; it
     /// changed nothing.
     InvalidInput {
@@ -248,6 +281,7 @@ pub struct AgentBuilder {
     overflow: Overflow,
     telemetry_prefix: String,
     keep_alive: Duration,
+    ota: Option<OtaSettings>,
 }
 
 impl fmt::Debug for AgentBuilder {
@@ -292,6 +326,7 @@ impl AgentBuilder {
             overflow: Overflow::DropOldestTelemetry,
             telemetry_prefix: "dt".into(),
             keep_alive: Duration::from_secs(30),
+            ota: None,
         }
     }
 
@@ -379,6 +414,17 @@ impl AgentBuilder {
         self
     }
 
+    /// Installs signed releases: jobs whose document is a `fleet.ota`
+    /// operation are run by the agent (manifest checked against the trust
+    /// root, image fetched over the MQTT file stream into the slot that is
+    /// not running, trial boot, self-test, confirm or roll back, signed
+    /// receipt) instead of being handed to the application. Needs a
+    /// [`state_dir`](Self::state_dir).
+    pub fn ota(mut self, settings: OtaSettings) -> Self {
+        self.ota = Some(settings);
+        self
+    }
+
     /// MQTT keep-alive (default 30 s).
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
         self.keep_alive = keep_alive;
@@ -445,7 +491,26 @@ impl AgentBuilder {
                 }
             }
         }
+        let ota = match (&self.ota, &self.state_dir) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(AgentError::StateDir(
+                    "over-the-air updates need a state directory".into(),
+                ));
+            }
+            (Some(settings), Some(dir)) => {
+                fleet_core::ota::TrustRoot::parse(&settings.trust_root)
+                    .map_err(|e| AgentError::Tls(format!("trust root: {e}")))?;
+                Some(OtaState {
+                    settings: settings.clone(),
+                    state_dir: dir.clone(),
+                    run: None,
+                })
+            }
+        };
         let pump = Pump {
+            ota,
+            things_base: format!("$aws/things/{}", self.thing),
             client,
             sync,
             jobs,
@@ -473,6 +538,8 @@ impl AgentBuilder {
             connected: false,
             taken_over: 0,
         };
+        let mut pump = pump;
+        pump.ota_resume();
         let task = tokio::spawn(pump.run(eventloop));
         Ok(Agent {
             commands,
@@ -703,7 +770,37 @@ const CONFLICT_AFTER: u32 = 3;
 /// toward a conflict.
 const CONFLICT_WINDOW: Duration = Duration::from_secs(60);
 
+/// An update in progress, and what the agent must remember of its job.
+struct OtaRun {
+    job_id: String,
+    stream: String,
+    nonce: Vec<u8>,
+    sequence: u64,
+    update: fleet_core::ota::OtaUpdate,
+    /// The block asked for: (offset, len, block id, when asked).
+    pending: Option<(u64, u32, u32, CoreInstant)>,
+    last_block: Vec<u8>,
+    /// Waiting for the reboot it asked for.
+    paused: bool,
+    /// The job's final report, sent once the jobs engine holds the job.
+    report: Option<(JobStatus, BTreeMap<String, String>)>,
+    /// The job's in-progress report is still to be sent.
+    started: bool,
+}
+
+struct OtaState {
+    settings: OtaSettings,
+    state_dir: PathBuf,
+    run: Option<OtaRun>,
+}
+
+/// How long a requested block may take before it is asked for again.
+const BLOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Pump {
+    ota: Option<OtaState>,
+    /// `$aws/things/{thing}`
+    things_base: String,
     client: Client,
     sync: ShadowSync,
     jobs: JobRunner,
@@ -824,11 +921,15 @@ impl Pump {
         let mut failures = 0u32;
         let mut connected_at = Instant::now();
         loop {
-            let wake = [self.sync.poll_timeout(), self.jobs.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(|t| self.epoch + Duration::from_millis(t.as_millis()));
+            let wake = [
+                self.sync.poll_timeout(),
+                self.jobs.poll_timeout(),
+                self.ota_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| self.epoch + Duration::from_millis(t.as_millis()));
             tokio::select! {
                 polled = eventloop.poll() => match polled {
                     Ev::ConnAck => {
@@ -839,12 +940,22 @@ impl Pump {
                         self.pending_subacks = 0;
                         self.sync.handle_connection(now, true);
                         self.jobs.handle_connection(now, true);
-                        let filter = format!("{}/+/request/json", self.commands_base);
-                        match self.client.try_subscribe_many(vec![filter]) {
+                        let mut filters = vec![format!("{}/+/request/json", self.commands_base)];
+                        if self.ota.is_some() {
+                            filters.push(format!("{}/streams/+/data/json", self.things_base));
+                            filters.push(format!("{}/streams/+/rejected/json", self.things_base));
+                        }
+                        match self.client.try_subscribe_many(filters) {
                             Ok(()) => self.pending_subacks += 1,
                             Err(e) => tracing::warn!("cannot subscribe to commands: {e}"),
                         }
                         self.pump_outbox();
+                        if let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut())
+                            && let Some(p) = run.pending.as_mut()
+                        {
+                            // Asked again once subscribed (the timeout fires).
+                            p.3 = CoreInstant::from_millis(0);
+                        }
                         self.emit(AgentEvent::Connected).await;
                     }
                     Ev::SubAck { ok } => {
@@ -867,6 +978,10 @@ impl Pump {
                         let now = self.now();
                         if topic.starts_with(&self.commands_base) {
                             self.handle_command(&topic, &payload).await;
+                        } else if topic.contains("/streams/") {
+                            if let Err(reason) = self.ota_handle_stream(now, &topic, &payload) {
+                                self.emit(AgentEvent::InvalidInput { topic, reason }).await;
+                            }
                         } else {
                             let result = if topic.contains("/jobs/") {
                                 self.jobs.handle_message(now, &topic, &payload).map_err(|e| e.to_string())
@@ -1023,9 +1138,13 @@ impl Pump {
                     let now = self.now();
                     self.sync.handle_timeout(now);
                     self.jobs.handle_timeout(now);
+                    self.ota_handle_timeout(now);
                 }
             }
             self.drain().await;
+            for event in self.ota_drive() {
+                self.emit(event).await;
+            }
         }
     }
 
@@ -1115,6 +1234,15 @@ impl Pump {
                     document,
                     status_details,
                 } => {
+                    if self.ota.is_some()
+                        && document.get("operation").and_then(Value::as_str)
+                            == Some(fleet_core::jobs::OTA_OPERATION)
+                    {
+                        if let Some(e) = self.ota_job(&job_id, &document) {
+                            self.emit(e).await;
+                        }
+                        continue;
+                    }
                     self.emit(AgentEvent::Job {
                         job_id,
                         execution_number,
@@ -1185,6 +1313,473 @@ impl Pump {
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+}
+
+/// The job an update belongs to, kept beside the slots' progress record so
+/// that an update resumed after a restart still knows it.
+const OTA_JOB_FILE: &str = "ota-job.json";
+
+fn ota_config(settings: &OtaSettings) -> fleet_core::ota::OtaConfig {
+    fleet_core::ota::OtaConfig {
+        block_size: settings.block_size,
+        ..fleet_core::ota::OtaConfig::default()
+    }
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+impl Pump {
+    /// After a start: an update the slots' record says is under way goes on.
+    fn ota_resume(&mut self) {
+        use base64::Engine as _;
+        let Some(o) = self.ota.as_mut() else { return };
+        let (record, booted) = {
+            let slots = o.settings.slots.lock().unwrap_or_else(|p| p.into_inner());
+            (slots.load_record(), slots.booted())
+        };
+        let record = match record {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("cannot read the OTA record: {e}");
+                return;
+            }
+        };
+        let job: Option<Value> = std::fs::read(o.state_dir.join(OTA_JOB_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let fields = job.as_ref().and_then(|j| {
+            Some((
+                j["jobId"].as_str()?.to_string(),
+                j["stream"].as_str()?.to_string(),
+                b64().decode(j["nonce"].as_str()?).ok()?,
+                j["sequence"].as_u64()?,
+            ))
+        });
+        let resumed = fleet_core::ota::OtaUpdate::resume(
+            &record,
+            booted,
+            CoreInstant::from_millis(0),
+            ota_config(&o.settings),
+        );
+        match (fields, resumed) {
+            (Some((job_id, stream, nonce, sequence)), Ok(update)) => {
+                o.run = Some(OtaRun {
+                    job_id,
+                    stream,
+                    nonce,
+                    sequence,
+                    update,
+                    pending: None,
+                    last_block: Vec::new(),
+                    paused: false,
+                    report: None,
+                    started: false,
+                });
+            }
+            (_, result) => {
+                // A record without its job (or a corrupt one): the running
+                // image is what it is; forget the update.
+                tracing::warn!(
+                    "dropping an OTA record that cannot be resumed: {:?}",
+                    result.err()
+                );
+                let mut slots = o.settings.slots.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = slots.clear_record();
+            }
+        }
+    }
+
+    fn ota_timeout(&self) -> Option<CoreInstant> {
+        let run = self.ota.as_ref()?.run.as_ref()?;
+        let block = run.pending.map(|p| {
+            CoreInstant::from_millis(
+                p.3.as_millis()
+                    .saturating_add(u64::try_from(BLOCK_TIMEOUT.as_millis()).unwrap_or(u64::MAX)),
+            )
+        });
+        [block, run.update.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn ota_handle_timeout(&mut self, now: CoreInstant) {
+        let connected = self.connected;
+        let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut()) else {
+            return;
+        };
+        if run.update.poll_timeout().is_some_and(|t| t <= now) {
+            run.update.handle_timeout(now);
+        }
+        let resend = run.pending.is_some_and(|p| {
+            now.as_millis()
+                >= p.3.as_millis() + u64::try_from(BLOCK_TIMEOUT.as_millis()).unwrap_or(0)
+        });
+        if resend && connected {
+            self.ota_request_block(now);
+        }
+    }
+
+    /// Asks the stream for the pending block.
+    fn ota_request_block(&mut self, now: CoreInstant) {
+        let block_size = match &self.ota {
+            Some(o) => o.settings.block_size,
+            None => return,
+        };
+        let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut()) else {
+            return;
+        };
+        let Some(p) = run.pending.as_mut() else {
+            return;
+        };
+        p.3 = now;
+        let request = fleet_core::stream::GetRequest {
+            client_token: Some(run.job_id.clone()),
+            version: None,
+            file_id: 0,
+            block_size,
+            offset: p.2,
+            count: 1,
+            bitmap: None,
+        };
+        let topic = format!("{}/streams/{}/get/json", self.things_base, run.stream);
+        let payload = request.encode(fleet_core::stream::Format::Json);
+        if self.connected
+            && let Err(e) = self.send_raw(&topic, 1, payload)
+        {
+            tracing::warn!("cannot ask for a block: {e}");
+        }
+    }
+
+    fn ota_handle_stream(
+        &mut self,
+        now: CoreInstant,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        use fleet_core::stream::{DataBlock, Format, StreamRejected};
+        let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut()) else {
+            return Err("no update is running".into());
+        };
+        if topic.ends_with("/rejected/json") {
+            let r = StreamRejected::decode(payload, Format::Json).map_err(|e| e.to_string())?;
+            if r.client_token.as_deref() == Some(run.job_id.as_str()) {
+                // The image is not there: the update cannot go on.
+                run.pending = None;
+                let mut details = BTreeMap::new();
+                details.insert(
+                    "reason".to_string(),
+                    format!("stream: {} {}", r.code, r.message),
+                );
+                run.report = Some((JobStatus::Failed, details));
+                let mut slots = self.ota.as_ref().map(|o| o.settings.slots.clone());
+                if let Some(slots) = slots.take() {
+                    let _ = slots
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear_record();
+                }
+            }
+            return Ok(());
+        }
+        let block = DataBlock::decode(payload, Format::Json).map_err(|e| e.to_string())?;
+        let Some((offset, len, id, _)) = run.pending else {
+            return Ok(()); // a late duplicate
+        };
+        if block.block_id != id || block.client_token.as_deref() != Some(run.job_id.as_str()) {
+            return Ok(());
+        }
+        if block.payload.len() != len as usize {
+            return Err(format!(
+                "block {id} has {} bytes, not {len}",
+                block.payload.len()
+            ));
+        }
+        run.pending = None;
+        run.update
+            .handle_block(now, offset, &block.payload)
+            .map_err(|e| e.to_string())?;
+        run.last_block = block.payload;
+        Ok(())
+    }
+
+    /// A `fleet.ota` job arrived (or arrived again after a restart).
+    fn ota_job(&mut self, job_id: &str, document: &Value) -> Option<AgentEvent> {
+        use base64::Engine as _;
+        use fleet_core::jobs::{ImageSource, JobDocument};
+        let o = self.ota.as_mut()?;
+        if o.run.as_ref().is_some_and(|r| r.job_id == job_id) {
+            // Ours already: go on (the report waits for the job to be current).
+            return None;
+        }
+        let refuse = |this: &mut Self, reason: String| {
+            let mut details = BTreeMap::new();
+            details.insert("reason".to_string(), reason.clone());
+            let now = this.now();
+            if let Ok(id) = this.jobs.update(now, JobStatus::Rejected, Some(details)) {
+                let _ = id;
+            }
+            Some(AgentEvent::OtaRejected {
+                job_id: job_id.into(),
+                reason,
+            })
+        };
+        let job = match JobDocument::parse(document) {
+            Ok(JobDocument::Ota(job)) => job,
+            Ok(JobDocument::Other(_)) => return None,
+            Err(e) => return refuse(self, e.to_string()),
+        };
+        let ImageSource::Stream(stream) = &job.image else {
+            return refuse(self, "only MQTT stream images are supported".into());
+        };
+        let (Ok(envelope), Ok(nonce)) = (job.manifest_bytes(), job.nonce_bytes()) else {
+            return refuse(self, "manifest or nonce is not valid base64".into());
+        };
+        let o = self.ota.as_mut()?;
+        let (booted, installed, capacity) = {
+            let slots = o.settings.slots.lock().unwrap_or_else(|p| p.into_inner());
+            (slots.booted(), slots.installed_sequence(), slots.capacity())
+        };
+        let Ok(root) = fleet_core::ota::TrustRoot::parse(&o.settings.trust_root) else {
+            return refuse(self, "the trust root is unusable".into());
+        };
+        let profile = fleet_core::ota::DeviceProfile {
+            hardware_id: &o.settings.hardware_id,
+            installed_sequence: installed,
+            max_image_size: capacity,
+            now: Some(epoch_seconds()),
+        };
+        let manifest = match root.verify_manifest(&envelope, &profile) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = format!("manifest refused: {e}");
+                return refuse(self, reason);
+            }
+        };
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&envelope).into()
+        };
+        let sidecar = serde_json::json!({
+            "jobId": job_id,
+            "stream": stream,
+            "nonce": b64().encode(&nonce),
+            "sequence": manifest.sequence,
+        });
+        if let Err(e) = std::fs::write(o.state_dir.join(OTA_JOB_FILE), sidecar.to_string()) {
+            return refuse(self, format!("cannot store the job: {e}"));
+        }
+        let update = fleet_core::ota::OtaUpdate::start(
+            &manifest,
+            digest,
+            installed,
+            booted.other(),
+            ota_config(&o.settings),
+        );
+        o.run = Some(OtaRun {
+            job_id: job_id.into(),
+            stream: stream.clone(),
+            nonce,
+            sequence: manifest.sequence,
+            update,
+            pending: None,
+            last_block: Vec::new(),
+            paused: false,
+            report: None,
+            started: true,
+        });
+        None
+    }
+
+    /// Carries out what the update asks, up to the next network round trip,
+    /// and reports the job when it is over.
+    fn ota_drive(&mut self) -> Vec<AgentEvent> {
+        use fleet_core::ota::{
+            InstallOutcome, InstallReceipt, MAX_RECEIPT_LEN, OtaAction, OtaEvent,
+        };
+        let mut events = Vec::new();
+        let now = self.now();
+        let mut ask_block = false;
+        {
+            let Some(o) = self.ota.as_mut() else {
+                return events;
+            };
+            let Some(run) = o.run.as_mut() else {
+                return events;
+            };
+            let slots = o.settings.slots.clone();
+            while !run.paused && run.pending.is_none() && run.report.is_none() {
+                let Some(action) = run.update.poll_action() else {
+                    break;
+                };
+                let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+                let io = match action {
+                    OtaAction::Persist(record) => slots.save_record(&record.encode()),
+                    OtaAction::Fetch { offset, len } => {
+                        let id = u32::try_from(offset / u64::from(o.settings.block_size))
+                            .unwrap_or(u32::MAX);
+                        run.pending = Some((offset, len, id, now));
+                        ask_block = true;
+                        break;
+                    }
+                    OtaAction::Write { slot, offset, .. } => {
+                        slots.write(slot, offset, &run.last_block)
+                    }
+                    OtaAction::SetTrialBoot { slot } => slots.set_trial_boot(slot),
+                    OtaAction::Reboot => {
+                        let _ = slots.reboot();
+                        run.paused = true;
+                        events.push(AgentEvent::RebootRequired {
+                            job_id: run.job_id.clone(),
+                        });
+                        break;
+                    }
+                    OtaAction::RunSelfTest => {
+                        drop(slots);
+                        let passed = (o.settings.self_test)();
+                        let _ = run.update.handle_self_test(now, passed);
+                        continue;
+                    }
+                    OtaAction::Confirm { slot } => slots.confirm(slot, run.sequence),
+                };
+                let result = io
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| run.update.handle_done(now).map_err(|e| e.to_string()));
+                if let Err(e) = result {
+                    let mut details = BTreeMap::new();
+                    details.insert("reason".to_string(), format!("slots: {e}"));
+                    run.report = Some((JobStatus::Failed, details));
+                    let _ = slots.clear_record();
+                }
+            }
+            while let Some(event) = run.update.poll_event() {
+                match event {
+                    OtaEvent::Progress { received, total } => {
+                        events.push(AgentEvent::OtaProgress {
+                            job_id: run.job_id.clone(),
+                            received,
+                            total,
+                        })
+                    }
+                    OtaEvent::Finished {
+                        outcome,
+                        installed_sequence,
+                        manifest_digest,
+                    } => {
+                        let receipt = InstallReceipt {
+                            manifest_digest,
+                            outcome,
+                            installed_sequence,
+                            nonce: &run.nonce,
+                        };
+                        let key = ed25519_dalek::SigningKey::from_bytes(&o.settings.receipt_key);
+                        let mut buf = [0u8; MAX_RECEIPT_LEN];
+                        let mut details = BTreeMap::new();
+                        use base64::Engine as _;
+                        match receipt.sign(&key, &mut buf) {
+                            Ok(n) => {
+                                details.insert("receipt".to_string(), b64().encode(&buf[..n]));
+                            }
+                            Err(e) => {
+                                details.insert("reason".to_string(), e.to_string());
+                            }
+                        }
+                        let committed = outcome == InstallOutcome::Committed;
+                        details.insert(
+                            "outcome".to_string(),
+                            if committed {
+                                "committed"
+                            } else {
+                                "rolled-back"
+                            }
+                            .to_string(),
+                        );
+                        details.insert(
+                            "installedSequence".to_string(),
+                            installed_sequence.to_string(),
+                        );
+                        let status = if committed {
+                            JobStatus::Succeeded
+                        } else {
+                            JobStatus::Failed
+                        };
+                        run.report = Some((status, details));
+                        events.push(AgentEvent::OtaFinished {
+                            job_id: run.job_id.clone(),
+                            committed,
+                        });
+                    }
+                    OtaEvent::Failed(e) => {
+                        let mut details = BTreeMap::new();
+                        details.insert("reason".to_string(), format!("image: {e}"));
+                        run.report = Some((JobStatus::Failed, details));
+                        events.push(AgentEvent::OtaFinished {
+                            job_id: run.job_id.clone(),
+                            committed: false,
+                        });
+                    }
+                    OtaEvent::Staged => {}
+                }
+            }
+        }
+        if ask_block {
+            self.ota_request_block(now);
+        }
+        self.ota_report(now);
+        events
+    }
+
+    /// Sends the job's reports once the jobs engine holds the job.
+    fn ota_report(&mut self, now: CoreInstant) {
+        let Some(o) = self.ota.as_mut() else { return };
+        let Some(run) = o.run.as_mut() else { return };
+        if self.jobs.current_job() != Some(run.job_id.as_str()) {
+            return;
+        }
+        let topic = format!("{}/{}/update", self.jobs_base, run.job_id);
+        let mut updates = Vec::new();
+        if run.started {
+            run.started = false;
+            let mut details = BTreeMap::new();
+            details.insert("phase".to_string(), "downloading".to_string());
+            updates.push((JobStatus::InProgress, details));
+        }
+        let done = run.report.take();
+        if let Some(report) = done.clone() {
+            updates.push(report);
+        }
+        for (status, details) in updates {
+            if let Ok(id) = self.jobs.update(now, status, Some(details.clone())) {
+                let body = serde_json::json!({"status": status, "statusDetails": details});
+                // Kept for a restart: the receipt must reach the service.
+                let kind = if done.is_some() {
+                    MessageKind::Receipt
+                } else {
+                    MessageKind::JobUpdate
+                };
+                if let Ok(seq) = self.outbox.push(kind, &topic, body.to_string().as_bytes()) {
+                    self.engine_owned.insert(seq);
+                    self.job_seqs.insert(id, seq);
+                }
+            }
+        }
+        if done.is_some() {
+            let o = self.ota.as_mut();
+            if let Some(o) = o {
+                let _ = o
+                    .settings
+                    .slots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear_record();
+                let _ = std::fs::remove_file(o.state_dir.join(OTA_JOB_FILE));
+                o.run = None;
             }
         }
     }

@@ -38,6 +38,7 @@
 mod agent;
 mod key;
 mod mqtt;
+pub mod ota;
 pub mod outbox;
 pub mod provision;
 
@@ -45,5 +46,6 @@ pub use agent::{Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, 
 pub use fleet_core::{NameError, ThingName};
 pub use key::{DeviceKey, KeyAlgorithm, KeyError};
 pub use mqtt::Protocol;
+pub use ota::{FileSlots, FirmwareSlots, OtaSettings, Slot};
 pub use outbox::{MessageKind, Outbox, OutboxError, Overflow};
 pub use provision::{ClaimConfig, ProvisionError, Provisioned, provision_by_claim};
