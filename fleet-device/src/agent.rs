@@ -233,6 +233,17 @@ pub enum Qos {
     AtLeastOnce,
 }
 
+/// The agent's copy of a shadow, as last read from the service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowSnapshot {
+    /// Desired state.
+    pub desired: Map<String, Value>,
+    /// Reported state.
+    pub reported: Map<String, Value>,
+    /// The shadow's version.
+    pub version: u64,
+}
+
 /// A queued message: resolves when the broker acknowledged it.
 #[derive(Debug)]
 pub struct Delivery {
@@ -599,6 +610,15 @@ fn tls_config(
 }
 
 enum Command {
+    PublishBatch {
+        channel: String,
+        payloads: Vec<Vec<u8>>,
+        done: oneshot::Sender<Result<Vec<Delivery>, AgentError>>,
+    },
+    GetShadow {
+        shadow: Option<String>,
+        done: oneshot::Sender<Result<Option<ShadowSnapshot>, AgentError>>,
+    },
     Publish {
         channel: String,
         payload: Vec<u8>,
@@ -657,6 +677,47 @@ impl Agent {
                 channel: channel.into(),
                 payload: payload.into(),
                 qos,
+                done,
+            })
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)?
+    }
+
+    /// Publishes several telemetry messages to `channel` at QoS 1 with one
+    /// write to the outbox (one flush to disk instead of one per message):
+    /// all are queued, or none (the outbox is full). Each message is its
+    /// own MQTT publish with its own [`Delivery`].
+    pub async fn publish_batch(
+        &self,
+        channel: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<Vec<Delivery>, AgentError> {
+        if channel.is_empty() || channel.contains(['+', '#', '\0']) {
+            return Err(AgentError::InvalidName(format!(
+                "telemetry channel {channel:?}"
+            )));
+        }
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(Command::PublishBatch {
+                channel: channel.into(),
+                payloads,
+                done,
+            })
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)?
+    }
+
+    /// The agent's copy of a shadow (`None`: classic): what it last read
+    /// from the service, kept current by deltas and accepted updates.
+    /// `None` until it was read (after connecting), or if it does not exist.
+    pub async fn shadow(&self, shadow: Option<&str>) -> Result<Option<ShadowSnapshot>, AgentError> {
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(Command::GetShadow {
+                shadow: shadow.map(String::from),
                 done,
             })
             .await
@@ -1030,6 +1091,34 @@ impl Pump {
                     }
                 },
                 command = self.commands.recv() => match command {
+                    Some(Command::PublishBatch { channel, payloads, done }) => {
+                        let topic = format!("{}/{channel}", self.telemetry_base);
+                        let messages: Vec<(&str, &[u8])> = payloads.iter().map(|p| (topic.as_str(), p.as_slice())).collect();
+                        let result = match self.outbox.push_many(MessageKind::Telemetry, &messages) {
+                            Ok(seqs) => Ok(seqs
+                                .into_iter()
+                                .map(|seq| {
+                                    let (tx, rx) = oneshot::channel();
+                                    self.handles.insert(seq, tx);
+                                    Delivery { seq, rx }
+                                })
+                                .collect()),
+                            Err(e) => Err(AgentError::Outbox(e.to_string())),
+                        };
+                        self.pump_outbox();
+                        let _ = done.send(result);
+                    }
+                    Some(Command::GetShadow { shadow, done }) => {
+                        let result = match shadow.map(ShadowName::try_from).transpose() {
+                            Ok(name) => Ok(self.sync.document(name.as_ref()).map(|(d, r, v)| ShadowSnapshot {
+                                desired: d.clone(),
+                                reported: r.clone(),
+                                version: v,
+                            })),
+                            Err(e) => Err(AgentError::InvalidName(e.to_string())),
+                        };
+                        let _ = done.send(result);
+                    }
                     Some(Command::Publish { channel, payload, qos, done }) => {
                         let topic = format!("{}/{channel}", self.telemetry_base);
                         let result = match qos {

@@ -42,7 +42,9 @@ pub mod ota;
 pub mod outbox;
 pub mod provision;
 
-pub use agent::{Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Qos};
+pub use agent::{
+    Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Qos, ShadowSnapshot,
+};
 pub use fleet_core::{NameError, ThingName};
 pub use key::{DeviceKey, KeyAlgorithm, KeyError};
 pub use mqtt::Protocol;

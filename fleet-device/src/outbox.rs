@@ -268,6 +268,78 @@ impl Outbox {
         self.dir.is_some()
     }
 
+    /// Queues several messages with one write to disk (one flush), all or
+    /// none; returns their sequence numbers. The overflow policy applies to
+    /// the batch as a whole.
+    pub fn push_many(
+        &mut self,
+        kind: MessageKind,
+        messages: &[(&str, &[u8])],
+    ) -> Result<Vec<u64>, OutboxError> {
+        let size: usize = messages.iter().map(|(t, p)| t.len() + p.len()).sum();
+        if size > self.max_bytes
+            || messages
+                .iter()
+                .any(|(t, _)| t.len() > usize::from(u16::MAX))
+        {
+            return Err(OutboxError::Full);
+        }
+        let drop = self.plan_room(size)?;
+        let mut bytes = Vec::new();
+        let mut entries = Vec::with_capacity(messages.len());
+        for (i, (topic, payload)) in messages.iter().enumerate() {
+            let entry = Entry {
+                seq: self.next_seq + i as u64,
+                kind,
+                topic: (*topic).into(),
+                payload: (*payload).into(),
+            };
+            bytes.extend_from_slice(&encode(&entry));
+            entries.push(entry);
+        }
+        if let Some(log) = &mut self.log {
+            log.write_all(&bytes)?;
+            log.sync_data()?;
+        }
+        self.next_seq += messages.len() as u64;
+        self.logged += messages.len();
+        self.bytes += size;
+        let seqs = entries.iter().map(|e| e.seq).collect();
+        self.entries.extend(entries);
+        for s in drop {
+            self.ack(s)?;
+        }
+        Ok(seqs)
+    }
+
+    /// What must be dropped (oldest telemetry first) to make room for
+    /// `size` more bytes, or `Full` if the policy keeps what is there.
+    fn plan_room(&self, size: usize) -> Result<Vec<u64>, OutboxError> {
+        let mut drop = Vec::new();
+        if self.bytes + size <= self.max_bytes {
+            return Ok(drop);
+        }
+        if self.overflow == Overflow::RejectNew {
+            return Err(OutboxError::Full);
+        }
+        let mut freed = 0;
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| e.kind == MessageKind::Telemetry)
+        {
+            if self.bytes - freed + size <= self.max_bytes {
+                break;
+            }
+            freed += e.size();
+            drop.push(e.seq);
+        }
+        if self.bytes - freed + size > self.max_bytes {
+            return Err(OutboxError::Full);
+        }
+        Ok(drop)
+    }
+
     /// Queues a message durably; returns its sequence number.
     pub fn push(
         &mut self,
@@ -280,27 +352,7 @@ impl Outbox {
             return Err(OutboxError::Full);
         }
         // Decide what to drop before changing anything.
-        let mut drop = Vec::new();
-        if self.bytes + size > self.max_bytes {
-            if self.overflow == Overflow::RejectNew {
-                return Err(OutboxError::Full);
-            }
-            let mut freed = 0;
-            for e in self
-                .entries
-                .iter()
-                .filter(|e| e.kind == MessageKind::Telemetry)
-            {
-                if self.bytes - freed + size <= self.max_bytes {
-                    break;
-                }
-                freed += e.size();
-                drop.push(e.seq);
-            }
-            if self.bytes - freed + size > self.max_bytes {
-                return Err(OutboxError::Full);
-            }
-        }
+        let drop = self.plan_room(size)?;
         let entry = Entry {
             seq: self.next_seq,
             kind,
@@ -416,6 +468,29 @@ mod tests {
             "sequences are never reused"
         );
         assert_eq!(o.pending().nth(1).unwrap().payload, [2]);
+    }
+
+    #[test]
+    fn a_batch_is_queued_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), 40, Overflow::RejectNew).unwrap();
+        let seqs = o
+            .push_many(MessageKind::Telemetry, &[("t", b"one"), ("t", b"two")])
+            .unwrap();
+        assert_eq!(seqs, [1, 2]);
+        let big = [0u8; 30];
+        assert!(matches!(
+            o.push_many(MessageKind::Telemetry, &[("t", b"x"), ("t", &big)]),
+            Err(OutboxError::Full)
+        ));
+        assert_eq!(o.len(), 2, "nothing of a refused batch is kept");
+        drop(o);
+        let o = Outbox::open(dir.path(), 40, Overflow::RejectNew).unwrap();
+        assert_eq!(seqs_of(&o), [1, 2]);
+    }
+
+    fn seqs_of(o: &Outbox) -> Vec<u64> {
+        o.pending().map(|e| e.seq).collect()
     }
 
     #[test]

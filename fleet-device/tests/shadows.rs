@@ -174,26 +174,48 @@ async fn bad_input_from_the_broker_is_reported_and_changes_nothing(kind: BrokerK
     let _cloud = cloud(&broker, &dir.path().join("fleet.db"));
     let mut dev = agent(&broker);
     dev.report(None, obj(json!({"a": 1}))).await.unwrap();
+    let before = dev
+        .shadow(None)
+        .await
+        .unwrap()
+        .expect("the replica after a report");
+    assert_eq!(before.reported.get("a"), Some(&json!(1)));
     let backend = TestClient::connect(&broker, &broker.backend_identity().unwrap(), "app")
         .await
         .unwrap();
-    backend
-        .publish("$aws/things/pump-7/shadow/update/delta", "{not json")
-        .await
-        .unwrap();
-    loop {
+    // Malformed JSON, a wrong shape, a payload far larger than any shadow,
+    // on every kind of topic the agent reads.
+    let huge = "x".repeat(100 * 1024);
+    let bad: [(&str, &str); 5] = [
+        ("$aws/things/pump-7/shadow/update/delta", "{not json"),
+        ("$aws/things/pump-7/shadow/update/accepted", &huge),
+        ("$aws/things/pump-7/shadow/get/accepted", "[1,2,3]"),
+        ("$aws/things/pump-7/jobs/notify-next", "{\"execution\": 7}"),
+        (
+            "$aws/commands/things/pump-7/executions/c1/request/json",
+            "no command",
+        ),
+    ];
+    for (topic, payload) in bad {
+        backend.publish(topic, payload).await.unwrap();
+    }
+    let mut reported = std::collections::BTreeSet::new();
+    while reported.len() < bad.len() {
         match tokio::time::timeout(WAIT, dev.next_event())
             .await
             .expect("an event")
         {
             Some(AgentEvent::InvalidInput { topic, .. }) => {
-                assert_eq!(topic, "$aws/things/pump-7/shadow/update/delta");
-                break;
+                reported.insert(topic);
             }
             Some(_) => {}
             None => panic!("the agent stopped"),
         }
     }
-    // Still working.
+    let expected: std::collections::BTreeSet<String> =
+        bad.iter().map(|(t, _)| t.to_string()).collect();
+    assert_eq!(reported, expected);
+    // Nothing changed, and it still works.
+    assert_eq!(dev.shadow(None).await.unwrap(), Some(before));
     dev.report(None, obj(json!({"a": 2}))).await.unwrap();
 }

@@ -206,7 +206,17 @@ async fn mqtt_3_1_1_works_too(kind: BrokerKind) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(collect(&mut sink, 1).await, 1);
+    // A batch: one write to the outbox, a delivery each.
+    let batch = (1..=20)
+        .map(|i| json!({"i": i}).to_string().into_bytes())
+        .collect();
+    for d in agent.publish_batch("telemetry", batch).await.unwrap() {
+        tokio::time::timeout(WAIT, d.acknowledged())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(collect(&mut sink, 21).await, 21);
     let version = tokio::time::timeout(
         WAIT,
         agent.report(None, json!({"on": true}).as_object().unwrap().clone()),
