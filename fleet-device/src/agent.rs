@@ -257,6 +257,16 @@ impl Delivery {
         self.seq
     }
 
+    /// The outcome if it is known already, without waiting: `None` while the
+    /// message is still on its way.
+    pub fn try_result(&mut self) -> Option<Result<(), AgentError>> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(AgentError::Stopped)),
+        }
+    }
+
     /// Waits until the broker acknowledged the message (QoS 1), or it was
     /// handed to the network (QoS 0). If the agent stops first, the message
     /// stays in the outbox and goes out after the next start:
