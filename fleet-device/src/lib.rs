@@ -20,18 +20,35 @@
 //! ```
 //!
 //! The agent is a thin pump around the sans-I/O engines of `fleet-core`
-//! (today: `ShadowSync`, `JobRunner` and `CommandInbox`) over MQTT 5 with mutual TLS (rustls, ring). It
-//! reconnects by itself with exponential backoff and full jitter, makes its
-//! subscriptions again after every reconnection, and reads each shadow in
-//! full before it trusts a delta.
+//! (`ShadowSync`, `JobRunner`, `CommandInbox`, `OtaUpdate`) over MQTT 5 (or
+//! 3.1.1, [`Protocol`]) with mutual TLS (rustls with `ring`, TLS 1.2 at
+//! least, no plaintext). No rumqttc or rustls type appears in this crate's
+//! API.
 //!
-//! # Status
-//! Shadows, jobs and commands are built, and the durable [`Outbox`]
-//! (crash-safe, size-bounded, with an overflow policy) exists but is not yet
-//! wired into a telemetry API. Telemetry,
-//! OTA, provisioning by claim, a signing-key trait for hardware keys and
-//! MQTT 3.1.1 are not built yet. No rumqttc or rustls type appears in this
-//! crate's API.
+//! # What it does
+//! - **Connection hygiene**: reconnects with exponential backoff and full
+//!   jitter, makes its subscriptions again after every reconnection, reads
+//!   each shadow in full before it trusts a delta, reports a fight over its
+//!   client id ([`AgentEvent::ClientIdConflict`]), and flushes what is in
+//!   flight on [`Agent::shutdown`].
+//! - **Durable outbox**: telemetry ([`Agent::publish`],
+//!   [`Agent::publish_batch`]), shadow reports, job updates and install
+//!   receipts go through a crash-safe, size-bounded queue on disk
+//!   ([`AgentBuilder::state_dir`], [`Outbox`]); each publish returns a
+//!   [`Delivery`] that resolves on the broker's acknowledgement; what was
+//!   not acknowledged is sent again after a reconnection or a restart (at
+//!   least once).
+//! - **Shadows** (classic and named), **jobs**, **commands**: events from
+//!   [`Agent::next_event`], answers through the agent.
+//! - **OTA** ([`AgentBuilder::ota`]): signed releases checked against a
+//!   trust root, fetched over the MQTT file stream into the slot that is
+//!   not running ([`FirmwareSlots`], [`FileSlots`]), resumed after a power
+//!   cut, trial boot, self-test, confirm or rollback, signed receipt.
+//! - **Provisioning by claim** ([`provision_by_claim`]): key and CSR made on
+//!   the device, certificate and registration from the fleet, identity
+//!   stored in the state directory.
+//! - **Hardware keys** ([`DeviceKey`]): the TLS handshake asks a key in a
+//!   TPM, HSM or secure element to sign.
 
 #![forbid(unsafe_code)]
 
