@@ -207,8 +207,12 @@ impl fmt::Debug for Rule {
     }
 }
 
-/// Whether `topic` matches the MQTT filter `filter`.
+/// Whether `topic` matches the MQTT filter `filter` (wildcards at the first
+/// level do not match topics that start with `$`, as MQTT says).
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
     let mut f = filter.split('/');
     let mut t = topic.split('/');
     loop {

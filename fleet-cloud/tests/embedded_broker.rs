@@ -42,6 +42,21 @@ async fn setup(policy: BrokerPolicy, handshake_timeout: Duration) -> Setup {
     Setup { pki, broker }
 }
 
+/// The service's connection to the embedded broker.
+fn backend_config(s: &Setup) -> BrokerConfig {
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    BrokerConfig {
+        host: "localhost".into(),
+        port: s.broker.local_addr().port(),
+        client_id: "svc".into(),
+        cert_pem: backend.cert_pem,
+        key_pem: backend.key_pem,
+        ca_pem: s.pki.ca_pem(),
+        share_group: None,
+        queue_capacity: 64,
+    }
+}
+
 fn v5(s: &Setup, id: &Identity, client_id: &str) -> (AsyncClient, EventLoop) {
     let tls = client_tls_config(id, &s.pki.ca_pem()).unwrap();
     let mut o = MqttOptions::new(client_id, "localhost", s.broker.local_addr().port());
@@ -87,21 +102,8 @@ async fn connected(ev: &mut EventLoop) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_3_client_is_served_under_the_aws_prefix() {
     let s = setup(BrokerPolicy::default(), Duration::from_secs(10)).await;
-    let backend = s.pki.client_identity("fleet-backend").unwrap();
-    let service = serve_shadows(
-        BrokerConfig {
-            host: "localhost".into(),
-            port: s.broker.local_addr().port(),
-            client_id: "svc".into(),
-            cert_pem: backend.cert_pem,
-            key_pem: backend.key_pem,
-            ca_pem: s.pki.ca_pem(),
-            share_group: None,
-            queue_capacity: 64,
-        },
-        ShadowService::new(MemoryStore::new()),
-    )
-    .unwrap();
+    let service =
+        serve_shadows(backend_config(&s), ShadowService::new(MemoryStore::new())).unwrap();
 
     // A 3.1.1 client, as the AWS IoT device SDKs connect by default.
     let id = s.pki.client_identity("pump-3").unwrap();
@@ -425,7 +427,6 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
         ..BrokerPolicy::default()
     };
     let s = setup(policy, Duration::from_secs(10)).await;
-    let backend = s.pki.client_identity("fleet-backend").unwrap();
     let ca = Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem()).unwrap();
     let registry = fleet_cloud::Registry::in_memory().unwrap();
     let provisioning = fleet_cloud::ProvisioningService::new(
@@ -441,16 +442,7 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
         }],
     );
     let _service = fleet_cloud::serve(
-        BrokerConfig {
-            host: "localhost".into(),
-            port: s.broker.local_addr().port(),
-            client_id: "svc".into(),
-            cert_pem: backend.cert_pem,
-            key_pem: backend.key_pem,
-            ca_pem: s.pki.ca_pem(),
-            share_group: None,
-            queue_capacity: 64,
-        },
+        backend_config(&s),
         ShadowService::new(MemoryStore::new()),
         fleet_cloud::Extras {
             provisioning: Some(provisioning),

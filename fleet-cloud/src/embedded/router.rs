@@ -31,24 +31,7 @@ pub(super) fn split_shared(filter: &str) -> Option<(&str, &str)> {
     (!group.is_empty() && !group.contains(['+', '#'])).then_some((group, inner))
 }
 
-/// Whether `topic` matches `filter` (MQTT rules: wildcards at the first
-/// level do not match topics that start with `$`).
-pub(super) fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+pub(super) use crate::telemetry::topic_matches as matches;
 
 #[derive(Default)]
 struct Group {
