@@ -107,6 +107,9 @@ pub struct Extras {
     pub provisioning: Option<ProvisioningService>,
     /// MQTT file streams (OTA images); `None`: not served.
     pub streams: Option<crate::StreamService>,
+    /// The jobs service (`JobsService::into()`); `None`: not served. Its
+    /// timers are swept every second.
+    pub jobs: Option<crate::JobsEndpoint>,
 }
 
 /// A running service; stops when dropped or on [`shutdown`](Self::shutdown).
@@ -215,6 +218,15 @@ pub fn serve<S: ShadowStore>(
     for f in &stream_filters {
         filters.push(format!("{share}{f}"));
     }
+    let jobs_filters: Vec<String> = extras
+        .jobs
+        .as_ref()
+        .map(|j| j.filters().to_vec())
+        .unwrap_or_default();
+    for f in &jobs_filters {
+        filters.push(format!("{share}{f}"));
+    }
+    let (jobs_tx, mut jobs_rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let (streams_tx, mut streams_rx) =
         mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let commands = CommandCenter::new(client.clone(), &prefix);
@@ -257,6 +269,15 @@ pub fn serve<S: ShadowStore>(
                             props.and_then(|pr| pr.correlation_data.clone()),
                         );
                         if provisioning_tx.send(request).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if jobs_filters
+                        .iter()
+                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                    {
+                        if jobs_tx.send((topic, p.payload.to_vec())).await.is_err() {
                             return;
                         }
                         continue;
@@ -340,6 +361,34 @@ pub fn serve<S: ShadowStore>(
                     .await
                 {
                     tracing::warn!("provisioning reply: {e}");
+                }
+            }
+        }));
+    }
+    if let Some(jobs) = extras.jobs {
+        let jobs_client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let out = tokio::select! {
+                    m = jobs_rx.recv() => match m {
+                        Some((topic, payload)) => jobs.handle(&topic, &payload, jobs.now()).await,
+                        None => return,
+                    },
+                    _ = sweep.tick() => jobs.handle_timeouts(jobs.now()).await,
+                };
+                match out {
+                    Ok(messages) => {
+                        for m in messages {
+                            if let Err(e) = jobs_client
+                                .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+                                .await
+                            {
+                                tracing::warn!("jobs: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("jobs: {e}"),
                 }
             }
         }));

@@ -56,6 +56,7 @@
 mod broker;
 mod commands;
 mod embedded;
+mod jobs;
 pub mod pki;
 mod policy;
 mod provisioning;
@@ -68,6 +69,10 @@ pub mod telemetry;
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
 pub use commands::{CommandCenter, CommandFailure};
 pub use embedded::{EmbeddedBroker, EmbeddedConfig, EmbeddedError, certificate_fingerprint};
+pub use jobs::{
+    ExecutionSummary, JobRecord, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
+    JobsOutgoing, JobsService, TargetSelection,
+};
 pub use policy::{Access, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
 pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,

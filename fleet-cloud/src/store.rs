@@ -90,6 +90,7 @@ type ShadowMap = HashMap<ShadowKey, (Shadow, u64)>;
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     shadows: Arc<Mutex<ShadowMap>>,
+    pub(crate) jobs: Arc<Mutex<crate::jobs::MemoryJobs>>,
 }
 
 impl MemoryStore {
@@ -144,15 +145,30 @@ pub struct SqliteStore {
 }
 
 /// Schema migrations, in order; `user_version` is how many have run.
-const MIGRATIONS: &[&str] = &["CREATE TABLE shadows (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE shadows (
         thing TEXT NOT NULL,
         name TEXT NOT NULL,
         revision INTEGER NOT NULL,
         document BLOB NOT NULL,
         PRIMARY KEY (thing, name)
-    ) STRICT;"];
+    ) STRICT;",
+    // Jobs: one record per job, one document of executions per thing.
+    "CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        record BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE thing_jobs (
+        thing TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        next_deadline INTEGER,
+        document BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX thing_jobs_deadline ON thing_jobs (next_deadline);",
+];
 
-fn backend(e: impl fmt::Display) -> StoreError {
+pub(crate) fn backend(e: impl fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -188,7 +204,7 @@ impl SqliteStore {
         })
     }
 
-    async fn with_conn<T: Send + 'static>(
+    pub(crate) async fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
