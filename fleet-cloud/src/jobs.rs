@@ -14,7 +14,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use fleet_core::ThingName;
-use fleet_core::jobs::{JobExecution, JobStatus, JobsMessage, ThingJobs, TimeoutConfig};
+use fleet_core::jobs::{
+    JobExecution, JobStatus, JobsMessage, RolloutControl, RolloutPolicy, RolloutStatus, Target,
+    TargetStatus, ThingJobs, TimeoutConfig,
+};
 use fleet_core::topic::{JobsTopic, Topic, TopicPrefix};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -49,8 +52,31 @@ pub struct JobSpec {
     /// The in-progress timeout.
     pub timeouts: TimeoutConfig,
     /// How many times an execution that ends FAILED or TIMED_OUT is
-    /// queued again (0: never).
+    /// queued again (0: never). A rollout's own retry policy replaces it.
     pub max_retries: u32,
+    /// Release the targets under this policy (rate, groups with
+    /// thresholds, abort criteria, retries) instead of all at once. Targets
+    /// are released in order: the things as listed, then the groups'
+    /// members.
+    #[serde(default)]
+    pub rollout: Option<RolloutPolicy>,
+}
+
+/// A rollout's persisted state: every decision the controller took, so
+/// that a restarted service goes on where it was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutState {
+    /// The targets, in release order.
+    pub order: Vec<String>,
+    /// Each target as the planner sees it.
+    pub targets: Vec<Target>,
+    /// Groups opened, paused, aborted.
+    pub control: RolloutControl,
+    /// Release times in the last minute (for the rate limit).
+    pub recent_releases: Vec<u64>,
+    /// The rollout's status after the last decision.
+    pub status: Option<RolloutStatus>,
 }
 
 /// A job's overall state.
@@ -79,6 +105,9 @@ pub struct JobRecord {
     pub retries: BTreeMap<String, u32>,
     /// Epoch seconds.
     pub created_at: u64,
+    /// The rollout, for a job with a rollout policy.
+    #[serde(default)]
+    pub rollout: Option<RolloutState>,
 }
 
 /// Where jobs and executions are kept. Writes are compare-and-set on a
@@ -414,7 +443,7 @@ const MAX_CAS_ATTEMPTS: usize = 16;
 /// let spec = JobSpec {
 ///     job_id: "reboot-1".into(), document: serde_json::json!({"op": "reboot"}),
 ///     things: vec!["pump-7".into()], groups: vec![], selection: TargetSelection::Snapshot,
-///     timeouts: TimeoutConfig::default(), max_retries: 0,
+///     timeouts: TimeoutConfig::default(), max_retries: 0, rollout: None,
 /// };
 /// let out = jobs.create_job(spec, &registry, 1_700_000_000).await?;
 /// assert!(out.iter().any(|m| m.topic == "$aws/things/pump-7/jobs/notify-next"));
@@ -554,17 +583,44 @@ impl<S: JobStore> JobsService<S> {
     ) -> Result<Vec<JobsOutgoing>, JobsError> {
         fleet_core::JobId::new(&spec.job_id).map_err(|e| JobsError::Invalid(e.to_string()))?;
         let targets = self.resolve(&spec, registry)?;
+        let rollout = spec.rollout.as_ref().map(|_| {
+            let mut order: Vec<String> = Vec::new();
+            let mut seen = BTreeSet::new();
+            for t in spec.things.iter().cloned().chain(
+                spec.groups
+                    .iter()
+                    .flat_map(|g| registry.group_members(g).unwrap_or_default()),
+            ) {
+                if seen.insert(t.clone()) {
+                    order.push(t);
+                }
+            }
+            RolloutState {
+                targets: vec![Target::PENDING; order.len()],
+                order,
+                control: RolloutControl {
+                    open_groups: 1,
+                    ..RolloutControl::default()
+                },
+                recent_releases: Vec::new(),
+                status: None,
+            }
+        });
         let record = JobRecord {
             spec,
             state: JobState::InProgress,
             targets: BTreeSet::new(),
             retries: BTreeMap::new(),
             created_at: now,
+            rollout,
         };
         match self.store.save_job(&record, 0).await {
             Ok(_) => {}
             Err(StoreError::Conflict) => return Err(JobsError::AlreadyExists(record.spec.job_id)),
             Err(e) => return Err(e.into()),
+        }
+        if record.rollout.is_some() {
+            return self.drive_rollout(&record.spec.job_id, now).await;
         }
         self.queue_for(&record.spec.job_id, targets, now).await
     }
@@ -751,6 +807,235 @@ impl<S: JobStore> JobsService<S> {
         Ok(out)
     }
 
+    /// Runs every rollout's controller once (the served service does, every
+    /// second): refreshes targets from their executions, asks the planner,
+    /// persists its decision, then queues or cancels executions.
+    pub async fn drive_rollouts(&self, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
+        let mut out = Vec::new();
+        for id in self.store.job_ids().await? {
+            let Some(job) = self.store.load_job(&id).await? else {
+                continue;
+            };
+            let running = job.value.rollout.as_ref().is_some_and(|r| {
+                !matches!(
+                    r.status,
+                    Some(RolloutStatus::Completed | RolloutStatus::Aborted(_))
+                )
+            });
+            if running && job.value.state == JobState::InProgress {
+                out.extend(self.drive_rollout(&id, now).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One step of one rollout's controller.
+    pub async fn drive_rollout(
+        &self,
+        job_id: &str,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        let (record, decision) = loop {
+            let Some(current) = self.store.load_job(job_id).await? else {
+                return Err(JobsError::NotFound(job_id.into()));
+            };
+            let mut record = current.value;
+            let Some(policy) = record.spec.rollout.clone() else {
+                return Ok(Vec::new());
+            };
+            let Some(mut rs) = record.rollout.clone() else {
+                return Ok(Vec::new());
+            };
+            // What the devices did since.
+            for (i, thing) in rs.order.iter().enumerate() {
+                let t = &mut rs.targets[i];
+                if t.attempts == 0 {
+                    continue;
+                }
+                let jobs = self.store.load_thing(thing).await?.value;
+                let status = match jobs.execution(job_id) {
+                    // Released, its execution not queued yet (a crash in
+                    // between): still to be queued.
+                    Some(e) if e.execution_number >= u64::from(t.attempts) => match e.status {
+                        JobStatus::Queued => TargetStatus::Queued,
+                        JobStatus::InProgress => TargetStatus::InProgress,
+                        JobStatus::Succeeded => TargetStatus::Succeeded,
+                        JobStatus::Failed => TargetStatus::Failed,
+                        JobStatus::TimedOut => TargetStatus::TimedOut,
+                        JobStatus::Rejected => TargetStatus::Rejected,
+                        JobStatus::Removed => TargetStatus::Removed,
+                        JobStatus::Canceled => TargetStatus::Canceled,
+                    },
+                    _ => TargetStatus::Queued,
+                };
+                if status == TargetStatus::InProgress && t.started_at.is_none() {
+                    t.started_at = Some(now);
+                }
+                t.status = status;
+            }
+            rs.recent_releases.retain(|r| now < r + 60);
+            let d =
+                fleet_core::jobs::plan(&policy, &rs.targets, rs.control, &rs.recent_releases, now);
+            for &i in d.release.iter().chain(&d.retry) {
+                let t = &mut rs.targets[i];
+                t.attempts = t.attempts.saturating_add(1);
+                t.status = TargetStatus::Queued;
+                t.released_at = Some(now);
+                t.started_at = None;
+                rs.recent_releases.push(now);
+            }
+            for &i in &d.time_out {
+                rs.targets[i].status = TargetStatus::TimedOut;
+            }
+            if d.cancel_queued {
+                for t in &mut rs.targets {
+                    if matches!(t.status, TargetStatus::Queued | TargetStatus::Pending) {
+                        t.status = TargetStatus::Canceled;
+                    }
+                }
+            }
+            rs.control = d.control;
+            rs.status = d.status;
+            if matches!(d.status, Some(RolloutStatus::Completed)) {
+                record.state = JobState::Completed;
+            }
+            record.targets.extend(
+                rs.order
+                    .iter()
+                    .zip(&rs.targets)
+                    .filter(|(_, t)| t.attempts > 0)
+                    .map(|(thing, _)| thing.clone()),
+            );
+            let changed = record.rollout.as_ref() != Some(&rs);
+            record.rollout = Some(rs);
+            if !changed {
+                break (record, d);
+            }
+            match self.store.save_job(&record, current.revision).await {
+                Ok(_) => break (record, d),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The decision is persisted; now act on it. Each step is idempotent,
+        // so a crash here is repaired by the next run.
+        let mut out = Vec::new();
+        let Some(rs) = &record.rollout else {
+            return Ok(out);
+        };
+        let spec = &record.spec;
+        for (thing, t) in rs.order.iter().zip(&rs.targets) {
+            let messages = match t.status {
+                TargetStatus::Queued => {
+                    let number = u64::from(t.attempts);
+                    self.with_thing(thing, |jobs| {
+                        let latest = jobs.execution(job_id);
+                        if latest.is_some_and(|e| {
+                            e.execution_number >= number || !e.status.is_terminal()
+                        }) {
+                            return Vec::new();
+                        }
+                        jobs.queue(
+                            JobExecution::new(
+                                job_id,
+                                thing,
+                                spec.document.clone(),
+                                number,
+                                spec.timeouts,
+                                now,
+                            ),
+                            now,
+                        )
+                        .unwrap_or_default()
+                    })
+                    .await?
+                }
+                TargetStatus::Canceled | TargetStatus::TimedOut
+                    if decision.cancel_queued || !decision.time_out.is_empty() =>
+                {
+                    let force = t.status == TargetStatus::TimedOut;
+                    self.with_thing(thing, |jobs| match jobs.execution(job_id) {
+                        Some(e)
+                            if (e.status == JobStatus::Queued)
+                                || (force && e.status == JobStatus::InProgress) =>
+                        {
+                            jobs.cancel(job_id, force, now).unwrap_or_default()
+                        }
+                        _ => Vec::new(),
+                    })
+                    .await?
+                }
+                _ => Vec::new(),
+            };
+            out.extend(self.outgoing(thing, messages));
+        }
+        Ok(out)
+    }
+
+    async fn change_control(
+        &self,
+        job_id: &str,
+        now: u64,
+        change: impl Fn(&mut RolloutControl),
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        loop {
+            let Some(current) = self.store.load_job(job_id).await? else {
+                return Err(JobsError::NotFound(job_id.into()));
+            };
+            let mut record = current.value;
+            let Some(rs) = record.rollout.as_mut() else {
+                return Err(JobsError::Invalid(format!("{job_id} has no rollout")));
+            };
+            change(&mut rs.control);
+            match self.store.save_job(&record, current.revision).await {
+                Ok(_) => break,
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.drive_rollout(job_id, now).await
+    }
+
+    /// Pauses a rollout: nothing more is released until [`resume_rollout`](Self::resume_rollout).
+    pub async fn pause_rollout(
+        &self,
+        job_id: &str,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.change_control(job_id, now, |c| c.paused = true).await
+    }
+
+    /// Resumes a paused rollout.
+    pub async fn resume_rollout(
+        &self,
+        job_id: &str,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.change_control(job_id, now, |c| c.paused = false).await
+    }
+
+    /// Opens the next group of a rollout waiting for approval.
+    pub async fn approve_next_group(
+        &self,
+        job_id: &str,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.change_control(job_id, now, |c| {
+            c.open_groups = c.open_groups.saturating_add(1)
+        })
+        .await
+    }
+
+    /// Aborts a rollout: queued executions are canceled, nothing more is
+    /// released.
+    pub async fn abort_rollout(
+        &self,
+        job_id: &str,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.change_control(job_id, now, |c| c.aborted = true).await
+    }
+
     /// Queues a new execution for each of the thing's executions that ended
     /// FAILED or TIMED_OUT and has retries left.
     async fn retry_ended(&self, thing: &str, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
@@ -783,7 +1068,10 @@ impl<S: JobStore> JobsService<S> {
                 };
                 let mut record = current.value;
                 let used = record.retries.get(thing).copied().unwrap_or(0);
-                if record.state != JobState::InProgress || used >= record.spec.max_retries {
+                if record.state != JobState::InProgress
+                    || record.rollout.is_some()
+                    || used >= record.spec.max_retries
+                {
                     break;
                 }
                 record.retries.insert(thing.into(), used + 1);
@@ -854,7 +1142,11 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
     }
 
     fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>> {
-        Box::pin(JobsService::handle_timeouts(self, now))
+        Box::pin(async move {
+            let mut out = JobsService::handle_timeouts(self, now).await?;
+            out.extend(JobsService::drive_rollouts(self, now).await?);
+            Ok(out)
+        })
     }
 }
 
@@ -894,5 +1186,146 @@ impl JobsEndpoint {
 
     pub(crate) async fn handle_timeouts(&self, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
         self.0.handle_timeouts(now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_core::jobs::{
+        AbortCriterion, FailureType, GroupAction, RateLimit, RetryPolicy, RolloutGroup,
+    };
+    use serde_json::json;
+
+    const T0: u64 = 1_800_000_000;
+
+    fn rollout_spec(id: &str, things: usize, abort: bool) -> JobSpec {
+        JobSpec {
+            job_id: id.into(),
+            document: json!({"op": "update"}),
+            things: (0..things).map(|i| format!("t{i}")).collect(),
+            groups: Vec::new(),
+            selection: TargetSelection::Snapshot,
+            timeouts: TimeoutConfig::default(),
+            max_retries: 0,
+            rollout: Some(RolloutPolicy {
+                rate: RateLimit::Constant { per_minute: 1000 },
+                groups: vec![RolloutGroup {
+                    size: 3,
+                    success_percent: 100,
+                    on_success: GroupAction::NextGroup,
+                    error_threshold: None,
+                }],
+                abort: if abort {
+                    vec![AbortCriterion {
+                        failure: FailureType::Failed,
+                        threshold_percent: 50,
+                        min_executed: 2,
+                    }]
+                } else {
+                    Vec::new()
+                },
+                retry: RetryPolicy::default(),
+                in_progress_timeout_secs: None,
+            }),
+        }
+    }
+
+    /// The device `thing` takes its next job and ends it with `status`.
+    async fn device_does(jobs: &JobsService<MemoryStore>, thing: &str, status: &str, now: u64) {
+        jobs.handle(&format!("$aws/things/{thing}/jobs/start-next"), b"{}", now)
+            .await
+            .unwrap();
+        let job = jobs.store.load_thing(thing).await.unwrap().value;
+        let id = job.next_pending().map(|e| e.job_id.clone()).unwrap();
+        let out = jobs
+            .handle(
+                &format!("$aws/things/{thing}/jobs/{id}/update"),
+                json!({"status": status}).to_string().as_bytes(),
+                now,
+            )
+            .await
+            .unwrap();
+        assert!(
+            out.iter().any(|m| m.topic.ends_with("/update/accepted")),
+            "{out:?}"
+        );
+    }
+
+    async fn released(jobs: &JobsService<MemoryStore>, id: &str) -> Vec<String> {
+        jobs.executions(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.thing)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_rollout_opens_groups_survives_a_restart_and_never_releases_twice() {
+        let store = MemoryStore::new();
+        let registry = Registry::in_memory().unwrap();
+        let jobs = JobsService::new(store.clone());
+        jobs.create_job(rollout_spec("r1", 8, false), &registry, T0)
+            .await
+            .unwrap();
+        assert_eq!(
+            released(&jobs, "r1").await,
+            ["t0", "t1", "t2"],
+            "the first group only"
+        );
+        for t in ["t0", "t1"] {
+            device_does(&jobs, t, "SUCCEEDED", T0 + 1).await;
+        }
+        jobs.drive_rollouts(T0 + 2).await.unwrap();
+        assert_eq!(
+            released(&jobs, "r1").await.len(),
+            3,
+            "the group is not done yet"
+        );
+        // A restart: a new service over the same store goes on.
+        let jobs = JobsService::new(store.clone());
+        device_does(&jobs, "t2", "SUCCEEDED", T0 + 3).await;
+        jobs.drive_rollouts(T0 + 4).await.unwrap();
+        assert_eq!(
+            released(&jobs, "r1").await.len(),
+            8,
+            "the next group opened"
+        );
+        jobs.drive_rollouts(T0 + 5).await.unwrap();
+        for e in jobs.executions("r1").await.unwrap() {
+            assert_eq!(e.execution.execution_number, 1, "{} released once", e.thing);
+        }
+        for i in 3..8 {
+            device_does(&jobs, &format!("t{i}"), "SUCCEEDED", T0 + 6).await;
+        }
+        jobs.drive_rollouts(T0 + 7).await.unwrap();
+        let job = jobs.job("r1").await.unwrap();
+        assert_eq!(job.state, JobState::Completed);
+        assert_eq!(job.rollout.unwrap().status, Some(RolloutStatus::Completed));
+    }
+
+    #[tokio::test]
+    async fn failures_abort_a_rollout_and_cancel_what_is_queued() {
+        let jobs = JobsService::new(MemoryStore::new());
+        let registry = Registry::in_memory().unwrap();
+        jobs.create_job(rollout_spec("r2", 8, true), &registry, T0)
+            .await
+            .unwrap();
+        device_does(&jobs, "t0", "FAILED", T0 + 1).await;
+        device_does(&jobs, "t1", "FAILED", T0 + 1).await;
+        jobs.drive_rollouts(T0 + 2).await.unwrap();
+        let job = jobs.job("r2").await.unwrap();
+        assert!(matches!(
+            job.rollout.unwrap().status,
+            Some(RolloutStatus::Aborted(_))
+        ));
+        let execs = jobs.executions("r2").await.unwrap();
+        assert_eq!(execs.len(), 3, "nothing past the first group was released");
+        let t2 = execs.iter().find(|e| e.thing == "t2").unwrap();
+        assert_eq!(t2.execution.status, JobStatus::Canceled);
+        // Operator controls on an aborted rollout change nothing.
+        jobs.resume_rollout("r2", T0 + 3).await.unwrap();
+        assert_eq!(jobs.executions("r2").await.unwrap().len(), 3);
     }
 }

@@ -46,6 +46,7 @@ fn spec(id: &str, things: &[&str], groups: &[&str]) -> JobSpec {
         selection: TargetSelection::Snapshot,
         timeouts: TimeoutConfig::default(),
         max_retries: 0,
+        rollout: None,
     }
 }
 
