@@ -39,6 +39,12 @@
 //!   with mutual TLS and shared subscriptions, so several instances split the
 //!   load.
 //!
+//! - [`JobsService`]: AWS IoT Jobs over MQTT backed by the store (things
+//!   and groups, snapshot or continuous, cancel, timeouts swept by the
+//!   service, retries), rollouts driven by fleet-core's planner with every
+//!   decision persisted, and OTA campaigns ([`CampaignSpec`]) whose install
+//!   receipts are verified against each device's registered key
+//!   ([`CampaignStatus`], `watch_campaign`).
 //! - [`StreamService`]: MQTT file streams (describe, get blocks; JSON and
 //!   CBOR), how OTA images reach devices.
 //! - [`CommandCenter`]: send a command to a thing and await its answer,
@@ -49,11 +55,13 @@
 //!   an external one.
 //!
 //! # Status
-//! The jobs service is not built yet.
+//! Release images are served from memory (not yet from the store), and jobs
+//! cannot be deleted yet.
 
 #![forbid(unsafe_code)]
 
 mod broker;
+mod campaigns;
 mod commands;
 mod embedded;
 mod jobs;
@@ -67,6 +75,7 @@ mod streams;
 pub mod telemetry;
 
 pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
+pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};
 pub use embedded::{EmbeddedBroker, EmbeddedConfig, EmbeddedError, certificate_fingerprint};
 pub use jobs::{

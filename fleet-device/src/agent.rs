@@ -558,6 +558,7 @@ impl AgentBuilder {
             inflight: 0,
             connected: false,
             taken_over: 0,
+            stopping: false,
         };
         let mut pump = pump;
         pump.ota_resume();
@@ -910,6 +911,8 @@ struct Pump {
     inflight: usize,
     connected: bool,
     taken_over: u32,
+    /// Stopping: events are no longer waited on.
+    stopping: bool,
 }
 
 impl Pump {
@@ -927,6 +930,11 @@ impl Pump {
     }
 
     async fn emit(&self, event: AgentEvent) {
+        if self.stopping {
+            // The application waits for the stop, not for events.
+            let _ = self.events.try_send(event);
+            return;
+        }
         // A slow application back-pressures the pump, it is never dropped.
         let _ = self.events.send(event).await;
     }
@@ -1251,9 +1259,30 @@ impl Pump {
     /// acknowledged, then disconnects. What is not acknowledged stays in
     /// the outbox for the next start.
     async fn flush(&mut self, eventloop: &mut mqtt::EventLoop) {
+        self.stopping = true;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while self.connected && self.inflight > 0 {
+        // Outbox messages in flight, and job updates and shadow reports
+        // waiting for the service's answer (each answer retires its copy in
+        // the outbox; unanswered ones are sent again by the next start).
+        while self.connected
+            && (self.inflight > 0
+                || !self.job_seqs.is_empty()
+                || !self.report_seqs.is_empty()
+                || self.ota_report_pending())
+        {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ev::Publish { topic, payload }) => {
+                    let now = self.now();
+                    if topic.contains("/jobs/") {
+                        let _ = self.jobs.handle_message(now, &topic, &payload);
+                    } else if topic.contains("/shadow/") {
+                        let _ = self.sync.handle_message(now, &topic, &payload);
+                    }
+                    self.drain().await;
+                    // An update's final report goes once the job is current.
+                    let _ = self.ota_drive();
+                    self.drain().await;
+                }
                 Ok(Ev::OutgoingPublish(pkid)) => {
                     if let Some(Some(seq)) = self.sent.pop_front() {
                         self.awaiting.insert(pkid, seq);
@@ -1460,6 +1489,11 @@ impl Pump {
                 j["sequence"].as_u64()?,
             ))
         });
+        // An update that ended before the restart, its report not yet
+        // handed to the jobs engine: send it now.
+        let stored_report: Option<(JobStatus, BTreeMap<String, String>)> = job
+            .as_ref()
+            .and_then(|j| serde_json::from_value(j.get("report")?.clone()).ok());
         let resumed = fleet_core::ota::OtaUpdate::resume(
             &record,
             booted,
@@ -1477,7 +1511,7 @@ impl Pump {
                     pending: None,
                     last_block: Vec::new(),
                     paused: false,
-                    report: None,
+                    report: stored_report,
                     started: false,
                 });
             }
@@ -1492,6 +1526,15 @@ impl Pump {
                 let _ = slots.clear_record();
             }
         }
+    }
+
+    /// An update ended and its report has not been handed to the jobs
+    /// engine yet.
+    fn ota_report_pending(&self) -> bool {
+        self.ota
+            .as_ref()
+            .and_then(|o| o.run.as_ref())
+            .is_some_and(|r| r.report.is_some())
     }
 
     fn ota_timeout(&self) -> Option<CoreInstant> {
@@ -1830,8 +1873,35 @@ impl Pump {
         if ask_block {
             self.ota_request_block(now);
         }
+        self.ota_persist_report();
         self.ota_report(now);
         events
+    }
+
+    /// Writes an ended update's report beside its job, so that a restart
+    /// before the report reached the jobs engine still sends it.
+    fn ota_persist_report(&mut self) {
+        let Some(o) = self.ota.as_ref() else { return };
+        let Some(run) = o.run.as_ref() else { return };
+        let Some(report) = &run.report else { return };
+        let path = o.state_dir.join(OTA_JOB_FILE);
+        let Some(mut job) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        else {
+            return;
+        };
+        if job.get("report").is_some() {
+            return;
+        }
+        job["report"] = serde_json::json!(report);
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, job.to_string())
+            .and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("cannot keep the update's report: {e}");
+        }
     }
 
     /// Sends the job's reports once the jobs engine holds the job.

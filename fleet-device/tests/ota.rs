@@ -360,6 +360,10 @@ async fn an_update_survives_a_kill_mid_download_and_commits(kind: BrokerKind) {
         })
         .await;
     assert!(committed);
+    // Power cut right as it ends: the report (with its receipt) is kept and
+    // sent by the next start.
+    dev.kill();
+    let dev = boot(&f, state.path(), Arc::new(AtomicBool::new(true)));
     let done = final_execution(&mut f, "fw-2").await;
     assert_eq!(
         done.status,
@@ -380,6 +384,10 @@ async fn an_update_survives_a_kill_mid_download_and_commits(kind: BrokerKind) {
     // It stays on B.
     let dev = boot(&f, state.path(), Arc::new(AtomicBool::new(true)));
     assert_eq!(dev.slots.lock().unwrap().booted(), Slot::B);
+    assert!(
+        !state.path().join("slots").join("ota.record").exists(),
+        "the update is over"
+    );
     assert_eq!(dev.slots.lock().unwrap().installed_sequence(), 2);
 }
 

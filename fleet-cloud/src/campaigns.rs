@@ -1,0 +1,270 @@
+//! OTA campaigns: a signed release rolled out as a job whose document
+//! carries the manifest, the image served over the MQTT file stream, and
+//! each device's signed install receipt checked against its registered key.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use fleet_core::jobs::{
+    ImageSource, JobStatus, OtaJob, RolloutPolicy, RolloutStatus, TargetStatus, TimeoutConfig,
+};
+use fleet_core::ota::{InstallOutcome, InstallReceipt};
+use tokio::sync::mpsc;
+
+use crate::jobs::{JobSpec, JobStore, JobsError, JobsOutgoing, JobsService, TargetSelection};
+use crate::registry::Registry;
+use crate::streams::StreamService;
+
+/// The registry attribute holding a thing's receipt key: its Ed25519
+/// public key, base64 (32 bytes).
+pub const RECEIPT_KEY_ATTRIBUTE: &str = "receiptKey";
+
+/// A campaign to start.
+#[derive(Debug, Clone)]
+pub struct CampaignSpec {
+    /// The campaign's id (also its job's and its image stream's).
+    pub campaign_id: String,
+    /// The signed manifest envelope.
+    pub envelope: Vec<u8>,
+    /// The image the manifest describes.
+    pub image: Vec<u8>,
+    /// Things targeted, in release order.
+    pub things: Vec<String>,
+    /// Groups targeted (their members after the things).
+    pub groups: Vec<String>,
+    /// How the release proceeds.
+    pub policy: RolloutPolicy,
+    /// The executions' in-progress timeout.
+    pub timeouts: TimeoutConfig,
+}
+
+/// Where a campaign stands: a count per outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CampaignStatus {
+    /// Not released yet.
+    pub pending: usize,
+    /// Released, not started.
+    pub queued: usize,
+    /// Devices working on it.
+    pub in_progress: usize,
+    /// Committed, with a receipt that verifies.
+    pub succeeded: usize,
+    /// Failed without a rollback receipt (download or verification failed,
+    /// refused).
+    pub failed: usize,
+    /// Back on the previous image, with a receipt that verifies.
+    pub rolled_back: usize,
+    /// Timed out.
+    pub timed_out: usize,
+    /// Canceled (an abort, an operator).
+    pub canceled: usize,
+    /// Ended with a receipt that does not verify against the device's
+    /// registered key, the campaign's nonce or its manifest.
+    pub unverified_receipt: usize,
+    /// The rollout's status.
+    pub rollout: Option<RolloutStatus>,
+}
+
+impl CampaignStatus {
+    /// Whether nothing more will change.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.rollout,
+            Some(RolloutStatus::Completed | RolloutStatus::Aborted(_))
+        ) && self.queued == 0
+            && self.in_progress == 0
+    }
+}
+
+fn random_nonce() -> Result<[u8; 16], JobsError> {
+    let mut n = [0u8; 16];
+    getrandom::fill(&mut n).map_err(|e| JobsError::Invalid(e.to_string()))?;
+    Ok(n)
+}
+
+impl<S: JobStore> JobsService<S> {
+    /// Starts a campaign: serves the image as stream `campaign_id` and
+    /// creates a rollout job whose document carries the manifest and a
+    /// fresh nonce the receipts must echo.
+    pub async fn start_campaign(
+        &self,
+        spec: CampaignSpec,
+        streams: &StreamService,
+        registry: &Registry,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        let envelope = fleet_core::ota::Envelope::parse(&spec.envelope)
+            .map_err(|e| JobsError::Invalid(format!("manifest envelope: {e}")))?;
+        let manifest = fleet_core::ota::Manifest::parse(envelope.payload)
+            .map_err(|e| JobsError::Invalid(format!("manifest: {e}")))?;
+        if manifest.size != spec.image.len() as u64 {
+            return Err(JobsError::Invalid(format!(
+                "the manifest says {} bytes, the image has {}",
+                manifest.size,
+                spec.image.len()
+            )));
+        }
+        let nonce = random_nonce()?;
+        let document = serde_json::to_value(OtaJob::new(
+            &spec.envelope,
+            ImageSource::Stream(spec.campaign_id.clone()),
+            &nonce,
+        ))
+        .map_err(|e| JobsError::Invalid(e.to_string()))?;
+        streams.put(&spec.campaign_id, "OTA image", vec![spec.image]);
+        self.create_job(
+            JobSpec {
+                job_id: spec.campaign_id,
+                document,
+                things: spec.things,
+                groups: spec.groups,
+                selection: TargetSelection::Snapshot,
+                timeouts: spec.timeouts,
+                max_retries: 0,
+                rollout: Some(spec.policy),
+            },
+            registry,
+            now,
+        )
+        .await
+    }
+
+    /// Counts a campaign's targets by outcome, checking every receipt.
+    pub async fn campaign_status(
+        &self,
+        campaign_id: &str,
+        registry: &Registry,
+    ) -> Result<CampaignStatus, JobsError> {
+        let job = self.job(campaign_id).await?;
+        let ota = OtaJob::deserialize_from(&job.spec.document)?;
+        let envelope = ota
+            .manifest_bytes()
+            .map_err(|e| JobsError::Invalid(e.to_string()))?;
+        let nonce = ota
+            .nonce_bytes()
+            .map_err(|e| JobsError::Invalid(e.to_string()))?;
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&envelope).into()
+        };
+        let executions: BTreeMap<String, _> = self
+            .executions(campaign_id)
+            .await?
+            .into_iter()
+            .map(|e| (e.thing, e.execution))
+            .collect();
+        let mut s = CampaignStatus::default();
+        let Some(rollout) = job.rollout else {
+            return Err(JobsError::Invalid(format!(
+                "{campaign_id} is not a campaign"
+            )));
+        };
+        s.rollout = rollout.status;
+        for (thing, target) in rollout.order.iter().zip(&rollout.targets) {
+            let Some(e) = executions.get(thing) else {
+                match target.status {
+                    TargetStatus::Canceled => s.canceled += 1,
+                    TargetStatus::Pending => s.pending += 1,
+                    _ => s.queued += 1,
+                }
+                continue;
+            };
+            let receipt = e.status_details.get("receipt");
+            match (e.status, receipt) {
+                (JobStatus::Queued, _) => s.queued += 1,
+                (JobStatus::InProgress, _) => s.in_progress += 1,
+                (JobStatus::TimedOut, _) => s.timed_out += 1,
+                (JobStatus::Canceled | JobStatus::Removed, _) => s.canceled += 1,
+                (JobStatus::Succeeded | JobStatus::Failed, Some(r)) => {
+                    match verify_receipt(registry, thing, r, &digest, &nonce) {
+                        Some(InstallOutcome::Committed) if e.status == JobStatus::Succeeded => {
+                            s.succeeded += 1;
+                        }
+                        Some(InstallOutcome::RolledBack) if e.status == JobStatus::Failed => {
+                            s.rolled_back += 1;
+                        }
+                        _ => s.unverified_receipt += 1,
+                    }
+                }
+                (JobStatus::Succeeded, None) => s.unverified_receipt += 1,
+                (JobStatus::Failed | JobStatus::Rejected, _) => s.failed += 1,
+            }
+        }
+        Ok(s)
+    }
+
+    /// The campaign's status every `every`, sent when it changed, until it
+    /// is final (the last snapshot is sent, then the channel closes).
+    pub fn watch_campaign(
+        &self,
+        campaign_id: &str,
+        registry: Registry,
+        every: Duration,
+    ) -> mpsc::Receiver<Result<CampaignStatus, JobsError>> {
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let id = campaign_id.to_string();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let status = this.campaign_status(&id, &registry).await;
+                let stop = match &status {
+                    Ok(s) => s.is_final(),
+                    Err(_) => true,
+                };
+                let changed = match (&status, &last) {
+                    (Ok(s), Some(l)) => s != l,
+                    _ => true,
+                };
+                if changed {
+                    if let Ok(s) = &status {
+                        last = Some(s.clone());
+                    }
+                    if tx.send(status).await.is_err() {
+                        return;
+                    }
+                }
+                if stop {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        rx
+    }
+}
+
+trait FromDocument: Sized {
+    fn deserialize_from(v: &serde_json::Value) -> Result<Self, JobsError>;
+}
+
+impl FromDocument for OtaJob {
+    fn deserialize_from(v: &serde_json::Value) -> Result<Self, JobsError> {
+        serde_json::from_value(v.clone())
+            .map_err(|_| JobsError::Invalid("not an OTA campaign's document".into()))
+    }
+}
+
+/// Checks a base64 receipt against the thing's registered key, the
+/// campaign's manifest digest and nonce; returns its outcome.
+fn verify_receipt(
+    registry: &Registry,
+    thing: &str,
+    receipt_b64: &str,
+    digest: &[u8; 32],
+    nonce: &[u8],
+) -> Option<InstallOutcome> {
+    let key = registry
+        .thing(thing)
+        .ok()?
+        .attributes
+        .get(RECEIPT_KEY_ATTRIBUTE)?
+        .clone();
+    let key: [u8; 32] = BASE64.decode(key).ok()?.try_into().ok()?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key).ok()?;
+    let signed = BASE64.decode(receipt_b64).ok()?;
+    let receipt = InstallReceipt::verify(&signed, &key).ok()?;
+    (receipt.manifest_digest == *digest && receipt.nonce == nonce).then_some(receipt.outcome)
+}

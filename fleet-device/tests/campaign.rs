@@ -1,0 +1,421 @@
+//! OTA campaigns end to end over a real broker: the cloud's jobs service
+//! rolls a signed release out in groups to fleet-device agents with
+//! file-backed A/B slots; receipts are checked against each device's
+//! registered key. 100 devices all commit; a campaign where devices fail
+//! their self-test aborts at the error threshold, the failed ones roll
+//! back, and no device outside the released group gets the job.
+
+// Test helpers fail the test on a broken fixture.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use ed25519_dalek::SigningKey;
+use fleet_cloud::{
+    CampaignSpec, CampaignStatus, Extras, JobsService, MemoryStore, RECEIPT_KEY_ATTRIBUTE,
+    Registry, RunningService, ShadowService, SqliteStore, StreamService, serve,
+};
+use fleet_core::jobs::{
+    GroupAction, RateLimit, RetryPolicy, RolloutGroup, RolloutPolicy, RolloutStatus, Threshold,
+    TimeoutConfig,
+};
+use fleet_core::ota::{ManifestBuilder, Role, TrustRootBuilder};
+use fleet_device::{
+    AgentBuilder, AgentEvent, Backoff, FileSlots, FirmwareSlots, OtaSettings, Slot,
+};
+use fleet_testkit::Broker;
+use sha2::Digest;
+
+const IMAGE_LEN: usize = 8 * 1024;
+
+struct Fleet {
+    broker: Broker,
+    jobs: JobsService<SqliteStore>,
+    streams: StreamService,
+    registry: Registry,
+    signer: SigningKey,
+    root: Vec<u8>,
+    _cloud: RunningService,
+    _db: tempfile::TempDir,
+}
+
+fn receipt_seed(i: usize) -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    seed
+}
+
+fn fleet(devices: usize) -> Fleet {
+    let broker = Broker::start().expect("start mosquitto");
+    let db = tempfile::tempdir().unwrap();
+    let jobs = JobsService::new(SqliteStore::open(&db.path().join("fleet.db")).unwrap());
+    let streams = StreamService::new();
+    let cloud = serve(
+        broker.backend_config("cloud").unwrap(),
+        ShadowService::new(MemoryStore::new()),
+        Extras {
+            jobs: Some(jobs.clone().into()),
+            streams: Some(streams.clone()),
+            ..Extras::default()
+        },
+    )
+    .unwrap();
+    let registry = Registry::in_memory().unwrap();
+    for i in 0..devices {
+        // Each device's receipt key is registered with its thing.
+        let public = SigningKey::from_bytes(&receipt_seed(i)).verifying_key();
+        let attrs = [(
+            RECEIPT_KEY_ATTRIBUTE.to_string(),
+            base64::engine::general_purpose::STANDARD.encode(public.as_bytes()),
+        )]
+        .into();
+        registry
+            .create_thing(&format!("dev-{i:03}"), attrs)
+            .unwrap();
+    }
+    let signer = SigningKey::from_bytes(&[5; 32]);
+    let root = TrustRootBuilder::new(1)
+        .key(&signer.verifying_key(), &[Role::Root, Role::Targets])
+        .build();
+    Fleet {
+        broker,
+        jobs,
+        streams,
+        registry,
+        signer,
+        root,
+        _cloud: cloud,
+        _db: db,
+    }
+}
+
+fn image() -> Vec<u8> {
+    (0..IMAGE_LEN).map(|i| (i * 13 % 253) as u8).collect()
+}
+
+fn campaign(f: &Fleet, id: &str, things: Vec<String>, policy: RolloutPolicy) -> CampaignSpec {
+    let image = image();
+    let manifest = ManifestBuilder::new(
+        "fw",
+        "3.0",
+        3,
+        image.len() as u64,
+        sha2::Sha256::digest(&image).into(),
+    )
+    .hardware_id("board-1");
+    CampaignSpec {
+        campaign_id: id.into(),
+        envelope: fleet_core::ota::tools::sign_manifest(&manifest, &[&f.signer]),
+        image,
+        things,
+        groups: Vec::new(),
+        policy,
+        timeouts: TimeoutConfig::default(),
+    }
+}
+
+/// What a device ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Committed,
+    RolledBack,
+    NeverUpdated,
+}
+
+/// One device, rebooting when its update asks, until the update ends or
+/// `give_up` passes without one.
+async fn run_device(
+    f: Arc<Fleet>,
+    i: usize,
+    state: PathBuf,
+    healthy: bool,
+    give_up: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (Outcome, Slot, Vec<String>) {
+    let thing = format!("dev-{i:03}");
+    let id = f.broker.device_identity(&thing).unwrap();
+    let deadline = tokio::time::Instant::now() + give_up;
+    let mut saw_job = false;
+    let mut log: Vec<String> = Vec::new();
+    loop {
+        log.push("boot".into());
+        let slots = Arc::new(Mutex::new(
+            FileSlots::boot(&state.join("slots"), 1 << 20, 1).unwrap(),
+        ));
+        let settings = OtaSettings {
+            trust_root: f.root.clone(),
+            hardware_id: "board-1".into(),
+            slots: slots.clone(),
+            self_test: Arc::new(move || healthy),
+            receipt_key: receipt_seed(i),
+            block_size: 4096,
+        };
+        let mut agent = AgentBuilder::new(
+            "localhost",
+            f.broker.port(),
+            &thing,
+            &id.cert_pem,
+            &id.key_pem,
+            &f.broker.pki().ca_pem(),
+        )
+        .state_dir(state.join("agent"))
+        .ota(settings)
+        .backoff(Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        })
+        .request_timeout(Duration::from_secs(5))
+        .start()
+        .unwrap();
+        let booted = slots.lock().unwrap().booted();
+        loop {
+            let event = tokio::select! {
+                e = tokio::time::timeout_at(deadline, agent.next_event()) => e,
+                // The campaign is over: a device that never got it stops.
+                Ok(()) = stop.changed(), if !saw_job => {
+                    agent.shutdown().await;
+                    return (Outcome::NeverUpdated, booted, log);
+                }
+            };
+            match event {
+                Err(_) => {
+                    agent.shutdown().await;
+                    assert!(!saw_job, "{thing} stuck mid-update: {log:?}");
+                    return (Outcome::NeverUpdated, booted, log);
+                }
+                Ok(Some(AgentEvent::OtaProgress { received, .. })) => {
+                    saw_job = true;
+                    log.push(format!("progress {received}"));
+                }
+                Ok(Some(AgentEvent::RebootRequired { .. })) => {
+                    agent.shutdown().await;
+                    break;
+                }
+                Ok(Some(AgentEvent::OtaFinished { committed, job_id })) => {
+                    // A device keeps running: wait until the service has the
+                    // final report (with the receipt), answering events.
+                    let reported =
+                        tokio::time::timeout_at(deadline, async {
+                            loop {
+                                let done =
+                                    f.jobs.executions(&job_id).await.unwrap().into_iter().any(
+                                        |e| e.thing == thing && e.execution.status.is_terminal(),
+                                    );
+                                if done {
+                                    return;
+                                }
+                                let _ = tokio::time::timeout(
+                                    Duration::from_millis(100),
+                                    agent.next_event(),
+                                )
+                                .await;
+                            }
+                        })
+                        .await;
+                    assert!(
+                        reported.is_ok(),
+                        "{thing}: the final report never arrived: {log:?}"
+                    );
+                    agent.shutdown().await;
+                    let outcome = if committed {
+                        Outcome::Committed
+                    } else {
+                        Outcome::RolledBack
+                    };
+                    return (outcome, booted, log);
+                }
+                Ok(Some(e)) => {
+                    log.push(format!("{e:?}").chars().take(120).collect());
+                    if matches!(e, AgentEvent::Job { .. }) {
+                        saw_job = true;
+                    }
+                }
+                Ok(None) => panic!("{thing}: the agent stopped"),
+            }
+        }
+    }
+}
+
+async fn until_final(f: &Fleet, id: &str) -> CampaignStatus {
+    let mut watch = f
+        .jobs
+        .watch_campaign(id, f.registry.clone(), Duration::from_millis(200));
+    let mut last = None;
+    let result = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(s) = watch.recv().await {
+            last = Some(s.unwrap());
+        }
+    })
+    .await;
+    let last = last.expect("at least one snapshot");
+    if result.is_err() {
+        let stuck: Vec<_> = f
+            .jobs
+            .executions(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| !e.execution.status.is_terminal())
+            .map(|e| {
+                (
+                    e.thing,
+                    e.execution.status,
+                    e.execution.execution_number,
+                    e.execution.status_details,
+                )
+            })
+            .collect();
+        panic!("the campaign did not end: {last:?}; unfinished: {stuck:?}");
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
+    const N: usize = 100;
+    let f = Arc::new(fleet(N));
+    let states: Vec<tempfile::TempDir> = (0..N).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut devices = Vec::new();
+    for (i, state) in states.iter().enumerate() {
+        devices.push(tokio::spawn(run_device(
+            f.clone(),
+            i,
+            state.path().into(),
+            true,
+            Duration::from_secs(60),
+            stopped.clone(),
+        )));
+    }
+    let policy = RolloutPolicy {
+        rate: RateLimit::Constant { per_minute: 10_000 },
+        groups: vec![RolloutGroup {
+            size: 10,
+            success_percent: 100,
+            on_success: GroupAction::NextGroup,
+            error_threshold: Some(Threshold::Count(1)),
+        }],
+        abort: Vec::new(),
+        retry: RetryPolicy::default(),
+        in_progress_timeout_secs: None,
+    };
+    let things = (0..N).map(|i| format!("dev-{i:03}")).collect();
+    let out = f
+        .jobs
+        .start_campaign(
+            campaign(&f, "fw-3", things, policy),
+            &f.streams,
+            &f.registry,
+            f.jobs.now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out.iter()
+            .filter(|m| m.topic.ends_with("/notify-next"))
+            .count(),
+        10,
+        "the first canary group"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(100), until_final(&f, "fw-3")).await;
+    let _ = stop.send(true);
+    let Ok(status) = status else {
+        let mut logs = Vec::new();
+        for (i, d) in devices.into_iter().enumerate() {
+            let (outcome, _, log) = d.await.unwrap();
+            if outcome != Outcome::Committed {
+                logs.push((i, outcome, log));
+            }
+        }
+        panic!("the campaign did not end: {logs:?}");
+    };
+    assert_eq!(status.succeeded, N, "{status:?}");
+    assert_eq!(status.rollout, Some(RolloutStatus::Completed));
+    assert_eq!(
+        status.unverified_receipt + status.failed + status.rolled_back,
+        0
+    );
+    for d in devices {
+        let (outcome, booted, _) = d.await.unwrap();
+        assert_eq!((outcome, booted), (Outcome::Committed, Slot::B));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_self_tests_abort_the_campaign_and_roll_back() {
+    const N: usize = 20;
+    let f = Arc::new(fleet(N));
+    let states: Vec<tempfile::TempDir> = (0..N).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut devices = Vec::new();
+    for (i, state) in states.iter().enumerate() {
+        // Two of the first group fail their self-test.
+        let healthy = !(i == 1 || i == 3);
+        devices.push(tokio::spawn(run_device(
+            f.clone(),
+            i,
+            state.path().into(),
+            healthy,
+            Duration::from_secs(60),
+            stopped.clone(),
+        )));
+    }
+    let policy = RolloutPolicy {
+        rate: RateLimit::Constant { per_minute: 10_000 },
+        groups: vec![RolloutGroup {
+            size: 5,
+            success_percent: 100,
+            on_success: GroupAction::NextGroup,
+            error_threshold: Some(Threshold::Count(2)),
+        }],
+        abort: Vec::new(),
+        retry: RetryPolicy::default(),
+        in_progress_timeout_secs: None,
+    };
+    let things = (0..N).map(|i| format!("dev-{i:03}")).collect();
+    f.jobs
+        .start_campaign(
+            campaign(&f, "fw-bad", things, policy),
+            &f.streams,
+            &f.registry,
+            f.jobs.now(),
+        )
+        .await
+        .unwrap();
+    let status = until_final(&f, "fw-bad").await;
+    let _ = stop.send(true);
+    assert!(
+        matches!(status.rollout, Some(RolloutStatus::Aborted(_))),
+        "{status:?}"
+    );
+    assert_eq!(status.rolled_back, 2, "{status:?}");
+    assert_eq!(status.succeeded, 3, "{status:?}");
+    assert_eq!(status.pending + status.canceled, N - 5, "{status:?}");
+    assert_eq!(
+        f.jobs.executions("fw-bad").await.unwrap().len(),
+        5,
+        "only the first group got the job"
+    );
+    for (i, d) in devices.into_iter().enumerate() {
+        let (outcome, booted, _) = d.await.unwrap();
+        let expected = match i {
+            1 | 3 => (Outcome::RolledBack, Slot::A),
+            0..5 => (Outcome::Committed, Slot::B),
+            _ => (Outcome::NeverUpdated, Slot::A),
+        };
+        assert_eq!((outcome, booted), expected, "dev-{i:03}");
+        if i >= 5 {
+            let slots = states[i].path().join("slots");
+            assert!(
+                !slots.join("slot-b.img").exists(),
+                "dev-{i:03} was never written to"
+            );
+        }
+    }
+    // The rolled-back devices still run their old image.
+    let slots = FileSlots::boot(&states[1].path().join("slots"), 1 << 20, 1).unwrap();
+    assert_eq!((slots.booted(), slots.installed_sequence()), (Slot::A, 1));
+}
