@@ -91,4 +91,4 @@ pub use registry::{
 };
 pub use shadows::{Outgoing, ServiceError, ShadowService};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};
-pub use streams::{StreamReply, StreamService};
+pub use streams::{StreamReply, StreamService, StreamStoreError};

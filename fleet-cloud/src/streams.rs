@@ -39,33 +39,143 @@ struct Stream {
 #[derive(Debug, Clone, Default)]
 pub struct StreamService {
     streams: Arc<RwLock<HashMap<String, Stream>>>,
+    /// Where streams are kept across restarts (`None`: memory only).
+    db: Option<Arc<std::sync::Mutex<rusqlite::Connection>>>,
+}
+
+/// A stream could not be stored or loaded.
+#[derive(Debug)]
+pub struct StreamStoreError(String);
+
+impl std::fmt::Display for StreamStoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stream store: {}", self.0)
+    }
+}
+
+impl std::error::Error for StreamStoreError {}
+
+fn db_err(e: impl std::fmt::Display) -> StreamStoreError {
+    StreamStoreError(e.to_string())
 }
 
 impl StreamService {
-    /// No streams yet.
+    /// No streams yet, in memory only.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Serves `files` (file id = index) as stream `id`; replacing a stream
-    /// raises its version, so a device reading the old one is told.
-    /// Returns the version.
-    pub fn put(&self, id: &str, description: &str, files: Vec<Vec<u8>>) -> u32 {
-        let mut streams = self.streams.write().unwrap_or_else(PoisonError::into_inner);
-        let version = streams.get(id).map_or(1, |s| s.version + 1);
-        streams.insert(
-            id.into(),
-            Stream {
-                version,
-                description: description.into(),
-                files: files.into_iter().map(Arc::new).collect(),
-            },
-        );
-        version
+    /// Streams kept in the SQLite database at `path` (a table of their
+    /// own, so it may be the fleet's database): those stored before are
+    /// served again after a restart, and every [`put`](Self::put) is
+    /// written before it returns.
+    pub fn open(path: &std::path::Path) -> Result<Self, StreamStoreError> {
+        let conn = rusqlite::Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS stream_files (
+                 stream TEXT NOT NULL, version INTEGER NOT NULL, description TEXT NOT NULL,
+                 file INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (stream, file)
+             ) STRICT;",
+        )
+        .map_err(db_err)?;
+        let mut streams: HashMap<String, Stream> = HashMap::new();
+        {
+            let mut stmt = conn
+                .prepare("SELECT stream, version, description, file, data FROM stream_files ORDER BY stream, file")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, u32>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                })
+                .map_err(db_err)?;
+            for row in rows {
+                let (id, version, description, data) = row.map_err(db_err)?;
+                let s = streams.entry(id).or_insert_with(|| Stream {
+                    version,
+                    description,
+                    files: Vec::new(),
+                });
+                s.files.push(Arc::new(data));
+            }
+        }
+        Ok(Self {
+            streams: Arc::new(RwLock::new(streams)),
+            db: Some(Arc::new(std::sync::Mutex::new(conn))),
+        })
     }
 
-    /// Stops serving a stream.
+    /// As [`put`](Self::put), reporting a failure to store the stream (a
+    /// stream that cannot be stored is not served).
+    pub fn try_put(
+        &self,
+        id: &str,
+        description: &str,
+        files: Vec<Vec<u8>>,
+    ) -> Result<u32, StreamStoreError> {
+        let version = self
+            .streams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .map_or(1, |s| s.version + 1);
+        if let Some(db) = &self.db {
+            let mut conn = db.lock().unwrap_or_else(PoisonError::into_inner);
+            let tx = conn.transaction().map_err(db_err)?;
+            tx.execute("DELETE FROM stream_files WHERE stream = ?1", [id])
+                .map_err(db_err)?;
+            for (i, f) in files.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO stream_files (stream, version, description, file, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    (id, version, description, i as i64, f),
+                )
+                .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)?;
+        }
+        self.streams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id.into(),
+                Stream {
+                    version,
+                    description: description.into(),
+                    files: files.into_iter().map(Arc::new).collect(),
+                },
+            );
+        Ok(version)
+    }
+
+    /// Serves `files` (file id = index) as stream `id`; replacing a stream
+    /// raises its version, so a device reading the old one is told.
+    /// Returns the version. A store failure is logged and the stream not
+    /// served; [`try_put`](Self::try_put) returns it.
+    pub fn put(&self, id: &str, description: &str, files: Vec<Vec<u8>>) -> u32 {
+        match self.try_put(id, description, files) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!("{e}");
+                0
+            }
+        }
+    }
+
+    /// Stops serving a stream (and forgets it in the store).
     pub fn remove(&self, id: &str) {
+        if let Some(db) = &self.db {
+            let conn = db.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = conn.execute("DELETE FROM stream_files WHERE stream = ?1", [id]) {
+                tracing::error!("stream store: {e}");
+            }
+        }
         self.streams
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -306,5 +416,27 @@ mod tests {
             2,
             "a replaced stream has a new version"
         );
+    }
+
+    #[test]
+    fn stored_streams_are_served_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let s = StreamService::open(&path).unwrap();
+        s.try_put("fw", "firmware", vec![vec![1; 300], vec![2; 10]])
+            .unwrap();
+        s.try_put("gone", "x", vec![vec![3]]).unwrap();
+        s.remove("gone");
+        drop(s);
+        let s = StreamService::open(&path).unwrap();
+        let d = s.handle("$aws/things/t/streams/fw/describe/json", b"{}");
+        let desc = StreamDescription::decode(&d[0].payload, Format::Json).unwrap();
+        assert_eq!(
+            (desc.version, desc.files.len(), desc.files[0].size),
+            (1, 2, 300)
+        );
+        let r = s.handle("$aws/things/t/streams/gone/describe/json", b"{}");
+        assert!(r[0].topic.ends_with("/rejected/json"));
+        assert_eq!(s.try_put("fw", "firmware", vec![vec![4]]).unwrap(), 2);
     }
 }

@@ -38,8 +38,37 @@ struct Fleet {
     registry: Registry,
     signer: SigningKey,
     root: Vec<u8>,
-    _cloud: RunningService,
-    _db: tempfile::TempDir,
+    cloud: Mutex<Option<RunningService>>,
+    db: tempfile::TempDir,
+}
+
+/// The cloud service: jobs and streams over the fleet's SQLite file.
+fn cloud(
+    broker: &Broker,
+    db: &std::path::Path,
+) -> (RunningService, JobsService<SqliteStore>, StreamService) {
+    let jobs = JobsService::new(SqliteStore::open(&db.join("fleet.db")).unwrap());
+    let streams = StreamService::open(&db.join("fleet.db")).unwrap();
+    let running = serve(
+        broker.backend_config("cloud").unwrap(),
+        ShadowService::new(MemoryStore::new()),
+        Extras {
+            jobs: Some(jobs.clone().into()),
+            streams: Some(streams.clone()),
+            ..Extras::default()
+        },
+    )
+    .unwrap();
+    (running, jobs, streams)
+}
+
+impl Fleet {
+    /// Stops the cloud service and starts a new one on the same database.
+    fn restart_cloud(&self) {
+        let mut c = self.cloud.lock().unwrap();
+        drop(c.take());
+        *c = Some(cloud(&self.broker, self.db.path()).0);
+    }
 }
 
 fn receipt_seed(i: usize) -> [u8; 32] {
@@ -51,18 +80,7 @@ fn receipt_seed(i: usize) -> [u8; 32] {
 fn fleet(devices: usize) -> Fleet {
     let broker = Broker::start().expect("start mosquitto");
     let db = tempfile::tempdir().unwrap();
-    let jobs = JobsService::new(SqliteStore::open(&db.path().join("fleet.db")).unwrap());
-    let streams = StreamService::new();
-    let cloud = serve(
-        broker.backend_config("cloud").unwrap(),
-        ShadowService::new(MemoryStore::new()),
-        Extras {
-            jobs: Some(jobs.clone().into()),
-            streams: Some(streams.clone()),
-            ..Extras::default()
-        },
-    )
-    .unwrap();
+    let (running, jobs, streams) = cloud(&broker, db.path());
     let registry = Registry::in_memory().unwrap();
     for i in 0..devices {
         // Each device's receipt key is registered with its thing.
@@ -87,8 +105,8 @@ fn fleet(devices: usize) -> Fleet {
         registry,
         signer,
         root,
-        _cloud: cloud,
-        _db: db,
+        cloud: Mutex::new(Some(running)),
+        db,
     }
 }
 
@@ -320,6 +338,22 @@ async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
         10,
         "the first canary group"
     );
+    // The service is restarted in the middle of the rollout.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while f
+            .jobs
+            .campaign_status("fw-3", &f.registry)
+            .await
+            .unwrap()
+            .succeeded
+            < 30
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("30 devices done");
+    f.restart_cloud();
     let status = tokio::time::timeout(Duration::from_secs(100), until_final(&f, "fw-3")).await;
     let _ = stop.send(true);
     let Ok(status) = status else {
@@ -338,6 +372,13 @@ async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
         status.unverified_receipt + status.failed + status.rolled_back,
         0
     );
+    for e in f.jobs.executions("fw-3").await.unwrap() {
+        assert_eq!(
+            e.execution.execution_number, 1,
+            "{} was released once",
+            e.thing
+        );
+    }
     for d in devices {
         let (outcome, booted, _) = d.await.unwrap();
         assert_eq!((outcome, booted), (Outcome::Committed, Slot::B));
