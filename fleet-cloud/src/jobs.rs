@@ -126,6 +126,12 @@ pub trait JobStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Every job id, sorted.
     fn job_ids(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// Removes a job if it is still at `expected`.
+    fn delete_job(
+        &self,
+        job_id: &str,
+        expected: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// A thing's executions (a thing without any: empty, revision 0).
     fn load_thing(
         &self,
@@ -184,6 +190,17 @@ impl JobStore for MemoryStore {
         let mut ids: Vec<String> = self.jobs_lock()?.jobs.keys().cloned().collect();
         ids.sort();
         Ok(ids)
+    }
+
+    async fn delete_job(&self, job_id: &str, expected: u64) -> Result<(), StoreError> {
+        let mut m = self.jobs_lock()?;
+        match m.jobs.get(job_id) {
+            Some((_, r)) if *r == expected => {
+                m.jobs.remove(job_id);
+                Ok(())
+            }
+            _ => Err(StoreError::Conflict),
+        }
     }
 
     async fn load_thing(&self, thing: &str) -> Result<Versioned<ThingJobs>, StoreError> {
@@ -294,6 +311,23 @@ impl JobStore for SqliteStore {
                 .map_err(backend)?;
             let rows = stmt.query_map([], |r| r.get(0)).map_err(backend)?;
             rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_job(&self, job_id: &str, expected: u64) -> Result<(), StoreError> {
+        let job_id = job_id.to_string();
+        self.with_conn(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM jobs WHERE job_id = ?1 AND revision = ?2",
+                    (&job_id, expected),
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::Conflict);
+            }
+            Ok(())
         })
         .await
     }
@@ -758,6 +792,49 @@ impl<S: JobStore> JobsService<S> {
                 })
                 .await?;
             out.extend(self.outgoing(thing, messages));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a job and its executions. A job with executions still
+    /// QUEUED or IN_PROGRESS is refused unless `force`, which cancels them
+    /// first (the devices are told).
+    pub async fn delete_job(
+        &self,
+        job_id: &str,
+        force: bool,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        let job = self.job(job_id).await?;
+        let mut busy = false;
+        for thing in &job.targets {
+            let jobs = self.store.load_thing(thing).await?.value;
+            busy |= jobs
+                .execution(job_id)
+                .is_some_and(|e| !e.status.is_terminal());
+        }
+        if busy && !force {
+            return Err(JobsError::Invalid(format!(
+                "{job_id} has executions in progress: cancel it, or delete with force"
+            )));
+        }
+        let out = if busy {
+            self.cancel_job(job_id, true, now).await?
+        } else {
+            Vec::new()
+        };
+        let record = loop {
+            let Some(current) = self.store.load_job(job_id).await? else {
+                return Err(JobsError::NotFound(job_id.into()));
+            };
+            match self.store.delete_job(job_id, current.revision).await {
+                Ok(()) => break current.value,
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        for thing in &record.targets {
+            self.with_thing(thing, |jobs| jobs.forget(job_id)).await?;
         }
         Ok(out)
     }
@@ -1327,5 +1404,63 @@ mod tests {
         // Operator controls on an aborted rollout change nothing.
         jobs.resume_rollout("r2", T0 + 3).await.unwrap();
         assert_eq!(jobs.executions("r2").await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_job_in_progress_is_deleted_only_with_force() {
+        for store in [StoreKind::Memory, StoreKind::Sqlite] {
+            let dir = tempfile::tempdir().unwrap();
+            match store {
+                StoreKind::Memory => delete_scenario(JobsService::new(MemoryStore::new())).await,
+                StoreKind::Sqlite => {
+                    delete_scenario(JobsService::new(
+                        SqliteStore::open(&dir.path().join("f.db")).unwrap(),
+                    ))
+                    .await
+                }
+            }
+        }
+    }
+
+    enum StoreKind {
+        Memory,
+        Sqlite,
+    }
+
+    async fn delete_scenario<S: JobStore>(jobs: JobsService<S>) {
+        let registry = Registry::in_memory().unwrap();
+        let mut spec = rollout_spec("d1", 2, false);
+        spec.rollout = None;
+        jobs.create_job(spec, &registry, T0).await.unwrap();
+        assert!(matches!(
+            jobs.delete_job("d1", false, T0).await,
+            Err(JobsError::Invalid(_))
+        ));
+        assert_eq!(
+            jobs.executions("d1").await.unwrap().len(),
+            2,
+            "nothing changed"
+        );
+        let out = jobs.delete_job("d1", true, T0).await.unwrap();
+        assert!(
+            out.iter()
+                .any(|m| m.topic == "$aws/things/t0/jobs/notify-next"),
+            "devices are told"
+        );
+        assert!(matches!(jobs.job("d1").await, Err(JobsError::NotFound(_))));
+        assert!(jobs.job_ids().await.unwrap().is_empty());
+        assert!(
+            jobs.store
+                .load_thing("t0")
+                .await
+                .unwrap()
+                .value
+                .executions()
+                .is_empty()
+        );
+        assert!(matches!(
+            jobs.delete_job("d1", true, T0).await,
+            Err(JobsError::NotFound(_))
+        ));
     }
 }

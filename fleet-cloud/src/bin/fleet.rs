@@ -17,8 +17,8 @@ use clap::{Parser, Subcommand};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
-    MemoryStore, MosquittoListener, ProvisioningService, ProvisioningTemplate, Registry,
-    ShadowService, ShadowStore, SqliteStore, serve,
+    JobStore, JobsService, MemoryStore, MosquittoListener, ProvisioningService,
+    ProvisioningTemplate, Registry, ShadowService, ShadowStore, SqliteStore, StreamService, serve,
 };
 
 #[derive(Parser)]
@@ -215,6 +215,10 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         ..Extras::default()
     };
     let result = if store == "memory" {
+        let extras = Extras {
+            streams: Some(StreamService::new()),
+            ..extras
+        };
         run(config, MemoryStore::new(), &args.prefix, extras).await
     } else {
         if let Some(parent) = std::path::Path::new(&store).parent()
@@ -222,8 +226,14 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         {
             std::fs::create_dir_all(parent)?;
         }
-        let s = SqliteStore::open(std::path::Path::new(&store))?;
+        let path = std::path::Path::new(&store);
+        let s = SqliteStore::open(path)?;
         tracing::info!("store: SQLite at {store}");
+        // Release images are kept in the same database.
+        let extras = Extras {
+            streams: Some(StreamService::open(path)?),
+            ..extras
+        };
         run(config, s, &args.prefix, extras).await
     };
     if let Some(b) = embedded {
@@ -322,12 +332,21 @@ fn write_setup(
     Ok(abs)
 }
 
-async fn run<S: ShadowStore>(
+async fn run<S: ShadowStore + JobStore + Clone>(
     config: BrokerConfig,
     store: S,
     prefix: &str,
     extras: Extras,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    // The jobs service (with its rollouts and campaigns) speaks `$aws`.
+    let extras = if prefix == "$aws" {
+        Extras {
+            jobs: Some(JobsService::new(store.clone()).into()),
+            ..extras
+        }
+    } else {
+        extras
+    };
     let service = ShadowService::new(store).with_prefix(prefix)?;
     let running = serve(config, service, extras)?;
     shutdown_signal().await;

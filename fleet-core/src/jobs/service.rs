@@ -57,6 +57,20 @@ impl ThingJobs {
         self.executions.iter().rev().find(|e| e.job_id == job_id)
     }
 
+    /// Forgets every execution of `job_id` (the job was deleted); refused
+    /// (`false`, nothing changed) while one is QUEUED or IN_PROGRESS.
+    pub fn forget(&mut self, job_id: &str) -> bool {
+        if self
+            .executions
+            .iter()
+            .any(|e| e.job_id == job_id && !e.status.is_terminal())
+        {
+            return false;
+        }
+        self.executions.retain(|e| e.job_id != job_id);
+        true
+    }
+
     /// The next pending execution: the oldest IN_PROGRESS, else the oldest
     /// QUEUED.
     pub fn next_pending(&self) -> Option<&JobExecution> {
