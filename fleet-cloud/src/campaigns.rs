@@ -24,12 +24,10 @@ pub const RECEIPT_KEY_ATTRIBUTE: &str = "receiptKey";
 /// A campaign to start.
 #[derive(Debug, Clone)]
 pub struct CampaignSpec {
-    /// The campaign's id (also its job's and its image stream's).
+    /// The campaign's id (also its job's).
     pub campaign_id: String,
-    /// The signed manifest envelope.
-    pub envelope: Vec<u8>,
-    /// The image the manifest describes.
-    pub image: Vec<u8>,
+    /// The release to install ([`JobsService::register_release`]).
+    pub release_id: String,
     /// Things targeted, in release order.
     pub things: Vec<String>,
     /// Groups targeted (their members after the things).
@@ -85,9 +83,41 @@ fn random_nonce() -> Result<[u8; 16], JobsError> {
 }
 
 impl<S: JobStore> JobsService<S> {
-    /// Starts a campaign: serves the image as stream `campaign_id` and
-    /// creates a rollout job whose document carries the manifest and a
-    /// fresh nonce the receipts must echo.
+    /// Registers a release: a signed manifest envelope and the image it
+    /// describes (size and SHA-256 checked), kept as stream `release_id`
+    /// (file 0 the image devices fetch, file 1 the envelope).
+    pub fn register_release(
+        &self,
+        release_id: &str,
+        envelope: &[u8],
+        image: Vec<u8>,
+        streams: &StreamService,
+    ) -> Result<(), JobsError> {
+        fleet_core::identity::StreamId::new(release_id)
+            .map_err(|e| JobsError::Invalid(format!("release id: {e}")))?;
+        let env = fleet_core::ota::Envelope::parse(envelope)
+            .map_err(|e| JobsError::Invalid(format!("manifest envelope: {e}")))?;
+        let manifest = fleet_core::ota::Manifest::parse(env.payload)
+            .map_err(|e| JobsError::Invalid(format!("manifest: {e}")))?;
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&image).into()
+        };
+        if manifest.size != image.len() as u64 || manifest.digest != digest {
+            return Err(JobsError::Invalid(
+                "the image is not the one the manifest describes (size or SHA-256)".into(),
+            ));
+        }
+        streams
+            .try_put(release_id, "OTA release", vec![image, envelope.to_vec()])
+            .map_err(|e| JobsError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Starts a campaign of a registered release: a rollout job whose
+    /// document carries the release's manifest and a fresh nonce the
+    /// receipts must echo; devices fetch the image from the release's
+    /// stream.
     pub async fn start_campaign(
         &self,
         spec: CampaignSpec,
@@ -95,25 +125,16 @@ impl<S: JobStore> JobsService<S> {
         registry: &Registry,
         now: u64,
     ) -> Result<Vec<JobsOutgoing>, JobsError> {
-        let envelope = fleet_core::ota::Envelope::parse(&spec.envelope)
-            .map_err(|e| JobsError::Invalid(format!("manifest envelope: {e}")))?;
-        let manifest = fleet_core::ota::Manifest::parse(envelope.payload)
-            .map_err(|e| JobsError::Invalid(format!("manifest: {e}")))?;
-        if manifest.size != spec.image.len() as u64 {
-            return Err(JobsError::Invalid(format!(
-                "the manifest says {} bytes, the image has {}",
-                manifest.size,
-                spec.image.len()
-            )));
-        }
+        let envelope = streams
+            .file(&spec.release_id, 1)
+            .ok_or_else(|| JobsError::NotFound(format!("release {}", spec.release_id)))?;
         let nonce = random_nonce()?;
         let document = serde_json::to_value(OtaJob::new(
-            &spec.envelope,
-            ImageSource::Stream(spec.campaign_id.clone()),
+            &envelope,
+            ImageSource::Stream(spec.release_id.clone()),
             &nonce,
         ))
         .map_err(|e| JobsError::Invalid(e.to_string()))?;
-        streams.put(&spec.campaign_id, "OTA image", vec![spec.image]);
         self.create_job(
             JobSpec {
                 job_id: spec.campaign_id,

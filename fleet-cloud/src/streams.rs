@@ -168,6 +168,17 @@ impl StreamService {
         }
     }
 
+    /// A file of a stream.
+    pub fn file(&self, id: &str, file: usize) -> Option<Arc<Vec<u8>>> {
+        self.streams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)?
+            .files
+            .get(file)
+            .cloned()
+    }
+
     /// Stops serving a stream (and forgets it in the store).
     pub fn remove(&self, id: &str) {
         if let Some(db) = &self.db {
