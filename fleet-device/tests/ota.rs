@@ -5,9 +5,7 @@
 //! receipt in the job's final report. A manifest signed by the wrong key is
 //! refused before anything is written.
 //!
-//! The jobs service is scripted (fleet-core's `ThingJobs` answering through
-//! a backend client) until the cloud's own exists; streams are served by
-//! fleet-cloud's `StreamService`.
+//! The jobs and stream services are fleet-cloud's.
 
 // Test helpers fail the test on a broken fixture.
 #![allow(clippy::unwrap_used)]
@@ -19,19 +17,17 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
-use fleet_cloud::{Extras, MemoryStore, ShadowService, StreamService, serve};
-use fleet_core::ThingName;
-use fleet_core::jobs::{
-    ImageSource, JobExecution, JobStatus, JobsMessage, OtaJob, ThingJobs, TimeoutConfig,
+use fleet_cloud::{
+    Extras, JobSpec, JobsService, MemoryStore, Registry, ShadowService, StreamService,
+    TargetSelection, serve,
 };
+use fleet_core::jobs::{ImageSource, JobExecution, JobStatus, OtaJob, TimeoutConfig};
 use fleet_core::ota::{InstallOutcome, InstallReceipt, ManifestBuilder, Role, TrustRootBuilder};
-use fleet_core::topic::{JobsTopic, Topic, TopicPrefix};
 use fleet_device::{
     Agent, AgentBuilder, AgentEvent, Backoff, FileSlots, FirmwareSlots, OtaSettings, Slot,
 };
 use fleet_testkit::{Broker, BrokerKind, BrokerOptions, TestClient};
 use sha2::Digest;
-use tokio::sync::{mpsc, watch};
 
 fleet_testkit::on_both_brokers!(
     an_update_survives_a_kill_mid_download_and_commits,
@@ -42,56 +38,13 @@ const WAIT: Duration = Duration::from_secs(30);
 const BLOCK: u32 = 1024;
 const IMAGE_LEN: usize = 48 * 1024;
 
-/// The scripted jobs service; publishes each execution's state on `seen`.
-fn jobs_service(
-    mut backend: TestClient,
-    mut queue: mpsc::Receiver<JobExecution>,
-    seen: watch::Sender<Vec<JobExecution>>,
-) {
-    tokio::spawn(async move {
-        let mut jobs = ThingJobs::new("pump-7");
-        let thing = ThingName::new("pump-7").unwrap();
-        let publish = |msgs: Vec<JobsMessage>| {
-            msgs.into_iter()
-                .map(|m| {
-                    let topic = Topic::Jobs(JobsTopic {
-                        thing: thing.clone(),
-                        kind: m.kind,
-                    })
-                    .display(&TopicPrefix::AWS)
-                    .to_string();
-                    (topic, m.payload)
-                })
-                .collect::<Vec<_>>()
-        };
-        loop {
-            let out = tokio::select! {
-                j = queue.recv() => match j {
-                    Some(j) => jobs.queue(j, 1).unwrap(),
-                    None => return,
-                },
-                m = backend.recv(Duration::from_millis(50)) => {
-                    let Some(m) = m else { continue };
-                    let Ok(Topic::Jobs(JobsTopic { kind, .. })) = Topic::parse(&TopicPrefix::AWS, &m.topic) else {
-                        continue;
-                    };
-                    let kind = kind.clone();
-                    jobs.handle_request(&kind, &m.payload, 3)
-                }
-            };
-            for (t, p) in publish(out) {
-                backend.publish(&t, p).await.unwrap();
-            }
-            let _ = seen.send(jobs.executions().to_vec());
-        }
-    });
-}
-
 struct Fleet {
     broker: Broker,
     streams: StreamService,
-    queue: mpsc::Sender<JobExecution>,
-    seen: watch::Receiver<Vec<JobExecution>>,
+    jobs: JobsService<MemoryStore>,
+    registry: Registry,
+    /// Publishes what operator calls on the jobs service send.
+    operator: TestClient,
     _cloud: fleet_cloud::RunningService,
     signer: SigningKey,
     root: Vec<u8>,
@@ -104,30 +57,21 @@ async fn fleet(kind: BrokerKind) -> Fleet {
     })
     .unwrap();
     let streams = StreamService::new();
+    let jobs = JobsService::new(MemoryStore::new());
     let cloud = serve(
         broker.backend_config("cloud").unwrap(),
         ShadowService::new(MemoryStore::new()),
         Extras {
             streams: Some(streams.clone()),
+            jobs: Some(jobs.clone().into()),
             ..Extras::default()
         },
     )
     .unwrap();
     let backend = broker.backend_identity().unwrap();
-    let mut jobs_client = TestClient::connect(&broker, &backend, "jobs-peer")
+    let operator = TestClient::connect(&broker, &backend, "operator")
         .await
         .unwrap();
-    for f in [
-        "$aws/things/pump-7/jobs/get",
-        "$aws/things/pump-7/jobs/start-next",
-        "$aws/things/pump-7/jobs/+/get",
-        "$aws/things/pump-7/jobs/+/update",
-    ] {
-        assert!(jobs_client.subscribe(f).await.unwrap());
-    }
-    let (queue, queue_rx) = mpsc::channel(4);
-    let (seen_tx, seen) = watch::channel(Vec::new());
-    jobs_service(jobs_client, queue_rx, seen_tx);
     let signer = SigningKey::from_bytes(&[42; 32]);
     let root = TrustRootBuilder::new(1)
         .key(&signer.verifying_key(), &[Role::Root, Role::Targets])
@@ -135,8 +79,9 @@ async fn fleet(kind: BrokerKind) -> Fleet {
     Fleet {
         broker,
         streams,
-        queue,
-        seen,
+        jobs,
+        registry: Registry::in_memory().unwrap(),
+        operator,
         _cloud: cloud,
         signer,
         root,
@@ -166,17 +111,24 @@ async fn release(f: &Fleet, job_id: &str, key: &SigningKey, image: &[u8]) -> Vec
         &nonce,
     ))
     .unwrap();
-    f.queue
-        .send(JobExecution::new(
-            job_id,
-            "pump-7",
-            document,
-            1,
-            TimeoutConfig::default(),
-            1,
-        ))
+    let spec = JobSpec {
+        job_id: job_id.into(),
+        document,
+        things: vec!["pump-7".into()],
+        groups: Vec::new(),
+        selection: TargetSelection::Snapshot,
+        timeouts: TimeoutConfig::default(),
+        max_retries: 0,
+        rollout: None,
+    };
+    for m in f
+        .jobs
+        .create_job(spec, &f.registry, f.jobs.now())
         .await
-        .unwrap();
+        .unwrap()
+    {
+        f.operator.publish(&m.topic, m.payload).await.unwrap();
+    }
     nonce
 }
 
@@ -273,14 +225,16 @@ async fn final_execution(f: &mut Fleet, job: &str) -> JobExecution {
     tokio::time::timeout(WAIT, async {
         loop {
             if let Some(e) = f
-                .seen
-                .borrow()
-                .iter()
-                .find(|e| e.job_id == job && e.status.is_terminal())
+                .jobs
+                .executions(job)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|e| e.execution.status.is_terminal())
             {
-                return e.clone();
+                return e.execution;
             }
-            f.seen.changed().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
