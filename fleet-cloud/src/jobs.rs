@@ -446,6 +446,32 @@ impl From<StoreError> for JobsError {
     }
 }
 
+/// A job's progress at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSnapshot {
+    /// The job's state.
+    pub state: JobState,
+    /// Executions per status (latest execution of each target).
+    pub executions: BTreeMap<JobStatus, usize>,
+    /// Targets a rollout has not released yet.
+    pub not_released: usize,
+    /// The rollout's status, for a job with a rollout.
+    pub rollout: Option<RolloutStatus>,
+}
+
+impl JobSnapshot {
+    /// Whether nothing more will change.
+    pub fn is_final(&self) -> bool {
+        let running = self
+            .executions
+            .iter()
+            .any(|(s, n)| !s.is_terminal() && *n > 0);
+        !running
+            && (self.state != JobState::InProgress
+                || matches!(self.rollout, Some(RolloutStatus::Aborted(_))))
+    }
+}
+
 /// A message for the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobsOutgoing {
@@ -846,6 +872,61 @@ impl<S: JobStore> JobsService<S> {
             .await?
             .map(|v| v.value)
             .ok_or_else(|| JobsError::NotFound(job_id.into()))
+    }
+
+    /// A job's progress now.
+    pub async fn snapshot(&self, job_id: &str) -> Result<JobSnapshot, JobsError> {
+        let job = self.job(job_id).await?;
+        let mut executions = BTreeMap::new();
+        for e in self.executions(job_id).await? {
+            *executions.entry(e.execution.status).or_insert(0) += 1;
+        }
+        Ok(JobSnapshot {
+            state: job.state,
+            executions,
+            not_released: job
+                .rollout
+                .as_ref()
+                .map_or(0, |r| r.targets.iter().filter(|t| t.attempts == 0).count()),
+            rollout: job.rollout.and_then(|r| r.status),
+        })
+    }
+
+    /// The job's progress every `every`, sent when it changed, until it is
+    /// final (the last snapshot is sent, then the channel closes). For a
+    /// campaign's outcomes with verified receipts, see `watch_campaign`.
+    pub fn watch_job(
+        &self,
+        job_id: &str,
+        every: std::time::Duration,
+    ) -> tokio::sync::mpsc::Receiver<Result<JobSnapshot, JobsError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let this = self.clone();
+        let id = job_id.to_string();
+        tokio::spawn(async move {
+            let mut last: Option<JobSnapshot> = None;
+            loop {
+                let snapshot = this.snapshot(&id).await;
+                let stop = snapshot.as_ref().map_or(true, JobSnapshot::is_final);
+                let changed = match (&snapshot, &last) {
+                    (Ok(s), Some(l)) => s != l,
+                    _ => true,
+                };
+                if changed {
+                    if let Ok(s) = &snapshot {
+                        last = Some(s.clone());
+                    }
+                    if tx.send(snapshot).await.is_err() {
+                        return;
+                    }
+                }
+                if stop {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        rx
     }
 
     /// Every job id.
@@ -1380,6 +1461,48 @@ mod tests {
         let job = jobs.job("r1").await.unwrap();
         assert_eq!(job.state, JobState::Completed);
         assert_eq!(job.rollout.unwrap().status, Some(RolloutStatus::Completed));
+    }
+
+    #[tokio::test]
+    async fn a_paused_rollout_releases_nothing_until_resumed_and_is_watched() {
+        let jobs = JobsService::new(MemoryStore::new());
+        let registry = Registry::in_memory().unwrap();
+        jobs.create_job(rollout_spec("p1", 6, false), &registry, T0)
+            .await
+            .unwrap();
+        let mut watch = jobs.watch_job("p1", std::time::Duration::from_millis(10));
+        let first = watch.recv().await.unwrap().unwrap();
+        assert_eq!(
+            (first.not_released, first.executions[&JobStatus::Queued]),
+            (3, 3)
+        );
+        jobs.pause_rollout("p1", T0 + 1).await.unwrap();
+        for t in ["t0", "t1", "t2"] {
+            device_does(&jobs, t, "SUCCEEDED", T0 + 2).await;
+        }
+        jobs.drive_rollouts(T0 + 3).await.unwrap();
+        assert_eq!(
+            released(&jobs, "p1").await.len(),
+            3,
+            "paused: the next group waits"
+        );
+        assert_eq!(
+            jobs.job("p1").await.unwrap().rollout.unwrap().status,
+            Some(RolloutStatus::Paused)
+        );
+        jobs.resume_rollout("p1", T0 + 4).await.unwrap();
+        assert_eq!(released(&jobs, "p1").await.len(), 6);
+        for t in ["t3", "t4", "t5"] {
+            device_does(&jobs, t, "SUCCEEDED", T0 + 5).await;
+        }
+        jobs.drive_rollouts(T0 + 6).await.unwrap();
+        // The watcher saw it through to the end, then closed.
+        let mut last = first;
+        while let Some(s) = watch.recv().await {
+            last = s.unwrap();
+        }
+        assert_eq!(last.state, JobState::Completed);
+        assert_eq!(last.executions[&JobStatus::Succeeded], 6);
     }
 
     #[tokio::test]

@@ -79,7 +79,7 @@ pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};
 pub use embedded::{EmbeddedBroker, EmbeddedConfig, EmbeddedError, certificate_fingerprint};
 pub use jobs::{
-    ExecutionSummary, JobRecord, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
+    ExecutionSummary, JobRecord, JobSnapshot, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
     JobsOutgoing, JobsService, TargetSelection,
 };
 pub use policy::{Access, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
