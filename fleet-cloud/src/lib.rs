@@ -44,7 +44,7 @@
 //!   service, retries), rollouts driven by fleet-core's planner with every
 //!   decision persisted, and OTA campaigns ([`CampaignSpec`]) whose install
 //!   receipts are verified against each device's registered key
-//!   ([`CampaignStatus`], `watch_campaign`).
+//!   ([`CampaignStatus`], `watch_campaign`, `watch_job`).
 //! - [`StreamService`]: MQTT file streams (describe, get blocks; JSON and
 //!   CBOR), how OTA images reach devices.
 //! - [`CommandCenter`]: send a command to a thing and await its answer,
@@ -55,8 +55,7 @@
 //!   an external one.
 //!
 //! # Status
-//! Release images are served from memory (not yet from the store), and jobs
-//! cannot be deleted yet.
+//! The HTTP management API is not built yet; operators use this Rust API.
 
 #![forbid(unsafe_code)]
 
