@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::registry::Registry;
-use crate::store::{MemoryStore, SqliteStore, StoreError, Versioned, backend};
+use crate::store::{MemoryStore, SqliteStore, StoreError, Versioned, backend, versioned_row};
 
 /// How a job picks its things.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,17 +252,11 @@ impl JobStore for SqliteStore {
     async fn load_job(&self, job_id: &str) -> Result<Option<Versioned<JobRecord>>, StoreError> {
         let job_id = job_id.to_string();
         self.with_conn(move |c| {
-            let row: Option<(u64, Vec<u8>)> = c
-                .query_row(
-                    "SELECT revision, record FROM jobs WHERE job_id = ?1",
-                    [&job_id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(backend(e)),
-                })?;
+            let row = versioned_row(
+                c,
+                "SELECT revision, record FROM jobs WHERE job_id = ?1",
+                [&job_id],
+            )?;
             row.map(|(revision, bytes)| {
                 Ok(Versioned {
                     value: serde_json::from_slice(&bytes).map_err(corrupt)?,
@@ -335,17 +329,11 @@ impl JobStore for SqliteStore {
     async fn load_thing(&self, thing: &str) -> Result<Versioned<ThingJobs>, StoreError> {
         let thing = thing.to_string();
         self.with_conn(move |c| {
-            let row: Option<(u64, Vec<u8>)> = c
-                .query_row(
-                    "SELECT revision, document FROM thing_jobs WHERE thing = ?1",
-                    [&thing],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(backend(e)),
-                })?;
+            let row = versioned_row(
+                c,
+                "SELECT revision, document FROM thing_jobs WHERE thing = ?1",
+                [&thing],
+            )?;
             Ok(match row {
                 None => Versioned {
                     value: ThingJobs::new(&thing),

@@ -168,6 +168,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX thing_jobs_deadline ON thing_jobs (next_deadline);",
 ];
 
+/// The `(revision, bytes)` row one query selects, if there is one.
+pub(crate) fn versioned_row<P: rusqlite::Params>(
+    c: &rusqlite::Connection,
+    sql: &str,
+    params: P,
+) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    c.query_row(sql, params, |r| Ok((r.get(0)?, r.get(1)?)))
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(backend(e)),
+        })
+}
+
 pub(crate) fn backend(e: impl fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -224,17 +238,11 @@ impl ShadowStore for SqliteStore {
     async fn load(&self, key: &ShadowKey) -> Result<Versioned<Shadow>, StoreError> {
         let (thing, name) = (key.thing.clone(), key.name_column().to_string());
         self.with_conn(move |c| {
-            let row: Option<(u64, Vec<u8>)> = c
-                .query_row(
-                    "SELECT revision, document FROM shadows WHERE thing = ?1 AND name = ?2",
-                    (&thing, &name),
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(backend(e)),
-                })?;
+            let row = versioned_row(
+                c,
+                "SELECT revision, document FROM shadows WHERE thing = ?1 AND name = ?2",
+                (&thing, &name),
+            )?;
             match row {
                 None => Ok(Versioned {
                     value: Shadow::new(),
