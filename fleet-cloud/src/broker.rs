@@ -62,6 +62,19 @@ impl fmt::Debug for BrokerConfig {
     }
 }
 
+/// A message could not be handed to the broker connection (the service
+/// is stopping).
+#[derive(Debug)]
+pub struct PublishError(String);
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot publish: {}", self.0)
+    }
+}
+
+impl std::error::Error for PublishError {}
+
 /// The service could not start.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -125,6 +138,16 @@ impl RunningService {
     /// Sends commands to things and awaits their answers.
     pub fn commands(&self) -> &CommandCenter {
         &self.commands
+    }
+
+    /// Publishes what a service call returned (a desired-state change from
+    /// [`ShadowService::update`](crate::ShadowService::update), a job's
+    /// notifications, ...) through this service's connection, at QoS 1.
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|e| PublishError(e.to_string()))
     }
 
     /// Disconnects and stops.

@@ -73,7 +73,9 @@ pub mod store;
 mod streams;
 pub mod telemetry;
 
-pub use broker::{BrokerConfig, Extras, RunningService, StartError, serve, serve_shadows};
+pub use broker::{
+    BrokerConfig, Extras, PublishError, RunningService, StartError, serve, serve_shadows,
+};
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};
 pub use embedded::{EmbeddedBroker, EmbeddedConfig, EmbeddedError, certificate_fingerprint};
