@@ -176,7 +176,7 @@ async fn device(
 ) -> Result<(String, bool), BoxError> {
     let claim = cloud.pki.client_identity("claim@factory")?;
     let serial = format!("{:04}", 100 + i);
-    let me = provision_by_claim(&ClaimConfig {
+    let config = ClaimConfig {
         host: "localhost".into(),
         port: cloud.broker.local_addr().port(),
         claim_cert_pem: claim.cert_pem,
@@ -186,9 +186,18 @@ async fn device(
         parameters: BTreeMap::from([("SerialNumber".to_string(), serial.clone())]),
         thing_name: format!("pump-{serial}"),
         state_dir: dir.join("identity"),
-        timeout: Duration::from_secs(10),
-    })
-    .await?;
+        timeout: Duration::from_secs(3),
+    };
+    // A device asks again when nobody answered (the cloud may still be
+    // starting); a refusal is final.
+    let mut attempt = 0;
+    let me = loop {
+        attempt += 1;
+        match provision_by_claim(&config).await {
+            Err(fleet_device::ProvisionError::Network(_)) if attempt < 20 => {}
+            other => break other?,
+        }
+    };
     // The device's receipt key, registered with its thing.
     let mut receipt_key = [0u8; 32];
     getrandom::fill(&mut receipt_key)?;
@@ -315,7 +324,7 @@ async fn run() -> Result<(), BoxError> {
         ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg}")?.progress_chars("=> "),
     );
     let mut things = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..1200 {
         things = cloud
             .registry
             .things(None, 100)?
