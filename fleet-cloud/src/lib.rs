@@ -83,7 +83,9 @@ pub use jobs::{
     ExecutionSummary, JobRecord, JobSnapshot, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
     JobsOutgoing, JobsService, TargetSelection,
 };
-pub use policy::{Access, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError};
+pub use policy::{
+    Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError,
+};
 pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,
 };

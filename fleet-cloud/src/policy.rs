@@ -224,29 +224,16 @@ impl BrokerPolicy {
     /// assert!(!p.allows("pump-1", "pump-1", Access::Read, "$aws/things/+/shadow/update/accepted"));
     /// ```
     pub fn allows(&self, identity: &str, client_id: &str, access: Access, topic: &str) -> bool {
-        // A name that could widen a pattern gets nothing.
-        let unsafe_name = |n: &str| n.is_empty() || n.contains(['/', '+', '#']);
-        if unsafe_name(identity) || unsafe_name(client_id) {
-            return false;
+        self.compile().allows(identity, client_id, access, topic)
+    }
+
+    /// The rules, built once, for checking many requests (what the
+    /// embedded broker keeps).
+    pub fn compile(&self) -> CompiledPolicy {
+        CompiledPolicy {
+            blocks: self.rules(),
+            policy: self.clone(),
         }
-        let mut allowed = false;
-        for block in self.rules() {
-            if let Who::User(user) = &block.who
-                && user != identity
-            {
-                continue;
-            }
-            for (rule, pattern) in &block.rules {
-                let pattern = pattern.replace("%u", identity).replace("%c", client_id);
-                match rule {
-                    Access::Deny if overlaps(topic, &pattern) => return false,
-                    Access::Deny => {}
-                    _ if rule.grants(access) => allowed |= covers(&pattern, topic),
-                    _ => {}
-                }
-            }
-        }
-        allowed
     }
 
     fn rules(&self) -> Vec<RuleBlock> {
@@ -327,6 +314,75 @@ impl BrokerPolicy {
     }
 }
 
+/// A [`BrokerPolicy`] with its rules built, checked without allocating.
+pub struct CompiledPolicy {
+    policy: BrokerPolicy,
+    blocks: Vec<RuleBlock>,
+}
+
+impl std::fmt::Debug for CompiledPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CompiledPolicy").field(&self.policy).finish()
+    }
+}
+
+impl CompiledPolicy {
+    /// The policy it was built from.
+    pub fn policy(&self) -> &BrokerPolicy {
+        &self.policy
+    }
+
+    /// As [`BrokerPolicy::allows`].
+    pub fn allows(&self, identity: &str, client_id: &str, access: Access, topic: &str) -> bool {
+        // A name that could widen a pattern gets nothing.
+        let unsafe_name = |n: &str| n.is_empty() || n.contains(['/', '+', '#']);
+        if unsafe_name(identity) || unsafe_name(client_id) {
+            return false;
+        }
+        let names = Names {
+            identity,
+            client_id,
+        };
+        let mut allowed = false;
+        for block in &self.blocks {
+            if let Who::User(user) = &block.who
+                && user != identity
+            {
+                continue;
+            }
+            for (rule, pattern) in &block.rules {
+                match rule {
+                    Access::Deny if overlaps(topic, pattern, names) => return false,
+                    Access::Deny => {}
+                    _ if rule.grants(access) => allowed |= covers(pattern, topic, names),
+                    _ => {}
+                }
+            }
+        }
+        allowed
+    }
+}
+
+/// What `%u` and `%c` stand for in a pattern level.
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    identity: &'a str,
+    client_id: &'a str,
+}
+
+impl Names<'_> {
+    fn level<'p>(&self, pattern_level: &'p str) -> &'p str
+    where
+        Self: 'p,
+    {
+        match pattern_level {
+            "%u" => self.identity,
+            "%c" => self.client_id,
+            l => l,
+        }
+    }
+}
+
 /// What a client asks to do with a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -369,11 +425,11 @@ struct RuleBlock {
 
 /// Whether every topic matched by `filter` (a topic name is a filter that
 /// matches itself) is matched by `pattern`.
-fn covers(pattern: &str, filter: &str) -> bool {
+fn covers(pattern: &str, filter: &str, names: Names<'_>) -> bool {
     if filter.starts_with('$') != pattern.starts_with('$') {
         return false;
     }
-    let mut p = pattern.split('/');
+    let mut p = pattern.split('/').map(|l| names.level(l));
     let mut f = filter.split('/');
     loop {
         match (p.next(), f.next()) {
@@ -387,11 +443,11 @@ fn covers(pattern: &str, filter: &str) -> bool {
 }
 
 /// Whether some topic is matched by both `filter` and `pattern`.
-fn overlaps(filter: &str, pattern: &str) -> bool {
+fn overlaps(filter: &str, pattern: &str, names: Names<'_>) -> bool {
     if filter.starts_with('$') != pattern.starts_with('$') {
         return false;
     }
-    let mut p = pattern.split('/');
+    let mut p = pattern.split('/').map(|l| names.level(l));
     let mut f = filter.split('/');
     loop {
         match (p.next(), f.next()) {

@@ -50,7 +50,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::policy::{Access, BrokerPolicy};
+use crate::policy::{Access, BrokerPolicy, CompiledPolicy};
 use codec::{ConnAckCode, In, Message, ReadError, Version, Writer};
 use router::Subscriptions;
 
@@ -174,7 +174,7 @@ struct Router {
 }
 
 struct Shared {
-    policy: RwLock<Arc<BrokerPolicy>>,
+    policy: RwLock<Arc<CompiledPolicy>>,
     revoked: RwLock<HashSet<String>>,
     router: Mutex<Router>,
     next_conn: AtomicU64,
@@ -189,7 +189,7 @@ impl Shared {
         self.router.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn policy(&self) -> Arc<BrokerPolicy> {
+    fn policy(&self) -> Arc<CompiledPolicy> {
         self.policy
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -206,10 +206,11 @@ impl Shared {
     /// Delivers a message to every subscriber (publisher's rights already
     /// checked). A full queue drops the message for that client only.
     fn route(&self, message: &Message) {
-        let routed = self.policy().reply_routing;
+        let compiled = self.policy();
+        let policy = compiled.policy();
         let mut router = self.router();
-        if routed {
-            let prefix = &self.policy().prefix;
+        if policy.reply_routing {
+            let prefix = &policy.prefix;
             if let Some((client, topic)) = routed_reply(prefix, &message.topic)
                 && let Some(c) = router.clients.get(client)
                 && router.subscriptions.subscribed(client, topic)
@@ -292,7 +293,7 @@ impl EmbeddedBroker {
             .map_err(EmbeddedError::Bind)?;
         let local_addr = listener.local_addr().map_err(EmbeddedError::Bind)?;
         let shared = Arc::new(Shared {
-            policy: RwLock::new(Arc::new(config.policy)),
+            policy: RwLock::new(Arc::new(config.policy.compile())),
             revoked: RwLock::new(HashSet::new()),
             router: Mutex::new(Router::default()),
             next_conn: AtomicU64::new(1),
@@ -327,23 +328,24 @@ impl EmbeddedBroker {
 
     /// The policy in force.
     pub fn policy(&self) -> BrokerPolicy {
-        (*self.shared.policy()).clone()
+        self.shared.policy().policy().clone()
     }
 
     /// Applies a new policy: new requests are checked against it at once,
     /// and a connected client that is now denied, or holds a subscription
     /// the policy no longer allows, is disconnected.
     pub fn set_policy(&self, policy: BrokerPolicy) {
+        let compiled = Arc::new(policy.compile());
         *self
             .shared
             .policy
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(policy.clone());
+            .unwrap_or_else(PoisonError::into_inner) = compiled.clone();
         let mut router = self.shared.router();
         for (id, c) in router.clients.iter_mut() {
             let denied = policy.denied_identities.contains(&c.identity);
             let lost = c.filters.iter().any(|(group, filter)| {
-                !subscription_allowed(&policy, &c.identity, id, group.as_deref(), filter)
+                !subscription_allowed(&compiled, &c.identity, id, group.as_deref(), filter)
             });
             if (denied || lost)
                 && let Some(k) = c.kick.take()
@@ -514,7 +516,7 @@ fn common_name(der: &[u8]) -> Option<String> {
 }
 
 fn subscription_allowed(
-    policy: &BrokerPolicy,
+    policy: &CompiledPolicy,
     identity: &str,
     client_id: &str,
     group: Option<&str>,
@@ -621,7 +623,11 @@ async fn connection(
     let refuse = if client_id.contains(['/', '+', '#']) || client_id.len() > 128 {
         Some(ConnAckCode::BadClientId)
     } else if shared.is_revoked(&fingerprint)
-        || shared.policy().denied_identities.contains(&identity)
+        || shared
+            .policy()
+            .policy()
+            .denied_identities
+            .contains(&identity)
     {
         Some(ConnAckCode::NotAuthorized)
     } else if *stopped.borrow() {
@@ -826,8 +832,8 @@ impl Session<'_> {
                 let qos = message.qos;
                 if allowed {
                     message.qos = message.qos.min(1);
-                    if policy.reply_routing {
-                        reply_to_sender(&policy.prefix, self.client_id, &mut message);
+                    if policy.policy().reply_routing {
+                        reply_to_sender(&policy.policy().prefix, self.client_id, &mut message);
                     }
                     self.shared.route(&message);
                 } else {
