@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::registry::Registry;
-use crate::store::{MemoryStore, SqliteStore, StoreError, Versioned, backend, versioned_row};
+use crate::store::{
+    MemoryStore, SqliteStore, StoreError, Versioned, backend, cas_write, versioned_row,
+};
 
 /// How a job picks its things.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,28 +274,20 @@ impl JobStore for SqliteStore {
         let bytes = serde_json::to_vec(record).map_err(backend)?;
         let id = record.spec.job_id.clone();
         self.with_conn(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let changed = if expected == 0 {
-                tx.execute(
+            cas_write(
+                c,
+                expected,
+                (
                     "INSERT INTO jobs (job_id, revision, record) VALUES (?1, 1, ?2)
                      ON CONFLICT (job_id) DO NOTHING",
                     (&id, &bytes),
-                )
-            } else {
-                tx.execute(
+                ),
+                (
                     "UPDATE jobs SET revision = revision + 1, record = ?2
                      WHERE job_id = ?1 AND revision = ?3",
                     (&id, &bytes, expected),
-                )
-            }
-            .map_err(backend)?;
-            if changed == 0 {
-                return Err(StoreError::Conflict);
-            }
-            tx.commit().map_err(backend)?;
-            Ok(expected + 1)
+                ),
+            )
         })
         .await
     }
@@ -360,28 +354,20 @@ impl JobStore for SqliteStore {
             .map(|d| i64::try_from(d).unwrap_or(i64::MAX));
         let thing = thing.to_string();
         self.with_conn(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let changed = if expected == 0 {
-                tx.execute(
+            cas_write(
+                c,
+                expected,
+                (
                     "INSERT INTO thing_jobs (thing, revision, next_deadline, document) VALUES (?1, 1, ?2, ?3)
                      ON CONFLICT (thing) DO NOTHING",
                     (&thing, deadline, &bytes),
-                )
-            } else {
-                tx.execute(
+                ),
+                (
                     "UPDATE thing_jobs SET revision = revision + 1, next_deadline = ?2, document = ?3
                      WHERE thing = ?1 AND revision = ?4",
                     (&thing, deadline, &bytes, expected),
-                )
-            }
-            .map_err(backend)?;
-            if changed == 0 {
-                return Err(StoreError::Conflict);
-            }
-            tx.commit().map_err(backend)?;
-            Ok(expected + 1)
+                ),
+            )
         })
         .await
     }

@@ -182,6 +182,32 @@ pub(crate) fn versioned_row<P: rusqlite::Params>(
         })
 }
 
+/// A compare-and-set write: `insert` when the record is new (`expected`
+/// is 0, the statement must do nothing on a conflict), `update` otherwise
+/// (it must check the revision); `Conflict` unless one row changed.
+/// Returns the new revision.
+pub(crate) fn cas_write<I: rusqlite::Params, U: rusqlite::Params>(
+    c: &mut rusqlite::Connection,
+    expected: u64,
+    insert: (&str, I),
+    update: (&str, U),
+) -> Result<u64, StoreError> {
+    let tx = c
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let changed = if expected == 0 {
+        tx.execute(insert.0, insert.1)
+    } else {
+        tx.execute(update.0, update.1)
+    }
+    .map_err(backend)?;
+    if changed != 1 {
+        return Err(StoreError::Conflict);
+    }
+    tx.commit().map_err(backend)?;
+    Ok(expected + 1)
+}
+
 pub(crate) fn backend(e: impl fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -267,28 +293,20 @@ impl ShadowStore for SqliteStore {
         let (thing, name) = (key.thing.clone(), key.name_column().to_string());
         let doc = shadow.to_stored_json();
         self.with_conn(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let changed = if expected == 0 {
-                tx.execute(
+            cas_write(
+                c,
+                expected,
+                (
                     "INSERT INTO shadows (thing, name, revision, document) VALUES (?1, ?2, 1, ?3)
                      ON CONFLICT (thing, name) DO NOTHING",
                     (&thing, &name, &doc),
-                )
-            } else {
-                tx.execute(
+                ),
+                (
                     "UPDATE shadows SET revision = revision + 1, document = ?3
                      WHERE thing = ?1 AND name = ?2 AND revision = ?4",
                     (&thing, &name, &doc, expected),
-                )
-            }
-            .map_err(backend)?;
-            if changed != 1 {
-                return Err(StoreError::Conflict);
-            }
-            tx.commit().map_err(backend)?;
-            Ok(expected + 1)
+                ),
+            )
         })
         .await
     }
