@@ -183,6 +183,77 @@ pub fn serve_shadows<S: ShadowStore>(
     serve(config, service, Extras::default())
 }
 
+/// Requests are handled in this many lanes: those of one thing in order,
+/// in one lane; different things' at the same time (so a store that
+/// commits in groups gets groups).
+const LANES: usize = 32;
+
+/// At most this many telemetry messages go to the sinks at once.
+const TELEMETRY_BATCH: usize = 512;
+
+/// The lane of a request on `{prefix}/things/{thing}/...` (or any other
+/// topic: by its whole name).
+fn lane_of(topic: &str) -> usize {
+    use std::hash::{Hash as _, Hasher as _};
+    let key = topic
+        .split('/')
+        .skip_while(|l| *l != "things")
+        .nth(1)
+        .unwrap_or(topic);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    usize::try_from(h.finish() % LANES as u64).unwrap_or(0)
+}
+
+/// Spreads what arrives on `rx` over [`LANES`] tasks running `handler`.
+/// A full lane stops the spreading (the back-pressure reaches the broker
+/// connection).
+fn lanes<F, Fut>(
+    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+    handler: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(String, Vec<u8>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut senders = Vec::with_capacity(LANES);
+        let mut tasks = Vec::with_capacity(LANES);
+        for _ in 0..LANES {
+            let (tx, mut lane) = mpsc::channel::<(String, Vec<u8>)>(64);
+            let handler = handler.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((topic, payload)) = lane.recv().await {
+                    handler(topic, payload).await;
+                }
+            }));
+            senders.push(tx);
+        }
+        while let Some((topic, payload)) = rx.recv().await {
+            if senders[lane_of(&topic)]
+                .send((topic, payload))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(senders);
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+}
+
+/// No Nagle delay: the service answers small requests, and Nagle's
+/// algorithm with delayed acknowledgements can hold each answer 40 ms.
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n.set_connection_timeout(10);
+    n
+}
+
 /// Connects to the broker and serves shadows, command answers and (with a
 /// router) telemetry until stopped. Subscriptions are made again after
 /// every reconnection.
@@ -200,11 +271,13 @@ pub fn serve<S: ShadowStore>(
         // default of 10 KiB would drop the connection).
         .set_max_packet_size(Some(MAX_PACKET))
         .set_clean_start(true)
+        .set_network_options(network_options())
+        .set_connection_timeout(10)
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )));
     let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
+    let (tx, rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let (telemetry_tx, mut telemetry_rx) =
         mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     type ProvisioningRequest = (String, Vec<u8>, Option<String>, Option<bytes::Bytes>);
@@ -249,7 +322,7 @@ pub fn serve<S: ShadowStore>(
     for f in &jobs_filters {
         filters.push(format!("{share}{f}"));
     }
-    let (jobs_tx, mut jobs_rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
+    let (jobs_tx, jobs_rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let (streams_tx, mut streams_rx) =
         mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
     let commands = CommandCenter::new(client.clone(), &prefix);
@@ -338,8 +411,11 @@ pub fn serve<S: ShadowStore>(
     });
 
     let pub_client = client.clone();
-    let worker = tokio::spawn(async move {
-        while let Some((topic, payload)) = rx.recv().await {
+    let service = Arc::new(service);
+    let worker = lanes(rx, move |topic: String, payload: Vec<u8>| {
+        let service = service.clone();
+        let pub_client = pub_client.clone();
+        async move {
             match service.handle(&topic, &payload, epoch_seconds()).await {
                 Ok(out) => {
                     for o in out {
@@ -389,28 +465,35 @@ pub fn serve<S: ShadowStore>(
         }));
     }
     if let Some(jobs) = extras.jobs {
+        async fn publish_all(client: &AsyncClient, messages: Vec<crate::JobsOutgoing>) {
+            for m in messages {
+                if let Err(e) = client
+                    .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+                    .await
+                {
+                    tracing::warn!("jobs: {e}");
+                }
+            }
+        }
         let jobs_client = client.clone();
+        let handler = jobs.clone();
+        tasks.push(lanes(jobs_rx, move |topic: String, payload: Vec<u8>| {
+            let jobs = handler.clone();
+            let client = jobs_client.clone();
+            async move {
+                match jobs.handle(&topic, &payload, jobs.now()).await {
+                    Ok(messages) => publish_all(&client, messages).await,
+                    Err(e) => tracing::warn!("jobs: {e}"),
+                }
+            }
+        }));
+        let sweep_client = client.clone();
         tasks.push(tokio::spawn(async move {
             let mut sweep = tokio::time::interval(Duration::from_secs(1));
             loop {
-                let out = tokio::select! {
-                    m = jobs_rx.recv() => match m {
-                        Some((topic, payload)) => jobs.handle(&topic, &payload, jobs.now()).await,
-                        None => return,
-                    },
-                    _ = sweep.tick() => jobs.handle_timeouts(jobs.now()).await,
-                };
-                match out {
-                    Ok(messages) => {
-                        for m in messages {
-                            if let Err(e) = jobs_client
-                                .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
-                                .await
-                            {
-                                tracing::warn!("jobs: {e}");
-                            }
-                        }
-                    }
+                sweep.tick().await;
+                match jobs.handle_timeouts(jobs.now()).await {
+                    Ok(messages) => publish_all(&sweep_client, messages).await,
                     Err(e) => tracing::warn!("jobs: {e}"),
                 }
             }
@@ -438,17 +521,28 @@ pub fn serve<S: ShadowStore>(
     }
     if let Some(router) = extras.telemetry {
         tasks.push(tokio::spawn(async move {
-            while let Some((topic, payload)) = telemetry_rx.recv().await {
-                // `{prefix}/{thing}/...`: the broker policy lets a device
-                // publish only under its own name.
-                let thing = topic.split('/').nth(1).unwrap_or_default().to_string();
-                let record = TelemetryRecord {
-                    thing,
-                    topic,
-                    received_at: epoch_seconds(),
-                    payload,
-                };
-                router.route(record).await;
+            // What queued up while the last batch was stored goes together.
+            while let Some(first) = telemetry_rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < TELEMETRY_BATCH {
+                    match telemetry_rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                let now = epoch_seconds();
+                let records = batch
+                    .into_iter()
+                    .map(|(topic, payload)| TelemetryRecord {
+                        // `{prefix}/{thing}/...`: the broker policy lets a
+                        // device publish only under its own name.
+                        thing: topic.split('/').nth(1).unwrap_or_default().to_string(),
+                        topic,
+                        received_at: now,
+                        payload,
+                    })
+                    .collect();
+                router.route_batch(records).await;
             }
         }));
     }

@@ -273,7 +273,7 @@ impl JobStore for SqliteStore {
     async fn save_job(&self, record: &JobRecord, expected: u64) -> Result<u64, StoreError> {
         let bytes = serde_json::to_vec(record).map_err(backend)?;
         let id = record.spec.job_id.clone();
-        self.with_conn(move |c| {
+        self.write(move |c| {
             cas_write(
                 c,
                 expected,
@@ -305,7 +305,7 @@ impl JobStore for SqliteStore {
 
     async fn delete_job(&self, job_id: &str, expected: u64) -> Result<(), StoreError> {
         let job_id = job_id.to_string();
-        self.with_conn(move |c| {
+        self.write(move |c| {
             let n = c
                 .execute(
                     "DELETE FROM jobs WHERE job_id = ?1 AND revision = ?2",
@@ -315,9 +315,10 @@ impl JobStore for SqliteStore {
             if n == 0 {
                 return Err(StoreError::Conflict);
             }
-            Ok(())
+            Ok(0)
         })
         .await
+        .map(|_| ())
     }
 
     async fn load_thing(&self, thing: &str) -> Result<Versioned<ThingJobs>, StoreError> {
@@ -353,7 +354,7 @@ impl JobStore for SqliteStore {
             .next_deadline()
             .map(|d| i64::try_from(d).unwrap_or(i64::MAX));
         let thing = thing.to_string();
-        self.with_conn(move |c| {
+        self.write(move |c| {
             cas_write(
                 c,
                 expected,
@@ -507,6 +508,9 @@ impl<S> fmt::Debug for JobsService<S> {
             .finish_non_exhaustive()
     }
 }
+
+/// Things queued at once when a job is created.
+const QUEUE_CONCURRENCY: usize = 256;
 
 impl<S: JobStore> JobsService<S> {
     /// A service under the `$aws` prefix.
@@ -696,35 +700,55 @@ impl<S: JobStore> JobsService<S> {
                 return Ok(out);
             }
             // Queue first (idempotent per thing: a pending execution of the
-            // job refuses a second), then record the targets.
-            for thing in &new {
-                let spec = record.spec.clone();
-                let messages = self
-                    .with_thing(thing, |jobs| {
-                        if jobs
-                            .execution(&spec.job_id)
-                            .is_some_and(|e| !e.status.is_terminal())
-                        {
-                            return Vec::new();
-                        }
-                        let number = jobs
-                            .execution(&spec.job_id)
-                            .map_or(1, |e| e.execution_number + 1);
-                        jobs.queue(
-                            JobExecution::new(
-                                &spec.job_id,
-                                thing,
-                                spec.document.clone(),
-                                number,
-                                spec.timeouts,
-                                now,
-                            ),
-                            now,
-                        )
-                        .unwrap_or_default()
-                    })
-                    .await?;
-                out.extend(self.outgoing(thing, messages));
+            // job refuses a second), then record the targets. Things are
+            // independent records: queue many at once, so a store that
+            // commits in groups writes them together.
+            for chunk in new.chunks(QUEUE_CONCURRENCY) {
+                let mut set = tokio::task::JoinSet::new();
+                for (i, thing) in chunk.iter().enumerate() {
+                    let this = self.clone();
+                    let spec = record.spec.clone();
+                    let thing = thing.clone();
+                    set.spawn(async move {
+                        let messages = this
+                            .with_thing(&thing, |jobs| {
+                                if jobs
+                                    .execution(&spec.job_id)
+                                    .is_some_and(|e| !e.status.is_terminal())
+                                {
+                                    return Vec::new();
+                                }
+                                let number = jobs
+                                    .execution(&spec.job_id)
+                                    .map_or(1, |e| e.execution_number + 1);
+                                jobs.queue(
+                                    JobExecution::new(
+                                        &spec.job_id,
+                                        &thing,
+                                        spec.document.clone(),
+                                        number,
+                                        spec.timeouts,
+                                        now,
+                                    ),
+                                    now,
+                                )
+                                .unwrap_or_default()
+                            })
+                            .await;
+                        (i, thing, messages)
+                    });
+                }
+                let mut done = Vec::with_capacity(chunk.len());
+                while let Some(joined) = set.join_next().await {
+                    let (i, thing, messages) = joined.map_err(|e| {
+                        JobsError::Store(StoreError::Backend(format!("queueing task: {e}")))
+                    })?;
+                    done.push((i, thing, messages?));
+                }
+                done.sort_by_key(|(i, _, _)| *i);
+                for (_, thing, messages) in done {
+                    out.extend(self.outgoing(&thing, messages));
+                }
             }
             record.targets.extend(new);
             match self.store.save_job(&record, current.revision).await {

@@ -139,10 +139,35 @@ impl ShadowStore for MemoryStore {
 /// SQLite: the durable embedded default. WAL journal, `synchronous=FULL`
 /// (an acknowledged write survives a crash of the process or the machine),
 /// schema versions in `PRAGMA user_version`.
+///
+/// Writes go to one writer thread that commits them in groups: the writes
+/// queued while one commit is on disk go out together in the next, each in
+/// its own savepoint (a failed compare-and-set changes nothing and does not
+/// affect the others), with one `fsync` for the group. A write is answered
+/// only after its group is durable. Reads use their own connection and see
+/// every answered write.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<rusqlite::Connection>>,
+    writer: std::sync::mpsc::Sender<Write>,
 }
+
+/// One write for the writer thread: statements run inside a savepoint.
+type WriteFn = Box<dyn FnOnce(&rusqlite::Connection) -> Result<u64, StoreError> + Send>;
+
+struct Write {
+    f: WriteFn,
+    done: tokio::sync::oneshot::Sender<Result<u64, StoreError>>,
+}
+
+impl fmt::Debug for Write {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Write")
+    }
+}
+
+/// At most this many writes share one commit.
+const MAX_GROUP: usize = 512;
 
 /// Schema migrations, in order; `user_version` is how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -174,7 +199,9 @@ pub(crate) fn versioned_row<P: rusqlite::Params>(
     sql: &str,
     params: P,
 ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-    c.query_row(sql, params, |r| Ok((r.get(0)?, r.get(1)?)))
+    c.prepare_cached(sql)
+        .map_err(backend)?
+        .query_row(params, |r| Ok((r.get(0)?, r.get(1)?)))
         .map(Some)
         .or_else(|e| match e {
             rusqlite::Error::QueryReturnedNoRows => Ok(None),
@@ -182,29 +209,27 @@ pub(crate) fn versioned_row<P: rusqlite::Params>(
         })
 }
 
-/// A compare-and-set write: `insert` when the record is new (`expected`
-/// is 0, the statement must do nothing on a conflict), `update` otherwise
-/// (it must check the revision); `Conflict` unless one row changed.
-/// Returns the new revision.
+/// A compare-and-set write (run it with [`SqliteStore::write`]): `insert`
+/// when the record is new (`expected` is 0, the statement must do nothing
+/// on a conflict), `update` otherwise (it must check the revision);
+/// `Conflict` unless one row changed. Returns the new revision.
 pub(crate) fn cas_write<I: rusqlite::Params, U: rusqlite::Params>(
-    c: &mut rusqlite::Connection,
+    c: &rusqlite::Connection,
     expected: u64,
     insert: (&str, I),
     update: (&str, U),
 ) -> Result<u64, StoreError> {
-    let tx = c
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(backend)?;
     let changed = if expected == 0 {
-        tx.execute(insert.0, insert.1)
+        c.prepare_cached(insert.0)
+            .and_then(|mut s| s.execute(insert.1))
     } else {
-        tx.execute(update.0, update.1)
+        c.prepare_cached(update.0)
+            .and_then(|mut s| s.execute(update.1))
     }
     .map_err(backend)?;
     if changed != 1 {
         return Err(StoreError::Conflict);
     }
-    tx.commit().map_err(backend)?;
     Ok(expected + 1)
 }
 
@@ -212,17 +237,75 @@ pub(crate) fn backend(e: impl fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+    let conn = rusqlite::Connection::open(path).map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+/// The writer thread: takes what is queued, commits it as one group.
+fn write_groups(mut conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Write>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(w) => group.push(w),
+                Err(_) => break,
+            }
+        }
+        let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = e.to_string();
+                for w in group {
+                    let _ = w.done.send(Err(StoreError::Backend(e.clone())));
+                }
+                continue;
+            }
+        };
+        let mut results = Vec::with_capacity(group.len());
+        for w in group {
+            let result = match tx.savepoint() {
+                Ok(mut sp) => {
+                    // Dropped without commit, a savepoint rolls back.
+                    sp.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+                    let r = (w.f)(&sp);
+                    match r {
+                        Ok(v) => sp.commit().map(|()| v).map_err(backend),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(backend(e)),
+            };
+            results.push((w.done, result));
+        }
+        match tx.commit() {
+            Ok(()) => {
+                for (done, r) in results {
+                    let _ = done.send(r);
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                for (done, _) in results {
+                    let _ = done.send(Err(StoreError::Backend(e.clone())));
+                }
+            }
+        }
+    }
+}
+
 impl SqliteStore {
     /// Opens (or creates) the database at `path` and brings its schema up
     /// to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = rusqlite::Connection::open(path).map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(backend)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(backend)?;
+        let conn = connect(path)?;
         let version: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(backend)?;
@@ -239,11 +322,19 @@ impl SqliteStore {
                 .map_err(backend)?;
             tx.commit().map_err(backend)?;
         }
+        let reader = connect(path)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("fleet-sqlite-writer".into())
+            .spawn(move || write_groups(conn, rx))
+            .map_err(backend)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new(reader)),
+            writer: tx,
         })
     }
 
+    /// Runs `f` on the read connection (on a blocking thread).
     pub(crate) async fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
@@ -252,11 +343,27 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let mut guard = conn
                 .lock()
-                .map_err(|_| StoreError::Backend("a writer panicked".into()))?;
+                .map_err(|_| StoreError::Backend("a reader panicked".into()))?;
             f(&mut guard)
         })
         .await
         .map_err(backend)?
+    }
+
+    /// Runs `f` in the next group commit; answers once it is durable.
+    pub(crate) async fn write(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<u64, StoreError> + Send + 'static,
+    ) -> Result<u64, StoreError> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(Write {
+                f: Box::new(f),
+                done,
+            })
+            .map_err(|_| StoreError::Backend("the writer thread stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Backend("the writer thread stopped".into()))?
     }
 }
 
@@ -292,7 +399,7 @@ impl ShadowStore for SqliteStore {
     ) -> Result<u64, StoreError> {
         let (thing, name) = (key.thing.clone(), key.name_column().to_string());
         let doc = shadow.to_stored_json();
-        self.with_conn(move |c| {
+        self.write(move |c| {
             cas_write(
                 c,
                 expected,

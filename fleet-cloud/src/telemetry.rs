@@ -44,6 +44,15 @@ pub trait TelemetrySink: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Stores the record durably, or says why not.
     fn write(&self, record: &TelemetryRecord) -> Result<(), String>;
+
+    /// Stores several records, or says why not (the router then tries the
+    /// whole batch again, so a sink that stored part of it stores that part
+    /// twice: telemetry is delivered at least once). By default, one
+    /// [`write`](Self::write) each; a sink that can store a batch at once
+    /// (one transaction, one append) should.
+    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), String> {
+        records.iter().try_for_each(|r| self.write(r))
+    }
 }
 
 /// Appends each record as one JSON line to a file.
@@ -64,13 +73,21 @@ impl JsonLinesSink {
 }
 
 fn append_line(path: &Path, line: &Value) -> Result<(), String> {
+    append_lines(path, std::slice::from_ref(line))
+}
+
+/// Appends JSON lines with one write and one `fsync`.
+fn append_lines(path: &Path, lines: &[Value]) -> Result<(), String> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| e.to_string())?;
-    let mut bytes = serde_json::to_vec(line).map_err(|e| e.to_string())?;
-    bytes.push(b'\n');
+    let mut bytes = Vec::new();
+    for line in lines {
+        serde_json::to_writer(&mut bytes, line).map_err(|e| e.to_string())?;
+        bytes.push(b'\n');
+    }
     file.write_all(&bytes).map_err(|e| e.to_string())?;
     file.sync_data().map_err(|e| e.to_string())
 }
@@ -86,6 +103,15 @@ impl TelemetrySink for JsonLinesSink {
             .lock()
             .map_err(|_| "a writer panicked".to_string())?;
         append_line(&self.path, &record.to_line())
+    }
+
+    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), String> {
+        let lines: Vec<Value> = records.iter().map(|r| r.to_line()).collect();
+        let _guard = self
+            .lock
+            .lock()
+            .map_err(|_| "a writer panicked".to_string())?;
+        append_lines(&self.path, &lines)
     }
 }
 
@@ -146,6 +172,28 @@ impl TelemetrySink for SqliteSink {
         )
         .map(|_| ())
         .map_err(|e| e.to_string())
+    }
+
+    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), String> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| "a writer panicked".to_string())?;
+        let tx = conn.transaction().map_err(|e| e.to_string())?;
+        {
+            let mut insert = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO {} (thing, topic, received_at, payload) VALUES (?1, ?2, ?3, ?4)",
+                    self.table
+                ))
+                .map_err(|e| e.to_string())?;
+            for r in records {
+                insert
+                    .execute((&r.thing, &r.topic, r.received_at, &r.payload))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        tx.commit().map_err(|e| e.to_string())
     }
 }
 
@@ -264,18 +312,39 @@ impl TelemetryRouter {
 
     /// Routes one message to every matching rule's sink.
     pub async fn route(&self, record: TelemetryRecord) -> RouteOutcome {
-        let json = record.json();
+        self.route_batch(vec![record]).await
+    }
+
+    /// Routes messages to every matching rule's sink: each sink gets the
+    /// records its rule selects in one [`TelemetrySink::write_batch`],
+    /// tried again with backoff; a batch that fails every try is written
+    /// to the dead letters, one line per record. Counts are per record and
+    /// sink.
+    pub async fn route_batch(&self, records: Vec<TelemetryRecord>) -> RouteOutcome {
+        let parsed: Vec<Option<Value>> = if self.rules.iter().any(|r| r.predicate.is_some()) {
+            records.iter().map(TelemetryRecord::json).collect()
+        } else {
+            vec![None; records.len()]
+        };
+        let records: Vec<Arc<TelemetryRecord>> = records.into_iter().map(Arc::new).collect();
         let mut outcome = RouteOutcome::default();
-        let record = Arc::new(record);
         for rule in &self.rules {
-            if !topic_matches(&rule.filter, &record.topic)
-                || rule
-                    .predicate
-                    .as_ref()
-                    .is_some_and(|p| !p.holds(json.as_ref()))
-            {
+            let selected: Vec<Arc<TelemetryRecord>> = records
+                .iter()
+                .zip(&parsed)
+                .filter(|(r, json)| {
+                    topic_matches(&rule.filter, &r.topic)
+                        && rule
+                            .predicate
+                            .as_ref()
+                            .is_none_or(|p| p.holds(json.as_ref()))
+                })
+                .map(|(r, _)| r.clone())
+                .collect();
+            if selected.is_empty() {
                 continue;
             }
+            let selected = Arc::new(selected);
             let mut delay = self.backoff;
             let mut last_error = String::new();
             let mut ok = false;
@@ -284,8 +353,8 @@ impl TelemetryRouter {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                let (sink, r) = (rule.sink.clone(), record.clone());
-                match tokio::task::spawn_blocking(move || sink.write(&r)).await {
+                let (sink, batch) = (rule.sink.clone(), selected.clone());
+                match tokio::task::spawn_blocking(move || sink.write_batch(&batch)).await {
                     Ok(Ok(())) => {
                         ok = true;
                         break;
@@ -295,24 +364,23 @@ impl TelemetryRouter {
                 }
             }
             if ok {
-                outcome.delivered += 1;
+                outcome.delivered += selected.len();
                 continue;
             }
-            outcome.dead_lettered += 1;
+            outcome.dead_lettered += selected.len();
             tracing::warn!(
-                "sink {} failed for {}: {last_error}; dead letter written",
+                "sink {} failed for {} messages: {last_error}; dead letters written",
                 rule.sink.name(),
-                record.topic
+                selected.len()
             );
-            let letter =
-                json!({"record": record.to_line(), "sink": rule.sink.name(), "error": last_error});
+            let letters: Vec<Value> = selected
+                .iter()
+                .map(|r| json!({"record": r.to_line(), "sink": rule.sink.name(), "error": last_error}))
+                .collect();
             let path = self.dead_letters.clone();
-            let written = tokio::task::spawn_blocking(move || append_line(&path, &letter)).await;
+            let written = tokio::task::spawn_blocking(move || append_lines(&path, &letters)).await;
             if !matches!(written, Ok(Ok(()))) {
-                tracing::error!(
-                    "dead letter for {} could not be written: {written:?}",
-                    record.topic
-                );
+                tracing::error!("dead letters could not be written: {written:?}");
             }
         }
         outcome

@@ -67,6 +67,18 @@ pub(crate) enum EventLoop {
     V4(Box<rumqttc::EventLoop>),
 }
 
+/// Socket options: no Nagle delay (a request and its answer are small
+/// packets; with Nagle's algorithm and delayed acknowledgements each
+/// exchange can wait 40 ms), and 10 s for TCP and TLS to connect (a
+/// handshake on a slow link, or against a broker in a connection storm,
+/// takes longer than rumqttc's 5 s default).
+pub(crate) fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n.set_connection_timeout(10);
+    n
+}
+
 pub(crate) fn connect(protocol: Protocol, o: Options) -> (Client, EventLoop) {
     let transport = Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(o.tls)));
     match protocol {
@@ -75,6 +87,8 @@ pub(crate) fn connect(protocol: Protocol, o: Options) -> (Client, EventLoop) {
             m.set_keep_alive(o.keep_alive)
                 .set_max_packet_size(Some(o.max_packet))
                 .set_clean_start(true)
+                .set_network_options(network_options())
+                .set_connection_timeout(10)
                 .set_transport(transport);
             let (c, e) = rumqttc::v5::AsyncClient::new(m, o.capacity);
             (Client::V5(c), EventLoop::V5(Box::new(e)))
@@ -86,7 +100,8 @@ pub(crate) fn connect(protocol: Protocol, o: Options) -> (Client, EventLoop) {
                 .set_max_packet_size(max, max)
                 .set_clean_session(true)
                 .set_transport(transport);
-            let (c, e) = rumqttc::AsyncClient::new(m, o.capacity);
+            let (c, mut e) = rumqttc::AsyncClient::new(m, o.capacity);
+            e.set_network_options(network_options());
             (Client::V4(c), EventLoop::V4(Box::new(e)))
         }
     }

@@ -274,6 +274,8 @@ impl Session {
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(Some(256 * 1024))
             .set_clean_start(true)
+            .set_network_options(crate::mqtt::network_options())
+            .set_connection_timeout(10)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
             )));

@@ -166,6 +166,10 @@ struct Client {
     filters: Vec<(Option<String>, String)>,
 }
 
+/// How long a publisher waits for room in a full subscriber queue before
+/// the message is dropped for that subscriber.
+const BLOCKED_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct Router {
     clients: HashMap<String, Client>,
@@ -204,8 +208,14 @@ impl Shared {
     }
 
     /// Delivers a message to every subscriber (publisher's rights already
-    /// checked). A full queue drops the message for that client only.
-    fn route(&self, message: &Message) {
+    /// checked). Returns the QoS 1 deliveries whose client's queue is full:
+    /// the publisher's session waits for room (its client is slowed, as
+    /// TCP would slow it) before it reads more, and drops them only after
+    /// [`BLOCKED_SEND_TIMEOUT`]. A full queue drops a QoS 0 message for that
+    /// client only.
+    #[must_use]
+    fn route(&self, message: &Message) -> Vec<(mpsc::Sender<Message>, Message)> {
+        let mut blocked = Vec::new();
         let compiled = self.policy();
         let policy = compiled.policy();
         let mut router = self.router();
@@ -220,8 +230,14 @@ impl Shared {
                 m.qos = m.qos.min(1);
                 m.retain = false;
                 m.properties = None;
-                if c.tx.try_send(m).is_err() {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                match c.tx.try_send(m) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(m)) if m.qos > 0 => {
+                        blocked.push((c.tx.clone(), m));
+                    }
+                    Err(_) => {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
@@ -242,15 +258,25 @@ impl Shared {
             let mut m = message.clone();
             m.qos = m.qos.min(qos).min(1);
             m.retain = false;
-            if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(m) {
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(
-                    client,
-                    dropped_total = n,
-                    "client queue full; message dropped"
-                );
+            match c.tx.try_send(m) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(m)) if m.qos > 0 => {
+                    blocked.push((c.tx.clone(), m));
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => self.note_dropped(client),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        blocked
+    }
+
+    fn note_dropped(&self, client: &str) {
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(
+            client,
+            dropped_total = n,
+            "client queue full; message dropped"
+        );
     }
 }
 
@@ -683,6 +709,7 @@ async fn connection(
         conn,
         out,
         next_pkid: 0,
+        blocked: Vec::new(),
     };
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut clean_exit = false;
@@ -693,6 +720,35 @@ async fn connection(
                     .await
                     .map_err(|e| e.to_string())?;
                 session.out.buf.clear();
+            }
+            // Flow control: this client's messages wait for room in a full
+            // queue before anything more is read from it. Its own queue is
+            // served meanwhile, so two clients waiting on each other do
+            // not stall.
+            for (tx, m) in std::mem::take(&mut session.blocked) {
+                let deadline = tokio::time::Instant::now() + BLOCKED_SEND_TIMEOUT;
+                loop {
+                    tokio::select! {
+                        permit = tx.reserve() => {
+                            if let Ok(p) = permit {
+                                p.send(m);
+                            }
+                            break;
+                        }
+                        own = rx.recv() => {
+                            let Some(own) = own else { return Err("queue closed".into()) };
+                            session.deliver(&own);
+                            wr.write_all(&session.out.buf)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            session.out.buf.clear();
+                        }
+                        () = tokio::time::sleep_until(deadline) => {
+                            shared.note_dropped(&m.topic);
+                            break;
+                        }
+                    }
+                }
             }
             tokio::select! {
                 biased;
@@ -782,7 +838,10 @@ async fn connection(
             .policy()
             .allows(&identity, &client_id, Access::Write, &will.topic)
     {
-        shared.route(&will);
+        // Nobody reads this connection any more: a full queue drops it.
+        for (_, m) in shared.route(&will) {
+            shared.note_dropped(&m.topic);
+        }
     }
     tracing::debug!(%identity, %client_id, "disconnected");
     result
@@ -796,6 +855,8 @@ struct Session<'a> {
     conn: u64,
     out: Writer,
     next_pkid: u16,
+    /// Deliveries waiting for room in a full client queue.
+    blocked: Vec<(mpsc::Sender<Message>, Message)>,
 }
 
 impl Session<'_> {
@@ -835,7 +896,8 @@ impl Session<'_> {
                     if policy.policy().reply_routing {
                         reply_to_sender(&policy.policy().prefix, self.client_id, &mut message);
                     }
-                    self.shared.route(&message);
+                    let blocked = self.shared.route(&message);
+                    self.blocked.extend(blocked);
                 } else {
                     tracing::debug!(
                         identity = self.identity,
