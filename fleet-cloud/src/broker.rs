@@ -183,6 +183,13 @@ pub fn serve_shadows<S: ShadowStore>(
     serve(config, service, Extras::default())
 }
 
+/// A message the service publishes.
+struct Outbound {
+    topic: String,
+    payload: Vec<u8>,
+    properties: Option<PublishProperties>,
+}
+
 /// Requests are handled in this many lanes: those of one thing in order,
 /// in one lane; different things' at the same time (so a store that
 /// commits in groups gets groups).
@@ -273,6 +280,9 @@ pub fn serve<S: ShadowStore>(
         .set_clean_start(true)
         .set_network_options(network_options())
         .set_connection_timeout(10)
+        // rumqttc allocates a slot per packet id it may have in flight up
+        // front (u16::MAX by default, about 8 MiB).
+        .set_outgoing_inflight_upper_limit(1024)
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )));
@@ -410,21 +420,49 @@ pub fn serve<S: ShadowStore>(
         }
     });
 
-    let pub_client = client.clone();
+    // Handlers never wait for the client: the network task may be waiting
+    // for them (a full queue), and the client only moves when the network
+    // task polls it. What they publish goes through this queue, published
+    // in order by its own task.
+    let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
+    let out_client = client.clone();
+    let publisher = tokio::spawn(async move {
+        while let Some(o) = outbound_rx.recv().await {
+            let r = match o.properties {
+                Some(p) => {
+                    out_client
+                        .publish_with_properties(o.topic, QoS::AtLeastOnce, false, o.payload, p)
+                        .await
+                }
+                None => {
+                    out_client
+                        .publish(o.topic, QoS::AtLeastOnce, false, o.payload)
+                        .await
+                }
+            };
+            if let Err(e) = r {
+                tracing::warn!("publish: {e}");
+            }
+        }
+    });
+    let outbound = move |topic: String, payload: Vec<u8>, properties: Option<PublishProperties>| {
+        let _ = outbound_tx.send(Outbound {
+            topic,
+            payload,
+            properties,
+        });
+    };
+
     let service = Arc::new(service);
+    let out = outbound.clone();
     let worker = lanes(rx, move |topic: String, payload: Vec<u8>| {
         let service = service.clone();
-        let pub_client = pub_client.clone();
+        let out = out.clone();
         async move {
             match service.handle(&topic, &payload, epoch_seconds()).await {
-                Ok(out) => {
-                    for o in out {
-                        if let Err(e) = pub_client
-                            .publish(o.topic, QoS::AtLeastOnce, false, o.payload)
-                            .await
-                        {
-                            tracing::warn!("publish: {e}");
-                        }
+                Ok(messages) => {
+                    for o in messages {
+                        out(o.topic, o.payload, None);
                     }
                 }
                 Err(e) => tracing::warn!("{topic}: {e}"),
@@ -432,9 +470,9 @@ pub fn serve<S: ShadowStore>(
         }
     });
 
-    let mut tasks = vec![network, worker];
+    let mut tasks = vec![network, worker, publisher];
     if let Some(provisioning) = extras.provisioning {
-        let reply_client = client.clone();
+        let out = outbound.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((topic, payload, response_topic, correlation)) =
                 provisioning_rx.recv().await
@@ -449,72 +487,51 @@ pub fn serve<S: ShadowStore>(
                     correlation_data: correlation,
                     ..PublishProperties::default()
                 };
-                if let Err(e) = reply_client
-                    .publish_with_properties(
-                        reply.topic,
-                        QoS::AtLeastOnce,
-                        false,
-                        reply.payload,
-                        properties,
-                    )
-                    .await
-                {
-                    tracing::warn!("provisioning reply: {e}");
-                }
+                out(reply.topic, reply.payload, Some(properties));
             }
         }));
     }
     if let Some(jobs) = extras.jobs {
-        async fn publish_all(client: &AsyncClient, messages: Vec<crate::JobsOutgoing>) {
+        let out = outbound.clone();
+        let publish_all = move |messages: Vec<crate::JobsOutgoing>| {
             for m in messages {
-                if let Err(e) = client
-                    .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
-                    .await
-                {
-                    tracing::warn!("jobs: {e}");
-                }
+                out(m.topic, m.payload, None);
             }
-        }
-        let jobs_client = client.clone();
+        };
         let handler = jobs.clone();
+        let publish = publish_all.clone();
         tasks.push(lanes(jobs_rx, move |topic: String, payload: Vec<u8>| {
             let jobs = handler.clone();
-            let client = jobs_client.clone();
+            let publish = publish.clone();
             async move {
                 match jobs.handle(&topic, &payload, jobs.now()).await {
-                    Ok(messages) => publish_all(&client, messages).await,
+                    Ok(messages) => publish(messages),
                     Err(e) => tracing::warn!("jobs: {e}"),
                 }
             }
         }));
-        let sweep_client = client.clone();
         tasks.push(tokio::spawn(async move {
             let mut sweep = tokio::time::interval(Duration::from_secs(1));
             loop {
                 sweep.tick().await;
                 match jobs.handle_timeouts(jobs.now()).await {
-                    Ok(messages) => publish_all(&sweep_client, messages).await,
+                    Ok(messages) => publish_all(messages),
                     Err(e) => tracing::warn!("jobs: {e}"),
                 }
             }
         }));
     }
     if let Some(streams) = extras.streams {
-        let stream_client = client.clone();
+        let out = outbound.clone();
         let prefix = prefix.clone();
         tasks.push(tokio::spawn(async move {
             let Ok(p) = fleet_core::topic::TopicPrefix::new(&prefix) else {
                 return;
             };
             while let Some((topic, payload)) = streams_rx.recv().await {
+                // A request asks for a bounded number of blocks.
                 for reply in streams.handle_under(&p, &topic, &payload) {
-                    // Awaiting is the back-pressure of a large read.
-                    if let Err(e) = stream_client
-                        .publish(reply.topic, QoS::AtLeastOnce, false, reply.payload)
-                        .await
-                    {
-                        tracing::warn!("stream reply: {e}");
-                    }
+                    out(reply.topic, reply.payload, None);
                 }
             }
         }));

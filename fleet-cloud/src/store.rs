@@ -515,4 +515,51 @@ mod tests {
             Err(StoreError::Corrupt(_))
         ));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits_and_a_conflict_spoils_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let s1 = updated(&Shadow::new(), r#"{"state":{"reported":{"x":1}}}"#);
+        // 200 things written at once; every other one with a stale
+        // revision, which must fail alone.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let (store, s1) = (store.clone(), s1.clone());
+            tasks.spawn(async move {
+                let k = ShadowKey {
+                    thing: format!("dev-{i}"),
+                    shadow: None,
+                };
+                let expected = if i % 2 == 0 { 0 } else { 7 };
+                (i, store.save(&k, expected, &s1).await)
+            });
+        }
+        let mut won = 0;
+        while let Some(r) = tasks.join_next().await {
+            let (i, r) = r.unwrap();
+            if i % 2 == 0 {
+                assert_eq!(r.unwrap(), 1, "dev-{i}");
+                won += 1;
+            } else {
+                assert!(matches!(r, Err(StoreError::Conflict)), "dev-{i}: {r:?}");
+            }
+        }
+        assert_eq!(won, 100);
+        // Durable and visible from a fresh connection; the failed ones
+        // wrote nothing.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let n: u64 = c
+            .query_row("SELECT COUNT(*) FROM shadows", (), |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 100);
+        for i in 0..4u64 {
+            let k = ShadowKey {
+                thing: format!("dev-{i}"),
+                shadow: None,
+            };
+            assert_eq!(store.load(&k).await.unwrap().revision, 1 - i % 2);
+        }
+    }
 }

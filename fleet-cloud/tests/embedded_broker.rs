@@ -507,3 +507,95 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
         .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_slows_the_publisher_and_loses_no_qos1_message() {
+    let pki = Pki::new("embedded test CA").unwrap();
+    let server = pki.server_identity().unwrap();
+    let mut config = EmbeddedConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.cert_pem,
+        &server.key_pem,
+        &pki.ca_pem(),
+    );
+    // A tiny queue, so that it is full at once.
+    config.queue_capacity = 4;
+    let s = Setup {
+        pki,
+        broker: EmbeddedBroker::start(config).await.unwrap(),
+    };
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (sub, mut sub_ev) = {
+        let tls = client_tls_config(&backend, &s.pki.ca_pem()).unwrap();
+        let mut o = MqttOptions::new("svc", "localhost", s.broker.local_addr().port());
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(Some(64 * 1024))
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )));
+        AsyncClient::new(o, 64)
+    };
+    connected(&mut sub_ev).await;
+    sub.subscribe("dt/+/t", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut sub_ev, |p| {
+        matches!(p, Ok(Packet::SubAck(_))).then_some(())
+    })
+    .await;
+
+    // The publisher sends 16 MiB while the subscriber reads nothing: more
+    // than the queue and the sockets hold.
+    const COUNT: usize = 2000;
+    let id = s.pki.client_identity("dev-pub").unwrap();
+    let (publisher, mut pub_ev) = v5(&s, &id, "dev-pub");
+    let sending = tokio::spawn(async move {
+        let mut acked = 0;
+        let sender = tokio::spawn(async move {
+            for i in 0..COUNT {
+                let mut payload = vec![b'x'; 8 * 1024];
+                payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                publisher
+                    .publish(
+                        "dt/dev-pub/t",
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .await
+                    .unwrap();
+            }
+            publisher
+        });
+        while acked < COUNT {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = pub_ev.poll().await {
+                acked += 1;
+            }
+        }
+        sender.await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !sending.is_finished(),
+        "the publisher was not slowed while the subscriber read nothing"
+    );
+    // The subscriber reads again: every message arrives, in order.
+    let mut next = 0u64;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while next < COUNT as u64 {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = sub_ev.poll().await {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&p.payload[..8]);
+                assert_eq!(u64::from_be_bytes(n), next, "out of order or lost");
+                next += 1;
+            }
+        }
+    })
+    .await
+    .expect("every message arrives");
+    let _publisher = tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("the publisher finishes")
+        .unwrap();
+    assert_eq!(s.broker.dropped_messages(), 0);
+}

@@ -72,6 +72,9 @@ pub(crate) enum EventLoop {
 /// exchange can wait 40 ms), and 10 s for TCP and TLS to connect (a
 /// handshake on a slow link, or against a broker in a connection storm,
 /// takes longer than rumqttc's 5 s default).
+/// QoS 1 publishes in flight at once (AWS IoT's limit per connection).
+pub(crate) const MAX_INFLIGHT: u16 = 100;
+
 pub(crate) fn network_options() -> rumqttc::NetworkOptions {
     let mut n = rumqttc::NetworkOptions::new();
     n.set_tcp_nodelay(true);
@@ -89,6 +92,10 @@ pub(crate) fn connect(protocol: Protocol, o: Options) -> (Client, EventLoop) {
                 .set_clean_start(true)
                 .set_network_options(network_options())
                 .set_connection_timeout(10)
+                // rumqttc keeps a slot for every packet id it may have in
+                // flight, allocated up front: u16::MAX of them by default,
+                // about 8 MiB per connection. AWS IoT allows 100.
+                .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
                 .set_transport(transport);
             let (c, e) = rumqttc::v5::AsyncClient::new(m, o.capacity);
             (Client::V5(c), EventLoop::V5(Box::new(e)))

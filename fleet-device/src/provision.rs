@@ -276,6 +276,7 @@ impl Session {
             .set_clean_start(true)
             .set_network_options(crate::mqtt::network_options())
             .set_connection_timeout(10)
+            .set_outgoing_inflight_upper_limit(crate::mqtt::MAX_INFLIGHT)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
             )));

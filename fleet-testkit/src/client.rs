@@ -97,6 +97,7 @@ impl TestClient {
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(Some(256 * 1024))
             .set_clean_start(true)
+            .set_outgoing_inflight_upper_limit(100)
             .set_network_options({
                 let mut n = rumqttc::NetworkOptions::new();
                 n.set_tcp_nodelay(true);

@@ -94,6 +94,14 @@ struct Services {
 }
 
 pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let read = |name: &str| {
         std::fs::read_to_string(args.dir.join(name)).map_err(|e| format!("cannot read {name}: {e}"))
     };

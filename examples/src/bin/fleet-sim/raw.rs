@@ -62,6 +62,9 @@ pub(crate) fn connect(
             n
         })
         .set_connection_timeout(30)
+        // As the device agent: rumqttc allocates a slot per packet id it
+        // may have in flight (u16::MAX by default, about 8 MiB).
+        .set_outgoing_inflight_upper_limit(100)
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )));
