@@ -509,6 +509,19 @@ impl<S> fmt::Debug for JobsService<S> {
     }
 }
 
+/// The executions of `jobs` that ended FAILED or TIMED_OUT and are their
+/// job's latest: candidates for a retry.
+fn ended_executions(jobs: &ThingJobs) -> Vec<(String, u64)> {
+    jobs.executions()
+        .iter()
+        .filter(|e| matches!(e.status, JobStatus::Failed | JobStatus::TimedOut))
+        .filter(|e| {
+            jobs.execution(&e.job_id).map(|l| l.execution_number) == Some(e.execution_number)
+        })
+        .map(|e| (e.job_id.clone(), e.execution_number))
+        .collect()
+}
+
 /// Things queued at once when a job is created.
 const QUEUE_CONCURRENCY: usize = 256;
 
@@ -604,11 +617,14 @@ impl<S: JobStore> JobsService<S> {
             return Ok(Vec::new());
         };
         let thing = thing.as_str().to_string();
-        let messages = self
-            .with_thing(&thing, |jobs| jobs.handle_request(&kind, payload, now))
+        let (messages, ended) = self
+            .with_thing(&thing, |jobs| {
+                let messages = jobs.handle_request(&kind, payload, now);
+                (messages, ended_executions(jobs))
+            })
             .await?;
         let mut out = self.outgoing(&thing, messages);
-        out.extend(self.retry_ended(&thing, now).await?);
+        out.extend(self.retry(&thing, ended, now).await?);
         Ok(out)
     }
 
@@ -703,31 +719,38 @@ impl<S: JobStore> JobsService<S> {
             // job refuses a second), then record the targets. Things are
             // independent records: queue many at once, so a store that
             // commits in groups writes them together.
+            // What an execution needs of the spec (not its list of
+            // targets: cloning that for every target is quadratic).
+            let job = Arc::new((
+                record.spec.job_id.clone(),
+                record.spec.document.clone(),
+                record.spec.timeouts,
+            ));
             for chunk in new.chunks(QUEUE_CONCURRENCY) {
                 let mut set = tokio::task::JoinSet::new();
                 for (i, thing) in chunk.iter().enumerate() {
                     let this = self.clone();
-                    let spec = record.spec.clone();
+                    let job = job.clone();
                     let thing = thing.clone();
                     set.spawn(async move {
                         let messages = this
                             .with_thing(&thing, |jobs| {
+                                let (job_id, document, timeouts) = &*job;
                                 if jobs
-                                    .execution(&spec.job_id)
+                                    .execution(job_id)
                                     .is_some_and(|e| !e.status.is_terminal())
                                 {
                                     return Vec::new();
                                 }
-                                let number = jobs
-                                    .execution(&spec.job_id)
-                                    .map_or(1, |e| e.execution_number + 1);
+                                let number =
+                                    jobs.execution(job_id).map_or(1, |e| e.execution_number + 1);
                                 jobs.queue(
                                     JobExecution::new(
-                                        &spec.job_id,
+                                        job_id,
                                         &thing,
-                                        spec.document.clone(),
+                                        document.clone(),
                                         number,
-                                        spec.timeouts,
+                                        *timeouts,
                                         now,
                                     ),
                                     now,
@@ -1195,29 +1218,20 @@ impl<S: JobStore> JobsService<S> {
     /// Queues a new execution for each of the thing's executions that ended
     /// FAILED or TIMED_OUT and has retries left.
     async fn retry_ended(&self, thing: &str, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
-        let ended: Vec<(String, u64)> = self
-            .store
-            .load_thing(thing)
-            .await?
-            .value
-            .executions()
-            .iter()
-            .filter(|e| matches!(e.status, JobStatus::Failed | JobStatus::TimedOut))
-            .map(|e| (e.job_id.clone(), e.execution_number))
-            .collect();
+        let ended = ended_executions(&self.store.load_thing(thing).await?.value);
+        self.retry(thing, ended, now).await
+    }
+
+    /// Queues again the `ended` executions (FAILED or TIMED_OUT, each its
+    /// job's latest) whose job allows another try.
+    async fn retry(
+        &self,
+        thing: &str,
+        ended: Vec<(String, u64)>,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
         let mut out = Vec::new();
         for (job_id, number) in ended {
-            // Only the latest execution of the job counts.
-            let latest = self
-                .store
-                .load_thing(thing)
-                .await?
-                .value
-                .execution(&job_id)
-                .map(|e| e.execution_number);
-            if latest != Some(number) {
-                continue;
-            }
             loop {
                 let Some(current) = self.store.load_job(&job_id).await? else {
                     break;

@@ -148,9 +148,20 @@ impl ShadowStore for MemoryStore {
 /// every answered write.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<rusqlite::Connection>>,
+    readers: Arc<Readers>,
     writer: std::sync::mpsc::Sender<Write>,
 }
+
+/// Read connections, used in turn (WAL lets them read while the writer
+/// writes).
+#[derive(Debug)]
+struct Readers {
+    conns: Vec<Mutex<rusqlite::Connection>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// How many read connections a store opens.
+const READERS: usize = 4;
 
 /// One write for the writer thread: statements run inside a savepoint.
 type WriteFn = Box<dyn FnOnce(&rusqlite::Connection) -> Result<u64, StoreError> + Send>;
@@ -322,28 +333,42 @@ impl SqliteStore {
                 .map_err(backend)?;
             tx.commit().map_err(backend)?;
         }
-        let reader = connect(path)?;
+        let conns = (0..READERS)
+            .map(|_| connect(path).map(Mutex::new))
+            .collect::<Result<_, _>>()?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("fleet-sqlite-writer".into())
             .spawn(move || write_groups(conn, rx))
             .map_err(backend)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(reader)),
+            readers: Arc::new(Readers {
+                conns,
+                next: std::sync::atomic::AtomicUsize::new(0),
+            }),
             writer: tx,
         })
     }
 
-    /// Runs `f` on the read connection (on a blocking thread).
+    /// Runs `f` on a read connection (on a blocking thread): the first
+    /// free one from the next in turn, or that one when all are busy.
     pub(crate) async fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = self.conn.clone();
+        let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| StoreError::Backend("a reader panicked".into()))?;
+            let n = readers.conns.len();
+            let start = readers
+                .next
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let free = (0..n).find_map(|i| readers.conns[(start + i) % n].try_lock().ok());
+            let mut guard = match free {
+                Some(g) => g,
+                None => readers.conns[start % n]
+                    .lock()
+                    .map_err(|_| StoreError::Backend("a reader panicked".into()))?,
+            };
             f(&mut guard)
         })
         .await
