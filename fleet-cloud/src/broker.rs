@@ -125,6 +125,20 @@ pub struct Extras {
     pub jobs: Option<crate::JobsEndpoint>,
 }
 
+/// Publishes through a running service's connection, at QoS 1.
+#[derive(Debug, Clone)]
+pub struct Publisher(AsyncClient);
+
+impl Publisher {
+    /// Publishes `payload` on `topic`.
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+        self.0
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|e| PublishError(e.to_string()))
+    }
+}
+
 /// A running service; stops when dropped or on [`shutdown`](Self::shutdown).
 #[derive(Debug)]
 pub struct RunningService {
@@ -148,6 +162,12 @@ impl RunningService {
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
             .map_err(|e| PublishError(e.to_string()))
+    }
+
+    /// A handle that publishes through this service's connection (for the
+    /// management API, say).
+    pub fn publisher(&self) -> Publisher {
+        Publisher(self.client.clone())
     }
 
     /// Disconnects and stops.

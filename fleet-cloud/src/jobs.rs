@@ -1291,6 +1291,64 @@ trait JobsDyn: Send + Sync {
         now: u64,
     ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
     fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>>;
+    fn create_job(
+        &self,
+        spec: JobSpec,
+        registry: Registry,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>>;
+    fn job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobRecord, JobsError>>;
+    fn job_ids(&self) -> BoxFuture<'_, Result<Vec<String>, JobsError>>;
+    fn executions<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ExecutionSummary>, JobsError>>;
+    fn snapshot<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobSnapshot, JobsError>>;
+    fn cancel_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        force: bool,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
+    fn control<'a>(
+        &'a self,
+        job_id: &'a str,
+        action: RolloutAction,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
+    fn register_release(
+        &self,
+        release_id: &str,
+        envelope: &[u8],
+        image: Vec<u8>,
+        streams: &crate::StreamService,
+    ) -> Result<(), JobsError>;
+    fn start_campaign<'a>(
+        &'a self,
+        spec: crate::CampaignSpec,
+        streams: &'a crate::StreamService,
+        registry: &'a Registry,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
+    fn campaign_status<'a>(
+        &'a self,
+        campaign_id: &'a str,
+        registry: &'a Registry,
+    ) -> BoxFuture<'a, Result<crate::CampaignStatus, JobsError>>;
+}
+
+/// An operator's action on a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RolloutAction {
+    /// Release no more targets until resumed.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Open the next group (a group whose policy waits for approval).
+    Approve,
+    /// Stop: cancel what was not released.
+    Abort,
 }
 
 impl<S: JobStore> JobsDyn for JobsService<S> {
@@ -1317,6 +1375,87 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
             out.extend(JobsService::drive_rollouts(self, now).await?);
             Ok(out)
         })
+    }
+
+    fn create_job(
+        &self,
+        spec: JobSpec,
+        registry: Registry,
+        now: u64,
+    ) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>> {
+        Box::pin(async move { JobsService::create_job(self, spec, &registry, now).await })
+    }
+
+    fn job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobRecord, JobsError>> {
+        Box::pin(JobsService::job(self, job_id))
+    }
+
+    fn job_ids(&self) -> BoxFuture<'_, Result<Vec<String>, JobsError>> {
+        Box::pin(JobsService::job_ids(self))
+    }
+
+    fn executions<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ExecutionSummary>, JobsError>> {
+        Box::pin(JobsService::executions(self, job_id))
+    }
+
+    fn snapshot<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobSnapshot, JobsError>> {
+        Box::pin(JobsService::snapshot(self, job_id))
+    }
+
+    fn cancel_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        force: bool,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
+        Box::pin(JobsService::cancel_job(self, job_id, force, now))
+    }
+
+    fn control<'a>(
+        &'a self,
+        job_id: &'a str,
+        action: RolloutAction,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
+        Box::pin(async move {
+            match action {
+                RolloutAction::Pause => self.pause_rollout(job_id, now).await,
+                RolloutAction::Resume => self.resume_rollout(job_id, now).await,
+                RolloutAction::Approve => self.approve_next_group(job_id, now).await,
+                RolloutAction::Abort => self.abort_rollout(job_id, now).await,
+            }
+        })
+    }
+
+    fn register_release(
+        &self,
+        release_id: &str,
+        envelope: &[u8],
+        image: Vec<u8>,
+        streams: &crate::StreamService,
+    ) -> Result<(), JobsError> {
+        JobsService::register_release(self, release_id, envelope, image, streams)
+    }
+
+    fn start_campaign<'a>(
+        &'a self,
+        spec: crate::CampaignSpec,
+        streams: &'a crate::StreamService,
+        registry: &'a Registry,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
+        Box::pin(JobsService::start_campaign(self, spec, streams, registry, now))
+    }
+
+    fn campaign_status<'a>(
+        &'a self,
+        campaign_id: &'a str,
+        registry: &'a Registry,
+    ) -> BoxFuture<'a, Result<crate::CampaignStatus, JobsError>> {
+        Box::pin(JobsService::campaign_status(self, campaign_id, registry))
     }
 }
 
@@ -1356,6 +1495,92 @@ impl JobsEndpoint {
 
     pub(crate) async fn handle_timeouts(&self, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
         self.0.handle_timeouts(now).await
+    }
+
+    /// [`JobsService::create_job`].
+    pub async fn create_job(
+        &self,
+        spec: JobSpec,
+        registry: Registry,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.0.create_job(spec, registry, now).await
+    }
+
+    /// [`JobsService::job`].
+    pub async fn job(&self, job_id: &str) -> Result<JobRecord, JobsError> {
+        self.0.job(job_id).await
+    }
+
+    /// [`JobsService::job_ids`].
+    pub async fn job_ids(&self) -> Result<Vec<String>, JobsError> {
+        self.0.job_ids().await
+    }
+
+    /// [`JobsService::executions`].
+    pub async fn executions(&self, job_id: &str) -> Result<Vec<ExecutionSummary>, JobsError> {
+        self.0.executions(job_id).await
+    }
+
+    /// [`JobsService::snapshot`].
+    pub async fn snapshot(&self, job_id: &str) -> Result<JobSnapshot, JobsError> {
+        self.0.snapshot(job_id).await
+    }
+
+    /// [`JobsService::cancel_job`].
+    pub async fn cancel_job(
+        &self,
+        job_id: &str,
+        force: bool,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.0.cancel_job(job_id, force, now).await
+    }
+
+    /// Pauses, resumes, approves the next group of, or aborts a rollout.
+    pub async fn control(
+        &self,
+        job_id: &str,
+        action: RolloutAction,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.0.control(job_id, action, now).await
+    }
+
+    /// [`JobsService::register_release`].
+    pub fn register_release(
+        &self,
+        release_id: &str,
+        envelope: &[u8],
+        image: Vec<u8>,
+        streams: &crate::StreamService,
+    ) -> Result<(), JobsError> {
+        self.0.register_release(release_id, envelope, image, streams)
+    }
+
+    /// [`JobsService::start_campaign`].
+    pub async fn start_campaign(
+        &self,
+        spec: crate::CampaignSpec,
+        streams: &crate::StreamService,
+        registry: &Registry,
+        now: u64,
+    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        self.0.start_campaign(spec, streams, registry, now).await
+    }
+
+    /// [`JobsService::campaign_status`].
+    pub async fn campaign_status(
+        &self,
+        campaign_id: &str,
+        registry: &Registry,
+    ) -> Result<crate::CampaignStatus, JobsError> {
+        self.0.campaign_status(campaign_id, registry).await
+    }
+
+    /// The time the service goes by (epoch seconds).
+    pub fn clock(&self) -> u64 {
+        self.0.now()
     }
 }
 

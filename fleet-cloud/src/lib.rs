@@ -59,6 +59,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 mod broker;
 mod campaigns;
 mod commands;
@@ -74,14 +75,15 @@ mod streams;
 pub mod telemetry;
 
 pub use broker::{
-    BrokerConfig, Extras, PublishError, RunningService, StartError, serve, serve_shadows,
+    BrokerConfig, Extras, PublishError, Publisher, RunningService, StartError, serve,
+    serve_shadows,
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};
 pub use embedded::{EmbeddedBroker, EmbeddedConfig, EmbeddedError, certificate_fingerprint};
 pub use jobs::{
     ExecutionSummary, JobRecord, JobSnapshot, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
-    JobsOutgoing, JobsService, TargetSelection,
+    JobsOutgoing, JobsService, RolloutAction, TargetSelection,
 };
 pub use policy::{
     Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError,
@@ -90,8 +92,9 @@ pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,
 };
 pub use registry::{
-    AttributeQuery, CertificateRecord, CertificateStatus, Registry, RegistryError, Thing,
+    AttributeQuery, CertificateRecord, CertificateStatus, Registry, RegistryError, Scope, Thing,
+    TokenRecord,
 };
-pub use shadows::{Outgoing, ServiceError, ShadowService};
+pub use shadows::{Outgoing, ServiceError, ShadowService, ShadowsEndpoint};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};
 pub use streams::{StreamReply, StreamService, StreamStoreError};

@@ -95,7 +95,76 @@ CREATE TABLE IF NOT EXISTS certificates (
     thing TEXT NOT NULL REFERENCES things(name) ON DELETE CASCADE,
     status TEXT NOT NULL, pem TEXT NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL, created_at INTEGER NOT NULL
+) STRICT;
 ";
+
+/// What a management API token may do; each scope includes the ones
+/// before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Read everything.
+    Read,
+    /// Also change the fleet: things, groups, shadows, jobs, releases,
+    /// campaigns, commands.
+    Operator,
+    /// Also certificates, claim identities and tokens.
+    Admin,
+}
+
+impl Scope {
+    /// Its name: `read`, `operator` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// The scope named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "read" => Some(Self::Read),
+            "operator" => Some(Self::Operator),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A management API token, as stored: its secret only as a SHA-256 hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Its id (the public part of the token).
+    pub id: String,
+    /// Who or what holds it, for people.
+    pub name: String,
+    /// What it may do.
+    pub scope: Scope,
+    /// Epoch seconds.
+    pub created_at: u64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    hex(&sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
 
 /// A group's attribute query (`None`: a static group).
 fn group_query(conn: &rusqlite::Connection, group: &str) -> Result<Option<String>, RegistryError> {
@@ -150,6 +219,123 @@ impl Registry {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Creates a management API token; returns its record and the token
+    /// itself (`fleet_{id}_{secret}`), which is not stored and cannot be
+    /// shown again.
+    pub fn create_token(
+        &self,
+        name: &str,
+        scope: Scope,
+    ) -> Result<(TokenRecord, String), RegistryError> {
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(RegistryError::InvalidName(format!("token name {name:?}")));
+        }
+        let mut id = [0u8; 8];
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut id).map_err(backend)?;
+        getrandom::fill(&mut secret).map_err(backend)?;
+        let (id, secret) = (hex(&id), hex(&secret));
+        let created_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.conn()
+            .execute(
+                "INSERT INTO api_tokens (id, name, scope, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                (&id, name, scope.as_str(), sha256_hex(&secret), created_at as i64),
+            )
+            .map_err(|e| constraint(e, &id))?;
+        let token = format!("fleet_{id}_{secret}");
+        Ok((
+            TokenRecord {
+                id,
+                name: name.into(),
+                scope,
+                created_at,
+            },
+            token,
+        ))
+    }
+
+    /// The token's record if `token` is a valid, unrevoked token.
+    pub fn verify_token(&self, token: &str) -> Result<Option<TokenRecord>, RegistryError> {
+        let Some((id, secret)) = token
+            .strip_prefix("fleet_")
+            .and_then(|rest| rest.split_once('_'))
+        else {
+            return Ok(None);
+        };
+        let row = self.conn().query_row(
+            "SELECT name, scope, secret_sha256, created_at FROM api_tokens WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            },
+        );
+        let (name, scope, hash, created_at) = match row {
+            Ok(r) => r,
+            Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
+            Err(e) => return Err(backend(e)),
+        };
+        if !same(&sha256_hex(secret), &hash) {
+            return Ok(None);
+        }
+        let scope = Scope::parse(&scope)
+            .ok_or_else(|| RegistryError::Backend(format!("token {id}: scope {scope:?}")))?;
+        Ok(Some(TokenRecord {
+            id: id.into(),
+            name,
+            scope,
+            created_at: u64::try_from(created_at).unwrap_or(0),
+        }))
+    }
+
+    /// Every token (without secrets), by id.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, name, scope, created_at FROM api_tokens ORDER BY id")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, scope, created_at) = row.map_err(backend)?;
+            out.push(TokenRecord {
+                scope: Scope::parse(&scope)
+                    .ok_or_else(|| RegistryError::Backend(format!("token {id}: scope {scope:?}")))?,
+                id,
+                name,
+                created_at: u64::try_from(created_at).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Revokes a token: it is refused from now on.
+    pub fn revoke_token(&self, id: &str) -> Result<(), RegistryError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM api_tokens WHERE id = ?1", [id])
+            .map_err(backend)?;
+        if n == 0 {
+            return Err(RegistryError::NotFound(format!("token {id}")));
+        }
+        Ok(())
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {

@@ -241,3 +241,63 @@ mod tests {
         assert_eq!(shadow.state().unwrap().reported().len(), 50);
     }
 }
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+trait ShadowsDyn: Send + Sync {
+    fn handle<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: &'a [u8],
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, ServiceError>>;
+    fn prefix(&self) -> &str;
+}
+
+impl<S: ShadowStore> ShadowsDyn for ShadowService<S> {
+    fn handle<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: &'a [u8],
+        now: u64,
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, ServiceError>> {
+        Box::pin(ShadowService::handle(self, topic, payload, now))
+    }
+
+    fn prefix(&self) -> &str {
+        ShadowService::prefix(self)
+    }
+}
+
+/// A [`ShadowService`] over any store, for the management API.
+#[derive(Clone)]
+pub struct ShadowsEndpoint(std::sync::Arc<dyn ShadowsDyn>);
+
+impl std::fmt::Debug for ShadowsEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowsEndpoint").finish_non_exhaustive()
+    }
+}
+
+impl<S: ShadowStore> From<ShadowService<S>> for ShadowsEndpoint {
+    fn from(service: ShadowService<S>) -> Self {
+        Self(std::sync::Arc::new(service))
+    }
+}
+
+impl ShadowsEndpoint {
+    /// [`ShadowService::handle`].
+    pub async fn handle(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Vec<Outgoing>, ServiceError> {
+        self.0.handle(topic, payload, now).await
+    }
+
+    /// The topic prefix.
+    pub fn prefix(&self) -> &str {
+        self.0.prefix()
+    }
+}

@@ -1,0 +1,961 @@
+//! The API's handlers, each declared once for both the router and the
+//! OpenAPI document.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{Api, ApiError, ApiJson, ErrorBody, ErrorCode};
+use crate::{CampaignSpec, CommandFailure, JobSpec, RolloutAction, Scope, TargetSelection};
+use fleet_core::ThingName;
+use fleet_core::jobs::{RolloutPolicy, TimeoutConfig};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fleet management API",
+        description = "Things, groups, certificates, provisioning, shadows, jobs, releases, campaigns, commands and tokens. Every endpoint but /health needs a bearer token.",
+        version = "1"
+    ),
+    modifiers(&BearerAuth),
+    security(("token" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The routes that need a token.
+pub(super) fn routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(openapi_document))
+        .routes(routes!(list_things, create_thing))
+        .routes(routes!(get_thing, delete_thing))
+        .routes(routes!(set_attributes))
+        .routes(routes!(set_enabled))
+        .routes(routes!(list_certificates))
+        .routes(routes!(revoke_certificate))
+        .routes(routes!(create_group))
+        .routes(routes!(group_members))
+        .routes(routes!(add_member))
+        .routes(routes!(get_shadow, update_shadow, delete_shadow))
+        .routes(routes!(
+            get_named_shadow,
+            update_named_shadow,
+            delete_named_shadow
+        ))
+        .routes(routes!(list_jobs, create_job))
+        .routes(routes!(get_job))
+        .routes(routes!(job_executions))
+        .routes(routes!(cancel_job))
+        .routes(routes!(upload_release))
+        .routes(routes!(start_campaign))
+        .routes(routes!(campaign_status))
+        .routes(routes!(control_campaign))
+        .routes(routes!(send_command))
+        .routes(routes!(list_templates))
+        .routes(routes!(create_claim))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+}
+
+/// The routes open to anyone.
+pub(super) fn open_routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::new().routes(routes!(health))
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn thing_name(name: &str) -> Result<ThingName<'_>, ApiError> {
+    ThingName::new(name).map_err(|e| ApiError::invalid(format!("thing name {name:?}: {e}")))
+}
+
+/// Runs registry work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+async fn publish_all(api: &Api, messages: impl IntoIterator<Item = (String, Vec<u8>)>) {
+    for (topic, payload) in messages {
+        if let Err(e) = api.publisher.publish(&topic, payload).await {
+            tracing::warn!("API: publish {topic}: {e}");
+        }
+    }
+}
+
+// ---- health and the document
+
+/// Whether the service is up (no token needed).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Health {
+    /// `ok`.
+    status: String,
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/health", security(()), responses((status = 200, body = Health)))]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// The OpenAPI document, wrapped for the extension.
+#[derive(Clone)]
+pub(super) struct Document(pub(super) Arc<utoipa::openapi::OpenApi>);
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "The OpenAPI document", body = Object)))]
+async fn openapi_document(Extension(doc): Extension<Document>) -> Response {
+    axum::Json((*doc.0).clone()).into_response()
+}
+
+// ---- things
+
+/// A page of a list.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(crate) struct Page {
+    /// The last item of the previous page (the `next` it gave).
+    after: Option<String>,
+    /// Items per page (default 100, at most 1,000).
+    limit: Option<usize>,
+}
+
+impl Page {
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(100),
+            Some(n @ 1..=1000) => Ok(n),
+            Some(n) => Err(ApiError::invalid(format!(
+                "limit {n}: must be 1 to 1000"
+            ))),
+        }
+    }
+}
+
+/// A thing.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ThingView {
+    /// Its name.
+    name: String,
+    /// Its attributes.
+    attributes: BTreeMap<String, String>,
+    /// Whether it may connect.
+    enabled: bool,
+}
+
+impl From<crate::Thing> for ThingView {
+    fn from(t: crate::Thing) -> Self {
+        Self {
+            name: t.name,
+            attributes: t.attributes,
+            enabled: t.enabled,
+        }
+    }
+}
+
+/// A page of things.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ThingList {
+    items: Vec<ThingView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// A thing to register.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateThing {
+    /// Its name (`[a-zA-Z0-9:_-]{1,128}`).
+    name: String,
+    /// Its attributes.
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+/// Attributes that replace the thing's.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SetAttributes {
+    attributes: BTreeMap<String, String>,
+}
+
+/// Whether a thing may connect.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SetEnabled {
+    enabled: bool,
+}
+
+/// Lists things by name.
+#[utoipa::path(get, path = "/v1/things", params(Page), responses((status = 200, body = ThingList), (status = 400, body = ErrorBody)))]
+async fn list_things(State(api): State<Api>, Query(page): Query<Page>) -> Result<axum::Json<ThingList>, ApiError> {
+    let limit = page.limit()?;
+    let registry = api.registry.clone();
+    let items = blocking(move || Ok(registry.things(page.after.as_deref(), limit)?)).await?;
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|t| t.name.clone()))
+        .flatten();
+    Ok(axum::Json(ThingList {
+        items: items.into_iter().map(ThingView::from).collect(),
+        next,
+    }))
+}
+
+/// Registers a thing.
+#[utoipa::path(post, path = "/v1/things", request_body = CreateThing, responses((status = 201, body = ThingView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_thing(State(api): State<Api>, ApiJson(body): ApiJson<CreateThing>) -> Result<(StatusCode, axum::Json<ThingView>), ApiError> {
+    let registry = api.registry.clone();
+    let thing = blocking(move || Ok(registry.create_thing(&body.name, body.attributes)?)).await?;
+    Ok((StatusCode::CREATED, axum::Json(thing.into())))
+}
+
+/// A thing.
+#[utoipa::path(get, path = "/v1/things/{thing}", params(("thing" = String, Path, description = "The thing's name")), responses((status = 200, body = ThingView), (status = 404, body = ErrorBody)))]
+async fn get_thing(State(api): State<Api>, Path(thing): Path<String>) -> Result<axum::Json<ThingView>, ApiError> {
+    let registry = api.registry.clone();
+    Ok(axum::Json(blocking(move || Ok(registry.thing(&thing)?)).await?.into()))
+}
+
+/// Deletes a thing (its certificates and group memberships with it).
+#[utoipa::path(delete, path = "/v1/things/{thing}", params(("thing" = String, Path, description = "The thing's name")), responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_thing(State(api): State<Api>, Path(thing): Path<String>) -> Result<StatusCode, ApiError> {
+    let registry = api.registry.clone();
+    blocking(move || Ok(registry.delete_thing(&thing)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Replaces a thing's attributes.
+#[utoipa::path(put, path = "/v1/things/{thing}/attributes", params(("thing" = String, Path, description = "The thing's name")), request_body = SetAttributes, responses((status = 200, body = ThingView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_attributes(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<SetAttributes>) -> Result<axum::Json<ThingView>, ApiError> {
+    let registry = api.registry.clone();
+    let t = blocking(move || {
+        registry.set_attributes(&thing, &body.attributes)?;
+        Ok(registry.thing(&thing)?)
+    })
+    .await?;
+    Ok(axum::Json(t.into()))
+}
+
+/// Enables or disables a thing (a disabled thing may not connect).
+#[utoipa::path(put, path = "/v1/things/{thing}/enabled", params(("thing" = String, Path, description = "The thing's name")), request_body = SetEnabled, responses((status = 200, body = ThingView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_enabled(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<SetEnabled>) -> Result<axum::Json<ThingView>, ApiError> {
+    let registry = api.registry.clone();
+    let t = blocking(move || {
+        registry.set_enabled(&thing, body.enabled)?;
+        Ok(registry.thing(&thing)?)
+    })
+    .await?;
+    Ok(axum::Json(t.into()))
+}
+
+// ---- certificates
+
+/// A certificate bound to a thing.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct CertificateView {
+    /// Its id: the SHA-256 of its DER.
+    id: String,
+    /// The thing.
+    thing: String,
+    /// `active` or `revoked`.
+    status: String,
+    /// The certificate, PEM.
+    pem: String,
+}
+
+/// A thing's certificates.
+#[utoipa::path(get, path = "/v1/things/{thing}/certificates", params(("thing" = String, Path, description = "The thing's name")), responses((status = 200, body = Vec<CertificateView>), (status = 404, body = ErrorBody)))]
+async fn list_certificates(State(api): State<Api>, Path(thing): Path<String>) -> Result<axum::Json<Vec<CertificateView>>, ApiError> {
+    let registry = api.registry.clone();
+    let certs = blocking(move || {
+        registry.thing(&thing)?;
+        Ok(registry.certificates(&thing)?)
+    })
+    .await?;
+    Ok(axum::Json(
+        certs
+            .into_iter()
+            .map(|c| CertificateView {
+                id: c.id,
+                thing: c.thing,
+                status: match c.status {
+                    crate::CertificateStatus::Active => "active".into(),
+                    _ => "revoked".into(),
+                },
+                pem: c.pem,
+            })
+            .collect(),
+    ))
+}
+
+/// Revokes a certificate: the broker refuses it from now on (admin).
+#[utoipa::path(post, path = "/v1/certificates/{id}/revoke", params(("id" = String, Path, description = "The certificate id")), responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn revoke_certificate(State(api): State<Api>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let registry = api.registry.clone();
+    let revoked = id.clone();
+    blocking(move || Ok(registry.revoke_certificate(&revoked)?)).await?;
+    if let Some(hook) = &api.on_revoke {
+        hook(&id);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- groups
+
+/// A static group to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateGroup {
+    /// Its name.
+    name: String,
+    /// A dynamic group: every thing whose attributes have these values.
+    #[serde(default)]
+    query: Option<BTreeMap<String, String>>,
+}
+
+/// A group's members.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct GroupMembers {
+    group: String,
+    members: Vec<String>,
+}
+
+/// Creates a group (static, or dynamic with a query).
+#[utoipa::path(post, path = "/v1/groups", request_body = CreateGroup, responses((status = 201, body = GroupMembers), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_group(State(api): State<Api>, ApiJson(body): ApiJson<CreateGroup>) -> Result<(StatusCode, axum::Json<GroupMembers>), ApiError> {
+    let registry = api.registry.clone();
+    let members = blocking(move || {
+        registry.create_group(&body.name, body.query.as_ref())?;
+        Ok(GroupMembers {
+            members: registry.group_members(&body.name)?,
+            group: body.name,
+        })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(members)))
+}
+
+/// A group's members.
+#[utoipa::path(get, path = "/v1/groups/{group}/members", params(("group" = String, Path, description = "The group")), responses((status = 200, body = GroupMembers), (status = 404, body = ErrorBody)))]
+async fn group_members(State(api): State<Api>, Path(group): Path<String>) -> Result<axum::Json<GroupMembers>, ApiError> {
+    let registry = api.registry.clone();
+    let members = blocking(move || Ok(registry.group_members(&group).map(|m| GroupMembers { group, members: m })?)).await?;
+    Ok(axum::Json(members))
+}
+
+/// Adds a thing to a static group.
+#[utoipa::path(put, path = "/v1/groups/{group}/members/{thing}", params(("group" = String, Path, description = "The group"), ("thing" = String, Path, description = "The thing")), responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn add_member(State(api): State<Api>, Path((group, thing)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    let registry = api.registry.clone();
+    blocking(move || Ok(registry.add_to_group(&group, &thing)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- shadows
+
+/// Runs a shadow request as a device's would run (same rules, same
+/// documents; what it tells devices is published) and answers with the
+/// accepted document or the rejection.
+async fn shadow_request(api: &Api, thing: &str, shadow: Option<&str>, op: &str, payload: Vec<u8>) -> Result<Response, ApiError> {
+    thing_name(thing)?;
+    if let Some(name) = shadow {
+        fleet_core::ShadowName::new(name).map_err(|e| ApiError::invalid(format!("shadow name {name:?}: {e}")))?;
+    }
+    let prefix = api.shadows.prefix();
+    let topic = match shadow {
+        None => format!("{prefix}/things/{thing}/shadow/{op}"),
+        Some(n) => format!("{prefix}/things/{thing}/shadow/name/{n}/{op}"),
+    };
+    let out = api
+        .shadows
+        .handle(&topic, &payload, now())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let (accepted, rejected) = (format!("{topic}/accepted"), format!("{topic}/rejected"));
+    let mut answer = None;
+    let mut publish = Vec::new();
+    for o in out {
+        if o.topic == accepted {
+            answer = Some(Ok(o.payload.clone()));
+        } else if o.topic == rejected {
+            answer = Some(Err(o.payload));
+            continue;
+        }
+        // A GET's answer is for the asker only.
+        if op != "get" {
+            publish.push((o.topic, o.payload));
+        }
+    }
+    publish_all(api, publish).await;
+    match answer {
+        Some(Ok(doc)) => {
+            let doc: Value = serde_json::from_slice(&doc).map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(axum::Json(doc).into_response())
+        }
+        Some(Err(rejection)) => {
+            let r: Value = serde_json::from_slice(&rejection).unwrap_or(Value::Null);
+            let message = r.get("message").and_then(Value::as_str).unwrap_or("rejected").to_string();
+            Err(match r.get("code").and_then(Value::as_u64) {
+                Some(404) => ApiError::not_found(message),
+                Some(409) => ApiError::conflict(message),
+                Some(400 | 413) => ApiError::invalid(message),
+                _ => ApiError::internal(message),
+            })
+        }
+        None => Err(ApiError::internal("the shadow service gave no answer")),
+    }
+}
+
+fn body_bytes(body: &Value) -> Result<Vec<u8>, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    }
+    serde_json::to_vec(body).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// A thing's classic shadow (the same document as `/get/accepted`).
+#[utoipa::path(get, path = "/v1/things/{thing}/shadow", params(("thing" = String, Path, description = "The thing")), responses((status = 200, description = "The shadow document", body = Object), (status = 404, body = ErrorBody)))]
+async fn get_shadow(State(api): State<Api>, Path(thing): Path<String>) -> Result<Response, ApiError> {
+    shadow_request(&api, &thing, None, "get", Vec::new()).await
+}
+
+/// Updates a thing's classic shadow: the device protocol's update document
+/// (`{"state": {"desired": {...}}}`, optionally `version`); the answer is
+/// `/update/accepted`'s document.
+#[utoipa::path(post, path = "/v1/things/{thing}/shadow", params(("thing" = String, Path, description = "The thing")), request_body(content = Object, description = "An update document"), responses((status = 200, description = "The accepted update", body = Object), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn update_shadow(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<Value>) -> Result<Response, ApiError> {
+    shadow_request(&api, &thing, None, "update", body_bytes(&body)?).await
+}
+
+/// Deletes a thing's classic shadow.
+#[utoipa::path(delete, path = "/v1/things/{thing}/shadow", params(("thing" = String, Path, description = "The thing")), responses((status = 200, description = "The deletion", body = Object), (status = 404, body = ErrorBody)))]
+async fn delete_shadow(State(api): State<Api>, Path(thing): Path<String>) -> Result<Response, ApiError> {
+    shadow_request(&api, &thing, None, "delete", Vec::new()).await
+}
+
+/// A thing's named shadow.
+#[utoipa::path(get, path = "/v1/things/{thing}/shadows/{shadow}", params(("thing" = String, Path, description = "The thing"), ("shadow" = String, Path, description = "The shadow's name")), responses((status = 200, description = "The shadow document", body = Object), (status = 404, body = ErrorBody)))]
+async fn get_named_shadow(State(api): State<Api>, Path((thing, shadow)): Path<(String, String)>) -> Result<Response, ApiError> {
+    shadow_request(&api, &thing, Some(&shadow), "get", Vec::new()).await
+}
+
+/// Updates a thing's named shadow.
+#[utoipa::path(post, path = "/v1/things/{thing}/shadows/{shadow}", params(("thing" = String, Path, description = "The thing"), ("shadow" = String, Path, description = "The shadow's name")), request_body(content = Object, description = "An update document"), responses((status = 200, description = "The accepted update", body = Object), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn update_named_shadow(State(api): State<Api>, Path((thing, shadow)): Path<(String, String)>, ApiJson(body): ApiJson<Value>) -> Result<Response, ApiError> {
+    shadow_request(&api, &thing, Some(&shadow), "update", body_bytes(&body)?).await
+}
+
+/// Deletes a thing's named shadow.
+#[utoipa::path(delete, path = "/v1/things/{thing}/shadows/{shadow}", params(("thing" = String, Path, description = "The thing"), ("shadow" = String, Path, description = "The shadow's name")), responses((status = 200, description = "The deletion", body = Object), (status = 404, body = ErrorBody)))]
+async fn delete_named_shadow(State(api): State<Api>, Path((thing, shadow)): Path<(String, String)>) -> Result<Response, ApiError> {
+    shadow_request(&api, &thing, Some(&shadow), "delete", Vec::new()).await
+}
+
+// ---- jobs
+
+/// A job to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CreateJob {
+    /// Its id (`[a-zA-Z0-9_-]{1,64}`).
+    job_id: String,
+    /// The document devices receive.
+    #[schema(value_type = Object)]
+    document: Value,
+    /// Things targeted.
+    #[serde(default)]
+    things: Vec<String>,
+    /// Groups targeted.
+    #[serde(default)]
+    groups: Vec<String>,
+    /// Also things that join the groups later.
+    #[serde(default)]
+    continuous: bool,
+    /// Minutes an execution may stay IN_PROGRESS.
+    #[serde(default)]
+    in_progress_timeout_minutes: Option<u64>,
+    /// Tries again after FAILED or TIMED_OUT, this many times.
+    #[serde(default)]
+    max_retries: u32,
+}
+
+/// A job.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JobView {
+    job_id: String,
+    /// `IN_PROGRESS`, `CANCELED` or `COMPLETED`.
+    state: String,
+    #[schema(value_type = Object)]
+    document: Value,
+    /// Things targeted so far.
+    targets: usize,
+    /// Executions per status (each target's latest).
+    executions: BTreeMap<String, usize>,
+    /// Targets a rollout has not released yet.
+    not_released: usize,
+    /// Epoch seconds.
+    created_at: u64,
+}
+
+/// A page of job ids.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct JobList {
+    items: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// One thing's execution of a job.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ExecutionView {
+    thing: String,
+    status: String,
+    execution_number: u64,
+    version_number: u64,
+    status_details: BTreeMap<String, String>,
+    queued_at: u64,
+    last_updated_at: u64,
+}
+
+/// A page of executions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ExecutionList {
+    items: Vec<ExecutionView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// How to cancel.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CancelJob {
+    /// Also cancel executions in progress.
+    #[serde(default)]
+    force: bool,
+}
+
+fn wire_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+async fn job_view(api: &Api, job_id: &str) -> Result<JobView, ApiError> {
+    let record = api.jobs.job(job_id).await?;
+    let snapshot = api.jobs.snapshot(job_id).await?;
+    Ok(JobView {
+        job_id: record.spec.job_id.clone(),
+        state: wire_name(&record.state),
+        document: record.spec.document.clone(),
+        targets: record.targets.len(),
+        executions: snapshot
+            .executions
+            .iter()
+            .map(|(s, n)| (wire_name(s), *n))
+            .collect(),
+        not_released: snapshot.not_released,
+        created_at: record.created_at,
+    })
+}
+
+/// Lists jobs by id.
+#[utoipa::path(get, path = "/v1/jobs", params(Page), responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
+async fn list_jobs(State(api): State<Api>, Query(page): Query<Page>) -> Result<axum::Json<JobList>, ApiError> {
+    let limit = page.limit()?;
+    let after = page.after.unwrap_or_default();
+    let items: Vec<String> = api.jobs.job_ids().await?.into_iter().filter(|id| *id > after).take(limit).collect();
+    let next = (items.len() == limit).then(|| items.last().cloned()).flatten();
+    Ok(axum::Json(JobList { items, next }))
+}
+
+/// Creates a job and notifies its targets.
+#[utoipa::path(post, path = "/v1/jobs", request_body = CreateJob, responses((status = 201, body = JobView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_job(State(api): State<Api>, ApiJson(body): ApiJson<CreateJob>) -> Result<(StatusCode, axum::Json<JobView>), ApiError> {
+    let spec = JobSpec {
+        job_id: body.job_id.clone(),
+        document: body.document,
+        things: body.things,
+        groups: body.groups,
+        selection: if body.continuous { TargetSelection::Continuous } else { TargetSelection::Snapshot },
+        timeouts: TimeoutConfig { in_progress_timeout_in_minutes: body.in_progress_timeout_minutes },
+        max_retries: body.max_retries,
+        rollout: None,
+    };
+    let out = api.jobs.create_job(spec, api.registry.clone(), api.jobs.clock()).await?;
+    publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
+    Ok((StatusCode::CREATED, axum::Json(job_view(&api, &body.job_id).await?)))
+}
+
+/// A job and its executions per status.
+#[utoipa::path(get, path = "/v1/jobs/{job}", params(("job" = String, Path, description = "The job id")), responses((status = 200, body = JobView), (status = 404, body = ErrorBody)))]
+async fn get_job(State(api): State<Api>, Path(job): Path<String>) -> Result<axum::Json<JobView>, ApiError> {
+    Ok(axum::Json(job_view(&api, &job).await?))
+}
+
+/// A job's executions, by thing.
+#[utoipa::path(get, path = "/v1/jobs/{job}/executions", params(("job" = String, Path, description = "The job id"), Page), responses((status = 200, body = ExecutionList), (status = 404, body = ErrorBody)))]
+async fn job_executions(State(api): State<Api>, Path(job): Path<String>, Query(page): Query<Page>) -> Result<axum::Json<ExecutionList>, ApiError> {
+    let limit = page.limit()?;
+    let after = page.after.unwrap_or_default();
+    let mut all = api.jobs.executions(&job).await?;
+    all.sort_by(|a, b| a.thing.cmp(&b.thing));
+    let items: Vec<ExecutionView> = all
+        .into_iter()
+        .filter(|e| e.thing > after)
+        .take(limit)
+        .map(|e| ExecutionView {
+            status: wire_name(&e.execution.status),
+            execution_number: e.execution.execution_number,
+            version_number: e.execution.version_number,
+            status_details: e.execution.status_details,
+            queued_at: e.execution.queued_at,
+            last_updated_at: e.execution.last_updated_at,
+            thing: e.thing,
+        })
+        .collect();
+    let next = (items.len() == limit).then(|| items.last().map(|e| e.thing.clone())).flatten();
+    Ok(axum::Json(ExecutionList { items, next }))
+}
+
+/// Cancels a job: queued executions (and, with `force`, those in
+/// progress) are canceled and their devices told.
+#[utoipa::path(post, path = "/v1/jobs/{job}/cancel", params(("job" = String, Path, description = "The job id")), request_body = CancelJob, responses((status = 200, body = JobView), (status = 404, body = ErrorBody)))]
+async fn cancel_job(State(api): State<Api>, Path(job): Path<String>, ApiJson(body): ApiJson<CancelJob>) -> Result<axum::Json<JobView>, ApiError> {
+    let out = api.jobs.cancel_job(&job, body.force, api.jobs.clock()).await?;
+    publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
+    Ok(axum::Json(job_view(&api, &job).await?))
+}
+
+// ---- releases and campaigns
+
+/// A signed release to register.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct UploadRelease {
+    /// Its id (`[a-zA-Z0-9_-]{1,128}`).
+    release_id: String,
+    /// The signed manifest envelope, base64.
+    envelope: String,
+    /// The image, base64 (its size and SHA-256 must be the manifest's).
+    image: String,
+}
+
+/// A registered release.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ReleaseView {
+    release_id: String,
+    /// Bytes.
+    size: u64,
+}
+
+/// Registers a release (the image is checked against the signed manifest).
+#[utoipa::path(post, path = "/v1/releases", request_body = UploadRelease, responses((status = 201, body = ReleaseView), (status = 400, body = ErrorBody)))]
+async fn upload_release(State(api): State<Api>, ApiJson(body): ApiJson<UploadRelease>) -> Result<(StatusCode, axum::Json<ReleaseView>), ApiError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let envelope = b64.decode(&body.envelope).map_err(|e| ApiError::invalid(format!("envelope: {e}")))?;
+    let image = b64.decode(&body.image).map_err(|e| ApiError::invalid(format!("image: {e}")))?;
+    let size = image.len() as u64;
+    let (jobs, streams, id) = (api.jobs.clone(), api.streams.clone(), body.release_id.clone());
+    blocking(move || Ok(jobs.register_release(&id, &envelope, image, &streams)?)).await?;
+    Ok((StatusCode::CREATED, axum::Json(ReleaseView { release_id: body.release_id, size })))
+}
+
+/// A campaign to start.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct StartCampaign {
+    campaign_id: String,
+    release_id: String,
+    #[serde(default)]
+    things: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    /// The rollout policy (rate, groups with thresholds, abort criteria,
+    /// retries), as fleet-core's `RolloutPolicy` in JSON.
+    #[schema(value_type = Object)]
+    policy: Value,
+    #[serde(default)]
+    in_progress_timeout_minutes: Option<u64>,
+}
+
+/// Where a campaign stands.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CampaignView {
+    campaign_id: String,
+    pending: usize,
+    queued: usize,
+    in_progress: usize,
+    succeeded: usize,
+    failed: usize,
+    rolled_back: usize,
+    timed_out: usize,
+    canceled: usize,
+    unverified_receipt: usize,
+    /// The rollout's status (`InProgress`, `Paused`, `Completed`,
+    /// `Aborted: ...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<String>,
+    /// Nothing more will change.
+    done: bool,
+}
+
+async fn campaign_view(api: &Api, id: &str) -> Result<CampaignView, ApiError> {
+    let s = api.jobs.campaign_status(id, &api.registry).await?;
+    Ok(CampaignView {
+        campaign_id: id.into(),
+        done: s.is_final(),
+        pending: s.pending,
+        queued: s.queued,
+        in_progress: s.in_progress,
+        succeeded: s.succeeded,
+        failed: s.failed,
+        rolled_back: s.rolled_back,
+        timed_out: s.timed_out,
+        canceled: s.canceled,
+        unverified_receipt: s.unverified_receipt,
+        rollout: s.rollout.map(|r| format!("{r:?}")),
+    })
+}
+
+/// Starts a campaign of a registered release.
+#[utoipa::path(post, path = "/v1/campaigns", request_body = StartCampaign, responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn start_campaign(State(api): State<Api>, ApiJson(body): ApiJson<StartCampaign>) -> Result<(StatusCode, axum::Json<CampaignView>), ApiError> {
+    let policy: RolloutPolicy = serde_json::from_value(body.policy).map_err(|e| ApiError::invalid(format!("policy: {e}")))?;
+    let spec = CampaignSpec {
+        campaign_id: body.campaign_id.clone(),
+        release_id: body.release_id,
+        things: body.things,
+        groups: body.groups,
+        policy,
+        timeouts: TimeoutConfig { in_progress_timeout_in_minutes: body.in_progress_timeout_minutes },
+    };
+    let out = api.jobs.start_campaign(spec, &api.streams, &api.registry, api.jobs.clock()).await?;
+    publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
+    Ok((StatusCode::CREATED, axum::Json(campaign_view(&api, &body.campaign_id).await?)))
+}
+
+/// Where a campaign stands.
+#[utoipa::path(get, path = "/v1/campaigns/{campaign}", params(("campaign" = String, Path, description = "The campaign id")), responses((status = 200, body = CampaignView), (status = 404, body = ErrorBody)))]
+async fn campaign_status(State(api): State<Api>, Path(campaign): Path<String>) -> Result<axum::Json<CampaignView>, ApiError> {
+    Ok(axum::Json(campaign_view(&api, &campaign).await?))
+}
+
+/// Pauses, resumes, approves the next group of, or aborts a campaign.
+#[utoipa::path(post, path = "/v1/campaigns/{campaign}/{action}", params(("campaign" = String, Path, description = "The campaign id"), ("action" = String, Path, description = "`pause`, `resume`, `approve` or `abort`")), responses((status = 200, body = CampaignView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn control_campaign(State(api): State<Api>, Path((campaign, action)): Path<(String, String)>) -> Result<axum::Json<CampaignView>, ApiError> {
+    let action = match action.as_str() {
+        "pause" => RolloutAction::Pause,
+        "resume" => RolloutAction::Resume,
+        "approve" => RolloutAction::Approve,
+        "abort" => RolloutAction::Abort,
+        other => return Err(ApiError::invalid(format!("action {other:?}: pause, resume, approve or abort"))),
+    };
+    let out = api.jobs.control(&campaign, action, api.jobs.clock()).await?;
+    publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
+    Ok(axum::Json(campaign_view(&api, &campaign).await?))
+}
+
+// ---- commands
+
+/// A command to send.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct SendCommand {
+    /// Which command.
+    command: String,
+    /// Its arguments.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    payload: Value,
+    /// Seconds to wait for the answer (default 30, at most 300).
+    #[serde(default)]
+    timeout_seconds: Option<u64>,
+}
+
+/// A device's answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CommandResult {
+    execution_id: String,
+    /// `SUCCEEDED`, `FAILED`, `REJECTED`...
+    status: String,
+    #[schema(value_type = Object)]
+    payload: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_reason: Option<String>,
+}
+
+/// Sends a command to a thing and waits for its answer.
+#[utoipa::path(post, path = "/v1/things/{thing}/commands", params(("thing" = String, Path, description = "The thing")), request_body = SendCommand, responses((status = 200, body = CommandResult), (status = 400, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn send_command(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<SendCommand>) -> Result<axum::Json<CommandResult>, ApiError> {
+    let name = thing_name(&thing)?;
+    let timeout = match body.timeout_seconds {
+        None => 30,
+        Some(s @ 1..=300) => s,
+        Some(s) => return Err(ApiError::invalid(format!("timeoutSeconds {s}: 1 to 300"))),
+    };
+    match api.commands.send(&name, &body.command, body.payload, Duration::from_secs(timeout)).await {
+        Ok(r) => Ok(axum::Json(CommandResult {
+            execution_id: r.execution_id,
+            status: wire_name(&r.status),
+            payload: r.payload,
+            status_reason: r.status_reason,
+        })),
+        Err(CommandFailure::TimedOut) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout, format!("{thing} did not answer in {timeout} s"))),
+        Err(CommandFailure::Invalid(e)) => Err(ApiError::invalid(format!("{e:?}"))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
+// ---- provisioning
+
+/// A provisioning template.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TemplateView {
+    name: String,
+    thing_name_prefix: String,
+    name_parameter: String,
+    required_parameters: Vec<String>,
+    attributes: BTreeMap<String, String>,
+    groups: Vec<String>,
+}
+
+/// The provisioning templates devices may provision by.
+#[utoipa::path(get, path = "/v1/provisioning/templates", responses((status = 200, body = Vec<TemplateView>)))]
+async fn list_templates(State(api): State<Api>) -> axum::Json<Vec<TemplateView>> {
+    axum::Json(
+        api.templates
+            .iter()
+            .map(|t| TemplateView {
+                name: t.name.clone(),
+                thing_name_prefix: t.thing_name_prefix.clone(),
+                name_parameter: t.name_parameter.clone(),
+                required_parameters: t.required_parameters.clone(),
+                attributes: t.attributes.clone(),
+                groups: t.groups.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// A claim identity to issue.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateClaim {
+    /// One of the claim identities the broker admits.
+    name: String,
+}
+
+/// A claim certificate and key, for a factory to put on devices.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ClaimIdentity {
+    name: String,
+    cert_pem: String,
+    key_pem: String,
+    ca_pem: String,
+}
+
+/// Issues a certificate and key for a claim identity (admin).
+#[utoipa::path(post, path = "/v1/provisioning/claims", request_body = CreateClaim, responses((status = 201, body = ClaimIdentity), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn create_claim(State(api): State<Api>, ApiJson(body): ApiJson<CreateClaim>) -> Result<(StatusCode, axum::Json<ClaimIdentity>), ApiError> {
+    let Some(ca) = api.claim_ca.clone() else {
+        return Err(ApiError::not_found("this service does not issue claim identities"));
+    };
+    if !api.claim_identities.contains(&body.name) {
+        return Err(ApiError::invalid(format!(
+            "{:?} is not a claim identity of this fleet ({})",
+            body.name,
+            api.claim_identities.join(", ")
+        )));
+    }
+    let name = body.name.clone();
+    let id = blocking(move || ca.client_identity(&name).map_err(|e| ApiError::internal(e.to_string())).map(|id| (id, ca.ca_pem()))).await?;
+    Ok((StatusCode::CREATED, axum::Json(ClaimIdentity { name: body.name, cert_pem: id.0.cert_pem, key_pem: id.0.key_pem, ca_pem: id.1 })))
+}
+
+// ---- tokens
+
+/// A token to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateToken {
+    /// Who or what holds it.
+    name: String,
+    /// `read`, `operator` or `admin`.
+    scope: String,
+}
+
+/// A token (without its secret).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TokenView {
+    id: String,
+    name: String,
+    scope: String,
+    created_at: u64,
+    /// The token itself: shown once, when created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+/// The API tokens (admin).
+#[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = Vec<TokenView>)))]
+async fn list_tokens(State(api): State<Api>) -> Result<axum::Json<Vec<TokenView>>, ApiError> {
+    let registry = api.registry.clone();
+    let tokens = blocking(move || Ok(registry.tokens()?)).await?;
+    Ok(axum::Json(tokens.into_iter().map(|t| TokenView { id: t.id, name: t.name, scope: t.scope.as_str().into(), created_at: t.created_at, token: None }).collect()))
+}
+
+/// Creates an API token; the answer holds the token, shown only now (admin).
+#[utoipa::path(post, path = "/v1/tokens", request_body = CreateToken, responses((status = 201, body = TokenView), (status = 400, body = ErrorBody)))]
+async fn create_token(State(api): State<Api>, ApiJson(body): ApiJson<CreateToken>) -> Result<(StatusCode, axum::Json<TokenView>), ApiError> {
+    let scope = Scope::parse(&body.scope).ok_or_else(|| ApiError::invalid(format!("scope {:?}: read, operator or admin", body.scope)))?;
+    let registry = api.registry.clone();
+    let (record, token) = blocking(move || Ok(registry.create_token(&body.name, scope)?)).await?;
+    Ok((StatusCode::CREATED, axum::Json(TokenView { id: record.id, name: record.name, scope: record.scope.as_str().into(), created_at: record.created_at, token: Some(token) })))
+}
+
+/// Revokes an API token (admin).
+#[utoipa::path(delete, path = "/v1/tokens/{id}", params(("id" = String, Path, description = "The token id")), responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn revoke_token(State(api): State<Api>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let registry = api.registry.clone();
+    blocking(move || Ok(registry.revoke_token(&id)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

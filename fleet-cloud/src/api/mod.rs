@@ -1,0 +1,432 @@
+//! The management HTTP API: things, groups, certificates, provisioning,
+//! shadows, jobs, releases, campaigns, commands and tokens, as JSON over
+//! HTTPS, for operators and application backends in any language.
+//!
+//! - Every endpoint but `GET /health` needs a bearer token
+//!   ([`Registry::create_token`]): `read` may read everything, `operator`
+//!   may also change the fleet, `admin` may also manage certificates, claim
+//!   identities and tokens. Tokens are stored as SHA-256 hashes.
+//! - Errors are `{"error": {"code": "...", "message": "..."}}` with a stable
+//!   `code` ([`ErrorCode`]); a refused request changes nothing.
+//! - Lists are paged: `?limit=` (at most 1,000) and `?after=` the last item
+//!   of the previous page, which the response gives as `next`.
+//! - The OpenAPI 3.1 document is served at `GET /openapi.json`; it is
+//!   generated from the same declarations that route the requests, so no
+//!   route can be missing from it.
+//!
+//! ```no_run
+//! # async fn f(services: fleet_cloud::api::ApiServices) -> Result<(), Box<dyn std::error::Error>> {
+//! use fleet_cloud::api::{ApiConfig, serve_api};
+//! let api = serve_api(
+//!     ApiConfig {
+//!         bind: "127.0.0.1:8443".parse()?,
+//!         cert_pem: std::fs::read_to_string("fleet-data/server.pem")?,
+//!         key_pem: std::fs::read_to_string("fleet-data/server.key")?,
+//!     },
+//!     services,
+//! )
+//! .await?;
+//! println!("management API on https://{}", api.local_addr());
+//! # Ok(()) }
+//! ```
+
+mod handlers;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use utoipa::ToSchema;
+
+use crate::pki::Pki;
+use crate::{
+    CommandCenter, JobsEndpoint, JobsError, ProvisioningTemplate, Publisher, Registry,
+    RegistryError, Scope, ShadowsEndpoint, StreamService,
+};
+
+/// What the API serves.
+#[derive(Clone)]
+pub struct ApiServices {
+    /// Things, groups, certificates, tokens.
+    pub registry: Registry,
+    /// Shadows.
+    pub shadows: ShadowsEndpoint,
+    /// Jobs, rollouts and campaigns.
+    pub jobs: JobsEndpoint,
+    /// Release images.
+    pub streams: StreamService,
+    /// Commands to things.
+    pub commands: CommandCenter,
+    /// Publishes what a change tells devices (a delta, a job notice).
+    pub publisher: Publisher,
+    /// The CA that issues claim identities (`None`: not offered).
+    pub claim_ca: Option<Arc<Pki>>,
+    /// The claim identities the broker admits (certificates are issued for
+    /// these names only).
+    pub claim_identities: Vec<String>,
+    /// Called with a certificate's id after it was revoked (to tell the
+    /// broker).
+    pub on_revoke: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    /// The provisioning templates served.
+    pub templates: Vec<ProvisioningTemplate>,
+}
+
+impl fmt::Debug for ApiServices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiServices").finish_non_exhaustive()
+    }
+}
+
+/// Where and how the API listens.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// The address to listen on.
+    pub bind: SocketAddr,
+    /// The server certificate (chain), PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+}
+
+impl fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("bind", &self.bind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stable, machine-readable error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// No token, or not a valid one (401).
+    Unauthenticated,
+    /// The token's scope does not allow this (403).
+    Forbidden,
+    /// Malformed or invalid input (400).
+    InvalidRequest,
+    /// No such resource (404).
+    NotFound,
+    /// It exists already (409).
+    AlreadyExists,
+    /// The resource changed meanwhile, or is in a state that refuses this
+    /// (409).
+    Conflict,
+    /// The device did not answer in time (504).
+    Timeout,
+    /// A failure on the service's side (500).
+    Internal,
+}
+
+/// An error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+/// The body of an error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+    }
+
+    pub(crate) fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            message,
+        )
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(ErrorBody {
+                error: ErrorDetail {
+                    code: self.code,
+                    message: self.message,
+                },
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound(_) => Self::not_found(e.to_string()),
+            RegistryError::AlreadyExists(_) => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyExists, e.to_string())
+            }
+            RegistryError::InvalidName(_) => Self::invalid(e.to_string()),
+            _ => Self::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> Self {
+        match e {
+            JobsError::NotFound(_) => Self::not_found(e.to_string()),
+            JobsError::AlreadyExists(_) => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyExists, e.to_string())
+            }
+            JobsError::Invalid(_) => Self::invalid(e.to_string()),
+            JobsError::Store(crate::StoreError::Conflict) => Self::conflict(e.to_string()),
+            _ => Self::internal(e.to_string()),
+        }
+    }
+}
+
+/// A JSON body whose rejection is a typed [`ApiError`].
+pub(crate) struct ApiJson<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
+        }
+    }
+}
+
+/// The state handlers share.
+pub(crate) type Api = Arc<ApiServices>;
+
+/// The scope a request needs: reads need `read`; certificates, claim
+/// identities and tokens need `admin`; every other change `operator`.
+fn required_scope(method: &Method, path: &str) -> Scope {
+    let admin = ["/v1/certificates", "/v1/provisioning/claims", "/v1/tokens"]
+        .iter()
+        .any(|p| path.starts_with(p));
+    if admin {
+        Scope::Admin
+    } else if method == Method::GET || method == Method::HEAD {
+        Scope::Read
+    } else {
+        Scope::Operator
+    }
+}
+
+async fn authenticate(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(String::from);
+    let Some(token) = token else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            "an `Authorization: Bearer <token>` header is required",
+        )
+        .into_response();
+    };
+    let registry = api.registry.clone();
+    let record = tokio::task::spawn_blocking(move || registry.verify_token(&token)).await;
+    let record = match record {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthenticated,
+                "unknown or revoked token",
+            )
+            .into_response();
+        }
+        Ok(Err(e)) => return ApiError::from(e).into_response(),
+        Err(e) => return ApiError::internal(e.to_string()).into_response(),
+    };
+    let needed = required_scope(req.method(), req.uri().path());
+    if record.scope < needed {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!(
+                "this needs the `{}` scope; token {} has `{}`",
+                needed.as_str(),
+                record.id,
+                record.scope.as_str()
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The router of the API (without TLS; [`serve_api`] serves it over
+/// HTTPS) and its OpenAPI document.
+pub fn router(services: ApiServices) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let api: Api = Arc::new(services);
+    let (protected, mut doc) = handlers::routes().split_for_parts();
+    let (open, open_doc) = handlers::open_routes().split_for_parts();
+    doc.merge(open_doc);
+    let protected = protected.layer(axum::middleware::from_fn_with_state(
+        api.clone(),
+        authenticate,
+    ));
+    let router = open
+        .merge(protected)
+        .with_state(api)
+        .layer(axum::Extension(handlers::Document(Arc::new(doc.clone()))))
+        // Release images arrive in the body (base64 in JSON).
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+    (router, doc)
+}
+
+/// The largest request body: a release image of 192 MiB, base64.
+pub const MAX_BODY: usize = 256 * 1024 * 1024;
+
+/// A running API server; stops when dropped.
+#[derive(Debug)]
+pub struct RunningApi {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl RunningApi {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for RunningApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why the API could not start.
+#[derive(Debug)]
+pub struct ApiStartError(String);
+
+impl fmt::Display for ApiStartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "management API: {}", self.0)
+    }
+}
+
+impl std::error::Error for ApiStartError {}
+
+/// Serves the API over HTTPS (TLS 1.2 and 1.3, rustls with ring).
+pub async fn serve_api(
+    config: ApiConfig,
+    services: ApiServices,
+) -> Result<RunningApi, ApiStartError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |e: &dyn fmt::Display| ApiStartError(e.to_string());
+    let chain = CertificateDer::pem_slice_iter(config.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(&e))?;
+    let key = PrivateKeyDer::from_pem_slice(config.key_pem.as_bytes()).map_err(|e| err(&e))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(&e))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| err(&e))?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|e| err(&e))?;
+    let addr = listener.local_addr().map_err(|e| err(&e))?;
+    let (router, _) = router(services);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let handshake =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                        .await;
+                let Ok(Ok(stream)) = handshake else {
+                    tracing::debug!(%peer, "API TLS handshake failed");
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%peer, "API connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(RunningApi { addr, task })
+}
