@@ -1447,7 +1447,9 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
         registry: &'a Registry,
         now: u64,
     ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
-        Box::pin(JobsService::start_campaign(self, spec, streams, registry, now))
+        Box::pin(JobsService::start_campaign(
+            self, spec, streams, registry, now,
+        ))
     }
 
     fn campaign_status<'a>(
@@ -1555,7 +1557,8 @@ impl JobsEndpoint {
         image: Vec<u8>,
         streams: &crate::StreamService,
     ) -> Result<(), JobsError> {
-        self.0.register_release(release_id, envelope, image, streams)
+        self.0
+            .register_release(release_id, envelope, image, streams)
     }
 
     /// [`JobsService::start_campaign`].

@@ -75,8 +75,7 @@ mod streams;
 pub mod telemetry;
 
 pub use broker::{
-    BrokerConfig, Extras, PublishError, Publisher, RunningService, StartError, serve,
-    serve_shadows,
+    BrokerConfig, Extras, PublishError, Publisher, RunningService, StartError, serve, serve_shadows,
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};

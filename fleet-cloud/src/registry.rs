@@ -316,8 +316,9 @@ impl Registry {
         for row in rows {
             let (id, name, scope, created_at) = row.map_err(backend)?;
             out.push(TokenRecord {
-                scope: Scope::parse(&scope)
-                    .ok_or_else(|| RegistryError::Backend(format!("token {id}: scope {scope:?}")))?,
+                scope: Scope::parse(&scope).ok_or_else(|| {
+                    RegistryError::Backend(format!("token {id}: scope {scope:?}"))
+                })?,
                 id,
                 name,
                 created_at: u64::try_from(created_at).unwrap_or(0),

@@ -154,9 +154,7 @@ impl Page {
         match self.limit {
             None => Ok(100),
             Some(n @ 1..=1000) => Ok(n),
-            Some(n) => Err(ApiError::invalid(format!(
-                "limit {n}: must be 1 to 1000"
-            ))),
+            Some(n) => Err(ApiError::invalid(format!("limit {n}: must be 1 to 1000"))),
         }
     }
 }
@@ -218,7 +216,10 @@ pub(crate) struct SetEnabled {
 
 /// Lists things by name.
 #[utoipa::path(get, path = "/v1/things", params(Page), responses((status = 200, body = ThingList), (status = 400, body = ErrorBody)))]
-async fn list_things(State(api): State<Api>, Query(page): Query<Page>) -> Result<axum::Json<ThingList>, ApiError> {
+async fn list_things(
+    State(api): State<Api>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<ThingList>, ApiError> {
     let limit = page.limit()?;
     let registry = api.registry.clone();
     let items = blocking(move || Ok(registry.things(page.after.as_deref(), limit)?)).await?;
@@ -233,7 +234,10 @@ async fn list_things(State(api): State<Api>, Query(page): Query<Page>) -> Result
 
 /// Registers a thing.
 #[utoipa::path(post, path = "/v1/things", request_body = CreateThing, responses((status = 201, body = ThingView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_thing(State(api): State<Api>, ApiJson(body): ApiJson<CreateThing>) -> Result<(StatusCode, axum::Json<ThingView>), ApiError> {
+async fn create_thing(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<CreateThing>,
+) -> Result<(StatusCode, axum::Json<ThingView>), ApiError> {
     let registry = api.registry.clone();
     let thing = blocking(move || Ok(registry.create_thing(&body.name, body.attributes)?)).await?;
     Ok((StatusCode::CREATED, axum::Json(thing.into())))
@@ -241,14 +245,22 @@ async fn create_thing(State(api): State<Api>, ApiJson(body): ApiJson<CreateThing
 
 /// A thing.
 #[utoipa::path(get, path = "/v1/things/{thing}", params(("thing" = String, Path, description = "The thing's name")), responses((status = 200, body = ThingView), (status = 404, body = ErrorBody)))]
-async fn get_thing(State(api): State<Api>, Path(thing): Path<String>) -> Result<axum::Json<ThingView>, ApiError> {
+async fn get_thing(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+) -> Result<axum::Json<ThingView>, ApiError> {
     let registry = api.registry.clone();
-    Ok(axum::Json(blocking(move || Ok(registry.thing(&thing)?)).await?.into()))
+    Ok(axum::Json(
+        blocking(move || Ok(registry.thing(&thing)?)).await?.into(),
+    ))
 }
 
 /// Deletes a thing (its certificates and group memberships with it).
 #[utoipa::path(delete, path = "/v1/things/{thing}", params(("thing" = String, Path, description = "The thing's name")), responses((status = 204), (status = 404, body = ErrorBody)))]
-async fn delete_thing(State(api): State<Api>, Path(thing): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_thing(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let registry = api.registry.clone();
     blocking(move || Ok(registry.delete_thing(&thing)?)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -256,7 +268,11 @@ async fn delete_thing(State(api): State<Api>, Path(thing): Path<String>) -> Resu
 
 /// Replaces a thing's attributes.
 #[utoipa::path(put, path = "/v1/things/{thing}/attributes", params(("thing" = String, Path, description = "The thing's name")), request_body = SetAttributes, responses((status = 200, body = ThingView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn set_attributes(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<SetAttributes>) -> Result<axum::Json<ThingView>, ApiError> {
+async fn set_attributes(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+    ApiJson(body): ApiJson<SetAttributes>,
+) -> Result<axum::Json<ThingView>, ApiError> {
     let registry = api.registry.clone();
     let t = blocking(move || {
         registry.set_attributes(&thing, &body.attributes)?;
@@ -268,7 +284,11 @@ async fn set_attributes(State(api): State<Api>, Path(thing): Path<String>, ApiJs
 
 /// Enables or disables a thing (a disabled thing may not connect).
 #[utoipa::path(put, path = "/v1/things/{thing}/enabled", params(("thing" = String, Path, description = "The thing's name")), request_body = SetEnabled, responses((status = 200, body = ThingView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn set_enabled(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<SetEnabled>) -> Result<axum::Json<ThingView>, ApiError> {
+async fn set_enabled(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+    ApiJson(body): ApiJson<SetEnabled>,
+) -> Result<axum::Json<ThingView>, ApiError> {
     let registry = api.registry.clone();
     let t = blocking(move || {
         registry.set_enabled(&thing, body.enabled)?;
@@ -295,7 +315,10 @@ pub(crate) struct CertificateView {
 
 /// A thing's certificates.
 #[utoipa::path(get, path = "/v1/things/{thing}/certificates", params(("thing" = String, Path, description = "The thing's name")), responses((status = 200, body = Vec<CertificateView>), (status = 404, body = ErrorBody)))]
-async fn list_certificates(State(api): State<Api>, Path(thing): Path<String>) -> Result<axum::Json<Vec<CertificateView>>, ApiError> {
+async fn list_certificates(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+) -> Result<axum::Json<Vec<CertificateView>>, ApiError> {
     let registry = api.registry.clone();
     let certs = blocking(move || {
         registry.thing(&thing)?;
@@ -320,7 +343,10 @@ async fn list_certificates(State(api): State<Api>, Path(thing): Path<String>) ->
 
 /// Revokes a certificate: the broker refuses it from now on (admin).
 #[utoipa::path(post, path = "/v1/certificates/{id}/revoke", params(("id" = String, Path, description = "The certificate id")), responses((status = 204), (status = 404, body = ErrorBody)))]
-async fn revoke_certificate(State(api): State<Api>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn revoke_certificate(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let registry = api.registry.clone();
     let revoked = id.clone();
     blocking(move || Ok(registry.revoke_certificate(&revoked)?)).await?;
@@ -352,7 +378,10 @@ pub(crate) struct GroupMembers {
 
 /// Creates a group (static, or dynamic with a query).
 #[utoipa::path(post, path = "/v1/groups", request_body = CreateGroup, responses((status = 201, body = GroupMembers), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_group(State(api): State<Api>, ApiJson(body): ApiJson<CreateGroup>) -> Result<(StatusCode, axum::Json<GroupMembers>), ApiError> {
+async fn create_group(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<CreateGroup>,
+) -> Result<(StatusCode, axum::Json<GroupMembers>), ApiError> {
     let registry = api.registry.clone();
     let members = blocking(move || {
         registry.create_group(&body.name, body.query.as_ref())?;
@@ -367,15 +396,26 @@ async fn create_group(State(api): State<Api>, ApiJson(body): ApiJson<CreateGroup
 
 /// A group's members.
 #[utoipa::path(get, path = "/v1/groups/{group}/members", params(("group" = String, Path, description = "The group")), responses((status = 200, body = GroupMembers), (status = 404, body = ErrorBody)))]
-async fn group_members(State(api): State<Api>, Path(group): Path<String>) -> Result<axum::Json<GroupMembers>, ApiError> {
+async fn group_members(
+    State(api): State<Api>,
+    Path(group): Path<String>,
+) -> Result<axum::Json<GroupMembers>, ApiError> {
     let registry = api.registry.clone();
-    let members = blocking(move || Ok(registry.group_members(&group).map(|m| GroupMembers { group, members: m })?)).await?;
+    let members = blocking(move || {
+        Ok(registry
+            .group_members(&group)
+            .map(|m| GroupMembers { group, members: m })?)
+    })
+    .await?;
     Ok(axum::Json(members))
 }
 
 /// Adds a thing to a static group.
 #[utoipa::path(put, path = "/v1/groups/{group}/members/{thing}", params(("group" = String, Path, description = "The group"), ("thing" = String, Path, description = "The thing")), responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn add_member(State(api): State<Api>, Path((group, thing)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+async fn add_member(
+    State(api): State<Api>,
+    Path((group, thing)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     let registry = api.registry.clone();
     blocking(move || Ok(registry.add_to_group(&group, &thing)?)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -386,10 +426,17 @@ async fn add_member(State(api): State<Api>, Path((group, thing)): Path<(String, 
 /// Runs a shadow request as a device's would run (same rules, same
 /// documents; what it tells devices is published) and answers with the
 /// accepted document or the rejection.
-async fn shadow_request(api: &Api, thing: &str, shadow: Option<&str>, op: &str, payload: Vec<u8>) -> Result<Response, ApiError> {
+async fn shadow_request(
+    api: &Api,
+    thing: &str,
+    shadow: Option<&str>,
+    op: &str,
+    payload: Vec<u8>,
+) -> Result<Response, ApiError> {
     thing_name(thing)?;
     if let Some(name) = shadow {
-        fleet_core::ShadowName::new(name).map_err(|e| ApiError::invalid(format!("shadow name {name:?}: {e}")))?;
+        fleet_core::ShadowName::new(name)
+            .map_err(|e| ApiError::invalid(format!("shadow name {name:?}: {e}")))?;
     }
     let prefix = api.shadows.prefix();
     let topic = match shadow {
@@ -419,12 +466,17 @@ async fn shadow_request(api: &Api, thing: &str, shadow: Option<&str>, op: &str, 
     publish_all(api, publish).await;
     match answer {
         Some(Ok(doc)) => {
-            let doc: Value = serde_json::from_slice(&doc).map_err(|e| ApiError::internal(e.to_string()))?;
+            let doc: Value =
+                serde_json::from_slice(&doc).map_err(|e| ApiError::internal(e.to_string()))?;
             Ok(axum::Json(doc).into_response())
         }
         Some(Err(rejection)) => {
             let r: Value = serde_json::from_slice(&rejection).unwrap_or(Value::Null);
-            let message = r.get("message").and_then(Value::as_str).unwrap_or("rejected").to_string();
+            let message = r
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("rejected")
+                .to_string();
             Err(match r.get("code").and_then(Value::as_u64) {
                 Some(404) => ApiError::not_found(message),
                 Some(409) => ApiError::conflict(message),
@@ -445,7 +497,10 @@ fn body_bytes(body: &Value) -> Result<Vec<u8>, ApiError> {
 
 /// A thing's classic shadow (the same document as `/get/accepted`).
 #[utoipa::path(get, path = "/v1/things/{thing}/shadow", params(("thing" = String, Path, description = "The thing")), responses((status = 200, description = "The shadow document", body = Object), (status = 404, body = ErrorBody)))]
-async fn get_shadow(State(api): State<Api>, Path(thing): Path<String>) -> Result<Response, ApiError> {
+async fn get_shadow(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+) -> Result<Response, ApiError> {
     shadow_request(&api, &thing, None, "get", Vec::new()).await
 }
 
@@ -453,31 +508,48 @@ async fn get_shadow(State(api): State<Api>, Path(thing): Path<String>) -> Result
 /// (`{"state": {"desired": {...}}}`, optionally `version`); the answer is
 /// `/update/accepted`'s document.
 #[utoipa::path(post, path = "/v1/things/{thing}/shadow", params(("thing" = String, Path, description = "The thing")), request_body(content = Object, description = "An update document"), responses((status = 200, description = "The accepted update", body = Object), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn update_shadow(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<Value>) -> Result<Response, ApiError> {
+async fn update_shadow(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
     shadow_request(&api, &thing, None, "update", body_bytes(&body)?).await
 }
 
 /// Deletes a thing's classic shadow.
 #[utoipa::path(delete, path = "/v1/things/{thing}/shadow", params(("thing" = String, Path, description = "The thing")), responses((status = 200, description = "The deletion", body = Object), (status = 404, body = ErrorBody)))]
-async fn delete_shadow(State(api): State<Api>, Path(thing): Path<String>) -> Result<Response, ApiError> {
+async fn delete_shadow(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+) -> Result<Response, ApiError> {
     shadow_request(&api, &thing, None, "delete", Vec::new()).await
 }
 
 /// A thing's named shadow.
 #[utoipa::path(get, path = "/v1/things/{thing}/shadows/{shadow}", params(("thing" = String, Path, description = "The thing"), ("shadow" = String, Path, description = "The shadow's name")), responses((status = 200, description = "The shadow document", body = Object), (status = 404, body = ErrorBody)))]
-async fn get_named_shadow(State(api): State<Api>, Path((thing, shadow)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn get_named_shadow(
+    State(api): State<Api>,
+    Path((thing, shadow)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     shadow_request(&api, &thing, Some(&shadow), "get", Vec::new()).await
 }
 
 /// Updates a thing's named shadow.
 #[utoipa::path(post, path = "/v1/things/{thing}/shadows/{shadow}", params(("thing" = String, Path, description = "The thing"), ("shadow" = String, Path, description = "The shadow's name")), request_body(content = Object, description = "An update document"), responses((status = 200, description = "The accepted update", body = Object), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn update_named_shadow(State(api): State<Api>, Path((thing, shadow)): Path<(String, String)>, ApiJson(body): ApiJson<Value>) -> Result<Response, ApiError> {
+async fn update_named_shadow(
+    State(api): State<Api>,
+    Path((thing, shadow)): Path<(String, String)>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
     shadow_request(&api, &thing, Some(&shadow), "update", body_bytes(&body)?).await
 }
 
 /// Deletes a thing's named shadow.
 #[utoipa::path(delete, path = "/v1/things/{thing}/shadows/{shadow}", params(("thing" = String, Path, description = "The thing"), ("shadow" = String, Path, description = "The shadow's name")), responses((status = 200, description = "The deletion", body = Object), (status = 404, body = ErrorBody)))]
-async fn delete_named_shadow(State(api): State<Api>, Path((thing, shadow)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn delete_named_shadow(
+    State(api): State<Api>,
+    Path((thing, shadow)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     shadow_request(&api, &thing, Some(&shadow), "delete", Vec::new()).await
 }
 
@@ -593,41 +665,75 @@ async fn job_view(api: &Api, job_id: &str) -> Result<JobView, ApiError> {
 
 /// Lists jobs by id.
 #[utoipa::path(get, path = "/v1/jobs", params(Page), responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
-async fn list_jobs(State(api): State<Api>, Query(page): Query<Page>) -> Result<axum::Json<JobList>, ApiError> {
+async fn list_jobs(
+    State(api): State<Api>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<JobList>, ApiError> {
     let limit = page.limit()?;
     let after = page.after.unwrap_or_default();
-    let items: Vec<String> = api.jobs.job_ids().await?.into_iter().filter(|id| *id > after).take(limit).collect();
-    let next = (items.len() == limit).then(|| items.last().cloned()).flatten();
+    let items: Vec<String> = api
+        .jobs
+        .job_ids()
+        .await?
+        .into_iter()
+        .filter(|id| *id > after)
+        .take(limit)
+        .collect();
+    let next = (items.len() == limit)
+        .then(|| items.last().cloned())
+        .flatten();
     Ok(axum::Json(JobList { items, next }))
 }
 
 /// Creates a job and notifies its targets.
 #[utoipa::path(post, path = "/v1/jobs", request_body = CreateJob, responses((status = 201, body = JobView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_job(State(api): State<Api>, ApiJson(body): ApiJson<CreateJob>) -> Result<(StatusCode, axum::Json<JobView>), ApiError> {
+async fn create_job(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<CreateJob>,
+) -> Result<(StatusCode, axum::Json<JobView>), ApiError> {
     let spec = JobSpec {
         job_id: body.job_id.clone(),
         document: body.document,
         things: body.things,
         groups: body.groups,
-        selection: if body.continuous { TargetSelection::Continuous } else { TargetSelection::Snapshot },
-        timeouts: TimeoutConfig { in_progress_timeout_in_minutes: body.in_progress_timeout_minutes },
+        selection: if body.continuous {
+            TargetSelection::Continuous
+        } else {
+            TargetSelection::Snapshot
+        },
+        timeouts: TimeoutConfig {
+            in_progress_timeout_in_minutes: body.in_progress_timeout_minutes,
+        },
         max_retries: body.max_retries,
         rollout: None,
     };
-    let out = api.jobs.create_job(spec, api.registry.clone(), api.jobs.clock()).await?;
+    let out = api
+        .jobs
+        .create_job(spec, api.registry.clone(), api.jobs.clock())
+        .await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
-    Ok((StatusCode::CREATED, axum::Json(job_view(&api, &body.job_id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(job_view(&api, &body.job_id).await?),
+    ))
 }
 
 /// A job and its executions per status.
 #[utoipa::path(get, path = "/v1/jobs/{job}", params(("job" = String, Path, description = "The job id")), responses((status = 200, body = JobView), (status = 404, body = ErrorBody)))]
-async fn get_job(State(api): State<Api>, Path(job): Path<String>) -> Result<axum::Json<JobView>, ApiError> {
+async fn get_job(
+    State(api): State<Api>,
+    Path(job): Path<String>,
+) -> Result<axum::Json<JobView>, ApiError> {
     Ok(axum::Json(job_view(&api, &job).await?))
 }
 
 /// A job's executions, by thing.
 #[utoipa::path(get, path = "/v1/jobs/{job}/executions", params(("job" = String, Path, description = "The job id"), Page), responses((status = 200, body = ExecutionList), (status = 404, body = ErrorBody)))]
-async fn job_executions(State(api): State<Api>, Path(job): Path<String>, Query(page): Query<Page>) -> Result<axum::Json<ExecutionList>, ApiError> {
+async fn job_executions(
+    State(api): State<Api>,
+    Path(job): Path<String>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<ExecutionList>, ApiError> {
     let limit = page.limit()?;
     let after = page.after.unwrap_or_default();
     let mut all = api.jobs.executions(&job).await?;
@@ -646,15 +752,24 @@ async fn job_executions(State(api): State<Api>, Path(job): Path<String>, Query(p
             thing: e.thing,
         })
         .collect();
-    let next = (items.len() == limit).then(|| items.last().map(|e| e.thing.clone())).flatten();
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|e| e.thing.clone()))
+        .flatten();
     Ok(axum::Json(ExecutionList { items, next }))
 }
 
 /// Cancels a job: queued executions (and, with `force`, those in
 /// progress) are canceled and their devices told.
 #[utoipa::path(post, path = "/v1/jobs/{job}/cancel", params(("job" = String, Path, description = "The job id")), request_body = CancelJob, responses((status = 200, body = JobView), (status = 404, body = ErrorBody)))]
-async fn cancel_job(State(api): State<Api>, Path(job): Path<String>, ApiJson(body): ApiJson<CancelJob>) -> Result<axum::Json<JobView>, ApiError> {
-    let out = api.jobs.cancel_job(&job, body.force, api.jobs.clock()).await?;
+async fn cancel_job(
+    State(api): State<Api>,
+    Path(job): Path<String>,
+    ApiJson(body): ApiJson<CancelJob>,
+) -> Result<axum::Json<JobView>, ApiError> {
+    let out = api
+        .jobs
+        .cancel_job(&job, body.force, api.jobs.clock())
+        .await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
     Ok(axum::Json(job_view(&api, &job).await?))
 }
@@ -684,14 +799,31 @@ pub(crate) struct ReleaseView {
 
 /// Registers a release (the image is checked against the signed manifest).
 #[utoipa::path(post, path = "/v1/releases", request_body = UploadRelease, responses((status = 201, body = ReleaseView), (status = 400, body = ErrorBody)))]
-async fn upload_release(State(api): State<Api>, ApiJson(body): ApiJson<UploadRelease>) -> Result<(StatusCode, axum::Json<ReleaseView>), ApiError> {
+async fn upload_release(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<UploadRelease>,
+) -> Result<(StatusCode, axum::Json<ReleaseView>), ApiError> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let envelope = b64.decode(&body.envelope).map_err(|e| ApiError::invalid(format!("envelope: {e}")))?;
-    let image = b64.decode(&body.image).map_err(|e| ApiError::invalid(format!("image: {e}")))?;
+    let envelope = b64
+        .decode(&body.envelope)
+        .map_err(|e| ApiError::invalid(format!("envelope: {e}")))?;
+    let image = b64
+        .decode(&body.image)
+        .map_err(|e| ApiError::invalid(format!("image: {e}")))?;
     let size = image.len() as u64;
-    let (jobs, streams, id) = (api.jobs.clone(), api.streams.clone(), body.release_id.clone());
+    let (jobs, streams, id) = (
+        api.jobs.clone(),
+        api.streams.clone(),
+        body.release_id.clone(),
+    );
     blocking(move || Ok(jobs.register_release(&id, &envelope, image, &streams)?)).await?;
-    Ok((StatusCode::CREATED, axum::Json(ReleaseView { release_id: body.release_id, size })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(ReleaseView {
+            release_id: body.release_id,
+            size,
+        }),
+    ))
 }
 
 /// A campaign to start.
@@ -754,38 +886,63 @@ async fn campaign_view(api: &Api, id: &str) -> Result<CampaignView, ApiError> {
 
 /// Starts a campaign of a registered release.
 #[utoipa::path(post, path = "/v1/campaigns", request_body = StartCampaign, responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn start_campaign(State(api): State<Api>, ApiJson(body): ApiJson<StartCampaign>) -> Result<(StatusCode, axum::Json<CampaignView>), ApiError> {
-    let policy: RolloutPolicy = serde_json::from_value(body.policy).map_err(|e| ApiError::invalid(format!("policy: {e}")))?;
+async fn start_campaign(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<StartCampaign>,
+) -> Result<(StatusCode, axum::Json<CampaignView>), ApiError> {
+    let policy: RolloutPolicy = serde_json::from_value(body.policy)
+        .map_err(|e| ApiError::invalid(format!("policy: {e}")))?;
     let spec = CampaignSpec {
         campaign_id: body.campaign_id.clone(),
         release_id: body.release_id,
         things: body.things,
         groups: body.groups,
         policy,
-        timeouts: TimeoutConfig { in_progress_timeout_in_minutes: body.in_progress_timeout_minutes },
+        timeouts: TimeoutConfig {
+            in_progress_timeout_in_minutes: body.in_progress_timeout_minutes,
+        },
     };
-    let out = api.jobs.start_campaign(spec, &api.streams, &api.registry, api.jobs.clock()).await?;
+    let out = api
+        .jobs
+        .start_campaign(spec, &api.streams, &api.registry, api.jobs.clock())
+        .await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
-    Ok((StatusCode::CREATED, axum::Json(campaign_view(&api, &body.campaign_id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(campaign_view(&api, &body.campaign_id).await?),
+    ))
 }
 
 /// Where a campaign stands.
 #[utoipa::path(get, path = "/v1/campaigns/{campaign}", params(("campaign" = String, Path, description = "The campaign id")), responses((status = 200, body = CampaignView), (status = 404, body = ErrorBody)))]
-async fn campaign_status(State(api): State<Api>, Path(campaign): Path<String>) -> Result<axum::Json<CampaignView>, ApiError> {
+async fn campaign_status(
+    State(api): State<Api>,
+    Path(campaign): Path<String>,
+) -> Result<axum::Json<CampaignView>, ApiError> {
     Ok(axum::Json(campaign_view(&api, &campaign).await?))
 }
 
 /// Pauses, resumes, approves the next group of, or aborts a campaign.
 #[utoipa::path(post, path = "/v1/campaigns/{campaign}/{action}", params(("campaign" = String, Path, description = "The campaign id"), ("action" = String, Path, description = "`pause`, `resume`, `approve` or `abort`")), responses((status = 200, body = CampaignView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn control_campaign(State(api): State<Api>, Path((campaign, action)): Path<(String, String)>) -> Result<axum::Json<CampaignView>, ApiError> {
+async fn control_campaign(
+    State(api): State<Api>,
+    Path((campaign, action)): Path<(String, String)>,
+) -> Result<axum::Json<CampaignView>, ApiError> {
     let action = match action.as_str() {
         "pause" => RolloutAction::Pause,
         "resume" => RolloutAction::Resume,
         "approve" => RolloutAction::Approve,
         "abort" => RolloutAction::Abort,
-        other => return Err(ApiError::invalid(format!("action {other:?}: pause, resume, approve or abort"))),
+        other => {
+            return Err(ApiError::invalid(format!(
+                "action {other:?}: pause, resume, approve or abort"
+            )));
+        }
     };
-    let out = api.jobs.control(&campaign, action, api.jobs.clock()).await?;
+    let out = api
+        .jobs
+        .control(&campaign, action, api.jobs.clock())
+        .await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
     Ok(axum::Json(campaign_view(&api, &campaign).await?))
 }
@@ -822,21 +979,38 @@ pub(crate) struct CommandResult {
 
 /// Sends a command to a thing and waits for its answer.
 #[utoipa::path(post, path = "/v1/things/{thing}/commands", params(("thing" = String, Path, description = "The thing")), request_body = SendCommand, responses((status = 200, body = CommandResult), (status = 400, body = ErrorBody), (status = 504, body = ErrorBody)))]
-async fn send_command(State(api): State<Api>, Path(thing): Path<String>, ApiJson(body): ApiJson<SendCommand>) -> Result<axum::Json<CommandResult>, ApiError> {
+async fn send_command(
+    State(api): State<Api>,
+    Path(thing): Path<String>,
+    ApiJson(body): ApiJson<SendCommand>,
+) -> Result<axum::Json<CommandResult>, ApiError> {
     let name = thing_name(&thing)?;
     let timeout = match body.timeout_seconds {
         None => 30,
         Some(s @ 1..=300) => s,
         Some(s) => return Err(ApiError::invalid(format!("timeoutSeconds {s}: 1 to 300"))),
     };
-    match api.commands.send(&name, &body.command, body.payload, Duration::from_secs(timeout)).await {
+    match api
+        .commands
+        .send(
+            &name,
+            &body.command,
+            body.payload,
+            Duration::from_secs(timeout),
+        )
+        .await
+    {
         Ok(r) => Ok(axum::Json(CommandResult {
             execution_id: r.execution_id,
             status: wire_name(&r.status),
             payload: r.payload,
             status_reason: r.status_reason,
         })),
-        Err(CommandFailure::TimedOut) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout, format!("{thing} did not answer in {timeout} s"))),
+        Err(CommandFailure::TimedOut) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::Timeout,
+            format!("{thing} did not answer in {timeout} s"),
+        )),
         Err(CommandFailure::Invalid(e)) => Err(ApiError::invalid(format!("{e:?}"))),
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
@@ -894,9 +1068,14 @@ pub(crate) struct ClaimIdentity {
 
 /// Issues a certificate and key for a claim identity (admin).
 #[utoipa::path(post, path = "/v1/provisioning/claims", request_body = CreateClaim, responses((status = 201, body = ClaimIdentity), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn create_claim(State(api): State<Api>, ApiJson(body): ApiJson<CreateClaim>) -> Result<(StatusCode, axum::Json<ClaimIdentity>), ApiError> {
+async fn create_claim(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<CreateClaim>,
+) -> Result<(StatusCode, axum::Json<ClaimIdentity>), ApiError> {
     let Some(ca) = api.claim_ca.clone() else {
-        return Err(ApiError::not_found("this service does not issue claim identities"));
+        return Err(ApiError::not_found(
+            "this service does not issue claim identities",
+        ));
     };
     if !api.claim_identities.contains(&body.name) {
         return Err(ApiError::invalid(format!(
@@ -906,8 +1085,21 @@ async fn create_claim(State(api): State<Api>, ApiJson(body): ApiJson<CreateClaim
         )));
     }
     let name = body.name.clone();
-    let id = blocking(move || ca.client_identity(&name).map_err(|e| ApiError::internal(e.to_string())).map(|id| (id, ca.ca_pem()))).await?;
-    Ok((StatusCode::CREATED, axum::Json(ClaimIdentity { name: body.name, cert_pem: id.0.cert_pem, key_pem: id.0.key_pem, ca_pem: id.1 })))
+    let id = blocking(move || {
+        ca.client_identity(&name)
+            .map_err(|e| ApiError::internal(e.to_string()))
+            .map(|id| (id, ca.ca_pem()))
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(ClaimIdentity {
+            name: body.name,
+            cert_pem: id.0.cert_pem,
+            key_pem: id.0.key_pem,
+            ca_pem: id.1,
+        }),
+    ))
 }
 
 // ---- tokens
@@ -940,21 +1132,49 @@ pub(crate) struct TokenView {
 async fn list_tokens(State(api): State<Api>) -> Result<axum::Json<Vec<TokenView>>, ApiError> {
     let registry = api.registry.clone();
     let tokens = blocking(move || Ok(registry.tokens()?)).await?;
-    Ok(axum::Json(tokens.into_iter().map(|t| TokenView { id: t.id, name: t.name, scope: t.scope.as_str().into(), created_at: t.created_at, token: None }).collect()))
+    Ok(axum::Json(
+        tokens
+            .into_iter()
+            .map(|t| TokenView {
+                id: t.id,
+                name: t.name,
+                scope: t.scope.as_str().into(),
+                created_at: t.created_at,
+                token: None,
+            })
+            .collect(),
+    ))
 }
 
 /// Creates an API token; the answer holds the token, shown only now (admin).
 #[utoipa::path(post, path = "/v1/tokens", request_body = CreateToken, responses((status = 201, body = TokenView), (status = 400, body = ErrorBody)))]
-async fn create_token(State(api): State<Api>, ApiJson(body): ApiJson<CreateToken>) -> Result<(StatusCode, axum::Json<TokenView>), ApiError> {
-    let scope = Scope::parse(&body.scope).ok_or_else(|| ApiError::invalid(format!("scope {:?}: read, operator or admin", body.scope)))?;
+async fn create_token(
+    State(api): State<Api>,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> Result<(StatusCode, axum::Json<TokenView>), ApiError> {
+    let scope = Scope::parse(&body.scope).ok_or_else(|| {
+        ApiError::invalid(format!("scope {:?}: read, operator or admin", body.scope))
+    })?;
     let registry = api.registry.clone();
     let (record, token) = blocking(move || Ok(registry.create_token(&body.name, scope)?)).await?;
-    Ok((StatusCode::CREATED, axum::Json(TokenView { id: record.id, name: record.name, scope: record.scope.as_str().into(), created_at: record.created_at, token: Some(token) })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(TokenView {
+            id: record.id,
+            name: record.name,
+            scope: record.scope.as_str().into(),
+            created_at: record.created_at,
+            token: Some(token),
+        }),
+    ))
 }
 
 /// Revokes an API token (admin).
 #[utoipa::path(delete, path = "/v1/tokens/{id}", params(("id" = String, Path, description = "The token id")), responses((status = 204), (status = 404, body = ErrorBody)))]
-async fn revoke_token(State(api): State<Api>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn revoke_token(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let registry = api.registry.clone();
     blocking(move || Ok(registry.revoke_token(&id)?)).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -50,6 +50,9 @@ use crate::{
     RegistryError, Scope, ShadowsEndpoint, StreamService,
 };
 
+/// Called with a certificate's id after the API revoked it.
+pub type RevocationHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// What the API serves.
 #[derive(Clone)]
 pub struct ApiServices {
@@ -72,7 +75,7 @@ pub struct ApiServices {
     pub claim_identities: Vec<String>,
     /// Called with a certificate's id after it was revoked (to tell the
     /// broker).
-    pub on_revoke: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub on_revoke: Option<RevocationHook>,
     /// The provisioning templates served.
     pub templates: Vec<ProvisioningTemplate>,
 }
@@ -217,9 +220,11 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::NotFound(_) => Self::not_found(e.to_string()),
-            RegistryError::AlreadyExists(_) => {
-                Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyExists, e.to_string())
-            }
+            RegistryError::AlreadyExists(_) => Self::new(
+                StatusCode::CONFLICT,
+                ErrorCode::AlreadyExists,
+                e.to_string(),
+            ),
             RegistryError::InvalidName(_) => Self::invalid(e.to_string()),
             _ => Self::internal(e.to_string()),
         }
@@ -230,9 +235,11 @@ impl From<JobsError> for ApiError {
     fn from(e: JobsError) -> Self {
         match e {
             JobsError::NotFound(_) => Self::not_found(e.to_string()),
-            JobsError::AlreadyExists(_) => {
-                Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyExists, e.to_string())
-            }
+            JobsError::AlreadyExists(_) => Self::new(
+                StatusCode::CONFLICT,
+                ErrorCode::AlreadyExists,
+                e.to_string(),
+            ),
             JobsError::Invalid(_) => Self::invalid(e.to_string()),
             JobsError::Store(crate::StoreError::Conflict) => Self::conflict(e.to_string()),
             _ => Self::internal(e.to_string()),
