@@ -79,7 +79,9 @@ pub use broker::{
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};
-pub use embedded::{EmbeddedBroker, EmbeddedConfig, EmbeddedError, certificate_fingerprint};
+pub use embedded::{
+    EmbeddedBroker, EmbeddedConfig, EmbeddedError, Revoker, certificate_fingerprint,
+};
 pub use jobs::{
     ExecutionSummary, JobRecord, JobSnapshot, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
     JobsOutgoing, JobsService, RolloutAction, TargetSelection,

@@ -444,7 +444,10 @@ async fn things_groups_and_certificates() {
         f.call(Method::POST, &path, Some(&admin), None).await.0,
         StatusCode::NO_CONTENT
     );
-    assert_eq!(*f.revoked.lock().unwrap(), std::slice::from_ref(&fingerprint));
+    assert_eq!(
+        *f.revoked.lock().unwrap(),
+        std::slice::from_ref(&fingerprint)
+    );
     let (_, certs) = f
         .op(Method::GET, "/v1/things/pump-2/certificates", None)
         .await;

@@ -270,6 +270,19 @@ impl Shared {
         blocked
     }
 
+    fn revoke<I: IntoIterator<Item = String>>(&self, fingerprints: I) {
+        let mut revoked = self.revoked.write().unwrap_or_else(PoisonError::into_inner);
+        revoked.extend(fingerprints);
+        let mut router = self.router();
+        for c in router.clients.values_mut() {
+            if revoked.contains(&c.fingerprint)
+                && let Some(k) = c.kick.take()
+            {
+                let _ = k.send(Kick::NotAuthorized);
+            }
+        }
+    }
+
     fn note_dropped(&self, client: &str) {
         let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(
@@ -277,6 +290,23 @@ impl Shared {
             dropped_total = n,
             "client queue full; message dropped"
         );
+    }
+}
+
+/// Revokes certificates at a running [`EmbeddedBroker`].
+#[derive(Clone)]
+pub struct Revoker(Arc<Shared>);
+
+impl fmt::Debug for Revoker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Revoker")
+    }
+}
+
+impl Revoker {
+    /// [`EmbeddedBroker::revoke`].
+    pub fn revoke<I: IntoIterator<Item = String>>(&self, fingerprints: I) {
+        self.0.revoke(fingerprints);
     }
 }
 
@@ -385,20 +415,13 @@ impl EmbeddedBroker {
     /// ([`certificate_fingerprint`]): they can no longer connect, and
     /// connections made with them are closed.
     pub fn revoke<I: IntoIterator<Item = String>>(&self, fingerprints: I) {
-        let mut revoked = self
-            .shared
-            .revoked
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        revoked.extend(fingerprints);
-        let mut router = self.shared.router();
-        for c in router.clients.values_mut() {
-            if revoked.contains(&c.fingerprint)
-                && let Some(k) = c.kick.take()
-            {
-                let _ = k.send(Kick::NotAuthorized);
-            }
-        }
+        self.shared.revoke(fingerprints);
+    }
+
+    /// A handle that revokes certificates while the broker runs (for the
+    /// management API, say).
+    pub fn revoker(&self) -> Revoker {
+        Revoker(self.shared.clone())
     }
 
     /// Clients connected now.

@@ -1,24 +1,46 @@
-//! The `fleet` command: `fleet serve` runs the backend.
+//! The `fleet` command: `fleet serve` runs the backend; the other
+//! subcommands manage the fleet through its API, or sign releases.
 //!
 //! ```text
-//! # One process: embedded broker on 127.0.0.1:8883, SQLite, a development
-//! # CA created in ./fleet-data on first start.
+//! # One process: embedded broker on 127.0.0.1:8883, the management API on
+//! # https://127.0.0.1:8443, SQLite, a development CA and an admin token
+//! # created in ./fleet-data on first start.
 //! fleet serve
 //! # Against an external broker (Mosquitto with fleet's ACL):
 //! fleet serve --broker localhost:8883 --cert backend.pem --key backend.key \
 //!             --ca ca.pem --store /var/lib/fleet/fleet.db
+//!
+//! export FLEET_TOKEN_FILE=fleet-data/admin.token
+//! fleet thing list
+//! fleet shadow update pump-1 '{"speed": 3}'
+//! fleet keygen --out release.key
+//! fleet manifest sign --image fw.bin --key release.key --component fw \
+//!     --version 2.0.0 --sequence 2 --hardware-id p100 --out fw.envelope
+//! fleet release upload fw-2 --envelope fw.envelope --image fw.bin
+//! fleet campaign start rollout-2 --release fw-2 --group early --watch
 //! ```
+//!
+//! Exit codes: 0 done; 1 failed (network, service); 2 bad usage or input
+//! files; 3 not found; 4 not authenticated or not allowed; 5 refused as
+//! invalid, existing or conflicting; 6 the device did not answer in time;
+//! 7 it ran but did not succeed (a campaign aborted, a job or command
+//! that failed).
+
+mod client;
+mod tools;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fleet_cloud::api::{ApiConfig, ApiServices, serve_api};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
     JobStore, JobsService, MemoryStore, MosquittoListener, ProvisioningService,
-    ProvisioningTemplate, Registry, ShadowService, ShadowStore, SqliteStore, StreamService, serve,
+    ProvisioningTemplate, Registry, Scope, ShadowService, ShadowStore, SqliteStore, StreamService,
+    serve,
 };
 
 #[derive(Parser)]
@@ -29,12 +51,138 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// `fleet command ...` sends commands to things: the variant is named so.
+#[allow(clippy::enum_variant_names)]
 enum Command {
     /// Run the backend service until SIGINT or SIGTERM.
     Serve(ServeArgs),
     /// Write a development setup: a CA, broker, backend, device and claim
     /// certificates, and the Mosquitto configuration and ACL for them.
     DevSetup(DevSetupArgs),
+    /// Certificates for a development setup.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Make an Ed25519 key for signing releases; prints its public key.
+    Keygen {
+        /// Where to write it (not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign or verify a release manifest.
+    #[command(subcommand)]
+    Manifest(tools::ManifestCommand),
+    /// Things (through the API).
+    Thing {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::ThingCommand,
+    },
+    /// Thing groups (through the API).
+    Group {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::GroupCommand,
+    },
+    /// Shadows (through the API).
+    Shadow {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::ShadowCommand,
+    },
+    /// Jobs (through the API).
+    Job {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::JobCommand,
+    },
+    /// Releases (through the API).
+    Release {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::ReleaseCommand,
+    },
+    /// OTA campaigns (through the API).
+    Campaign {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::CampaignCommand,
+    },
+    /// Commands to things (through the API).
+    Command {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::CommandCommand,
+    },
+    /// API tokens (through the API; admin).
+    Token {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::TokenCommand,
+    },
+}
+
+/// `fleet certs ...`
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// A development CA with server, backend, device and claim certificates
+    /// (the same as `fleet dev-setup`).
+    Init(DevSetupArgs),
+}
+
+/// Why a command failed, and its exit code.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    pub(crate) fn other(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    /// An API error, by its stable code.
+    pub(crate) fn api(code: &str, message: String) -> Self {
+        let code = match code {
+            "not_found" => 3,
+            "unauthenticated" | "forbidden" => 4,
+            "invalid_request" | "already_exists" | "conflict" => 5,
+            "timeout" => 6,
+            _ => 1,
+        };
+        Self { code, message }
+    }
+
+    pub(crate) fn unsuccessful(message: impl Into<String>) -> Self {
+        Self {
+            code: 7,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Box<dyn std::error::Error>> for Failure {
+    fn from(e: Box<dyn std::error::Error>) -> Self {
+        Self::other(e.to_string())
+    }
 }
 
 #[derive(clap::Args)]
@@ -95,6 +243,13 @@ struct ServeArgs {
     /// Topic prefix.
     #[arg(long, default_value = "$aws")]
     prefix: String,
+    /// The management API's address (HTTPS, with the broker's server
+    /// certificate from `--dir`). Loopback by default.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    api: SocketAddr,
+    /// Do not serve the management API.
+    #[arg(long)]
+    no_api: bool,
 }
 
 fn main() -> ExitCode {
@@ -113,17 +268,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
+    let result: Result<(), Failure> = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve_command(args).await,
-            Command::DevSetup(args) => dev_setup(&args),
+            Command::Serve(args) => Ok(serve_command(args).await?),
+            Command::DevSetup(args) | Command::Certs(CertsCommand::Init(args)) => {
+                Ok(dev_setup(&args)?)
+            }
+            Command::Keygen { out } => tools::keygen(&out),
+            Command::Manifest(cmd) => tools::manifest(cmd),
+            Command::Thing { api, command } => client::thing(&api, command).await,
+            Command::Group { api, command } => client::group(&api, command).await,
+            Command::Shadow { api, command } => client::shadow(&api, command).await,
+            Command::Job { api, command } => client::job(&api, command).await,
+            Command::Release { api, command } => client::release(&api, command).await,
+            Command::Campaign { api, command } => client::campaign(&api, command).await,
+            Command::Command { api, command } => client::command(&api, command).await,
+            Command::Token { api, command } => client::token(&api, command).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fleet: {e}");
-            ExitCode::FAILURE
+            eprintln!("fleet: {}", e.message);
+            ExitCode::from(e.code)
         }
     }
 }
@@ -183,28 +350,61 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         share_group: args.share_group.clone(),
         queue_capacity: 1024,
     };
-    let provisioning = match (
+    std::fs::create_dir_all(dir)?;
+    let registry = Registry::open(&dir.join("registry.db"))?;
+    // What the registry says is revoked or denied, the broker refuses.
+    if let Some(b) = &embedded {
+        b.revoke(registry.revoked_certificates()?);
+        let mut policy = b.policy();
+        policy.denied_identities = registry.denied_identities()?;
+        b.set_policy(policy);
+    }
+    let ca_key = match (
         std::fs::read_to_string(dir.join("ca.pem")),
         std::fs::read_to_string(dir.join("ca.key")),
     ) {
+        (Ok(ca), Ok(key)) => Some(std::sync::Arc::new(Pki::from_pem(&ca, &key)?)),
+        _ => None,
+    };
+    let provisioning = match &ca_key {
         // Provisioning speaks the `$aws` topics only.
-        (Ok(ca), Ok(key)) if embedded.is_some() && args.prefix == "$aws" => {
-            let registry = Registry::open(&dir.join("registry.db"))?;
-            // What the registry says is revoked or denied, the broker refuses.
-            if let Some(b) = &embedded {
-                b.revoke(registry.revoked_certificates()?);
-                let mut policy = b.policy();
-                policy.denied_identities = registry.denied_identities()?;
-                b.set_policy(policy);
-            }
+        Some(pki) if embedded.is_some() && args.prefix == "$aws" => {
             tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
             Some(ProvisioningService::new(
-                Pki::from_pem(&ca, &key)?,
-                registry,
+                Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
+                registry.clone(),
                 vec![default_template()],
             ))
         }
         _ => None,
+    };
+    let api = if args.no_api {
+        None
+    } else {
+        if registry.tokens()?.is_empty() {
+            let (_, token) = registry.create_token("admin (first start)", Scope::Admin)?;
+            write_secret(&dir.join("admin.token"), &format!("{token}\n"))?;
+            tracing::info!(
+                "wrote an admin API token to {}",
+                dir.join("admin.token").display()
+            );
+        }
+        let tls = |name: &str| {
+            read(&dir.join(name)).map_err(|e| {
+                format!("the management API serves HTTPS with {{dir}}/server.pem and server.key ({e}); write them with `fleet certs init`, or pass --no-api")
+            })
+        };
+        Some(ApiSetup {
+            config: ApiConfig {
+                bind: args.api,
+                cert_pem: tls("server.pem")?,
+                key_pem: tls("server.key")?,
+            },
+            registry: registry.clone(),
+            claim_ca: ca_key.clone(),
+            claim_identities: args.claims.clone(),
+            revoker: embedded.as_ref().map(EmbeddedBroker::revoker),
+        })
     };
     let store = args
         .store
@@ -219,7 +419,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             streams: Some(StreamService::new()),
             ..extras
         };
-        run(config, MemoryStore::new(), &args.prefix, extras).await
+        run(config, MemoryStore::new(), &args.prefix, extras, api).await
     } else {
         if let Some(parent) = std::path::Path::new(&store).parent()
             && !parent.as_os_str().is_empty()
@@ -234,7 +434,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             streams: Some(StreamService::open(path)?),
             ..extras
         };
-        run(config, s, &args.prefix, extras).await
+        run(config, s, &args.prefix, extras, api).await
     };
     if let Some(b) = embedded {
         b.shutdown().await;
@@ -332,23 +532,70 @@ fn write_setup(
     Ok(abs)
 }
 
+/// What the management API needs besides the services.
+struct ApiSetup {
+    config: ApiConfig,
+    registry: Registry,
+    claim_ca: Option<std::sync::Arc<Pki>>,
+    claim_identities: Vec<String>,
+    revoker: Option<fleet_cloud::Revoker>,
+}
+
+/// Writes a file only its owner may read.
+fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, text)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 async fn run<S: ShadowStore + JobStore + Clone>(
     config: BrokerConfig,
     store: S,
     prefix: &str,
     extras: Extras,
+    api: Option<ApiSetup>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let jobs = JobsService::new(store.clone());
     // The jobs service (with its rollouts and campaigns) speaks `$aws`.
     let extras = if prefix == "$aws" {
         Extras {
-            jobs: Some(JobsService::new(store.clone()).into()),
+            jobs: Some(jobs.clone().into()),
             ..extras
         }
     } else {
         extras
     };
+    let streams = extras.streams.clone().unwrap_or_default();
     let service = ShadowService::new(store).with_prefix(prefix)?;
-    let running = serve(config, service, extras)?;
+    let running = serve(config, service.clone(), extras)?;
+    let _api = match api {
+        Some(a) => {
+            let revoker = a.revoker;
+            let services = ApiServices {
+                registry: a.registry,
+                shadows: service.into(),
+                jobs: jobs.into(),
+                streams,
+                commands: running.commands().clone(),
+                publisher: running.publisher(),
+                claim_ca: a.claim_ca,
+                claim_identities: a.claim_identities,
+                on_revoke: revoker.map(|r| {
+                    std::sync::Arc::new(move |id: &str| r.revoke([id.to_string()]))
+                        as fleet_cloud::api::RevocationHook
+                }),
+                templates: vec![default_template()],
+            };
+            let api = serve_api(a.config, services).await?;
+            tracing::info!("management API on https://{}", api.local_addr());
+            Some(api)
+        }
+        None => None,
+    };
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;

@@ -1,0 +1,1051 @@
+//! The subcommands that call the management API.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::Failure;
+
+/// Where the API is and who is calling.
+#[derive(Args, Clone)]
+pub(crate) struct Connection {
+    /// The management API.
+    #[arg(
+        long,
+        env = "FLEET_API",
+        default_value = "https://localhost:8443",
+        global = true
+    )]
+    api: String,
+    /// An API token (`fleet serve` writes an admin token to
+    /// `{dir}/admin.token` on first start).
+    #[arg(long, env = "FLEET_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token.
+    #[arg(long, env = "FLEET_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// The CA that signed the API's certificate (PEM).
+    #[arg(
+        long = "api-ca",
+        env = "FLEET_CA",
+        default_value = "fleet-data/ca.pem",
+        global = true
+    )]
+    ca: PathBuf,
+    /// Print the API's JSON instead of a table (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// `fleet thing ...`
+#[derive(Subcommand)]
+pub(crate) enum ThingCommand {
+    /// Lists things.
+    List {
+        /// Items per page.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this thing (the `next` of a previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Registers a thing.
+    Create {
+        /// Its name.
+        name: String,
+        /// An attribute, `key=value`; repeatable.
+        #[arg(long = "attribute", value_parser = key_value)]
+        attributes: Vec<(String, String)>,
+    },
+    /// Shows a thing.
+    Get {
+        /// Its name.
+        name: String,
+    },
+    /// Replaces a thing's attributes.
+    SetAttributes {
+        /// Its name.
+        name: String,
+        /// An attribute, `key=value`; repeatable.
+        #[arg(long = "attribute", value_parser = key_value)]
+        attributes: Vec<(String, String)>,
+    },
+    /// Lets a thing connect again.
+    Enable {
+        /// Its name.
+        name: String,
+    },
+    /// Stops a thing from connecting.
+    Disable {
+        /// Its name.
+        name: String,
+    },
+    /// Deletes a thing.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+    /// Lists a thing's certificates.
+    Certificates {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `fleet group ...`
+#[derive(Subcommand)]
+pub(crate) enum GroupCommand {
+    /// Creates a group (static; dynamic with `--match`).
+    Create {
+        /// Its name.
+        name: String,
+        /// Dynamic: members are things with this attribute, `key=value`;
+        /// repeatable.
+        #[arg(long = "match", value_parser = key_value)]
+        matches: Vec<(String, String)>,
+    },
+    /// Adds a thing to a static group.
+    Add {
+        /// The group.
+        group: String,
+        /// The thing.
+        thing: String,
+    },
+    /// Lists a group's members.
+    Members {
+        /// The group.
+        group: String,
+    },
+}
+
+/// `fleet shadow ...`
+#[derive(Subcommand)]
+pub(crate) enum ShadowCommand {
+    /// Shows a shadow.
+    Get {
+        /// The thing.
+        thing: String,
+        /// A named shadow (default: the classic one).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Sets desired state (a JSON object).
+    Update {
+        /// The thing.
+        thing: String,
+        /// The desired state, e.g. `{"speed": 3}`.
+        desired: String,
+        /// A named shadow.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only if the shadow is at this version.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Deletes a shadow.
+    Delete {
+        /// The thing.
+        thing: String,
+        /// A named shadow.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// `fleet job ...`
+#[derive(Subcommand)]
+pub(crate) enum JobCommand {
+    /// Creates a job.
+    Create {
+        /// Its id.
+        id: String,
+        /// The job document (JSON), or `@file`.
+        document: String,
+        /// A thing targeted; repeatable.
+        #[arg(long = "thing")]
+        things: Vec<String>,
+        /// A group targeted; repeatable.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Also things that join the groups later.
+        #[arg(long)]
+        continuous: bool,
+        /// Tries again after FAILED or TIMED_OUT.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
+        /// Minutes an execution may stay IN_PROGRESS.
+        #[arg(long)]
+        timeout_minutes: Option<u64>,
+    },
+    /// Lists jobs.
+    List,
+    /// Shows a job.
+    Get {
+        /// Its id.
+        id: String,
+    },
+    /// Lists a job's executions.
+    Executions {
+        /// Its id.
+        id: String,
+    },
+    /// Cancels a job.
+    Cancel {
+        /// Its id.
+        id: String,
+        /// Also executions in progress.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Shows a job's progress until every execution ended.
+    Watch {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// `fleet release ...`
+#[derive(Subcommand)]
+pub(crate) enum ReleaseCommand {
+    /// Uploads a signed release (`fleet manifest sign` makes the envelope).
+    Upload {
+        /// Its id.
+        id: String,
+        /// The signed manifest envelope.
+        #[arg(long)]
+        envelope: PathBuf,
+        /// The image.
+        #[arg(long)]
+        image: PathBuf,
+    },
+}
+
+/// `fleet campaign ...`
+#[derive(Subcommand)]
+pub(crate) enum CampaignCommand {
+    /// Starts a campaign of a release.
+    Start {
+        /// Its id.
+        id: String,
+        /// The release.
+        #[arg(long)]
+        release: String,
+        /// A thing targeted, in release order; repeatable.
+        #[arg(long = "thing")]
+        things: Vec<String>,
+        /// A group targeted; repeatable.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// The rollout policy (JSON), or `@file`; default: all at once, 100
+        /// a minute.
+        #[arg(long)]
+        policy: Option<String>,
+        /// Show progress until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Shows where a campaign stands.
+    Status {
+        /// Its id.
+        id: String,
+    },
+    /// Shows progress until the campaign ends.
+    Watch {
+        /// Its id.
+        id: String,
+    },
+    /// Releases no more devices until resumed.
+    Pause {
+        /// Its id.
+        id: String,
+    },
+    /// Goes on after a pause.
+    Resume {
+        /// Its id.
+        id: String,
+    },
+    /// Opens the next group.
+    Approve {
+        /// Its id.
+        id: String,
+    },
+    /// Stops the campaign.
+    Abort {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// `fleet command ...`
+#[derive(Subcommand)]
+pub(crate) enum CommandCommand {
+    /// Sends a command and waits for the device's answer.
+    Send {
+        /// The thing.
+        thing: String,
+        /// The command.
+        command: String,
+        /// Its arguments (JSON).
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+/// `fleet token ...`
+#[derive(Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Creates a token (shown once).
+    Create {
+        /// Who holds it.
+        name: String,
+        /// `read`, `operator` or `admin`.
+        #[arg(long, default_value = "read")]
+        scope: String,
+    },
+    /// Lists tokens.
+    List,
+    /// Revokes a token.
+    Revoke {
+        /// Its id.
+        id: String,
+    },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
+}
+
+fn json_arg(text: &str) -> Result<Value, Failure> {
+    let text = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| Failure::usage(format!("cannot read {path}: {e}")))?,
+        None => text.to_string(),
+    };
+    serde_json::from_str(&text).map_err(|e| Failure::usage(format!("not JSON: {e}")))
+}
+
+/// An API client.
+pub(crate) struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    json: bool,
+}
+
+impl Client {
+    pub(crate) fn new(c: &Connection) -> Result<Self, Failure> {
+        let token = match (&c.token, &c.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| Failure::usage(format!("cannot read {}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+            (None, None) => {
+                return Err(Failure::usage(
+                    "no token: pass --token, FLEET_TOKEN or --token-file",
+                ));
+            }
+        };
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let ca = std::fs::read(&c.ca)
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", c.ca.display())))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&ca) {
+            let cert = cert.map_err(|e| Failure::usage(format!("{}: {e}", c.ca.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| Failure::usage(format!("{}: {e}", c.ca.display())))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::other(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(330))
+            .build()
+            .map_err(|e| Failure::other(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: c.api.trim_end_matches('/').to_string(),
+            token,
+            json: c.json,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::other(format!("{}: {e}", self.base)))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Failure::other(e.to_string()))?;
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        let code = value["error"]["code"].as_str().unwrap_or("").to_string();
+        let message = value["error"]["message"]
+            .as_str()
+            .map_or_else(|| format!("HTTP {status}"), String::from);
+        Err(Failure::api(&code, message))
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, Failure> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Prints `value` as JSON, or `human` for people.
+    fn show(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
+        let text = if self.json {
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        } else {
+            human(value)
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}");
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// A table with a header row, columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_uppercase()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn thing_row(t: &Value) -> Vec<String> {
+    let attrs = t["attributes"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", s(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    vec![
+        s(&t["name"]),
+        if t["enabled"].as_bool() == Some(false) {
+            "no".into()
+        } else {
+            "yes".into()
+        },
+        attrs,
+    ]
+}
+
+fn attributes(list: &[(String, String)]) -> Value {
+    Value::Object(
+        list.iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    let one = |v: &Value| table(&["thing", "enabled", "attributes"], vec![thing_row(v)]);
+    match cmd {
+        ThingCommand::List { limit, after } => {
+            let mut path = format!("/v1/things?limit={limit}");
+            if let Some(a) = after {
+                path.push_str(&format!("&after={a}"));
+            }
+            let v = api.get(&path).await?;
+            api.show(&v, |v| {
+                let rows = v["items"]
+                    .as_array()
+                    .map(|a| a.iter().map(thing_row).collect())
+                    .unwrap_or_default();
+                let mut t = table(&["thing", "enabled", "attributes"], rows);
+                if let Some(n) = v["next"].as_str() {
+                    t.push_str(&format!("\n(more: --after {n})"));
+                }
+                t
+            });
+        }
+        ThingCommand::Create {
+            name,
+            attributes: a,
+        } => {
+            let v = api
+                .post(
+                    "/v1/things",
+                    json!({"name": name, "attributes": attributes(&a)}),
+                )
+                .await?;
+            api.show(&v, one);
+        }
+        ThingCommand::Get { name } => {
+            let v = api.get(&format!("/v1/things/{name}")).await?;
+            api.show(&v, one);
+        }
+        ThingCommand::SetAttributes {
+            name,
+            attributes: a,
+        } => {
+            let v = api
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/things/{name}/attributes"),
+                    Some(json!({"attributes": attributes(&a)})),
+                )
+                .await?;
+            api.show(&v, one);
+        }
+        ThingCommand::Enable { name } => {
+            let v = api
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/things/{name}/enabled"),
+                    Some(json!({"enabled": true})),
+                )
+                .await?;
+            api.show(&v, one);
+        }
+        ThingCommand::Disable { name } => {
+            let v = api
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/things/{name}/enabled"),
+                    Some(json!({"enabled": false})),
+                )
+                .await?;
+            api.show(&v, one);
+        }
+        ThingCommand::Delete { name } => {
+            api.call(reqwest::Method::DELETE, &format!("/v1/things/{name}"), None)
+                .await?;
+            api.show(&json!({"deleted": name}), |_| format!("deleted {name}"));
+        }
+        ThingCommand::Certificates { name } => {
+            let v = api.get(&format!("/v1/things/{name}/certificates")).await?;
+            api.show(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|c| vec![s(&c["id"]), s(&c["status"])])
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["certificate", "status"], rows)
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn group(c: &Connection, cmd: GroupCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    let members = |v: &Value| {
+        let rows = v["members"]
+            .as_array()
+            .map(|a| a.iter().map(|m| vec![s(m)]).collect())
+            .unwrap_or_default();
+        table(&["member"], rows)
+    };
+    match cmd {
+        GroupCommand::Create { name, matches } => {
+            let query = (!matches.is_empty()).then(|| attributes(&matches));
+            let v = api
+                .post("/v1/groups", json!({"name": name, "query": query}))
+                .await?;
+            api.show(&v, members);
+        }
+        GroupCommand::Add { group, thing } => {
+            api.call(
+                reqwest::Method::PUT,
+                &format!("/v1/groups/{group}/members/{thing}"),
+                None,
+            )
+            .await?;
+            api.show(&json!({"group": group, "added": thing}), |_| {
+                format!("added {thing} to {group}")
+            });
+        }
+        GroupCommand::Members { group } => {
+            let v = api.get(&format!("/v1/groups/{group}/members")).await?;
+            api.show(&v, members);
+        }
+    }
+    Ok(())
+}
+
+fn shadow_path(thing: &str, name: Option<&str>) -> String {
+    match name {
+        None => format!("/v1/things/{thing}/shadow"),
+        Some(n) => format!("/v1/things/{thing}/shadows/{n}"),
+    }
+}
+
+pub(crate) async fn shadow(c: &Connection, cmd: ShadowCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    match cmd {
+        ShadowCommand::Get { thing, name } => {
+            let v = api.get(&shadow_path(&thing, name.as_deref())).await?;
+            api.show(&v, pretty);
+        }
+        ShadowCommand::Update {
+            thing,
+            desired,
+            name,
+            version,
+        } => {
+            let desired = json_arg(&desired)?;
+            let mut body = json!({"state": {"desired": desired}});
+            if let Some(v) = version {
+                body["version"] = json!(v);
+            }
+            let v = api
+                .post(&shadow_path(&thing, name.as_deref()), body)
+                .await?;
+            api.show(&v, |v| {
+                format!(
+                    "{thing}: desired state accepted, version {}",
+                    s(&v["version"])
+                )
+            });
+        }
+        ShadowCommand::Delete { thing, name } => {
+            let v = api
+                .call(
+                    reqwest::Method::DELETE,
+                    &shadow_path(&thing, name.as_deref()),
+                    None,
+                )
+                .await?;
+            api.show(&v, |_| format!("{thing}: shadow deleted"));
+        }
+    }
+    Ok(())
+}
+
+fn counts(v: &Value) -> String {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| format!("{k} {}", s(n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+fn job_table(v: &Value) -> String {
+    table(
+        &["job", "state", "targets", "executions"],
+        vec![vec![
+            s(&v["jobId"]),
+            s(&v["state"]),
+            s(&v["targets"]),
+            counts(&v["executions"]),
+        ]],
+    )
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total.max(1));
+    if let Ok(style) =
+        ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what}  {{msg}}"))
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    match cmd {
+        JobCommand::Create {
+            id,
+            document,
+            things,
+            groups,
+            continuous,
+            retries,
+            timeout_minutes,
+        } => {
+            let body = json!({
+                "jobId": id, "document": json_arg(&document)?, "things": things, "groups": groups,
+                "continuous": continuous, "maxRetries": retries, "inProgressTimeoutMinutes": timeout_minutes,
+            });
+            let v = api.post("/v1/jobs", body).await?;
+            api.show(&v, job_table);
+        }
+        JobCommand::List => {
+            let mut all = Vec::new();
+            let mut after = String::new();
+            loop {
+                let v = api
+                    .get(&format!("/v1/jobs?limit=1000&after={after}"))
+                    .await?;
+                all.extend(v["items"].as_array().cloned().unwrap_or_default());
+                match v["next"].as_str() {
+                    Some(n) => after = n.to_string(),
+                    None => break,
+                }
+            }
+            let v = Value::Array(all);
+            api.show(&v, |v| {
+                table(
+                    &["job"],
+                    v.as_array()
+                        .map(|a| a.iter().map(|j| vec![s(j)]).collect())
+                        .unwrap_or_default(),
+                )
+            });
+        }
+        JobCommand::Get { id } => {
+            let v = api.get(&format!("/v1/jobs/{id}")).await?;
+            api.show(&v, job_table);
+        }
+        JobCommand::Executions { id } => {
+            let mut all = Vec::new();
+            let mut after = String::new();
+            loop {
+                let v = api
+                    .get(&format!(
+                        "/v1/jobs/{id}/executions?limit=1000&after={after}"
+                    ))
+                    .await?;
+                all.extend(v["items"].as_array().cloned().unwrap_or_default());
+                match v["next"].as_str() {
+                    Some(n) => after = n.to_string(),
+                    None => break,
+                }
+            }
+            let v = Value::Array(all);
+            api.show(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|e| {
+                                vec![s(&e["thing"]), s(&e["status"]), s(&e["executionNumber"])]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["thing", "status", "execution"], rows)
+            });
+        }
+        JobCommand::Cancel { id, force } => {
+            let v = api
+                .post(&format!("/v1/jobs/{id}/cancel"), json!({"force": force}))
+                .await?;
+            api.show(&v, job_table);
+        }
+        JobCommand::Watch { id } => {
+            let bar = (!api.json).then(|| bar(0, "ended"));
+            loop {
+                let v = api.get(&format!("/v1/jobs/{id}")).await?;
+                let ex = v["executions"].as_object().cloned().unwrap_or_default();
+                let total: u64 = ex.values().filter_map(Value::as_u64).sum::<u64>()
+                    + v["notReleased"].as_u64().unwrap_or(0);
+                let running: u64 = ["QUEUED", "IN_PROGRESS"]
+                    .iter()
+                    .filter_map(|k| ex.get(*k).and_then(Value::as_u64))
+                    .sum();
+                let ended = total.saturating_sub(running + v["notReleased"].as_u64().unwrap_or(0));
+                if let Some(b) = &bar {
+                    b.set_length(total.max(1));
+                    b.set_position(ended);
+                    b.set_message(counts(&v["executions"]));
+                }
+                let done = running == 0
+                    && (v["state"] != "IN_PROGRESS" || v["notReleased"].as_u64() == Some(0));
+                if done && total > 0 || v["state"] == "CANCELED" {
+                    if let Some(b) = bar {
+                        b.finish_and_clear();
+                    }
+                    api.show(&v, job_table);
+                    let failed = ["FAILED", "TIMED_OUT", "REJECTED"]
+                        .iter()
+                        .any(|k| ex.get(*k).and_then(Value::as_u64).unwrap_or(0) > 0);
+                    return if failed {
+                        Err(Failure::unsuccessful("some executions did not succeed"))
+                    } else {
+                        Ok(())
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    let ReleaseCommand::Upload {
+        id,
+        envelope,
+        image,
+    } = cmd;
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| Failure::usage(format!("cannot read {}: {e}", p.display())))
+    };
+    let (envelope, image) = (read(&envelope)?, read(&image)?);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let spinner = (!api.json).then(|| {
+        let s = ProgressBar::new_spinner();
+        s.set_message(format!("uploading {} bytes", image.len()));
+        s.enable_steady_tick(Duration::from_millis(100));
+        s
+    });
+    let v = api
+        .post("/v1/releases", json!({"releaseId": id, "envelope": b64.encode(&envelope), "image": b64.encode(&image)}))
+        .await;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let v = v?;
+    api.show(&v, |v| {
+        format!(
+            "release {} registered ({} bytes, checked against its signed manifest)",
+            s(&v["releaseId"]),
+            s(&v["size"])
+        )
+    });
+    Ok(())
+}
+
+fn campaign_table(v: &Value) -> String {
+    let keys = [
+        "pending",
+        "queued",
+        "inProgress",
+        "succeeded",
+        "failed",
+        "rolledBack",
+        "timedOut",
+        "canceled",
+        "unverifiedReceipt",
+    ];
+    let mut header = vec!["campaign", "rollout"];
+    header.extend(keys);
+    let mut row = vec![s(&v["campaignId"]), s(&v["rollout"])];
+    row.extend(keys.iter().map(|k| s(&v[*k])));
+    table(&header, vec![row])
+}
+
+async fn watch_campaign(api: &Client, id: &str) -> Result<(), Failure> {
+    let bar = (!api.json).then(|| bar(0, "devices done"));
+    loop {
+        let v = api.get(&format!("/v1/campaigns/{id}")).await?;
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let total = [
+            "pending",
+            "queued",
+            "inProgress",
+            "succeeded",
+            "failed",
+            "rolledBack",
+            "timedOut",
+            "canceled",
+            "unverifiedReceipt",
+        ]
+        .iter()
+        .map(|k| n(k))
+        .sum::<u64>();
+        let done = total - n("pending") - n("queued") - n("inProgress");
+        if let Some(b) = &bar {
+            b.set_length(total.max(1));
+            b.set_position(done);
+            b.set_message(format!(
+                "{} ok, {} rolled back, {} failed",
+                n("succeeded"),
+                n("rolledBack"),
+                n("failed") + n("timedOut") + n("unverifiedReceipt")
+            ));
+        }
+        if v["done"].as_bool() == Some(true) {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            api.show(&v, campaign_table);
+            let aborted = v["rollout"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("Aborted"));
+            return if aborted {
+                Err(Failure::unsuccessful("the campaign was aborted"))
+            } else {
+                Ok(())
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub(crate) async fn campaign(c: &Connection, cmd: CampaignCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    match cmd {
+        CampaignCommand::Start {
+            id,
+            release,
+            things,
+            groups,
+            policy,
+            watch,
+        } => {
+            let policy = match policy {
+                Some(p) => json_arg(&p)?,
+                None => serde_json::to_value(fleet_core::jobs::RolloutPolicy {
+                    rate: fleet_core::jobs::RateLimit::Constant { per_minute: 100 },
+                    groups: Vec::new(),
+                    abort: Vec::new(),
+                    retry: fleet_core::jobs::RetryPolicy::default(),
+                    in_progress_timeout_secs: None,
+                })
+                .map_err(|e| Failure::other(e.to_string()))?,
+            };
+            let v = api.post("/v1/campaigns", json!({"campaignId": id, "releaseId": release, "things": things, "groups": groups, "policy": policy})).await?;
+            if watch {
+                return watch_campaign(&api, &id).await;
+            }
+            api.show(&v, campaign_table);
+        }
+        CampaignCommand::Status { id } => {
+            let v = api.get(&format!("/v1/campaigns/{id}")).await?;
+            api.show(&v, campaign_table);
+        }
+        CampaignCommand::Watch { id } => return watch_campaign(&api, &id).await,
+        CampaignCommand::Pause { id } => control(&api, &id, "pause").await?,
+        CampaignCommand::Resume { id } => control(&api, &id, "resume").await?,
+        CampaignCommand::Approve { id } => control(&api, &id, "approve").await?,
+        CampaignCommand::Abort { id } => control(&api, &id, "abort").await?,
+    }
+    Ok(())
+}
+
+async fn control(api: &Client, id: &str, action: &str) -> Result<(), Failure> {
+    let v = api
+        .post(&format!("/v1/campaigns/{id}/{action}"), json!({}))
+        .await?;
+    api.show(&v, campaign_table);
+    Ok(())
+}
+
+pub(crate) async fn command(c: &Connection, cmd: CommandCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    let CommandCommand::Send {
+        thing,
+        command,
+        payload,
+        timeout,
+    } = cmd;
+    let v = api
+        .post(
+            &format!("/v1/things/{thing}/commands"),
+            json!({"command": command, "payload": json_arg(&payload)?, "timeoutSeconds": timeout}),
+        )
+        .await?;
+    api.show(&v, |v| {
+        format!("{thing}: {} {}", s(&v["status"]), s(&v["payload"]))
+    });
+    if v["status"] != "SUCCEEDED" {
+        return Err(Failure::unsuccessful(format!(
+            "the command ended {}",
+            s(&v["status"])
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn token(c: &Connection, cmd: TokenCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    let rows = |v: &Value| {
+        let list = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+        table(
+            &["id", "name", "scope"],
+            list.iter()
+                .map(|t| vec![s(&t["id"]), s(&t["name"]), s(&t["scope"])])
+                .collect(),
+        )
+    };
+    match cmd {
+        TokenCommand::Create { name, scope } => {
+            let v = api
+                .post("/v1/tokens", json!({"name": name, "scope": scope}))
+                .await?;
+            api.show(&v, |v| {
+                format!("{}\n\ntoken (shown once): {}", rows(v), s(&v["token"]))
+            });
+        }
+        TokenCommand::List => {
+            let v = api.get("/v1/tokens").await?;
+            api.show(&v, rows);
+        }
+        TokenCommand::Revoke { id } => {
+            api.call(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"), None)
+                .await?;
+            api.show(&json!({"revoked": id}), |_| format!("revoked {id}"));
+        }
+    }
+    Ok(())
+}
