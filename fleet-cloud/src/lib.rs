@@ -67,6 +67,7 @@ mod embedded;
 mod jobs;
 pub mod pki;
 mod policy;
+mod postgres;
 mod provisioning;
 mod registry;
 mod shadows;
@@ -89,6 +90,7 @@ pub use jobs::{
 pub use policy::{
     Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError,
 };
+pub use postgres::PgStore;
 pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,
 };

@@ -1,7 +1,8 @@
 //! `fleet serve` as a process: killed with SIGKILL during a stream of
 //! shadow updates and restarted, it has kept every update it acknowledged;
 //! SIGTERM stops it cleanly; with no `--broker` it runs the whole backend
-//! (embedded broker, development CA, SQLite) in one process.
+//! (embedded broker, development CA, SQLite) in one process; two instances
+//! in turn share one PostgreSQL store.
 
 // Test helpers fail the test on a broken fixture.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fleet_testkit::{Broker, TestClient};
+use fleet_testkit::{Broker, Postgres, TestClient};
 use serde_json::Value;
 
 fn spawn_fleet(broker: &Broker, dir: &Path) -> Child {
@@ -300,4 +301,60 @@ async fn without_a_broker_it_runs_its_own() {
         .unwrap();
     let status = fleet.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_a_postgres_store() {
+    let pg = Postgres::start().unwrap();
+    let broker = Broker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |client_id: &str| {
+        let backend = broker.backend_identity().unwrap();
+        std::fs::write(dir.path().join("backend.pem"), backend.cert_pem).unwrap();
+        std::fs::write(dir.path().join("backend.key"), backend.key_pem).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), broker.pki().ca_pem()).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args([
+                "serve",
+                "--no-api",
+                "--client-id",
+                client_id,
+                "--store",
+                &pg.uri(),
+            ])
+            .arg("--broker")
+            .arg(format!("localhost:{}", broker.port()))
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fleet serve")
+    };
+    let mut first = spawn("cloud-1");
+    let mut dev = device(&broker).await;
+    assert_eq!(get(&mut dev).await["code"], 404);
+    dev.publish(
+        "$aws/things/dev-a/shadow/update",
+        r#"{"state":{"reported":{"speed":3}},"clientToken":"t1"}"#,
+    )
+    .await
+    .unwrap();
+    let accepted = loop {
+        let m = dev.recv(Duration::from_secs(10)).await.expect("an answer");
+        if m.topic.ends_with("/update/accepted") {
+            break m;
+        }
+    };
+    assert!(!accepted.payload.is_empty());
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Another instance, the same database: the state is there.
+    let mut second = spawn("cloud-2");
+    let doc = get(&mut dev).await;
+    assert_eq!(doc["state"]["reported"]["speed"], 3, "{doc}");
+    assert_eq!(doc["version"], 1, "{doc}");
+    second.kill().unwrap();
+    second.wait().unwrap();
 }

@@ -21,12 +21,14 @@
 
 mod broker;
 mod client;
+mod postgres;
 mod proxy;
 
 pub use broker::{BACKEND_IDENTITY, Broker, BrokerKind, BrokerOptions};
 pub use client::{Message, TestClient, client_tls_config};
 pub use fleet_cloud::BrokerPolicy;
 pub use fleet_cloud::pki::{Identity, Pki};
+pub use postgres::Postgres;
 pub use proxy::Proxy;
 
 /// Why the harness could not do what a test asked.
@@ -62,6 +64,15 @@ pub enum HarnessError {
     Mqtt(String),
     /// The broker policy cannot be written.
     Policy(String),
+    /// PostgreSQL's server programs (`initdb`, `pg_ctl`) are not installed.
+    PostgresNotFound,
+    /// PostgreSQL did not start.
+    PostgresFailed {
+        /// What failed.
+        what: String,
+        /// What it printed and logged.
+        log: String,
+    },
 }
 
 impl HarnessError {
@@ -105,6 +116,15 @@ impl std::fmt::Display for HarnessError {
             Self::Tls(e) => write!(f, "could not load TLS material: {e}"),
             Self::Mqtt(e) => write!(f, "MQTT client error: {e}"),
             Self::Policy(e) => write!(f, "broker policy: {e}"),
+            Self::PostgresNotFound => f.write_str(
+                "PostgreSQL is not installed, and the store tests need a real one. \
+                 Install it with `sudo apt-get install postgresql` (Debian, Ubuntu) or \
+                 `brew install postgresql` (macOS), or set FLEET_PG_BIN to the directory \
+                 holding initdb and pg_ctl. `scripts/test` installs it when run as root.",
+            ),
+            Self::PostgresFailed { what, log } => {
+                write!(f, "PostgreSQL: {what}; its output:\n{log}")
+            }
         }
     }
 }

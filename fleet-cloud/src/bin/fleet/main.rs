@@ -38,7 +38,7 @@ use fleet_cloud::api::{ApiConfig, ApiServices, serve_api};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
-    JobStore, JobsService, MemoryStore, MosquittoListener, ProvisioningService,
+    JobStore, JobsService, MemoryStore, MosquittoListener, PgStore, ProvisioningService,
     ProvisioningTemplate, Registry, Scope, ShadowService, ShadowStore, SqliteStore, StreamService,
     serve,
 };
@@ -225,7 +225,8 @@ struct ServeArgs {
     /// The CA of the broker's certificate (PEM); default `{dir}/ca.pem`.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// A SQLite database path, or `memory`; default `{dir}/fleet.db`.
+    /// A SQLite database path, `postgres://user@host/database` (several
+    /// instances may share it), or `memory`; default `{dir}/fleet.db`.
     #[arg(long)]
     store: Option<String>,
     /// Embedded broker: a claim identity allowed to provision (its name
@@ -414,7 +415,16 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         provisioning,
         ..Extras::default()
     };
-    let result = if store == "memory" {
+    let result = if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+        let pg = PgStore::connect(&store, 16).await?;
+        tracing::info!("store: PostgreSQL");
+        // Release images stay in this instance's memory (not shared yet).
+        let extras = Extras {
+            streams: Some(StreamService::new()),
+            ..extras
+        };
+        run(config, pg, &args.prefix, extras, api).await
+    } else if store == "memory" {
         let extras = Extras {
             streams: Some(StreamService::new()),
             ..extras

@@ -1,0 +1,417 @@
+//! The services' suite on every durable store: SQLite (a file) and
+//! PostgreSQL (a real server of its own), so the stores cannot drift. Each
+//! scenario also runs two handles on the same database, as two `fleet
+//! serve` instances would.
+
+// Test helpers fail the test on a broken fixture.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use fleet_cloud::store::{ShadowKey, ShadowStore, StoreError};
+use fleet_cloud::{
+    JobSpec, JobStore, JobsService, PgStore, Registry, ShadowService, SqliteStore, TargetSelection,
+};
+use fleet_core::jobs::{
+    GroupAction, JobStatus, RateLimit, RetryPolicy, RolloutGroup, RolloutPolicy, TimeoutConfig,
+};
+use fleet_core::shadow::{Shadow, ShadowLimits};
+use fleet_testkit::Postgres;
+use serde_json::{Value, json};
+
+const T0: u64 = 1_800_000_000;
+
+/// Runs `scenario` on two handles of a fresh SQLite file, then of a fresh
+/// PostgreSQL database.
+async fn on_both<F, Fut>(scenario: F)
+where
+    F: Fn(Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = AnyStore>>>>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    scenario(Box::new(move || {
+        let path = path.clone();
+        Box::pin(async move { AnyStore::Sqlite(SqliteStore::open(&path).unwrap()) })
+    }))
+    .await;
+    let pg = Postgres::start().unwrap();
+    let url = pg.url();
+    scenario(Box::new(move || {
+        let url = url.clone();
+        Box::pin(async move { AnyStore::Pg(PgStore::connect(&url, 8).await.unwrap()) })
+    }))
+    .await;
+}
+
+/// Either store, for scenarios written once.
+#[derive(Clone)]
+enum AnyStore {
+    Sqlite(SqliteStore),
+    Pg(PgStore),
+}
+
+impl AnyStore {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Pg(_) => "postgres",
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $e,
+            AnyStore::Pg($s) => $e,
+        }
+    };
+}
+
+impl ShadowStore for AnyStore {
+    async fn load(&self, key: &ShadowKey) -> Result<fleet_cloud::Versioned<Shadow>, StoreError> {
+        both!(self, s => s.load(key).await)
+    }
+    async fn save(
+        &self,
+        key: &ShadowKey,
+        expected: u64,
+        shadow: &Shadow,
+    ) -> Result<u64, StoreError> {
+        both!(self, s => s.save(key, expected, shadow).await)
+    }
+}
+
+impl JobStore for AnyStore {
+    async fn load_job(
+        &self,
+        id: &str,
+    ) -> Result<Option<fleet_cloud::Versioned<fleet_cloud::JobRecord>>, StoreError> {
+        both!(self, s => s.load_job(id).await)
+    }
+    async fn save_job(&self, r: &fleet_cloud::JobRecord, expected: u64) -> Result<u64, StoreError> {
+        both!(self, s => s.save_job(r, expected).await)
+    }
+    async fn job_ids(&self) -> Result<Vec<String>, StoreError> {
+        both!(self, s => s.job_ids().await)
+    }
+    async fn delete_job(&self, id: &str, expected: u64) -> Result<(), StoreError> {
+        both!(self, s => s.delete_job(id, expected).await)
+    }
+    async fn load_thing(
+        &self,
+        t: &str,
+    ) -> Result<fleet_cloud::Versioned<fleet_core::jobs::ThingJobs>, StoreError> {
+        both!(self, s => s.load_thing(t).await)
+    }
+    async fn save_thing(
+        &self,
+        t: &str,
+        expected: u64,
+        j: &fleet_core::jobs::ThingJobs,
+    ) -> Result<u64, StoreError> {
+        both!(self, s => s.save_thing(t, expected, j).await)
+    }
+    async fn due_things(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        both!(self, s => s.due_things(now).await)
+    }
+}
+
+fn key(thing: &str, shadow: Option<&str>) -> ShadowKey {
+    ShadowKey {
+        thing: thing.into(),
+        shadow: shadow.map(String::from),
+    }
+}
+
+fn updated(s: &Shadow, body: &str) -> Shadow {
+    s.update(body.as_bytes(), 1, &ShadowLimits::default())
+        .unwrap()
+        .shadow
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_on_every_store() {
+    on_both(|open| async move {
+        let (a, b) = (open().await, open().await);
+        let name = a.name();
+        let k = key("dev-1", Some("cfg"));
+        let first = a.load(&k).await.unwrap();
+        assert_eq!(first.revision, 0, "{name}");
+        let s1 = updated(&first.value, r#"{"state":{"desired":{"a":1}}}"#);
+        assert_eq!(a.save(&k, 0, &s1).await.unwrap(), 1, "{name}");
+        // The other instance read revision 0 too: it loses, and sees the
+        // winner's write.
+        assert!(
+            matches!(b.save(&k, 0, &s1).await, Err(StoreError::Conflict)),
+            "{name}"
+        );
+        let read = b.load(&k).await.unwrap();
+        assert_eq!(
+            (read.value.clone(), read.revision),
+            (s1.clone(), 1),
+            "{name}"
+        );
+        let stale = updated(&s1, r#"{"state":{"desired":{"a":2}}}"#);
+        assert_eq!(b.save(&k, 1, &stale).await.unwrap(), 2, "{name}");
+        assert!(
+            matches!(a.save(&k, 1, &s1).await, Err(StoreError::Conflict)),
+            "{name}"
+        );
+        // The classic shadow and other things are independent.
+        assert_eq!(
+            a.load(&key("dev-1", None)).await.unwrap().revision,
+            0,
+            "{name}"
+        );
+        // Two instances racing on 50 new records: exactly one wins each.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            for store in [a.clone(), b.clone()] {
+                let s1 = s1.clone();
+                tasks.spawn(async move {
+                    (
+                        i,
+                        store
+                            .save(&key(&format!("t{i}"), None), 0, &s1)
+                            .await
+                            .is_ok(),
+                    )
+                });
+            }
+        }
+        let mut wins = std::collections::BTreeMap::new();
+        while let Some(r) = tasks.join_next().await {
+            let (i, won) = r.unwrap();
+            *wins.entry(i).or_insert(0) += u32::from(won);
+        }
+        assert!(wins.values().all(|w| *w == 1), "{name}: {wins:?}");
+        // A fresh handle (a restarted instance) sees everything.
+        let c = open().await;
+        assert_eq!(c.load(&k).await.unwrap().revision, 2, "{name}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_service_on_every_store() {
+    on_both(|open| async move {
+        let (a, b) = (ShadowService::new(open().await), ShadowService::new(open().await));
+        let update = |v: Option<u64>, speed: u64| {
+            let mut body = json!({"state": {"reported": {"speed": speed}}, "clientToken": format!("c{speed}")});
+            if let Some(v) = v {
+                body["version"] = json!(v);
+            }
+            serde_json::to_vec(&body).unwrap()
+        };
+        let topic = "$aws/things/pump-1/shadow/update";
+        let out = a.handle(topic, &update(None, 1), T0).await.unwrap();
+        assert!(out.iter().any(|o| o.topic.ends_with("/update/accepted")));
+        // The second instance applies version 1's update; a stale one is
+        // rejected with 409 and changes nothing.
+        let out = b.handle(topic, &update(Some(1), 2), T0).await.unwrap();
+        assert!(out.iter().any(|o| o.topic.ends_with("/update/accepted")));
+        let out = a.handle(topic, &update(Some(1), 3), T0).await.unwrap();
+        let rejected = out.iter().find(|o| o.topic.ends_with("/update/rejected")).expect("rejected");
+        let r: Value = serde_json::from_slice(&rejected.payload).unwrap();
+        assert_eq!(r["code"], 409);
+        let out = b.handle("$aws/things/pump-1/shadow/get", b"", T0).await.unwrap();
+        let doc: Value = serde_json::from_slice(&out[0].payload).unwrap();
+        assert_eq!((doc["state"]["reported"]["speed"].as_u64(), doc["version"].as_u64()), (Some(2), Some(2)));
+        // Concurrent updates from both instances without a version: none
+        // is lost.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..20u64 {
+            let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.spawn(async move {
+                let body = serde_json::to_vec(&json!({"state": {"reported": {format!("k{i}"): i}}})).unwrap();
+                svc.handle("$aws/things/pump-2/shadow/update", &body, T0).await.unwrap()
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let out = a.handle("$aws/things/pump-2/shadow/get", b"", T0).await.unwrap();
+        let doc: Value = serde_json::from_slice(&out[0].payload).unwrap();
+        assert_eq!(doc["version"], 20);
+        assert_eq!(doc["state"]["reported"].as_object().unwrap().len(), 20);
+        let out = a.handle("$aws/things/pump-2/shadow/delete", b"", T0).await.unwrap();
+        assert!(out.iter().any(|o| o.topic.ends_with("/delete/accepted")));
+    })
+    .await;
+}
+
+fn spec(id: &str, things: &[&str], rollout: Option<RolloutPolicy>) -> JobSpec {
+    JobSpec {
+        job_id: id.into(),
+        document: json!({"op": "x"}),
+        things: things.iter().map(|t| t.to_string()).collect(),
+        groups: Vec::new(),
+        selection: TargetSelection::Snapshot,
+        timeouts: TimeoutConfig {
+            in_progress_timeout_in_minutes: Some(1),
+        },
+        max_retries: 1,
+        rollout,
+    }
+}
+
+async fn request(
+    jobs: &JobsService<AnyStore>,
+    thing: &str,
+    suffix: &str,
+    body: Value,
+    now: u64,
+) -> Vec<(String, Value)> {
+    let topic = format!("$aws/things/{thing}/jobs/{suffix}");
+    jobs.handle(&topic, &serde_json::to_vec(&body).unwrap(), now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            (
+                m.topic,
+                serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_service_on_every_store() {
+    on_both(|open| async move {
+        let store_a = open().await;
+        let name = store_a.name();
+        let (a, b) = (JobsService::new(store_a), JobsService::new(open().await));
+        let registry = Registry::in_memory().unwrap();
+        let out = a
+            .create_job(spec("j1", &["t1", "t2"], None), &registry, T0)
+            .await
+            .unwrap();
+        let notices = out
+            .iter()
+            .filter(|m| m.topic.ends_with("/jobs/notify-next"))
+            .count();
+        assert_eq!(notices, 2, "{name}: a notice per target: {out:?}");
+        assert!(
+            a.create_job(spec("j1", &["t1"], None), &registry, T0)
+                .await
+                .is_err(),
+            "{name}"
+        );
+        // t1 through instance b: start, succeed.
+        let r = request(&b, "t1", "start-next", json!({"clientToken": "s"}), T0 + 1).await;
+        let accepted = r
+            .iter()
+            .find(|(t, _)| t.ends_with("start-next/accepted"))
+            .expect("accepted");
+        assert_eq!(accepted.1["execution"]["jobId"], "j1", "{name}");
+        let r = request(
+            &a,
+            "t1",
+            "j1/update",
+            json!({"status": "SUCCEEDED", "clientToken": "u"}),
+            T0 + 2,
+        )
+        .await;
+        assert!(
+            r.iter().any(|(t, _)| t.ends_with("j1/update/accepted")),
+            "{name}: {r:?}"
+        );
+        // t2 starts and goes silent: the in-progress timeout (1 minute)
+        // ends it with no device message, and it is queued again once.
+        request(&a, "t2", "start-next", json!({"clientToken": "s"}), T0 + 1).await;
+        let out = b.handle_timeouts(T0 + 61).await.unwrap();
+        assert!(!out.is_empty(), "{name}: the timeout tells the device");
+        let snap = a.snapshot("j1").await.unwrap();
+        assert_eq!(
+            snap.executions.get(&JobStatus::Succeeded),
+            Some(&1),
+            "{name}: {snap:?}"
+        );
+        assert_eq!(
+            snap.executions.get(&JobStatus::Queued),
+            Some(&1),
+            "{name}: retried: {snap:?}"
+        );
+        // Cancel, then delete.
+        a.cancel_job("j1", true, T0 + 70).await.unwrap();
+        assert!(b.snapshot("j1").await.unwrap().is_final(), "{name}");
+        b.delete_job("j1", false, T0 + 80).await.unwrap();
+        assert!(a.job("j1").await.is_err(), "{name}");
+        assert!(a.job_ids().await.unwrap().is_empty(), "{name}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_driven_by_two_instances_releases_each_target_once() {
+    on_both(|open| async move {
+        let store_a = open().await;
+        let name = store_a.name();
+        let (a, b) = (JobsService::new(store_a), JobsService::new(open().await));
+        let registry = Registry::in_memory().unwrap();
+        let things: Vec<String> = (0..12).map(|i| format!("t{i:02}")).collect();
+        let refs: Vec<&str> = things.iter().map(String::as_str).collect();
+        let policy = RolloutPolicy {
+            rate: RateLimit::Constant { per_minute: 1000 },
+            groups: vec![RolloutGroup {
+                size: 4,
+                success_percent: 100,
+                on_success: GroupAction::NextGroup,
+                error_threshold: None,
+            }],
+            abort: Vec::new(),
+            retry: RetryPolicy::default(),
+            in_progress_timeout_secs: None,
+        };
+        let first = a
+            .create_job(spec("r1", &refs, Some(policy)), &registry, T0)
+            .await
+            .unwrap();
+        let mut released = BTreeSet::new();
+        let mut notices = 0;
+        let mut pending = first;
+        for round in 0..40u64 {
+            let now = T0 + round;
+            // Both instances drive at once, as their sweepers would.
+            let (x, y) = tokio::join!(a.drive_rollouts(now), b.drive_rollouts(now));
+            pending.extend(x.unwrap().into_iter().chain(y.unwrap()));
+            for m in std::mem::take(&mut pending) {
+                if m.topic.ends_with("notify-next") {
+                    notices += 1;
+                    let thing = m.topic.split('/').nth(2).unwrap().to_string();
+                    assert!(
+                        released.insert(thing.clone()),
+                        "{name}: {thing} released twice"
+                    );
+                }
+            }
+            // Released devices succeed.
+            for t in released.clone() {
+                let svc = if round % 2 == 0 { &a } else { &b };
+                request(svc, &t, "start-next", json!({"clientToken": "s"}), now).await;
+                request(
+                    svc,
+                    &t,
+                    "r1/update",
+                    json!({"status": "SUCCEEDED", "clientToken": "u"}),
+                    now,
+                )
+                .await;
+            }
+            if released.len() == things.len() {
+                break;
+            }
+        }
+        assert_eq!(released.len(), 12, "{name}: {released:?}");
+        assert_eq!(notices, 12, "{name}");
+        let snap = a.snapshot("r1").await.unwrap();
+        assert_eq!(
+            snap.executions.get(&JobStatus::Succeeded),
+            Some(&12),
+            "{name}: {snap:?}"
+        );
+    })
+    .await;
+}
