@@ -429,6 +429,22 @@ impl Client {
         self.call(reqwest::Method::GET, path, None).await
     }
 
+    /// Every item of a paged list, page after page.
+    async fn all(&self, path: &str) -> Result<Value, Failure> {
+        let mut items = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self
+                .get(&format!("{path}?limit=1000&after={after}"))
+                .await?;
+            items.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next"].as_str() {
+                Some(n) => after = n.to_string(),
+                None => return Ok(Value::Array(items)),
+            }
+        }
+    }
+
     async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
@@ -738,19 +754,7 @@ pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> 
             api.show(&v, job_table);
         }
         JobCommand::List => {
-            let mut all = Vec::new();
-            let mut after = String::new();
-            loop {
-                let v = api
-                    .get(&format!("/v1/jobs?limit=1000&after={after}"))
-                    .await?;
-                all.extend(v["items"].as_array().cloned().unwrap_or_default());
-                match v["next"].as_str() {
-                    Some(n) => after = n.to_string(),
-                    None => break,
-                }
-            }
-            let v = Value::Array(all);
+            let v = api.all("/v1/jobs").await?;
             api.show(&v, |v| {
                 table(
                     &["job"],
@@ -765,21 +769,7 @@ pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> 
             api.show(&v, job_table);
         }
         JobCommand::Executions { id } => {
-            let mut all = Vec::new();
-            let mut after = String::new();
-            loop {
-                let v = api
-                    .get(&format!(
-                        "/v1/jobs/{id}/executions?limit=1000&after={after}"
-                    ))
-                    .await?;
-                all.extend(v["items"].as_array().cloned().unwrap_or_default());
-                match v["next"].as_str() {
-                    Some(n) => after = n.to_string(),
-                    None => break,
-                }
-            }
-            let v = Value::Array(all);
+            let v = api.all(&format!("/v1/jobs/{id}/executions")).await?;
             api.show(&v, |v| {
                 let rows = v
                     .as_array()
