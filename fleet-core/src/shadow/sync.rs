@@ -214,6 +214,9 @@ struct Slot {
     in_flight: Option<InFlight>,
     queue: VecDeque<Pending>,
     next_resync: Option<Instant>,
+    /// The highest version an accepted update, delta or deletion told of
+    /// while a read was out: the read's answer may predate it.
+    seen_while_reading: Option<u64>,
 }
 
 impl Slot {
@@ -315,6 +318,7 @@ impl ShadowSync {
                 in_flight: None,
                 queue: VecDeque::new(),
                 next_resync: None,
+                seen_while_reading: None,
             });
         }
         Self {
@@ -430,6 +434,14 @@ impl ShadowSync {
                     Some(_) => Err(SyncError::InvalidPayload),
                 };
                 let (desired, reported) = (section("desired")?, section("reported")?);
+                if self.slots[i]
+                    .seen_while_reading
+                    .is_some_and(|seen| seen > version)
+                {
+                    // A change overtook this answer: it is already stale.
+                    self.start_read(i, now);
+                    return Ok(());
+                }
                 let slot = &mut self.slots[i];
                 slot.desired = Some(desired);
                 slot.reported = reported;
@@ -445,7 +457,10 @@ impl ShadowSync {
                     return Ok(());
                 }
                 let code = body.get("code").and_then(Value::as_u64);
-                if code == Some(404) {
+                if code == Some(404) && slot.seen_while_reading.is_some() {
+                    // Created while the read was out: read again.
+                    self.start_read(i, now);
+                } else if code == Some(404) {
                     slot.desired = None;
                     slot.reported = Map::new();
                     // The version of a deleted shadow is not told; updates
@@ -526,6 +541,7 @@ impl ShadowSync {
             }
             ShadowTopicKind::Delta => {
                 let version = version.ok_or(SyncError::InvalidPayload)?;
+                self.note_while_reading(i, version);
                 let slot = &self.slots[i];
                 // The replica follows `/update/accepted`; a delta for a
                 // version it has not reached means an accepted was lost (or
@@ -536,6 +552,7 @@ impl ShadowSync {
             }
             ShadowTopicKind::Op(ShadowOp::Delete, Role::Accepted) => {
                 let version = version.ok_or(SyncError::InvalidPayload)?;
+                self.note_while_reading(i, version);
                 let slot = &mut self.slots[i];
                 if slot.phase == Phase::Synced && slot.version.is_none_or(|v| version >= v) {
                     slot.desired = None;
@@ -708,6 +725,14 @@ impl ShadowSync {
         });
     }
 
+    /// Remembers a version told of while a read is out.
+    fn note_while_reading(&mut self, i: usize, version: u64) {
+        let slot = &mut self.slots[i];
+        if matches!(slot.phase, Phase::Reading { .. }) {
+            slot.seen_while_reading = slot.seen_while_reading.max(Some(version));
+        }
+    }
+
     fn start_read(&mut self, i: usize, now: Instant) {
         if !self.connected {
             return;
@@ -716,6 +741,7 @@ impl ShadowSync {
         let payload = format!(r#"{{"clientToken":"{token}"}}"#).into_bytes();
         let slot = &mut self.slots[i];
         let topic = format!("{}/get", slot.base);
+        slot.seen_while_reading = None;
         slot.phase = Phase::Reading {
             token,
             deadline: now + self.config.request_timeout,
@@ -742,7 +768,9 @@ impl ShadowSync {
     fn apply_accepted(&mut self, i: usize, now: Instant, state: Option<&Object>, version: u64) {
         let slot = &mut self.slots[i];
         if slot.phase != Phase::Synced {
-            return; // the read in progress will cover it
+            // The read in progress covers it, unless its answer is older.
+            slot.seen_while_reading = slot.seen_while_reading.max(Some(version));
+            return;
         }
         match slot.version {
             Some(v) if version <= v => return, // stale or duplicate

@@ -907,6 +907,109 @@ mod sim {
     }
 
     #[test]
+    fn converges_without_periodic_reads_when_updates_race_its_reads() {
+        // No periodic re-read to hide a lost change: an update published
+        // while the device's GET is out (reordered around its answer, or
+        // applied after the service read the shadow for it) must still
+        // reach the replica. Reconnections make the device read often.
+        let faults = Faults {
+            loss: 0,
+            duplication: 0,
+            jitter: 400,
+            drop: 20,
+        };
+        for seed in 1..=40 {
+            let mut w = World::new(
+                seed,
+                SyncConfig {
+                    resync_interval: None,
+                    ..sim_config(false)
+                },
+            );
+            w.faults = faults;
+            w.run(Instant::ZERO + Duration::from_secs(300), 2_000);
+            w.faults = CALM;
+            if !w.connected && w.reconnect_at.is_none() {
+                w.reconnect_at = Some(w.now);
+            }
+            let end = w.now + Duration::from_secs(60);
+            w.run(end, 0);
+            w.assert_converged(seed);
+        }
+    }
+
+    #[test]
+    fn an_update_that_overtakes_the_read_is_not_lost() {
+        // The service reads the shadow for the device's GET (version 1),
+        // then an application sets desired (version 2); its accepted and
+        // delta reach the device before the GET's answer. The device must
+        // not settle on version 1 and miss the change for good.
+        let thing = ThingName::new("dev-1").unwrap().into_owned();
+        let config = SyncConfig {
+            resync_interval: None,
+            ..SyncConfig::default()
+        };
+        let mut dev = ShadowSync::new(thing, &[None], config, 1);
+        let t = Instant::ZERO;
+        dev.handle_connection(t, true);
+        dev.handle_subscribed(t);
+        let mut read = |dev: &mut ShadowSync| -> String {
+            loop {
+                match dev.poll_transmit().expect("a GET") {
+                    Transmit::Publish { topic, payload, .. } if topic.ends_with("/shadow/get") => {
+                        let body: Value = serde_json::from_slice(&payload).unwrap();
+                        return body["clientToken"].as_str().unwrap().to_string();
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let token = read(&mut dev);
+        let base = "$aws/things/dev-1/shadow";
+        let msg = |dev: &mut ShadowSync, suffix: &str, body: Value| {
+            dev.handle_message(
+                t,
+                &format!("{base}/{suffix}"),
+                &serde_json::to_vec(&body).unwrap(),
+            )
+            .unwrap();
+        };
+        msg(
+            &mut dev,
+            "update/accepted",
+            json!({"state": {"desired": {"speed": 3}}, "version": 2}),
+        );
+        msg(
+            &mut dev,
+            "update/delta",
+            json!({"state": {"speed": 3}, "version": 2}),
+        );
+        msg(
+            &mut dev,
+            "get/accepted",
+            json!({"state": {"reported": {"speed": 1}}, "version": 1, "clientToken": token}),
+        );
+        // It reads again, and the second answer brings the change.
+        let token = read(&mut dev);
+        msg(
+            &mut dev,
+            "get/accepted",
+            json!({"state": {"desired": {"speed": 3}, "reported": {"speed": 1}}, "version": 2, "clientToken": token}),
+        );
+        let mut deltas = Vec::new();
+        while let Some(e) = dev.poll_event() {
+            if let ShadowEvent::Delta { delta, .. } = e {
+                deltas.push(delta);
+            }
+        }
+        assert_eq!(
+            deltas.last().and_then(|d| d.get("speed")),
+            Some(&json!(3)),
+            "{deltas:?}"
+        );
+    }
+
+    #[test]
     fn a_restarted_device_catches_up() {
         // The device process restarts: a new engine with a new session,
         // while the cloud changed desired in between.
