@@ -953,7 +953,7 @@ mod sim {
         let t = Instant::ZERO;
         dev.handle_connection(t, true);
         dev.handle_subscribed(t);
-        let mut read = |dev: &mut ShadowSync| -> String {
+        let read = |dev: &mut ShadowSync| -> String {
             loop {
                 match dev.poll_transmit().expect("a GET") {
                     Transmit::Publish { topic, payload, .. } if topic.ends_with("/shadow/get") => {
