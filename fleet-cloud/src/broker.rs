@@ -121,8 +121,11 @@ pub struct Extras {
     /// MQTT file streams (OTA images); `None`: not served.
     pub streams: Option<crate::StreamService>,
     /// The jobs service (`JobsService::into()`); `None`: not served. Its
-    /// timers are swept every second.
+    /// timers are swept, and its rollouts driven, every second.
     pub jobs: Option<crate::JobsEndpoint>,
+    /// When several instances share a store: sweep and drive only while
+    /// this instance holds the lease (`None`: always, one instance).
+    pub leadership: Option<std::sync::Arc<dyn crate::Leadership>>,
 }
 
 /// Publishes through a running service's connection, at QoS 1.
@@ -511,6 +514,7 @@ pub fn serve<S: ShadowStore>(
             }
         }));
     }
+    let leadership = extras.leadership;
     if let Some(jobs) = extras.jobs {
         let out = outbound.clone();
         let publish_all = move |messages: Vec<crate::JobsOutgoing>| {
@@ -534,6 +538,11 @@ pub fn serve<S: ShadowStore>(
             let mut sweep = tokio::time::interval(Duration::from_secs(1));
             loop {
                 sweep.tick().await;
+                if let Some(lease) = &leadership
+                    && !lease.is_leader().await
+                {
+                    continue;
+                }
                 match jobs.handle_timeouts(jobs.now()).await {
                     Ok(messages) => publish_all(messages),
                     Err(e) => tracing::warn!("jobs: {e}"),

@@ -90,7 +90,7 @@ pub use jobs::{
 pub use policy::{
     Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError,
 };
-pub use postgres::PgStore;
+pub use postgres::{Leadership, PgLease, PgStore};
 pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,
 };

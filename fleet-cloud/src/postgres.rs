@@ -40,6 +40,12 @@ const MIGRATIONS: &[&str] = &[
         document BYTEA NOT NULL
     );
     CREATE INDEX thing_jobs_deadline ON thing_jobs (next_deadline);",
+    // Leases: which instance does what only one may do at a time.
+    "CREATE TABLE fleet_leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );",
 ];
 
 /// The key of the advisory lock migrations hold.
@@ -333,5 +339,87 @@ impl JobStore for PgStore {
             .await
             .map_err(backend)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// Decides which of several instances sharing a store may do what only one
+/// should do at a time (drive rollouts, sweep timeouts).
+pub trait Leadership: Send + Sync + fmt::Debug + 'static {
+    /// Whether this instance may act now. Holding the lease, this renews
+    /// it; `false` on any doubt (the store unreachable, say).
+    fn is_leader(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>>;
+}
+
+/// A lease in PostgreSQL: held by one instance at a time until it expires
+/// (by the database's clock, so instances' clocks do not matter); the
+/// holder renews it each time it asks, and another instance takes it over
+/// once it expired (the holder died or lost the database).
+#[derive(Debug, Clone)]
+pub struct PgLease {
+    store: PgStore,
+    name: String,
+    holder: String,
+    ttl_ms: i64,
+}
+
+impl PgLease {
+    /// A lease `name` asked for by `holder` (unique per instance), which
+    /// lasts `ttl` after each renewal.
+    pub fn new(store: &PgStore, name: &str, holder: &str, ttl: std::time::Duration) -> Self {
+        Self {
+            store: store.clone(),
+            name: name.into(),
+            holder: holder.into(),
+            ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Takes or renews the lease; whether this instance holds it now.
+    pub async fn acquire(&self) -> Result<bool, StoreError> {
+        let client = self.store.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO fleet_leases (name, holder, expires_at)
+                 VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $3)
+                 ON CONFLICT (name) DO UPDATE
+                   SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+                   WHERE fleet_leases.holder = EXCLUDED.holder
+                      OR fleet_leases.expires_at < (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                 RETURNING holder",
+            )
+            .await
+            .map_err(backend)?;
+        let row = client
+            .query_opt(&stmt, &[&self.name, &self.holder, &self.ttl_ms])
+            .await
+            .map_err(backend)?;
+        Ok(row.is_some())
+    }
+
+    /// Gives the lease up at once (a clean shutdown), if held.
+    pub async fn release(&self) -> Result<(), StoreError> {
+        let client = self.store.client().await?;
+        client
+            .execute(
+                "DELETE FROM fleet_leases WHERE name = $1 AND holder = $2",
+                &[&self.name, &self.holder],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+impl Leadership for PgLease {
+    fn is_leader(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            match self.acquire().await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::warn!("lease {}: {e}", self.name);
+                    false
+                }
+            }
+        })
     }
 }

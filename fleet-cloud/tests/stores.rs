@@ -415,3 +415,65 @@ async fn a_rollout_driven_by_two_instances_releases_each_target_once() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_holds_the_lease_and_another_takes_over_when_it_dies() {
+    use fleet_cloud::{Leadership, PgLease};
+    use std::time::Duration;
+    let pg = Postgres::start().unwrap();
+    let store = PgStore::connect(&pg.url(), 8).await.unwrap();
+    let ttl = Duration::from_millis(1500);
+    let leases: Vec<PgLease> = (0..3)
+        .map(|i| PgLease::new(&store, "jobs-sweeper", &format!("instance-{i}"), ttl))
+        .collect();
+    // Three instances ask at once, again and again: exactly one holds it,
+    // always the same while it renews.
+    let mut holder = None;
+    for _ in 0..5 {
+        let held = futures_all(&leases).await;
+        assert_eq!(held.iter().filter(|h| **h).count(), 1, "{held:?}");
+        let now = held.iter().position(|h| *h);
+        assert!(
+            holder.is_none() || holder == now,
+            "the lease moved while renewed"
+        );
+        holder = now;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dead = holder.unwrap();
+    // The holder dies (stops renewing): within the lease's time another
+    // takes over, and only one.
+    let others: Vec<&PgLease> = leases
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != dead)
+        .map(|(_, l)| l)
+        .collect();
+    assert!(
+        !others[0].is_leader().await && !others[1].is_leader().await,
+        "taken before it expired"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    let (a, b) = tokio::join!(others[0].is_leader(), others[1].is_leader());
+    assert!(a ^ b, "exactly one takes over: {a} {b}");
+    // The old holder, back, does not get it while the new one renews.
+    assert!(!leases[dead].is_leader().await);
+    // A clean release hands it over at once.
+    let new = if a { others[0] } else { others[1] };
+    new.release().await.unwrap();
+    assert!(leases[dead].is_leader().await);
+}
+
+async fn futures_all(leases: &[fleet_cloud::PgLease]) -> Vec<bool> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, l) in leases.iter().enumerate() {
+        let l = l.clone();
+        set.spawn(async move { (i, l.acquire().await.unwrap()) });
+    }
+    let mut out = vec![false; leases.len()];
+    while let Some(r) = set.join_next().await {
+        let (i, held) = r.unwrap();
+        out[i] = held;
+    }
+    out
+}

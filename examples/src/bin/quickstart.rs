@@ -144,6 +144,7 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
             provisioning: Some(provisioning),
             streams: Some(streams.clone()),
             jobs: Some(jobs.clone().into()),
+            leadership: None,
         },
     )?;
     Ok(Cloud {

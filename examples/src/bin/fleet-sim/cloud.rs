@@ -153,6 +153,7 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
                 provisioning: None,
                 streams: None,
                 jobs: Some(jobs.clone().into()),
+                leadership: None,
             },
         )?;
         Some(Arc::new(Services {

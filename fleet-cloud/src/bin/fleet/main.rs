@@ -38,7 +38,7 @@ use fleet_cloud::api::{ApiConfig, ApiServices, serve_api};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
-    JobStore, JobsService, MemoryStore, MosquittoListener, PgStore, ProvisioningService,
+    JobStore, JobsService, MemoryStore, MosquittoListener, PgLease, PgStore, ProvisioningService,
     ProvisioningTemplate, Registry, Scope, ShadowService, ShadowStore, SqliteStore, StreamService,
     serve,
 };
@@ -417,10 +417,25 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
     };
     let result = if store.starts_with("postgres://") || store.starts_with("postgresql://") {
         let pg = PgStore::connect(&store, 16).await?;
-        tracing::info!("store: PostgreSQL");
+        // Several instances may share the database: one at a time sweeps
+        // timeouts and drives rollouts, another takes over within the
+        // lease's 5 s when it dies.
+        let instance = format!("{}-{:016x}", args.client_id, {
+            let mut r = [0u8; 8];
+            getrandom::fill(&mut r)?;
+            u64::from_le_bytes(r)
+        });
+        tracing::info!("store: PostgreSQL; instance {instance}");
+        let lease = PgLease::new(
+            &pg,
+            "jobs-sweeper",
+            &instance,
+            std::time::Duration::from_secs(5),
+        );
         // Release images stay in this instance's memory (not shared yet).
         let extras = Extras {
             streams: Some(StreamService::new()),
+            leadership: Some(std::sync::Arc::new(lease)),
             ..extras
         };
         run(config, pg, &args.prefix, extras, api).await
