@@ -405,6 +405,11 @@ impl Client {
             .send()
             .await
             .map_err(|e| Failure::other(format!("{}: {e}", self.base)))?;
+        Self::answer(resp).await
+    }
+
+    /// The JSON of a success, or the API's typed error as a failure.
+    async fn answer(resp: reqwest::Response) -> Result<Value, Failure> {
         let status = resp.status();
         let text = resp
             .text()
@@ -423,6 +428,20 @@ impl Client {
             .as_str()
             .map_or_else(|| format!("HTTP {status}"), String::from);
         Err(Failure::api(&code, message))
+    }
+
+    /// POSTs a JSON body given as a stream.
+    async fn send_body(&self, path: &str, body: reqwest::Body) -> Result<Value, Failure> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Failure::other(format!("{}: {e}", self.base)))?;
+        Self::answer(resp).await
     }
 
     async fn get(&self, path: &str) -> Result<Value, Failure> {
@@ -842,17 +861,36 @@ pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), F
     };
     let (envelope, image) = (read(&envelope)?, read(&image)?);
     let b64 = base64::engine::general_purpose::STANDARD;
-    let spinner = (!api.json).then(|| {
-        let s = ProgressBar::new_spinner();
-        s.set_message(format!("uploading {} bytes", image.len()));
-        s.enable_steady_tick(Duration::from_millis(100));
-        s
+    // The body is streamed in pieces (the image base64-encoded 48 KiB at a
+    // time), so the bar follows what was sent.
+    let head = serde_json::to_string(&json!({"releaseId": id, "envelope": b64.encode(&envelope)}))
+        .map_err(|e| Failure::other(e.to_string()))?;
+    let head = format!("{},\"image\":\"", head.trim_end_matches('}'));
+    let total = image.len() as u64;
+    let bar = (!api.json).then(|| {
+        let b = bar(total, "bytes sent");
+        b.set_message(format!("uploading {id}"));
+        b
     });
-    let v = api
-        .post("/v1/releases", json!({"releaseId": id, "envelope": b64.encode(&envelope), "image": b64.encode(&image)}))
-        .await;
-    if let Some(s) = spinner {
-        s.finish_and_clear();
+    let progress = bar.clone();
+    let image = Arc::new(image);
+    let chunks = (0..image.len().div_ceil(UPLOAD_CHUNK)).map(move |i| {
+        let start = i * UPLOAD_CHUNK;
+        let end = (start + UPLOAD_CHUNK).min(image.len());
+        if let Some(b) = &progress {
+            b.set_position(end as u64);
+        }
+        Ok::<_, std::io::Error>(
+            base64::engine::general_purpose::STANDARD.encode(&image[start..end]),
+        )
+    });
+    let pieces = std::iter::once(Ok(head))
+        .chain(chunks)
+        .chain(std::iter::once(Ok("\"}".to_string())));
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(pieces));
+    let v = api.send_body("/v1/releases", body).await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     let v = v?;
     api.show(&v, |v| {
@@ -864,6 +902,10 @@ pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), F
     });
     Ok(())
 }
+
+/// Image bytes per piece of an upload (a multiple of 3: base64 pieces
+/// join without padding).
+const UPLOAD_CHUNK: usize = 48 * 1024;
 
 fn campaign_table(v: &Value) -> String {
     let keys = [
