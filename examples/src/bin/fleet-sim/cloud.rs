@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use fleet_cloud::telemetry::{Rule, TelemetryRecord, TelemetryRouter, TelemetrySink};
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
-    JobSpec, JobsService, Registry, RunningService, ShadowService, SqliteStore, TargetSelection,
-    serve,
+    JobSpec, JobStore, JobsEndpoint, JobsService, PgStore, Registry, RunningService, ShadowService,
+    ShadowStore, SqliteStore, TargetSelection, serve,
 };
 use fleet_core::jobs::{JobStatus, TimeoutConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -46,6 +46,15 @@ pub(crate) struct CloudArgs {
     /// An external broker's port on localhost (without `--embedded`).
     #[arg(long)]
     broker_port: Option<u16>,
+    /// A PostgreSQL store (URL) instead of a SQLite file of its own.
+    #[arg(long)]
+    store: Option<String>,
+    /// Share the devices' requests with other instances in this group.
+    #[arg(long)]
+    share_group: Option<String>,
+    /// This instance's MQTT client id.
+    #[arg(long, default_value = "fleet-cloud")]
+    client_id: String,
 }
 
 /// Counts routed telemetry and its latency.
@@ -88,7 +97,7 @@ pub(crate) fn memory_kib() -> (u64, u64) {
 
 struct Services {
     running: RunningService,
-    jobs: JobsService<SqliteStore>,
+    jobs: JobsEndpoint,
     registry: Registry,
     sink: Arc<CountingSink>,
 }
@@ -124,43 +133,22 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
         args.broker_port.ok_or("--broker-port or --embedded")?
     };
     let services = if args.services {
-        let db = args.dir.join(format!("fleet-{}.db", epoch_micros()));
-        let store = SqliteStore::open(&db)?;
-        let sink = Arc::new(CountingSink::default());
-        let telemetry = TelemetryRouter::new(
-            vec![Rule {
-                filter: "dt/+/telemetry".into(),
-                predicate: None,
-                sink: sink.clone(),
-            }],
-            &args.dir.join("dead-letters.jsonl"),
-        );
-        let jobs = JobsService::new(store.clone());
-        let running = serve(
-            BrokerConfig {
-                host: "localhost".into(),
-                port,
-                client_id: "fleet-cloud".into(),
-                cert_pem: read("backend.pem")?,
-                key_pem: read("backend.key")?,
-                ca_pem: read("ca.pem")?,
-                share_group: None,
-                queue_capacity: 1024,
-            },
-            ShadowService::new(store),
-            Extras {
-                telemetry: Some(telemetry),
-                provisioning: None,
-                streams: None,
-                jobs: Some(jobs.clone().into()),
-                leadership: None,
-            },
-        )?;
-        Some(Arc::new(Services {
-            running,
-            jobs,
-            registry: Registry::in_memory()?,
-            sink,
+        let config = BrokerConfig {
+            host: "localhost".into(),
+            port,
+            client_id: args.client_id.clone(),
+            cert_pem: read("backend.pem")?,
+            key_pem: read("backend.key")?,
+            ca_pem: read("ca.pem")?,
+            share_group: args.share_group.clone(),
+            queue_capacity: 1024,
+        };
+        Some(Arc::new(match &args.store {
+            Some(url) => start_services(config, PgStore::connect(url, 16).await?, &args.dir)?,
+            None => {
+                let db = args.dir.join(format!("fleet-{}.db", epoch_micros()));
+                start_services(config, SqliteStore::open(&db)?, &args.dir)?
+            }
         }))
     } else {
         None
@@ -216,6 +204,41 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Starts the services on `store`.
+fn start_services<S: ShadowStore + JobStore + Clone>(
+    config: BrokerConfig,
+    store: S,
+    dir: &std::path::Path,
+) -> Result<Services, BoxError> {
+    let sink = Arc::new(CountingSink::default());
+    let telemetry = TelemetryRouter::new(
+        vec![Rule {
+            filter: "dt/+/telemetry".into(),
+            predicate: None,
+            sink: sink.clone(),
+        }],
+        &dir.join("dead-letters.jsonl"),
+    );
+    let jobs: JobsEndpoint = JobsService::new(store.clone()).into();
+    let running = serve(
+        config,
+        ShadowService::new(store),
+        Extras {
+            telemetry: Some(telemetry),
+            provisioning: None,
+            streams: None,
+            jobs: Some(jobs.clone()),
+            leadership: None,
+        },
+    )?;
+    Ok(Services {
+        running,
+        jobs,
+        registry: Registry::in_memory()?,
+        sink,
+    })
+}
+
 /// Creates a job for the first `n` simulated things and publishes its
 /// notifications; returns the milliseconds that took.
 async fn fan_out(s: &Services, id: &str, n: usize) -> Result<u128, BoxError> {
@@ -230,7 +253,10 @@ async fn fan_out(s: &Services, id: &str, n: usize) -> Result<u128, BoxError> {
         max_retries: 0,
         rollout: None,
     };
-    let out = s.jobs.create_job(spec, &s.registry, s.jobs.now()).await?;
+    let out = s
+        .jobs
+        .create_job(spec, s.registry.clone(), s.jobs.clock())
+        .await?;
     for m in out {
         s.running.publish(&m.topic, m.payload).await?;
     }

@@ -84,6 +84,14 @@ struct RunArgs {
     /// Bytes of padding in each shadow report and telemetry message.
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// A PostgreSQL store for the cloud (URL) instead of SQLite.
+    #[arg(long)]
+    store: Option<String>,
+    /// Cloud instances sharing the store and the devices' requests (MQTT 5
+    /// shared subscriptions; needs `--store` and the embedded broker, as
+    /// Mosquitto 2.0 does not share `$aws` topics).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Scenarios to run, comma-separated: connect (always), shadow, jobs,
     /// telemetry.
     #[arg(long, default_value = "shadow,jobs,telemetry", value_delimiter = ',')]
@@ -139,9 +147,10 @@ impl CloudProcess {
         embedded: bool,
         services: bool,
         broker_port: Option<u16>,
+        extra: &[String],
     ) -> Result<Self, BoxError> {
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-        cmd.arg("cloud").arg("--dir").arg(dir);
+        cmd.arg("cloud").arg("--dir").arg(dir).args(extra);
         if embedded {
             cmd.arg("--embedded");
         }
@@ -372,6 +381,11 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     let started = Instant::now();
     let say = |text: &str| println!("[{:6.1} s] {text}", started.elapsed().as_secs_f64());
 
+    if args.instances > 1 && (args.store.is_none() || args.broker != "embedded") {
+        return Err(
+            "--instances above 1 needs --store postgres://... and --broker embedded".into(),
+        );
+    }
     let (target, pki) = match args.broker.as_str() {
         "embedded" => (Target::Embedded, Pki::new("fleet-sim CA")?),
         "mosquitto" => {
@@ -411,7 +425,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     // ---- The raw broker ceiling.
     let (raw_cloud, port) = match &target {
         Target::Embedded => {
-            let c = CloudProcess::spawn(&dir, "broker.log", true, false, None).await?;
+            let c = CloudProcess::spawn(&dir, "broker.log", true, false, None, &[]).await?;
             let port = c.port;
             (Some(c), port)
         }
@@ -536,16 +550,55 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // ---- Through fleet.
-    let mut cloud = match &target {
-        Target::Embedded => CloudProcess::spawn(&dir, "cloud.log", true, true, None).await?,
-        Target::Mosquitto(b) => {
-            CloudProcess::spawn(&dir, "cloud.log", false, true, Some(b.port())).await?
+    // Several instances share a PostgreSQL store and the devices' requests
+    // (MQTT 5 shared subscriptions): the embedded broker then runs alone.
+    let separate = args.instances > 1 || args.store.is_some();
+    let mut broker_child = None;
+    let broker_port = match &target {
+        Target::Embedded if separate => {
+            let b = CloudProcess::spawn(&dir, "broker-2.log", true, false, None, &[]).await?;
+            let p = b.port;
+            broker_child = Some(b);
+            Some(p)
         }
-        Target::External(p) => {
-            CloudProcess::spawn(&dir, "cloud.log", false, true, Some(*p)).await?
-        }
+        Target::Embedded => None,
+        Target::Mosquitto(b) => Some(b.port()),
+        Target::External(p) => Some(*p),
     };
-    let port = cloud.port;
+    let instance_args = |k: usize| -> Vec<String> {
+        let mut v = vec!["--client-id".to_string(), format!("cloud-{k}")];
+        if let Some(store) = &args.store {
+            v.extend(["--store".to_string(), store.clone()]);
+        }
+        if args.instances > 1 {
+            v.extend(["--share-group".to_string(), "sim".to_string()]);
+        }
+        v
+    };
+    let mut cloud = CloudProcess::spawn(
+        &dir,
+        "cloud.log",
+        broker_port.is_none(),
+        true,
+        broker_port,
+        &instance_args(0),
+    )
+    .await?;
+    let mut others = Vec::new();
+    for k in 1..args.instances {
+        others.push(
+            CloudProcess::spawn(
+                &dir,
+                &format!("cloud-{k}.log"),
+                false,
+                true,
+                broker_port,
+                &instance_args(k),
+            )
+            .await?,
+        );
+    }
+    let port = broker_port.unwrap_or(cloud.port);
     memory.fleet_base = cloud.memory().await?.0;
     say(&format!("fleet: starting {n} device agents"));
     let t0 = Instant::now();
@@ -634,6 +687,9 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     }
     if wants(&args, "telemetry") {
         cloud.ask("telemetry", "telemetry").await?;
+        for o in &mut others {
+            o.ask("telemetry", "telemetry").await?;
+        }
         let p = pad.clone();
         let t = Instant::now();
         let (a, sent) = for_duration(agents, duration, move |a, _| {
@@ -646,8 +702,16 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         let mut latencies = Vec::new();
         let drain = Instant::now();
         loop {
-            let r = cloud.ask("telemetry", "telemetry").await?;
-            let count: usize = r.first().ok_or("telemetry")?.parse()?;
+            let mut r = cloud.ask("telemetry", "telemetry").await?;
+            let mut count: usize = r.first().ok_or("telemetry")?.parse()?;
+            for o in &mut others {
+                let ro = o.ask("telemetry", "telemetry").await?;
+                let c: usize = ro.first().ok_or("telemetry")?.parse()?;
+                if c > count {
+                    r = ro;
+                }
+                count += c;
+            }
             delivered += count;
             if count > 0 {
                 latencies.push((
@@ -703,6 +767,12 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     })
     .await;
     cloud.stop().await;
+    for o in others {
+        o.stop().await;
+    }
+    if let Some(b) = broker_child {
+        b.stop().await;
+    }
     say(&format!(
         "stopped the agents in {:.1} s",
         stopping.elapsed().as_secs_f64()
