@@ -343,8 +343,13 @@ where
 {
     let started = Instant::now();
     let until = started + duration;
+    // The rate counts what completed within the window: one straggling
+    // request must not stretch it (its latency still counts).
+    let in_window = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = in_window.clone();
     let results = each(items, move |item| {
         let op = op.clone();
+        let counted = counted.clone();
         async move {
             let item = Arc::new(tokio::sync::Mutex::new(item));
             let mut lat = Latencies::default();
@@ -358,6 +363,9 @@ where
                     break;
                 }
                 lat.push(t0.elapsed());
+                if Instant::now() <= until {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
             }
             let item = match Arc::try_unwrap(item) {
                 Ok(m) => m.into_inner(),
@@ -367,7 +375,10 @@ where
         }
     })
     .await;
-    Measured::collect(results, started.elapsed())
+    let (items, mut m) = Measured::collect(results, started.elapsed());
+    m.ops = in_window.load(Ordering::Relaxed);
+    m.elapsed = duration;
+    (items, m)
 }
 
 fn wants(args: &RunArgs, scenario: &str) -> bool {
@@ -516,11 +527,11 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         clients = c;
         let mut delivered = consumer.take();
         let drain = Instant::now();
-        while delivered.len() < sent.ops && drain.elapsed() < Duration::from_secs(10) {
+        while delivered.len() < sent.latencies.len() && drain.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             delivered.extend(consumer.take());
         }
-        let lost = sent.ops.saturating_sub(delivered.len());
+        let lost = sent.latencies.len().saturating_sub(delivered.len());
         raw_telemetry = Measured {
             ops: delivered.len(),
             errors: sent.errors,
@@ -528,13 +539,13 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             latencies: delivered,
             first_error: sent.first_error.or_else(|| {
                 (lost > 0)
-                    .then(|| format!("{lost} of {} acknowledged messages not delivered", sent.ops))
+                    .then(|| format!("{lost} of {} acknowledged messages not delivered", sent.latencies.len()))
             }),
         };
         say(&format!(
             "raw: {:.0} telemetry messages/s delivered ({} sent)",
             raw_telemetry.rate(),
-            sent.ops
+            sent.latencies.len()
         ));
     }
     if let Some(c) = &mut raw_cloud {
@@ -720,7 +731,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                     r.get(2).ok_or("telemetry")?.parse::<u64>()?,
                 ));
             }
-            if delivered >= sent.ops || drain.elapsed() > Duration::from_secs(10) {
+            if delivered >= sent.latencies.len() || drain.elapsed() > Duration::from_secs(10) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -733,7 +744,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             .map_or((0, 0), |(_, a, b)| (*a, *b));
         let mut l = Latencies::default();
         l.push(Duration::from_micros(p50));
-        let lost = sent.ops.saturating_sub(delivered);
+        let lost = sent.latencies.len().saturating_sub(delivered);
         let fleet = Measured {
             ops: delivered,
             errors: sent.errors,
@@ -741,13 +752,13 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             latencies: Latencies::default(),
             first_error: sent.first_error.or_else(|| {
                 (lost > 0)
-                    .then(|| format!("{lost} of {} acknowledged messages not routed", sent.ops))
+                    .then(|| format!("{lost} of {} acknowledged messages not routed", sent.latencies.len()))
             }),
         };
         say(&format!(
             "fleet: {:.0} telemetry messages/s routed ({} sent)",
             fleet.rate(),
-            sent.ops
+            sent.latencies.len()
         ));
         let mut row = Row {
             scenario: "telemetry",
