@@ -538,8 +538,12 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             elapsed: t.elapsed(),
             latencies: delivered,
             first_error: sent.first_error.or_else(|| {
-                (lost > 0)
-                    .then(|| format!("{lost} of {} acknowledged messages not delivered", sent.latencies.len()))
+                (lost > 0).then(|| {
+                    format!(
+                        "{lost} of {} acknowledged messages not delivered",
+                        sent.latencies.len()
+                    )
+                })
             }),
         };
         say(&format!(
@@ -751,8 +755,12 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             elapsed: t.elapsed(),
             latencies: Latencies::default(),
             first_error: sent.first_error.or_else(|| {
-                (lost > 0)
-                    .then(|| format!("{lost} of {} acknowledged messages not routed", sent.latencies.len()))
+                (lost > 0).then(|| {
+                    format!(
+                        "{lost} of {} acknowledged messages not routed",
+                        sent.latencies.len()
+                    )
+                })
             }),
         };
         say(&format!(
