@@ -19,7 +19,10 @@
 //!
 //! # What is here
 //! - [`store`]: one storage trait with compare-and-set writes, an in-memory
-//!   store for tests and SQLite as the durable embedded default.
+//!   store for tests, SQLite as the durable embedded default (writes
+//!   committed in groups), and [`PgStore`] (PostgreSQL) for several
+//!   instances sharing one database, with [`PgLease`] so that one instance
+//!   at a time sweeps timeouts and drives rollouts.
 //! - [`ShadowService`]: the AWS IoT Device Shadow service over a store, the
 //!   rules being fleet-core's, callable from Rust and from the broker.
 //! - [`Registry`]: things with attributes, static and dynamic thing groups,
@@ -51,11 +54,17 @@
 //!   with a timeout.
 //! - [`telemetry`]: rules route device telemetry to sinks (JSON lines,
 //!   SQLite); a failing sink is retried, then dead-lettered.
-//! - The `fleet` binary: `fleet serve` with the embedded broker, or against
-//!   an external one.
+//! - [`api`]: the management HTTP API (HTTPS, bearer tokens with scopes,
+//!   typed errors, paged lists, an OpenAPI document from the same
+//!   declarations as the routes).
+//! - The `fleet` binary: `fleet serve` (the embedded broker or an external
+//!   one, SQLite or PostgreSQL, the management API) and the operator
+//!   commands that call the API.
 //!
 //! # Status
-//! The HTTP management API is not built yet; operators use this Rust API.
+//! Several instances share PostgreSQL and the devices' requests, and one at
+//! a time drives rollouts; a device's retry answered by another instance is
+//! not yet deduplicated (a retried shadow update is applied again).
 
 #![forbid(unsafe_code)]
 
