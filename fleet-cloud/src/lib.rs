@@ -63,8 +63,9 @@
 //!
 //! # Status
 //! Several instances share PostgreSQL and the devices' requests, and one at
-//! a time drives rollouts; a device's retry answered by another instance is
-//! not yet deduplicated (a retried shadow update is applied again).
+//! a time drives rollouts; a shadow update retried with the same client
+//! token is answered again by any instance, not applied twice (job updates
+//! are not deduplicated yet).
 
 #![forbid(unsafe_code)]
 

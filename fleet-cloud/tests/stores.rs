@@ -237,6 +237,23 @@ async fn shadow_service_on_every_store() {
         assert_eq!(doc["state"]["reported"].as_object().unwrap().len(), 20);
         let out = a.handle("$aws/things/pump-2/shadow/delete", b"", T0).await.unwrap();
         assert!(out.iter().any(|o| o.topic.ends_with("/delete/accepted")));
+        // An instance applies an update and dies before its answer goes out;
+        // the device's retry (same client token and body) reaches the other
+        // instance: answered the same, not applied twice.
+        let body = br#"{"state":{"reported":{"speed":7}},"clientToken":"retry-1","version":2}"#;
+        let first = a.handle(topic, body, T0).await.unwrap();
+        let accepted = |out: &[fleet_cloud::Outgoing]| {
+            out.iter()
+                .find(|o| o.topic.ends_with("/update/accepted"))
+                .map(|o| o.payload.clone())
+                .expect("accepted")
+        };
+        let retry = b.handle(topic, body, T0 + 3).await.unwrap();
+        assert_eq!(accepted(&retry), accepted(&first), "the same answer");
+        assert_eq!(retry.len(), 1, "no second delta or documents");
+        let out = b.handle("$aws/things/pump-1/shadow/get", b"", T0).await.unwrap();
+        let doc: Value = serde_json::from_slice(&out[0].payload).unwrap();
+        assert_eq!((doc["version"].as_u64(), doc["state"]["reported"]["speed"].as_u64()), (Some(3), Some(7)));
     })
     .await;
 }

@@ -86,6 +86,10 @@ pub struct Updated {
     pub delta: Option<Vec<u8>>,
     /// Payload for `/update/documents`: the previous and current documents.
     pub documents: Vec<u8>,
+    /// The request repeats the last one applied (the same client token and
+    /// bytes: a retry whose answer was lost): nothing changed, `accepted` is
+    /// the answer it got, and nothing else is to be published or stored.
+    pub repeated: bool,
 }
 
 /// An accepted delete: the tombstone to store and the reply.
@@ -149,6 +153,13 @@ pub fn process(
     };
     match op {
         ShadowOp::Update => match shadow.update(request, now, limits) {
+            Ok(u) if u.repeated => Processed {
+                shadow: None,
+                messages: alloc::vec![ShadowMessage {
+                    kind: ShadowTopicKind::Op(ShadowOp::Update, Role::Accepted),
+                    payload: u.accepted,
+                }],
+            },
             Ok(u) => {
                 let mut messages = Vec::with_capacity(3);
                 messages.push(ShadowMessage {
@@ -345,6 +356,19 @@ impl Shadow {
         limits: &ShadowLimits,
     ) -> Result<Updated, Rejection> {
         let env = parse_envelope(request, limits, false)?;
+        let digest = super::document::digest(request);
+        if let (Some(token), Some(last)) = (env.client_token.as_deref(), &self.last)
+            && last.token == token
+            && last.digest == digest
+        {
+            return Ok(Updated {
+                shadow: self.clone(),
+                accepted: last.accepted.clone().into_bytes(),
+                delta: None,
+                documents: Vec::new(),
+                repeated: true,
+            });
+        }
         let state_node = env
             .root
             .get("state")
@@ -431,14 +455,25 @@ impl Shadow {
             timestamp: now,
             client_token: token,
         });
+        let last = token
+            .filter(|_| accepted.len() <= super::document::MAX_KEPT_ANSWER)
+            .and_then(|t| {
+                Some(super::document::LastUpdate {
+                    token: t.into(),
+                    digest,
+                    accepted: String::from(core::str::from_utf8(&accepted).ok()?),
+                })
+            });
         Ok(Updated {
             shadow: Shadow {
                 state: Some(next),
                 version,
+                last,
             },
             accepted,
             delta,
             documents,
+            repeated: false,
         })
     }
 
@@ -498,6 +533,8 @@ impl Shadow {
             shadow: Shadow {
                 state: None,
                 version: self.version,
+                // A retry of an update from before the delete applies again.
+                last: None,
             },
             accepted,
         })

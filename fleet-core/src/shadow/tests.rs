@@ -1092,3 +1092,64 @@ mod sim {
         );
     }
 }
+
+#[test]
+fn a_retry_is_answered_again_not_applied_twice() {
+    let req = |body: Value| serde_json::to_vec(&body).unwrap();
+    let first =
+        req(json!({"state": {"reported": {"speed": 3}}, "clientToken": "t1", "version": 0}));
+    let s1 = Shadow::new().update(&first, NOW, &limits()).unwrap();
+    assert!(!s1.repeated);
+    assert_eq!(s1.shadow.version(), 1);
+    // The answer was lost; the device (or another service instance, after
+    // a restart: through the stored form) sees the same request again.
+    let stored = Shadow::from_stored_json(&s1.shadow.to_stored_json()).unwrap();
+    assert_eq!(stored, s1.shadow);
+    let retry = stored.update(&first, NOW + 5, &limits()).unwrap();
+    assert!(retry.repeated);
+    assert_eq!(retry.accepted, s1.accepted, "the same answer");
+    assert_eq!(retry.shadow, stored, "nothing changed");
+    let out = process(&stored, ShadowOp::Update, &first, NOW + 5, &limits());
+    assert_eq!(out.shadow, None, "nothing to store");
+    assert_eq!(
+        out.messages.len(),
+        1,
+        "only the answer, no delta or documents"
+    );
+    assert_eq!(
+        out.messages[0].kind,
+        ShadowTopicKind::Op(ShadowOp::Update, Role::Accepted)
+    );
+    // The same token with another body is another request: applied.
+    let other = req(json!({"state": {"reported": {"speed": 4}}, "clientToken": "t1"}));
+    let s2 = stored.update(&other, NOW, &limits()).unwrap();
+    assert!(!s2.repeated);
+    assert_eq!(s2.shadow.version(), 2);
+    // Only the last update is remembered: the first body again is applied
+    // (its values may differ from the state now).
+    let again = s2.shadow.update(&first[..first.len()], NOW, &limits());
+    assert!(
+        again.is_err(),
+        "version 0 is stale now: a conflict, not a repeat"
+    );
+    // No token, nothing remembered.
+    let untracked = req(json!({"state": {"reported": {"speed": 5}}}));
+    let s3 = s2.shadow.update(&untracked, NOW, &limits()).unwrap();
+    let s4 = s3.shadow.update(&untracked, NOW, &limits()).unwrap();
+    assert_eq!(
+        (s3.repeated, s4.repeated, s4.shadow.version()),
+        (false, false, 4)
+    );
+    // A delete forgets it.
+    let deleted = s1.shadow.delete(b"", NOW, &limits()).unwrap().shadow;
+    assert!(
+        !deleted
+            .update(
+                &req(json!({"state": {"reported": {"speed": 3}}, "clientToken": "t1"})),
+                NOW,
+                &limits()
+            )
+            .unwrap()
+            .repeated
+    );
+}
