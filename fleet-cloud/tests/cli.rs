@@ -144,6 +144,8 @@ fn things_groups_shadows_jobs_and_tokens() {
     s.fails(&["thing", "create", "bad/name"], 5);
     let t = s.json(&["thing", "disable", "pump-2"]);
     assert_eq!(t["enabled"], false);
+    let t = s.json(&["thing", "enable", "pump-2"]);
+    assert_eq!(t["enabled"], true);
     let t = s.json(&[
         "thing",
         "set-attributes",

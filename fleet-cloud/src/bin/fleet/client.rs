@@ -592,23 +592,11 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
             api.show(&v, one);
         }
         ThingCommand::Enable { name } => {
-            let v = api
-                .call(
-                    reqwest::Method::PUT,
-                    &format!("/v1/things/{name}/enabled"),
-                    Some(json!({"enabled": true})),
-                )
-                .await?;
+            let v = set_enabled(&api, &name, true).await?;
             api.show(&v, one);
         }
         ThingCommand::Disable { name } => {
-            let v = api
-                .call(
-                    reqwest::Method::PUT,
-                    &format!("/v1/things/{name}/enabled"),
-                    Some(json!({"enabled": false})),
-                )
-                .await?;
+            let v = set_enabled(&api, &name, false).await?;
             api.show(&v, one);
         }
         ThingCommand::Delete { name } => {
@@ -632,6 +620,15 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
         }
     }
     Ok(())
+}
+
+async fn set_enabled(api: &Client, name: &str, enabled: bool) -> Result<Value, Failure> {
+    api.call(
+        reqwest::Method::PUT,
+        &format!("/v1/things/{name}/enabled"),
+        Some(json!({"enabled": enabled})),
+    )
+    .await
 }
 
 pub(crate) async fn group(c: &Connection, cmd: GroupCommand) -> Result<(), Failure> {
