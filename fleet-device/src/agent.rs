@@ -565,8 +565,8 @@ impl AgentBuilder {
         let task = tokio::spawn(pump.run(eventloop));
         Ok(Agent {
             commands,
-            events,
-            task,
+            events: tokio::sync::Mutex::new(events),
+            task: std::sync::Mutex::new(Some(task)),
         })
     }
 }
@@ -656,11 +656,14 @@ enum Command {
 }
 
 /// A running device agent. Dropping it stops it.
+///
+/// Every method takes `&self`: share the agent (in an `Arc`) between a task
+/// that reads its events and the tasks that publish, report and answer.
 #[derive(Debug)]
 pub struct Agent {
     commands: mpsc::Sender<Command>,
-    events: mpsc::Receiver<AgentEvent>,
-    task: JoinHandle<()>,
+    events: tokio::sync::Mutex<mpsc::Receiver<AgentEvent>>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Agent {
@@ -796,19 +799,24 @@ impl Agent {
         rx.await.map_err(|_| AgentError::Stopped)?
     }
 
-    /// The next event; `None` once the agent has stopped.
-    pub async fn next_event(&mut self) -> Option<AgentEvent> {
-        self.events.recv().await
+    /// The next event; `None` once the agent has stopped. Events go to one
+    /// reader: two tasks calling this at once get alternate events.
+    pub async fn next_event(&self) -> Option<AgentEvent> {
+        self.events.lock().await.recv().await
     }
 
-    /// Stops the agent: sends what it can, disconnects.
-    pub async fn shutdown(self) {
+    /// Stops the agent: sends what it can (for up to 5 s), disconnects.
+    /// Every later call fails with [`AgentError::Stopped`].
+    pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Stop).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut task = self.task;
-            let _ = (&mut task).await;
-        })
-        .await;
+        let task = self.task.lock().map(|mut t| t.take()).unwrap_or_default();
+        if let Some(mut task) = task
+            && tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
     }
 }
 

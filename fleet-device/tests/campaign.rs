@@ -181,7 +181,7 @@ async fn run_device(
             receipt_key: receipt_seed(i),
             block_size: 4096,
         };
-        let mut agent = AgentBuilder::new(
+        let agent = AgentBuilder::new(
             "localhost",
             f.broker.port(),
             &thing,

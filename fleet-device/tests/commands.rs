@@ -28,7 +28,7 @@ async fn commands_reach_the_agent_and_come_back(kind: BrokerKind) {
     )
     .unwrap();
     let id = broker.device_identity("pump-7").unwrap();
-    let mut agent = AgentBuilder::new(
+    let agent = AgentBuilder::new(
         "localhost",
         broker.port(),
         "pump-7",

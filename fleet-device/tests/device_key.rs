@@ -79,7 +79,7 @@ async fn the_handshake_signs_with_the_applications_key() {
         })
         .unwrap();
         let (key, cert) = element(&broker, false);
-        let mut agent = builder(&broker, &cert, key.clone()).start().unwrap();
+        let agent = builder(&broker, &cert, key.clone()).start().unwrap();
         let first = tokio::time::timeout(Duration::from_secs(15), agent.next_event())
             .await
             .unwrap();
@@ -94,7 +94,7 @@ async fn the_handshake_signs_with_the_applications_key() {
 
         // A key that cannot sign: no connection, and the reason says why.
         let (broken, cert) = element(&broker, true);
-        let mut agent = builder(&broker, &cert, broken).start().unwrap();
+        let agent = builder(&broker, &cert, broken).start().unwrap();
         let event = tokio::time::timeout(Duration::from_secs(15), agent.next_event())
             .await
             .unwrap();

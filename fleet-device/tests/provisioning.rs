@@ -129,7 +129,7 @@ async fn a_claimed_device_provisions_itself_and_connects(kind: BrokerKind) {
     assert_eq!(provision_by_claim(&again).await.unwrap(), me);
 
     // It connects as itself and is served.
-    let mut agent = me
+    let agent = me
         .agent("localhost", broker.port(), &broker.pki().ca_pem())
         .start()
         .unwrap();

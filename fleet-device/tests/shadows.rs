@@ -172,7 +172,7 @@ async fn bad_input_from_the_broker_is_reported_and_changes_nothing(kind: BrokerK
     .expect("start the broker");
     let dir = tempfile::tempdir().unwrap();
     let _cloud = cloud(&broker, &dir.path().join("fleet.db"));
-    let mut dev = agent(&broker);
+    let dev = agent(&broker);
     dev.report(None, obj(json!({"a": 1}))).await.unwrap();
     let before = dev
         .shadow(None)

@@ -236,7 +236,7 @@ async fn two_devices_fighting_over_a_client_id_are_told() {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(200),
     };
-    let mut a = builder(&broker, broker.port(), &state.path().join("a"))
+    let a = builder(&broker, broker.port(), &state.path().join("a"))
         .backoff(fast)
         .start()
         .unwrap();

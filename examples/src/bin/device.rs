@@ -68,7 +68,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut agent = AgentBuilder::from_files(
+    let agent = AgentBuilder::from_files(
         &args.host,
         args.port,
         &args.thing,

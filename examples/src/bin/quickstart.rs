@@ -216,7 +216,7 @@ async fn device(
     loop {
         let slots = Arc::new(Mutex::new(FileSlots::boot(&dir.join("slots"), 1 << 20, 1)?));
         let healthy = i != FAULTY;
-        let mut agent = me
+        let agent = me
             .agent(
                 "localhost",
                 cloud.broker.local_addr().port(),

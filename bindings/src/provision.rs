@@ -1,0 +1,89 @@
+//! Provisioning by claim: the device makes its key, the fleet issues its
+//! certificate and registers it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::{FleetError, runtime};
+
+/// What provisioning by claim needs.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct ClaimConfig {
+    /// The broker.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The claim certificate (PEM), shared by a batch of devices.
+    pub claim_cert_pem: String,
+    /// The claim private key (PEM).
+    pub claim_key_pem: String,
+    /// Trust anchors of the broker's certificate (PEM).
+    pub ca_pem: String,
+    /// The provisioning template's name.
+    pub template: String,
+    /// The template's parameters (`SerialNumber`, ...).
+    pub parameters: HashMap<String, String>,
+    /// The thing name the template gives this device.
+    pub thing_name: String,
+    /// Where the certificate and key are stored.
+    pub state_dir: String,
+    /// How long to wait for each answer, milliseconds.
+    #[uniffi(default = 10000)]
+    pub timeout_ms: u64,
+}
+
+/// A device's own identity, issued by the fleet.
+#[derive(Clone, PartialEq, Eq, uniffi::Record)]
+pub struct Provisioned {
+    /// The registered thing name.
+    pub thing_name: String,
+    /// The device certificate (PEM).
+    pub cert_pem: String,
+    /// The device private key (PEM), made on the device.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Provisioned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provisioned")
+            .field("thing_name", &self.thing_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<fleet_device::provision::Provisioned> for Provisioned {
+    fn from(p: fleet_device::provision::Provisioned) -> Self {
+        Self {
+            thing_name: p.thing_name,
+            cert_pem: p.cert_pem,
+            key_pem: p.key_pem,
+        }
+    }
+}
+
+/// Provisions the device by claim, unless its state directory already
+/// holds an identity (then returns that one without connecting).
+#[uniffi::export]
+pub async fn provision_by_claim(config: ClaimConfig) -> Result<Provisioned, FleetError> {
+    let config = fleet_device::ClaimConfig {
+        host: config.host,
+        port: config.port,
+        claim_cert_pem: config.claim_cert_pem,
+        claim_key_pem: config.claim_key_pem,
+        ca_pem: config.ca_pem,
+        template: config.template,
+        parameters: config.parameters.into_iter().collect(),
+        thing_name: config.thing_name,
+        state_dir: config.state_dir.into(),
+        timeout: Duration::from_millis(config.timeout_ms),
+    };
+    let p = runtime::run(async move { fleet_device::provision_by_claim(&config).await }).await??;
+    Ok(p.into())
+}
+
+/// The identity stored in `state_dir` by an earlier provisioning, if any.
+#[uniffi::export]
+pub fn load_provisioned(state_dir: String) -> Result<Option<Provisioned>, FleetError> {
+    Ok(fleet_device::provision::Provisioned::load(Path::new(&state_dir))?.map(Into::into))
+}
