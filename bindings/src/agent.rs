@@ -200,9 +200,23 @@ pub trait EventListener: Send + Sync {
 
 /// Stops a listener's events when cancelled, or when dropped (Kotlin:
 /// `close()`).
-#[derive(Debug, uniffi::Object)]
+#[derive(uniffi::Object)]
 pub struct EventSubscription {
     task: tokio::task::AbortHandle,
+    listener: ListenerSlot,
+}
+
+/// The listener, shared with the task that calls it. Cancelling takes it
+/// out on the caller's thread, so the foreign object is released there and
+/// not later on a runtime thread.
+type ListenerSlot = Arc<Mutex<Option<Arc<dyn EventListener>>>>;
+
+impl std::fmt::Debug for EventSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSubscription")
+            .field("active", &self.is_active())
+            .finish()
+    }
 }
 
 #[uniffi::export]
@@ -210,17 +224,19 @@ impl EventSubscription {
     /// Stops delivering events.
     pub fn cancel(&self) {
         self.task.abort();
+        let listener = self.listener.lock().ok().and_then(|mut l| l.take());
+        drop(listener);
     }
 
     /// Whether events still flow.
     pub fn is_active(&self) -> bool {
-        !self.task.is_finished()
+        !self.task.is_finished() && self.listener.lock().is_ok_and(|l| l.is_some())
     }
 }
 
 impl Drop for EventSubscription {
     fn drop(&mut self) {
-        self.task.abort();
+        self.cancel();
     }
 }
 
@@ -432,13 +448,24 @@ impl Agent {
         listener: Arc<dyn EventListener>,
     ) -> Result<Arc<EventSubscription>, FleetError> {
         let agent = self.inner.clone();
+        let slot: ListenerSlot = Arc::new(Mutex::new(Some(listener)));
+        let shared = slot.clone();
+        let current = move || shared.lock().ok().and_then(|l| l.clone());
         let task = runtime::spawn(async move {
             while let Some(e) = agent.next_event().await {
-                listener.on_event(e.into());
+                match current() {
+                    Some(l) => l.on_event(e.into()),
+                    None => return,
+                }
             }
-            listener.on_stopped();
+            if let Some(l) = current() {
+                l.on_stopped();
+            }
         })?;
-        Ok(Arc::new(EventSubscription { task }))
+        Ok(Arc::new(EventSubscription {
+            task,
+            listener: slot,
+        }))
     }
 
     /// Stops the agent: sends what it can (up to 5 s), disconnects.

@@ -20,5 +20,11 @@ Errors are `fleet.FleetError` and its variants (`FleetError.Network`, ...).
 """
 
 from .fleet import *  # noqa: F401,F403  (the generated bindings)
-from .fleet import uniffi_set_event_loop  # noqa: F401
+from .fleet.fleet import uniffi_set_event_loop  # noqa: F401  (not in __all__)
 from .aio import QueueListener, events  # noqa: F401
+
+import atexit as _atexit
+
+# Stop the library's threads before the interpreter finalizes: a thread
+# that calls into a finalizing interpreter is killed mid-call.
+_atexit.register(shutdown_runtime)  # noqa: F405

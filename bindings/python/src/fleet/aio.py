@@ -1,8 +1,11 @@
 """asyncio helpers: the agent's events as an async iterator.
 
 The agent calls a listener on one of its own (Rust) threads; these helpers
-hand each event to the asyncio loop with `call_soon_threadsafe`, and tell
-UniFFI which loop to complete futures on (`uniffi_set_event_loop`).
+hand each event to the asyncio loop with `call_soon_threadsafe`. Awaiting the
+agent's async methods needs nothing more: UniFFI completes each future on the
+loop that awaited it. (`fleet.uniffi_set_event_loop(loop)` pins one loop for
+every future, process-wide: only for an application with a single loop that
+awaits from other threads; never with one loop per test.)
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Optional
 
-from .fleet import Agent, AgentEvent, EventListener, uniffi_set_event_loop
+from .fleet import Agent, AgentEvent, EventListener
 
 
 class QueueListener(EventListener):
@@ -31,9 +34,7 @@ class QueueListener(EventListener):
 async def events(agent: Agent) -> AsyncIterator[AgentEvent]:
     """Every event of `agent` until it stops (or the iteration is left,
     which cancels the subscription)."""
-    loop = asyncio.get_running_loop()
-    uniffi_set_event_loop(loop)
-    listener = QueueListener(loop)
+    listener = QueueListener(asyncio.get_running_loop())
     subscription = agent.subscribe(listener)
     try:
         while True:
