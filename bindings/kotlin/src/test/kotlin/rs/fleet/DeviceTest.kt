@@ -45,7 +45,8 @@ class DeviceTest {
             error("unreachable")
         }
 
-    private fun <T> device(block: suspend (Agent) -> T): T = runBlocking {
+    /** Runs `block` with a connected device. Returns Unit: JUnit runs only void test methods. */
+    private fun device(block: suspend (Agent) -> Unit): Unit = runBlocking {
         Agent.start(cloud.config("kt-device", tmp())).use { agent ->
             agent.next { it is AgentEvent.Connected }
             try {
@@ -84,6 +85,7 @@ class DeviceTest {
         val shadow = cloud.cli("shadow", "get", "kt-device")
         assertTrue(Regex(""""reported"\s*:\s*\{[^}]*"colour"\s*:\s*"red"""").containsMatchIn(shadow), shadow)
         assertThrows<FleetException.InvalidArgument> { agent.report(null, "[1]") }
+        Unit
     }
 
     @Test
@@ -107,10 +109,11 @@ class DeviceTest {
         assertTrue(sender.waitFor(60, TimeUnit.SECONDS) && sender.exitValue() == 0, sender.errorStream.bufferedReader().readText())
         assertTrue(Regex(""""pong"\s*:\s*7""").containsMatchIn(out), out)
         assertThrows<FleetException.Rejected> { agent.respond(ev.executionId, CommandStatus.SUCCEEDED, "{}") }
+        Unit
     }
 
     @Test
-    fun aListenerGetsEventsUntilCancelled() = runBlocking {
+    fun aListenerGetsEventsUntilCancelled(): Unit = runBlocking {
         val channel = Channel<AgentEvent>(Channel.UNLIMITED)
         Agent.start(cloud.config("kt-device", tmp(), clientId = "kt-device-listener")).use { agent ->
             val subscription = agent.subscribe(object : EventListener {
@@ -189,7 +192,7 @@ class DeviceTest {
     }
 
     @Test
-    fun otaUpdateIntoKotlinSlots() = runBlocking {
+    fun otaUpdateIntoKotlinSlots(): Unit = runBlocking {
         val release = generateSigningKey()
         val receipt = generateSigningKey()
         cloud.cli("thing", "create", "kt-ota", "--attribute", "receiptKey=" + Base64.getEncoder().encodeToString(receipt.publicKey))
@@ -206,7 +209,7 @@ class DeviceTest {
             slots = slots, selfTest = object : SelfTest { override fun run() = true },
         )
         val state = dir.resolve("state")
-        val campaign: Process
+        var campaign: Process? = null
         Agent.start(cloud.config("kt-ota", state, ota)).use { agent ->
             agent.next { it is AgentEvent.Connected }
             campaign = cloud.start("campaign", "start", "kt-rollout", "--release", "kt-fw-2", "--thing", "kt-ota", "--watch")
@@ -220,14 +223,15 @@ class DeviceTest {
             val ev = agent.next(60_000) { it is AgentEvent.OtaFinished } as AgentEvent.OtaFinished
             assertTrue(ev.committed)
             assertEquals(Slot.B, slots.active)
-            assertTrue(campaign.waitFor(90, TimeUnit.SECONDS), "the campaign did not finish")
-            assertEquals(0, campaign.exitValue(), campaign.errorStream.bufferedReader().readText())
+            val c = checkNotNull(campaign)
+            assertTrue(c.waitFor(90, TimeUnit.SECONDS), "the campaign did not finish")
+            assertEquals(0, c.exitValue(), c.errorStream.bufferedReader().readText())
             agent.shutdown()
         }
     }
 
     @Test
-    fun theExampleRunsADevice() = runBlocking {
+    fun theExampleRunsADevice(): Unit = runBlocking {
         val lines = File("examples/Device.kt").readLines().size
         assertTrue(lines < 40, "the example has $lines lines")
         val acknowledged = runExample(cloud.dir, cloud.port, "kt-device", 3)
