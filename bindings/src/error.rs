@@ -91,10 +91,9 @@ impl From<ProvisionError> for FleetError {
         match e {
             ProvisionError::Tls(_) => Self::InvalidArgument { reason },
             ProvisionError::Network(_) => Self::Network { reason },
-            ProvisionError::Rejected { status, code, .. } if status == 401 || status == 403 => {
-                let _ = code;
-                Self::Unauthorized { reason }
-            }
+            ProvisionError::Rejected {
+                status: 401 | 403, ..
+            } => Self::Unauthorized { reason },
             ProvisionError::Rejected { code, message, .. } => Self::rejected(code, message),
             ProvisionError::StateDir(_) => Self::Storage { reason },
             _ => Self::Other { reason },
