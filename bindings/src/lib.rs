@@ -65,7 +65,7 @@ pub use ota::{FirmwareSlots, OtaConfig, SelfTest, Slot};
 pub use provision::{ClaimConfig, Provisioned, load_provisioned, provision_by_claim};
 pub use runtime::shutdown_runtime;
 pub use tools::{
-    ManifestInfo, ManifestSpec, ShadowMessage, ShadowOperation, ShadowOutcome, SigningKeyPair,
+    ManifestSpec, ShadowMessage, ShadowOperation, ShadowOutcome, SigningKeyPair,
     generate_signing_key, is_valid_thing_name, manifest_for_image, public_key_of, shadow_delta,
     shadow_process, sign_manifest, trust_root_for_key, verify_image, verify_manifest,
 };

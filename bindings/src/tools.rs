@@ -27,7 +27,8 @@ impl std::fmt::Debug for SigningKeyPair {
     }
 }
 
-/// What a release manifest says.
+/// What a release manifest says: what `sign_manifest` signs and
+/// `verify_manifest` returns.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct ManifestSpec {
     /// The component (firmware name).
@@ -48,23 +49,6 @@ pub struct ManifestSpec {
     /// Epoch seconds after which it is refused.
     #[uniffi(default = None)]
     pub expires: Option<u64>,
-}
-
-/// A manifest that verified.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
-pub struct ManifestInfo {
-    /// The component.
-    pub component: String,
-    /// Its version.
-    pub version: String,
-    /// Its sequence.
-    pub sequence: u64,
-    /// The image's size.
-    pub size: u64,
-    /// The image's SHA-256.
-    pub sha256: Vec<u8>,
-    /// Hardware ids it is for.
-    pub hardware_ids: Vec<String>,
 }
 
 /// A shadow operation.
@@ -214,7 +198,7 @@ pub fn verify_manifest(
     installed_sequence: u64,
     max_image_size: u64,
     now: Option<u64>,
-) -> Result<ManifestInfo, FleetError> {
+) -> Result<ManifestSpec, FleetError> {
     let root = fleet_core::ota::TrustRoot::parse(&trust_root)
         .map_err(|e| FleetError::invalid(format!("trust root: {e:?}")))?;
     let m = root
@@ -228,19 +212,21 @@ pub fn verify_manifest(
             },
         )
         .map_err(|e| FleetError::rejected("manifest", format!("{e:?}")))?;
-    Ok(ManifestInfo {
+    Ok(ManifestSpec {
         component: m.component.into(),
         version: m.version.into(),
         sequence: m.sequence,
         size: m.size,
         sha256: m.digest.to_vec(),
         hardware_ids: m.hardware_ids().iter().map(|h| (*h).to_string()).collect(),
+        min_installed_sequence: m.min_installed_sequence,
+        expires: m.expires,
     })
 }
 
 /// Checks an image against a verified manifest (size and SHA-256).
 #[uniffi::export]
-pub fn verify_image(manifest: ManifestInfo, image: Vec<u8>) -> Result<(), FleetError> {
+pub fn verify_image(manifest: ManifestSpec, image: Vec<u8>) -> Result<(), FleetError> {
     let mut v = ImageVerifier::new(manifest.size, key32(&manifest.sha256, "sha256")?);
     let bad = |e| FleetError::rejected("image", format!("{e:?}"));
     v.update(&image).map_err(bad)?;
