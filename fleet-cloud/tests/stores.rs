@@ -323,17 +323,32 @@ async fn jobs_service_on_every_store() {
             .find(|(t, _)| t.ends_with("start-next/accepted"))
             .expect("accepted");
         assert_eq!(accepted.1["execution"]["jobId"], "j1", "{name}");
-        let r = request(
-            &a,
-            "t1",
-            "j1/update",
-            json!({"status": "SUCCEEDED", "clientToken": "u"}),
-            T0 + 2,
-        )
-        .await;
+        let done = json!({"status": "SUCCEEDED", "expectedVersion": 2, "clientToken": "u"});
+        let r = request(&a, "t1", "j1/update", done.clone(), T0 + 2).await;
         assert!(
             r.iter().any(|(t, _)| t.ends_with("j1/update/accepted")),
             "{name}: {r:?}"
+        );
+        // Its instance died before the answer left: the device's retry
+        // reaches b, which answers it again (not a move from a terminal
+        // state) and changes nothing.
+        let version = |e: &[fleet_cloud::ExecutionSummary]| {
+            e.iter()
+                .find(|e| e.thing == "t1")
+                .map(|e| e.execution.version_number)
+        };
+        let before = version(&b.executions("j1").await.unwrap());
+        let again = request(&b, "t1", "j1/update", done, T0 + 30).await;
+        assert_eq!(
+            again.len(),
+            1,
+            "{name}: answered, nothing notified: {again:?}"
+        );
+        assert_eq!(again[0], r[0], "{name}: the same answer");
+        assert_eq!(
+            version(&a.executions("j1").await.unwrap()),
+            before,
+            "{name}"
         );
         // t2 starts and goes silent: the in-progress timeout (1 minute)
         // ends it with no device message, and it is queued again once.

@@ -7,6 +7,8 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::replay::LastRequest;
+
 /// Most `statusDetails` pairs an execution may carry.
 pub const MAX_STATUS_DETAILS: usize = 10;
 
@@ -162,6 +164,10 @@ pub struct JobExecution {
     in_progress_deadline: Option<u64>,
     step_deadline: Option<u64>,
     force_canceled: bool,
+    /// The last update applied with a client token, and its answer: a retry
+    /// of it is answered again, not applied twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_update: Option<LastRequest>,
 }
 
 /// A status change asked by a device.
@@ -204,7 +210,21 @@ impl JobExecution {
             in_progress_deadline: None,
             step_deadline: None,
             force_canceled: false,
+            last_update: None,
         }
+    }
+
+    /// The answer kept for a retry of `request` (sent with `token`), if
+    /// it is one: the last update applied to this execution with the same
+    /// token and the same bytes.
+    pub(crate) fn answer_again(&self, token: Option<&str>, request: &[u8]) -> Option<&[u8]> {
+        self.last_update.as_ref()?.answer(token, request)
+    }
+
+    /// Keeps the answer of an update applied to this execution, for its
+    /// retries.
+    pub(crate) fn keep_answer(&mut self, token: Option<&str>, request: &[u8], accepted: &[u8]) {
+        self.last_update = LastRequest::keep(token, request, accepted);
     }
 
     /// The state a rejection carries.

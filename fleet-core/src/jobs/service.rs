@@ -306,6 +306,13 @@ impl ThingJobs {
                                 JobErrorCode::ResourceNotFound,
                                 "no such job execution",
                             ))?;
+                        let token = r.client_token.as_deref();
+                        if let Some(answer) = e.answer_again(token, payload) {
+                            // A retry of the update applied last (its answer
+                            // was lost, or the instance that sent it died).
+                            let answer = answer.to_vec();
+                            return Ok((JobsTopicKind::Update(id, Role::Accepted), answer));
+                        }
                         let update = StatusUpdate {
                             status: r.status,
                             status_details: r.status_details,
@@ -324,9 +331,11 @@ impl ThingJobs {
                                 .unwrap_or(false)
                                 .then(|| e.job_document.clone()),
                             timestamp: now,
-                            client_token: r.client_token,
+                            client_token: r.client_token.clone(),
                         };
-                        Ok((JobsTopicKind::Update(id, Role::Accepted), to_vec(&resp)))
+                        let accepted = to_vec(&resp);
+                        e.keep_answer(r.client_token.as_deref(), payload, &accepted);
+                        Ok((JobsTopicKind::Update(id, Role::Accepted), accepted))
                     },
                     rejected,
                 )

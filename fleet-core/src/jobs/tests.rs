@@ -361,6 +361,70 @@ fn service_answers_the_jobs_api() {
 }
 
 #[test]
+fn a_retried_update_is_answered_again_not_applied_twice() {
+    let mut jobs = ThingJobs::new("dev-1");
+    for (job, at) in [("a", T0), ("b", T0 + 1)] {
+        let e = JobExecution::new(job, "dev-1", json!({}), 1, TimeoutConfig::default(), at);
+        jobs.queue(e, at).unwrap();
+    }
+    jobs.handle_request(&JobsTopicKind::StartNext(Role::Request), b"{}", T0 + 2);
+    let id = JobId::new("a").unwrap().into_owned();
+    let topic = JobsTopicKind::Update(id.clone(), Role::Request);
+    let accepted = JobsTopicKind::Update(id.clone(), Role::Accepted);
+
+    // A progress update, then its retry (the answer was lost): the retry
+    // gets the same answer, and neither the version nor the step timer
+    // moves again.
+    let progress = br#"{"status":"IN_PROGRESS","statusDetails":{"step":"1"},"expectedVersion":2,"stepTimeoutInMinutes":5,"includeJobExecutionState":true,"clientToken":"p1"}"#;
+    let first = jobs.handle_request(&topic, progress, T0 + 3);
+    assert_eq!(first[0].kind, accepted);
+    assert_eq!(
+        parse(&first[0].payload)["executionState"]["versionNumber"],
+        3
+    );
+    let after_first = jobs.clone();
+    let retry = jobs.handle_request(&topic, progress, T0 + 300);
+    assert_eq!(retry.len(), 1, "a retry notifies nothing");
+    assert_eq!(retry[0], first[0]);
+    assert_eq!(jobs, after_first);
+
+    // The terminal update and its retry, at another time: answered again
+    // (not refused as a move from a terminal state), nothing changes.
+    let done = br#"{"status":"SUCCEEDED","expectedVersion":3,"includeJobExecutionState":true,"clientToken":"d1"}"#;
+    let first = jobs.handle_request(&topic, done, T0 + 4);
+    assert_eq!(first[0].kind, accepted);
+    assert!(first.iter().any(|m| m.kind == JobsTopicKind::NotifyNext));
+    let after_done = jobs.clone();
+    let retry = jobs.handle_request(&topic, done, T0 + 60);
+    assert_eq!(retry, vec![first[0].clone()]);
+    assert_eq!(jobs, after_done);
+    assert_eq!(jobs.execution("a").unwrap().version_number, 4);
+
+    // The kept answer survives the store (the retry may reach another
+    // instance, which loads the executions from the database).
+    let stored = serde_json::to_vec(&jobs).unwrap();
+    let mut reloaded: ThingJobs = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(reloaded, jobs);
+    let retry = reloaded.handle_request(&topic, done, T0 + 61);
+    assert_eq!(retry, vec![first[0].clone()]);
+
+    // The same token with other bytes is a new request: refused here.
+    let other = br#"{"status":"FAILED","expectedVersion":3,"clientToken":"d1"}"#;
+    let refused = jobs.handle_request(&topic, other, T0 + 62);
+    assert_eq!(
+        refused[0].kind,
+        JobsTopicKind::Update(id.clone(), Role::Rejected)
+    );
+    // Without a token there is nothing to recognise a retry by: each
+    // request is applied (version 1 -> 2 -> 3).
+    let untokened = br#"{"status":"IN_PROGRESS"}"#;
+    let topic_b = JobsTopicKind::Update(JobId::new("b").unwrap().into_owned(), Role::Request);
+    jobs.handle_request(&topic_b, untokened, T0 + 63);
+    jobs.handle_request(&topic_b, untokened, T0 + 64);
+    assert_eq!(jobs.execution("b").unwrap().version_number, 3);
+}
+
+#[test]
 fn service_times_out_without_device_messages() {
     let mut jobs = ThingJobs::new("dev-1");
     jobs.queue(

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use super::ShadowError;
 use super::json::{self, Object};
+use crate::replay::LastRequest;
 
 /// The state of an existing shadow: `desired` and `reported` with their
 /// metadata. An empty section is absent from the document.
@@ -55,28 +56,7 @@ pub struct Shadow {
     pub(crate) version: u64,
     /// The last update applied with a client token: a retry of it (the
     /// same token and request) is answered again, not applied twice.
-    pub(crate) last: Option<LastUpdate>,
-}
-
-/// The last update applied with a client token.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct LastUpdate {
-    pub(crate) token: String,
-    /// FNV-1a of the request's bytes.
-    pub(crate) digest: u64,
-    /// Its `/update/accepted` payload (JSON).
-    pub(crate) accepted: String,
-}
-
-/// Accepted answers kept for a retry at most this long (bytes); a longer
-/// one is not kept, and its retry is applied again.
-pub(crate) const MAX_KEPT_ANSWER: usize = 4096;
-
-/// FNV-1a, 64 bits: tells a retry from another request with the same token.
-pub(crate) fn digest(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    pub(crate) last: Option<LastRequest>,
 }
 
 impl Shadow {
@@ -123,11 +103,7 @@ impl Shadow {
             version: self.version,
             state,
             metadata,
-            last: self.last.as_ref().map(|l| LastStored {
-                token: &l.token,
-                digest: l.digest,
-                accepted: &l.accepted,
-            }),
+            last: self.last.as_ref(),
         })
     }
 
@@ -147,11 +123,7 @@ impl Shadow {
         Ok(Self {
             state,
             version: stored.version,
-            last: stored.last.map(|l| LastUpdate {
-                token: l.token,
-                digest: l.digest,
-                accepted: l.accepted,
-            }),
+            last: stored.last,
         })
     }
 }
@@ -178,21 +150,7 @@ struct Stored<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<Sections<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    last: Option<LastStored<'a>>,
-}
-
-#[derive(Serialize)]
-struct LastStored<'a> {
-    token: &'a str,
-    digest: u64,
-    accepted: &'a str,
-}
-
-#[derive(Deserialize)]
-struct LastOwned {
-    token: String,
-    digest: u64,
-    accepted: String,
+    last: Option<&'a LastRequest>,
 }
 
 #[derive(Deserialize, Default)]
@@ -207,7 +165,7 @@ struct StoredOwned {
     state: Option<SectionsOwned>,
     metadata: Option<SectionsOwned>,
     #[serde(default)]
-    last: Option<LastOwned>,
+    last: Option<LastRequest>,
 }
 
 /// An update request, as a device or an application sends it to

@@ -11,6 +11,7 @@ use super::ShadowError;
 use super::document::{Sections, Shadow, ShadowState, non_empty};
 use super::json::{self, Object};
 use crate::identity::ClientToken;
+use crate::replay::LastRequest;
 use crate::topic::{Role, ShadowOp, ShadowTopicKind};
 
 /// Limits the service enforces; the defaults are AWS IoT's.
@@ -356,14 +357,14 @@ impl Shadow {
         limits: &ShadowLimits,
     ) -> Result<Updated, Rejection> {
         let env = parse_envelope(request, limits, false)?;
-        let digest = super::document::digest(request);
-        if let (Some(token), Some(last)) = (env.client_token.as_deref(), &self.last)
-            && last.token == token
-            && last.digest == digest
+        if let Some(answer) = self
+            .last
+            .as_ref()
+            .and_then(|l| l.answer(env.client_token.as_deref(), request))
         {
             return Ok(Updated {
                 shadow: self.clone(),
-                accepted: last.accepted.clone().into_bytes(),
+                accepted: answer.to_vec(),
                 delta: None,
                 documents: Vec::new(),
                 repeated: true,
@@ -455,15 +456,7 @@ impl Shadow {
             timestamp: now,
             client_token: token,
         });
-        let last = token
-            .filter(|_| accepted.len() <= super::document::MAX_KEPT_ANSWER)
-            .and_then(|t| {
-                Some(super::document::LastUpdate {
-                    token: t.into(),
-                    digest,
-                    accepted: String::from(core::str::from_utf8(&accepted).ok()?),
-                })
-            });
+        let last = LastRequest::keep(token, request, &accepted);
         Ok(Updated {
             shadow: Shadow {
                 state: Some(next),
