@@ -1091,7 +1091,17 @@ impl<S: JobStore> JobsService<S> {
                 break (record, d);
             }
             match self.store.save_job(&record, current.revision).await {
-                Ok(_) => break (record, d),
+                Ok(_) => {
+                    if !d.release.is_empty() || !d.retry.is_empty() {
+                        tracing::info!(
+                            job = job_id,
+                            released = d.release.len(),
+                            retried = d.retry.len(),
+                            "rollout released"
+                        );
+                    }
+                    break (record, d);
+                }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }

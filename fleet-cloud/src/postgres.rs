@@ -360,6 +360,8 @@ pub struct PgLease {
     name: String,
     holder: String,
     ttl_ms: i64,
+    /// Whether the last answer was "held" (to log the changes).
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PgLease {
@@ -371,7 +373,22 @@ impl PgLease {
             name: name.into(),
             holder: holder.into(),
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+            held: std::sync::Arc::default(),
         }
+    }
+
+    /// Who holds lease `name` now (an unexpired lease), if anyone.
+    pub async fn holder(store: &PgStore, name: &str) -> Result<Option<String>, StoreError> {
+        let client = store.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT holder FROM fleet_leases WHERE name = $1
+                   AND expires_at >= (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Takes or renews the lease; whether this instance holds it now.
@@ -413,13 +430,22 @@ impl PgLease {
 impl Leadership for PgLease {
     fn is_leader(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(async move {
-            match self.acquire().await {
+            let held = match self.acquire().await {
                 Ok(held) => held,
                 Err(e) => {
                     tracing::warn!("lease {}: {e}", self.name);
                     false
                 }
+            };
+            let before = self.held.swap(held, std::sync::atomic::Ordering::Relaxed);
+            if held != before {
+                if held {
+                    tracing::info!(lease = %self.name, holder = %self.holder, "lease taken");
+                } else {
+                    tracing::info!(lease = %self.name, holder = %self.holder, "lease lost");
+                }
             }
+            held
         })
     }
 }

@@ -600,6 +600,19 @@ async fn shadows_jobs_and_commands_reach_the_device() {
         (StatusCode::BAD_REQUEST, "invalid_request"),
         "{b}"
     );
+    // A rollout policy that does not parse is refused, and creates nothing.
+    let (s, b) = f
+        .op(
+            Method::POST,
+            "/v1/jobs",
+            Some(json!({"jobId": "wave-1", "document": {}, "things": ["dev-1"], "rollout": {"rate": "fast"}})),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::BAD_REQUEST, "invalid_request"),
+        "{b}"
+    );
     let (_, list) = f.op(Method::GET, "/v1/jobs", None).await;
     assert_eq!(list["items"], json!(["reboot-1"]));
     let (s, ex) = f
@@ -625,6 +638,22 @@ async fn shadows_jobs_and_commands_reach_the_device() {
     );
     let (s, b) = f.op(Method::GET, "/v1/jobs/nope", None).await;
     assert_eq!((s, code(&b)), (StatusCode::NOT_FOUND, "not_found"));
+    // A job under a rollout policy (two targets, one a minute): the first
+    // is released at once and its device told; the other waits its turn.
+    let (s, job) = f
+        .op(
+            Method::POST,
+            "/v1/jobs",
+            Some(json!({"jobId": "wave-1", "document": {"op": "x"}, "things": ["dev-1", "dev-9"], "rollout": {"rate": {"constant": {"perMinute": 1}}}})),
+        )
+        .await;
+    assert_eq!(
+        (s, job["notReleased"].as_u64(), job["targets"].as_u64()),
+        (StatusCode::CREATED, Some(1), Some(1)),
+        "{job}"
+    );
+    let m = dev.recv(WAIT).await.expect("the rollout releases dev-1");
+    assert!(m.topic.ends_with("/jobs/notify-next"), "{}", m.topic);
 
     // A command and its answer; a silent device times out.
     let device = tokio::spawn(async move {

@@ -579,6 +579,12 @@ pub(crate) struct CreateJob {
     /// Tries again after FAILED or TIMED_OUT, this many times.
     #[serde(default)]
     max_retries: u32,
+    /// Release the executions under a rollout policy (rate, groups with
+    /// thresholds, abort criteria, retries), as fleet-core's
+    /// `RolloutPolicy` in JSON; without it, all at once.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    rollout: Option<Value>,
 }
 
 /// A job.
@@ -691,6 +697,11 @@ async fn create_job(
     State(api): State<Api>,
     ApiJson(body): ApiJson<CreateJob>,
 ) -> Result<(StatusCode, axum::Json<JobView>), ApiError> {
+    let rollout = body
+        .rollout
+        .map(serde_json::from_value::<RolloutPolicy>)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("rollout: {e}")))?;
     let spec = JobSpec {
         job_id: body.job_id.clone(),
         document: body.document,
@@ -705,7 +716,7 @@ async fn create_job(
             in_progress_timeout_in_minutes: body.in_progress_timeout_minutes,
         },
         max_retries: body.max_retries,
-        rollout: None,
+        rollout,
     };
     let out = api
         .jobs

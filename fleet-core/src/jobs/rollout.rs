@@ -5,12 +5,18 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 /// How many executions may be released per minute.
+///
+/// In JSON: `{"constant": {"perMinute": 600}}`, or `{"exponential":
+/// {"basePerMinute": .., "incrementFactorPermille": .., "criterion":
+/// {"notified": 100}, "maxPerMinute": ..}}` (the snake_case field names of
+/// earlier versions are read too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum RateLimit {
     /// A fixed rate.
     Constant {
         /// Releases per minute.
+        #[serde(alias = "per_minute")]
         per_minute: u32,
     },
     /// A rate that starts at `base_per_minute` and is multiplied by
@@ -18,12 +24,15 @@ pub enum RateLimit {
     /// devices were notified (or succeeded), up to `max_per_minute`.
     Exponential {
         /// Starting rate.
+        #[serde(alias = "base_per_minute")]
         base_per_minute: u32,
         /// Growth per step, in thousandths (2000 doubles).
+        #[serde(alias = "increment_factor_permille")]
         increment_factor_permille: u32,
         /// What makes a step.
         criterion: RateIncrease,
         /// Cap.
+        #[serde(alias = "max_per_minute")]
         max_per_minute: u32,
     },
 }
@@ -126,13 +135,17 @@ pub struct RolloutPolicy {
     pub rate: RateLimit,
     /// Groups, in order; targets past the last group form one more group
     /// (all targets are one group when this is empty).
+    #[serde(default)]
     pub groups: Vec<RolloutGroup>,
-    /// Abort criteria.
+    /// Abort criteria (none when absent).
+    #[serde(default)]
     pub abort: Vec<AbortCriterion>,
-    /// Retries.
+    /// Retries (none when absent).
+    #[serde(default)]
     pub retry: RetryPolicy,
     /// Seconds an execution may stay IN_PROGRESS before the rollout times
     /// it out (for devices that never report).
+    #[serde(default)]
     pub in_progress_timeout_secs: Option<u64>,
 }
 
@@ -324,7 +337,8 @@ pub fn current_rate(policy: &RolloutPolicy, targets: &[Target]) -> u32 {
 /// IN_PROGRESS executions are timed out; a paused rollout releases nothing;
 /// a group that reached its success threshold opens the next or waits for
 /// approval; then retries and new releases from the open groups, in order,
-/// never more than the rate allows in any 60-second window.
+/// never more than the rate allows in any 60-second window, nor more than
+/// a sixtieth of it (at least one) in any one second.
 ///
 /// `recent_releases` are the times (epoch seconds) of every release, first
 /// or retry, in the last 60 seconds: the caller keeps this log with the
@@ -460,7 +474,14 @@ pub fn plan(
         .copied()
         .filter(|&r| r >= window_start && r <= now)
         .collect();
-    let mut budget = rate.saturating_sub(recent.len());
+    // Spread over the minute: no more than a sixtieth of the rate (at least
+    // one) in any one second, so a rollout of 3,000 a minute releases 50 a
+    // second rather than 3,000 at once.
+    let per_second = rate.div_ceil(60).max(1);
+    let this_second = recent.iter().filter(|&&r| r == now).count();
+    let mut budget = rate
+        .saturating_sub(recent.len())
+        .min(per_second.saturating_sub(this_second));
     let candidates = targets
         .iter()
         .enumerate()
@@ -478,8 +499,14 @@ pub fn plan(
             d.retry.push(i);
         }
     }
-    if blocked && let Some(oldest) = recent.iter().min() {
-        wake_at(oldest + 60);
+    if blocked {
+        let used = recent.len() + d.release.len() + d.retry.len();
+        if used >= rate {
+            // The minute is full: when its oldest release leaves it.
+            wake_at(recent.iter().min().copied().unwrap_or(now) + 60);
+        } else {
+            wake_at(now + 1);
+        }
     }
     d.status.get_or_insert(RolloutStatus::Running);
     d.wake_at = wake;

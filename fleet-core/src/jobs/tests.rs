@@ -638,8 +638,57 @@ fn apply(targets: &mut [Target], d: &Decision, now: u64) {
 }
 
 #[test]
+fn rollout_policies_read_from_json() {
+    let p: RolloutPolicy =
+        serde_json::from_str(r#"{"rate":{"constant":{"perMinute":600}}}"#).unwrap();
+    assert_eq!(p.rate, RateLimit::Constant { per_minute: 600 });
+    assert!(p.groups.is_empty() && p.abort.is_empty());
+    assert_eq!(p.retry, RetryPolicy::default());
+    // The form stored by earlier versions still reads.
+    let old = r#"{"rate":{"exponential":{"base_per_minute":10,"increment_factor_permille":2000,"criterion":{"notified":5},"max_per_minute":100}},"groups":[],"abort":[],"retry":{"failed":0,"timedOut":0},"inProgressTimeoutSecs":null}"#;
+    let p: RolloutPolicy = serde_json::from_str(old).unwrap();
+    let again: RolloutPolicy = serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+    assert_eq!(p, again);
+    assert!(
+        serde_json::to_string(&p)
+            .unwrap()
+            .contains("\"basePerMinute\":10")
+    );
+    assert!(serde_json::from_str::<RolloutPolicy>(r#"{"rate":"fast"}"#).is_err());
+}
+
+#[test]
+fn releases_are_spread_over_the_minute() {
+    // 3,000 a minute: 50 a second, not 3,000 at once.
+    let p = policy(3000);
+    let mut targets = vec![Target::PENDING; 1000];
+    let d = plan(&p, &targets, control(), &[], T0);
+    assert_eq!(d.release, (0..50).collect::<Vec<_>>());
+    apply(&mut targets, &d, T0);
+    let mut recent = vec![T0; 50];
+    let again = plan(&p, &targets, d.control, &recent, T0);
+    assert!(again.release.is_empty());
+    assert_eq!(again.wake_at, Some(T0 + 1), "the next second");
+    let next = plan(&p, &targets, d.control, &recent, T0 + 1);
+    assert_eq!(next.release, (50..100).collect::<Vec<_>>());
+    // A slow rate still releases one a second until its minute is full.
+    let p = policy(3);
+    let targets = vec![Target::PENDING; 10];
+    recent = vec![T0, T0 + 1, T0 + 2];
+    let d = plan(&p, &targets, control(), &recent[..2], T0 + 2);
+    assert_eq!(d.release.len(), 1);
+    let d = plan(&p, &targets, control(), &recent, T0 + 3);
+    assert!(d.release.is_empty());
+    assert_eq!(
+        d.wake_at,
+        Some(T0 + 60),
+        "when the oldest leaves the window"
+    );
+}
+
+#[test]
 fn groups_open_in_order_and_pause_for_approval() {
-    let mut p = policy(100);
+    let mut p = policy(600);
     p.groups = vec![
         RolloutGroup {
             size: 2,
@@ -685,7 +734,7 @@ fn groups_open_in_order_and_pause_for_approval() {
 
 #[test]
 fn group_error_threshold_aborts() {
-    let mut p = policy(100);
+    let mut p = policy(600);
     p.groups = vec![RolloutGroup {
         size: 4,
         success_percent: 100,

@@ -182,6 +182,11 @@ pub(crate) enum JobCommand {
         /// Minutes an execution may stay IN_PROGRESS.
         #[arg(long)]
         timeout_minutes: Option<u64>,
+        /// Release under a rollout policy (JSON, or `@file`), e.g.
+        /// `{"rate":{"constant":{"perMinute":600}}}` (also `groups`, `abort`,
+        /// `retry`, `inProgressTimeoutSecs`); default: all at once.
+        #[arg(long)]
+        rollout: Option<String>,
     },
     /// Lists jobs.
     List,
@@ -761,10 +766,13 @@ pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> 
             continuous,
             retries,
             timeout_minutes,
+            rollout,
         } => {
+            let rollout = rollout.as_deref().map(json_arg).transpose()?;
             let body = json!({
                 "jobId": id, "document": json_arg(&document)?, "things": things, "groups": groups,
                 "continuous": continuous, "maxRetries": retries, "inProgressTimeoutMinutes": timeout_minutes,
+                "rollout": rollout,
             });
             let v = api.post("/v1/jobs", body).await?;
             api.show(&v, job_table);
