@@ -71,6 +71,7 @@ pub mod identity;
 #[cfg(feature = "alloc")]
 pub mod jobs;
 pub mod ota;
+#[cfg(feature = "alloc")]
 mod replay;
 #[cfg(feature = "alloc")]
 pub mod shadow;
