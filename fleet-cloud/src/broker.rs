@@ -558,6 +558,11 @@ pub fn serve<S: ShadowStore>(
                 return;
             };
             while let Some((topic, payload)) = streams_rx.recv().await {
+                // Shared streams: another instance may have stored or
+                // replaced it.
+                if let Err(e) = streams.refresh_for(&p, &topic).await {
+                    tracing::warn!("{e}");
+                }
                 // A request asks for a bounded number of blocks.
                 for reply in streams.handle_under(&p, &topic, &payload) {
                     out(reply.topic, reply.payload, None);

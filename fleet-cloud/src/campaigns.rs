@@ -85,8 +85,9 @@ fn random_nonce() -> Result<[u8; 16], JobsError> {
 impl<S: JobStore> JobsService<S> {
     /// Registers a release: a signed manifest envelope and the image it
     /// describes (size and SHA-256 checked), kept as stream `release_id`
-    /// (file 0 the image devices fetch, file 1 the envelope).
-    pub fn register_release(
+    /// (file 0 the image devices fetch, file 1 the envelope), in whatever
+    /// backs `streams` (with PostgreSQL, every instance serves it).
+    pub async fn register_release(
         &self,
         release_id: &str,
         envelope: &[u8],
@@ -99,17 +100,22 @@ impl<S: JobStore> JobsService<S> {
             .map_err(|e| JobsError::Invalid(format!("manifest envelope: {e}")))?;
         let manifest = fleet_core::ota::Manifest::parse(env.payload)
             .map_err(|e| JobsError::Invalid(format!("manifest: {e}")))?;
-        let digest: [u8; 32] = {
+        // Hashing a large image is CPU work: off the runtime's threads.
+        let (image, digest) = tokio::task::spawn_blocking(move || {
             use sha2::Digest;
-            sha2::Sha256::digest(&image).into()
-        };
+            let digest: [u8; 32] = sha2::Sha256::digest(&image).into();
+            (image, digest)
+        })
+        .await
+        .map_err(|e| JobsError::Invalid(e.to_string()))?;
         if manifest.size != image.len() as u64 || manifest.digest != digest {
             return Err(JobsError::Invalid(
                 "the image is not the one the manifest describes (size or SHA-256)".into(),
             ));
         }
         streams
-            .try_put(release_id, "OTA release", vec![image, envelope.to_vec()])
+            .save(release_id, "OTA release", vec![image, envelope.to_vec()])
+            .await
             .map_err(|e| JobsError::Invalid(e.to_string()))?;
         Ok(())
     }
@@ -125,6 +131,10 @@ impl<S: JobStore> JobsService<S> {
         registry: &Registry,
         now: u64,
     ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        streams
+            .refresh(&spec.release_id)
+            .await
+            .map_err(|e| JobsError::Invalid(e.to_string()))?;
         let envelope = streams
             .file(&spec.release_id, 1)
             .ok_or_else(|| JobsError::NotFound(format!("release {}", spec.release_id)))?;

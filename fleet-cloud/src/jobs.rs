@@ -1326,13 +1326,13 @@ trait JobsDyn: Send + Sync {
         action: RolloutAction,
         now: u64,
     ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
-    fn register_release(
-        &self,
-        release_id: &str,
-        envelope: &[u8],
+    fn register_release<'a>(
+        &'a self,
+        release_id: &'a str,
+        envelope: &'a [u8],
         image: Vec<u8>,
-        streams: &crate::StreamService,
-    ) -> Result<(), JobsError>;
+        streams: &'a crate::StreamService,
+    ) -> BoxFuture<'a, Result<(), JobsError>>;
     fn start_campaign<'a>(
         &'a self,
         spec: crate::CampaignSpec,
@@ -1440,14 +1440,16 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
         })
     }
 
-    fn register_release(
-        &self,
-        release_id: &str,
-        envelope: &[u8],
+    fn register_release<'a>(
+        &'a self,
+        release_id: &'a str,
+        envelope: &'a [u8],
         image: Vec<u8>,
-        streams: &crate::StreamService,
-    ) -> Result<(), JobsError> {
-        JobsService::register_release(self, release_id, envelope, image, streams)
+        streams: &'a crate::StreamService,
+    ) -> BoxFuture<'a, Result<(), JobsError>> {
+        Box::pin(JobsService::register_release(
+            self, release_id, envelope, image, streams,
+        ))
     }
 
     fn start_campaign<'a>(
@@ -1560,7 +1562,7 @@ impl JobsEndpoint {
     }
 
     /// [`JobsService::register_release`].
-    pub fn register_release(
+    pub async fn register_release(
         &self,
         release_id: &str,
         envelope: &[u8],
@@ -1569,6 +1571,7 @@ impl JobsEndpoint {
     ) -> Result<(), JobsError> {
         self.0
             .register_release(release_id, envelope, image, streams)
+            .await
     }
 
     /// [`JobsService::start_campaign`].

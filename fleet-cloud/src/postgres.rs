@@ -46,7 +46,19 @@ const MIGRATIONS: &[&str] = &[
         holder TEXT NOT NULL,
         expires_at BIGINT NOT NULL
     );",
+    // File streams (OTA release images), served by every instance.
+    "CREATE TABLE stream_files (
+        stream TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        description TEXT NOT NULL,
+        file INTEGER NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (stream, file)
+    );",
 ];
+
+/// A stream as stored: version, description, files.
+pub(crate) type StoredStream = (u32, String, Vec<Vec<u8>>);
 
 /// The key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x666c_6565_7401;
@@ -75,21 +87,173 @@ fn signed(r: u64) -> i64 {
     i64::try_from(r).unwrap_or(i64::MAX)
 }
 
+/// The TLS settings of a connection string: libpq's `sslrootcert`,
+/// `sslcert` and `sslkey` (which tokio-postgres does not read), taken out
+/// of it; `verify-ca` and `verify-full` become `require` (fleet always
+/// verifies the server's certificate and name).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TlsParams {
+    root: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    /// `sslmode`, as given.
+    mode: Option<String>,
+}
+
+impl TlsParams {
+    fn take(&mut self, key: &str, value: &str) -> bool {
+        let slot = match key {
+            "sslrootcert" => &mut self.root,
+            "sslcert" => &mut self.cert,
+            "sslkey" => &mut self.key,
+            "sslmode" => {
+                self.mode = Some(value.to_string());
+                return false; // kept (rewritten below)
+            }
+            _ => return false,
+        };
+        *slot = Some(value.to_string());
+        true
+    }
+}
+
+/// Splits the TLS parameters out of `url` (URI or `key=value` form);
+/// returns what tokio-postgres should parse.
+fn split_tls(url: &str) -> (String, TlsParams) {
+    let mut tls = TlsParams::default();
+    let fix_mode = |v: &str| match v {
+        "verify-ca" | "verify-full" => "require".to_string(),
+        other => other.to_string(),
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_string(), tls);
+        };
+        let kept: Vec<String> = query
+            .split('&')
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if tls.take(k, v) {
+                    None
+                } else if k == "sslmode" {
+                    Some(format!("sslmode={}", fix_mode(v)))
+                } else {
+                    Some(pair.to_string())
+                }
+            })
+            .collect();
+        if kept.is_empty() {
+            (base.to_string(), tls)
+        } else {
+            (format!("{base}?{}", kept.join("&")), tls)
+        }
+    } else {
+        let kept: Vec<String> = url
+            .split_whitespace()
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if tls.take(k, v) {
+                    None
+                } else if k == "sslmode" {
+                    Some(format!("sslmode={}", fix_mode(v)))
+                } else {
+                    Some(pair.to_string())
+                }
+            })
+            .collect();
+        (kept.join(" "), tls)
+    }
+}
+
+/// The rustls client configuration for `tls` (`None`: no TLS asked for).
+fn tls_config(tls: &TlsParams) -> Result<Option<rustls::ClientConfig>, StoreError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn fmt::Display| {
+        StoreError::Backend(format!("PostgreSQL TLS: {what}: {e}"))
+    };
+    let wants = matches!(
+        tls.mode.as_deref(),
+        Some("require" | "verify-ca" | "verify-full")
+    );
+    let Some(root) = &tls.root else {
+        if wants || tls.cert.is_some() || tls.key.is_some() {
+            return Err(StoreError::Backend(
+                "PostgreSQL TLS: sslrootcert=<CA file> is needed (the server's certificate is always verified)".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if tls.mode.as_deref() == Some("disable") {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(root).map_err(|e| bad(root, &e))? {
+        roots
+            .add(cert.map_err(|e| bad(root, &e))?)
+            .map_err(|e| bad(root, &e))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("protocol versions", &e))?
+    .with_root_certificates(roots);
+    let config = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| bad(cert, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(cert, &e))?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| bad(cert, &e))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => {
+            return Err(StoreError::Backend(
+                "PostgreSQL TLS: sslcert and sslkey go together".into(),
+            ));
+        }
+    };
+    Ok(Some(config))
+}
+
 impl PgStore {
     /// Connects to `url` (`postgres://user:password@host:port/database`, or
     /// the `key=value` form), with a pool of at most `max_connections`, and
     /// brings the schema up to date.
+    ///
+    /// TLS takes libpq's parameters: `sslrootcert=ca.pem` (the CA of the
+    /// server's certificate; with it, TLS is required and the server's
+    /// certificate and host name verified), and `sslcert=client.pem` with
+    /// `sslkey=client.key` for certificate authentication. `sslmode=require`
+    /// without `sslrootcert` is refused: fleet does not connect to a server
+    /// it cannot verify.
     pub async fn connect(url: &str, max_connections: usize) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        let (url, tls) = split_tls(url);
+        let tls = tls_config(&tls)?;
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Backend(format!("PostgreSQL URL: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls {
+            Some(tls) => {
+                // A CA given means TLS, not a fallback to plain text.
+                if config.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer {
+                    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                }
+                Manager::from_config(
+                    config,
+                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                    manager_config,
+                )
+            }
+            None => Manager::from_config(config, NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .build()
@@ -339,6 +503,96 @@ impl JobStore for PgStore {
             .await
             .map_err(backend)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+impl PgStore {
+    /// The streams (all, or the one named), with their files in order.
+    pub(crate) async fn load_streams(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, StoredStream)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT stream, version, description, data FROM stream_files
+                 WHERE $1::TEXT IS NULL OR stream = $1 ORDER BY stream, file",
+                &[&only],
+            )
+            .await
+            .map_err(backend)?;
+        let mut out: Vec<(String, StoredStream)> = Vec::new();
+        for r in rows {
+            let id: String = r.get(0);
+            let version = u32::try_from(r.get::<_, i32>(1)).unwrap_or(0);
+            let data: Vec<u8> = r.get(3);
+            match out.last_mut() {
+                Some((last, (_, _, files))) if *last == id => files.push(data),
+                _ => out.push((id, (version, r.get(2), vec![data]))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored version of stream `id`.
+    pub(crate) async fn stream_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT version FROM stream_files WHERE stream = $1 AND file = 0",
+                &[&id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|r| u32::try_from(r.get::<_, i32>(0)).unwrap_or(0)))
+    }
+
+    /// Replaces stream `id` in one transaction (one writer at a time per
+    /// stream); returns its new version.
+    pub(crate) async fn save_stream(
+        &self,
+        id: &str,
+        description: &str,
+        files: &[Vec<u8>],
+    ) -> Result<u32, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(backend)?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&id])
+            .await
+            .map_err(backend)?;
+        let row = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM stream_files WHERE stream = $1",
+                &[&id],
+            )
+            .await
+            .map_err(backend)?;
+        let version = row.get::<_, i32>(0).saturating_add(1);
+        tx.execute("DELETE FROM stream_files WHERE stream = $1", &[&id])
+            .await
+            .map_err(backend)?;
+        for (i, f) in files.iter().enumerate() {
+            let file = i32::try_from(i).map_err(backend)?;
+            tx.execute(
+                "INSERT INTO stream_files (stream, version, description, file, data)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&id, &version, &description, &file, f],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(u32::try_from(version).unwrap_or(0))
+    }
+
+    /// Forgets stream `id`.
+    pub(crate) async fn delete_stream(&self, id: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM stream_files WHERE stream = $1", &[&id])
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 }
 

@@ -41,6 +41,10 @@ pub struct StreamService {
     streams: Arc<RwLock<HashMap<String, Stream>>>,
     /// Where streams are kept across restarts (`None`: memory only).
     db: Option<Arc<std::sync::Mutex<rusqlite::Connection>>>,
+    /// Streams shared by every instance on one PostgreSQL (`streams` is
+    /// then this instance's copy, brought up to date by
+    /// [`refresh`](Self::refresh)).
+    pg: Option<crate::PgStore>,
 }
 
 /// A stream could not be stored or loaded.
@@ -109,7 +113,114 @@ impl StreamService {
         Ok(Self {
             streams: Arc::new(RwLock::new(streams)),
             db: Some(Arc::new(std::sync::Mutex::new(conn))),
+            pg: None,
         })
+    }
+
+    /// Streams kept in PostgreSQL, shared by every instance on the same
+    /// database: a stream one instance [`save`](Self::save)s, the others
+    /// serve too (each keeps a copy, checked against the database's version
+    /// before each request it answers).
+    pub async fn postgres(store: &crate::PgStore) -> Result<Self, StreamStoreError> {
+        let service = Self {
+            pg: Some(store.clone()),
+            ..Self::default()
+        };
+        for (id, stream) in store.load_streams(None).await.map_err(db_err)? {
+            service.cache(id, stream);
+        }
+        Ok(service)
+    }
+
+    fn cache(&self, id: String, stream: (u32, String, Vec<Vec<u8>>)) {
+        let (version, description, files) = stream;
+        self.streams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                Stream {
+                    version,
+                    description,
+                    files: files.into_iter().map(Arc::new).collect(),
+                },
+            );
+    }
+
+    fn cached_version(&self, id: &str) -> Option<u32> {
+        self.streams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .map(|s| s.version)
+    }
+
+    /// Stores `files` as stream `id` in whatever backs this service (memory,
+    /// SQLite or PostgreSQL) and serves them; replacing a stream raises its
+    /// version. Returns the version.
+    pub async fn save(
+        &self,
+        id: &str,
+        description: &str,
+        files: Vec<Vec<u8>>,
+    ) -> Result<u32, StreamStoreError> {
+        match &self.pg {
+            Some(pg) => {
+                let version = pg
+                    .save_stream(id, description, &files)
+                    .await
+                    .map_err(db_err)?;
+                self.cache(id.into(), (version, description.into(), files));
+                Ok(version)
+            }
+            None => {
+                let (this, id, description) =
+                    (self.clone(), id.to_string(), description.to_string());
+                tokio::task::spawn_blocking(move || this.try_put(&id, &description, files))
+                    .await
+                    .map_err(db_err)?
+            }
+        }
+    }
+
+    /// Brings this instance's copy of stream `id` up to date with the
+    /// database it shares with other instances (PostgreSQL); nothing to do
+    /// for the other stores, which only this instance writes.
+    pub async fn refresh(&self, id: &str) -> Result<(), StreamStoreError> {
+        let Some(pg) = &self.pg else {
+            return Ok(());
+        };
+        let stored = pg.stream_version(id).await.map_err(db_err)?;
+        if stored == self.cached_version(id) {
+            return Ok(());
+        }
+        let mut loaded = pg.load_streams(Some(id)).await.map_err(db_err)?;
+        match loaded.pop() {
+            Some((id, stream)) => self.cache(id, stream),
+            None => {
+                self.streams
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`refresh`](Self::refresh) for the stream a request on `topic` (under
+    /// `prefix`) names; nothing for other topics.
+    pub async fn refresh_for(
+        &self,
+        prefix: &TopicPrefix<'_>,
+        topic: &str,
+    ) -> Result<(), StreamStoreError> {
+        if self.pg.is_none() {
+            return Ok(());
+        }
+        match Topic::parse(prefix, topic) {
+            Ok(Topic::Stream(t)) => self.refresh(t.stream.as_str()).await,
+            _ => Ok(()),
+        }
     }
 
     /// As [`put`](Self::put), reporting a failure to store the stream (a
@@ -120,6 +231,11 @@ impl StreamService {
         description: &str,
         files: Vec<Vec<u8>>,
     ) -> Result<u32, StreamStoreError> {
+        if self.pg.is_some() {
+            return Err(StreamStoreError(
+                "streams in PostgreSQL are written with `save`".into(),
+            ));
+        }
         let version = self
             .streams
             .read()
@@ -180,7 +296,12 @@ impl StreamService {
     }
 
     /// Stops serving a stream (and forgets it in the store).
-    pub fn remove(&self, id: &str) {
+    pub async fn remove(&self, id: &str) {
+        if let Some(pg) = &self.pg
+            && let Err(e) = pg.delete_stream(id).await
+        {
+            tracing::error!("stream store: {e}");
+        }
         if let Some(db) = &self.db {
             let conn = db.lock().unwrap_or_else(PoisonError::into_inner);
             if let Err(e) = conn.execute("DELETE FROM stream_files WHERE stream = ?1", [id]) {
@@ -429,15 +550,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn stored_streams_are_served_after_a_restart() {
+    #[tokio::test]
+    async fn stored_streams_are_served_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fleet.db");
         let s = StreamService::open(&path).unwrap();
         s.try_put("fw", "firmware", vec![vec![1; 300], vec![2; 10]])
             .unwrap();
         s.try_put("gone", "x", vec![vec![3]]).unwrap();
-        s.remove("gone");
+        s.remove("gone").await;
         drop(s);
         let s = StreamService::open(&path).unwrap();
         let d = s.handle("$aws/things/t/streams/fw/describe/json", b"{}");

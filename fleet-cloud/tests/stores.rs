@@ -509,3 +509,124 @@ async fn futures_all(leases: &[fleet_cloud::PgLease]) -> Vec<bool> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_streams_are_served_by_every_instance_on_postgres() {
+    use fleet_cloud::StreamService;
+    use fleet_core::stream::{DataBlock, Format, StreamDescription};
+    let pg = Postgres::start().unwrap();
+    let store = PgStore::connect(&pg.url(), 4).await.unwrap();
+    let a = StreamService::postgres(&store).await.unwrap();
+    let b = StreamService::postgres(&store).await.unwrap();
+    let describe = "$aws/things/t/streams/fw/describe/json";
+    let get = "$aws/things/t/streams/fw/get/json";
+    let prefix = fleet_core::topic::TopicPrefix::AWS;
+    let ask = |s: &StreamService, topic: &str, body: &[u8]| {
+        let (s, topic, body) = (s.clone(), topic.to_string(), body.to_vec());
+        async move {
+            s.refresh_for(&prefix, &topic).await.unwrap();
+            s.handle(&topic, &body)
+        }
+    };
+    // Stored through a: b serves it (a describe and a block).
+    assert_eq!(
+        a.save("fw", "firmware", vec![vec![7; 300], vec![1]])
+            .await
+            .unwrap(),
+        1
+    );
+    let d = ask(&b, describe, b"{}").await;
+    let desc = StreamDescription::decode(&d[0].payload, Format::Json).unwrap();
+    assert_eq!((desc.version, desc.files[0].size), (1, 300));
+    let r = ask(&b, get, br#"{"f":0,"l":256,"o":1,"n":1}"#).await;
+    let block = DataBlock::decode(&r[0].payload, Format::Json).unwrap();
+    assert_eq!(block.payload, vec![7; 44]);
+    // Replaced through b: a sees the new version, and a device reading
+    // the old one is told.
+    assert_eq!(
+        b.save("fw", "firmware", vec![vec![9; 10]]).await.unwrap(),
+        2
+    );
+    let r = ask(&a, get, br#"{"f":0,"l":256,"o":0,"n":1,"s":1}"#).await;
+    assert!(r[0].topic.ends_with("/rejected/json"), "{:?}", r[0].topic);
+    let r = ask(&a, get, br#"{"f":0,"l":256,"o":0,"n":1,"s":2}"#).await;
+    let block = DataBlock::decode(&r[0].payload, Format::Json).unwrap();
+    assert_eq!(block.payload, vec![9; 10]);
+    // A new instance loads what is stored; a removed stream is gone
+    // everywhere; the synchronous put is refused (it would not be shared).
+    let c = StreamService::postgres(&store).await.unwrap();
+    assert_eq!(c.file("fw", 0).unwrap().len(), 10);
+    a.remove("fw").await;
+    let r = ask(&c, describe, b"{}").await;
+    assert!(r[0].topic.ends_with("/rejected/json"));
+    assert!(c.try_put("x", "x", vec![vec![1]]).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_with_certificate_authentication() {
+    use fleet_cloud::pki::Pki;
+    let pki = Pki::new("PostgreSQL test CA").unwrap();
+    let server = pki.server_identity().unwrap();
+    let pg = Postgres::start_tls(fleet_testkit::PostgresTls {
+        cert_pem: server.cert_pem,
+        key_pem: server.key_pem,
+        client_ca_pem: Some(pki.ca_pem()),
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let client = pki.client_identity("fleet").unwrap();
+    let ca = file("ca.pem", &pki.ca_pem());
+    let cert = file("client.pem", &client.cert_pem);
+    let key_file = file("client.key", &client.key_pem);
+    let other = file("other-ca.pem", &Pki::new("another CA").unwrap().ca_pem());
+    let base = format!("postgres://fleet@localhost:{}/postgres", pg.port());
+
+    // Verified server, client certificate: connected, and it stores.
+    let url =
+        format!("{base}?sslmode=verify-full&sslrootcert={ca}&sslcert={cert}&sslkey={key_file}");
+    let store = PgStore::connect(&url, 2).await.unwrap();
+    let k = key("dev-tls", None);
+    let saved = store
+        .save(
+            &k,
+            0,
+            &updated(&Shadow::new(), r#"{"state":{"reported":{"on":true}}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.load(&k).await.unwrap().revision, saved);
+    // The key=value form reads the same parameters.
+    let kv = format!(
+        "host=localhost port={} user=fleet dbname=postgres sslrootcert={ca} sslcert={cert} sslkey={key_file}",
+        pg.port()
+    );
+    PgStore::connect(&kv, 1).await.unwrap();
+
+    // Refused, each with a typed error and no panic: no client certificate,
+    // no TLS at all, a server certificate from another CA, `require`
+    // without a CA to verify against, a certificate without its key.
+    for (url, why) in [
+        (format!("{base}?sslrootcert={ca}"), "no client certificate"),
+        (base.clone(), "plain text"),
+        (
+            format!("{base}?sslrootcert={other}&sslcert={cert}&sslkey={key_file}"),
+            "an unknown server",
+        ),
+        (format!("{base}?sslmode=require"), "nothing to verify with"),
+        (format!("{base}?sslrootcert={ca}&sslcert={cert}"), "no key"),
+    ] {
+        match PgStore::connect(&url, 1).await {
+            Err(StoreError::Backend(e)) => {
+                if why == "nothing to verify with" {
+                    assert!(e.contains("sslrootcert"), "{e}");
+                }
+            }
+            other => panic!("{why}: {other:?}"),
+        }
+    }
+}

@@ -114,7 +114,7 @@ fn image() -> Vec<u8> {
     (0..IMAGE_LEN).map(|i| (i * 13 % 253) as u8).collect()
 }
 
-fn campaign(f: &Fleet, id: &str, things: Vec<String>, policy: RolloutPolicy) -> CampaignSpec {
+async fn campaign(f: &Fleet, id: &str, things: Vec<String>, policy: RolloutPolicy) -> CampaignSpec {
     let image = image();
     let release = format!("{id}-release");
     let manifest = ManifestBuilder::new(
@@ -130,10 +130,12 @@ fn campaign(f: &Fleet, id: &str, things: Vec<String>, policy: RolloutPolicy) -> 
     assert!(
         f.jobs
             .register_release(&release, &envelope, vec![0; IMAGE_LEN], &f.streams)
+            .await
             .is_err()
     );
     f.jobs
         .register_release(&release, &envelope, image, &f.streams)
+        .await
         .unwrap();
     CampaignSpec {
         campaign_id: id.into(),
@@ -334,7 +336,7 @@ async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
     let out = f
         .jobs
         .start_campaign(
-            campaign(&f, "fw-3", things, policy),
+            campaign(&f, "fw-3", things, policy).await,
             &f.streams,
             &f.registry,
             f.jobs.now(),
@@ -436,7 +438,7 @@ async fn failed_self_tests_abort_the_campaign_and_roll_back() {
     let things = (0..N).map(|i| format!("dev-{i:03}")).collect();
     f.jobs
         .start_campaign(
-            campaign(&f, "fw-bad", things, policy),
+            campaign(&f, "fw-bad", things, policy).await,
             &f.streams,
             &f.registry,
             f.jobs.now(),

@@ -28,7 +28,7 @@ pub use broker::{BACKEND_IDENTITY, Broker, BrokerKind, BrokerOptions};
 pub use client::{Message, TestClient, client_tls_config};
 pub use fleet_cloud::BrokerPolicy;
 pub use fleet_cloud::pki::{Identity, Pki};
-pub use postgres::Postgres;
+pub use postgres::{Postgres, PostgresTls};
 pub use proxy::Proxy;
 
 /// Why the harness could not do what a test asked.

@@ -61,9 +61,32 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// TLS for a [`Postgres`] server: its certificate and key (PEM), and, for
+/// certificate authentication, the CA of the clients' certificates (a
+/// client then logs in as the user its certificate's common name names).
+/// Connections over TCP without TLS are refused.
+#[derive(Debug, Clone)]
+pub struct PostgresTls {
+    /// The server's certificate chain (PEM).
+    pub cert_pem: String,
+    /// The server's private key (PEM).
+    pub key_pem: String,
+    /// With it, clients must present a certificate it signed.
+    pub client_ca_pem: Option<String>,
+}
+
 impl Postgres {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> Result<Self, HarnessError> {
+        Self::start_with(None)
+    }
+
+    /// Starts a server that accepts TCP connections only over TLS.
+    pub fn start_tls(tls: PostgresTls) -> Result<Self, HarnessError> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<PostgresTls>) -> Result<Self, HarnessError> {
         let bin = find_bin().ok_or(HarnessError::PostgresNotFound)?;
         let dir = tempfile::Builder::new()
             .prefix("fleet-pg-")
@@ -104,13 +127,61 @@ impl Postgres {
                 "--no-sync",
             ],
         )?;
+        let mut tls_options = String::new();
+        if let Some(tls) = &tls {
+            let write = |name: &str, text: &str| {
+                let path = data.join(name);
+                std::fs::write(&path, text)
+                    .map_err(|e| HarnessError::io(format!("write {}", path.display()), e))?;
+                // PostgreSQL refuses a key others can read.
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| HarnessError::io("chmod a TLS file", e))?;
+                }
+                Ok::<_, HarnessError>(path)
+            };
+            write("server.crt", &tls.cert_pem)?;
+            write("server.key", &tls.key_pem)?;
+            let method = match &tls.client_ca_pem {
+                Some(ca) => {
+                    write("client-ca.crt", ca)?;
+                    tls_options.push_str(" -c ssl_ca_file=client-ca.crt");
+                    "cert"
+                }
+                None => "trust",
+            };
+            write(
+                "pg_hba.conf",
+                &format!(
+                    "local all all trust\nhostssl all all 127.0.0.1/32 {method}\nhostnossl all all 127.0.0.1/32 reject\n"
+                ),
+            )?;
+            tls_options
+                .push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+            if let Some(user) = &pg.run_as {
+                let status = Command::new("chown")
+                    .arg("-R")
+                    .arg(user)
+                    .arg(&data)
+                    .status()
+                    .map_err(|e| HarnessError::io("chown PostgreSQL's TLS files", e))?;
+                if !status.success() {
+                    return Err(HarnessError::PostgresFailed {
+                        what: format!("chown to {user} failed ({status})"),
+                        log: String::new(),
+                    });
+                }
+            }
+        }
         // Another process may take the port between the probe and the
         // bind: try a few.
         let mut last = None;
         for _ in 0..5 {
             pg.port = free_port()?;
             let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{tls_options}",
                 pg.port,
                 path_str(pg.dir.path())?
             );

@@ -429,7 +429,8 @@ async fn run() -> Result<(), BoxError> {
     let envelope = fleet_core::ota::tools::sign_manifest(&manifest, &[&targets_key]);
     cloud
         .jobs
-        .register_release("fw-2-0-0", &envelope, image, &cloud.streams)?;
+        .register_release("fw-2-0-0", &envelope, image, &cloud.streams)
+        .await?;
     let policy = RolloutPolicy {
         rate: RateLimit::Constant { per_minute: 600 },
         groups: vec![RolloutGroup {

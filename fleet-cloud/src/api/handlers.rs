@@ -822,12 +822,9 @@ async fn upload_release(
         .decode(&body.image)
         .map_err(|e| ApiError::invalid(format!("image: {e}")))?;
     let size = image.len() as u64;
-    let (jobs, streams, id) = (
-        api.jobs.clone(),
-        api.streams.clone(),
-        body.release_id.clone(),
-    );
-    blocking(move || Ok(jobs.register_release(&id, &envelope, image, &streams)?)).await?;
+    api.jobs
+        .register_release(&body.release_id, &envelope, image, &api.streams)
+        .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(ReleaseView {

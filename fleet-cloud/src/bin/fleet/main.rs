@@ -432,9 +432,10 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             &instance,
             std::time::Duration::from_secs(5),
         );
-        // Release images stay in this instance's memory (not shared yet).
+        // Release images are kept in PostgreSQL too: every instance serves
+        // the streams any of them stored.
         let extras = Extras {
-            streams: Some(StreamService::new()),
+            streams: Some(StreamService::postgres(&pg).await?),
             leadership: Some(std::sync::Arc::new(lease)),
             ..extras
         };
