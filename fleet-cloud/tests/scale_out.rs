@@ -184,17 +184,16 @@ fn log_events(instances: &[Instance], needle: &str) -> Vec<(String, usize, Strin
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_instances_survive_a_sigkill_mid_run() {
+/// A PostgreSQL, the embedded broker, and a directory with the
+/// certificates every `fleet serve` of the test shares.
+fn setup() -> (Postgres, Broker, tempfile::TempDir) {
     let pg = Postgres::start().expect("start PostgreSQL");
-    let url = pg.uri();
     let broker = Broker::start_with(BrokerOptions {
         kind: BrokerKind::Embedded,
         ..BrokerOptions::default()
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
     let server = broker.pki().server_identity().unwrap();
     let backend = broker.backend_identity().unwrap();
     for (name, text) in [
@@ -204,8 +203,34 @@ async fn three_instances_survive_a_sigkill_mid_run() {
         ("backend.pem", backend.cert_pem),
         ("backend.key", backend.key_pem),
     ] {
-        std::fs::write(d.join(name), text).unwrap();
+        std::fs::write(dir.path().join(name), text).unwrap();
     }
+    (pg, broker, dir)
+}
+
+/// Runs the `fleet` CLI against `instance`'s API; its stdout, or the test
+/// fails with its stderr.
+fn cli(instance: &Instance, dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(args)
+        .env("FLEET_API", &instance.api)
+        .env("FLEET_TOKEN_FILE", dir.join("admin.token"))
+        .env("FLEET_CA", dir.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fleet {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_survive_a_sigkill_mid_run() {
+    let (pg, broker, dir) = setup();
+    let url = pg.uri();
+    let d = dir.path();
     let mut instances: Vec<Instance> = (0..INSTANCES)
         .map(|k| start_instance(k, d, &broker, &url))
         .collect();
@@ -426,4 +451,135 @@ async fn three_instances_survive_a_sigkill_mid_run() {
         releases.len(),
         split
     );
+}
+
+/// A release uploaded through one instance's API is kept in PostgreSQL:
+/// after that instance is killed, another starts a campaign with it and
+/// serves its image to a device, block for block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_uploaded_through_one_instance_is_served_by_another() {
+    use fleet_core::stream::{DataBlock, DescribeRequest, Format, GetRequest, StreamDescription};
+    let (pg, broker, dir) = setup();
+    let d = dir.path();
+    let mut first = start_instance(0, d, &broker, &pg.uri());
+    let second = start_instance(1, d, &broker, &pg.uri());
+
+    let image: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(d.join("fw.bin"), &image).unwrap();
+    let path = |name: &str| d.join(name).display().to_string();
+    cli(&first, d, &["keygen", "--out", &path("release.key")]);
+    cli(
+        &first,
+        d,
+        &[
+            "manifest",
+            "sign",
+            "--image",
+            &path("fw.bin"),
+            "--key",
+            &path("release.key"),
+            "--component",
+            "fw",
+            "--version",
+            "2.0.0",
+            "--sequence",
+            "2",
+            "--hardware-id",
+            "p100",
+            "--out",
+            &path("fw.envelope"),
+        ],
+    );
+    cli(
+        &first,
+        d,
+        &[
+            "release",
+            "upload",
+            "fw-2",
+            "--envelope",
+            &path("fw.envelope"),
+            "--image",
+            &path("fw.bin"),
+        ],
+    );
+    cli(&first, d, &["thing", "create", "dev-ota"]);
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+
+    // The other instance knows the release: the campaign starts.
+    let c = cli(
+        &second,
+        d,
+        &[
+            "campaign",
+            "start",
+            "c1",
+            "--release",
+            "fw-2",
+            "--thing",
+            "dev-ota",
+            "--json",
+        ],
+    );
+    assert!(c.contains("\"campaignId\""), "{c}");
+
+    // And it serves the image (the only instance left answers).
+    let id = broker.device_identity("dev-ota").unwrap();
+    let mut dev = fleet_testkit::TestClient::connect(&broker, &id, "dev-ota")
+        .await
+        .unwrap();
+    let base = "$aws/things/dev-ota/streams/fw-2";
+    assert!(dev.subscribe(&format!("{base}/+/json")).await.unwrap());
+    let describe = DescribeRequest {
+        client_token: Some("d1".into()),
+    };
+    dev.publish(
+        &format!("{base}/describe/json"),
+        describe.encode(Format::Json),
+    )
+    .await
+    .unwrap();
+    let m = next_answer(&mut dev, "/description/json").await;
+    let desc = StreamDescription::decode(&m.payload, Format::Json).unwrap();
+    assert_eq!(desc.files[0].size as usize, image.len());
+    let block_size = 4096u32;
+    let blocks = (image.len() as u32).div_ceil(block_size);
+    let get = GetRequest {
+        client_token: Some("g1".into()),
+        version: Some(desc.version),
+        file_id: 0,
+        block_size,
+        offset: 0,
+        count: blocks,
+        bitmap: None,
+    };
+    dev.publish(&format!("{base}/get/json"), get.encode(Format::Json))
+        .await
+        .unwrap();
+    let mut got = vec![Vec::new(); blocks as usize];
+    for _ in 0..blocks {
+        let m = next_answer(&mut dev, "/data/json").await;
+        let block = DataBlock::decode(&m.payload, Format::Json).unwrap();
+        got[block.block_id as usize] = block.payload;
+    }
+    assert_eq!(got.concat(), image, "the image, block for block");
+}
+
+/// The next message on a topic ending with `suffix` (a rejection fails).
+async fn next_answer(dev: &mut fleet_testkit::TestClient, suffix: &str) -> fleet_testkit::Message {
+    loop {
+        let m = dev
+            .recv(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("no {suffix} within 10 s"));
+        assert!(
+            !m.topic.ends_with("/rejected/json"),
+            "rejected: {}",
+            String::from_utf8_lossy(&m.payload)
+        );
+        if m.topic.ends_with(suffix) {
+            return m;
+        }
+    }
 }
