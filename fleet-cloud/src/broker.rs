@@ -500,12 +500,10 @@ pub fn serve<S: ShadowStore>(
             while let Some((topic, payload, response_topic, correlation)) =
                 provisioning_rx.recv().await
             {
-                let p = provisioning.clone();
-                let reply = tokio::task::spawn_blocking(move || {
-                    p.handle(&topic, &payload, response_topic.as_deref(), epoch_seconds())
-                })
-                .await;
-                let Ok(Some(reply)) = reply else { continue };
+                let reply = provisioning
+                    .handle(&topic, &payload, response_topic.as_deref(), epoch_seconds())
+                    .await;
+                let Some(reply) = reply else { continue };
                 let properties = PublishProperties {
                     correlation_data: correlation,
                     ..PublishProperties::default()

@@ -209,7 +209,7 @@ impl<S: JobStore> JobsService<S> {
                 (JobStatus::TimedOut, _) => s.timed_out += 1,
                 (JobStatus::Canceled | JobStatus::Removed, _) => s.canceled += 1,
                 (JobStatus::Succeeded | JobStatus::Failed, Some(r)) => {
-                    match verify_receipt(registry, thing, r, &digest, &nonce) {
+                    match verify_receipt(registry, thing, r, &digest, &nonce).await {
                         Some(InstallOutcome::Committed) if e.status == JobStatus::Succeeded => {
                             s.succeeded += 1;
                         }
@@ -280,7 +280,7 @@ impl FromDocument for OtaJob {
 
 /// Checks a base64 receipt against the thing's registered key, the
 /// campaign's manifest digest and nonce; returns its outcome.
-fn verify_receipt(
+async fn verify_receipt(
     registry: &Registry,
     thing: &str,
     receipt_b64: &str,
@@ -289,6 +289,7 @@ fn verify_receipt(
 ) -> Option<InstallOutcome> {
     let key = registry
         .thing(thing)
+        .await
         .ok()?
         .attributes
         .get(RECEIPT_KEY_ATTRIBUTE)?

@@ -636,29 +636,17 @@ impl<S: JobStore> JobsService<S> {
         now: u64,
     ) -> Result<Vec<JobsOutgoing>, JobsError> {
         fleet_core::JobId::new(&spec.job_id).map_err(|e| JobsError::Invalid(e.to_string()))?;
-        let targets = self.resolve(&spec, registry)?;
-        let rollout = spec.rollout.as_ref().map(|_| {
-            let mut order: Vec<String> = Vec::new();
-            let mut seen = BTreeSet::new();
-            for t in spec.things.iter().cloned().chain(
-                spec.groups
-                    .iter()
-                    .flat_map(|g| registry.group_members(g).unwrap_or_default()),
-            ) {
-                if seen.insert(t.clone()) {
-                    order.push(t);
-                }
-            }
-            RolloutState {
-                targets: vec![Target::PENDING; order.len()],
-                order,
-                control: RolloutControl {
-                    open_groups: 1,
-                    ..RolloutControl::default()
-                },
-                recent_releases: Vec::new(),
-                status: None,
-            }
+        let order = self.resolve(&spec, registry).await?;
+        let targets: BTreeSet<String> = order.iter().cloned().collect();
+        let rollout = spec.rollout.as_ref().map(|_| RolloutState {
+            targets: vec![Target::PENDING; order.len()],
+            order,
+            control: RolloutControl {
+                open_groups: 1,
+                ..RolloutControl::default()
+            },
+            recent_releases: Vec::new(),
+            status: None,
         });
         let record = JobRecord {
             spec,
@@ -679,19 +667,29 @@ impl<S: JobStore> JobsService<S> {
         self.queue_for(&record.spec.job_id, targets, now).await
     }
 
-    fn resolve(&self, spec: &JobSpec, registry: &Registry) -> Result<BTreeSet<String>, JobsError> {
-        let mut targets = BTreeSet::new();
+    /// The job's targets, each once, in order: the things named, then each
+    /// group's members (a rollout releases them in this order).
+    async fn resolve(&self, spec: &JobSpec, registry: &Registry) -> Result<Vec<String>, JobsError> {
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
         for t in &spec.things {
             ThingName::new(t).map_err(|e| JobsError::Invalid(format!("thing {t}: {e}")))?;
-            targets.insert(t.clone());
+            if seen.insert(t.clone()) {
+                order.push(t.clone());
+            }
         }
         for g in &spec.groups {
             let members = registry
                 .group_members(g)
+                .await
                 .map_err(|e| JobsError::Invalid(format!("group {g}: {e}")))?;
-            targets.extend(members);
+            for t in members {
+                if seen.insert(t.clone()) {
+                    order.push(t);
+                }
+            }
         }
-        Ok(targets)
+        Ok(order)
     }
 
     /// Queues executions of `job_id` for `things` not targeted yet, and
@@ -800,8 +798,11 @@ impl<S: JobStore> JobsService<S> {
             {
                 continue;
             }
-            let targets = self.resolve(&job.value.spec, registry)?;
-            out.extend(self.queue_for(&id, targets, now).await?);
+            let targets = self.resolve(&job.value.spec, registry).await?;
+            out.extend(
+                self.queue_for(&id, targets.into_iter().collect(), now)
+                    .await?,
+            );
         }
         Ok(out)
     }

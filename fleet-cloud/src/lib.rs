@@ -26,7 +26,8 @@
 //! - [`ShadowService`]: the AWS IoT Device Shadow service over a store, the
 //!   rules being fleet-core's, callable from Rust and from the broker.
 //! - [`Registry`]: things with attributes, static and dynamic thing groups,
-//!   certificates with status.
+//!   certificates with status, management API tokens; in SQLite, or in
+//!   PostgreSQL beside the store ([`Registry::postgres`]).
 //! - [`ProvisioningService`]: fleet provisioning by claim (`create-from-csr`
 //!   signed by the fleet CA, ownership tokens, templates, a pre-provisioning
 //!   hook, `RegisterThing`), with replies only to the requester.
@@ -49,7 +50,7 @@
 //!   receipts are verified against each device's registered key
 //!   ([`CampaignStatus`], `watch_campaign`, `watch_job`).
 //! - [`StreamService`]: MQTT file streams (describe, get blocks; JSON and
-//!   CBOR), how OTA images reach devices.
+//!   CBOR), how OTA images reach devices; kept in SQLite or PostgreSQL.
 //! - [`CommandCenter`]: send a command to a thing and await its answer,
 //!   with a timeout.
 //! - [`telemetry`]: rules route device telemetry to sinks (JSON lines,
@@ -61,11 +62,20 @@
 //!   one, SQLite or PostgreSQL, the management API) and the operator
 //!   commands that call the API.
 //!
-//! # Status
-//! Several instances share PostgreSQL and the devices' requests, and one at
-//! a time drives rollouts; a shadow update retried with the same client
-//! token is answered again by any instance, not applied twice (job updates
-//! are not deduplicated yet).
+//! # Scale-out
+//! Several `fleet serve` instances share one PostgreSQL (shadows, jobs,
+//! rollouts, the registry, API tokens, release images) and the devices'
+//! requests (MQTT 5 shared subscriptions): every change is a
+//! compare-and-set, and one instance at a time ([`PgLease`]) sweeps
+//! timeouts and drives rollouts, another taking over when it dies. A
+//! shadow or job update retried with the same client token (its answer lost
+//! with the instance that applied it) is answered again by any instance,
+//! not applied twice. Connections to PostgreSQL may use TLS
+//! ([`PgStore::connect`]).
+//!
+//! Not shared: a command's waiter lives in the instance that sent it (its
+//! answer comes back there, on that instance's own topic), and provisioning
+//! by claim is served only with the embedded broker (one instance).
 
 #![forbid(unsafe_code)]
 

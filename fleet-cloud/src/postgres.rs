@@ -55,6 +55,36 @@ const MIGRATIONS: &[&str] = &[
         data BYTEA NOT NULL,
         PRIMARY KEY (stream, file)
     );",
+    // The registry (crate::Registry::postgres): things, groups,
+    // certificates and API tokens, shared by every instance.
+    "CREATE TABLE things (
+        name TEXT PRIMARY KEY,
+        attributes TEXT NOT NULL,
+        enabled BOOLEAN NOT NULL
+    );
+    CREATE TABLE thing_groups (
+        name TEXT PRIMARY KEY,
+        query TEXT
+    );
+    CREATE TABLE group_members (
+        group_name TEXT NOT NULL REFERENCES thing_groups(name) ON DELETE CASCADE,
+        thing TEXT NOT NULL REFERENCES things(name) ON DELETE CASCADE,
+        PRIMARY KEY (group_name, thing)
+    );
+    CREATE TABLE certificates (
+        id TEXT PRIMARY KEY,
+        thing TEXT NOT NULL REFERENCES things(name) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        pem TEXT NOT NULL
+    );
+    CREATE INDEX certificates_thing ON certificates (thing);
+    CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );",
 ];
 
 /// A stream as stored: version, description, files.
@@ -506,7 +536,58 @@ impl JobStore for PgStore {
     }
 }
 
+/// A registry statement's failure: a duplicate key is
+/// `AlreadyExists(what)`, a missing referenced row `NotFound(what)`.
+fn registry_error(e: tokio_postgres::Error, what: &str) -> crate::RegistryError {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+            crate::RegistryError::AlreadyExists(what.into())
+        }
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => {
+            crate::RegistryError::NotFound(what.into())
+        }
+        _ => crate::RegistryError::Backend(e.to_string()),
+    }
+}
+
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
 impl PgStore {
+    /// Runs a registry query.
+    pub(crate) async fn registry_query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<tokio_postgres::Row>, crate::RegistryError> {
+        let client = self
+            .client()
+            .await
+            .map_err(|e| crate::RegistryError::Backend(e.to_string()))?;
+        client
+            .query(sql, params)
+            .await
+            .map_err(|e| registry_error(e, ""))
+    }
+
+    /// Runs a registry statement; the rows it changed (errors name `what`).
+    pub(crate) async fn registry_execute(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        what: &str,
+    ) -> Result<usize, crate::RegistryError> {
+        let client = self
+            .client()
+            .await
+            .map_err(|e| crate::RegistryError::Backend(e.to_string()))?;
+        client
+            .execute(sql, params)
+            .await
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .map_err(|e| registry_error(e, what))
+    }
+
     /// The streams (all, or the one named), with their files in order.
     pub(crate) async fn load_streams(
         &self,

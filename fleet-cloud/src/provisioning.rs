@@ -204,7 +204,9 @@ impl ProvisioningService {
     /// Handles a request on `topic` at `now` (epoch seconds); `response_topic`
     /// is the request's MQTT 5 response topic. `None` if the topic is not a
     /// provisioning request.
-    pub fn handle(
+    ///
+    /// Signing and key generation run on blocking threads.
+    pub async fn handle(
         &self,
         topic: &str,
         payload: &[u8],
@@ -212,19 +214,19 @@ impl ProvisioningService {
         now: u64,
     ) -> Option<Reply> {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
-        let (result, base) = if rest == "certificates/create-from-csr/json" {
-            (self.create_from_csr(payload, now), topic.to_string())
+        let result = if rest == "certificates/create-from-csr/json" {
+            let (this, payload) = (self.clone(), payload.to_vec());
+            off_runtime(move || this.create_from_csr(&payload, now)).await
         } else if rest == "certificates/create/json" {
-            (self.create_keys(now), topic.to_string())
+            let this = self.clone();
+            off_runtime(move || this.create_keys(now)).await
         } else {
             let template = rest
                 .strip_prefix("provisioning-templates/")?
                 .strip_suffix("/provision/json")?;
-            (
-                self.register_thing(template, payload, now),
-                topic.to_string(),
-            )
+            self.register_thing(template, payload, now).await
         };
+        let base = topic;
         let clients = format!("{}/clients/", self.prefix);
         let (outcome, body) = match result {
             Ok(v) => ("accepted", v.to_string().into_bytes()),
@@ -335,7 +337,7 @@ impl ProvisioningService {
         Ok((token, certificate_id))
     }
 
-    fn register_thing(
+    async fn register_thing(
         &self,
         template: &str,
         payload: &[u8],
@@ -396,8 +398,18 @@ impl ProvisioningService {
             (token.certificate_id.clone(), token.certificate_pem.clone())
         };
         if let Some(hook) = &self.hook {
-            hook.check(template, &request.parameters)
-                .map_err(|reason| ProvisioningError::new(403, "AccessDenied", reason))?;
+            // A hook may ask another system: off the runtime's threads.
+            let (hook, template, parameters) = (
+                hook.clone(),
+                template.to_owned(),
+                request.parameters.clone(),
+            );
+            off_runtime(move || {
+                hook.check(&template, &parameters)
+                    .map(|()| Value::Null)
+                    .map_err(|reason| ProvisioningError::new(403, "AccessDenied", reason))
+            })
+            .await?;
         }
         {
             let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
@@ -416,18 +428,35 @@ impl ProvisioningService {
         attributes.extend(request.parameters.clone());
         let internal =
             |e: RegistryError| ProvisioningError::new(500, "InternalFailure", e.to_string());
-        match self.registry.create_thing(&thing, attributes) {
+        match self.registry.create_thing(&thing, attributes).await {
             Ok(_) | Err(RegistryError::AlreadyExists(_)) => {}
             Err(e) => return Err(internal(e)),
         }
         self.registry
             .add_certificate(&certificate_id, &thing, &certificate_pem)
+            .await
             .map_err(internal)?;
         for g in &t.groups {
-            self.registry.add_to_group(g, &thing).map_err(internal)?;
+            self.registry
+                .add_to_group(g, &thing)
+                .await
+                .map_err(internal)?;
         }
         Ok(json!({"thingName": thing, "deviceConfiguration": {}}))
     }
+}
+
+/// Runs `f` on a blocking thread.
+async fn off_runtime(
+    f: impl FnOnce() -> Result<Value, ProvisioningError> + Send + 'static,
+) -> Result<Value, ProvisioningError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(ProvisioningError::new(
+            500,
+            "InternalFailure",
+            e.to_string(),
+        ))
+    })
 }
 
 /// The certificate's id: the SHA-256 of its DER bytes, hex (as AWS IoT's
@@ -455,8 +484,15 @@ mod tests {
         params.serialize_request(&key).unwrap().pem().unwrap()
     }
 
-    #[test]
-    fn outstanding_tokens_are_bounded() {
+    /// The reply to a request: its last topic level and its body.
+    async fn call(s: &ProvisioningService, topic: &str, body: &str, now: u64) -> (String, Value) {
+        let reply = s.handle(topic, body.as_bytes(), None, now).await.unwrap();
+        let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+        (reply.topic.rsplit('/').next().unwrap().to_string(), v)
+    }
+
+    #[tokio::test]
+    async fn outstanding_tokens_are_bounded() {
         let mut service = ProvisioningService::new(
             Pki::new("test CA").unwrap(),
             Registry::in_memory().unwrap(),
@@ -464,32 +500,27 @@ mod tests {
         );
         service.max_outstanding_tokens = 2;
         let topic = "$aws/certificates/create-from-csr/json";
-        let ask = |now| {
-            let body = json!({"certificateSigningRequest": csr("pump-1")}).to_string();
-            let reply = service.handle(topic, body.as_bytes(), None, now).unwrap();
-            let v: Value = serde_json::from_slice(&reply.payload).unwrap();
-            (reply.topic, v)
-        };
+        let body = json!({"certificateSigningRequest": csr("pump-1")}).to_string();
         for _ in 0..2 {
-            let (t, v) = ask(1_000);
-            assert!(t.ends_with("/accepted"), "{v}");
+            let (t, v) = call(&service, topic, &body, 1_000).await;
+            assert_eq!(t, "accepted", "{v}");
             // The certificate id is the SHA-256 of the DER certificate.
             assert_eq!(
                 v["certificateId"].as_str(),
                 crate::certificate_fingerprint(v["certificatePem"].as_str().unwrap()).as_deref()
             );
         }
-        let (t, v) = ask(1_000);
-        assert!(t.ends_with("/rejected"));
+        let (t, v) = call(&service, topic, &body, 1_000).await;
+        assert_eq!(t, "rejected");
         assert_eq!(v["statusCode"], 429);
         assert_eq!(v["errorCode"], "ThrottlingException");
         // Expired tokens make room again.
-        let (t, _) = ask(1_000 + 3_601);
-        assert!(t.ends_with("/accepted"));
+        let (t, _) = call(&service, topic, &body, 1_000 + 3_601).await;
+        assert_eq!(t, "accepted");
     }
 
-    #[test]
-    fn create_keys_and_certificate_is_opt_in() {
+    #[tokio::test]
+    async fn create_keys_and_certificate_is_opt_in() {
         let template = ProvisioningTemplate {
             name: "factory".into(),
             thing_name_prefix: "pump-".into(),
@@ -505,19 +536,14 @@ mod tests {
             vec![template],
         );
         let create = "$aws/certificates/create/json";
-        let call = |s: &ProvisioningService, topic: &str, body: &str| {
-            let reply = s.handle(topic, body.as_bytes(), None, 1_000).unwrap();
-            let v: Value = serde_json::from_slice(&reply.payload).unwrap();
-            (reply.topic.rsplit('/').next().unwrap().to_string(), v)
-        };
-        let (outcome, v) = call(&service, create, "{}");
+        let (outcome, v) = call(&service, create, "{}", 1_000).await;
         assert_eq!(
             (outcome.as_str(), v["statusCode"].as_u64()),
             ("rejected", Some(403))
         );
 
         service.allow_create_keys = true;
-        let (outcome, v) = call(&service, create, "{}");
+        let (outcome, v) = call(&service, create, "{}", 1_000).await;
         assert_eq!(outcome, "accepted");
         assert!(v["privateKey"].as_str().unwrap().contains("PRIVATE KEY"));
         let body = json!({
@@ -529,14 +555,16 @@ mod tests {
             &service,
             "$aws/provisioning-templates/factory/provision/json",
             &body,
-        );
+            1_000,
+        )
+        .await;
         assert_eq!(outcome, "accepted", "{r}");
         let thing = r["thingName"].as_str().unwrap();
         assert!(thing.starts_with("device-"), "{thing}");
         assert_eq!(
-            registry.thing(thing).unwrap().attributes["SerialNumber"],
+            registry.thing(thing).await.unwrap().attributes["SerialNumber"],
             "77"
         );
-        assert_eq!(registry.certificates(thing).unwrap().len(), 1);
+        assert_eq!(registry.certificates(thing).await.unwrap().len(), 1);
     }
 }

@@ -1,7 +1,8 @@
 //! The registry: things with attributes, thing groups (static, and dynamic
 //! by attribute query), and certificates bound to things, with status.
 //!
-//! Kept in SQLite (a file, or in memory for tests), next to the shadows.
+//! Kept in SQLite (a file, or in memory for tests), or in PostgreSQL beside
+//! the store, shared by every instance on it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -166,22 +167,604 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// A group's attribute query (`None`: a static group).
-fn group_query(conn: &rusqlite::Connection, group: &str) -> Result<Option<String>, RegistryError> {
-    conn.query_row(
-        "SELECT query FROM thing_groups WHERE name = ?1",
-        [group],
-        |r| r.get(0),
-    )
-    .map_err(|e| match e {
-        rusqlite::Error::QueryReturnedNoRows => RegistryError::NotFound(group.into()),
-        e => backend(e),
-    })
-}
-
 /// The registry. Cloning shares it.
+///
+/// Kept in SQLite (a file for one instance, or in memory for tests), or in
+/// PostgreSQL, shared by every `fleet serve` instance on the same database
+/// ([`Registry::postgres`]). The methods are async: SQLite work runs on
+/// blocking threads, PostgreSQL's on the pool's connections.
 #[derive(Debug, Clone)]
 pub struct Registry {
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(SqliteRegistry),
+    Postgres(crate::PgStore),
+}
+
+/// Runs `f` on the SQLite registry on a blocking thread.
+async fn on_sqlite<T: Send + 'static>(
+    s: &SqliteRegistry,
+    f: impl FnOnce(&SqliteRegistry) -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(backend)?
+}
+
+/// A new token's id, its secret and the time, or why not.
+fn new_token(name: &str) -> Result<(String, String, u64), RegistryError> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(RegistryError::InvalidName(format!("token name {name:?}")));
+    }
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut id).map_err(backend)?;
+    getrandom::fill(&mut secret).map_err(backend)?;
+    let created_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok((hex(&id), hex(&secret), created_at))
+}
+
+/// `fleet_{id}_{secret}` split, or `None`.
+fn split_token(token: &str) -> Option<(&str, &str)> {
+    token
+        .strip_prefix("fleet_")
+        .and_then(|rest| rest.split_once('_'))
+}
+
+/// A stored token row, checked against `secret`.
+fn token_record(
+    id: &str,
+    secret: &str,
+    (name, scope, hash, created_at): (String, String, String, i64),
+) -> Result<Option<TokenRecord>, RegistryError> {
+    if !same(&sha256_hex(secret), &hash) {
+        return Ok(None);
+    }
+    Ok(Some(TokenRecord {
+        id: id.into(),
+        name,
+        scope: parse_scope(id, &scope)?,
+        created_at: u64::try_from(created_at).unwrap_or(0),
+    }))
+}
+
+fn parse_scope(id: &str, scope: &str) -> Result<Scope, RegistryError> {
+    Scope::parse(scope)
+        .ok_or_else(|| RegistryError::Backend(format!("token {id}: scope {scope:?}")))
+}
+
+fn matches_query(query: &AttributeQuery, thing: &Thing) -> bool {
+    query
+        .iter()
+        .all(|(k, v)| thing.attributes.get(k) == Some(v))
+}
+
+impl Registry {
+    /// Opens (or creates) the registry in the SQLite file at `path`.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        Ok(Self {
+            backend: Backend::Sqlite(SqliteRegistry::with(
+                rusqlite::Connection::open(path).map_err(backend)?,
+            )?),
+        })
+    }
+
+    /// A registry in memory (a real SQLite database that lives as long as
+    /// the value).
+    pub fn in_memory() -> Result<Self, RegistryError> {
+        Ok(Self {
+            backend: Backend::Sqlite(SqliteRegistry::with(
+                rusqlite::Connection::open_in_memory().map_err(backend)?,
+            )?),
+        })
+    }
+
+    /// The registry in `store`'s PostgreSQL database (its tables are part of
+    /// the store's schema): every instance on that database sees the same
+    /// things, groups, certificates and tokens.
+    pub fn postgres(store: &crate::PgStore) -> Self {
+        Self {
+            backend: Backend::Postgres(store.clone()),
+        }
+    }
+
+    /// Creates a management API token; returns its record and the token
+    /// itself (`fleet_{id}_{secret}`), which is not stored and cannot be
+    /// shown again.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        scope: Scope,
+    ) -> Result<(TokenRecord, String), RegistryError> {
+        let (id, secret, created_at) = new_token(name)?;
+        let hash = sha256_hex(&secret);
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let (id, name, hash) = (id.clone(), name.to_owned(), hash);
+                on_sqlite(s, move |s| {
+                    s.insert_token(&id, &name, scope, &hash, created_at)
+                })
+                .await?;
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute(
+                    "INSERT INTO api_tokens (id, name, scope, secret_sha256, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    &[&id, &name, &scope.as_str(), &hash, &(created_at as i64)],
+                    &id,
+                )
+                .await?;
+            }
+        }
+        let token = format!("fleet_{id}_{secret}");
+        Ok((
+            TokenRecord {
+                id,
+                name: name.into(),
+                scope,
+                created_at,
+            },
+            token,
+        ))
+    }
+
+    /// The token's record if `token` is a valid, unrevoked token.
+    pub async fn verify_token(&self, token: &str) -> Result<Option<TokenRecord>, RegistryError> {
+        let Some((id, secret)) = split_token(token) else {
+            return Ok(None);
+        };
+        let row = match &self.backend {
+            Backend::Sqlite(s) => {
+                let id = id.to_owned();
+                on_sqlite(s, move |s| s.token_row(&id)).await?
+            }
+            Backend::Postgres(pg) => pg
+                .registry_query(
+                    "SELECT name, scope, secret_sha256, created_at FROM api_tokens WHERE id = $1",
+                    &[&id],
+                )
+                .await?
+                .first()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))),
+        };
+        match row {
+            Some(row) => token_record(id, secret, row),
+            None => Ok(None),
+        }
+    }
+
+    /// Every token (without secrets), by id.
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => on_sqlite(s, SqliteRegistry::tokens).await,
+            Backend::Postgres(pg) => pg
+                .registry_query(
+                    "SELECT id, name, scope, created_at FROM api_tokens ORDER BY id",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    let id: String = r.get(0);
+                    Ok(TokenRecord {
+                        scope: parse_scope(&id, r.get(2))?,
+                        name: r.get(1),
+                        created_at: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                        id,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Revokes a token: it is refused from now on.
+    pub async fn revoke_token(&self, id: &str) -> Result<(), RegistryError> {
+        let n = match &self.backend {
+            Backend::Sqlite(s) => {
+                let id = id.to_owned();
+                on_sqlite(s, move |s| s.revoke_token(&id)).await?
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute("DELETE FROM api_tokens WHERE id = $1", &[&id], id)
+                    .await?
+            }
+        };
+        if n == 0 {
+            return Err(RegistryError::NotFound(format!("token {id}")));
+        }
+        Ok(())
+    }
+
+    /// Registers a thing.
+    pub async fn create_thing(
+        &self,
+        name: &str,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<Thing, RegistryError> {
+        ThingName::new(name).map_err(|e| RegistryError::InvalidName(e.to_string()))?;
+        let json = serde_json::to_string(&attributes).map_err(backend)?;
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let name = name.to_owned();
+                on_sqlite(s, move |s| s.insert_thing(&name, &json)).await?;
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute(
+                    "INSERT INTO things (name, attributes, enabled) VALUES ($1, $2, TRUE)",
+                    &[&name, &json],
+                    name,
+                )
+                .await?;
+            }
+        }
+        Ok(Thing {
+            name: name.into(),
+            attributes,
+            enabled: true,
+        })
+    }
+
+    /// A thing.
+    pub async fn thing(&self, name: &str) -> Result<Thing, RegistryError> {
+        let row = match &self.backend {
+            Backend::Sqlite(s) => {
+                let name = name.to_owned();
+                on_sqlite(s, move |s| s.thing_row(&name)).await?
+            }
+            Backend::Postgres(pg) => pg
+                .registry_query(
+                    "SELECT attributes, enabled FROM things WHERE name = $1",
+                    &[&name],
+                )
+                .await?
+                .first()
+                .map(|r| (r.get(0), r.get(1))),
+        };
+        let (attrs, enabled): (String, bool) =
+            row.ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        Ok(Thing {
+            name: name.into(),
+            attributes: serde_json::from_str(&attrs).map_err(backend)?,
+            enabled,
+        })
+    }
+
+    /// Things in name order, `limit` at most, after `after` (for paging).
+    pub async fn things(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Thing>, RegistryError> {
+        let after = after.unwrap_or("").to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(String, String, bool)> = match &self.backend {
+            Backend::Sqlite(s) => on_sqlite(s, move |s| s.thing_rows(&after, limit)).await?,
+            Backend::Postgres(pg) => pg
+                .registry_query(
+                    "SELECT name, attributes, enabled FROM things WHERE name > $1 ORDER BY name LIMIT $2",
+                    &[&after, &limit],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        };
+        rows.into_iter()
+            .map(|(name, attrs, enabled)| {
+                Ok(Thing {
+                    name,
+                    attributes: serde_json::from_str(&attrs).map_err(backend)?,
+                    enabled,
+                })
+            })
+            .collect()
+    }
+
+    /// Replaces a thing's attributes.
+    pub async fn set_attributes(
+        &self,
+        name: &str,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<(), RegistryError> {
+        let json = serde_json::to_string(attributes).map_err(backend)?;
+        let n = match &self.backend {
+            Backend::Sqlite(s) => {
+                let name = name.to_owned();
+                on_sqlite(s, move |s| s.set_attributes(&name, &json)).await?
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute(
+                    "UPDATE things SET attributes = $2 WHERE name = $1",
+                    &[&name, &json],
+                    name,
+                )
+                .await?
+            }
+        };
+        if n == 0 {
+            return Err(RegistryError::NotFound(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Enables or disables a thing. A disabled thing's identity is denied
+    /// by the broker policy (see [`denied_identities`](Self::denied_identities)).
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
+        let n = match &self.backend {
+            Backend::Sqlite(s) => {
+                let name = name.to_owned();
+                on_sqlite(s, move |s| s.set_enabled(&name, enabled)).await?
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute(
+                    "UPDATE things SET enabled = $2 WHERE name = $1",
+                    &[&name, &enabled],
+                    name,
+                )
+                .await?
+            }
+        };
+        if n == 0 {
+            return Err(RegistryError::NotFound(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Deletes a thing, its group memberships and its certificates.
+    pub async fn delete_thing(&self, name: &str) -> Result<(), RegistryError> {
+        let n = match &self.backend {
+            Backend::Sqlite(s) => {
+                let name = name.to_owned();
+                on_sqlite(s, move |s| s.delete_thing(&name)).await?
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute("DELETE FROM things WHERE name = $1", &[&name], name)
+                    .await?
+            }
+        };
+        if n == 0 {
+            return Err(RegistryError::NotFound(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Creates a static group (`query: None`) or a dynamic group whose
+    /// members are the things whose attributes match `query`.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        query: Option<&AttributeQuery>,
+    ) -> Result<(), RegistryError> {
+        ThingName::new(name).map_err(|e| RegistryError::InvalidName(e.to_string()))?;
+        let query = query
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(backend)?;
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let name = name.to_owned();
+                on_sqlite(s, move |s| s.create_group(&name, query.as_deref())).await
+            }
+            Backend::Postgres(pg) => pg
+                .registry_execute(
+                    "INSERT INTO thing_groups (name, query) VALUES ($1, $2)",
+                    &[&name, &query],
+                    name,
+                )
+                .await
+                .map(drop),
+        }
+    }
+
+    /// A group's attribute query (`None`: a static group).
+    async fn group_query(&self, group: &str) -> Result<Option<AttributeQuery>, RegistryError> {
+        let row: Option<Option<String>> = match &self.backend {
+            Backend::Sqlite(s) => {
+                let group = group.to_owned();
+                on_sqlite(s, move |s| s.group_query(&group)).await?
+            }
+            Backend::Postgres(pg) => pg
+                .registry_query("SELECT query FROM thing_groups WHERE name = $1", &[&group])
+                .await?
+                .first()
+                .map(|r| r.get(0)),
+        };
+        row.ok_or_else(|| RegistryError::NotFound(group.into()))?
+            .map(|q| serde_json::from_str(&q).map_err(backend))
+            .transpose()
+    }
+
+    /// Adds a thing to a static group.
+    pub async fn add_to_group(&self, group: &str, thing: &str) -> Result<(), RegistryError> {
+        if self.group_query(group).await?.is_some() {
+            return Err(RegistryError::InvalidName(format!(
+                "{group} is a dynamic group"
+            )));
+        }
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let (group, thing) = (group.to_owned(), thing.to_owned());
+                on_sqlite(s, move |s| s.add_to_group(&group, &thing)).await
+            }
+            Backend::Postgres(pg) => pg
+                .registry_execute(
+                    "INSERT INTO group_members (group_name, thing) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&group, &thing],
+                    thing,
+                )
+                .await
+                .map(drop),
+        }
+    }
+
+    /// The members of a group, in name order.
+    pub async fn group_members(&self, group: &str) -> Result<Vec<String>, RegistryError> {
+        match self.group_query(group).await? {
+            None => match &self.backend {
+                Backend::Sqlite(s) => {
+                    let group = group.to_owned();
+                    on_sqlite(s, move |s| s.static_members(&group)).await
+                }
+                Backend::Postgres(pg) => Ok(pg
+                    .registry_query(
+                        "SELECT thing FROM group_members WHERE group_name = $1 ORDER BY thing",
+                        &[&group],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect()),
+            },
+            Some(query) => {
+                let mut members = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let page = self.things(after.as_deref(), 500).await?;
+                    let Some(last) = page.last() else { break };
+                    after = Some(last.name.clone());
+                    members.extend(
+                        page.into_iter()
+                            .filter(|t| matches_query(&query, t))
+                            .map(|t| t.name),
+                    );
+                }
+                Ok(members)
+            }
+        }
+    }
+
+    /// Binds an active certificate to a thing.
+    pub async fn add_certificate(
+        &self,
+        id: &str,
+        thing: &str,
+        pem: &str,
+    ) -> Result<CertificateRecord, RegistryError> {
+        self.thing(thing).await?;
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let (id, thing, pem) = (id.to_owned(), thing.to_owned(), pem.to_owned());
+                on_sqlite(s, move |s| s.add_certificate(&id, &thing, &pem)).await?;
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute(
+                    "INSERT INTO certificates (id, thing, status, pem) VALUES ($1, $2, 'ACTIVE', $3)",
+                    &[&id, &thing, &pem],
+                    id,
+                )
+                .await?;
+            }
+        }
+        Ok(CertificateRecord {
+            id: id.into(),
+            thing: thing.into(),
+            status: CertificateStatus::Active,
+            pem: pem.into(),
+        })
+    }
+
+    /// Revokes a certificate.
+    pub async fn revoke_certificate(&self, id: &str) -> Result<(), RegistryError> {
+        let n = match &self.backend {
+            Backend::Sqlite(s) => {
+                let id = id.to_owned();
+                on_sqlite(s, move |s| s.revoke_certificate(&id)).await?
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute(
+                    "UPDATE certificates SET status = 'REVOKED' WHERE id = $1",
+                    &[&id],
+                    id,
+                )
+                .await?
+            }
+        };
+        if n == 0 {
+            return Err(RegistryError::NotFound(id.into()));
+        }
+        Ok(())
+    }
+
+    /// A thing's certificates.
+    pub async fn certificates(&self, thing: &str) -> Result<Vec<CertificateRecord>, RegistryError> {
+        let rows: Vec<(String, String, String)> = match &self.backend {
+            Backend::Sqlite(s) => {
+                let thing = thing.to_owned();
+                on_sqlite(s, move |s| s.certificate_rows(&thing)).await?
+            }
+            Backend::Postgres(pg) => pg
+                .registry_query(
+                    "SELECT id, status, pem FROM certificates WHERE thing = $1 ORDER BY id",
+                    &[&thing],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(id, status, pem)| CertificateRecord {
+                id,
+                thing: thing.into(),
+                status: if status == "ACTIVE" {
+                    CertificateStatus::Active
+                } else {
+                    CertificateStatus::Revoked
+                },
+                pem,
+            })
+            .collect())
+    }
+
+    /// The ids of every revoked certificate (SHA-256 fingerprints when
+    /// issued by provisioning), for
+    /// [`EmbeddedBroker::revoke`](crate::EmbeddedBroker::revoke).
+    pub async fn revoked_certificates(&self) -> Result<Vec<String>, RegistryError> {
+        self.names(REVOKED_CERTIFICATES).await
+    }
+
+    /// Identities the broker must refuse: things that are disabled, or
+    /// whose every certificate is revoked. (A broker that knows a device
+    /// only by its certificate's common name, as Mosquitto with the
+    /// generated ACL, refuses a thing, not one certificate of it; the
+    /// embedded broker also refuses single certificates:
+    /// [`revoked_certificates`](Self::revoked_certificates).)
+    pub async fn denied_identities(&self) -> Result<Vec<String>, RegistryError> {
+        self.names(DENIED_IDENTITIES).await
+    }
+
+    /// The first column of `sql` (the same text for both databases).
+    async fn names(&self, sql: &'static str) -> Result<Vec<String>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => on_sqlite(s, move |s| s.names(sql)).await,
+            Backend::Postgres(pg) => Ok(pg
+                .registry_query(sql, &[])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()),
+        }
+    }
+}
+
+const REVOKED_CERTIFICATES: &str =
+    "SELECT id FROM certificates WHERE status = 'REVOKED' ORDER BY id";
+
+const DENIED_IDENTITIES: &str = "SELECT name FROM things t WHERE NOT enabled OR (
+    EXISTS (SELECT 1 FROM certificates c WHERE c.thing = t.name)
+    AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.thing = t.name AND c.status = 'ACTIVE'))
+ ORDER BY name";
+
+/// The registry in SQLite (synchronous; [`Registry`] runs it on blocking
+/// threads).
+#[derive(Debug, Clone)]
+struct SqliteRegistry {
     conn: Arc<Mutex<rusqlite::Connection>>,
 }
 
@@ -196,18 +779,16 @@ fn constraint(e: rusqlite::Error, what: &str) -> RegistryError {
     }
 }
 
-impl Registry {
-    /// Opens (or creates) the registry in the SQLite file at `path`.
-    pub fn open(path: &Path) -> Result<Self, RegistryError> {
-        Self::with(rusqlite::Connection::open(path).map_err(backend)?)
+/// `None` for no row.
+fn optional<T>(r: rusqlite::Result<T>) -> Result<Option<T>, RegistryError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+        Err(e) => Err(backend(e)),
     }
+}
 
-    /// A registry in memory (a real SQLite database that lives as long as
-    /// the value).
-    pub fn in_memory() -> Result<Self, RegistryError> {
-        Self::with(rusqlite::Connection::open_in_memory().map_err(backend)?)
-    }
-
+impl SqliteRegistry {
     fn with(conn: rusqlite::Connection) -> Result<Self, RegistryError> {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(backend)?;
@@ -221,83 +802,47 @@ impl Registry {
         })
     }
 
-    /// Creates a management API token; returns its record and the token
-    /// itself (`fleet_{id}_{secret}`), which is not stored and cannot be
-    /// shown again.
-    pub fn create_token(
+    fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        // The connection holds no invariant a panic could break.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rows changed by `sql`; a constraint violation is `AlreadyExists(what)`.
+    fn execute(
         &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        what: &str,
+    ) -> Result<usize, RegistryError> {
+        self.conn()
+            .execute(sql, params)
+            .map_err(|e| constraint(e, what))
+    }
+
+    fn insert_token(
+        &self,
+        id: &str,
         name: &str,
         scope: Scope,
-    ) -> Result<(TokenRecord, String), RegistryError> {
-        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-            return Err(RegistryError::InvalidName(format!("token name {name:?}")));
-        }
-        let mut id = [0u8; 8];
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut id).map_err(backend)?;
-        getrandom::fill(&mut secret).map_err(backend)?;
-        let (id, secret) = (hex(&id), hex(&secret));
-        let created_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.conn()
-            .execute(
-                "INSERT INTO api_tokens (id, name, scope, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                (&id, name, scope.as_str(), sha256_hex(&secret), created_at as i64),
-            )
-            .map_err(|e| constraint(e, &id))?;
-        let token = format!("fleet_{id}_{secret}");
-        Ok((
-            TokenRecord {
-                id,
-                name: name.into(),
-                scope,
-                created_at,
-            },
-            token,
+        hash: &str,
+        created_at: u64,
+    ) -> Result<usize, RegistryError> {
+        self.execute(
+            "INSERT INTO api_tokens (id, name, scope, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            (id, name, scope.as_str(), hash, created_at as i64),
+            id,
+        )
+    }
+
+    fn token_row(&self, id: &str) -> Result<Option<(String, String, String, i64)>, RegistryError> {
+        optional(self.conn().query_row(
+            "SELECT name, scope, secret_sha256, created_at FROM api_tokens WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         ))
     }
 
-    /// The token's record if `token` is a valid, unrevoked token.
-    pub fn verify_token(&self, token: &str) -> Result<Option<TokenRecord>, RegistryError> {
-        let Some((id, secret)) = token
-            .strip_prefix("fleet_")
-            .and_then(|rest| rest.split_once('_'))
-        else {
-            return Ok(None);
-        };
-        let row = self.conn().query_row(
-            "SELECT name, scope, secret_sha256, created_at FROM api_tokens WHERE id = ?1",
-            [id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                ))
-            },
-        );
-        let (name, scope, hash, created_at) = match row {
-            Ok(r) => r,
-            Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
-            Err(e) => return Err(backend(e)),
-        };
-        if !same(&sha256_hex(secret), &hash) {
-            return Ok(None);
-        }
-        let scope = Scope::parse(&scope)
-            .ok_or_else(|| RegistryError::Backend(format!("token {id}: scope {scope:?}")))?;
-        Ok(Some(TokenRecord {
-            id: id.into(),
-            name,
-            scope,
-            created_at: u64::try_from(created_at).unwrap_or(0),
-        }))
-    }
-
-    /// Every token (without secrets), by id.
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, RegistryError> {
+    fn tokens(&self) -> Result<Vec<TokenRecord>, RegistryError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare("SELECT id, name, scope, created_at FROM api_tokens ORDER BY id")
@@ -312,322 +857,152 @@ impl Registry {
                 ))
             })
             .map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
+        rows.map(|row| {
             let (id, name, scope, created_at) = row.map_err(backend)?;
-            out.push(TokenRecord {
-                scope: Scope::parse(&scope).ok_or_else(|| {
-                    RegistryError::Backend(format!("token {id}: scope {scope:?}"))
-                })?,
+            Ok(TokenRecord {
+                scope: parse_scope(&id, &scope)?,
                 id,
                 name,
                 created_at: u64::try_from(created_at).unwrap_or(0),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Revokes a token: it is refused from now on.
-    pub fn revoke_token(&self, id: &str) -> Result<(), RegistryError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM api_tokens WHERE id = ?1", [id])
-            .map_err(backend)?;
-        if n == 0 {
-            return Err(RegistryError::NotFound(format!("token {id}")));
-        }
-        Ok(())
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
-        // The connection holds no invariant a panic could break.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers a thing.
-    pub fn create_thing(
-        &self,
-        name: &str,
-        attributes: BTreeMap<String, String>,
-    ) -> Result<Thing, RegistryError> {
-        ThingName::new(name).map_err(|e| RegistryError::InvalidName(e.to_string()))?;
-        let json = serde_json::to_string(&attributes).map_err(backend)?;
-        self.conn()
-            .execute(
-                "INSERT INTO things (name, attributes, enabled) VALUES (?1, ?2, 1)",
-                (name, &json),
-            )
-            .map_err(|e| constraint(e, name))?;
-        Ok(Thing {
-            name: name.into(),
-            attributes,
-            enabled: true,
+            })
         })
+        .collect()
     }
 
-    /// A thing.
-    pub fn thing(&self, name: &str) -> Result<Thing, RegistryError> {
-        let row: Result<(String, i64), _> = self.conn().query_row(
+    fn revoke_token(&self, id: &str) -> Result<usize, RegistryError> {
+        self.execute("DELETE FROM api_tokens WHERE id = ?1", [id], id)
+    }
+
+    fn insert_thing(&self, name: &str, attributes: &str) -> Result<usize, RegistryError> {
+        self.execute(
+            "INSERT INTO things (name, attributes, enabled) VALUES (?1, ?2, 1)",
+            (name, attributes),
+            name,
+        )
+    }
+
+    fn thing_row(&self, name: &str) -> Result<Option<(String, bool)>, RegistryError> {
+        optional(self.conn().query_row(
             "SELECT attributes, enabled FROM things WHERE name = ?1",
             [name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        );
-        match row {
-            Ok((attrs, enabled)) => Ok(Thing {
-                name: name.into(),
-                attributes: serde_json::from_str(&attrs).map_err(backend)?,
-                enabled: enabled != 0,
-            }),
-            Err(rusqlite::Error::QueryReturnedNoRows) => Err(RegistryError::NotFound(name.into())),
-            Err(e) => Err(backend(e)),
-        }
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
+        ))
     }
 
-    /// Things in name order, `limit` at most, after `after` (for paging).
-    pub fn things(&self, after: Option<&str>, limit: usize) -> Result<Vec<Thing>, RegistryError> {
+    fn thing_rows(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, String, bool)>, RegistryError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare("SELECT name, attributes, enabled FROM things WHERE name > ?1 ORDER BY name LIMIT ?2")
             .map_err(backend)?;
         let rows = stmt
-            .query_map((after.unwrap_or(""), limit as i64), |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
+            .query_map((after, limit), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0))
             })
             .map_err(backend)?;
-        rows.map(|r| {
-            let (name, attrs, enabled) = r.map_err(backend)?;
-            Ok(Thing {
-                name,
-                attributes: serde_json::from_str(&attrs).map_err(backend)?,
-                enabled: enabled != 0,
-            })
-        })
-        .collect()
+        rows.collect::<Result<_, _>>().map_err(backend)
     }
 
-    /// Replaces a thing's attributes.
-    pub fn set_attributes(
-        &self,
-        name: &str,
-        attributes: &BTreeMap<String, String>,
-    ) -> Result<(), RegistryError> {
-        let json = serde_json::to_string(attributes).map_err(backend)?;
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE things SET attributes = ?2 WHERE name = ?1",
-                (name, &json),
-            )
-            .map_err(backend)?;
-        if n == 0 {
-            return Err(RegistryError::NotFound(name.into()));
-        }
-        Ok(())
-    }
-
-    /// Enables or disables a thing. A disabled thing's identity is denied
-    /// by the broker policy (see [`denied_identities`](Self::denied_identities)).
-    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE things SET enabled = ?2 WHERE name = ?1",
-                (name, enabled as i64),
-            )
-            .map_err(backend)?;
-        if n == 0 {
-            return Err(RegistryError::NotFound(name.into()));
-        }
-        Ok(())
-    }
-
-    /// Deletes a thing, its group memberships and its certificates.
-    pub fn delete_thing(&self, name: &str) -> Result<(), RegistryError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM things WHERE name = ?1", [name])
-            .map_err(backend)?;
-        if n == 0 {
-            return Err(RegistryError::NotFound(name.into()));
-        }
-        Ok(())
-    }
-
-    /// Creates a static group (`query: None`) or a dynamic group whose
-    /// members are the things whose attributes match `query`.
-    pub fn create_group(
-        &self,
-        name: &str,
-        query: Option<&AttributeQuery>,
-    ) -> Result<(), RegistryError> {
-        ThingName::new(name).map_err(|e| RegistryError::InvalidName(e.to_string()))?;
-        let query = query
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(backend)?;
-        self.conn()
-            .execute(
-                "INSERT INTO thing_groups (name, query) VALUES (?1, ?2)",
-                (name, &query),
-            )
-            .map_err(|e| constraint(e, name))?;
-        Ok(())
-    }
-
-    /// Adds a thing to a static group.
-    pub fn add_to_group(&self, group: &str, thing: &str) -> Result<(), RegistryError> {
-        let conn = self.conn();
-        if group_query(&conn, group)?.is_some() {
-            return Err(RegistryError::InvalidName(format!(
-                "{group} is a dynamic group"
-            )));
-        }
-        conn.execute(
-            "INSERT OR IGNORE INTO group_members (group_name, thing) VALUES (?1, ?2)",
-            (group, thing),
+    fn set_attributes(&self, name: &str, attributes: &str) -> Result<usize, RegistryError> {
+        self.execute(
+            "UPDATE things SET attributes = ?2 WHERE name = ?1",
+            (name, attributes),
+            name,
         )
-        .map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _)
-                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                RegistryError::NotFound(thing.into())
-            }
-            e => backend(e),
-        })?;
-        Ok(())
     }
 
-    /// The members of a group, in name order.
-    pub fn group_members(&self, group: &str) -> Result<Vec<String>, RegistryError> {
-        let query = group_query(&self.conn(), group)?;
-        match query {
-            None => {
-                let conn = self.conn();
-                let mut stmt = conn
-                    .prepare("SELECT thing FROM group_members WHERE group_name = ?1 ORDER BY thing")
-                    .map_err(backend)?;
-                let rows = stmt.query_map([group], |r| r.get(0)).map_err(backend)?;
-                rows.collect::<Result<_, _>>().map_err(backend)
-            }
-            Some(q) => {
-                let query: AttributeQuery = serde_json::from_str(&q).map_err(backend)?;
-                let mut members = Vec::new();
-                let mut after: Option<String> = None;
-                loop {
-                    let page = self.things(after.as_deref(), 500)?;
-                    let Some(last) = page.last() else { break };
-                    after = Some(last.name.clone());
-                    members.extend(
-                        page.into_iter()
-                            .filter(|t| query.iter().all(|(k, v)| t.attributes.get(k) == Some(v)))
-                            .map(|t| t.name),
-                    );
-                }
-                Ok(members)
-            }
-        }
+    fn set_enabled(&self, name: &str, enabled: bool) -> Result<usize, RegistryError> {
+        self.execute(
+            "UPDATE things SET enabled = ?2 WHERE name = ?1",
+            (name, enabled as i64),
+            name,
+        )
     }
 
-    /// Binds an active certificate to a thing.
-    pub fn add_certificate(
-        &self,
-        id: &str,
-        thing: &str,
-        pem: &str,
-    ) -> Result<CertificateRecord, RegistryError> {
-        self.thing(thing)?;
+    fn delete_thing(&self, name: &str) -> Result<usize, RegistryError> {
+        self.execute("DELETE FROM things WHERE name = ?1", [name], name)
+    }
+
+    fn create_group(&self, name: &str, query: Option<&str>) -> Result<(), RegistryError> {
+        self.execute(
+            "INSERT INTO thing_groups (name, query) VALUES (?1, ?2)",
+            (name, query),
+            name,
+        )
+        .map(drop)
+    }
+
+    /// `None`: no such group; `Some(None)`: a static one.
+    fn group_query(&self, group: &str) -> Result<Option<Option<String>>, RegistryError> {
+        optional(self.conn().query_row(
+            "SELECT query FROM thing_groups WHERE name = ?1",
+            [group],
+            |r| r.get(0),
+        ))
+    }
+
+    fn add_to_group(&self, group: &str, thing: &str) -> Result<(), RegistryError> {
         self.conn()
             .execute(
-                "INSERT INTO certificates (id, thing, status, pem) VALUES (?1, ?2, 'ACTIVE', ?3)",
-                (id, thing, pem),
+                "INSERT OR IGNORE INTO group_members (group_name, thing) VALUES (?1, ?2)",
+                (group, thing),
             )
-            .map_err(|e| constraint(e, id))?;
-        Ok(CertificateRecord {
-            id: id.into(),
-            thing: thing.into(),
-            status: CertificateStatus::Active,
-            pem: pem.into(),
-        })
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    RegistryError::NotFound(thing.into())
+                }
+                e => backend(e),
+            })
+            .map(drop)
     }
 
-    /// Revokes a certificate.
-    pub fn revoke_certificate(&self, id: &str) -> Result<(), RegistryError> {
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE certificates SET status = 'REVOKED' WHERE id = ?1",
-                [id],
-            )
+    fn static_members(&self, group: &str) -> Result<Vec<String>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT thing FROM group_members WHERE group_name = ?1 ORDER BY thing")
             .map_err(backend)?;
-        if n == 0 {
-            return Err(RegistryError::NotFound(id.into()));
-        }
-        Ok(())
+        let rows = stmt.query_map([group], |r| r.get(0)).map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)
     }
 
-    /// A thing's certificates.
-    pub fn certificates(&self, thing: &str) -> Result<Vec<CertificateRecord>, RegistryError> {
+    fn add_certificate(&self, id: &str, thing: &str, pem: &str) -> Result<usize, RegistryError> {
+        self.execute(
+            "INSERT INTO certificates (id, thing, status, pem) VALUES (?1, ?2, 'ACTIVE', ?3)",
+            (id, thing, pem),
+            id,
+        )
+    }
+
+    fn revoke_certificate(&self, id: &str) -> Result<usize, RegistryError> {
+        self.execute(
+            "UPDATE certificates SET status = 'REVOKED' WHERE id = ?1",
+            [id],
+            id,
+        )
+    }
+
+    fn certificate_rows(
+        &self,
+        thing: &str,
+    ) -> Result<Vec<(String, String, String)>, RegistryError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare("SELECT id, status, pem FROM certificates WHERE thing = ?1 ORDER BY id")
             .map_err(backend)?;
         let rows = stmt
-            .query_map([thing], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
+            .query_map([thing], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(backend)?;
-        rows.map(|r| {
-            let (id, status, pem) = r.map_err(backend)?;
-            Ok(CertificateRecord {
-                id,
-                thing: thing.into(),
-                status: if status == "ACTIVE" {
-                    CertificateStatus::Active
-                } else {
-                    CertificateStatus::Revoked
-                },
-                pem,
-            })
-        })
-        .collect()
-    }
-
-    /// The ids of every revoked certificate (SHA-256 fingerprints when
-    /// issued by provisioning), for
-    /// [`EmbeddedBroker::revoke`](crate::EmbeddedBroker::revoke).
-    pub fn revoked_certificates(&self) -> Result<Vec<String>, RegistryError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT id FROM certificates WHERE status = 'REVOKED' ORDER BY id")
-            .map_err(backend)?;
-        let rows = stmt.query_map([], |r| r.get(0)).map_err(backend)?;
         rows.collect::<Result<_, _>>().map_err(backend)
     }
 
-    /// Identities the broker must refuse: things that are disabled, or
-    /// whose every certificate is revoked. (A broker that knows a device
-    /// only by its certificate's common name, as Mosquitto with the
-    /// generated ACL, refuses a thing, not one certificate of it; the
-    /// embedded broker also refuses single certificates:
-    /// [`revoked_certificates`](Self::revoked_certificates).)
-    pub fn denied_identities(&self) -> Result<Vec<String>, RegistryError> {
+    fn names(&self, sql: &str) -> Result<Vec<String>, RegistryError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT name FROM things t WHERE enabled = 0 OR (
-                    EXISTS (SELECT 1 FROM certificates c WHERE c.thing = t.name)
-                    AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.thing = t.name AND c.status = 'ACTIVE'))
-                 ORDER BY name",
-            )
-            .map_err(backend)?;
+        let mut stmt = conn.prepare(sql).map_err(backend)?;
         let rows = stmt.query_map([], |r| r.get(0)).map_err(backend)?;
         rows.collect::<Result<_, _>>().map_err(backend)
     }
@@ -637,107 +1012,24 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect()
-    }
+    // The registry's behaviour on SQLite and PostgreSQL is tested in
+    // tests/stores.rs (`registry_on_every_store`).
 
-    #[test]
-    fn things_groups_and_certificates() {
-        let r = Registry::in_memory().unwrap();
-        r.create_thing("pump-1", attrs(&[("site", "gdansk"), ("model", "p7")]))
-            .unwrap();
-        r.create_thing("pump-2", attrs(&[("site", "gdansk"), ("model", "p8")]))
-            .unwrap();
-        r.create_thing("pump-3", attrs(&[("site", "oslo"), ("model", "p7")]))
-            .unwrap();
-        assert!(matches!(
-            r.create_thing("pump-1", BTreeMap::new()),
-            Err(RegistryError::AlreadyExists(_))
-        ));
-        assert!(matches!(
-            r.create_thing("bad/name", BTreeMap::new()),
-            Err(RegistryError::InvalidName(_))
-        ));
-        assert_eq!(r.thing("pump-3").unwrap().attributes["site"], "oslo");
-        assert!(matches!(r.thing("nope"), Err(RegistryError::NotFound(_))));
-
-        // Paging.
-        let first = r.things(None, 2).unwrap();
-        assert_eq!(
-            first.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-            ["pump-1", "pump-2"]
-        );
-        let rest = r.things(Some("pump-2"), 2).unwrap();
-        assert_eq!(rest.len(), 1);
-
-        // Static and dynamic groups; a dynamic group follows attribute changes.
-        r.create_group("canary", None).unwrap();
-        r.add_to_group("canary", "pump-3").unwrap();
-        assert!(matches!(
-            r.add_to_group("canary", "ghost"),
-            Err(RegistryError::NotFound(_))
-        ));
-        r.create_group(
-            "gdansk-p7",
-            Some(&attrs(&[("site", "gdansk"), ("model", "p7")])),
-        )
-        .unwrap();
-        assert_eq!(r.group_members("canary").unwrap(), ["pump-3"]);
-        assert_eq!(r.group_members("gdansk-p7").unwrap(), ["pump-1"]);
-        r.set_attributes("pump-2", &attrs(&[("site", "gdansk"), ("model", "p7")]))
-            .unwrap();
-        assert_eq!(r.group_members("gdansk-p7").unwrap(), ["pump-1", "pump-2"]);
-        assert!(
-            r.add_to_group("gdansk-p7", "pump-3").is_err(),
-            "dynamic groups have no manual members"
-        );
-
-        // Certificates: a thing with all certificates revoked is denied.
-        r.add_certificate("c1", "pump-1", "PEM1").unwrap();
-        r.add_certificate("c2", "pump-1", "PEM2").unwrap();
-        assert!(matches!(
-            r.add_certificate("c3", "ghost", "x"),
-            Err(RegistryError::NotFound(_))
-        ));
-        r.revoke_certificate("c1").unwrap();
-        assert!(
-            r.denied_identities().unwrap().is_empty(),
-            "pump-1 still has c2"
-        );
-        assert_eq!(r.revoked_certificates().unwrap(), ["c1"]);
-        r.revoke_certificate("c2").unwrap();
-        assert_eq!(r.denied_identities().unwrap(), ["pump-1"]);
-        assert_eq!(
-            r.certificates("pump-1").unwrap()[0].status,
-            CertificateStatus::Revoked
-        );
-        r.set_enabled("pump-3", false).unwrap();
-        assert_eq!(r.denied_identities().unwrap(), ["pump-1", "pump-3"]);
-
-        // Deleting a thing removes its memberships and certificates.
-        r.delete_thing("pump-3").unwrap();
-        assert!(r.group_members("canary").unwrap().is_empty());
-        assert!(r.certificates("pump-3").unwrap().is_empty());
-    }
-
-    #[test]
-    fn a_registry_file_survives_reopening() {
+    #[tokio::test]
+    async fn a_registry_file_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.db");
+        let attrs = BTreeMap::from([("a".to_string(), "b".to_string())]);
         Registry::open(&path)
             .unwrap()
-            .create_thing("pump-1", attrs(&[("a", "b")]))
+            .create_thing("pump-1", attrs)
+            .await
             .unwrap();
-        assert_eq!(
-            Registry::open(&path)
-                .unwrap()
-                .thing("pump-1")
-                .unwrap()
-                .attributes["a"],
-            "b"
-        );
+        let thing = Registry::open(&path)
+            .unwrap()
+            .thing("pump-1")
+            .await
+            .unwrap();
+        assert_eq!(thing.attributes["a"], "b");
     }
 }

@@ -93,12 +93,15 @@ impl Fixture {
         )
         .await
         .unwrap();
-        let token = |name: &str, scope| registry.create_token(name, scope).unwrap().1;
-        let (admin, operator, reader) = (
-            token("admin", Scope::Admin),
-            token("ops", Scope::Operator),
-            token("dashboard", Scope::Read),
-        );
+        let mut tokens = Vec::new();
+        for (name, scope) in [
+            ("admin", Scope::Admin),
+            ("ops", Scope::Operator),
+            ("dashboard", Scope::Read),
+        ] {
+            tokens.push(registry.create_token(name, scope).await.unwrap().1);
+        }
+        let [admin, operator, reader]: [String; 3] = tokens.try_into().unwrap();
         // The client trusts the fleet's CA only.
         let mut roots = rustls::RootCertStore::empty();
         use rustls::pki_types::CertificateDer;
@@ -228,7 +231,7 @@ async fn tokens_and_scopes_guard_every_endpoint_but_health() {
         .await;
     assert_eq!((s, code(&b)), (StatusCode::FORBIDDEN, "forbidden"));
     assert!(
-        f.registry.thing("t1").is_err(),
+        f.registry.thing("t1").await.is_err(),
         "a refused request changed nothing"
     );
     // Operator may change the fleet, not tokens or certificates.
@@ -337,7 +340,7 @@ async fn things_groups_and_certificates() {
         )
         .await;
     assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, "invalid_request"));
-    assert_eq!(f.registry.things(None, 100).unwrap().len(), 5);
+    assert_eq!(f.registry.things(None, 100).await.unwrap().len(), 5);
     // Pages.
     let (_, p1) = f.op(Method::GET, "/v1/things?limit=2", None).await;
     let names = |p: &Value| -> Vec<String> {
@@ -425,6 +428,7 @@ async fn things_groups_and_certificates() {
     let fingerprint = fleet_cloud::certificate_fingerprint(&id.cert_pem).unwrap();
     f.registry
         .add_certificate(&fingerprint, "pump-2", &id.cert_pem)
+        .await
         .unwrap();
     let (s, certs) = f
         .op(Method::GET, "/v1/things/pump-2/certificates", None)
@@ -712,7 +716,10 @@ async fn releases_campaigns_and_provisioning() {
     use sha2::Digest as _;
     let f = Fixture::start().await;
     for t in ["a", "b"] {
-        f.registry.create_thing(t, Default::default()).unwrap();
+        f.registry
+            .create_thing(t, Default::default())
+            .await
+            .unwrap();
     }
     let key = SigningKey::from_bytes(&[7u8; 32]);
     let image: Vec<u8> = (0..10_000).map(|i| (i % 251) as u8).collect();

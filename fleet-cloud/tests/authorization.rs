@@ -153,10 +153,14 @@ async fn a_claim_identity_reaches_provisioning(kind: BrokerKind) {
 async fn revoking_every_certificate_cuts_a_connected_device_off(kind: BrokerKind) {
     let mut broker = start(kind, BrokerPolicy::default());
     let registry = fleet_cloud::Registry::in_memory().unwrap();
-    registry.create_thing("dev-a", Default::default()).unwrap();
+    registry
+        .create_thing("dev-a", Default::default())
+        .await
+        .unwrap();
     let id = broker.device_identity("dev-a").unwrap();
     registry
         .add_certificate("cert-1", "dev-a", &id.cert_pem)
+        .await
         .unwrap();
 
     let mut backend = client(&broker, "fleet-backend").await;
@@ -177,9 +181,9 @@ async fn revoking_every_certificate_cuts_a_connected_device_off(kind: BrokerKind
         .unwrap();
     assert_eq!(backend.recv(WAIT).await.unwrap().payload, b"before");
 
-    registry.revoke_certificate("cert-1").unwrap();
+    registry.revoke_certificate("cert-1").await.unwrap();
     let policy = BrokerPolicy {
-        denied_identities: registry.denied_identities().unwrap(),
+        denied_identities: registry.denied_identities().await.unwrap(),
         ..BrokerPolicy::default()
     };
     assert_eq!(policy.denied_identities, ["dev-a"]);

@@ -482,7 +482,7 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
         "{registered}"
     );
     assert_eq!(registered["thingName"], "pump-7");
-    assert_eq!(registry.certificates("pump-7").unwrap().len(), 1);
+    assert_eq!(registry.certificates("pump-7").await.unwrap().len(), 1);
     // The other claimant, subscribed to the same topics, saw nothing.
     let leaked = tokio::time::timeout(Duration::from_millis(500), async {
         loop {

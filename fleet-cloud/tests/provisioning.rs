@@ -56,7 +56,7 @@ struct Setup {
     _cloud: fleet_cloud::RunningService,
 }
 
-fn setup(token_lifetime: Duration) -> Setup {
+async fn setup(token_lifetime: Duration) -> Setup {
     let broker = Broker::start_with(BrokerOptions {
         policy: BrokerPolicy {
             claim_identities: vec!["claim@factory".into(), "claim@rival".into()],
@@ -68,7 +68,7 @@ fn setup(token_lifetime: Duration) -> Setup {
     // The fleet CA is the broker's CA here, so issued certificates connect.
     let ca = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap();
     let registry = Registry::in_memory().unwrap();
-    registry.create_group("new-pumps", None).unwrap();
+    registry.create_group("new-pumps", None).await.unwrap();
     let mut provisioning =
         ProvisioningService::new(ca, registry.clone(), vec![template()]).with_hook(DenySerial13);
     provisioning.token_lifetime = token_lifetime;
@@ -127,7 +127,7 @@ const REGISTER_TOPIC: &str = "$aws/provisioning-templates/factory/provision/json
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claimed_device_registers_and_connects_with_its_own_certificate() {
-    let s = setup(Duration::from_secs(3600));
+    let s = setup(Duration::from_secs(3600)).await;
     let mut rival = claimant(&s.broker, "claim@rival").await;
     for f in ["$aws/#", "#", "$aws/clients/claim@factory/#"] {
         let _ = rival.subscribe(f).await.unwrap();
@@ -176,11 +176,17 @@ async fn a_claimed_device_registers_and_connects_with_its_own_certificate() {
     assert_eq!(body["thingName"], "pump-42");
 
     // Registered, with its certificate, attributes and group.
-    let thing = s.registry.thing("pump-42").unwrap();
+    let thing = s.registry.thing("pump-42").await.unwrap();
     assert_eq!(thing.attributes["Model"], "p7");
     assert_eq!(thing.attributes["fleet"], "pumps");
-    assert_eq!(s.registry.certificates("pump-42").unwrap()[0].pem, cert_pem);
-    assert_eq!(s.registry.group_members("new-pumps").unwrap(), ["pump-42"]);
+    assert_eq!(
+        s.registry.certificates("pump-42").await.unwrap()[0].pem,
+        cert_pem
+    );
+    assert_eq!(
+        s.registry.group_members("new-pumps").await.unwrap(),
+        ["pump-42"]
+    );
 
     // It connects with its own key and certificate, as pump-42.
     let own = Identity {
@@ -218,7 +224,7 @@ async fn a_claimed_device_registers_and_connects_with_its_own_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_registrations() {
-    let s = setup(Duration::from_secs(3));
+    let s = setup(Duration::from_secs(3)).await;
     let mut claim = claimant(&s.broker, "claim@factory").await;
 
     // A CSR that is not a CSR, and one whose name cannot be a thing name.
@@ -308,7 +314,7 @@ async fn refused_registrations() {
         ("rejected", Some("InvalidToken"))
     );
     assert!(
-        s.registry.things(None, 10).unwrap().is_empty(),
+        s.registry.things(None, 10).await.unwrap().is_empty(),
         "nothing was registered"
     );
 }

@@ -14,6 +14,10 @@
 //!   died, then the one that took its lease over (after it expired), and
 //!   the third never (from the instances' logs).
 //!
+//! Each instance has a directory of its own, as on a machine of its own:
+//! what they share (shadows, jobs, the registry and its API tokens,
+//! release images) is in PostgreSQL.
+//!
 //! The broker is fleet's embedded broker (Mosquitto 2.0 does not deliver
 //! `$aws` topics to shared subscriptions), on its own runtime.
 
@@ -42,6 +46,8 @@ const JOB: &str = "wave-1";
 const RATE_PER_MINUTE: u32 = 3000;
 const LEASE: &str = "jobs-sweeper";
 const DEADLINE: Duration = Duration::from_secs(240);
+/// The admin token the first instance wrote, used against every instance.
+const ADMIN_TOKEN: &str = "cloud-0/admin.token";
 
 /// A `fleet serve` process, killed when dropped.
 struct Instance {
@@ -78,8 +84,24 @@ fn wait_line(log: &Path, needle: &str, child: &mut Child) -> String {
     }
 }
 
+/// Starts `fleet serve` number `k` with a directory of its own (holding
+/// copies of the certificates), as on a machine of its own: everything the
+/// instances share is in PostgreSQL. The first writes the admin token
+/// ([`ADMIN_TOKEN`]); the others find a token in the registry and write none.
 fn start_instance(k: usize, dir: &Path, broker: &Broker, store: &str) -> Instance {
     let log = dir.join(format!("cloud-{k}.log"));
+    let own = dir.join(format!("cloud-{k}"));
+    std::fs::create_dir_all(&own).unwrap();
+    for name in [
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "backend.pem",
+        "backend.key",
+    ] {
+        std::fs::copy(dir.join(name), own.join(name)).unwrap();
+    }
+    let dir = own.as_path();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
         .arg("serve")
         .arg("--broker")
@@ -214,7 +236,7 @@ fn cli(instance: &Instance, dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
         .args(args)
         .env("FLEET_API", &instance.api)
-        .env("FLEET_TOKEN_FILE", dir.join("admin.token"))
+        .env("FLEET_TOKEN_FILE", dir.join(ADMIN_TOKEN))
         .env("FLEET_CA", dir.join("ca.pem"))
         .output()
         .unwrap();
@@ -304,7 +326,7 @@ async fn three_instances_survive_a_sigkill_mid_run() {
             r#"{{"rate":{{"constant":{{"perMinute":{RATE_PER_MINUTE}}}}}}}"#
         ))
         .env("FLEET_API", &instances[leader].api)
-        .env("FLEET_TOKEN_FILE", d.join("admin.token"))
+        .env("FLEET_TOKEN_FILE", d.join(ADMIN_TOKEN))
         .env("FLEET_CA", d.join("ca.pem"));
     for name in &names {
         create.arg("--thing").arg(name);
@@ -504,6 +526,10 @@ async fn a_release_uploaded_through_one_instance_is_served_by_another() {
         ],
     );
     cli(&first, d, &["thing", "create", "dev-ota"]);
+    assert!(
+        !d.join("cloud-1/admin.token").exists(),
+        "the registry, with its tokens, is shared: the second instance made none"
+    );
     first.child.kill().unwrap(); // SIGKILL
     first.child.wait().unwrap();
 

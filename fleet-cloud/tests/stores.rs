@@ -6,7 +6,7 @@
 // Test helpers fail the test on a broken fixture.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use fleet_cloud::store::{ShadowKey, ShadowStore, StoreError};
@@ -629,4 +629,160 @@ async fn postgres_over_tls_with_certificate_authentication() {
             other => panic!("{why}: {other:?}"),
         }
     }
+}
+
+fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect()
+}
+
+/// The registry (things, groups, certificates, tokens) on a SQLite file and
+/// on PostgreSQL, each through two handles as two instances would share it:
+/// what one writes, the other reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_on_every_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let pg = Postgres::start().unwrap();
+    let store = PgStore::connect(&pg.url(), 4).await.unwrap();
+    let pairs = [
+        (
+            "sqlite",
+            Registry::open(&path).unwrap(),
+            Registry::open(&path).unwrap(),
+        ),
+        (
+            "postgres",
+            Registry::postgres(&store),
+            Registry::postgres(&PgStore::connect(&pg.url(), 4).await.unwrap()),
+        ),
+    ];
+    for (name, r, other) in pairs {
+        println!("registry on {name}");
+        registry_scenario(&r, &other).await;
+    }
+}
+
+async fn registry_scenario(r: &Registry, other: &Registry) {
+    use fleet_cloud::{CertificateStatus, RegistryError, Scope};
+    r.create_thing("pump-1", attrs(&[("site", "gdansk"), ("model", "p7")]))
+        .await
+        .unwrap();
+    r.create_thing("pump-2", attrs(&[("site", "gdansk"), ("model", "p8")]))
+        .await
+        .unwrap();
+    other
+        .create_thing("pump-3", attrs(&[("site", "oslo"), ("model", "p7")]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        r.create_thing("pump-1", BTreeMap::new()).await,
+        Err(RegistryError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        r.create_thing("bad/name", BTreeMap::new()).await,
+        Err(RegistryError::InvalidName(_))
+    ));
+    assert_eq!(r.thing("pump-3").await.unwrap().attributes["site"], "oslo");
+    assert!(matches!(
+        r.thing("nope").await,
+        Err(RegistryError::NotFound(_))
+    ));
+
+    // Paging.
+    let first = r.things(None, 2).await.unwrap();
+    assert_eq!(
+        first.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["pump-1", "pump-2"]
+    );
+    let rest = r.things(Some("pump-2"), 2).await.unwrap();
+    assert_eq!(rest.len(), 1);
+
+    // Static and dynamic groups; a dynamic group follows attribute changes.
+    r.create_group("canary", None).await.unwrap();
+    r.add_to_group("canary", "pump-3").await.unwrap();
+    assert!(matches!(
+        r.add_to_group("canary", "ghost").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    r.create_group(
+        "gdansk-p7",
+        Some(&attrs(&[("site", "gdansk"), ("model", "p7")])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.group_members("canary").await.unwrap(), ["pump-3"]);
+    assert_eq!(r.group_members("gdansk-p7").await.unwrap(), ["pump-1"]);
+    r.set_attributes("pump-2", &attrs(&[("site", "gdansk"), ("model", "p7")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.group_members("gdansk-p7").await.unwrap(),
+        ["pump-1", "pump-2"]
+    );
+    assert!(
+        r.add_to_group("gdansk-p7", "pump-3").await.is_err(),
+        "dynamic groups have no manual members"
+    );
+
+    // Certificates: a thing with all certificates revoked is denied.
+    r.add_certificate("c1", "pump-1", "PEM1").await.unwrap();
+    r.add_certificate("c2", "pump-1", "PEM2").await.unwrap();
+    assert!(matches!(
+        r.add_certificate("c3", "ghost", "x").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    r.revoke_certificate("c1").await.unwrap();
+    assert!(
+        r.denied_identities().await.unwrap().is_empty(),
+        "pump-1 still has c2"
+    );
+    assert_eq!(r.revoked_certificates().await.unwrap(), ["c1"]);
+    r.revoke_certificate("c2").await.unwrap();
+    assert_eq!(r.denied_identities().await.unwrap(), ["pump-1"]);
+    assert_eq!(
+        r.certificates("pump-1").await.unwrap()[0].status,
+        CertificateStatus::Revoked
+    );
+    r.set_enabled("pump-3", false).await.unwrap();
+    assert_eq!(r.denied_identities().await.unwrap(), ["pump-1", "pump-3"]);
+
+    // Deleting a thing removes its memberships and certificates.
+    r.delete_thing("pump-3").await.unwrap();
+    assert!(r.group_members("canary").await.unwrap().is_empty());
+    assert!(r.certificates("pump-3").await.unwrap().is_empty());
+
+    // Another handle (another instance) sees the same registry.
+    assert_eq!(
+        other.group_members("gdansk-p7").await.unwrap(),
+        ["pump-1", "pump-2"]
+    );
+    assert!(matches!(
+        other.create_group("canary", None).await,
+        Err(RegistryError::AlreadyExists(_))
+    ));
+
+    // API tokens: made by one instance, accepted and revoked by the other.
+    let (record, token) = r.create_token("dashboard", Scope::Read).await.unwrap();
+    let seen = other.verify_token(&token).await.unwrap().expect("known");
+    assert_eq!(
+        (seen.id.as_str(), seen.scope),
+        (record.id.as_str(), Scope::Read)
+    );
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    assert!(other.verify_token(&forged).await.unwrap().is_none());
+    assert!(other.verify_token("not-a-token").await.unwrap().is_none());
+    assert_eq!(other.tokens().await.unwrap(), std::slice::from_ref(&record));
+    other.revoke_token(&record.id).await.unwrap();
+    assert!(r.verify_token(&token).await.unwrap().is_none());
+    assert!(matches!(
+        r.revoke_token(&record.id).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        r.create_token("", Scope::Admin).await,
+        Err(RegistryError::InvalidName(_))
+    ));
 }

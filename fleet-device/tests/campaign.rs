@@ -77,7 +77,7 @@ fn receipt_seed(i: usize) -> [u8; 32] {
     seed
 }
 
-fn fleet(devices: usize) -> Fleet {
+async fn fleet(devices: usize) -> Fleet {
     let broker = Broker::start().expect("start mosquitto");
     let db = tempfile::tempdir().unwrap();
     let (running, jobs, streams) = cloud(&broker, db.path());
@@ -92,6 +92,7 @@ fn fleet(devices: usize) -> Fleet {
         .into();
         registry
             .create_thing(&format!("dev-{i:03}"), attrs)
+            .await
             .unwrap();
     }
     let signer = SigningKey::from_bytes(&[5; 32]);
@@ -306,7 +307,7 @@ async fn until_final(f: &Fleet, id: &str) -> CampaignStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
     const N: usize = 100;
-    let f = Arc::new(fleet(N));
+    let f = Arc::new(fleet(N).await);
     let states: Vec<tempfile::TempDir> = (0..N).map(|_| tempfile::tempdir().unwrap()).collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut devices = Vec::new();
@@ -400,7 +401,7 @@ async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_self_tests_abort_the_campaign_and_roll_back() {
     const N: usize = 20;
-    let f = Arc::new(fleet(N));
+    let f = Arc::new(fleet(N).await);
     let states: Vec<tempfile::TempDir> = (0..N).map(|_| tempfile::tempdir().unwrap()).collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut devices = Vec::new();

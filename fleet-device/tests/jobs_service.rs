@@ -193,9 +193,14 @@ async fn jobs_run_in_order_and_a_cancel_is_reported(kind: BrokerKind) {
     cloud
         .registry
         .create_thing("pump-7", Default::default())
+        .await
         .unwrap();
-    cloud.registry.create_group("pumps", None).unwrap();
-    cloud.registry.add_to_group("pumps", "pump-7").unwrap();
+    cloud.registry.create_group("pumps", None).await.unwrap();
+    cloud
+        .registry
+        .add_to_group("pumps", "pump-7")
+        .await
+        .unwrap();
     cloud.create(spec("first", &["pump-7"], &[])).await;
     cloud.create(spec("second", &[], &["pumps"])).await;
     cloud.create(spec("third", &["pump-7"], &[])).await;
@@ -264,8 +269,13 @@ async fn jobs_run_in_order_and_a_cancel_is_reported(kind: BrokerKind) {
     cloud
         .registry
         .create_thing("pump-8", Default::default())
+        .await
         .unwrap();
-    cloud.registry.add_to_group("pumps", "pump-8").unwrap();
+    cloud
+        .registry
+        .add_to_group("pumps", "pump-8")
+        .await
+        .unwrap();
     let out = cloud
         .jobs
         .sync_continuous(&cloud.registry, cloud.now())

@@ -112,7 +112,7 @@ async fn a_claimed_device_provisions_itself_and_connects(kind: BrokerKind) {
         .await
         .unwrap();
     assert_eq!(me.thing_name, "pump-42");
-    assert_eq!(registry.certificates("pump-42").unwrap().len(), 1);
+    assert_eq!(registry.certificates("pump-42").await.unwrap().len(), 1);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

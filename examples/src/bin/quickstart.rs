@@ -101,7 +101,7 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
     let db = dir.join("fleet.db");
     let store = SqliteStore::open(&db)?;
     let registry = Registry::open(&dir.join("registry.db"))?;
-    registry.create_group("early", None)?;
+    registry.create_group("early", None).await?;
     let provisioning = ProvisioningService::new(
         Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
         registry.clone(),
@@ -203,14 +203,17 @@ async fn device(
     let mut receipt_key = [0u8; 32];
     getrandom::fill(&mut receipt_key)?;
     let public = SigningKey::from_bytes(&receipt_key).verifying_key();
-    let mut attrs = cloud.registry.thing(&me.thing_name)?.attributes;
+    let mut attrs = cloud.registry.thing(&me.thing_name).await?.attributes;
     attrs.insert(
         RECEIPT_KEY_ATTRIBUTE.into(),
         base64::engine::general_purpose::STANDARD.encode(public.as_bytes()),
     );
-    cloud.registry.set_attributes(&me.thing_name, &attrs)?;
+    cloud
+        .registry
+        .set_attributes(&me.thing_name, &attrs)
+        .await?;
     if i < 3 {
-        cloud.registry.add_to_group("early", &me.thing_name)?;
+        cloud.registry.add_to_group("early", &me.thing_name).await?;
     }
     let mut sent_telemetry = false;
     loop {
@@ -328,7 +331,8 @@ async fn run() -> Result<(), BoxError> {
     for _ in 0..1200 {
         things = cloud
             .registry
-            .things(None, 100)?
+            .things(None, 100)
+            .await?
             .into_iter()
             .map(|t| t.name)
             .collect();
@@ -445,7 +449,7 @@ async fn run() -> Result<(), BoxError> {
         in_progress_timeout_secs: None,
     };
     // The early group first, then everyone else.
-    let early = cloud.registry.group_members("early")?;
+    let early = cloud.registry.group_members("early").await?;
     let mut order = early.clone();
     order.extend(things.iter().filter(|t| !early.contains(t)).cloned());
     let out = cloud

@@ -94,7 +94,7 @@ fn thing_name(name: &str) -> Result<ThingName<'_>, ApiError> {
     ThingName::new(name).map_err(|e| ApiError::invalid(format!("thing name {name:?}: {e}")))
 }
 
-/// Runs registry work on a blocking thread.
+/// Runs CPU-heavy work (key generation) on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -221,8 +221,7 @@ async fn list_things(
     Query(page): Query<Page>,
 ) -> Result<axum::Json<ThingList>, ApiError> {
     let limit = page.limit()?;
-    let registry = api.registry.clone();
-    let items = blocking(move || Ok(registry.things(page.after.as_deref(), limit)?)).await?;
+    let items = api.registry.things(page.after.as_deref(), limit).await?;
     let next = (items.len() == limit)
         .then(|| items.last().map(|t| t.name.clone()))
         .flatten();
@@ -238,8 +237,10 @@ async fn create_thing(
     State(api): State<Api>,
     ApiJson(body): ApiJson<CreateThing>,
 ) -> Result<(StatusCode, axum::Json<ThingView>), ApiError> {
-    let registry = api.registry.clone();
-    let thing = blocking(move || Ok(registry.create_thing(&body.name, body.attributes)?)).await?;
+    let thing = api
+        .registry
+        .create_thing(&body.name, body.attributes)
+        .await?;
     Ok((StatusCode::CREATED, axum::Json(thing.into())))
 }
 
@@ -249,10 +250,7 @@ async fn get_thing(
     State(api): State<Api>,
     Path(thing): Path<String>,
 ) -> Result<axum::Json<ThingView>, ApiError> {
-    let registry = api.registry.clone();
-    Ok(axum::Json(
-        blocking(move || Ok(registry.thing(&thing)?)).await?.into(),
-    ))
+    Ok(axum::Json(api.registry.thing(&thing).await?.into()))
 }
 
 /// Deletes a thing (its certificates and group memberships with it).
@@ -261,8 +259,7 @@ async fn delete_thing(
     State(api): State<Api>,
     Path(thing): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = api.registry.clone();
-    blocking(move || Ok(registry.delete_thing(&thing)?)).await?;
+    api.registry.delete_thing(&thing).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -273,12 +270,10 @@ async fn set_attributes(
     Path(thing): Path<String>,
     ApiJson(body): ApiJson<SetAttributes>,
 ) -> Result<axum::Json<ThingView>, ApiError> {
-    let registry = api.registry.clone();
-    let t = blocking(move || {
-        registry.set_attributes(&thing, &body.attributes)?;
-        Ok(registry.thing(&thing)?)
-    })
-    .await?;
+    api.registry
+        .set_attributes(&thing, &body.attributes)
+        .await?;
+    let t = api.registry.thing(&thing).await?;
     Ok(axum::Json(t.into()))
 }
 
@@ -289,12 +284,8 @@ async fn set_enabled(
     Path(thing): Path<String>,
     ApiJson(body): ApiJson<SetEnabled>,
 ) -> Result<axum::Json<ThingView>, ApiError> {
-    let registry = api.registry.clone();
-    let t = blocking(move || {
-        registry.set_enabled(&thing, body.enabled)?;
-        Ok(registry.thing(&thing)?)
-    })
-    .await?;
+    api.registry.set_enabled(&thing, body.enabled).await?;
+    let t = api.registry.thing(&thing).await?;
     Ok(axum::Json(t.into()))
 }
 
@@ -319,12 +310,8 @@ async fn list_certificates(
     State(api): State<Api>,
     Path(thing): Path<String>,
 ) -> Result<axum::Json<Vec<CertificateView>>, ApiError> {
-    let registry = api.registry.clone();
-    let certs = blocking(move || {
-        registry.thing(&thing)?;
-        Ok(registry.certificates(&thing)?)
-    })
-    .await?;
+    api.registry.thing(&thing).await?;
+    let certs = api.registry.certificates(&thing).await?;
     Ok(axum::Json(
         certs
             .into_iter()
@@ -347,9 +334,7 @@ async fn revoke_certificate(
     State(api): State<Api>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = api.registry.clone();
-    let revoked = id.clone();
-    blocking(move || Ok(registry.revoke_certificate(&revoked)?)).await?;
+    api.registry.revoke_certificate(&id).await?;
     if let Some(hook) = &api.on_revoke {
         hook(&id);
     }
@@ -382,15 +367,13 @@ async fn create_group(
     State(api): State<Api>,
     ApiJson(body): ApiJson<CreateGroup>,
 ) -> Result<(StatusCode, axum::Json<GroupMembers>), ApiError> {
-    let registry = api.registry.clone();
-    let members = blocking(move || {
-        registry.create_group(&body.name, body.query.as_ref())?;
-        Ok(GroupMembers {
-            members: registry.group_members(&body.name)?,
-            group: body.name,
-        })
-    })
-    .await?;
+    api.registry
+        .create_group(&body.name, body.query.as_ref())
+        .await?;
+    let members = GroupMembers {
+        members: api.registry.group_members(&body.name).await?,
+        group: body.name,
+    };
     Ok((StatusCode::CREATED, axum::Json(members)))
 }
 
@@ -400,13 +383,8 @@ async fn group_members(
     State(api): State<Api>,
     Path(group): Path<String>,
 ) -> Result<axum::Json<GroupMembers>, ApiError> {
-    let registry = api.registry.clone();
-    let members = blocking(move || {
-        Ok(registry
-            .group_members(&group)
-            .map(|m| GroupMembers { group, members: m })?)
-    })
-    .await?;
+    let members = api.registry.group_members(&group).await?;
+    let members = GroupMembers { group, members };
     Ok(axum::Json(members))
 }
 
@@ -416,8 +394,7 @@ async fn add_member(
     State(api): State<Api>,
     Path((group, thing)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = api.registry.clone();
-    blocking(move || Ok(registry.add_to_group(&group, &thing)?)).await?;
+    api.registry.add_to_group(&group, &thing).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1138,8 +1115,7 @@ pub(crate) struct TokenView {
 /// The API tokens (admin).
 #[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = Vec<TokenView>)))]
 async fn list_tokens(State(api): State<Api>) -> Result<axum::Json<Vec<TokenView>>, ApiError> {
-    let registry = api.registry.clone();
-    let tokens = blocking(move || Ok(registry.tokens()?)).await?;
+    let tokens = api.registry.tokens().await?;
     Ok(axum::Json(
         tokens
             .into_iter()
@@ -1163,8 +1139,7 @@ async fn create_token(
     let scope = Scope::parse(&body.scope).ok_or_else(|| {
         ApiError::invalid(format!("scope {:?}: read, operator or admin", body.scope))
     })?;
-    let registry = api.registry.clone();
-    let (record, token) = blocking(move || Ok(registry.create_token(&body.name, scope)?)).await?;
+    let (record, token) = api.registry.create_token(&body.name, scope).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(TokenView {
@@ -1183,7 +1158,6 @@ async fn revoke_token(
     State(api): State<Api>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = api.registry.clone();
-    blocking(move || Ok(registry.revoke_token(&id)?)).await?;
+    api.registry.revoke_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -295,11 +295,9 @@ async fn authenticate(State(api): State<Api>, req: Request, next: Next) -> Respo
         )
         .into_response();
     };
-    let registry = api.registry.clone();
-    let record = tokio::task::spawn_blocking(move || registry.verify_token(&token)).await;
-    let record = match record {
-        Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) => {
+    let record = match api.registry.verify_token(&token).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthenticated,
@@ -307,8 +305,7 @@ async fn authenticate(State(api): State<Api>, req: Request, next: Next) -> Respo
             )
             .into_response();
         }
-        Ok(Err(e)) => return ApiError::from(e).into_response(),
-        Err(e) => return ApiError::internal(e.to_string()).into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let needed = required_scope(req.method(), req.uri().path());
     if record.scope < needed {

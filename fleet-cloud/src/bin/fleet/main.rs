@@ -352,12 +352,26 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         queue_capacity: 1024,
     };
     std::fs::create_dir_all(dir)?;
-    let registry = Registry::open(&dir.join("registry.db"))?;
+    let store = args
+        .store
+        .clone()
+        .unwrap_or_else(|| dir.join("fleet.db").display().to_string());
+    let pg = if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+        Some(PgStore::connect(&store, 16).await?)
+    } else {
+        None
+    };
+    // With PostgreSQL, the registry (things, groups, certificates, API
+    // tokens) is shared by every instance on the database too.
+    let registry = match &pg {
+        Some(pg) => Registry::postgres(pg),
+        None => Registry::open(&dir.join("registry.db"))?,
+    };
     // What the registry says is revoked or denied, the broker refuses.
     if let Some(b) = &embedded {
-        b.revoke(registry.revoked_certificates()?);
+        b.revoke(registry.revoked_certificates().await?);
         let mut policy = b.policy();
-        policy.denied_identities = registry.denied_identities()?;
+        policy.denied_identities = registry.denied_identities().await?;
         b.set_policy(policy);
     }
     let ca_key = match (
@@ -382,8 +396,10 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
     let api = if args.no_api {
         None
     } else {
-        if registry.tokens()?.is_empty() {
-            let (_, token) = registry.create_token("admin (first start)", Scope::Admin)?;
+        if registry.tokens().await?.is_empty() {
+            let (_, token) = registry
+                .create_token("admin (first start)", Scope::Admin)
+                .await?;
             write_secret(&dir.join("admin.token"), &format!("{token}\n"))?;
             tracing::info!(
                 "wrote an admin API token to {}",
@@ -407,16 +423,11 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             revoker: embedded.as_ref().map(EmbeddedBroker::revoker),
         })
     };
-    let store = args
-        .store
-        .clone()
-        .unwrap_or_else(|| dir.join("fleet.db").display().to_string());
     let extras = Extras {
         provisioning,
         ..Extras::default()
     };
-    let result = if store.starts_with("postgres://") || store.starts_with("postgresql://") {
-        let pg = PgStore::connect(&store, 16).await?;
+    let result = if let Some(pg) = pg {
         // Several instances may share the database: one at a time sweeps
         // timeouts and drives rollouts, another takes over within the
         // lease's 5 s when it dies.
