@@ -73,9 +73,10 @@
 //! not applied twice. Connections to PostgreSQL may use TLS
 //! ([`PgStore::connect`]).
 //!
-//! Not shared: a command's waiter lives in the instance that sent it (its
-//! answer comes back there, on that instance's own topic), and provisioning
-//! by claim is served only with the embedded broker (one instance).
+//! Provisioning by claim keeps its ownership tokens in the registry, so a
+//! device's registration may reach another instance than its certificate
+//! request. A command's waiter lives in the instance that sent it (its
+//! answer comes back there, on that instance's own topic).
 
 #![forbid(unsafe_code)]
 

@@ -84,6 +84,15 @@ const MIGRATIONS: &[&str] = &[
         scope TEXT NOT NULL,
         secret_sha256 TEXT NOT NULL,
         created_at BIGINT NOT NULL
+    );
+    CREATE TABLE pending_certificates (
+        token TEXT PRIMARY KEY,
+        certificate_id TEXT NOT NULL,
+        certificate_pem TEXT NOT NULL,
+        common_name TEXT NOT NULL,
+        named_by_certificate BOOLEAN NOT NULL,
+        expires_at BIGINT NOT NULL,
+        used BOOLEAN NOT NULL
     );",
 ];
 
@@ -151,48 +160,34 @@ impl TlsParams {
 /// returns what tokio-postgres should parse.
 fn split_tls(url: &str) -> (String, TlsParams) {
     let mut tls = TlsParams::default();
-    let fix_mode = |v: &str| match v {
-        "verify-ca" | "verify-full" => "require".to_string(),
-        other => other.to_string(),
-    };
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
-            return (url.to_string(), tls);
-        };
-        let kept: Vec<String> = query
-            .split('&')
-            .filter_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if tls.take(k, v) {
-                    None
-                } else if k == "sslmode" {
-                    Some(format!("sslmode={}", fix_mode(v)))
-                } else {
-                    Some(pair.to_string())
-                }
-            })
-            .collect();
-        if kept.is_empty() {
-            (base.to_string(), tls)
+    // What tokio-postgres is given of one `key=value` pair.
+    let mut keep = |pair: &str| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if tls.take(k, v) {
+            None
+        } else if k == "sslmode" && matches!(v, "verify-ca" | "verify-full") {
+            Some("sslmode=require".to_string())
         } else {
-            (format!("{base}?{}", kept.join("&")), tls)
+            Some(pair.to_string())
+        }
+    };
+    let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            None => url.to_string(),
+            Some((base, query)) => {
+                let kept: Vec<String> = query.split('&').filter_map(&mut keep).collect();
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
         }
     } else {
-        let kept: Vec<String> = url
-            .split_whitespace()
-            .filter_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if tls.take(k, v) {
-                    None
-                } else if k == "sslmode" {
-                    Some(format!("sslmode={}", fix_mode(v)))
-                } else {
-                    Some(pair.to_string())
-                }
-            })
-            .collect();
-        (kept.join(" "), tls)
-    }
+        let kept: Vec<String> = url.split_whitespace().filter_map(&mut keep).collect();
+        kept.join(" ")
+    };
+    (url, tls)
 }
 
 /// The rustls client configuration for `tls` (`None`: no TLS asked for).
@@ -782,5 +777,43 @@ impl Leadership for PgLease {
             }
             held
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_either_form() {
+        let (url, tls) = split_tls(
+            "postgres://u@h:5/db?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x&sslcert=/c.pem&sslkey=/k.pem",
+        );
+        assert_eq!(
+            url,
+            "postgres://u@h:5/db?sslmode=require&application_name=x"
+        );
+        assert_eq!(
+            tls,
+            TlsParams {
+                root: Some("/ca.pem".into()),
+                cert: Some("/c.pem".into()),
+                key: Some("/k.pem".into()),
+                mode: Some("verify-full".into()),
+            }
+        );
+        let (url, tls) = split_tls("postgres://u@h/db?sslrootcert=/ca.pem");
+        assert_eq!(
+            (url.as_str(), tls.root.as_deref()),
+            ("postgres://u@h/db", Some("/ca.pem"))
+        );
+        let (url, tls) = split_tls("host=h user=u sslmode=verify-ca sslrootcert=/ca.pem");
+        assert_eq!(url, "host=h user=u sslmode=require");
+        assert_eq!(tls.root.as_deref(), Some("/ca.pem"));
+        let (url, tls) = split_tls("postgres://u@h/db");
+        assert_eq!(
+            (url.as_str(), tls),
+            ("postgres://u@h/db", TlsParams::default())
+        );
     }
 }

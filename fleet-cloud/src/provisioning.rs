@@ -19,14 +19,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::pki::Pki;
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{PendingCertificate, Registry, RegistryError, Spent};
 
 /// A provisioning template: how a thing is named and what it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,17 +55,6 @@ pub trait PreProvisioningHook: Send + Sync + 'static {
     fn check(&self, template: &str, parameters: &BTreeMap<String, String>) -> Result<(), String>;
 }
 
-struct Token {
-    certificate_id: String,
-    certificate_pem: String,
-    common_name: String,
-    expires_at: u64,
-    used: bool,
-    /// Issued by `CreateKeysAndCertificate`: the thing is named after the
-    /// certificate, whatever the template would name it.
-    named_by_certificate: bool,
-}
-
 /// The provisioning service.
 #[derive(Clone)]
 pub struct ProvisioningService {
@@ -73,14 +62,14 @@ pub struct ProvisioningService {
     registry: Registry,
     templates: Arc<HashMap<String, ProvisioningTemplate>>,
     hook: Option<Arc<dyn PreProvisioningHook>>,
-    tokens: Arc<Mutex<HashMap<String, Token>>>,
     /// How long an ownership token is good for.
     pub token_lifetime: Duration,
     /// How long issued certificates are valid.
     pub certificate_days: u32,
-    /// Ownership tokens held at most (issued, not yet used or expired):
-    /// bounds this instance's memory; more `create-from-csr` requests are
-    /// refused with 429 `ThrottlingException` until some are used or expire.
+    /// Ownership tokens held at most (issued, not yet used or expired, kept
+    /// in the registry, so that with PostgreSQL any instance can take the
+    /// registration): more `create-from-csr` requests are refused with 429
+    /// `ThrottlingException` until some are used or expire.
     pub max_outstanding_tokens: usize,
     /// Serve `CreateKeysAndCertificate`: the cloud generates the device's
     /// private key and sends it over MQTT. Off by default (`create-from-csr`
@@ -177,7 +166,6 @@ impl ProvisioningService {
             registry,
             templates: Arc::new(templates.into_iter().map(|t| (t.name.clone(), t)).collect()),
             hook: None,
-            tokens: Arc::new(Mutex::new(HashMap::new())),
             token_lifetime: Duration::from_secs(3600),
             certificate_days: 365,
             max_outstanding_tokens: 10_000,
@@ -215,11 +203,9 @@ impl ProvisioningService {
     ) -> Option<Reply> {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         let result = if rest == "certificates/create-from-csr/json" {
-            let (this, payload) = (self.clone(), payload.to_vec());
-            off_runtime(move || this.create_from_csr(&payload, now)).await
+            self.create_from_csr(payload, now).await
         } else if rest == "certificates/create/json" {
-            let this = self.clone();
-            off_runtime(move || this.create_keys(now)).await
+            self.create_keys(now).await
         } else {
             let template = rest
                 .strip_prefix("provisioning-templates/")?
@@ -247,7 +233,7 @@ impl ProvisioningService {
         })
     }
 
-    fn create_from_csr(&self, payload: &[u8], now: u64) -> Result<Value, ProvisioningError> {
+    async fn create_from_csr(&self, payload: &[u8], now: u64) -> Result<Value, ProvisioningError> {
         let request: CsrRequest = serde_json::from_slice(payload).map_err(|_| {
             ProvisioningError::new(
                 400,
@@ -255,10 +241,12 @@ impl ProvisioningService {
                 "expected {\"certificateSigningRequest\": PEM}",
             )
         })?;
-        let (certificate_pem, common_name) = self
-            .ca
-            .sign_csr(&request.certificate_signing_request, self.certificate_days)
-            .map_err(|e| ProvisioningError::new(400, "InvalidCSR", e.to_string()))?;
+        let (ca, days) = (self.ca.clone(), self.certificate_days);
+        let (certificate_pem, common_name) = off_runtime(move || {
+            ca.sign_csr(&request.certificate_signing_request, days)
+                .map_err(|e| ProvisioningError::new(400, "InvalidCSR", e.to_string()))
+        })
+        .await?;
         fleet_core::ThingName::new(&common_name).map_err(|e| {
             ProvisioningError::new(
                 400,
@@ -266,8 +254,9 @@ impl ProvisioningService {
                 format!("the CSR's common name must be the thing name: {e}"),
             )
         })?;
-        let (token, certificate_id) =
-            self.issue_token(&certificate_pem, common_name, false, now)?;
+        let (token, certificate_id) = self
+            .issue_token(&certificate_pem, common_name, false, now)
+            .await?;
         Ok(json!({
             "certificateOwnershipToken": token,
             "certificateId": certificate_id,
@@ -275,7 +264,7 @@ impl ProvisioningService {
         }))
     }
 
-    fn create_keys(&self, now: u64) -> Result<Value, ProvisioningError> {
+    async fn create_keys(&self, now: u64) -> Result<Value, ProvisioningError> {
         if !self.allow_create_keys {
             return Err(ProvisioningError::new(
                 403,
@@ -290,11 +279,15 @@ impl ProvisioningService {
             "device-{}",
             r.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let identity = self
-            .ca
-            .client_identity(&name)
-            .map_err(|e| ProvisioningError::new(500, "InternalFailure", e.to_string()))?;
-        let (token, certificate_id) = self.issue_token(&identity.cert_pem, name, true, now)?;
+        let (ca, cn) = (self.ca.clone(), name.clone());
+        let identity = off_runtime(move || {
+            ca.client_identity(&cn)
+                .map_err(|e| ProvisioningError::new(500, "InternalFailure", e.to_string()))
+        })
+        .await?;
+        let (token, certificate_id) = self
+            .issue_token(&identity.cert_pem, name, true, now)
+            .await?;
         Ok(json!({
             "certificateOwnershipToken": token,
             "certificateId": certificate_id,
@@ -304,7 +297,7 @@ impl ProvisioningService {
     }
 
     /// Records a certificate awaiting registration; returns its token and id.
-    fn issue_token(
+    async fn issue_token(
         &self,
         certificate_pem: &str,
         common_name: String,
@@ -314,25 +307,28 @@ impl ProvisioningService {
         let certificate_id = fingerprint(certificate_pem);
         let token =
             random_token().map_err(|e| ProvisioningError::new(500, "InternalFailure", e))?;
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.retain(|_, t| t.expires_at > now && !t.used);
-        if tokens.len() >= self.max_outstanding_tokens {
+        let pending = PendingCertificate {
+            certificate_id: certificate_id.clone(),
+            certificate_pem: certificate_pem.into(),
+            common_name,
+            named_by_certificate,
+            expires_at: now + self.token_lifetime.as_secs(),
+        };
+        let added = self
+            .registry
+            .add_pending(&token, &pending, now, self.max_outstanding_tokens)
+            .await
+            .map_err(internal)?;
+        if !added {
             return Err(ProvisioningError::new(
                 429,
                 "ThrottlingException",
                 "too many certificates await registration; try again later",
             ));
         }
-        tokens.insert(
-            token.clone(),
-            Token {
-                certificate_id: certificate_id.clone(),
-                certificate_pem: certificate_pem.into(),
-                common_name,
-                expires_at: now + self.token_lifetime.as_secs(),
-                used: false,
-                named_by_certificate,
-            },
+        tracing::info!(
+            "provisioning: issued a certificate for {} ({certificate_id})",
+            pending.common_name
         );
         Ok((token, certificate_id))
     }
@@ -372,10 +368,11 @@ impl ProvisioningService {
         // Check the token without spending it: a refused registration
         // leaves it usable until it expires.
         let (certificate_id, certificate_pem) = {
-            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            let token = tokens
-                .get(&request.certificate_ownership_token)
-                .filter(|t| !t.used && t.expires_at > now)
+            let token = self
+                .registry
+                .pending(&request.certificate_ownership_token, now)
+                .await
+                .map_err(internal)?
                 .ok_or_else(|| {
                     ProvisioningError::new(
                         400,
@@ -406,28 +403,34 @@ impl ProvisioningService {
             );
             off_runtime(move || {
                 hook.check(&template, &parameters)
-                    .map(|()| Value::Null)
                     .map_err(|reason| ProvisioningError::new(403, "AccessDenied", reason))
             })
             .await?;
         }
+        match self
+            .registry
+            .spend_pending(&request.certificate_ownership_token, now)
+            .await
+            .map_err(internal)?
         {
-            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            match tokens.get_mut(&request.certificate_ownership_token) {
-                Some(t) if !t.used => t.used = true,
-                _ => {
-                    return Err(ProvisioningError::new(
-                        400,
-                        "InvalidToken",
-                        "the ownership token was used",
-                    ));
-                }
+            Spent::Now => {}
+            Spent::Before => {
+                return Err(ProvisioningError::new(
+                    400,
+                    "InvalidToken",
+                    "the ownership token was used",
+                ));
+            }
+            Spent::Unknown => {
+                return Err(ProvisioningError::new(
+                    400,
+                    "InvalidToken",
+                    "the ownership token is unknown, used or expired",
+                ));
             }
         }
         let mut attributes = t.attributes.clone();
         attributes.extend(request.parameters.clone());
-        let internal =
-            |e: RegistryError| ProvisioningError::new(500, "InternalFailure", e.to_string());
         match self.registry.create_thing(&thing, attributes).await {
             Ok(_) | Err(RegistryError::AlreadyExists(_)) => {}
             Err(e) => return Err(internal(e)),
@@ -442,14 +445,19 @@ impl ProvisioningService {
                 .await
                 .map_err(internal)?;
         }
+        tracing::info!("provisioning: registered {thing} (certificate {certificate_id})");
         Ok(json!({"thingName": thing, "deviceConfiguration": {}}))
     }
 }
 
+fn internal(e: RegistryError) -> ProvisioningError {
+    ProvisioningError::new(500, "InternalFailure", e.to_string())
+}
+
 /// Runs `f` on a blocking thread.
-async fn off_runtime(
-    f: impl FnOnce() -> Result<Value, ProvisioningError> + Send + 'static,
-) -> Result<Value, ProvisioningError> {
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ProvisioningError> + Send + 'static,
+) -> Result<T, ProvisioningError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
         Err(ProvisioningError::new(
             500,

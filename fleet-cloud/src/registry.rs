@@ -96,6 +96,11 @@ CREATE TABLE IF NOT EXISTS certificates (
     thing TEXT NOT NULL REFERENCES things(name) ON DELETE CASCADE,
     status TEXT NOT NULL, pem TEXT NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS pending_certificates (
+    token TEXT PRIMARY KEY, certificate_id TEXT NOT NULL, certificate_pem TEXT NOT NULL,
+    common_name TEXT NOT NULL, named_by_certificate INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL, used INTEGER NOT NULL
+) STRICT;
 CREATE TABLE IF NOT EXISTS api_tokens (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL,
     secret_sha256 TEXT NOT NULL, created_at INTEGER NOT NULL
@@ -753,6 +758,162 @@ impl Registry {
     }
 }
 
+/// A certificate issued by provisioning that awaits its registration, by
+/// its ownership token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingCertificate {
+    pub(crate) certificate_id: String,
+    pub(crate) certificate_pem: String,
+    pub(crate) common_name: String,
+    /// Issued by `CreateKeysAndCertificate`: the thing is named after the
+    /// certificate, whatever the template would name it.
+    pub(crate) named_by_certificate: bool,
+    /// Epoch seconds.
+    pub(crate) expires_at: u64,
+}
+
+/// What spending an ownership token found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spent {
+    /// It was good, and is now used.
+    Now,
+    /// It was used before.
+    Before,
+    /// Unknown or expired.
+    Unknown,
+}
+
+impl Registry {
+    /// Records `pending` under ownership token `token`, unless `max`
+    /// tokens already await registration (then `false`). Expired and used
+    /// tokens are forgotten first. With PostgreSQL every instance sees it,
+    /// so a device's `RegisterThing` may reach another instance than its
+    /// `create-from-csr` did (the bound is then per check, not exact).
+    pub(crate) async fn add_pending(
+        &self,
+        token: &str,
+        pending: &PendingCertificate,
+        now: u64,
+        max: usize,
+    ) -> Result<bool, RegistryError> {
+        let now = signed(now);
+        let max = signed(max as u64);
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let (token, p) = (token.to_owned(), pending.clone());
+                on_sqlite(s, move |s| s.add_pending(&token, &p, now, max)).await
+            }
+            Backend::Postgres(pg) => {
+                pg.registry_execute(
+                    "DELETE FROM pending_certificates WHERE used OR expires_at <= $1",
+                    &[&now],
+                    token,
+                )
+                .await?;
+                let n = pg
+                    .registry_execute(
+                        "INSERT INTO pending_certificates (token, certificate_id, certificate_pem, common_name, named_by_certificate, expires_at, used)
+                         SELECT $1, $2, $3, $4, $5, $6, FALSE
+                         WHERE (SELECT COUNT(*) FROM pending_certificates) < $7",
+                        &[
+                            &token,
+                            &pending.certificate_id,
+                            &pending.certificate_pem,
+                            &pending.common_name,
+                            &pending.named_by_certificate,
+                            &signed(pending.expires_at),
+                            &max,
+                        ],
+                        token,
+                    )
+                    .await?;
+                Ok(n == 1)
+            }
+        }
+    }
+
+    /// The certificate awaiting registration under `token`, if the token is
+    /// unused and unexpired at `now` (the token is not spent).
+    pub(crate) async fn pending(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<Option<PendingCertificate>, RegistryError> {
+        let now = signed(now);
+        let row: Option<(String, String, String, bool, i64)> = match &self.backend {
+            Backend::Sqlite(s) => {
+                let token = token.to_owned();
+                on_sqlite(s, move |s| s.pending(&token, now)).await?
+            }
+            Backend::Postgres(pg) => pg
+                .registry_query(
+                    "SELECT certificate_id, certificate_pem, common_name, named_by_certificate, expires_at
+                     FROM pending_certificates WHERE token = $1 AND NOT used AND expires_at > $2",
+                    &[&token, &now],
+                )
+                .await?
+                .first()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))),
+        };
+        Ok(row.map(
+            |(certificate_id, certificate_pem, common_name, named_by_certificate, expires_at)| {
+                PendingCertificate {
+                    certificate_id,
+                    certificate_pem,
+                    common_name,
+                    named_by_certificate,
+                    expires_at: u64::try_from(expires_at).unwrap_or(0),
+                }
+            },
+        ))
+    }
+
+    /// Spends ownership token `token` at `now`: one statement that marks it
+    /// used only if it was not, so two instances racing on one token cannot
+    /// both register with it.
+    pub(crate) async fn spend_pending(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<Spent, RegistryError> {
+        let now = signed(now);
+        let (spent, used) = match &self.backend {
+            Backend::Sqlite(s) => {
+                let token = token.to_owned();
+                on_sqlite(s, move |s| s.spend_pending(&token, now)).await?
+            }
+            Backend::Postgres(pg) => {
+                let n = pg
+                    .registry_execute(
+                        "UPDATE pending_certificates SET used = TRUE
+                         WHERE token = $1 AND NOT used AND expires_at > $2",
+                        &[&token, &now],
+                        token,
+                    )
+                    .await?;
+                let used = n == 0
+                    && !pg
+                        .registry_query(
+                            "SELECT 1 FROM pending_certificates WHERE token = $1 AND used",
+                            &[&token],
+                        )
+                        .await?
+                        .is_empty();
+                (n == 1, used)
+            }
+        };
+        Ok(match (spent, used) {
+            (true, _) => Spent::Now,
+            (false, true) => Spent::Before,
+            (false, false) => Spent::Unknown,
+        })
+    }
+}
+
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 const REVOKED_CERTIFICATES: &str =
     "SELECT id FROM certificates WHERE status = 'REVOKED' ORDER BY id";
 
@@ -998,6 +1159,80 @@ impl SqliteRegistry {
             .query_map([thing], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(backend)?;
         rows.collect::<Result<_, _>>().map_err(backend)
+    }
+
+    fn add_pending(
+        &self,
+        token: &str,
+        p: &PendingCertificate,
+        now: i64,
+        max: i64,
+    ) -> Result<bool, RegistryError> {
+        let conn = self.conn();
+        conn.execute(
+            "DELETE FROM pending_certificates WHERE used <> 0 OR expires_at <= ?1",
+            [now],
+        )
+        .map_err(backend)?;
+        let n = conn
+            .execute(
+                "INSERT INTO pending_certificates (token, certificate_id, certificate_pem, common_name, named_by_certificate, expires_at, used)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, 0
+                 WHERE (SELECT COUNT(*) FROM pending_certificates) < ?7",
+                rusqlite::params![
+                    token,
+                    p.certificate_id,
+                    p.certificate_pem,
+                    p.common_name,
+                    p.named_by_certificate as i64,
+                    signed(p.expires_at),
+                    max
+                ],
+            )
+            .map_err(|e| constraint(e, token))?;
+        Ok(n == 1)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn pending(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Option<(String, String, String, bool, i64)>, RegistryError> {
+        optional(self.conn().query_row(
+            "SELECT certificate_id, certificate_pem, common_name, named_by_certificate, expires_at
+             FROM pending_certificates WHERE token = ?1 AND used = 0 AND expires_at > ?2",
+            (token, now),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)? != 0,
+                    r.get(4)?,
+                ))
+            },
+        ))
+    }
+
+    /// (spent now, used before).
+    fn spend_pending(&self, token: &str, now: i64) -> Result<(bool, bool), RegistryError> {
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "UPDATE pending_certificates SET used = 1
+                 WHERE token = ?1 AND used = 0 AND expires_at > ?2",
+                (token, now),
+            )
+            .map_err(backend)?;
+        let used = n == 0
+            && optional(conn.query_row(
+                "SELECT 1 FROM pending_certificates WHERE token = ?1 AND used <> 0",
+                [token],
+                |r| r.get::<_, i64>(0),
+            ))?
+            .is_some();
+        Ok((n == 1, used))
     }
 
     fn names(&self, sql: &str) -> Result<Vec<String>, RegistryError> {

@@ -98,8 +98,11 @@ fn start_instance(k: usize, dir: &Path, broker: &Broker, store: &str) -> Instanc
         "server.key",
         "backend.pem",
         "backend.key",
+        "ca.key",
     ] {
-        std::fs::copy(dir.join(name), own.join(name)).unwrap();
+        if dir.join(name).exists() {
+            std::fs::copy(dir.join(name), own.join(name)).unwrap();
+        }
     }
     let dir = own.as_path();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
@@ -608,4 +611,111 @@ async fn next_answer(dev: &mut fleet_testkit::TestClient, suffix: &str) -> fleet
             return m;
         }
     }
+}
+
+/// Provisioning by claim with two instances: a device's certificate request
+/// and its registration are shared requests, so either instance may take
+/// either; the ownership token is kept in PostgreSQL, so every device
+/// registers, whichever instance took which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_provision_by_claim_through_two_instances() {
+    use fleet_device::{ClaimConfig, provision_by_claim};
+    const DEVICES: usize = 12;
+    let pg = Postgres::start().expect("start PostgreSQL");
+    let broker = Broker::start_with(BrokerOptions {
+        kind: BrokerKind::Embedded,
+        policy: fleet_testkit::BrokerPolicy {
+            claim_identities: vec!["claim@factory".into()],
+            ..fleet_testkit::BrokerPolicy::default()
+        },
+        ..BrokerOptions::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = broker.pki().server_identity().unwrap();
+    let backend = broker.backend_identity().unwrap();
+    for (name, text) in [
+        ("ca.pem", broker.pki().ca_pem()),
+        // The fleet CA signs the devices' certificates.
+        ("ca.key", broker.pki().ca_key_pem()),
+        ("server.pem", server.cert_pem),
+        ("server.key", server.key_pem),
+        ("backend.pem", backend.cert_pem),
+        ("backend.key", backend.key_pem),
+    ] {
+        std::fs::write(d.join(name), text).unwrap();
+    }
+    let instances: Vec<Instance> = (0..2)
+        .map(|k| start_instance(k, d, &broker, &pg.uri()))
+        .collect();
+    let claim = broker.claim_identity("claim@factory").unwrap();
+    // One certificate request that is refused (and so never registered):
+    // the broker hands shared requests out in turn per topic filter, and
+    // this puts the certificate requests and the registrations out of step,
+    // so that a device's two requests reach different instances.
+    let mut odd = fleet_testkit::TestClient::connect(&broker, &claim, "claim@factory")
+        .await
+        .unwrap();
+    assert!(odd.subscribe("$aws/clients/claim@factory/#").await.unwrap());
+    odd.publish_with_response_topic(
+        "$aws/certificates/create-from-csr/json",
+        "{}",
+        "$aws/clients/claim@factory/csr",
+    )
+    .await
+    .unwrap();
+    let refused = odd.recv(Duration::from_secs(10)).await.expect("an answer");
+    assert!(refused.topic.ends_with("/rejected"), "{}", refused.topic);
+    odd.disconnect().await;
+    for serial in 0..DEVICES {
+        let config = ClaimConfig {
+            host: "localhost".into(),
+            port: broker.port(),
+            claim_cert_pem: claim.cert_pem.clone(),
+            claim_key_pem: claim.key_pem.clone(),
+            ca_pem: broker.pki().ca_pem(),
+            template: "default".into(),
+            parameters: [("SerialNumber".to_string(), serial.to_string())].into(),
+            thing_name: format!("thing-{serial}"),
+            state_dir: d.join(format!("device-{serial}")),
+            timeout: Duration::from_secs(10),
+        };
+        let me = provision_by_claim(&config)
+            .await
+            .unwrap_or_else(|e| panic!("device {serial}: {e}"));
+        assert_eq!(me.thing_name, format!("thing-{serial}"));
+    }
+    // Each registered once, with its certificate, in the shared registry.
+    let store = PgStore::connect(&pg.uri(), 2).await.unwrap();
+    let registry = fleet_cloud::Registry::postgres(&store);
+    let things = registry.things(None, 100).await.unwrap();
+    assert_eq!(things.len(), DEVICES);
+    for t in &things {
+        let certificates = registry.certificates(&t.name).await.unwrap();
+        assert_eq!(certificates.len(), 1, "{}", t.name);
+    }
+    // Which instance issued each certificate and which registered it, from
+    // their logs: some devices crossed from one to the other.
+    let issued = log_events(&instances, "provisioning: issued a certificate for ");
+    let registered = log_events(&instances, "provisioning: registered ");
+    let by = |events: &[(String, usize, String)], needle: &str| {
+        events
+            .iter()
+            .find(|(_, _, line)| line.contains(needle))
+            .map(|(_, k, _)| *k)
+            .unwrap_or_else(|| panic!("no log line for {needle}"))
+    };
+    let crossed = (0..DEVICES)
+        .filter(|serial| {
+            let issued_by = by(&issued, &format!("certificate for thing-{serial} "));
+            let registered_by = by(&registered, &format!("registered thing-{serial} "));
+            issued_by != registered_by
+        })
+        .count();
+    println!("{crossed} of {DEVICES} devices registered at another instance than issued");
+    assert!(
+        crossed > 0,
+        "no device's registration reached another instance: the test shows nothing"
+    );
 }

@@ -786,3 +786,81 @@ async fn registry_scenario(r: &Registry, other: &Registry) {
         Err(RegistryError::InvalidName(_))
     ));
 }
+
+/// Provisioning by claim through two instances on one store: the ownership
+/// token one issued, the other accepts, and once only, on SQLite and on
+/// PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ownership_token_is_good_at_every_instance_once() {
+    use fleet_cloud::pki::Pki;
+    use fleet_cloud::{ProvisioningService, ProvisioningTemplate};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let pg = Postgres::start().unwrap();
+    let pairs = [
+        (
+            Registry::open(&path).unwrap(),
+            Registry::open(&path).unwrap(),
+        ),
+        (
+            Registry::postgres(&PgStore::connect(&pg.url(), 2).await.unwrap()),
+            Registry::postgres(&PgStore::connect(&pg.url(), 2).await.unwrap()),
+        ),
+    ];
+    let ca = Pki::new("fleet CA").unwrap();
+    let template = ProvisioningTemplate {
+        name: "factory".into(),
+        thing_name_prefix: "pump-".into(),
+        name_parameter: "SerialNumber".into(),
+        required_parameters: Vec::new(),
+        attributes: BTreeMap::new(),
+        groups: Vec::new(),
+    };
+    let csr = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pump-7");
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    };
+    for (a, b) in pairs {
+        let service = |r: &Registry| {
+            let ca = Pki::from_pem(&ca.ca_pem(), &ca.ca_key_pem()).unwrap();
+            ProvisioningService::new(ca, r.clone(), vec![template.clone()])
+        };
+        let (first, second) = (service(&a), service(&b));
+        let ask = |s: &ProvisioningService, topic: &str, body: String| {
+            let (s, topic) = (s.clone(), topic.to_string());
+            async move {
+                let reply = s.handle(&topic, body.as_bytes(), None, T0).await.unwrap();
+                let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+                (reply.topic.rsplit('/').next().unwrap().to_string(), v)
+            }
+        };
+        let (outcome, issued) = ask(
+            &first,
+            "$aws/certificates/create-from-csr/json",
+            json!({"certificateSigningRequest": csr}).to_string(),
+        )
+        .await;
+        assert_eq!(outcome, "accepted", "{issued}");
+        let register = json!({
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "7"},
+        })
+        .to_string();
+        let topic = "$aws/provisioning-templates/factory/provision/json";
+        let (outcome, r) = ask(&second, topic, register.clone()).await;
+        assert_eq!(
+            (outcome.as_str(), &r["thingName"]),
+            ("accepted", &json!("pump-7"))
+        );
+        for s in [&first, &second] {
+            let (outcome, r) = ask(s, topic, register.clone()).await;
+            assert_eq!(outcome, "rejected");
+            assert_eq!(r["errorCode"], "InvalidToken", "{r}");
+        }
+        assert_eq!(a.certificates("pump-7").await.unwrap().len(), 1);
+    }
+}

@@ -231,7 +231,9 @@ struct ServeArgs {
     store: Option<String>,
     /// Embedded broker: a claim identity allowed to provision (its name
     /// contains `@`); repeatable. Provisioning by claim is served when
-    /// `{dir}/ca.key` exists.
+    /// `{dir}/ca.key` exists; with an external broker, only to devices that
+    /// give an MQTT 5 response topic (the broker's policy must admit the
+    /// claim identities: `fleet dev-setup --claim`).
     #[arg(long = "claim")]
     claims: Vec<String>,
     /// MQTT client id of this instance.
@@ -382,9 +384,17 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         _ => None,
     };
     let provisioning = match &ca_key {
-        // Provisioning speaks the `$aws` topics only.
-        Some(pki) if embedded.is_some() && args.prefix == "$aws" => {
+        // Provisioning speaks the `$aws` topics only. Its ownership tokens
+        // are kept in the registry: with PostgreSQL, a device's
+        // registration may reach another instance than its certificate
+        // request did.
+        Some(pki) if args.prefix == "$aws" => {
             tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
+            if embedded.is_none() {
+                tracing::info!(
+                    "provisioning with an external broker: replies go only to an MQTT 5 response topic"
+                );
+            }
             Some(ProvisioningService::new(
                 Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
                 registry.clone(),
