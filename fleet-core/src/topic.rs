@@ -241,6 +241,9 @@ pub enum JobsTopicKind<'a> {
     StartNext(Role),
     /// `{jobId}/get`: describe one execution.
     Describe(JobId<'a>, Role),
+    /// `$next/get`: describe the next pending execution (the AWS OTA
+    /// library asks for its job document this way).
+    DescribeNext(Role),
     /// `{jobId}/update`: update one execution's status.
     Update(JobId<'a>, Role),
 }
@@ -447,6 +450,7 @@ impl<'a> Topic<'a> {
                     JobsTopicKind::GetPending(r) => (None, "get", *r),
                     JobsTopicKind::StartNext(r) => (None, "start-next", *r),
                     JobsTopicKind::Describe(id, r) => (Some(id.as_str()), "get", *r),
+                    JobsTopicKind::DescribeNext(r) => (Some("$next"), "get", *r),
                     JobsTopicKind::Update(id, r) => (Some(id.as_str()), "update", *r),
                 };
                 if let Some(id) = middle {
@@ -590,6 +594,7 @@ fn parse_jobs<'a>(thing: &'a str, rest: &[&'a str]) -> Result<Topic<'a>, TopicEr
         ["notify-next"] => JobsTopicKind::NotifyNext,
         ["get", r @ ..] if r.len() <= 1 => JobsTopicKind::GetPending(role(r.first())?),
         ["start-next", r @ ..] if r.len() <= 1 => JobsTopicKind::StartNext(role(r.first())?),
+        ["$next", "get", r @ ..] if r.len() <= 1 => JobsTopicKind::DescribeNext(role(r.first())?),
         [id, "get", r @ ..] if r.len() <= 1 => {
             JobsTopicKind::Describe(JobId::new(id)?, role(r.first())?)
         }
@@ -648,6 +653,8 @@ mod tests {
             "$aws/things/t/jobs/job-1/get/accepted",
             "$aws/things/t/jobs/job-1/update",
             "$aws/things/t/jobs/job-1/update/rejected",
+            "$aws/things/t/jobs/$next/get",
+            "$aws/things/t/jobs/$next/get/accepted",
             "$aws/things/t/streams/s1/describe/json",
             "$aws/things/t/streams/s1/description/cbor",
             "$aws/things/t/streams/s1/get/cbor",
@@ -831,6 +838,7 @@ mod tests {
             role().prop_map(JobsTopicKind::GetPending),
             role().prop_map(JobsTopicKind::StartNext),
             (job.clone(), role()).prop_map(|(j, r)| JobsTopicKind::Describe(j, r)),
+            role().prop_map(JobsTopicKind::DescribeNext),
             (job, role()).prop_map(|(j, r)| JobsTopicKind::Update(j, r)),
         ];
         let stream_kind = prop_oneof![

@@ -54,7 +54,7 @@ pub use rollout::{
     Threshold, current_rate, plan,
 };
 pub use runner::{JobEvent, JobRunner, RunnerConfig, RunnerError, UpdateId};
-pub use service::{JobsMessage, ThingJobs};
+pub use service::{JobsMessage, REMINDERS, ThingJobs};
 pub use wire::{
     DescribeRequest, ErrorResponse, ExecutionResponse, GetPendingRequest, GetPendingResponse,
     JobExecutionData, JobExecutionSummary, NotifyMessage, StartNextRequest, UpdateRequest,

@@ -31,11 +31,39 @@ fn to_vec<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// When the service reminds a thing of a QUEUED next execution that it
+/// has not asked about: seconds after the `notify-next` (or the previous
+/// reminder) before each reminder.
+///
+/// A `notify-next` can be lost: the instance that queued the execution may
+/// die between storing it and publishing the notice, or a QoS 1 message may
+/// be dropped by a broker under load. A device that got no notice would
+/// otherwise wait until it reconnects (or polls). A reminder repeats the
+/// same `notify-next`, which devices treat as the state it is ("your next
+/// job is X"), so a device that did get the first one loses nothing. The
+/// reminders stop once the device starts the execution or asks for its
+/// pending jobs (`get`, `$next/get`), and after the last one here.
+pub const REMINDERS: [u64; 3] = [30, 120, 600];
+
+/// The reminder of the next execution (see [`REMINDERS`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Reminder {
+    job_id: String,
+    execution_number: u64,
+    /// When the next reminder is due; `None`: no more reminders.
+    due: Option<u64>,
+    /// Reminders sent.
+    sent: u8,
+}
+
 /// All job executions of one thing, in the order they were queued.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct ThingJobs {
     thing: String,
     executions: Vec<JobExecution>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reminder: Option<Reminder>,
 }
 
 impl ThingJobs {
@@ -44,6 +72,7 @@ impl ThingJobs {
         Self {
             thing: thing.into(),
             executions: Vec::new(),
+            reminder: None,
         }
     }
 
@@ -108,16 +137,48 @@ impl ThingJobs {
             });
         }
         if self.next_key() != next {
-            out.push(JobsMessage {
-                kind: JobsTopicKind::NotifyNext,
-                payload: to_vec(&ExecutionResponse {
-                    execution: self.next_pending().map(|e| JobExecutionData::of(e, true)),
-                    timestamp: now,
-                    client_token: None,
-                }),
-            });
+            out.push(self.notify_next(now));
         }
+        let reminder = self.reminder.take();
+        self.reminder = match self.next_pending() {
+            Some(e) if e.status == JobStatus::Queued => match reminder {
+                Some(r) if r.job_id == e.job_id && r.execution_number == e.execution_number => {
+                    Some(r)
+                }
+                _ => Some(Reminder {
+                    job_id: e.job_id.clone(),
+                    execution_number: e.execution_number,
+                    due: Some(now.saturating_add(REMINDERS[0])),
+                    sent: 0,
+                }),
+            },
+            _ => None,
+        };
         (result, out)
+    }
+
+    fn notify_next(&self, now: u64) -> JobsMessage {
+        JobsMessage {
+            kind: JobsTopicKind::NotifyNext,
+            payload: to_vec(&ExecutionResponse {
+                execution: self.next_pending().map(|e| JobExecutionData::of(e, true)),
+                timestamp: now,
+                client_token: None,
+            }),
+        }
+    }
+
+    /// The device asked for its pending jobs: it knows its next one, so
+    /// it is not reminded of it.
+    fn device_asked(&mut self) {
+        if let Some(r) = &mut self.reminder {
+            r.due = None;
+        }
+    }
+
+    /// When the next reminder is due, if one is (see [`REMINDERS`]).
+    pub fn next_reminder(&self) -> Option<u64> {
+        self.reminder.as_ref().and_then(|r| r.due)
     }
 
     fn notify(&self, now: u64) -> NotifyMessage {
@@ -173,22 +234,39 @@ impl ThingJobs {
         result.map(|()| messages)
     }
 
-    /// When the next execution timer runs out.
+    /// When the next timer runs out: an execution's timeout, or a
+    /// reminder ([`REMINDERS`]).
     pub fn next_deadline(&self) -> Option<u64> {
         self.executions
             .iter()
             .filter_map(JobExecution::deadline)
+            .chain(self.next_reminder())
             .min()
     }
 
-    /// Times out the executions whose timers ran out.
+    /// Times out the executions whose timers ran out, and reminds the
+    /// thing of its next execution if that is due ([`REMINDERS`]).
     pub fn handle_timeout(&mut self, now: u64) -> Vec<JobsMessage> {
-        self.tracking(now, |s| {
-            for e in &mut s.executions {
-                e.handle_timeout(now);
+        let mut out = self
+            .tracking(now, |s| {
+                for e in &mut s.executions {
+                    e.handle_timeout(now);
+                }
+            })
+            .1;
+        let notified = out.iter().any(|m| m.kind == JobsTopicKind::NotifyNext);
+        if let Some(r) = &mut self.reminder
+            && r.due.is_some_and(|d| d <= now)
+        {
+            r.sent = r.sent.saturating_add(1);
+            r.due = REMINDERS
+                .get(usize::from(r.sent))
+                .map(|after| now.saturating_add(*after));
+            if !notified {
+                out.push(self.notify_next(now));
             }
-        })
-        .1
+        }
+        out
     }
 
     /// Answers a request the thing published on `kind` (a request topic).
@@ -203,6 +281,7 @@ impl ThingJobs {
                 payload,
                 now,
                 |s, r: GetPendingRequest, now| {
+                    s.device_asked();
                     let mut resp = GetPendingResponse {
                         timestamp: now,
                         client_token: r.client_token,
@@ -258,6 +337,22 @@ impl ThingJobs {
                     JobsTopicKind::StartNext(Role::Rejected),
                 )
             }
+            JobsTopicKind::DescribeNext(Role::Request) => self.answer(
+                payload,
+                now,
+                |s, r: DescribeRequest, now| {
+                    s.device_asked();
+                    let resp = ExecutionResponse {
+                        execution: s.next_pending().map(|e| {
+                            JobExecutionData::of(e, r.include_job_document.unwrap_or(true))
+                        }),
+                        timestamp: now,
+                        client_token: r.client_token,
+                    };
+                    Ok((JobsTopicKind::DescribeNext(Role::Accepted), to_vec(&resp)))
+                },
+                JobsTopicKind::DescribeNext(Role::Rejected),
+            ),
             JobsTopicKind::Describe(id, Role::Request) => {
                 let id = id.clone().into_owned();
                 let rejected = JobsTopicKind::Describe(id.clone(), Role::Rejected);

@@ -449,6 +449,147 @@ fn service_times_out_without_device_messages() {
     assert_eq!(jobs.next_deadline(), None);
 }
 
+fn queued(job: &str, now: u64) -> JobExecution {
+    JobExecution::new(
+        job,
+        "dev-1",
+        json!({"job": job}),
+        1,
+        TimeoutConfig::default(),
+        now,
+    )
+}
+
+fn next_named(msgs: &[JobsMessage]) -> Vec<Value> {
+    msgs.iter()
+        .filter(|m| m.kind == JobsTopicKind::NotifyNext)
+        .map(|m| parse(&m.payload)["execution"]["jobId"].clone())
+        .collect()
+}
+
+#[test]
+fn a_queued_execution_the_device_never_asks_about_is_reminded() {
+    let mut jobs = ThingJobs::new("dev-1");
+    // The notice of the queue is lost (its sender died, say).
+    jobs.queue(queued("a", T0), T0).unwrap();
+    let mut at = T0;
+    for after in REMINDERS {
+        at += after;
+        assert_eq!(jobs.next_deadline(), Some(at));
+        assert!(jobs.handle_timeout(at - 1).is_empty(), "not before it is due");
+        assert_eq!(next_named(&jobs.handle_timeout(at)), [json!("a")]);
+    }
+    // After the last reminder: silence (the device asks when it reconnects).
+    assert_eq!(jobs.next_deadline(), None);
+    assert!(jobs.handle_timeout(at + 100_000).is_empty());
+    assert_eq!(jobs.execution("a").unwrap().status, JobStatus::Queued);
+
+    // The stored form round-trips with its reminder; a record stored
+    // before reminders existed reads as one without.
+    let mut fresh = ThingJobs::new("dev-1");
+    fresh.queue(queued("a", T0), T0).unwrap();
+    let text = serde_json::to_string(&fresh).unwrap();
+    let back: ThingJobs = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, fresh);
+    assert_eq!(back.next_deadline(), Some(T0 + REMINDERS[0]));
+    let mut old: Value = serde_json::from_str(&text).unwrap();
+    old.as_object_mut().unwrap().remove("reminder").unwrap();
+    let old: ThingJobs = serde_json::from_value(old).unwrap();
+    assert_eq!(old.next_deadline(), None);
+}
+
+#[test]
+fn reminders_stop_once_the_device_knows_and_follow_the_next_job() {
+    // Starting the job ends them.
+    let mut jobs = ThingJobs::new("dev-1");
+    jobs.queue(queued("a", T0), T0).unwrap();
+    jobs.queue(queued("b", T0 + 1), T0 + 1).unwrap();
+    assert_eq!(jobs.next_deadline(), Some(T0 + REMINDERS[0]), "for a, once");
+    jobs.handle_request(&JobsTopicKind::StartNext(Role::Request), b"", T0 + 5);
+    assert_eq!(jobs.next_deadline(), None);
+    // Its end makes b the next: b is announced, and reminded of later.
+    let a = JobId::new("a").unwrap().into_owned();
+    let out = jobs.handle_request(
+        &JobsTopicKind::Update(a, Role::Request),
+        br#"{"status":"SUCCEEDED"}"#,
+        T0 + 10,
+    );
+    assert_eq!(next_named(&out), [json!("b")]);
+    assert_eq!(jobs.next_deadline(), Some(T0 + 10 + REMINDERS[0]));
+    let out = jobs.handle_timeout(T0 + 10 + REMINDERS[0]);
+    assert_eq!(next_named(&out), [json!("b")]);
+
+    // Asking for the pending jobs ends them too: the device knows.
+    for ask in [
+        JobsTopicKind::GetPending(Role::Request),
+        JobsTopicKind::DescribeNext(Role::Request),
+    ] {
+        let mut jobs = ThingJobs::new("dev-1");
+        jobs.queue(queued("a", T0), T0).unwrap();
+        let out = jobs.handle_request(&ask, b"{}", T0 + 1);
+        assert!(kind_of(&out[0]).ends_with("Accepted)"), "{}", kind_of(&out[0]));
+        assert_eq!(jobs.next_deadline(), None, "{ask:?}");
+        assert!(jobs.handle_timeout(T0 + 10_000).is_empty());
+        // A refused request is no sign of anything: nothing changes.
+        let mut jobs = ThingJobs::new("dev-1");
+        jobs.queue(queued("a", T0), T0).unwrap();
+        let before = jobs.clone();
+        jobs.handle_request(&ask, b"{nope", T0 + 1);
+        assert_eq!(jobs, before);
+    }
+
+    // A canceled next job: the reminder moves to the one after it.
+    let mut jobs = ThingJobs::new("dev-1");
+    jobs.queue(queued("a", T0), T0).unwrap();
+    jobs.queue(queued("b", T0), T0).unwrap();
+    jobs.cancel("a", false, T0 + 20).unwrap();
+    assert_eq!(jobs.next_deadline(), Some(T0 + 20 + REMINDERS[0]));
+    assert_eq!(
+        next_named(&jobs.handle_timeout(T0 + 20 + REMINDERS[0])),
+        [json!("b")]
+    );
+    jobs.cancel("b", false, T0 + 60).unwrap();
+    assert_eq!(jobs.next_deadline(), None);
+}
+
+#[test]
+fn next_get_describes_the_next_pending_execution() {
+    let mut jobs = ThingJobs::new("dev-1");
+    let next = JobsTopicKind::DescribeNext(Role::Request);
+    // Nothing pending: accepted, with no execution.
+    let out = jobs.handle_request(&next, br#"{"clientToken":"n0"}"#, T0);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].kind, JobsTopicKind::DescribeNext(Role::Accepted));
+    let body = parse(&out[0].payload);
+    assert!(body.get("execution").is_none(), "{body}");
+    assert_eq!(body["clientToken"], "n0");
+
+    jobs.queue(queued("a", T0), T0).unwrap();
+    jobs.queue(queued("b", T0), T0).unwrap();
+    let out = jobs.handle_request(&next, br#"{"clientToken":"n1"}"#, T0 + 1);
+    let body = parse(&out[0].payload);
+    assert_eq!(body["execution"]["jobId"], "a");
+    assert_eq!(body["execution"]["status"], "QUEUED");
+    assert_eq!(body["execution"]["jobDocument"], json!({"job": "a"}));
+    // Describing does not start it.
+    assert_eq!(jobs.execution("a").unwrap().status, JobStatus::Queued);
+    let out = jobs.handle_request(&next, br#"{"includeJobDocument":false}"#, T0 + 2);
+    assert!(parse(&out[0].payload)["execution"].get("jobDocument").is_none());
+    // The IN_PROGRESS one comes first.
+    let b = JobId::new("b").unwrap().into_owned();
+    jobs.handle_request(
+        &JobsTopicKind::Update(b, Role::Request),
+        br#"{"status":"IN_PROGRESS"}"#,
+        T0 + 3,
+    );
+    let out = jobs.handle_request(&next, b"", T0 + 4);
+    assert_eq!(parse(&out[0].payload)["execution"]["jobId"], "b");
+    // Bad input is refused on $next/get/rejected.
+    let out = jobs.handle_request(&next, br#"{"includeJobDocument":"yes"}"#, T0 + 5);
+    assert_eq!(out[0].kind, JobsTopicKind::DescribeNext(Role::Rejected));
+    assert_eq!(parse(&out[0].payload)["code"], "InvalidRequest");
+}
+
 // ---- documents and commands ------------------------------------------------
 
 #[test]
