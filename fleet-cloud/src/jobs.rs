@@ -1015,6 +1015,8 @@ impl<S: JobStore> JobsService<S> {
         job_id: &str,
         now: u64,
     ) -> Result<Vec<JobsOutgoing>, JobsError> {
+        // Targets whose current execution is already stored.
+        let mut queued: Vec<bool> = Vec::new();
         let (record, decision) = loop {
             let Some(current) = self.store.load_job(job_id).await? else {
                 return Err(JobsError::NotFound(job_id.into()));
@@ -1026,26 +1028,35 @@ impl<S: JobStore> JobsService<S> {
             let Some(mut rs) = record.rollout.clone() else {
                 return Ok(Vec::new());
             };
-            // What the devices did since.
+            // What the devices did since. Only the targets in flight can
+            // have changed: an ended execution of a rollout's job changes
+            // no more (only this controller queues another, and marks its
+            // target queued when it does), so each run reads as many
+            // things as are in flight, not every one released so far.
+            queued.clear();
+            queued.resize(rs.targets.len(), false);
             for (i, thing) in rs.order.iter().enumerate() {
                 let t = &mut rs.targets[i];
-                if t.attempts == 0 {
+                if t.attempts == 0 || t.status.is_terminal() {
                     continue;
                 }
                 let jobs = self.store.load_thing(thing).await?.value;
                 let status = match jobs.execution(job_id) {
                     // Released, its execution not queued yet (a crash in
                     // between): still to be queued.
-                    Some(e) if e.execution_number >= u64::from(t.attempts) => match e.status {
-                        JobStatus::Queued => TargetStatus::Queued,
-                        JobStatus::InProgress => TargetStatus::InProgress,
-                        JobStatus::Succeeded => TargetStatus::Succeeded,
-                        JobStatus::Failed => TargetStatus::Failed,
-                        JobStatus::TimedOut => TargetStatus::TimedOut,
-                        JobStatus::Rejected => TargetStatus::Rejected,
-                        JobStatus::Removed => TargetStatus::Removed,
-                        JobStatus::Canceled => TargetStatus::Canceled,
-                    },
+                    Some(e) if e.execution_number >= u64::from(t.attempts) => {
+                        queued[i] = true;
+                        match e.status {
+                            JobStatus::Queued => TargetStatus::Queued,
+                            JobStatus::InProgress => TargetStatus::InProgress,
+                            JobStatus::Succeeded => TargetStatus::Succeeded,
+                            JobStatus::Failed => TargetStatus::Failed,
+                            JobStatus::TimedOut => TargetStatus::TimedOut,
+                            JobStatus::Rejected => TargetStatus::Rejected,
+                            JobStatus::Removed => TargetStatus::Removed,
+                            JobStatus::Canceled => TargetStatus::Canceled,
+                        }
+                    }
                     _ => TargetStatus::Queued,
                 };
                 if status == TargetStatus::InProgress && t.started_at.is_none() {
@@ -1114,9 +1125,9 @@ impl<S: JobStore> JobsService<S> {
             return Ok(out);
         };
         let spec = &record.spec;
-        for (thing, t) in rs.order.iter().zip(&rs.targets) {
+        for (i, (thing, t)) in rs.order.iter().zip(&rs.targets).enumerate() {
             let messages = match t.status {
-                TargetStatus::Queued => {
+                TargetStatus::Queued if !queued.get(i).copied().unwrap_or(false) => {
                     let number = u64::from(t.attempts);
                     self.with_thing(thing, |jobs| {
                         let latest = jobs.execution(job_id);
@@ -1645,6 +1656,15 @@ mod tests {
 
     /// The device `thing` takes its next job and ends it with `status`.
     async fn device_does(jobs: &JobsService<MemoryStore>, thing: &str, status: &str, now: u64) {
+        device_does_on(jobs, thing, status, now).await;
+    }
+
+    async fn device_does_on<S: JobStore>(
+        jobs: &JobsService<S>,
+        thing: &str,
+        status: &str,
+        now: u64,
+    ) {
         jobs.handle(&format!("$aws/things/{thing}/jobs/start-next"), b"{}", now)
             .await
             .unwrap();
@@ -1715,6 +1735,55 @@ mod tests {
         let job = jobs.job("r1").await.unwrap();
         assert_eq!(job.state, JobState::Completed);
         assert_eq!(job.rollout.unwrap().status, Some(RolloutStatus::Completed));
+    }
+
+    /// An instance that dies after storing a release but before publishing
+    /// its notices: the devices are reminded by whichever instance sweeps
+    /// next (from a SQLite file, as after a restart).
+    #[tokio::test]
+    async fn notices_lost_with_their_instance_are_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let registry = Registry::in_memory().unwrap();
+        {
+            let jobs = JobsService::new(SqliteStore::open(&path).unwrap());
+            let out = jobs
+                .create_job(rollout_spec("lost", 5, false), &registry, T0)
+                .await
+                .unwrap();
+            assert_eq!(
+                out.iter()
+                    .filter(|m| m.topic.ends_with("/notify-next"))
+                    .count(),
+                3
+            );
+            // ...and it dies here: none of `out` was published.
+        }
+        let jobs = JobsService::new(SqliteStore::open(&path).unwrap());
+        let notices = |out: Vec<JobsOutgoing>| -> Vec<String> {
+            out.into_iter()
+                .filter(|m| m.topic.ends_with("/notify-next"))
+                .map(|m| m.topic)
+                .collect()
+        };
+        let first = T0 + fleet_core::jobs::REMINDERS[0];
+        assert!(notices(jobs.handle_timeouts(first - 1).await.unwrap()).is_empty());
+        assert_eq!(
+            notices(jobs.handle_timeouts(first).await.unwrap()),
+            [0, 1, 2].map(|i| format!("$aws/things/t{i}/jobs/notify-next"))
+        );
+        // Once reminded, not again at once; a device that asks is not
+        // reminded any more.
+        assert!(notices(jobs.handle_timeouts(first + 1).await.unwrap()).is_empty());
+        device_does_on(&jobs, "t0", "SUCCEEDED", first + 2).await;
+        jobs.handle("$aws/things/t1/jobs/get", b"{}", first + 2)
+            .await
+            .unwrap();
+        let second = first + fleet_core::jobs::REMINDERS[1];
+        assert_eq!(
+            notices(jobs.handle_timeouts(second).await.unwrap()),
+            ["$aws/things/t2/jobs/notify-next"]
+        );
     }
 
     #[tokio::test]

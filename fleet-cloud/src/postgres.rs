@@ -675,23 +675,41 @@ impl PgStore {
 /// Decides which of several instances sharing a store may do what only one
 /// should do at a time (drive rollouts, sweep timeouts).
 pub trait Leadership: Send + Sync + fmt::Debug + 'static {
-    /// Whether this instance may act now. Holding the lease, this renews
-    /// it; `false` on any doubt (the store unreachable, say).
+    /// Whether this instance may act now; `false` on any doubt (the store
+    /// unreachable, say).
     fn is_leader(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>>;
 }
 
 /// A lease in PostgreSQL: held by one instance at a time until it expires
-/// (by the database's clock, so instances' clocks do not matter); the
-/// holder renews it each time it asks, and another instance takes it over
-/// once it expired (the holder died or lost the database).
+/// (by the database's clock, so instances' clocks do not matter); another
+/// instance takes it over once it expired (the holder died or lost the
+/// database).
+///
+/// The holder renews it from a task of its own, five times per `ttl`, so
+/// that however long the work it guards takes, the lease does not lapse
+/// under it. The holder counts its lease as ended a fifth of `ttl` before
+/// the database does (measured from when it asked for the renewal), so two
+/// instances never both count themselves leaders, even when a renewal is
+/// slow or lost.
 #[derive(Debug, Clone)]
 pub struct PgLease {
+    inner: std::sync::Arc<LeaseInner>,
+}
+
+#[derive(Debug)]
+struct LeaseInner {
     store: PgStore,
     name: String,
     holder: String,
-    ttl_ms: i64,
+    ttl: std::time::Duration,
+    /// Until when this instance may act, by its own monotonic clock.
+    valid_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether the renewing task runs.
+    keeping: std::sync::atomic::AtomicBool,
+    /// Given up ([`PgLease::release`]): not asked for again.
+    released: std::sync::atomic::AtomicBool,
     /// Whether the last answer was "held" (to log the changes).
-    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::atomic::AtomicBool,
 }
 
 impl PgLease {
@@ -699,11 +717,16 @@ impl PgLease {
     /// lasts `ttl` after each renewal.
     pub fn new(store: &PgStore, name: &str, holder: &str, ttl: std::time::Duration) -> Self {
         Self {
-            store: store.clone(),
-            name: name.into(),
-            holder: holder.into(),
-            ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
-            held: std::sync::Arc::default(),
+            inner: std::sync::Arc::new(LeaseInner {
+                store: store.clone(),
+                name: name.into(),
+                holder: holder.into(),
+                ttl,
+                valid_until: std::sync::Mutex::new(None),
+                keeping: std::sync::atomic::AtomicBool::new(false),
+                released: std::sync::atomic::AtomicBool::new(false),
+                held: std::sync::atomic::AtomicBool::new(false),
+            }),
         }
     }
 
@@ -721,9 +744,40 @@ impl PgLease {
         Ok(row.map(|r| r.get(0)))
     }
 
-    /// Takes or renews the lease; whether this instance holds it now.
+    /// Takes or renews the lease once; whether this instance holds it now.
     pub async fn acquire(&self) -> Result<bool, StoreError> {
-        let client = self.store.client().await?;
+        let asked = std::time::Instant::now();
+        let result = self.try_acquire().await;
+        let held = matches!(result, Ok(true));
+        let inner = &self.inner;
+        {
+            let mut valid = inner
+                .valid_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if held {
+                *valid = Some(asked + inner.ttl - inner.ttl / 5);
+            } else if result.is_ok() {
+                *valid = None;
+            }
+            // On an error, what was held stays valid until it runs out.
+        }
+        let now = self.holds();
+        let before = inner.held.swap(now, std::sync::atomic::Ordering::Relaxed);
+        if now != before {
+            if now {
+                tracing::info!(lease = %inner.name, holder = %inner.holder, "lease taken");
+            } else {
+                tracing::info!(lease = %inner.name, holder = %inner.holder, "lease lost");
+            }
+        }
+        result
+    }
+
+    async fn try_acquire(&self) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let ttl_ms = i64::try_from(inner.ttl.as_millis()).unwrap_or(i64::MAX);
+        let client = inner.store.client().await?;
         let stmt = client
             .prepare_cached(
                 "INSERT INTO fleet_leases (name, holder, expires_at)
@@ -737,19 +791,65 @@ impl PgLease {
             .await
             .map_err(backend)?;
         let row = client
-            .query_opt(&stmt, &[&self.name, &self.holder, &self.ttl_ms])
+            .query_opt(&stmt, &[&inner.name, &inner.holder, &ttl_ms])
             .await
             .map_err(backend)?;
         Ok(row.is_some())
     }
 
-    /// Gives the lease up at once (a clean shutdown), if held.
+    /// Whether this instance holds the lease now, by its last renewal (no
+    /// round trip to the database).
+    pub fn holds(&self) -> bool {
+        self.inner
+            .valid_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    /// Starts the task that asks for the lease and renews it, five times
+    /// per `ttl`, until this lease (every clone) is dropped or released.
+    /// [`Leadership::is_leader`] starts it on its first call.
+    pub fn keep(&self) {
+        use std::sync::atomic::Ordering;
+        if self.inner.keeping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = std::sync::Arc::downgrade(&self.inner);
+        let every = (self.inner.ttl / 5).max(std::time::Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.released.load(Ordering::SeqCst) {
+                    return;
+                }
+                let lease = PgLease { inner };
+                if let Err(e) = lease.acquire().await {
+                    tracing::warn!("lease {}: {e}", lease.inner.name);
+                }
+            }
+        });
+    }
+
+    /// Gives the lease up at once (a clean shutdown), if held, and stops
+    /// asking for it.
     pub async fn release(&self) -> Result<(), StoreError> {
-        let client = self.store.client().await?;
+        let inner = &self.inner;
+        inner
+            .released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        *inner
+            .valid_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        let client = inner.store.client().await?;
         client
             .execute(
                 "DELETE FROM fleet_leases WHERE name = $1 AND holder = $2",
-                &[&self.name, &self.holder],
+                &[&inner.name, &inner.holder],
             )
             .await
             .map_err(backend)?;
@@ -758,24 +858,24 @@ impl PgLease {
 }
 
 impl Leadership for PgLease {
+    /// The first call asks for the lease and starts renewing it
+    /// ([`PgLease::keep`]); later calls answer from the last renewal.
     fn is_leader(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(async move {
-            let held = match self.acquire().await {
-                Ok(held) => held,
-                Err(e) => {
-                    tracing::warn!("lease {}: {e}", self.name);
-                    false
-                }
-            };
-            let before = self.held.swap(held, std::sync::atomic::Ordering::Relaxed);
-            if held != before {
-                if held {
-                    tracing::info!(lease = %self.name, holder = %self.holder, "lease taken");
-                } else {
-                    tracing::info!(lease = %self.name, holder = %self.holder, "lease lost");
-                }
+            if self
+                .inner
+                .released
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return false;
             }
-            held
+            if !self.inner.keeping.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Err(e) = self.acquire().await {
+                    tracing::warn!("lease {}: {e}", self.inner.name);
+                }
+                self.keep();
+            }
+            self.holds()
         })
     }
 }

@@ -490,10 +490,71 @@ async fn one_instance_holds_the_lease_and_another_takes_over_when_it_dies() {
     assert!(a ^ b, "exactly one takes over: {a} {b}");
     // The old holder, back, does not get it while the new one renews.
     assert!(!leases[dead].is_leader().await);
-    // A clean release hands it over at once.
+    // A clean release hands it over at once: the others' renewing tasks
+    // (started by their `is_leader` above) take it at their next turn,
+    // well before the lease would have run out, and only one does.
     let new = if a { others[0] } else { others[1] };
+    let rest: Vec<&PgLease> = leases.iter().filter(|l| !std::ptr::eq(*l, new)).collect();
     new.release().await.unwrap();
-    assert!(leases[dead].is_leader().await);
+    assert!(!new.is_leader().await, "released: not leader any more");
+    let released = std::time::Instant::now();
+    loop {
+        let (a, b) = (rest[0].holds(), rest[1].holds());
+        assert!(!(a && b), "two leaders");
+        if a || b {
+            break;
+        }
+        assert!(
+            released.elapsed() < ttl,
+            "not handed over within the lease's time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The holder keeps its lease however long its work takes (it renews from
+/// a task of its own); when it is dropped, another takes over, and never
+/// two at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_holder_keeps_the_lease_and_two_never_hold_it() {
+    use fleet_cloud::{Leadership, PgLease};
+    use std::time::{Duration, Instant};
+    let pg = Postgres::start().unwrap();
+    let store = PgStore::connect(&pg.url(), 8).await.unwrap();
+    let ttl = Duration::from_millis(1000);
+    let first = PgLease::new(&store, "sweeper", "first", ttl);
+    assert!(first.is_leader().await, "nobody held it");
+    let second = PgLease::new(&store, "sweeper", "second", ttl);
+    assert!(!second.is_leader().await);
+    // Four lease times of "work" without asking: still the holder, by its
+    // own count and by the database's; the other never got it.
+    let start = Instant::now();
+    while start.elapsed() < ttl * 4 {
+        let (a, b) = (first.holds(), second.holds());
+        assert!(a && !b, "{a} {b}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        PgLease::holder(&store, "sweeper").await.unwrap().as_deref(),
+        Some("first")
+    );
+    // The holder goes away (every handle dropped: its renewing task
+    // stops): the other takes over once the lease ran out, not before.
+    drop(first);
+    let gone = Instant::now();
+    while !second.holds() {
+        assert!(gone.elapsed() < ttl * 2, "no takeover");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        gone.elapsed() >= ttl / 2,
+        "taken over {:?} after the holder went, before its lease ran out",
+        gone.elapsed()
+    );
+    assert_eq!(
+        PgLease::holder(&store, "sweeper").await.unwrap().as_deref(),
+        Some("second")
+    );
 }
 
 async fn futures_all(leases: &[fleet_cloud::PgLease]) -> Vec<bool> {

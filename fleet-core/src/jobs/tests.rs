@@ -476,7 +476,10 @@ fn a_queued_execution_the_device_never_asks_about_is_reminded() {
     for after in REMINDERS {
         at += after;
         assert_eq!(jobs.next_deadline(), Some(at));
-        assert!(jobs.handle_timeout(at - 1).is_empty(), "not before it is due");
+        assert!(
+            jobs.handle_timeout(at - 1).is_empty(),
+            "not before it is due"
+        );
         assert_eq!(next_named(&jobs.handle_timeout(at)), [json!("a")]);
     }
     // After the last reminder: silence (the device asks when it reconnects).
@@ -527,7 +530,11 @@ fn reminders_stop_once_the_device_knows_and_follow_the_next_job() {
         let mut jobs = ThingJobs::new("dev-1");
         jobs.queue(queued("a", T0), T0).unwrap();
         let out = jobs.handle_request(&ask, b"{}", T0 + 1);
-        assert!(kind_of(&out[0]).ends_with("Accepted)"), "{}", kind_of(&out[0]));
+        assert!(
+            kind_of(&out[0]).ends_with("Accepted)"),
+            "{}",
+            kind_of(&out[0])
+        );
         assert_eq!(jobs.next_deadline(), None, "{ask:?}");
         assert!(jobs.handle_timeout(T0 + 10_000).is_empty());
         // A refused request is no sign of anything: nothing changes.
@@ -574,7 +581,11 @@ fn next_get_describes_the_next_pending_execution() {
     // Describing does not start it.
     assert_eq!(jobs.execution("a").unwrap().status, JobStatus::Queued);
     let out = jobs.handle_request(&next, br#"{"includeJobDocument":false}"#, T0 + 2);
-    assert!(parse(&out[0].payload)["execution"].get("jobDocument").is_none());
+    assert!(
+        parse(&out[0].payload)["execution"]
+            .get("jobDocument")
+            .is_none()
+    );
     // The IN_PROGRESS one comes first.
     let b = JobId::new("b").unwrap().into_owned();
     jobs.handle_request(
