@@ -42,10 +42,11 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Request { kind, job, payload } => {
                 let id = JobId::try_from(format!("j{}", job % 4)).expect("valid id");
-                let kind = match kind % 4 {
+                let kind = match kind % 5 {
                     0 => JobsTopicKind::GetPending(Role::Request),
                     1 => JobsTopicKind::StartNext(Role::Request),
                     2 => JobsTopicKind::Describe(id, Role::Request),
+                    3 => JobsTopicKind::DescribeNext(Role::Request),
                     _ => JobsTopicKind::Update(id, Role::Request),
                 };
                 let out = jobs.handle_request(&kind, &payload, now);
@@ -55,6 +56,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         JobsTopicKind::GetPending(Role::Rejected)
                             | JobsTopicKind::StartNext(Role::Rejected)
                             | JobsTopicKind::Describe(_, Role::Rejected)
+                            | JobsTopicKind::DescribeNext(Role::Rejected)
                             | JobsTopicKind::Update(_, Role::Rejected)
                     )
                 });
