@@ -43,7 +43,7 @@ fn to_vec<T: Serialize>(v: &T) -> Vec<u8> {
 /// job is X"), so a device that did get the first one loses nothing. The
 /// reminders stop once the device starts the execution or asks for its
 /// pending jobs (`get`, `$next/get`), and after the last one here.
-pub const REMINDERS: [u64; 3] = [30, 120, 600];
+pub const REMINDERS: [u64; 2] = [30, 300];
 
 /// The reminder of the next execution (see [`REMINDERS`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
