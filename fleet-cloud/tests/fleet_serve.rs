@@ -355,6 +355,27 @@ async fn instances_share_a_postgres_store() {
     let doc = get(&mut dev).await;
     assert_eq!(doc["state"]["reported"]["speed"], 3, "{doc}");
     assert_eq!(doc["version"], 1, "{doc}");
-    second.kill().unwrap();
-    second.wait().unwrap();
+    // It leads (the first's lease ran out or is taken over), and a clean
+    // stop hands the lease back at once rather than when it runs out.
+    let store = fleet_cloud::PgStore::connect(&pg.uri(), 1).await.unwrap();
+    let holder = || fleet_cloud::PgLease::holder(&store, "jobs-sweeper");
+    let started = std::time::Instant::now();
+    while !holder()
+        .await
+        .unwrap()
+        .is_some_and(|h| h.starts_with("cloud-2-"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "cloud-2 never led"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(second.id().to_string())
+        .status()
+        .unwrap();
+    assert!(second.wait().unwrap().success());
+    assert_eq!(holder().await.unwrap(), None, "the lease was not released");
 }

@@ -457,10 +457,15 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         // the streams any of them stored.
         let extras = Extras {
             streams: Some(StreamService::postgres(&pg).await?),
-            leadership: Some(std::sync::Arc::new(lease)),
+            leadership: Some(std::sync::Arc::new(lease.clone())),
             ..extras
         };
-        run(config, pg, &args.prefix, extras, api).await
+        let result = run(config, pg, &args.prefix, extras, api).await;
+        // A clean stop hands the lease over at once, not when it runs out.
+        if let Err(e) = lease.release().await {
+            tracing::warn!("lease: {e}");
+        }
+        result
     } else if store == "memory" {
         let extras = Extras {
             streams: Some(StreamService::new()),
