@@ -341,7 +341,8 @@ async fn three_instances_survive_a_sigkill_mid_run() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Mid-run: once a fifth has succeeded, the leader dies.
+    // Mid-run: once a tenth has succeeded, the leader dies (early, so that a slow
+    // machine still kills it well before the last release).
     let started = Instant::now();
     loop {
         let s = jobs.snapshot(JOB).await.unwrap();
@@ -350,7 +351,7 @@ async fn three_instances_survive_a_sigkill_mid_run() {
             .get(&JobStatus::Succeeded)
             .copied()
             .unwrap_or(0);
-        if done >= DEVICES / 5 {
+        if done >= DEVICES / 10 {
             assert!(
                 s.not_released > 0,
                 "the rollout ended before the kill: {s:?}"
