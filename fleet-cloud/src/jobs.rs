@@ -1655,16 +1655,7 @@ mod tests {
     }
 
     /// The device `thing` takes its next job and ends it with `status`.
-    async fn device_does(jobs: &JobsService<MemoryStore>, thing: &str, status: &str, now: u64) {
-        device_does_on(jobs, thing, status, now).await;
-    }
-
-    async fn device_does_on<S: JobStore>(
-        jobs: &JobsService<S>,
-        thing: &str,
-        status: &str,
-        now: u64,
-    ) {
+    async fn device_does<S: JobStore>(jobs: &JobsService<S>, thing: &str, status: &str, now: u64) {
         jobs.handle(&format!("$aws/things/{thing}/jobs/start-next"), b"{}", now)
             .await
             .unwrap();
@@ -1775,7 +1766,7 @@ mod tests {
         // Once reminded, not again at once; a device that asks is not
         // reminded any more.
         assert!(notices(jobs.handle_timeouts(first + 1).await.unwrap()).is_empty());
-        device_does_on(&jobs, "t0", "SUCCEEDED", first + 2).await;
+        device_does(&jobs, "t0", "SUCCEEDED", first + 2).await;
         jobs.handle("$aws/things/t1/jobs/get", b"{}", first + 2)
             .await
             .unwrap();

@@ -809,7 +809,8 @@ impl PgLease {
 
     /// Starts the task that asks for the lease and renews it, five times
     /// per `ttl`, until this lease (every clone) is dropped or released.
-    /// [`Leadership::is_leader`] starts it on its first call.
+    /// Call it within a Tokio runtime; [`Leadership::is_leader`] starts it
+    /// on its first call. Calling it again does nothing.
     pub fn keep(&self) {
         use std::sync::atomic::Ordering;
         if self.inner.keeping.swap(true, Ordering::SeqCst) {
