@@ -11,11 +11,23 @@ the thing instead. A CSR naming another thing is refused at RegisterThing
 with `InvalidParameters`, and nothing is registered."""
 
 import subprocess
+import threading
 
 import pytest
-from awsiot import iotidentity, iotshadow
+from awscrt import mqtt_request_response
+from awsiot import V2ServiceException, iotidentity, iotshadow, mqtt5_client_builder
 
-from conftest import CLAIM, QOS, Cloud, Inbox, subscribed
+from conftest import CLAIM, QOS, TIMEOUT, Cloud, Inbox, subscribed
+
+
+def make_csr(directory, name: str):
+    """A new EC key and a CSR naming `name`: (key path, CSR path)."""
+    key, csr = directory / f"{name}.key", directory / f"{name}.csr"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
+                    "-subj", f"/CN={name}", "-out", str(csr)],
+                   check=True, capture_output=True)
+    return key, csr
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +40,8 @@ def cloud(tmp_path_factory):
 
 
 def test_the_aws_sdk_provisions_a_device_by_claim(cloud, tmp_path):
-    def make_csr(name: str):
-        key, csr = tmp_path / f"{name}.key", tmp_path / f"{name}.csr"
-        subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
-                        "-subj", f"/CN={name}", "-out", str(csr)],
-                       check=True, capture_output=True)
-        return key, csr
-
-    key, csr = make_csr("thing-aws-0042")
-    _, other_csr = make_csr("someone-else")
+    key, csr = make_csr(tmp_path, "thing-aws-0042")
+    _, other_csr = make_csr(tmp_path, "someone-else")
     claim = cloud.connect("aws-factory-1", cloud.dir / "claims" / f"{CLAIM}.pem",
                           cloud.dir / "claims" / f"{CLAIM}.key")
     try:
@@ -109,3 +113,41 @@ def test_the_aws_sdk_provisions_a_device_by_claim(cloud, tmp_path):
         device.disconnect().result(15)
     things = cloud.cli("thing", "list")
     assert thing in str(things), things
+
+
+def test_the_v2_identity_client_on_mqtt5_provisions_a_device(cloud, tmp_path):
+    """AWS's `IotIdentityClientV2` on an MQTT 5 client (no response topic:
+    the embedded broker routes the replies to the requester)."""
+    key, csr = make_csr(tmp_path, "thing-aws-0043")
+    connected, stopped = threading.Event(), threading.Event()
+    claim = mqtt5_client_builder.mtls_from_path(
+        endpoint="localhost", port=cloud.port, client_id="aws-factory-2",
+        cert_filepath=str(cloud.dir / "claims" / f"{CLAIM}.pem"),
+        pri_key_filepath=str(cloud.dir / "claims" / f"{CLAIM}.key"),
+        ca_filepath=str(cloud.dir / "ca.pem"),
+        on_lifecycle_connection_success=lambda _: connected.set(),
+        on_lifecycle_stopped=lambda _: stopped.set())
+    claim.start()
+    try:
+        assert connected.wait(TIMEOUT), "the claim's MQTT 5 client did not connect"
+        identity = iotidentity.IotIdentityClientV2(claim, mqtt_request_response.ClientOptions(
+            max_request_response_subscriptions=4, max_streaming_subscriptions=2,
+            operation_timeout_in_seconds=TIMEOUT))
+        c = identity.create_certificate_from_csr(iotidentity.CreateCertificateFromCsrRequest(
+            certificate_signing_request=csr.read_text())).result(TIMEOUT)
+        assert "BEGIN CERTIFICATE" in c.certificate_pem
+        with pytest.raises(V2ServiceException) as refused:
+            identity.register_thing(iotidentity.RegisterThingRequest(
+                template_name="nope", certificate_ownership_token=c.certificate_ownership_token,
+                parameters={"SerialNumber": "aws-0043"})).result(TIMEOUT)
+        assert refused.value.modeled_error.status_code in (400, 404)
+        r = identity.register_thing(iotidentity.RegisterThingRequest(
+            template_name="default", certificate_ownership_token=c.certificate_ownership_token,
+            parameters={"SerialNumber": "aws-0043"})).result(TIMEOUT)
+        assert r.thing_name == "thing-aws-0043"
+    finally:
+        claim.stop()
+        stopped.wait(TIMEOUT)
+    cert = tmp_path / "thing-aws-0043.pem"
+    cert.write_text(c.certificate_pem)
+    cloud.connect("thing-aws-0043", cert, key).disconnect().result(TIMEOUT)
