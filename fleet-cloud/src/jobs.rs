@@ -587,14 +587,17 @@ impl<S: JobStore> JobsService<S> {
         thing: &str,
         mut f: impl FnMut(&mut ThingJobs) -> R,
     ) -> Result<R, JobsError> {
-        for _ in 0..MAX_CAS_ATTEMPTS {
+        for attempt in 0..MAX_CAS_ATTEMPTS {
             let current = self.store.load_thing(thing).await?;
             let mut jobs = current.value.clone();
             let r = f(&mut jobs);
             if jobs != current.value {
                 match self.store.save_thing(thing, current.revision, &jobs).await {
                     Ok(_) => {}
-                    Err(StoreError::Conflict) => continue,
+                    Err(StoreError::Conflict) => {
+                        crate::store::after_conflict(attempt).await;
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }

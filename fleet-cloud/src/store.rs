@@ -244,6 +244,22 @@ pub(crate) fn cas_write<I: rusqlite::Params, U: rusqlite::Params>(
     Ok(expected + 1)
 }
 
+/// Waits before compare-and-set attempt `attempt + 1` after a conflict:
+/// exponential from 1 ms, capped at 50 ms, with jitter, so that instances
+/// writing the same record do not collide again in step.
+pub(crate) async fn after_conflict(attempt: usize) {
+    let ceiling_us = (1u64 << attempt.min(6)).min(50) * 1000;
+    let mut r = [0u8; 4];
+    let jitter = match getrandom::fill(&mut r) {
+        Ok(()) => u64::from(u32::from_le_bytes(r)) % ceiling_us,
+        Err(_) => ceiling_us / 2,
+    };
+    tokio::time::sleep(std::time::Duration::from_micros(
+        ceiling_us / 2 + jitter / 2,
+    ))
+    .await;
+}
+
 pub(crate) fn backend(e: impl fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
