@@ -6,6 +6,7 @@ driven with the `fleet` CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from awscrt import mqtt
-from awsiot import mqtt_connection_builder
+from awscrt import mqtt, mqtt_request_response
+from awsiot import mqtt5_client_builder, mqtt_connection_builder
 
 ROOT = Path(__file__).resolve().parents[2]
 THINGS = ["aws-shadow", "aws-jobs", "aws-next"]
@@ -109,6 +110,25 @@ class Cloud:
         conn.connect().result(TIMEOUT)
         return conn
 
+    @contextlib.contextmanager
+    def mqtt5(self, client_id: str, cert: Path, key: Path):
+        """An AWS SDK MQTT 5 client with mutual TLS, started and connected;
+        stopped on leaving."""
+        connected, stopped = threading.Event(), threading.Event()
+        client = mqtt5_client_builder.mtls_from_path(
+            endpoint="localhost", port=self.port, client_id=client_id,
+            cert_filepath=str(cert), pri_key_filepath=str(key),
+            ca_filepath=str(self.dir / "ca.pem"),
+            on_lifecycle_connection_success=lambda _: connected.set(),
+            on_lifecycle_stopped=lambda _: stopped.set())
+        client.start()
+        try:
+            assert connected.wait(TIMEOUT), f"{client_id}: the MQTT 5 client did not connect"
+            yield client
+        finally:
+            client.stop()
+            stopped.wait(TIMEOUT)
+
     def device(self, thing: str) -> mqtt.Connection:
         return self.connect(thing, self.dir / "things" / f"{thing}.pem",
                             self.dir / "things" / f"{thing}.key")
@@ -169,3 +189,10 @@ def subscribed(pair) -> None:
 
 
 QOS = mqtt.QoS.AT_LEAST_ONCE
+
+
+def rr_options() -> mqtt_request_response.ClientOptions:
+    """Options of the V2 service clients' request-response client."""
+    return mqtt_request_response.ClientOptions(
+        max_request_response_subscriptions=4, max_streaming_subscriptions=4,
+        operation_timeout_in_seconds=TIMEOUT)

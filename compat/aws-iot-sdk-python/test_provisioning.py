@@ -11,13 +11,11 @@ the thing instead. A CSR naming another thing is refused at RegisterThing
 with `InvalidParameters`, and nothing is registered."""
 
 import subprocess
-import threading
 
 import pytest
-from awscrt import mqtt_request_response
-from awsiot import V2ServiceException, iotidentity, iotshadow, mqtt5_client_builder
+from awsiot import V2ServiceException, iotidentity, iotshadow
 
-from conftest import CLAIM, QOS, TIMEOUT, Cloud, Inbox, subscribed
+from conftest import CLAIM, QOS, TIMEOUT, Cloud, Inbox, rr_options, subscribed
 
 
 def make_csr(directory, name: str):
@@ -119,20 +117,9 @@ def test_the_v2_identity_client_on_mqtt5_provisions_a_device(cloud, tmp_path):
     """AWS's `IotIdentityClientV2` on an MQTT 5 client (no response topic:
     the embedded broker routes the replies to the requester)."""
     key, csr = make_csr(tmp_path, "thing-aws-0043")
-    connected, stopped = threading.Event(), threading.Event()
-    claim = mqtt5_client_builder.mtls_from_path(
-        endpoint="localhost", port=cloud.port, client_id="aws-factory-2",
-        cert_filepath=str(cloud.dir / "claims" / f"{CLAIM}.pem"),
-        pri_key_filepath=str(cloud.dir / "claims" / f"{CLAIM}.key"),
-        ca_filepath=str(cloud.dir / "ca.pem"),
-        on_lifecycle_connection_success=lambda _: connected.set(),
-        on_lifecycle_stopped=lambda _: stopped.set())
-    claim.start()
-    try:
-        assert connected.wait(TIMEOUT), "the claim's MQTT 5 client did not connect"
-        identity = iotidentity.IotIdentityClientV2(claim, mqtt_request_response.ClientOptions(
-            max_request_response_subscriptions=4, max_streaming_subscriptions=2,
-            operation_timeout_in_seconds=TIMEOUT))
+    claims = cloud.dir / "claims"
+    with cloud.mqtt5("aws-factory-2", claims / f"{CLAIM}.pem", claims / f"{CLAIM}.key") as claim:
+        identity = iotidentity.IotIdentityClientV2(claim, rr_options())
         c = identity.create_certificate_from_csr(iotidentity.CreateCertificateFromCsrRequest(
             certificate_signing_request=csr.read_text())).result(TIMEOUT)
         assert "BEGIN CERTIFICATE" in c.certificate_pem
@@ -145,9 +132,6 @@ def test_the_v2_identity_client_on_mqtt5_provisions_a_device(cloud, tmp_path):
             template_name="default", certificate_ownership_token=c.certificate_ownership_token,
             parameters={"SerialNumber": "aws-0043"})).result(TIMEOUT)
         assert r.thing_name == "thing-aws-0043"
-    finally:
-        claim.stop()
-        stopped.wait(TIMEOUT)
     cert = tmp_path / "thing-aws-0043.pem"
     cert.write_text(c.certificate_pem)
     cloud.connect("thing-aws-0043", cert, key).disconnect().result(TIMEOUT)

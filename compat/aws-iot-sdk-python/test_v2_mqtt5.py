@@ -7,35 +7,18 @@ import threading
 
 import pytest
 from awscrt import mqtt_request_response
-from awsiot import (ServiceStreamOptions, V2ServiceException, iotjobs, iotshadow,
-                    mqtt5_client_builder)
+from awsiot import ServiceStreamOptions, V2ServiceException, iotjobs, iotshadow
 
-from conftest import TIMEOUT, Inbox
+from conftest import TIMEOUT, Inbox, rr_options
 
 THING = "aws-next"
 
 
 @pytest.fixture
 def client(cloud):
-    connected, stopped = threading.Event(), threading.Event()
-    c = mqtt5_client_builder.mtls_from_path(
-        endpoint="localhost", port=cloud.port, client_id=THING,
-        cert_filepath=str(cloud.dir / "things" / f"{THING}.pem"),
-        pri_key_filepath=str(cloud.dir / "things" / f"{THING}.key"),
-        ca_filepath=str(cloud.dir / "ca.pem"),
-        on_lifecycle_connection_success=lambda _: connected.set(),
-        on_lifecycle_stopped=lambda _: stopped.set())
-    c.start()
-    assert connected.wait(TIMEOUT), "the MQTT 5 client did not connect"
-    yield c
-    c.stop()
-    stopped.wait(TIMEOUT)
-
-
-def options():
-    return mqtt_request_response.ClientOptions(
-        max_request_response_subscriptions=4, max_streaming_subscriptions=4,
-        operation_timeout_in_seconds=TIMEOUT)
+    things = cloud.dir / "things"
+    with cloud.mqtt5(THING, things / f"{THING}.pem", things / f"{THING}.key") as c:
+        yield c
 
 
 def open_stream(create, request, events: Inbox):
@@ -54,7 +37,7 @@ def open_stream(create, request, events: Inbox):
 
 
 def test_the_v2_shadow_client_on_a_named_shadow(cloud, client):
-    shadow = iotshadow.IotShadowClientV2(client, options())
+    shadow = iotshadow.IotShadowClientV2(client, rr_options())
     named = {"thing_name": THING, "shadow_name": "config"}
     deltas = Inbox()
     stream = open_stream(shadow.create_named_shadow_delta_updated_stream,
@@ -86,7 +69,7 @@ def test_the_v2_shadow_client_on_a_named_shadow(cloud, client):
 
 
 def test_the_v2_jobs_client_runs_a_job(cloud, client):
-    jobs = iotjobs.IotJobsClientV2(client, options())
+    jobs = iotjobs.IotJobsClientV2(client, rr_options())
     thing = {"thing_name": THING}
     nxt = Inbox()
     stream = open_stream(jobs.create_next_job_execution_changed_stream,
