@@ -102,7 +102,8 @@ pub use broker::{
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};
 pub use embedded::{
-    EmbeddedBroker, EmbeddedConfig, EmbeddedError, Revoker, certificate_fingerprint,
+    ClientLimits, Directory, DirectoryError, EmbeddedBroker, EmbeddedConfig, EmbeddedError,
+    PROVISIONED_UNIT, Revoker, Standing, StandingFuture, certificate_fingerprint, is_provisioned,
 };
 pub use jobs::{
     ExecutionSummary, JobRecord, JobSnapshot, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,

@@ -91,6 +91,12 @@ impl Pki {
     /// Signs a device's certificate signing request (after checking its
     /// signature: the device holds the key) for `days` days, as a client
     /// certificate. Returns the certificate (PEM) and its common name.
+    ///
+    /// The certificate's subject is the CSR's common name and the
+    /// organizational unit [`PROVISIONED_UNIT`](crate::PROVISIONED_UNIT),
+    /// whatever else the CSR asked for: the embedded broker treats such a
+    /// certificate only as a device, and only once the registry binds it
+    /// to that thing.
     pub fn sign_csr(&self, csr_pem: &str, days: u32) -> Result<(String, String), PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let common_name = match csr.params.distinguished_name.get(&DnType::CommonName) {
@@ -106,6 +112,11 @@ impl Pki {
         csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         csr.params.subject_alt_names.clear();
+        csr.params.custom_extensions.clear();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name.as_str());
+        dn.push(DnType::OrganizationalUnitName, crate::PROVISIONED_UNIT);
+        csr.params.distinguished_name = dn;
         let cert = csr.signed_by(&self.ca)?;
         Ok((cert.pem(), common_name))
     }

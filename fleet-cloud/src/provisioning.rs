@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::pki::Pki;
-use crate::registry::{PendingCertificate, Registry, RegistryError, Spent};
+use crate::registry::{CertificateStatus, PendingCertificate, Registry, RegistryError, Spent};
 
 /// A provisioning template: how a thing is named and what it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +46,13 @@ pub struct ProvisioningTemplate {
     pub attributes: BTreeMap<String, String>,
     /// Static groups the thing joins.
     pub groups: Vec<String>,
+    /// Whether a claimant may provision onto a thing that exists already
+    /// (a device whose storage was wiped, say): its new certificate is
+    /// bound and the thing's other certificates are revoked. Off by
+    /// default: a claimant can never take an existing thing over. Even when
+    /// on, the pre-provisioning hook must approve, and a disabled thing, or
+    /// one with a revoked certificate, is never re-provisioned.
+    pub allow_replace: bool,
 }
 
 /// A check the operator runs before a device is registered (an allow list,
@@ -254,6 +261,18 @@ impl ProvisioningService {
                 format!("the CSR's common name must be the thing name: {e}"),
             )
         })?;
+        if self.registry.is_reserved(&common_name) {
+            return Err(ProvisioningError::new(
+                400,
+                "InvalidCSR",
+                format!("{common_name} is a privileged identity, not a thing name"),
+            ));
+        }
+        // A certificate for an existing thing only where a template may
+        // replace it (a broker that knows devices by common name alone,
+        // such as Mosquitto, would otherwise take it for that thing).
+        let may_replace = self.templates.values().any(|t| t.allow_replace);
+        self.check_replaceable(&common_name, may_replace).await?;
         let (token, certificate_id) = self
             .issue_token(&certificate_pem, common_name, false, now)
             .await?;
@@ -294,6 +313,43 @@ impl ProvisioningService {
             "certificatePem": identity.cert_pem,
             "privateKey": identity.key_pem,
         }))
+    }
+
+    /// Refuses provisioning onto `thing` if it exists and may not be
+    /// replaced: never when it is disabled or has a revoked certificate,
+    /// otherwise unless `may_replace`. Whether it exists.
+    async fn check_replaceable(
+        &self,
+        thing: &str,
+        may_replace: bool,
+    ) -> Result<bool, ProvisioningError> {
+        let existing = match self.registry.thing(thing).await {
+            Ok(t) => t,
+            Err(RegistryError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(internal(e)),
+        };
+        let revoked = self
+            .registry
+            .certificates(thing)
+            .await
+            .map_err(internal)?
+            .iter()
+            .any(|c| c.status != CertificateStatus::Active);
+        if !existing.enabled || revoked {
+            return Err(ProvisioningError::new(
+                403,
+                "AccessDenied",
+                format!("{thing} is disabled or revoked and cannot be provisioned by claim"),
+            ));
+        }
+        if !may_replace {
+            return Err(ProvisioningError::new(
+                403,
+                "AccessDenied",
+                format!("{thing} exists and its template does not allow replacing it"),
+            ));
+        }
+        Ok(true)
     }
 
     /// Records a certificate awaiting registration; returns its token and id.
@@ -394,6 +450,7 @@ impl ProvisioningService {
             }
             (token.certificate_id.clone(), token.certificate_pem.clone())
         };
+        let replacing = self.check_replaceable(&thing, t.allow_replace).await?;
         if let Some(hook) = &self.hook {
             // A hook may ask another system: off the runtime's threads.
             let (hook, template, parameters) = (
@@ -431,14 +488,39 @@ impl ProvisioningService {
         }
         let mut attributes = t.attributes.clone();
         attributes.extend(request.parameters.clone());
-        match self.registry.create_thing(&thing, attributes).await {
-            Ok(_) | Err(RegistryError::AlreadyExists(_)) => {}
-            Err(e) => return Err(internal(e)),
-        }
+        let previous = if replacing {
+            self.registry
+                .set_attributes(&thing, &attributes)
+                .await
+                .map_err(internal)?;
+            self.registry.certificates(&thing).await.map_err(internal)?
+        } else {
+            match self.registry.create_thing(&thing, attributes).await {
+                Ok(_) => Vec::new(),
+                // Registered by someone else since the check.
+                Err(RegistryError::AlreadyExists(_)) => {
+                    return Err(ProvisioningError::new(
+                        403,
+                        "AccessDenied",
+                        format!("{thing} exists and its template does not allow replacing it"),
+                    ));
+                }
+                Err(RegistryError::InvalidName(e)) => {
+                    return Err(ProvisioningError::new(400, "InvalidParameters", e));
+                }
+                Err(e) => return Err(internal(e)),
+            }
+        };
         self.registry
             .add_certificate(&certificate_id, &thing, &certificate_pem)
             .await
             .map_err(internal)?;
+        for old in previous {
+            self.registry
+                .revoke_certificate(&old.id)
+                .await
+                .map_err(internal)?;
+        }
         for g in &t.groups {
             self.registry
                 .add_to_group(g, &thing)
@@ -530,6 +612,7 @@ mod tests {
     #[tokio::test]
     async fn create_keys_and_certificate_is_opt_in() {
         let template = ProvisioningTemplate {
+            allow_replace: false,
             name: "factory".into(),
             thing_name_prefix: "pump-".into(),
             name_parameter: "SerialNumber".into(),

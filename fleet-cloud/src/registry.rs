@@ -181,6 +181,12 @@ fn same(a: &str, b: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Registry {
     backend: Backend,
+    /// Names no thing may have: the broker's privileged identities.
+    reserved: Arc<[String]>,
+}
+
+fn default_reserved() -> Arc<[String]> {
+    Arc::from([crate::DEFAULT_BACKEND_IDENTITY.to_owned()])
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +263,7 @@ impl Registry {
             backend: Backend::Sqlite(SqliteRegistry::with(
                 rusqlite::Connection::open(path).map_err(backend)?,
             )?),
+            reserved: default_reserved(),
         })
     }
 
@@ -267,6 +274,7 @@ impl Registry {
             backend: Backend::Sqlite(SqliteRegistry::with(
                 rusqlite::Connection::open_in_memory().map_err(backend)?,
             )?),
+            reserved: default_reserved(),
         })
     }
 
@@ -276,7 +284,30 @@ impl Registry {
     pub fn postgres(store: &crate::PgStore) -> Self {
         Self {
             backend: Backend::Postgres(store.clone()),
+            reserved: default_reserved(),
         }
+    }
+
+    /// Reserves the broker's privileged identities (its backend
+    /// identities, [`BrokerPolicy::backend_identities`](crate::BrokerPolicy::backend_identities)):
+    /// no thing may be created with one of these names, through the API or
+    /// through provisioning. [`DEFAULT_BACKEND_IDENTITY`](crate::DEFAULT_BACKEND_IDENTITY)
+    /// is always reserved.
+    #[must_use]
+    pub fn with_reserved_names<I: IntoIterator<Item = String>>(mut self, names: I) -> Self {
+        let mut all: Vec<String> = self.reserved.to_vec();
+        for n in names {
+            if !all.contains(&n) {
+                all.push(n);
+            }
+        }
+        self.reserved = all.into();
+        self
+    }
+
+    /// Whether `name` is a privileged identity no thing may have.
+    pub fn is_reserved(&self, name: &str) -> bool {
+        self.reserved.iter().any(|r| r == name)
     }
 
     /// Creates a management API token; returns its record and the token
@@ -392,6 +423,11 @@ impl Registry {
         attributes: BTreeMap<String, String>,
     ) -> Result<Thing, RegistryError> {
         ThingName::new(name).map_err(|e| RegistryError::InvalidName(e.to_string()))?;
+        if self.is_reserved(name) {
+            return Err(RegistryError::InvalidName(format!(
+                "{name} is a privileged identity of the broker, not a thing name"
+            )));
+        }
         let json = serde_json::to_string(&attributes).map_err(backend)?;
         match &self.backend {
             Backend::Sqlite(s) => {
@@ -725,6 +761,42 @@ impl Registry {
                 pem,
             })
             .collect())
+    }
+
+    /// The certificate with this id (its SHA-256 fingerprint), whichever
+    /// thing it is bound to.
+    pub async fn certificate(&self, id: &str) -> Result<Option<CertificateRecord>, RegistryError> {
+        let row: Option<(String, String, String)> = match &self.backend {
+            Backend::Sqlite(s) => {
+                let id = id.to_owned();
+                on_sqlite(s, move |s| {
+                    optional(s.conn().query_row(
+                        "SELECT thing, status, pem FROM certificates WHERE id = ?1",
+                        [&id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    ))
+                })
+                .await?
+            }
+            Backend::Postgres(pg) => pg
+                .registry_query(
+                    "SELECT thing, status, pem FROM certificates WHERE id = $1",
+                    &[&id],
+                )
+                .await?
+                .first()
+                .map(|r| (r.get(0), r.get(1), r.get(2))),
+        };
+        Ok(row.map(|(thing, status, pem)| CertificateRecord {
+            id: id.into(),
+            thing,
+            status: if status == "ACTIVE" {
+                CertificateStatus::Active
+            } else {
+                CertificateStatus::Revoked
+            },
+            pem,
+        }))
     }
 
     /// The ids of every revoked certificate (SHA-256 fingerprints when
@@ -1240,6 +1312,30 @@ impl SqliteRegistry {
         let mut stmt = conn.prepare(sql).map_err(backend)?;
         let rows = stmt.query_map([], |r| r.get(0)).map_err(backend)?;
         rows.collect::<Result<_, _>>().map_err(backend)
+    }
+}
+
+/// The embedded broker asks the registry whether a device may connect.
+impl crate::embedded::Directory for Registry {
+    fn standing<'a>(
+        &'a self,
+        thing: &'a str,
+        fingerprint: &'a str,
+    ) -> crate::embedded::StandingFuture<'a> {
+        Box::pin(async move {
+            let wrap = |e: RegistryError| crate::embedded::DirectoryError(Box::new(e));
+            let thing = match self.thing(thing).await {
+                Ok(t) => Some(t.enabled),
+                Err(RegistryError::NotFound(_)) => None,
+                Err(e) => return Err(wrap(e)),
+            };
+            let certificate = self
+                .certificate(fingerprint)
+                .await
+                .map_err(wrap)?
+                .map(|c| (c.thing, c.status == CertificateStatus::Active));
+            Ok(crate::embedded::Standing { thing, certificate })
+        })
     }
 }
 

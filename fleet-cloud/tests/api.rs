@@ -39,6 +39,10 @@ impl Fixture {
     async fn start() -> Self {
         let broker = Broker::start_with(BrokerOptions {
             kind: BrokerKind::Embedded,
+            policy: fleet_cloud::BrokerPolicy {
+                claim_identities: vec!["claim@factory".into()],
+                ..fleet_cloud::BrokerPolicy::default()
+            },
             ..BrokerOptions::default()
         })
         .unwrap();
@@ -78,10 +82,12 @@ impl Fixture {
                     Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap(),
                 )),
                 claim_identities: vec!["claim@factory".into()],
+                on_thing_denied: None,
                 on_revoke: Some(Arc::new(move |id: &str| {
                     seen.lock().unwrap().push(id.to_string())
                 })),
                 templates: vec![ProvisioningTemplate {
+                    allow_replace: false,
                     name: "default".into(),
                     thing_name_prefix: "thing-".into(),
                     name_parameter: "SerialNumber".into(),

@@ -208,7 +208,7 @@ async fn a_revoked_certificate_is_cut_off_and_the_things_other_certificate_is_no
     let s = setup(BrokerPolicy::default(), Duration::from_secs(10)).await;
     let old = s.pki.client_identity("dev-a").unwrap();
     let new = s.pki.client_identity("dev-a").unwrap();
-    let (_c1, mut e1) = v5(&s, &old, "dev-a-1");
+    let (_c1, mut e1) = v5(&s, &old, "dev-a");
     connected(&mut e1).await;
     s.broker
         .revoke([certificate_fingerprint(&old.cert_pem).unwrap()]);
@@ -224,7 +224,7 @@ async fn a_revoked_certificate_is_cut_off_and_the_things_other_certificate_is_no
     .await;
     assert!(refused.contains("NotAuthorized"), "{refused}");
     // The thing's other certificate still works.
-    let (_c2, mut e2) = v5(&s, &new, "dev-a-2");
+    let (_c2, mut e2) = v5(&s, &new, "dev-a");
     connected(&mut e2).await;
     assert_eq!(s.broker.connected(), 1);
 }
@@ -294,11 +294,12 @@ async fn shared_subscriptions_retained_messages_and_wills() {
     assert!(counts[0] > 0 && counts[1] > 0, "{counts:?}");
     pump.abort();
 
-    // Retained: a late subscriber gets the last value at once.
+    // Retained: a late subscriber gets the last value at once (not on
+    // the reserved `$aws` topics, where AWS IoT keeps none either).
     let (b, mut be) = v5(&s, &backend, "svc-r");
     connected(&mut be).await;
     b.publish(
-        "$aws/things/dev-a/shadow/update/delta",
+        "fleet/dev-a/config",
         rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
         true,
         "latest",
@@ -309,9 +310,9 @@ async fn shared_subscriptions_retained_messages_and_wills() {
         matches!(p, Ok(Packet::PubAck(_))).then_some(())
     })
     .await;
-    let (d2, mut d2e) = v5(&s, &dev, "dev-a-late");
+    let (d2, mut d2e) = v5(&s, &backend, "svc-late");
     d2.subscribe(
-        "$aws/things/dev-a/shadow/update/delta",
+        "fleet/dev-a/config",
         rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
     )
     .await
@@ -332,7 +333,7 @@ async fn shared_subscriptions_retained_messages_and_wills() {
     })
     .await;
     let tls = client_tls_config(&dev, &s.pki.ca_pem()).unwrap();
-    let mut o = MqttOptions::new("dev-a-will", "localhost", s.broker.local_addr().port());
+    let mut o = MqttOptions::new("dev-a", "localhost", s.broker.local_addr().port());
     o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
         "dt/dev-a/status",
         "gone",
@@ -433,6 +434,7 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
         ca,
         registry.clone(),
         vec![fleet_cloud::ProvisioningTemplate {
+            allow_replace: false,
             name: "factory".into(),
             thing_name_prefix: "pump-".into(),
             name_parameter: "SerialNumber".into(),

@@ -41,6 +41,7 @@ fn csr(common_name: &str) -> (String, String) {
 
 fn template() -> ProvisioningTemplate {
     ProvisioningTemplate {
+        allow_replace: false,
         name: "factory".into(),
         thing_name_prefix: "pump-".into(),
         name_parameter: "SerialNumber".into(),

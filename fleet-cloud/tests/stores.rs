@@ -870,6 +870,7 @@ async fn an_ownership_token_is_good_at_every_instance_once() {
     ];
     let ca = Pki::new("fleet CA").unwrap();
     let template = ProvisioningTemplate {
+        allow_replace: false,
         name: "factory".into(),
         thing_name_prefix: "pump-".into(),
         name_parameter: "SerialNumber".into(),

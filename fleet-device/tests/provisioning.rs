@@ -36,6 +36,7 @@ fn cloud(broker: &Broker, registry: &Registry) -> RunningService {
         ca,
         registry.clone(),
         vec![ProvisioningTemplate {
+            allow_replace: false,
             name: "factory".into(),
             thing_name_prefix: "pump-".into(),
             name_parameter: "SerialNumber".into(),

@@ -97,15 +97,19 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
         reply_routing: true,
         ..BrokerPolicy::default()
     };
-    let broker = EmbeddedBroker::start(config).await?;
     let db = dir.join("fleet.db");
     let store = SqliteStore::open(&db)?;
     let registry = Registry::open(&dir.join("registry.db"))?;
+    // The broker admits a device only as the registry binds its
+    // certificate: a claim certificate grants nothing until registered.
+    config.directory = Some(Arc::new(registry.clone()));
+    let broker = EmbeddedBroker::start(config).await?;
     registry.create_group("early", None).await?;
     let provisioning = ProvisioningService::new(
         Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
         registry.clone(),
         vec![ProvisioningTemplate {
+            allow_replace: false,
             name: "factory".into(),
             thing_name_prefix: "pump-".into(),
             name_parameter: "SerialNumber".into(),

@@ -53,6 +53,9 @@ use crate::{
 /// Called with a certificate's id after the API revoked it.
 pub type RevocationHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Called with a thing's name after the API disabled or deleted it.
+pub type ThingHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// What the API serves.
 #[derive(Clone)]
 pub struct ApiServices {
@@ -76,6 +79,9 @@ pub struct ApiServices {
     /// Called with a certificate's id after it was revoked (to tell the
     /// broker).
     pub on_revoke: Option<RevocationHook>,
+    /// Called with a thing's name after it was disabled or deleted (to cut
+    /// its connections at once: [`Revoker::disconnect_identity`](crate::Revoker::disconnect_identity)).
+    pub on_thing_denied: Option<ThingHook>,
     /// The provisioning templates served.
     pub templates: Vec<ProvisioningTemplate>,
 }

@@ -33,6 +33,8 @@ pub(super) enum In {
         client_id: String,
         keep_alive: u16,
         will: Option<Message>,
+        /// MQTT 5: the largest packet the client accepts.
+        max_packet: Option<u32>,
     },
     Publish {
         pkid: u16,
@@ -106,6 +108,73 @@ pub(super) fn peek_version(buf: &[u8]) -> Result<Version, ReadError> {
     }
 }
 
+/// A variable byte integer at `buf[i..]`: its value and length.
+fn var_int(buf: &[u8], i: usize) -> Result<(usize, usize), ReadError> {
+    let mut value = 0usize;
+    for n in 0..4 {
+        let Some(b) = buf.get(i + n) else {
+            return Err(ReadError::Incomplete);
+        };
+        value |= usize::from(b & 0x7F) << (7 * n);
+        if b & 0x80 == 0 {
+            return Ok((value, n + 1));
+        }
+    }
+    Err(ReadError::Malformed("bad variable byte integer".into()))
+}
+
+/// The checks rumqttc's reader leaves out of a SUBSCRIBE at the front of
+/// `buf`: the fixed header's flags must be `0010`, and each filter's
+/// option byte must leave its reserved bits clear and name no QoS or
+/// retain handling beyond the protocol's (MQTT 3.1.1 3.8.3.1, 5.0 3.8.3.1).
+fn check_subscribe(version: Version, buf: &[u8]) -> Result<(), ReadError> {
+    let malformed = |what: &str| Err(ReadError::Malformed(format!("SUBSCRIBE: {what}")));
+    let Some(first) = buf.first() else {
+        return Ok(());
+    };
+    if first >> 4 != 8 {
+        return Ok(());
+    }
+    if first & 0x0F != 0b0010 {
+        return malformed("reserved flags in the fixed header");
+    }
+    let (len, n) = var_int(buf, 1)?;
+    let start = 1 + n;
+    let Some(body) = buf.get(start..start + len) else {
+        return Err(ReadError::Incomplete);
+    };
+    // Packet id, then (MQTT 5) the properties.
+    let mut i = 2;
+    if version == Version::V5 {
+        let (props, n) = match var_int(body, i) {
+            Ok(v) => v,
+            Err(_) => return malformed("properties"),
+        };
+        i += n + props;
+    }
+    if i >= body.len() {
+        return malformed("no topic filter");
+    }
+    while i < body.len() {
+        let (Some(hi), Some(lo)) = (body.get(i), body.get(i + 1)) else {
+            return malformed("truncated filter");
+        };
+        i += 2 + (usize::from(*hi) << 8 | usize::from(*lo));
+        let Some(options) = body.get(i) else {
+            return malformed("truncated options");
+        };
+        let bad = match version {
+            Version::V4 => options & 0xFC != 0 || options & 0x03 == 3,
+            Version::V5 => options & 0xC0 != 0 || options & 0x03 == 3 || (options >> 4) & 0x03 == 3,
+        };
+        if bad {
+            return malformed("reserved bits in the subscription options");
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 fn qos4(q: QoS4) -> u8 {
     q as u8
 }
@@ -130,6 +199,7 @@ fn to_qos5(q: u8) -> QoS5 {
 
 /// Reads one packet from the front of `buf`.
 pub(super) fn read(version: Version, buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
+    check_subscribe(version, buf)?;
     match version {
         Version::V4 => read4(buf, max),
         Version::V5 => read5(buf, max),
@@ -147,6 +217,7 @@ fn read4(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
         v4::Packet::Connect(c) => In::Connect {
             client_id: c.client_id,
             keep_alive: c.keep_alive,
+            max_packet: None,
             will: c.last_will.map(|w| Message {
                 topic: w.topic,
                 payload: w.message,
@@ -196,6 +267,7 @@ fn read5(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
     };
     Ok(match packet {
         v5::Packet::Connect(c, will, _login) => In::Connect {
+            max_packet: c.properties.as_ref().and_then(|p| p.max_packet_size),
             client_id: c.client_id,
             keep_alive: c.keep_alive,
             will: will.and_then(|w| {
@@ -267,6 +339,26 @@ pub(super) enum ConnAckCode {
     NotAuthorized,
     BadClientId,
     ServerUnavailable,
+    /// A limit on connections (MQTT 3.1.1: server unavailable).
+    QuotaExceeded,
+}
+
+/// How a QoS 1 PUBLISH is answered (MQTT 3.1.1 has no reason codes: a
+/// plain PUBACK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PubAckCode {
+    Success,
+    NotAuthorized,
+    TopicNameInvalid,
+    QuotaExceeded,
+}
+
+/// Why a subscription is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SubRefusal {
+    NotAuthorized,
+    Invalid,
+    QuotaExceeded,
 }
 
 /// Writes packets for one connection.
@@ -287,14 +379,22 @@ impl Writer {
         let _ = p.write(&mut self.buf, None);
     }
 
-    pub(super) fn connack(&mut self, code: ConnAckCode, assigned: Option<String>, max_packet: u32) {
+    pub(super) fn connack(
+        &mut self,
+        code: ConnAckCode,
+        assigned: Option<String>,
+        max_packet: u32,
+        server_keep_alive: Option<u16>,
+    ) {
         match self.version {
             Version::V4 => {
                 let code = match code {
                     ConnAckCode::Accepted => v4::ConnectReturnCode::Success,
                     ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
                     ConnAckCode::BadClientId => v4::ConnectReturnCode::BadClientId,
-                    ConnAckCode::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                    ConnAckCode::ServerUnavailable | ConnAckCode::QuotaExceeded => {
+                        v4::ConnectReturnCode::ServiceUnavailable
+                    }
                 };
                 self.put4(v4::Packet::ConnAck(v4::ConnAck::new(code, false)));
             }
@@ -304,6 +404,7 @@ impl Writer {
                     ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
                     ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                     ConnAckCode::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                    ConnAckCode::QuotaExceeded => v5::ConnectReturnCode::QuotaExceeded,
                 };
                 let properties = v5::ConnAckProperties {
                     session_expiry_interval: None,
@@ -318,7 +419,7 @@ impl Writer {
                     wildcard_subscription_available: Some(1),
                     subscription_identifiers_available: Some(0),
                     shared_subscription_available: Some(1),
-                    server_keep_alive: None,
+                    server_keep_alive,
                     response_information: None,
                     server_reference: None,
                     authentication_method: None,
@@ -364,14 +465,17 @@ impl Writer {
         true
     }
 
-    pub(super) fn puback(&mut self, pkid: u16, authorized: bool) {
+    pub(super) fn puback(&mut self, pkid: u16, code: PubAckCode) {
         match self.version {
             Version::V4 => self.put4(v4::Packet::PubAck(v4::PubAck::new(pkid))),
             Version::V5 => {
                 let mut ack = v5::PubAck::new(pkid, None);
-                if !authorized {
-                    ack.reason = v5::PubAckReason::NotAuthorized;
-                }
+                ack.reason = match code {
+                    PubAckCode::Success => v5::PubAckReason::Success,
+                    PubAckCode::NotAuthorized => v5::PubAckReason::NotAuthorized,
+                    PubAckCode::TopicNameInvalid => v5::PubAckReason::TopicNameInvalid,
+                    PubAckCode::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+                };
                 self.put5(v5::Packet::PubAck(ack));
             }
         }
@@ -391,8 +495,8 @@ impl Writer {
         }
     }
 
-    /// `granted`: per filter, the QoS granted or `Err(not_authorized)`.
-    pub(super) fn suback(&mut self, pkid: u16, granted: &[Result<u8, bool>]) {
+    /// `granted`: per filter, the QoS granted or why not.
+    pub(super) fn suback(&mut self, pkid: u16, granted: &[Result<u8, SubRefusal>]) {
         match self.version {
             Version::V4 => {
                 let codes = granted
@@ -409,8 +513,9 @@ impl Writer {
                     .iter()
                     .map(|g| match g {
                         Ok(q) => v5::SubscribeReasonCode::Success(to_qos5(*q)),
-                        Err(true) => v5::SubscribeReasonCode::NotAuthorized,
-                        Err(false) => v5::SubscribeReasonCode::TopicFilterInvalid,
+                        Err(SubRefusal::NotAuthorized) => v5::SubscribeReasonCode::NotAuthorized,
+                        Err(SubRefusal::Invalid) => v5::SubscribeReasonCode::TopicFilterInvalid,
+                        Err(SubRefusal::QuotaExceeded) => v5::SubscribeReasonCode::QuotaExceeded,
                     })
                     .collect();
                 self.put5(v5::Packet::SubAck(v5::SubAck {
@@ -461,5 +566,65 @@ impl Writer {
             self.buf
                 .extend_from_slice(&[0xE0, 0x02, reason as u8, 0x00]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SUBSCRIBE with one filter and the given header flags and options.
+    fn subscribe(version: Version, flags: u8, options: u8) -> BytesMut {
+        let filter = b"a/b";
+        let mut body = vec![0, 1];
+        if version == Version::V5 {
+            body.push(0);
+        }
+        body.extend_from_slice(&[0, 3]);
+        body.extend_from_slice(filter);
+        body.push(options);
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[0x80 | flags, u8::try_from(body.len()).unwrap()]);
+        b.extend_from_slice(&body);
+        b
+    }
+
+    #[test]
+    fn subscribe_reserved_bits_are_malformed() {
+        for v in [Version::V4, Version::V5] {
+            assert!(matches!(
+                read(v, &mut subscribe(v, 2, 1), 1024),
+                Ok(In::Subscribe { .. })
+            ));
+            for (flags, options) in [(0, 1), (3, 1), (2, 0x80), (2, 3)] {
+                assert!(
+                    matches!(
+                        read(v, &mut subscribe(v, flags, options), 1024),
+                        Err(ReadError::Malformed(_))
+                    ),
+                    "{v:?} flags {flags} options {options:#x}"
+                );
+            }
+        }
+        // MQTT 3.1.1 reserves bits 2-7; MQTT 5 uses 2-5.
+        assert!(matches!(
+            read(Version::V4, &mut subscribe(Version::V4, 2, 0x04), 1024),
+            Err(ReadError::Malformed(_))
+        ));
+        assert!(matches!(
+            read(Version::V5, &mut subscribe(Version::V5, 2, 0x04), 1024),
+            Ok(In::Subscribe { .. })
+        ));
+        assert!(matches!(
+            read(Version::V5, &mut subscribe(Version::V5, 2, 0x31), 1024),
+            Err(ReadError::Malformed(_))
+        ));
+        // Incomplete stays incomplete.
+        let mut half = subscribe(Version::V4, 2, 1);
+        half.truncate(4);
+        assert!(matches!(
+            read(Version::V4, &mut half, 1024),
+            Err(ReadError::Incomplete)
+        ));
     }
 }

@@ -31,13 +31,14 @@
 //! `$` and does not route such topics, so devices built with AWS's SDKs
 //! (`$aws/things/...`) could not use it; and it has no access control.
 
+mod admission;
 mod codec;
 mod router;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -51,8 +52,13 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::policy::{Access, BrokerPolicy, CompiledPolicy};
-use codec::{ConnAckCode, In, Message, ReadError, Version, Writer};
-use router::Subscriptions;
+pub use admission::{
+    ClientLimits, Directory, DirectoryError, PROVISIONED_UNIT, Standing, StandingFuture,
+    is_provisioned,
+};
+use admission::{Role, may_take_over};
+use codec::{ConnAckCode, In, Message, PubAckCode, ReadError, SubRefusal, Version, Writer};
+use router::{Retained, Subscriptions};
 
 /// How the embedded broker listens and whom it lets in.
 #[derive(Clone)]
@@ -77,6 +83,16 @@ pub struct EmbeddedConfig {
     /// Messages queued for one client before further ones are dropped (a
     /// client that does not read cannot hold up the others).
     pub queue_capacity: usize,
+    /// What one client may hold and send ([`ClientLimits`]: AWS IoT's
+    /// quotas by default).
+    pub limits: ClientLimits,
+    /// Where devices' standing is looked up at CONNECT (the registry):
+    /// with one, a device's thing must exist and be enabled, and a
+    /// certificate issued by provisioning must be bound to it. `None`:
+    /// devices are known by their certificate's common name alone, and
+    /// certificates issued by provisioning are refused (nothing can vouch
+    /// for them).
+    pub directory: Option<Arc<dyn Directory>>,
 }
 
 impl EmbeddedConfig {
@@ -93,6 +109,8 @@ impl EmbeddedConfig {
             max_packet_size: 128 * 1024,
             max_connections: 100_000,
             queue_capacity: 1024,
+            limits: ClientLimits::default(),
+            directory: None,
         }
     }
 }
@@ -103,6 +121,8 @@ impl fmt::Debug for EmbeddedConfig {
             .field("bind", &self.bind)
             .field("policy", &self.policy)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("limits", &self.limits)
+            .field("directory", &self.directory.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -159,8 +179,12 @@ enum Kick {
 struct Client {
     conn: u64,
     identity: String,
+    role: Role,
     fingerprint: String,
     tx: mpsc::Sender<Message>,
+    /// Bytes queued in `tx`, and the most it may hold.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     kick: Option<oneshot::Sender<Kick>>,
     /// (group, filter) of each subscription, to undo them.
     filters: Vec<(Option<String>, String)>,
@@ -174,7 +198,29 @@ const BLOCKED_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 struct Router {
     clients: HashMap<String, Client>,
     subscriptions: Subscriptions,
-    retained: HashMap<String, Message>,
+    retained: Retained,
+    /// Retained messages kept per identity.
+    retained_by: HashMap<String, usize>,
+    /// Live connections per claim identity.
+    claim_connections: HashMap<String, usize>,
+}
+
+impl Router {
+    /// Sends `m` to a client that is not a backend: a full queue (by
+    /// messages or bytes) drops it for that client, so a device that stops
+    /// reading never holds up whoever publishes to it. Whether it was
+    /// queued.
+    fn offer(c: &Client, m: Message) -> bool {
+        let size = router::retained_size(&m);
+        if c.queued.load(Ordering::Relaxed) + size > c.max_queued {
+            return false;
+        }
+        let sent = c.tx.try_send(m).is_ok();
+        if sent {
+            c.queued.fetch_add(size, Ordering::Relaxed);
+        }
+        sent
+    }
 }
 
 struct Shared {
@@ -186,6 +232,8 @@ struct Shared {
     max_packet: usize,
     queue_capacity: usize,
     handshake_timeout: Duration,
+    limits: ClientLimits,
+    directory: Option<Arc<dyn Directory>>,
 }
 
 impl Shared {
@@ -208,49 +256,43 @@ impl Shared {
     }
 
     /// Delivers a message to every subscriber (publisher's rights already
-    /// checked). Returns the QoS 1 deliveries whose client's queue is full:
-    /// the publisher's session waits for room (its client is slowed, as
-    /// TCP would slow it) before it reads more, and drops them only after
-    /// [`BLOCKED_SEND_TIMEOUT`]. A full queue drops a QoS 0 message for that
-    /// client only.
-    #[must_use]
-    fn route(&self, message: &Message) -> Vec<(mpsc::Sender<Message>, Message)> {
+    /// checked), and keeps it if it is retained, within the retained
+    /// quotas (refused whole if they are exceeded: nothing is delivered).
+    ///
+    /// Returns the QoS 1 deliveries to backend clients whose queue is
+    /// full: the publisher's session waits for room (its client is slowed,
+    /// as TCP would slow it) before it reads more, and drops them only
+    /// after [`BLOCKED_SEND_TIMEOUT`]. Any other full queue drops the
+    /// message for that client only.
+    fn route(
+        &self,
+        message: &Message,
+        owner: &str,
+        owner_role: Role,
+    ) -> Result<Vec<(mpsc::Sender<Message>, Message)>, PubAckCode> {
         let mut blocked = Vec::new();
         let compiled = self.policy();
         let policy = compiled.policy();
         let mut router = self.router();
-        if policy.reply_routing {
-            let prefix = &policy.prefix;
-            if let Some((client, topic)) = routed_reply(prefix, &message.topic)
-                && let Some(c) = router.clients.get(client)
-                && router.subscriptions.subscribed(client, topic)
-            {
-                let mut m = message.clone();
-                m.topic = topic.to_owned();
-                m.qos = m.qos.min(1);
-                m.retain = false;
-                m.properties = None;
-                match c.tx.try_send(m) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(m)) if m.qos > 0 => {
-                        blocked.push((c.tx.clone(), m));
-                    }
-                    Err(_) => {
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
+        let router = &mut *router;
         if message.retain {
-            if message.payload.is_empty() {
-                router.retained.remove(&message.topic);
-            } else {
-                router
-                    .retained
-                    .insert(message.topic.clone(), message.clone());
+            self.retain(router, message, owner, owner_role)?;
+        }
+        if policy.reply_routing
+            && let Some((client, conn, topic)) = routed_reply(&policy.prefix, &message.topic)
+            && let Some(c) = router.clients.get(client)
+            && c.conn == conn
+            && router.subscriptions.subscribed(client, topic)
+        {
+            let mut m = message.clone();
+            m.topic = topic.to_owned();
+            m.qos = m.qos.min(1);
+            m.retain = false;
+            m.properties = None;
+            if !Router::offer(c, m) {
+                self.note_dropped(client);
             }
         }
-        let router = &*router;
         for (client, qos) in router.subscriptions.recipients(&message.topic) {
             let Some(c) = router.clients.get(client) else {
                 continue;
@@ -258,6 +300,12 @@ impl Shared {
             let mut m = message.clone();
             m.qos = m.qos.min(qos).min(1);
             m.retain = false;
+            if c.role != Role::Backend {
+                if !Router::offer(c, m) {
+                    self.note_dropped(client);
+                }
+                continue;
+            }
             match c.tx.try_send(m) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(m)) if m.qos > 0 => {
@@ -267,7 +315,55 @@ impl Shared {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
-        blocked
+        Ok(blocked)
+    }
+
+    /// Keeps (or, with an empty payload, drops) a retained message, within
+    /// the per-identity and broker-wide quotas.
+    fn retain(
+        &self,
+        router: &mut Router,
+        message: &Message,
+        owner: &str,
+        owner_role: Role,
+    ) -> Result<(), PubAckCode> {
+        let release = |router: &mut Router, who: &str| {
+            if let Some(n) = router.retained_by.get_mut(who) {
+                *n -= 1;
+                if *n == 0 {
+                    router.retained_by.remove(who);
+                }
+            }
+        };
+        if message.payload.is_empty() {
+            if let Some((_, old_owner)) = router.retained.remove(&message.topic) {
+                release(router, &old_owner);
+            }
+            return Ok(());
+        }
+        let limits = &self.limits;
+        let replaces_own = router.retained.owner(&message.topic) == Some(owner);
+        let replaced = router
+            .retained
+            .owner(&message.topic)
+            .map(|_| router.retained.len());
+        let kept_by_owner = router.retained_by.get(owner).copied().unwrap_or(0);
+        let size = router::retained_size(message);
+        let over_identity = owner_role != Role::Backend
+            && !replaces_own
+            && kept_by_owner >= limits.max_retained_per_identity;
+        let over_count =
+            replaced.is_none() && router.retained.len() >= limits.max_retained_messages;
+        let over_bytes = router.retained.bytes() + size > limits.max_retained_bytes;
+        if over_identity || over_count || over_bytes {
+            tracing::debug!(owner, topic = message.topic, "retained quota exceeded");
+            return Err(PubAckCode::QuotaExceeded);
+        }
+        if let Some((_, old_owner)) = router.retained.insert(message.clone(), owner) {
+            release(router, &old_owner);
+        }
+        *router.retained_by.entry(owner.to_owned()).or_default() += 1;
+        Ok(())
     }
 
     fn revoke<I: IntoIterator<Item = String>>(&self, fingerprints: I) {
@@ -281,6 +377,22 @@ impl Shared {
                 let _ = k.send(Kick::NotAuthorized);
             }
         }
+    }
+
+    /// Closes every connection of `identity` (told "not authorized");
+    /// how many there were.
+    fn disconnect_identity(&self, identity: &str) -> usize {
+        let mut router = self.router();
+        let mut n = 0;
+        for c in router.clients.values_mut() {
+            if c.identity == identity
+                && let Some(k) = c.kick.take()
+            {
+                let _ = k.send(Kick::NotAuthorized);
+                n += 1;
+            }
+        }
+        n
     }
 
     fn note_dropped(&self, client: &str) {
@@ -307,6 +419,11 @@ impl Revoker {
     /// [`EmbeddedBroker::revoke`].
     pub fn revoke<I: IntoIterator<Item = String>>(&self, fingerprints: I) {
         self.0.revoke(fingerprints);
+    }
+
+    /// [`EmbeddedBroker::disconnect_identity`].
+    pub fn disconnect_identity(&self, identity: &str) -> usize {
+        self.0.disconnect_identity(identity)
     }
 }
 
@@ -357,6 +474,8 @@ impl EmbeddedBroker {
             max_packet: config.max_packet_size,
             queue_capacity: config.queue_capacity.max(1),
             handshake_timeout: config.handshake_timeout,
+            limits: config.limits.clone(),
+            directory: config.directory.clone(),
         });
         let (stop, stopped) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -416,6 +535,13 @@ impl EmbeddedBroker {
     /// connections made with them are closed.
     pub fn revoke<I: IntoIterator<Item = String>>(&self, fingerprints: I) {
         self.shared.revoke(fingerprints);
+    }
+
+    /// Closes every connection of `identity` at once (a thing disabled or
+    /// deleted: with a [`Directory`], its next CONNECT is refused); returns
+    /// how many there were.
+    pub fn disconnect_identity(&self, identity: &str) -> usize {
+        self.shared.disconnect_identity(identity)
     }
 
     /// A handle that revokes certificates while the broker runs (for the
@@ -519,9 +645,10 @@ async fn accept_loop(
 const ROUTED: &str = "aws-reply";
 
 /// A provisioning request without a response topic (an MQTT 3.1.1 client,
-/// as AWS's SDKs) gets one naming its sender, so that the service's reply
-/// can be delivered to that client alone, on the topic it expects.
-fn reply_to_sender(prefix: &str, client_id: &str, message: &mut Message) {
+/// as AWS's SDKs) gets one naming its sender's connection, so that the
+/// service's reply is delivered to that connection alone, on the topic it
+/// expects (a later connection with the same client id does not get it).
+fn reply_to_sender(prefix: &str, client_id: &str, conn: u64, message: &mut Message) {
     let Some(rest) = message
         .topic
         .strip_prefix(prefix)
@@ -544,18 +671,85 @@ fn reply_to_sender(prefix: &str, client_id: &str, message: &mut Message) {
     }
     let properties = message.properties.get_or_insert_with(Default::default);
     properties.response_topic = Some(format!(
-        "{prefix}/clients/{client_id}/{ROUTED}/{}",
+        "{prefix}/clients/{client_id}/{ROUTED}/{conn}/{}",
         message.topic
     ));
 }
 
-/// `{prefix}/clients/{client}/aws-reply/{topic}`: the client and the topic
-/// to deliver on.
-fn routed_reply<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
+/// `{prefix}/clients/{client}/aws-reply/{conn}/{topic}`: the client, its
+/// connection and the topic to deliver on.
+fn routed_reply<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, u64, &'t str)> {
     let rest = topic.strip_prefix(prefix)?.strip_prefix("/clients/")?;
     let (client, rest) = rest.split_once('/')?;
-    let original = rest.strip_prefix(ROUTED)?.strip_prefix('/')?;
-    original.starts_with(prefix).then_some((client, original))
+    let (conn, original) = rest
+        .strip_prefix(ROUTED)?
+        .strip_prefix('/')?
+        .split_once('/')?;
+    let conn = conn.parse().ok()?;
+    original
+        .starts_with(prefix)
+        .then_some((client, conn, original))
+}
+
+/// Why a publish is refused, if it is: the broker policy, the topic
+/// limits, the retain flag on a reserved topic, or an MQTT 5 response
+/// topic outside the publisher's own `{prefix}/clients/{client id}/`
+/// namespace (the service would otherwise answer onto someone else's
+/// topics).
+fn publish_refusal(
+    shared: &Shared,
+    identity: &str,
+    role: Role,
+    client_id: &str,
+    message: &Message,
+) -> Option<PubAckCode> {
+    let compiled = shared.policy();
+    let policy = compiled.policy();
+    let topic = &message.topic;
+    if !router::valid_topic(topic) {
+        return Some(PubAckCode::TopicNameInvalid);
+    }
+    if role != Role::Backend && !shared.limits.topic_fits(topic) {
+        return Some(PubAckCode::TopicNameInvalid);
+    }
+    if topic.starts_with("$share/") || !compiled.allows(identity, client_id, Access::Write, topic) {
+        return Some(PubAckCode::NotAuthorized);
+    }
+    // AWS IoT keeps no retained message on a reserved topic: a retained
+    // request would be replayed to the services at every reconnection.
+    if message.retain
+        && topic
+            .strip_prefix(policy.prefix.as_str())
+            .is_some_and(|r| r.starts_with('/'))
+    {
+        return Some(PubAckCode::NotAuthorized);
+    }
+    if role != Role::Backend
+        && let Some(response) = message
+            .properties
+            .as_ref()
+            .and_then(|p| p.response_topic.as_deref())
+    {
+        let own = format!("{}/clients/{client_id}/", policy.prefix);
+        let fits = response
+            .strip_prefix(&own)
+            .is_some_and(|rest| !rest.is_empty() && !rest.split('/').any(|l| l == ROUTED))
+            && router::valid_topic(response)
+            && shared.limits.topic_fits(response);
+        if !fits {
+            return Some(PubAckCode::NotAuthorized);
+        }
+    }
+    None
+}
+
+fn release_claim(router: &mut Router, identity: &str) {
+    if let Some(n) = router.claim_connections.get_mut(identity) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            router.claim_connections.remove(identity);
+        }
+    }
 }
 
 fn common_name(der: &[u8]) -> Option<String> {
@@ -648,6 +842,7 @@ async fn connection(
         client_id,
         keep_alive,
         will,
+        max_packet: client_max_packet,
     } = connect
     else {
         return Err("the first packet is not CONNECT".into());
@@ -658,19 +853,44 @@ async fn connection(
         max_packet: usize::MAX,
     };
     let max_packet = u32::try_from(shared.max_packet).unwrap_or(u32::MAX);
+    let provisioned = is_provisioned(&der);
+    let role = {
+        let compiled = shared.policy();
+        let policy = compiled.policy();
+        if provisioned {
+            // Whatever its name says: provisioning never makes anything
+            // but a device.
+            Role::Device
+        } else if policy.backend_identities.contains(&identity) {
+            Role::Backend
+        } else if policy.claim_identities.contains(&identity) {
+            Role::Claimant
+        } else {
+            Role::Device
+        }
+    };
     let (client_id, assigned) = if client_id.is_empty() {
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).map_err(|e| e.to_string())?;
-        let id: String = r.iter().map(|b| format!("{b:02x}")).collect();
-        (
-            format!("auto-{id}"),
-            (version == Version::V5).then(|| format!("auto-{id}")),
-        )
+        // A device is its thing name; others get a fresh id.
+        let id = if role == Role::Device {
+            identity.clone()
+        } else {
+            let mut r = [0u8; 8];
+            getrandom::fill(&mut r).map_err(|e| e.to_string())?;
+            format!(
+                "auto-{}",
+                r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            )
+        };
+        let assigned = (version == Version::V5).then(|| id.clone());
+        (id, assigned)
     } else {
         (client_id, None)
     };
-    let refuse = if client_id.contains(['/', '+', '#']) || client_id.len() > 128 {
+    let mut refuse = if client_id.contains(['/', '+', '#']) || client_id.len() > 128 {
         Some(ConnAckCode::BadClientId)
+    } else if role == Role::Device && client_id != identity {
+        // AWS IoT's usual policy: a thing connects as itself.
+        Some(ConnAckCode::NotAuthorized)
     } else if shared.is_revoked(&fingerprint)
         || shared
             .policy()
@@ -684,57 +904,126 @@ async fn connection(
     } else {
         None
     };
+    if refuse.is_none() && role == Role::Device {
+        refuse = match &shared.directory {
+            None if provisioned => Some(ConnAckCode::NotAuthorized),
+            None => None,
+            Some(directory) => match directory.standing(&identity, &fingerprint).await {
+                Err(e) => {
+                    tracing::warn!(%identity, "{e}");
+                    Some(ConnAckCode::ServerUnavailable)
+                }
+                Ok(standing) => {
+                    let thing_ok = standing.thing == Some(true);
+                    let cert_ok = match &standing.certificate {
+                        Some((thing, active)) => *active && *thing == identity,
+                        None => !provisioned,
+                    };
+                    (!thing_ok || !cert_ok).then_some(ConnAckCode::NotAuthorized)
+                }
+            },
+        };
+    }
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Message>(shared.queue_capacity);
+    let (kick_tx, mut kick) = oneshot::channel::<Kick>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    if refuse.is_none() {
+        let mut router = shared.router();
+        let router = &mut *router;
+        let held = router
+            .clients
+            .get(&client_id)
+            .map(|old| (old.role, old.identity.clone()));
+        let claimed = router
+            .claim_connections
+            .get(&identity)
+            .copied()
+            .unwrap_or(0);
+        if let Some((held_role, held_identity)) = &held
+            && !may_take_over((*held_role, held_identity), (role, &identity))
+        {
+            refuse = Some(ConnAckCode::NotAuthorized);
+        } else if role == Role::Claimant && claimed >= shared.limits.max_claim_connections {
+            refuse = Some(ConnAckCode::QuotaExceeded);
+        } else {
+            if let Some(mut old) = router.clients.remove(&client_id) {
+                for (group, filter) in &old.filters {
+                    router
+                        .subscriptions
+                        .remove(&client_id, group.as_deref(), filter);
+                }
+                if let Some(k) = old.kick.take() {
+                    let _ = k.send(Kick::TakenOver);
+                }
+                if old.role == Role::Claimant {
+                    release_claim(router, &old.identity);
+                }
+            }
+            if role == Role::Claimant {
+                *router
+                    .claim_connections
+                    .entry(identity.clone())
+                    .or_default() += 1;
+            }
+            router.clients.insert(
+                client_id.clone(),
+                Client {
+                    conn,
+                    identity: identity.clone(),
+                    role,
+                    fingerprint,
+                    tx,
+                    queued: queued.clone(),
+                    max_queued: if role == Role::Backend {
+                        usize::MAX
+                    } else {
+                        shared.limits.max_queued_bytes
+                    },
+                    kick: Some(kick_tx),
+                    filters: Vec::new(),
+                },
+            );
+        }
+    }
+    // Keep-alive: 0 (never) or more than the limit gets the limit.
+    let max_keep_alive = u16::try_from(shared.limits.max_keep_alive.as_secs()).unwrap_or(u16::MAX);
+    let granted_keep_alive = if keep_alive == 0 || keep_alive > max_keep_alive {
+        max_keep_alive
+    } else {
+        keep_alive
+    };
+    let server_keep_alive = (granted_keep_alive != keep_alive).then_some(granted_keep_alive);
     if let Some(code) = refuse {
-        out.connack(code, None, max_packet);
+        out.connack(code, None, max_packet, None);
         let _ = wr.write_all(&out.buf).await;
         let _ = wr.shutdown().await;
         return Err(format!("{identity} ({client_id}) refused: {code:?}"));
     }
-
-    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Message>(shared.queue_capacity);
-    let (kick_tx, mut kick) = oneshot::channel::<Kick>();
-    {
-        let mut router = shared.router();
-        let router = &mut *router;
-        if let Some(mut old) = router.clients.remove(&client_id) {
-            for (group, filter) in &old.filters {
-                router
-                    .subscriptions
-                    .remove(&client_id, group.as_deref(), filter);
-            }
-            if let Some(k) = old.kick.take() {
-                let _ = k.send(Kick::TakenOver);
-            }
-        }
-        router.clients.insert(
-            client_id.clone(),
-            Client {
-                conn,
-                identity: identity.clone(),
-                fingerprint,
-                tx,
-                kick: Some(kick_tx),
-                filters: Vec::new(),
-            },
-        );
-    }
     tracing::debug!(%identity, %client_id, ?version, "connected");
-    out.connack(ConnAckCode::Accepted, assigned, max_packet);
-    // What the client accepts: MQTT 5 clients say; rumqttc and others
-    // default to large enough.
-    out.max_packet = usize::MAX;
+    out.connack(
+        ConnAckCode::Accepted,
+        assigned,
+        max_packet,
+        server_keep_alive,
+    );
+    // What the client accepts: MQTT 5 clients may say; a message larger
+    // than that is not sent to it (MQTT 5 3.1.2.11.4).
+    out.max_packet = client_max_packet.map_or(usize::MAX, |m| m as usize);
 
     let mut session = Session {
         shared: &shared,
         identity: &identity,
+        role,
         client_id: &client_id,
         conn,
         out,
         next_pkid: 0,
         blocked: Vec::new(),
+        queued,
     };
-    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    // The client is gone after one and a half keep-alive periods of silence.
+    let keep_alive = Duration::from_millis(u64::from(granted_keep_alive) * 1500);
     let mut clean_exit = false;
     let result: Result<(), String> = async {
         loop {
@@ -760,7 +1049,7 @@ async fn connection(
                         }
                         own = rx.recv() => {
                             let Some(own) = own else { return Err("queue closed".into()) };
-                            session.deliver(&own);
+                            session.deliver_queued(&own);
                             wr.write_all(&session.out.buf)
                                 .await
                                 .map_err(|e| e.to_string())?;
@@ -794,21 +1083,18 @@ async fn connection(
                 }
                 m = rx.recv() => {
                     let Some(m) = m else { return Err("queue closed".into()) };
-                    session.deliver(&m);
+                    session.deliver_queued(&m);
                     // Drain what is queued without waiting, one write.
                     while let Ok(m) = rx.try_recv() {
-                        session.deliver(&m);
+                        session.deliver_queued(&m);
                         if session.out.buf.len() > 64 * 1024 {
                             break;
                         }
                     }
                 }
                 r = async {
-                    match keep_alive {
-                        Some(d) => tokio::time::timeout(d, rd.read_buf(&mut buf)).await
-                            .map_err(|_| "keep-alive timeout".to_string()),
-                        None => Ok(rd.read_buf(&mut buf).await),
-                    }
+                    tokio::time::timeout(keep_alive, rd.read_buf(&mut buf)).await
+                        .map_err(|_| "keep-alive timeout".to_string())
                 } => {
                     let n = r?.map_err(|e| e.to_string())?;
                     if n == 0 {
@@ -852,17 +1138,17 @@ async fn connection(
                     .subscriptions
                     .remove(&client_id, group.as_deref(), filter);
             }
+            if c.role == Role::Claimant {
+                release_claim(router, &c.identity);
+            }
         }
     }
     if !clean_exit
         && let Some(will) = will
-        && router::valid_topic(&will.topic)
-        && shared
-            .policy()
-            .allows(&identity, &client_id, Access::Write, &will.topic)
+        && publish_refusal(&shared, &identity, role, &client_id, &will).is_none()
     {
         // Nobody reads this connection any more: a full queue drops it.
-        for (_, m) in shared.route(&will) {
+        for (_, m) in shared.route(&will, &identity, role).unwrap_or_default() {
             shared.note_dropped(&m.topic);
         }
     }
@@ -874,15 +1160,27 @@ async fn connection(
 struct Session<'a> {
     shared: &'a Shared,
     identity: &'a str,
+    role: Role,
     client_id: &'a str,
     conn: u64,
     out: Writer,
     next_pkid: u16,
     /// Deliveries waiting for room in a full client queue.
     blocked: Vec<(mpsc::Sender<Message>, Message)>,
+    /// Bytes waiting in this client's queue.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Session<'_> {
+    /// Delivers a message taken from this client's queue.
+    fn deliver_queued(&mut self, m: &Message) {
+        if self.role != Role::Backend {
+            self.queued
+                .fetch_sub(router::retained_size(m), Ordering::Relaxed);
+        }
+        self.deliver(m);
+    }
+
     fn deliver(&mut self, m: &Message) {
         let pkid = if m.qos > 0 {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
@@ -910,26 +1208,38 @@ impl Session<'_> {
                     self.out.disconnect(DisconnectReasonCode::TopicNameInvalid);
                     return Err(format!("invalid topic {:?}", message.topic));
                 }
-                let allowed =
-                    policy.allows(self.identity, self.client_id, Access::Write, &message.topic)
-                        && !message.topic.starts_with("$share/");
                 let qos = message.qos;
-                if allowed {
+                let mut code = publish_refusal(
+                    self.shared,
+                    self.identity,
+                    self.role,
+                    self.client_id,
+                    &message,
+                );
+                if code.is_none() {
                     message.qos = message.qos.min(1);
                     if policy.policy().reply_routing {
-                        reply_to_sender(&policy.policy().prefix, self.client_id, &mut message);
+                        reply_to_sender(
+                            &policy.policy().prefix,
+                            self.client_id,
+                            self.conn,
+                            &mut message,
+                        );
                     }
-                    let blocked = self.shared.route(&message);
-                    self.blocked.extend(blocked);
+                    match self.shared.route(&message, self.identity, self.role) {
+                        Ok(blocked) => self.blocked.extend(blocked),
+                        Err(refused) => code = Some(refused),
+                    }
                 } else {
                     tracing::debug!(
                         identity = self.identity,
                         topic = message.topic,
-                        "publish denied"
+                        ?code,
+                        "publish refused"
                     );
                 }
                 match qos {
-                    1 => self.out.puback(pkid, allowed),
+                    1 => self.out.puback(pkid, code.unwrap_or(PubAckCode::Success)),
                     2 => self.out.pubrec(pkid),
                     _ => {}
                 }
@@ -937,6 +1247,8 @@ impl Session<'_> {
             In::PubRel(pkid) => self.out.pubcomp(pkid),
             In::PingReq => self.out.pingresp(),
             In::Subscribe { pkid, filters } => {
+                let limits = &self.shared.limits;
+                let limited = self.role != Role::Backend;
                 let mut granted = Vec::with_capacity(filters.len());
                 let mut retained = Vec::new();
                 {
@@ -946,13 +1258,14 @@ impl Session<'_> {
                         let (group, inner) = match router::split_shared(&filter) {
                             Some((g, f)) => (Some(g.to_owned()), f.to_owned()),
                             None if filter.starts_with("$share/") => {
-                                granted.push(Err(false));
+                                granted.push(Err(SubRefusal::Invalid));
                                 continue;
                             }
                             None => (None, filter.clone()),
                         };
-                        if !router::valid_filter(&inner) {
-                            granted.push(Err(false));
+                        if !router::valid_filter(&inner) || (limited && !limits.topic_fits(&inner))
+                        {
+                            granted.push(Err(SubRefusal::Invalid));
                             continue;
                         }
                         if !subscription_allowed(
@@ -967,26 +1280,37 @@ impl Session<'_> {
                                 filter,
                                 "subscription denied"
                             );
-                            granted.push(Err(true));
+                            granted.push(Err(SubRefusal::NotAuthorized));
                             continue;
+                        }
+                        let Some(c) = router
+                            .clients
+                            .get_mut(self.client_id)
+                            .filter(|c| c.conn == self.conn)
+                        else {
+                            // Taken over meanwhile: this connection ends.
+                            granted.push(Err(SubRefusal::NotAuthorized));
+                            continue;
+                        };
+                        let new = !c.filters.iter().any(|(g, f)| *g == group && *f == inner);
+                        if new && limited && c.filters.len() >= limits.max_subscriptions {
+                            granted.push(Err(SubRefusal::QuotaExceeded));
+                            continue;
+                        }
+                        if new {
+                            c.filters.push((group.clone(), inner.clone()));
                         }
                         let qos = qos.min(1);
                         router
                             .subscriptions
                             .insert(self.client_id, group.as_deref(), &inner, qos);
-                        if let Some(c) = router.clients.get_mut(self.client_id)
-                            && c.conn == self.conn
-                            && !c.filters.iter().any(|(g, f)| *g == group && *f == inner)
-                        {
-                            c.filters.push((group.clone(), inner.clone()));
-                        }
                         if group.is_none() {
-                            for m in router.retained.values() {
-                                if router::matches(&inner, &m.topic) {
-                                    let mut m = m.clone();
-                                    m.qos = m.qos.min(qos);
-                                    retained.push(m);
-                                }
+                            // At most a queue's worth: what a client can
+                            // take at once.
+                            for m in router.retained.matching(&inner, self.shared.queue_capacity) {
+                                let mut m = m.clone();
+                                m.qos = m.qos.min(qos);
+                                retained.push(m);
                             }
                         }
                         granted.push(Ok(qos));

@@ -1,22 +1,34 @@
-//! Subscriptions and retained messages: a topic trie with MQTT's matching
+//! Subscriptions and retained messages: topic tries with MQTT's matching
 //! rules, shared-subscription groups and per-client bookkeeping.
+//!
+//! Every walk over a trie is a loop with an explicit stack, never a
+//! recursion: a filter's depth comes from the network, and a recursion as
+//! deep as a client's filter overflows a runtime worker's stack (a
+//! 5,000-level filter did, before the broker's limits and these loops).
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 
+use super::codec::Message;
+
 /// A topic filter's levels, checked: `+` and `#` fill a whole level and `#`
 /// is last.
 pub(super) fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.len() > 65_535 {
+    if filter.is_empty() || filter.len() > 65_535 || filter.contains('\0') {
         return false;
     }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i == last,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
+    let mut levels = filter.split('/').peekable();
+    while let Some(l) = levels.next() {
+        let ok = match l {
+            "#" => levels.peek().is_none(),
+            "+" => true,
+            l => !l.contains(['+', '#']),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
 }
 
 /// A topic name: no wildcards, not empty, no NUL.
@@ -31,7 +43,8 @@ pub(super) fn split_shared(filter: &str) -> Option<(&str, &str)> {
     (!group.is_empty() && !group.contains(['+', '#'])).then_some((group, inner))
 }
 
-pub(super) use crate::telemetry::topic_matches as matches;
+#[cfg(test)]
+use crate::telemetry::topic_matches as matches;
 
 #[derive(Default)]
 struct Group {
@@ -47,9 +60,24 @@ struct Node {
     shared: BTreeMap<String, Group>,
 }
 
+/// Dropped level by level with a stack: the derived drop would recurse as
+/// deep as the trie.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut n) = stack.pop() {
+            stack.extend(n.children.drain().map(|(_, c)| c));
+        }
+    }
+}
+
 impl Node {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+    }
+
+    fn holds_only_one_child(&self) -> bool {
+        self.children.len() == 1 && self.subscribers.is_empty() && self.shared.is_empty()
     }
 }
 
@@ -80,39 +108,59 @@ impl Subscriptions {
         }
     }
 
-    /// Removes a subscription; whether it existed.
+    /// Removes a subscription; whether it existed. The chain of nodes it
+    /// leaves empty is pruned in one cut, so the work is linear in the
+    /// filter's depth.
     pub(super) fn remove(&mut self, client: &str, group: Option<&str>, filter: &str) -> bool {
-        fn walk(node: &mut Node, levels: &[&str], client: &str, group: Option<&str>) -> bool {
-            match levels.split_first() {
-                None => match group {
-                    None => node.subscribers.remove(client).is_some(),
-                    Some(g) => {
-                        let Some(grp) = node.shared.get_mut(g) else {
-                            return false;
-                        };
-                        let before = grp.members.len();
-                        grp.members.retain(|(c, _)| c != client);
-                        let removed = grp.members.len() != before;
-                        if grp.members.is_empty() {
-                            node.shared.remove(g);
-                        }
-                        removed
-                    }
-                },
-                Some((first, rest)) => {
-                    let Some(child) = node.children.get_mut(*first) else {
-                        return false;
-                    };
-                    let removed = walk(child, rest, client, group);
-                    if child.is_empty() {
-                        node.children.remove(*first);
-                    }
-                    removed
+        let levels: Vec<&str> = filter.split('/').collect();
+        // Below the deepest node on the path that holds anything besides
+        // the path itself, everything is only this subscription's chain.
+        let mut cut = 0;
+        {
+            let mut node = &self.root;
+            for (depth, level) in levels.iter().enumerate() {
+                if depth > 0 && !node.holds_only_one_child() {
+                    cut = depth;
+                }
+                match node.children.get(*level) {
+                    Some(child) => node = child,
+                    None => return false,
                 }
             }
         }
-        let levels: Vec<&str> = filter.split('/').collect();
-        walk(&mut self.root, &levels, client, group)
+        let mut node = &mut self.root;
+        for level in &levels {
+            match node.children.get_mut(*level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        let removed = match group {
+            None => node.subscribers.remove(client).is_some(),
+            Some(g) => {
+                let Some(grp) = node.shared.get_mut(g) else {
+                    return false;
+                };
+                let before = grp.members.len();
+                grp.members.retain(|(c, _)| c != client);
+                let removed = grp.members.len() != before;
+                if grp.members.is_empty() {
+                    node.shared.remove(g);
+                }
+                removed
+            }
+        };
+        if node.is_empty() {
+            let mut parent = &mut self.root;
+            for level in &levels[..cut] {
+                match parent.children.get_mut(*level) {
+                    Some(child) => parent = child,
+                    None => return removed,
+                }
+            }
+            parent.children.remove(levels[cut]);
+        }
+        removed
     }
 
     /// Whether `client` holds a (non-shared) subscription matching `topic`.
@@ -125,13 +173,7 @@ impl Subscriptions {
     fn matching(&self, topic: &str) -> Vec<&Node> {
         let levels: Vec<&str> = topic.split('/').collect();
         let mut nodes = Vec::new();
-        collect(
-            &self.root,
-            &levels,
-            true,
-            topic.starts_with('$'),
-            &mut nodes,
-        );
+        collect(&self.root, &levels, topic.starts_with('$'), &mut nodes);
         nodes
     }
 
@@ -160,35 +202,192 @@ impl Subscriptions {
     }
 }
 
-/// The nodes whose subscribers a message on `levels` reaches.
-fn collect<'a>(
-    node: &'a Node,
-    levels: &[&str],
-    first: bool,
-    dollar: bool,
-    out: &mut Vec<&'a Node>,
-) {
-    match levels.split_first() {
-        None => {
-            out.push(node);
-            if let Some(h) = node.children.get("#") {
-                out.push(h);
+/// The nodes whose subscribers a message on `levels` reaches (a loop over
+/// an explicit stack of (node, depth)).
+fn collect<'a>(root: &'a Node, levels: &[&str], dollar: bool, out: &mut Vec<&'a Node>) {
+    let mut stack: Vec<(&'a Node, usize)> = vec![(root, 0)];
+    while let Some((node, depth)) = stack.pop() {
+        match levels.get(depth) {
+            None => {
+                out.push(node);
+                if let Some(h) = node.children.get("#") {
+                    out.push(h);
+                }
+            }
+            Some(level) => {
+                if let Some(c) = node.children.get(*level) {
+                    stack.push((c, depth + 1));
+                }
+                // A topic starting with `$` is not matched by a wildcard
+                // in the first level.
+                if depth == 0 && dollar {
+                    continue;
+                }
+                if let Some(c) = node.children.get("+") {
+                    stack.push((c, depth + 1));
+                }
+                if let Some(h) = node.children.get("#") {
+                    out.push(h);
+                }
             }
         }
-        Some((level, rest)) => {
-            if let Some(c) = node.children.get(*level) {
-                collect(c, rest, false, dollar, out);
-            }
-            if first && dollar {
-                return;
-            }
-            if let Some(c) = node.children.get("+") {
-                collect(c, rest, false, dollar, out);
-            }
-            if let Some(h) = node.children.get("#") {
-                out.push(h);
+    }
+}
+
+/// Retained messages by topic, in a trie so that a subscription visits
+/// only the topics its filter can match, not every retained message.
+#[derive(Default)]
+pub(super) struct Retained {
+    root: RetainedNode,
+    count: usize,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct RetainedNode {
+    children: HashMap<String, RetainedNode>,
+    /// The message and the identity that retained it.
+    message: Option<(Message, Box<str>)>,
+}
+
+impl Drop for RetainedNode {
+    fn drop(&mut self) {
+        let mut stack: Vec<RetainedNode> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut n) = stack.pop() {
+            stack.extend(n.children.drain().map(|(_, c)| c));
+        }
+    }
+}
+
+impl RetainedNode {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.message.is_none()
+    }
+
+    fn message(&self) -> Option<&Message> {
+        self.message.as_ref().map(|(m, _)| m)
+    }
+}
+
+/// The size a retained message is counted at.
+pub(super) fn retained_size(m: &Message) -> usize {
+    m.topic.len() + m.payload.len()
+}
+
+impl Retained {
+    /// Messages kept.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Their topics' and payloads' bytes.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The identity that retained the message on `topic`.
+    pub(super) fn owner(&self, topic: &str) -> Option<&str> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.message.as_ref().map(|(_, o)| &**o)
+    }
+
+    /// Keeps `m` on its topic for `owner`; returns what it replaced.
+    pub(super) fn insert(&mut self, m: Message, owner: &str) -> Option<(Message, Box<str>)> {
+        let mut node = &mut self.root;
+        for level in m.topic.split('/') {
+            node = node.children.entry(level.to_owned()).or_default();
+        }
+        self.count += 1;
+        self.bytes += retained_size(&m);
+        let old = node.message.replace((m, owner.into()));
+        if let Some((o, _)) = &old {
+            self.count -= 1;
+            self.bytes -= retained_size(o);
+        }
+        old
+    }
+
+    /// Drops the message on `topic`; returns it and its owner.
+    pub(super) fn remove(&mut self, topic: &str) -> Option<(Message, Box<str>)> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut cut = 0;
+        {
+            let mut node = &self.root;
+            for (depth, level) in levels.iter().enumerate() {
+                if depth > 0 && (node.children.len() > 1 || node.message.is_some()) {
+                    cut = depth;
+                }
+                node = node.children.get(*level)?;
             }
         }
+        let mut node = &mut self.root;
+        for level in &levels {
+            node = node.children.get_mut(*level)?;
+        }
+        let old = node.message.take()?;
+        if node.is_empty() {
+            let mut parent = &mut self.root;
+            for level in &levels[..cut] {
+                parent = parent.children.get_mut(*level)?;
+            }
+            parent.children.remove(levels[cut]);
+        }
+        self.count -= 1;
+        self.bytes -= retained_size(&old.0);
+        Some(old)
+    }
+
+    /// The messages a subscription to `filter` receives, at most `limit`.
+    pub(super) fn matching(&self, filter: &str, limit: usize) -> Vec<&Message> {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let mut out: Vec<&Message> = Vec::new();
+        let mut stack: Vec<(&RetainedNode, usize)> = vec![(&self.root, 0)];
+        while let Some((node, depth)) = stack.pop() {
+            if out.len() >= limit {
+                break;
+            }
+            match levels.get(depth) {
+                None => out.extend(node.message()),
+                Some(&"#") => {
+                    // The parent level itself, then every descendant
+                    // (not `$` topics from the first level).
+                    if depth > 0 {
+                        out.extend(node.message());
+                    }
+                    let mut all: Vec<&RetainedNode> = node
+                        .children
+                        .iter()
+                        .filter(|(name, _)| depth > 0 || !name.starts_with('$'))
+                        .map(|(_, c)| c)
+                        .collect();
+                    while let Some(n) = all.pop() {
+                        if out.len() >= limit {
+                            break;
+                        }
+                        out.extend(n.message());
+                        all.extend(n.children.values());
+                    }
+                }
+                Some(&"+") => {
+                    for (name, child) in &node.children {
+                        if depth == 0 && name.starts_with('$') {
+                            continue;
+                        }
+                        stack.push((child, depth + 1));
+                    }
+                }
+                Some(level) => {
+                    if let Some(c) = node.children.get(*level) {
+                        stack.push((c, depth + 1));
+                    }
+                }
+            }
+        }
+        out.truncate(limit);
+        out
     }
 }
 
@@ -260,5 +459,67 @@ mod tests {
         assert_ne!(a.contains_key("s1"), b.contains_key("s1"));
         assert!(subs.remove("s1", Some("g"), "$aws/things/+/shadow/update"));
         assert!(subs.recipients(t).contains_key("s2"));
+    }
+
+    #[test]
+    fn a_very_deep_filter_is_added_matched_and_removed_without_recursion() {
+        // 200,000 levels: a recursive walk overflows a 2 MiB stack long
+        // before this (5,000 levels did in the runtime's workers).
+        let deep = vec!["a"; 200_000].join("/");
+        let mut subs = Subscriptions::default();
+        subs.insert("c", None, &deep, 1);
+        assert!(subs.recipients(&deep).contains_key("c"));
+        assert!(subs.remove("c", None, &deep));
+        assert!(subs.root.is_empty());
+        let mut retained = Retained::default();
+        let m = |t: &str| Message {
+            topic: t.into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: 0,
+            retain: true,
+            properties: None,
+        };
+        retained.insert(m(&deep), "c");
+        assert_eq!(retained.matching("a/#", 10).len(), 1);
+        assert!(retained.remove(&deep).is_some());
+        assert!(retained.root.is_empty());
+        assert_eq!((retained.len(), retained.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn retained_lookups_agree_with_the_matcher() {
+        let topics = ["a/b", "a", "a/b/c", "$aws/t/x", "b/b", "x", "$aws"];
+        let filters = [
+            "a/b", "a/+", "a/#", "#", "+/b", "$aws/#", "$aws/+/x", "+", "a/b/#", "+/+/+",
+        ];
+        let mut retained = Retained::default();
+        for t in topics {
+            let m = Message {
+                topic: t.into(),
+                payload: bytes::Bytes::from_static(b"v"),
+                qos: 1,
+                retain: true,
+                properties: None,
+            };
+            retained.insert(m, "owner");
+        }
+        assert_eq!(retained.len(), topics.len());
+        for f in filters {
+            let mut got: Vec<&str> = retained
+                .matching(f, usize::MAX)
+                .iter()
+                .map(|m| m.topic.as_str())
+                .collect();
+            got.sort_unstable();
+            let mut want: Vec<&str> = topics.iter().copied().filter(|t| matches(f, t)).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "{f}");
+        }
+        assert_eq!(retained.matching("#", 2).len(), 2);
+        assert_eq!(retained.owner("a/b"), Some("owner"));
+        assert!(retained.remove("a/b").is_some());
+        assert_eq!(retained.owner("a/b"), None);
+        assert_eq!(retained.owner("a/b/c"), Some("owner"));
+        assert_eq!(retained.len(), topics.len() - 1);
     }
 }

@@ -275,7 +275,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => Ok(serve_command(args).await?),
             Command::DevSetup(args) | Command::Certs(CertsCommand::Init(args)) => {
-                Ok(dev_setup(&args)?)
+                Ok(dev_setup(&args).await?)
             }
             Command::Keygen { out } => tools::keygen(&out),
             Command::Manifest(cmd) => tools::manifest(cmd),
@@ -303,7 +303,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };
     let dir = &args.dir;
-    let mut embedded = None;
+    let mut embedded_config = None;
     let (host, port) = match &args.broker {
         Some(broker) => {
             let (host, port) = broker
@@ -336,14 +336,13 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
                 reply_routing: true,
                 ..BrokerPolicy::default()
             };
-            let broker = EmbeddedBroker::start(config).await?;
-            let port = broker.local_addr().port();
-            embedded = Some(broker);
+            let port = config.bind.port();
+            embedded_config = Some(config);
             ("localhost".to_owned(), port)
         }
     };
     let or_dir = |p: &Option<PathBuf>, name: &str| p.clone().unwrap_or_else(|| dir.join(name));
-    let config = BrokerConfig {
+    let mut config = BrokerConfig {
         host,
         port,
         client_id: args.client_id.clone(),
@@ -369,12 +368,16 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         Some(pg) => Registry::postgres(pg),
         None => Registry::open(&dir.join("registry.db"))?,
     };
-    // What the registry says is revoked or denied, the broker refuses.
-    if let Some(b) = &embedded {
+    // What the registry says is revoked or denied, the broker refuses; it
+    // asks the registry whether each device may connect.
+    let mut embedded = None;
+    if let Some(mut broker_config) = embedded_config {
+        broker_config.policy.denied_identities = registry.denied_identities().await?;
+        broker_config.directory = Some(std::sync::Arc::new(registry.clone()));
+        let b = EmbeddedBroker::start(broker_config).await?;
         b.revoke(registry.revoked_certificates().await?);
-        let mut policy = b.policy();
-        policy.denied_identities = registry.denied_identities().await?;
-        b.set_policy(policy);
+        config.port = b.local_addr().port();
+        embedded = Some(b);
     }
     let ca_key = match (
         std::fs::read_to_string(dir.join("ca.pem")),
@@ -497,6 +500,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
 /// Things provisioned by claim are named `thing-{SerialNumber}`.
 fn default_template() -> ProvisioningTemplate {
     ProvisioningTemplate {
+        allow_replace: false,
         name: "default".into(),
         thing_name_prefix: "thing-".into(),
         name_parameter: "SerialNumber".into(),
@@ -506,8 +510,23 @@ fn default_template() -> ProvisioningTemplate {
     }
 }
 
-fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
+async fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
     let abs = write_setup(&args.dir, &args.things, &args.claims, args.port)?;
+    // The things exist in the registry, bound to their certificates: the
+    // embedded broker admits a device the registry knows.
+    if !args.things.is_empty() {
+        let registry = Registry::open(&abs.join("registry.db"))?;
+        for thing in &args.things {
+            match registry.create_thing(thing, Default::default()).await {
+                Ok(_) | Err(fleet_cloud::RegistryError::AlreadyExists(_)) => {}
+                Err(e) => return Err(format!("--thing {thing}: {e}").into()),
+            }
+            let pem = std::fs::read_to_string(abs.join(format!("things/{thing}.pem")))?;
+            let id = fleet_cloud::certificate_fingerprint(&pem)
+                .ok_or("a written certificate holds no certificate")?;
+            registry.add_certificate(&id, thing, &pem).await?;
+        }
+    }
     println!("Wrote a development setup to {}.", abs.display());
     println!("  fleet serve --dir {}", abs.display());
     println!("or, with Mosquitto:");
@@ -531,6 +550,11 @@ fn write_setup(
 ) -> Result<PathBuf, Box<dyn std::error::Error>> {
     for thing in things {
         fleet_core::ThingName::new(thing).map_err(|e| format!("--thing {thing}: {e}"))?;
+        if thing == DEFAULT_BACKEND_IDENTITY {
+            return Err(
+                format!("--thing {thing}: the backend's identity is not a thing name").into(),
+            );
+        }
     }
     let policy = BrokerPolicy {
         claim_identities: claims.to_vec(),
@@ -636,9 +660,14 @@ async fn run<S: ShadowStore + JobStore + Clone>(
                 publisher: running.publisher(),
                 claim_ca: a.claim_ca,
                 claim_identities: a.claim_identities,
-                on_revoke: revoker.map(|r| {
+                on_revoke: revoker.clone().map(|r| {
                     std::sync::Arc::new(move |id: &str| r.revoke([id.to_string()]))
                         as fleet_cloud::api::RevocationHook
+                }),
+                on_thing_denied: revoker.map(|r| {
+                    std::sync::Arc::new(move |thing: &str| {
+                        r.disconnect_identity(thing);
+                    }) as fleet_cloud::api::ThingHook
                 }),
                 templates: vec![default_template()],
             };

@@ -1,0 +1,182 @@
+//! Who a connection is, what it may call itself, and how much it may hold.
+//!
+//! The rules, in the order the broker applies them at CONNECT:
+//!
+//! 1. The role comes from the client certificate. A certificate that
+//!    provisioning by claim issued ([`is_provisioned`]) is only ever a
+//!    device, and only once the registry binds it to that thing: until
+//!    `RegisterThing` has bound it, it grants nothing (as in AWS IoT, where
+//!    such a certificate has no policy attached). Otherwise the common name
+//!    decides: a backend identity, a claim identity, or a thing name.
+//! 2. With a [`Directory`] (the registry, in `fleet serve`), a device's
+//!    thing must exist and be enabled, and a certificate the registry
+//!    knows must be active and bound to that thing.
+//! 3. A device's client id is its thing name (AWS IoT's usual policy); an
+//!    empty one is given the thing name. Backends and claimants choose
+//!    theirs.
+//! 4. A client id held by a live connection is taken over only by the same
+//!    identity in the same role (a device reconnecting), or by a device
+//!    reclaiming its own thing name from a claimant. Claimants never take
+//!    over (two claimants share a certificate, not a session), and nobody
+//!    takes a backend's id. A refused client id is CONNACK "not
+//!    authorized", and the connection already there stays.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// The organizational unit that marks a certificate issued by provisioning
+/// by claim (the CA writes it; a CSR cannot choose it).
+pub const PROVISIONED_UNIT: &str = "fleet provisioned by claim";
+
+/// Whether a certificate (DER) was issued by provisioning by claim.
+pub fn is_provisioned(der: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    cert.subject()
+        .iter_organizational_unit()
+        .any(|u| u.as_str().is_ok_and(|s| s == PROVISIONED_UNIT))
+}
+
+/// What a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// A privileged backend identity.
+    Backend,
+    /// A claim identity: provisioning requests only.
+    Claimant,
+    /// A thing.
+    Device,
+}
+
+/// What the registry says of a device connecting with a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Standing {
+    /// The thing exists; `Some(enabled)`.
+    pub thing: Option<bool>,
+    /// The registry knows the certificate (by its SHA-256 fingerprint):
+    /// the thing it is bound to, and whether it is active.
+    pub certificate: Option<(String, bool)>,
+}
+
+/// A lookup failed; the connection is refused (server unavailable).
+#[derive(Debug)]
+pub struct DirectoryError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl fmt::Display for DirectoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "directory lookup failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for DirectoryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// The future a [`Directory`] answers with.
+pub type StandingFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Standing, DirectoryError>> + Send + 'a>>;
+
+/// Where the embedded broker asks whether a device may connect: the
+/// registry ([`Registry`](crate::Registry) implements it).
+pub trait Directory: Send + Sync + 'static {
+    /// The standing of `thing` and of the certificate `fingerprint`.
+    fn standing<'a>(&'a self, thing: &'a str, fingerprint: &'a str) -> StandingFuture<'a>;
+}
+
+/// Per-client limits. The defaults are AWS IoT Core's published quotas
+/// where AWS has one; backend identities are exempt from all but the
+/// queue's message count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientLimits {
+    /// Bytes of a topic name or filter (AWS: 256).
+    pub max_topic_bytes: usize,
+    /// Levels of a topic name or filter (AWS: 7 slashes, so 8 levels).
+    pub max_topic_levels: usize,
+    /// Subscriptions one connection holds (AWS: 50).
+    pub max_subscriptions: usize,
+    /// Connections one claim identity holds at once (a device has one: its
+    /// client id is its name).
+    pub max_claim_connections: usize,
+    /// Bytes queued for one client that does not read, before its QoS 0
+    /// messages are dropped and its QoS 1 publishers are slowed.
+    pub max_queued_bytes: usize,
+    /// Retained messages one identity keeps (each device's own topics).
+    pub max_retained_per_identity: usize,
+    /// Retained messages kept by the whole broker.
+    pub max_retained_messages: usize,
+    /// Bytes (topics and payloads) of every retained message together.
+    pub max_retained_bytes: usize,
+    /// The longest keep-alive granted; a client asking for 0 (never time
+    /// out) or more gets this (AWS: 1,200 s).
+    pub max_keep_alive: Duration,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            max_topic_bytes: 256,
+            max_topic_levels: 8,
+            max_subscriptions: 50,
+            max_claim_connections: 100,
+            max_queued_bytes: 1024 * 1024,
+            max_retained_per_identity: 50,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
+            max_keep_alive: Duration::from_secs(1200),
+        }
+    }
+}
+
+impl ClientLimits {
+    /// Whether a topic name or filter is within the size and depth limits.
+    pub(super) fn topic_fits(&self, topic: &str) -> bool {
+        topic.len() <= self.max_topic_bytes
+            && topic.bytes().filter(|b| *b == b'/').count() < self.max_topic_levels
+    }
+}
+
+/// Whether a connection of `newcomer` may take the client id that
+/// `holder` has.
+pub(super) fn may_take_over(holder: (Role, &str), newcomer: (Role, &str)) -> bool {
+    match (holder.0, newcomer.0) {
+        (_, Role::Claimant) | (Role::Backend, Role::Device) => false,
+        (Role::Claimant, Role::Device) => true,
+        (h, n) => h == n && holder.1 == newcomer.1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takeover_rules() {
+        use Role::{Backend, Claimant, Device};
+        assert!(may_take_over((Device, "p1"), (Device, "p1")));
+        assert!(!may_take_over((Device, "p1"), (Device, "p2")));
+        assert!(!may_take_over(
+            (Backend, "fleet-backend"),
+            (Device, "fleet-cloud")
+        ));
+        assert!(may_take_over((Backend, "b"), (Backend, "b")));
+        assert!(!may_take_over((Device, "p1"), (Backend, "b")));
+        assert!(!may_take_over((Claimant, "c@f"), (Claimant, "c@f")));
+        assert!(may_take_over((Claimant, "c@f"), (Device, "p1")));
+        assert!(!may_take_over((Device, "p1"), (Claimant, "c@f")));
+    }
+
+    #[test]
+    fn topic_limits_count_bytes_and_levels() {
+        let l = ClientLimits::default();
+        assert!(l.topic_fits("$aws/things/t/shadow/name/s/update/accepted"));
+        assert!(!l.topic_fits("$aws/things/t/shadow/name/s/update/accepted/x"));
+        assert!(!l.topic_fits(&"a".repeat(257)));
+        assert!(l.topic_fits(&"a".repeat(256)));
+    }
+}

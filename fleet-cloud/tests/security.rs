@@ -1,0 +1,900 @@
+//! Regression tests for what an attacker tried against the embedded
+//! broker and provisioning (issue 19): a claim certificate that became any
+//! identity, a deep filter that crashed the process, client ids taken from
+//! others, replies steered onto other devices' topics, disabled things
+//! that stayed connected, and clients that held unbounded resources.
+//! Each test failed on the code before the fix (see the issue's note).
+
+// Test helpers fail the test on a broken fixture.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_cloud::pki::{Identity, Pki};
+use fleet_cloud::{
+    BrokerConfig, BrokerPolicy, ClientLimits, EmbeddedBroker, EmbeddedConfig, Extras, MemoryStore,
+    ProvisioningService, ProvisioningTemplate, Registry, ShadowService, certificate_fingerprint,
+    serve,
+};
+use fleet_testkit::client_tls_config;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, Packet, PubAckReason, PublishProperties, SubscribeReasonCode,
+};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    pki: Pki,
+    broker: EmbeddedBroker,
+}
+
+async fn setup_with(
+    policy: BrokerPolicy,
+    limits: ClientLimits,
+    directory: Option<Registry>,
+) -> Setup {
+    let pki = Pki::new("security test CA").unwrap();
+    let server = pki.server_identity().unwrap();
+    let mut config = EmbeddedConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.cert_pem,
+        &server.key_pem,
+        &pki.ca_pem(),
+    );
+    config.policy = policy;
+    config.limits = limits;
+    config.directory = directory.map(|r| Arc::new(r) as Arc<dyn fleet_cloud::Directory>);
+    let broker = EmbeddedBroker::start(config).await.unwrap();
+    Setup { pki, broker }
+}
+
+async fn setup() -> Setup {
+    setup_with(BrokerPolicy::default(), ClientLimits::default(), None).await
+}
+
+fn options(s: &Setup, id: &Identity, client_id: &str) -> MqttOptions {
+    let tls = client_tls_config(id, &s.pki.ca_pem()).unwrap();
+    let mut o = MqttOptions::new(client_id, "localhost", s.broker.local_addr().port());
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    o
+}
+
+fn v5(s: &Setup, id: &Identity, client_id: &str) -> (AsyncClient, EventLoop) {
+    AsyncClient::new(options(s, id, client_id), 64)
+}
+
+/// Polls until `want` picks something (errors count as packets of their
+/// own: `Err(text)`).
+async fn until<T>(
+    ev: &mut EventLoop,
+    mut want: impl FnMut(Result<&Packet, String>) -> Option<T>,
+) -> T {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if let Some(t) = want(Ok(&p)) {
+                        return t;
+                    }
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => {
+                    if let Some(t) = want(Err(e.to_string())) {
+                        return t;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the expected packet arrives")
+}
+
+/// The CONNACK's code (a refusal surfaces as an error naming it).
+async fn connack(ev: &mut EventLoop) -> String {
+    until(ev, |p| match p {
+        Ok(Packet::ConnAck(a)) => Some(format!("{:?}", a.code)),
+        Err(e) if e.contains("Connection refused") => Some(e),
+        _ => None,
+    })
+    .await
+}
+
+async fn connected(ev: &mut EventLoop) {
+    let code = connack(ev).await;
+    assert_eq!(code, format!("{:?}", ConnectReturnCode::Success));
+}
+
+/// Keeps polling in the background; returns the handle to stop it.
+fn pump(mut ev: EventLoop) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if ev.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+}
+
+async fn suback(ev: &mut EventLoop) -> Vec<SubscribeReasonCode> {
+    until(ev, |p| match p {
+        Ok(Packet::SubAck(a)) => Some(a.return_codes.clone()),
+        _ => None,
+    })
+    .await
+}
+
+async fn puback(ev: &mut EventLoop) -> PubAckReason {
+    until(ev, |p| match p {
+        Ok(Packet::PubAck(a)) => Some(a.reason),
+        _ => None,
+    })
+    .await
+}
+
+/// Whether a message arrives on `ev` within `d`.
+async fn receives(ev: &mut EventLoop, d: Duration) -> Option<(String, Vec<u8>)> {
+    tokio::time::timeout(d, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = ev.poll().await {
+                return (
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    p.payload.to_vec(),
+                );
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_filter_neither_crashes_the_broker_nor_is_accepted_from_a_device() {
+    let s = setup().await;
+    // 5,000 levels under the device's own prefix, about 10 KB: a device's
+    // filter is refused by the depth limit.
+    let dev = s.pki.client_identity("dev-a").unwrap();
+    let (d, mut de) = v5(&s, &dev, "dev-a");
+    connected(&mut de).await;
+    let deep = format!("$aws/things/dev-a/shadow/{}", vec!["x"; 5_000].join("/"));
+    d.subscribe(deep.clone(), QoS::AtLeastOnce).await.unwrap();
+    assert_eq!(
+        suback(&mut de).await,
+        vec![SubscribeReasonCode::TopicFilterInvalid]
+    );
+    d.unsubscribe(deep.clone()).await.unwrap();
+    until(&mut de, |p| {
+        matches!(p, Ok(Packet::UnsubAck(_))).then_some(())
+    })
+    .await;
+    // A backend identity is not limited: its deep filter is added,
+    // matched and removed (the walk that overflowed the stack).
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (b, mut be) = v5(&s, &backend, "svc");
+    connected(&mut be).await;
+    let deeper = vec!["y"; 20_000].join("/");
+    b.subscribe(deeper.clone(), QoS::AtLeastOnce).await.unwrap();
+    assert_eq!(
+        suback(&mut be).await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    b.unsubscribe(deeper).await.unwrap();
+    until(&mut be, |p| {
+        matches!(p, Ok(Packet::UnsubAck(_))).then_some(())
+    })
+    .await;
+    drop(b);
+    drop(be);
+    drop(d);
+    drop(de);
+    // Still serving.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_c, mut ce) = v5(&s, &dev, "dev-a");
+    connected(&mut ce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_beyond_aws_limits_are_refused_with_a_reason() {
+    let s = setup().await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (b, mut be) = v5(&s, &backend, "svc");
+    connected(&mut be).await;
+    b.subscribe("dt/#", QoS::AtLeastOnce).await.unwrap();
+    suback(&mut be).await;
+    let dev = s.pki.client_identity("dev-a").unwrap();
+    let (d, mut de) = v5(&s, &dev, "dev-a");
+    connected(&mut de).await;
+    // Eight levels pass, nine do not; 256 bytes pass, 257 do not.
+    let ok = "dt/dev-a/1/2/3/4/5/6";
+    let too_deep = "dt/dev-a/1/2/3/4/5/6/7";
+    let long_ok = format!("dt/dev-a/{}", "l".repeat(256 - 9));
+    let too_long = format!("dt/dev-a/{}", "l".repeat(256 - 8));
+    for (topic, accepted) in [
+        (ok.to_owned(), true),
+        (too_deep.to_owned(), false),
+        (long_ok, true),
+        (too_long, false),
+    ] {
+        d.publish(topic.clone(), QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        let reason = puback(&mut de).await;
+        if accepted {
+            assert_eq!(reason, PubAckReason::Success, "{topic}");
+            let (got, _) = receives(&mut be, WAIT).await.expect("delivered");
+            assert_eq!(got, topic);
+        } else {
+            assert_eq!(reason, PubAckReason::TopicNameInvalid, "{topic}");
+        }
+    }
+    assert!(
+        receives(&mut be, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_are_bound_to_identities() {
+    let policy = BrokerPolicy {
+        claim_identities: vec!["claim@f".into()],
+        ..BrokerPolicy::default()
+    };
+    let s = setup_with(policy, ClientLimits::default(), None).await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (_b, mut be) = v5(&s, &backend, "fleet-cloud");
+    connected(&mut be).await;
+    let a = s.pki.client_identity("dev-a").unwrap();
+    let (_a, mut ae) = v5(&s, &a, "dev-a");
+    connected(&mut ae).await;
+
+    // Another device's id, the backend's id, or any other id: refused,
+    // and whoever holds the id keeps it.
+    let mallory = s.pki.client_identity("mallory").unwrap();
+    for id in ["dev-a", "fleet-cloud", "not-my-name"] {
+        let (_m, mut me) = v5(&s, &mallory, id);
+        let code = connack(&mut me).await;
+        assert!(code.contains("NotAuthorized"), "{id}: {code}");
+    }
+    assert_eq!(s.broker.connected(), 2);
+    assert!(
+        receives(&mut ae, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    // A thing named like the backend's client id cannot take it either.
+    let named = s.pki.client_identity("fleet-cloud").unwrap();
+    let (_n, mut ne) = v5(&s, &named, "fleet-cloud");
+    assert!(connack(&mut ne).await.contains("NotAuthorized"));
+    assert_eq!(s.broker.connected(), 2);
+
+    // An empty client id is the device's own name.
+    let mut o = options(&s, &mallory, "");
+    o.set_clean_start(true);
+    let (_m, mut me) = AsyncClient::new(o, 8);
+    let assigned = until(&mut me, |p| match p {
+        Ok(Packet::ConnAck(a)) => Some(
+            a.properties
+                .as_ref()
+                .and_then(|p| p.assigned_client_identifier.clone()),
+        ),
+        _ => None,
+    })
+    .await;
+    assert_eq!(assigned.as_deref(), Some("mallory"));
+
+    // Claimants: no takeover of each other's ids; a device reclaims its
+    // own name from a claimant squatting on it.
+    let claim = s.pki.client_identity("claim@f").unwrap();
+    let (_c1, mut c1e) = v5(&s, &claim, "claimant-1");
+    connected(&mut c1e).await;
+    let (_c2, mut c2e) = v5(&s, &claim, "claimant-1");
+    assert!(connack(&mut c2e).await.contains("NotAuthorized"));
+    let (_sq, mut sqe) = v5(&s, &claim, "dev-b");
+    connected(&mut sqe).await;
+    let b = s.pki.client_identity("dev-b").unwrap();
+    let (_d, mut de) = v5(&s, &b, "dev-b");
+    connected(&mut de).await;
+    let reason = until(&mut sqe, |p| p.err()).await;
+    assert!(reason.contains("SessionTakenOver"), "{reason}");
+    // The first claimant was never disturbed.
+    assert!(
+        receives(&mut c1e, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_connections_per_identity_are_limited() {
+    let policy = BrokerPolicy {
+        claim_identities: vec!["claim@f".into()],
+        ..BrokerPolicy::default()
+    };
+    let mut limits = ClientLimits::default();
+    limits.max_claim_connections = 2;
+    let s = setup_with(policy, limits, None).await;
+    let claim = s.pki.client_identity("claim@f").unwrap();
+    let mut held = Vec::new();
+    for n in 0..2 {
+        let (c, mut e) = v5(&s, &claim, &format!("c{n}"));
+        connected(&mut e).await;
+        held.push((c, e));
+    }
+    let (_c, mut e) = v5(&s, &claim, "c2");
+    let code = connack(&mut e).await;
+    assert!(code.contains("QuotaExceeded"), "{code}");
+    // One leaves: room for another.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_c, mut e) = v5(&s, &claim, "c3");
+    connected(&mut e).await;
+}
+
+/// A CSR for `common_name`.
+fn csr(common_name: &str) -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    (key, pem)
+}
+
+/// A claimant's MQTT 5 request-response: publishes `body` on `topic` with
+/// a response topic in its own namespace until the reply comes.
+async fn ask(c: &AsyncClient, ev: &mut EventLoop, topic: &str, body: &Value) -> (String, Value) {
+    let response = format!("$aws/clients/claimant/{topic}");
+    tokio::time::timeout(WAIT, async {
+        let mut n = 0;
+        loop {
+            if n % 20 == 0 {
+                let props = PublishProperties {
+                    response_topic: Some(response.clone()),
+                    ..PublishProperties::default()
+                };
+                c.publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_string(), props)
+                    .await
+                    .unwrap();
+            }
+            n += 1;
+            if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_millis(50), ev.poll()).await
+            {
+                let outcome = String::from_utf8_lossy(&p.topic)
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                return (outcome, serde_json::from_slice(&p.payload).unwrap());
+            }
+        }
+    })
+    .await
+    .expect("a reply")
+}
+
+struct Provisioning {
+    s: Setup,
+    registry: Registry,
+    _service: fleet_cloud::RunningService,
+    claimant: AsyncClient,
+    claimant_ev: EventLoop,
+}
+
+async fn provisioning(allow_replace: bool) -> Provisioning {
+    let registry = Registry::in_memory().unwrap();
+    let policy = BrokerPolicy {
+        claim_identities: vec!["claim@f".into()],
+        ..BrokerPolicy::default()
+    };
+    let s = setup_with(policy, ClientLimits::default(), Some(registry.clone())).await;
+    let service = ProvisioningService::new(
+        Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem()).unwrap(),
+        registry.clone(),
+        vec![ProvisioningTemplate {
+            allow_replace,
+            name: "factory".into(),
+            thing_name_prefix: "pump-".into(),
+            name_parameter: "SerialNumber".into(),
+            required_parameters: Vec::new(),
+            attributes: Default::default(),
+            groups: Vec::new(),
+        }],
+    );
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let running = serve(
+        BrokerConfig {
+            host: "localhost".into(),
+            port: s.broker.local_addr().port(),
+            client_id: "svc".into(),
+            cert_pem: backend.cert_pem,
+            key_pem: backend.key_pem,
+            ca_pem: s.pki.ca_pem(),
+            share_group: None,
+            queue_capacity: 64,
+        },
+        ShadowService::new(MemoryStore::new()),
+        Extras {
+            provisioning: Some(service),
+            ..Extras::default()
+        },
+    )
+    .unwrap();
+    let claim = s.pki.client_identity("claim@f").unwrap();
+    let (claimant, mut claimant_ev) = v5(&s, &claim, "claimant");
+    connected(&mut claimant_ev).await;
+    claimant
+        .subscribe("$aws/clients/claimant/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut claimant_ev).await;
+    Provisioning {
+        s,
+        registry,
+        _service: running,
+        claimant,
+        claimant_ev,
+    }
+}
+
+impl Provisioning {
+    async fn create(&mut self, common_name: &str) -> (String, Value, rcgen::KeyPair) {
+        let (key, pem) = csr(common_name);
+        let (outcome, v) = ask(
+            &self.claimant,
+            &mut self.claimant_ev,
+            "$aws/certificates/create-from-csr/json",
+            &json!({"certificateSigningRequest": pem}),
+        )
+        .await;
+        (outcome, v, key)
+    }
+
+    async fn register(&mut self, token: &Value, serial: &str) -> (String, Value) {
+        ask(
+            &self.claimant,
+            &mut self.claimant_ev,
+            "$aws/provisioning-templates/factory/provision/json",
+            &json!({"certificateOwnershipToken": token, "parameters": {"SerialNumber": serial}}),
+        )
+        .await
+    }
+
+    /// Connects as `thing` with a certificate and key; the CONNACK.
+    async fn connect(&self, thing: &str, cert_pem: &str, key: &rcgen::KeyPair) -> String {
+        let id = Identity {
+            common_name: thing.into(),
+            cert_pem: cert_pem.into(),
+            key_pem: key.serialize_pem(),
+        };
+        let (_c, mut e) = v5(&self.s, &id, thing);
+        connack(&mut e).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_certificate_grants_nothing_until_registered_and_never_a_privileged_or_taken_identity()
+ {
+    let mut p = provisioning(false).await;
+    // Privileged names and claim names are not thing names.
+    let (outcome, v, _) = p.create("fleet-backend").await;
+    assert_eq!(
+        (outcome.as_str(), v["errorCode"].as_str()),
+        ("rejected", Some("InvalidCSR")),
+        "{v}"
+    );
+    let (outcome, _, _) = p.create("claim@f").await;
+    assert_eq!(outcome, "rejected");
+    // An existing thing cannot be claimed.
+    p.registry
+        .create_thing("pump-1", Default::default())
+        .await
+        .unwrap();
+    let (outcome, v, _) = p.create("pump-1").await;
+    assert_eq!(
+        (outcome.as_str(), v["statusCode"].as_u64()),
+        ("rejected", Some(403)),
+        "{v}"
+    );
+
+    // A new thing: the certificate is issued, but the broker refuses it
+    // until RegisterThing has bound it.
+    let (outcome, created, key) = p.create("pump-9").await;
+    assert_eq!(outcome, "accepted", "{created}");
+    let cert = created["certificatePem"].as_str().unwrap().to_owned();
+    let code = p.connect("pump-9", &cert, &key).await;
+    assert!(
+        code.contains("NotAuthorized"),
+        "before registration: {code}"
+    );
+    let (outcome, r) = p.register(&created["certificateOwnershipToken"], "9").await;
+    assert_eq!(outcome, "accepted", "{r}");
+    assert_eq!(p.connect("pump-9", &cert, &key).await, "Success");
+
+    // A certificate the provisioning CA signed for a privileged name (as an
+    // older service would have) is still only a device, and unbound.
+    let ca = Pki::from_pem(&p.s.pki.ca_pem(), &p.s.pki.ca_key_pem()).unwrap();
+    let (key, pem) = csr("fleet-backend");
+    let (forged, _) = ca.sign_csr(&pem, 1).unwrap();
+    let code = p.connect("fleet-backend", &forged, &key).await;
+    assert!(code.contains("NotAuthorized"), "{code}");
+
+    // Registering onto an existing thing is refused (the template does
+    // not allow replacing), and the token stays unspent.
+    let (outcome, created, _) = p.create("pump-5").await;
+    assert_eq!(outcome, "accepted");
+    p.registry
+        .create_thing("pump-5", Default::default())
+        .await
+        .unwrap();
+    let (outcome, r) = p.register(&created["certificateOwnershipToken"], "5").await;
+    assert_eq!(
+        (outcome.as_str(), r["statusCode"].as_u64()),
+        ("rejected", Some(403)),
+        "{r}"
+    );
+    assert!(p.registry.certificates("pump-5").await.unwrap().is_empty());
+    // The API cannot create a thing named like the backend either.
+    assert!(matches!(
+        p.registry
+            .create_thing("fleet-backend", Default::default())
+            .await,
+        Err(fleet_cloud::RegistryError::InvalidName(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_needs_the_template_and_never_revives_a_disabled_or_revoked_thing() {
+    let mut p = provisioning(true).await;
+    // A first registration, then the device is wiped and claims again.
+    let (_, created, key) = p.create("pump-3").await;
+    let (outcome, _) = p.register(&created["certificateOwnershipToken"], "3").await;
+    assert_eq!(outcome, "accepted");
+    let old_cert = created["certificatePem"].as_str().unwrap().to_owned();
+    let (outcome, again, new_key) = p.create("pump-3").await;
+    assert_eq!(outcome, "accepted", "{again}");
+    let (outcome, r) = p.register(&again["certificateOwnershipToken"], "3").await;
+    assert_eq!(outcome, "accepted", "{r}");
+    let new_cert = again["certificatePem"].as_str().unwrap().to_owned();
+    assert_eq!(p.connect("pump-3", &new_cert, &new_key).await, "Success");
+    // The replaced certificate is revoked.
+    assert!(
+        p.connect("pump-3", &old_cert, &key)
+            .await
+            .contains("NotAuthorized")
+    );
+    // Now revoked: no claimant may provision it again, nor a disabled one.
+    let (outcome, v, _) = p.create("pump-3").await;
+    assert_eq!(
+        (outcome.as_str(), v["statusCode"].as_u64()),
+        ("rejected", Some(403)),
+        "{v}"
+    );
+    let (_, created, _) = p.create("pump-4").await;
+    p.register(&created["certificateOwnershipToken"], "4").await;
+    p.registry.set_enabled("pump-4", false).await.unwrap();
+    let (outcome, v, _) = p.create("pump-4").await;
+    assert_eq!(
+        (outcome.as_str(), v["statusCode"].as_u64()),
+        ("rejected", Some(403)),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_or_deleting_a_thing_cuts_it_off_at_once() {
+    let registry = Registry::in_memory().unwrap();
+    let s = setup_with(
+        BrokerPolicy::default(),
+        ClientLimits::default(),
+        Some(registry.clone()),
+    )
+    .await;
+    let dev = s.pki.client_identity("dev-a").unwrap();
+    // Not in the registry: refused.
+    let (_c, mut e) = v5(&s, &dev, "dev-a");
+    assert!(connack(&mut e).await.contains("NotAuthorized"));
+    registry
+        .create_thing("dev-a", Default::default())
+        .await
+        .unwrap();
+    let (_c, mut e) = v5(&s, &dev, "dev-a");
+    connected(&mut e).await;
+    // Disabled: cut, and refused until enabled again.
+    registry.set_enabled("dev-a", false).await.unwrap();
+    assert_eq!(s.broker.disconnect_identity("dev-a"), 1);
+    let reason = until(&mut e, |p| p.err()).await;
+    assert!(reason.contains("NotAuthorized"), "{reason}");
+    let code = connack(&mut e).await;
+    assert!(code.contains("NotAuthorized"), "{code}");
+    registry.set_enabled("dev-a", true).await.unwrap();
+    let (_c, mut e) = v5(&s, &dev, "dev-a");
+    connected(&mut e).await;
+    // Deleted: the same.
+    registry.delete_thing("dev-a").await.unwrap();
+    assert_eq!(s.broker.disconnect_identity("dev-a"), 1);
+    let code = connack(&mut e).await;
+    assert!(code.contains("NotAuthorized"), "{code}");
+    // A certificate bound to another thing is refused for this one.
+    registry
+        .create_thing("dev-a", Default::default())
+        .await
+        .unwrap();
+    registry
+        .create_thing("dev-b", Default::default())
+        .await
+        .unwrap();
+    registry
+        .add_certificate(
+            &certificate_fingerprint(&dev.cert_pem).unwrap(),
+            "dev-b",
+            &dev.cert_pem,
+        )
+        .await
+        .unwrap();
+    let (_c, mut e) = v5(&s, &dev, "dev-a");
+    assert!(connack(&mut e).await.contains("NotAuthorized"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_go_only_to_the_requesters_own_namespace() {
+    let mut p = provisioning(false).await;
+    // A response topic in someone else's namespace, or one dressed as the
+    // broker's own routed reply, is refused before the service sees it.
+    for response in [
+        "$aws/clients/victim/x",
+        "$aws/clients/claimant/aws-reply/1/$aws/things/victim/shadow/get",
+        "$aws/things/victim/shadow/get",
+    ] {
+        let props = PublishProperties {
+            response_topic: Some(response.into()),
+            ..PublishProperties::default()
+        };
+        p.claimant
+            .publish_with_properties(
+                "$aws/certificates/create-from-csr/json",
+                QoS::AtLeastOnce,
+                false,
+                "{}",
+                props,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            puback(&mut p.claimant_ev).await,
+            PubAckReason::NotAuthorized,
+            "{response}"
+        );
+    }
+    // A device listening on its reply topics heard nothing.
+    let victim = p.s.pki.client_identity("victim").unwrap();
+    p.registry
+        .create_thing("victim", Default::default())
+        .await
+        .unwrap();
+    let (v, mut ve) = v5(&p.s, &victim, "victim");
+    connected(&mut ve).await;
+    v.subscribe("$aws/things/victim/shadow/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    v.subscribe("$aws/clients/victim/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let props = PublishProperties {
+        response_topic: Some("$aws/clients/victim/steal".into()),
+        ..PublishProperties::default()
+    };
+    p.claimant
+        .publish_with_properties(
+            "$aws/certificates/create-from-csr/json",
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+            props,
+        )
+        .await
+        .unwrap();
+    assert!(
+        receives(&mut ve, Duration::from_millis(700))
+            .await
+            .is_none()
+    );
+}
+
+/// Connects with a hand-written MQTT 5 CONNECT asking for `keep_alive`
+/// seconds; the server keep-alive the CONNACK imposes, if any.
+async fn raw_connect_keep_alive(s: &Setup, id: &Identity, keep_alive: u16) -> Option<u16> {
+    use rumqttc::v5::mqttbytes::v5::Connect;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = client_tls_config(id, &s.pki.ca_pem()).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(s.broker.local_addr())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let connect = Connect {
+        keep_alive,
+        client_id: id.common_name.clone(),
+        clean_start: true,
+        properties: None,
+    };
+    let mut buf = bytes::BytesMut::new();
+    Packet::Connect(connect, None, None)
+        .write(&mut buf, None)
+        .unwrap();
+    stream.write_all(&buf).await.unwrap();
+    let mut read = bytes::BytesMut::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Packet::ConnAck(a)) = Packet::read(&mut read, None) {
+                assert_eq!(a.code, ConnectReturnCode::Success);
+                return a.properties.and_then(|p| p.server_keep_alive);
+            }
+            assert!(stream.read_buf(&mut read).await.unwrap() > 0, "closed");
+        }
+    })
+    .await
+    .expect("a CONNACK")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_requests_keep_alive_packet_size_and_quotas() {
+    let mut limits = ClientLimits::default();
+    limits.max_retained_per_identity = 3;
+    limits.max_subscriptions = 4;
+    let s = setup_with(BrokerPolicy::default(), limits, None).await;
+    let dev = s.pki.client_identity("dev-a").unwrap();
+
+    // Keep-alive 0 (never time out) is granted AWS's 1,200 s instead
+    // (rumqttc will not send 0: a CONNECT written by hand).
+    assert_eq!(raw_connect_keep_alive(&s, &dev, 0).await, Some(1200));
+    assert_eq!(raw_connect_keep_alive(&s, &dev, 5000).await, Some(1200));
+    assert_eq!(raw_connect_keep_alive(&s, &dev, 60).await, None);
+    let (d, mut de) = v5(&s, &dev, "dev-a");
+    connected(&mut de).await;
+
+    // A retained request on a reserved topic is refused, and kept nowhere.
+    d.publish(
+        "$aws/things/dev-a/shadow/update",
+        QoS::AtLeastOnce,
+        true,
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(puback(&mut de).await, PubAckReason::NotAuthorized);
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (b, mut be) = v5(&s, &backend, "svc");
+    connected(&mut be).await;
+    b.subscribe("$aws/things/+/shadow/update", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut be).await;
+    assert!(
+        receives(&mut be, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    let _backend_pump = pump(be);
+
+    // Retained messages per identity: three, then QuotaExceeded; replacing
+    // one of its own is fine.
+    for n in 0..3 {
+        d.publish(format!("dt/dev-a/r{n}"), QoS::AtLeastOnce, true, "v")
+            .await
+            .unwrap();
+        assert_eq!(puback(&mut de).await, PubAckReason::Success);
+    }
+    d.publish("dt/dev-a/r3", QoS::AtLeastOnce, true, "v")
+        .await
+        .unwrap();
+    assert_eq!(puback(&mut de).await, PubAckReason::QuotaExceeded);
+    d.publish("dt/dev-a/r0", QoS::AtLeastOnce, true, "w")
+        .await
+        .unwrap();
+    assert_eq!(puback(&mut de).await, PubAckReason::Success);
+
+    // Subscriptions per connection: four, then QuotaExceeded.
+    for n in 0..5 {
+        d.subscribe(
+            format!("$aws/things/dev-a/jobs/j{n}/get/accepted"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+        let codes = suback(&mut de).await;
+        let want = if n < 4 {
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        } else {
+            SubscribeReasonCode::QuotaExceeded
+        };
+        assert_eq!(codes, vec![want], "subscription {n}");
+    }
+
+    // The client's Maximum Packet Size: a larger message is not sent to it.
+    let small = s.pki.client_identity("dev-s").unwrap();
+    let mut o = options(&s, &small, "dev-s");
+    o.set_max_packet_size(Some(1024));
+    let (c, mut ce) = AsyncClient::new(o, 64);
+    until(&mut ce, |p| {
+        matches!(p, Ok(Packet::ConnAck(_))).then_some(())
+    })
+    .await;
+    c.subscribe("$aws/things/dev-s/shadow/update/delta", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut ce).await;
+    for size in [4096, 100] {
+        b.publish(
+            "$aws/things/dev-s/shadow/update/delta",
+            QoS::AtLeastOnce,
+            false,
+            vec![b'x'; size],
+        )
+        .await
+        .unwrap();
+    }
+    let (_, payload) = receives(&mut ce, WAIT).await.expect("the small one");
+    assert_eq!(payload.len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_reading_holds_a_bounded_queue_and_slows_nobody() {
+    let mut limits = ClientLimits::default();
+    limits.max_queued_bytes = 64 * 1024;
+    let s = setup_with(BrokerPolicy::default(), limits, None).await;
+    let dev = s.pki.client_identity("dev-a").unwrap();
+    let (d, mut de) = v5(&s, &dev, "dev-a");
+    connected(&mut de).await;
+    d.subscribe("$aws/things/dev-a/shadow/update/delta", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut de).await;
+    // The device stops reading: its event loop is no longer polled.
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (b, be) = v5(&s, &backend, "svc");
+    let stop = pump(be);
+    // 5,000 messages of 4 KiB (20 MiB) to the silent device: the backend's
+    // publishes all complete (acknowledged by the broker), and most are
+    // dropped for the device instead of piling up.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let publisher = tokio::spawn(async move {
+        for _ in 0..5_000 {
+            b.publish(
+                "$aws/things/dev-a/shadow/update/delta",
+                QoS::AtLeastOnce,
+                false,
+                vec![b'x'; 4096],
+            )
+            .await
+            .unwrap();
+        }
+        let _ = tx.send(()).await;
+        b
+    });
+    tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("the backend is never held up by a silent device");
+    let _b = publisher.await.unwrap();
+    // Let the broker route what is in flight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        s.broker.dropped_messages() >= 1_000,
+        "dropped {}",
+        s.broker.dropped_messages()
+    );
+    stop.abort();
+    drop(de);
+}
