@@ -189,6 +189,9 @@ impl Drop for RunningService {
     }
 }
 
+/// Bytes (topics and payloads) the backend holds waiting to be published.
+const MAX_OUTBOUND_BYTES: usize = 64 * 1024 * 1024;
+
 /// Largest packet the backend accepts.
 const MAX_PACKET: u32 = 256 * 1024;
 
@@ -446,11 +449,16 @@ pub fn serve<S: ShadowStore>(
     // Handlers never wait for the client: the network task may be waiting
     // for them (a full queue), and the client only moves when the network
     // task polls it. What they publish goes through this queue, published
-    // in order by its own task.
+    // in order by its own task. The queue is bounded by bytes: past
+    // [`MAX_OUTBOUND_BYTES`] a reply is dropped (and counted), and the
+    // device asks again, rather than the process growing without bound.
     let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pending_out = pending.clone();
     let out_client = client.clone();
     let publisher = tokio::spawn(async move {
         while let Some(o) = outbound_rx.recv().await {
+            pending_out.fetch_sub(o.topic.len() + o.payload.len(), Ordering::Relaxed);
             let r = match o.properties {
                 Some(p) => {
                     out_client
@@ -468,7 +476,19 @@ pub fn serve<S: ShadowStore>(
             }
         }
     });
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let outbound = move |topic: String, payload: Vec<u8>, properties: Option<PublishProperties>| {
+        let size = topic.len() + payload.len();
+        if pending.fetch_add(size, Ordering::Relaxed) + size > MAX_OUTBOUND_BYTES {
+            pending.fetch_sub(size, Ordering::Relaxed);
+            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                topic,
+                dropped_total = n,
+                "outbound queue full; reply dropped"
+            );
+            return;
+        }
         let _ = outbound_tx.send(Outbound {
             topic,
             payload,

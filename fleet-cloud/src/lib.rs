@@ -101,6 +101,11 @@ pub use broker::{
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use commands::{CommandCenter, CommandFailure};
+/// The embedded broker's session logic without sockets, for the fuzz
+/// target (feature `fuzzing`; not a stable API).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use embedded::fuzzing;
 pub use embedded::{
     ClientLimits, Directory, DirectoryError, EmbeddedBroker, EmbeddedConfig, EmbeddedError,
     PROVISIONED_UNIT, Revoker, Standing, StandingFuture, certificate_fingerprint, is_provisioned,

@@ -90,14 +90,23 @@ impl Pki {
 
     /// Signs a device's certificate signing request (after checking its
     /// signature: the device holds the key) for `days` days, as a client
-    /// certificate. Returns the certificate (PEM) and its common name.
-    ///
-    /// The certificate's subject is the CSR's common name and the
+    /// certificate: the operator's own issuing (a key made in a secure
+    /// element, say). Returns the certificate (PEM) and its common name.
+    pub fn sign_csr(&self, csr_pem: &str, days: u32) -> Result<(String, String), PkiError> {
+        self.sign(csr_pem, days, false)
+    }
+
+    /// [`sign_csr`](Self::sign_csr) for provisioning by claim: the
+    /// certificate's subject is the CSR's common name and the
     /// organizational unit [`PROVISIONED_UNIT`](crate::PROVISIONED_UNIT),
-    /// whatever else the CSR asked for: the embedded broker treats such a
+    /// whatever else the CSR asked for. The embedded broker treats such a
     /// certificate only as a device, and only once the registry binds it
     /// to that thing.
-    pub fn sign_csr(&self, csr_pem: &str, days: u32) -> Result<(String, String), PkiError> {
+    pub fn sign_claimed_csr(&self, csr_pem: &str, days: u32) -> Result<(String, String), PkiError> {
+        self.sign(csr_pem, days, true)
+    }
+
+    fn sign(&self, csr_pem: &str, days: u32, claimed: bool) -> Result<(String, String), PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let common_name = match csr.params.distinguished_name.get(&DnType::CommonName) {
             Some(DnValue::Utf8String(s)) => s.clone(),
@@ -113,10 +122,14 @@ impl Pki {
         csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         csr.params.subject_alt_names.clear();
         csr.params.custom_extensions.clear();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name.as_str());
-        dn.push(DnType::OrganizationalUnitName, crate::PROVISIONED_UNIT);
-        csr.params.distinguished_name = dn;
+        if claimed {
+            // Whatever else the claimant asked for, the subject is its
+            // name and the mark.
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, common_name.as_str());
+            dn.push(DnType::OrganizationalUnitName, crate::PROVISIONED_UNIT);
+            csr.params.distinguished_name = dn;
+        }
         let cert = csr.signed_by(&self.ca)?;
         Ok((cert.pem(), common_name))
     }
@@ -149,6 +162,18 @@ impl Pki {
     pub fn client_identity(&self, common_name: &str) -> Result<Identity, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params, common_name)
+    }
+
+    /// A client certificate and key made for provisioning by claim
+    /// (`CreateKeysAndCertificate`), marked as
+    /// [`sign_claimed_csr`](Self::sign_claimed_csr) marks its certificates.
+    pub fn claimed_identity(&self, common_name: &str) -> Result<Identity, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, crate::PROVISIONED_UNIT);
         self.issue(params, common_name)
     }
 

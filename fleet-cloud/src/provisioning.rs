@@ -250,7 +250,7 @@ impl ProvisioningService {
         })?;
         let (ca, days) = (self.ca.clone(), self.certificate_days);
         let (certificate_pem, common_name) = off_runtime(move || {
-            ca.sign_csr(&request.certificate_signing_request, days)
+            ca.sign_claimed_csr(&request.certificate_signing_request, days)
                 .map_err(|e| ProvisioningError::new(400, "InvalidCSR", e.to_string()))
         })
         .await?;
@@ -300,7 +300,7 @@ impl ProvisioningService {
         );
         let (ca, cn) = (self.ca.clone(), name.clone());
         let identity = off_runtime(move || {
-            ca.client_identity(&cn)
+            ca.claimed_identity(&cn)
                 .map_err(|e| ProvisioningError::new(500, "InternalFailure", e.to_string()))
         })
         .await?;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use fleet_cloud::api::{ApiConfig, ApiServices, RunningApi, serve_api};
+use fleet_cloud::api::{ApiConfig, ApiLimits, ApiServices, RunningApi, serve_api};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
     Extras, JobsService, ProvisioningTemplate, Registry, RunningService, Scope, ShadowService,
@@ -32,11 +32,16 @@ struct Fixture {
     operator: String,
     reader: String,
     revoked: Arc<Mutex<Vec<String>>>,
+    tls: Arc<rustls::ClientConfig>,
     _dir: tempfile::TempDir,
 }
 
 impl Fixture {
     async fn start() -> Self {
+        Self::with_limits(ApiLimits::default()).await
+    }
+
+    async fn with_limits(limits: ApiLimits) -> Self {
         let broker = Broker::start_with(BrokerOptions {
             kind: BrokerKind::Embedded,
             policy: fleet_cloud::BrokerPolicy {
@@ -67,6 +72,7 @@ impl Fixture {
         let server = broker.pki().server_identity().unwrap();
         let api = serve_api(
             ApiConfig {
+                limits,
                 bind: "127.0.0.1:0".parse().unwrap(),
                 cert_pem: server.cert_pem,
                 key_pem: server.key_pem,
@@ -122,8 +128,9 @@ impl Fixture {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+        let tls = Arc::new(tls);
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls((*tls).clone())
             .build()
             .unwrap();
         // The service subscribes after connecting.
@@ -138,6 +145,7 @@ impl Fixture {
             operator,
             reader,
             revoked,
+            tls,
             _dir: dir,
         }
     }
@@ -970,4 +978,132 @@ async fn the_openapi_document_holds_every_route_and_resolves() {
         .call(Method::GET, "/v1/nothing", Some(&reader), None)
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+impl Fixture {
+    /// A raw TLS connection to the API.
+    async fn tls_stream(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.api.local_addr())
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+}
+
+/// Reads what the server sends until it closes (`None` if `d` passes
+/// first).
+async fn read_until_closed<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    d: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(d, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_time_and_connections_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let mut limits = ApiLimits::default();
+    limits.header_read_timeout = Duration::from_secs(1);
+    limits.request_timeout = Duration::from_secs(1);
+    limits.max_connections = 4;
+    let f = Fixture::with_limits(limits).await;
+
+    // A declared oversize body is answered 413 at once, unread, and the
+    // connection closed (it used to wait for 300 MB that never came).
+    let mut c = f.tls_stream().await;
+    let head = format!(
+        "PUT /v1/things/x/attributes HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 300000000\r\n\r\n",
+        f.operator
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut c, Duration::from_secs(5))
+        .await
+        .expect("answered and closed at once");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("too_large"), "{answer}");
+    // A body over the limit without a declared length: 413 too.
+    let (s, b) = f
+        .call(
+            Method::PUT,
+            "/v1/things/x/attributes",
+            Some(&f.operator),
+            Some(json!({"attributes": {"a": "b".repeat(2 * 1024 * 1024)}})),
+        )
+        .await;
+    assert_eq!((s, code(&b)), (StatusCode::PAYLOAD_TOO_LARGE, "too_large"));
+
+    // A body sent too slowly: 408 after the request timeout.
+    let mut c = f.tls_stream().await;
+    let head = format!(
+        "PUT /v1/things/x/attributes HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"attr",
+        f.operator
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut c, Duration::from_secs(5))
+        .await
+        .expect("answered and closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // Unfinished headers, and an idle connection: closed after the header
+    // timeout.
+    let mut c = f.tls_stream().await;
+    c.write_all(b"GET /health HTTP/1.1\r\nhost: loc")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut c, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    let mut c = f.tls_stream().await;
+    c.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut c, Duration::from_secs(5))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Four connections held open: a fifth is closed as it arrives, and
+    // the broker still takes devices meanwhile.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = f.tls_stream().await;
+        c.write_all(b"GET /hea").await.unwrap();
+        held.push(c);
+    }
+    let tcp = tokio::net::TcpStream::connect(f.api.local_addr())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let refused = tokio_rustls::TlsConnector::from(f.tls.clone())
+        .connect(name, tcp)
+        .await;
+    assert!(refused.is_err(), "the fifth connection is refused");
+    let device = f.broker.device_identity("pump-1").unwrap();
+    TestClient::connect(&f.broker, &device, "pump-1")
+        .await
+        .unwrap();
+    // Once they time out, there is room again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, _) = f.call(Method::GET, "/health", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    drop(held);
 }

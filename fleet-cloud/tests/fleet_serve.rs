@@ -236,6 +236,14 @@ async fn without_a_broker_it_runs_its_own() {
         .local_addr()
         .unwrap()
         .port();
+    // A device the registry knows (dev-setup records it).
+    let setup = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["dev-setup", "--thing", "dev-a", "--port", &port.to_string()])
+        .arg("--dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(setup.status.success(), "{setup:?}");
     let mut fleet = Command::new(env!("CARGO_BIN_EXE_fleet"))
         .arg("serve")
         .arg("--dir")
@@ -269,7 +277,19 @@ async fn without_a_broker_it_runs_its_own() {
         &std::fs::read_to_string(data.join("ca.key")).unwrap(),
     )
     .unwrap();
-    let id = pki.client_identity("dev-a").unwrap();
+    // A certificate of the CA for a thing the registry does not know is
+    // refused: the broker asks the registry.
+    let stranger = pki.client_identity("dev-z").unwrap();
+    assert!(
+        TestClient::connect_to(port, &ca, &stranger, "dev-z")
+            .await
+            .is_err()
+    );
+    let id = fleet_cloud::pki::Identity {
+        common_name: "dev-a".into(),
+        cert_pem: std::fs::read_to_string(data.join("things/dev-a.pem")).unwrap(),
+        key_pem: std::fs::read_to_string(data.join("things/dev-a.key")).unwrap(),
+    };
     let mut dev = TestClient::connect_to(port, &ca, &id, "dev-a")
         .await
         .unwrap();

@@ -526,7 +526,7 @@ async fn a_claim_certificate_grants_nothing_until_registered_and_never_a_privile
     // older service would have) is still only a device, and unbound.
     let ca = Pki::from_pem(&p.s.pki.ca_pem(), &p.s.pki.ca_key_pem()).unwrap();
     let (key, pem) = csr("fleet-backend");
-    let (forged, _) = ca.sign_csr(&pem, 1).unwrap();
+    let (forged, _) = ca.sign_claimed_csr(&pem, 1).unwrap();
     let code = p.connect("fleet-backend", &forged, &key).await;
     assert!(code.contains("NotAuthorized"), "{code}");
 

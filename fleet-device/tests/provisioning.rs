@@ -88,16 +88,17 @@ async fn provision(config: &ClaimConfig) -> Result<fleet_device::Provisioned, Pr
 }
 
 async fn a_claimed_device_provisions_itself_and_connects(kind: BrokerKind) {
+    let registry = Registry::in_memory().unwrap();
     let broker = Broker::start_with(BrokerOptions {
         kind,
         policy: BrokerPolicy {
             claim_identities: vec!["claim@factory".into()],
             ..BrokerPolicy::default()
         },
+        registry: Some(registry.clone()),
         ..BrokerOptions::default()
     })
     .unwrap();
-    let registry = Registry::in_memory().unwrap();
     let _cloud = cloud(&broker, &registry);
     let state = tempfile::tempdir().unwrap();
 

@@ -29,6 +29,10 @@ pub struct BrokerOptions {
     pub mosquitto: Option<PathBuf>,
     /// Which broker to run.
     pub kind: BrokerKind,
+    /// The embedded broker asks this registry whether a device may connect
+    /// ([`EmbeddedConfig::directory`](fleet_cloud::EmbeddedConfig::directory)),
+    /// as `fleet serve` does; Mosquitto knows devices by common name only.
+    pub registry: Option<fleet_cloud::Registry>,
 }
 
 /// Which broker a [`Broker`] runs.
@@ -49,6 +53,7 @@ struct Embedded {
     runtime: tokio::runtime::Runtime,
     broker: Option<fleet_cloud::EmbeddedBroker>,
     policy: BrokerPolicy,
+    registry: Option<fleet_cloud::Registry>,
 }
 
 impl Embedded {
@@ -121,6 +126,7 @@ impl Broker {
                 runtime,
                 broker: None,
                 policy: options.policy.clone(),
+                registry: options.registry.clone(),
             });
             // Port 0: the broker binds a free port itself (no race with
             // other tests between a probe and the bind); restarts reuse it.
@@ -314,6 +320,10 @@ impl Broker {
                 &self.pki.ca_pem(),
             );
             config.policy = e.policy.clone();
+            config.directory = e
+                .registry
+                .clone()
+                .map(|r| std::sync::Arc::new(r) as std::sync::Arc<dyn fleet_cloud::Directory>);
             let broker = e
                 .run(fleet_cloud::EmbeddedBroker::start(config))
                 .map_err(|err| {

@@ -16,12 +16,13 @@
 //!
 //! ```no_run
 //! # async fn f(services: fleet_cloud::api::ApiServices) -> Result<(), Box<dyn std::error::Error>> {
-//! use fleet_cloud::api::{ApiConfig, serve_api};
+//! use fleet_cloud::api::{ApiConfig, ApiLimits, serve_api};
 //! let api = serve_api(
 //!     ApiConfig {
 //!         bind: "127.0.0.1:8443".parse()?,
 //!         cert_pem: std::fs::read_to_string("fleet-data/server.pem")?,
 //!         key_pem: std::fs::read_to_string("fleet-data/server.key")?,
+//!         limits: ApiLimits::default(),
 //!     },
 //!     services,
 //! )
@@ -35,6 +36,7 @@ mod handlers;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{Method, StatusCode, header};
@@ -101,13 +103,107 @@ pub struct ApiConfig {
     pub cert_pem: String,
     /// Its private key, PEM.
     pub key_pem: String,
+    /// Body sizes, timeouts and connections ([`ApiLimits::default`]).
+    pub limits: ApiLimits,
 }
 
 impl fmt::Debug for ApiConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiConfig")
             .field("bind", &self.bind)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
+    }
+}
+
+/// What one client of the API may hold: bodies, time and connections. A
+/// body declared larger than its route allows is answered 413 at once
+/// (and the connection closed, unread); one that grows past it while it
+/// is read is refused 413 too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApiLimits {
+    /// The largest body of every route but the release upload (1 MiB).
+    pub max_body: usize,
+    /// The largest body of `POST /v1/releases` ([`MAX_BODY`]).
+    pub max_upload: usize,
+    /// Time to send a request's headers, and the longest an idle
+    /// keep-alive connection stays open (10 s).
+    pub header_read_timeout: Duration,
+    /// Time to send the body and be answered, per request (30 s; 408
+    /// after it).
+    pub request_timeout: Duration,
+    /// The same for the release upload (10 min).
+    pub upload_timeout: Duration,
+    /// Connections open at once; more are closed as they arrive (512),
+    /// apart from the broker's, so the API cannot take its descriptors.
+    pub max_connections: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_body: 1024 * 1024,
+            max_upload: MAX_BODY,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            upload_timeout: Duration::from_secs(600),
+            max_connections: 512,
+        }
+    }
+}
+
+impl ApiLimits {
+    /// The body limit and time limit of a request.
+    fn of(&self, method: &Method, path: &str) -> (usize, Duration) {
+        if method == Method::POST && path.trim_end_matches('/') == "/v1/releases" {
+            (self.max_upload, self.upload_timeout)
+        } else {
+            (self.max_body, self.request_timeout)
+        }
+    }
+}
+
+/// Refuses a body larger than its route allows (at once when its length
+/// is declared; while it is read otherwise) and a request that takes
+/// longer than its time.
+async fn limit(State(limits): State<Arc<ApiLimits>>, req: Request, next: Next) -> Response {
+    let (max, time) = limits.of(req.method(), req.uri().path());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        let mut response = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            format!("the body may have {max} bytes at most"),
+        )
+        .into_response();
+        // Do not read what was declared: close instead.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, max)));
+    match tokio::time::timeout(time, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::TooSlow,
+                format!("the request took longer than {time:?}"),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            response
+        }
     }
 }
 
@@ -131,6 +227,10 @@ pub enum ErrorCode {
     Conflict,
     /// The device did not answer in time (504).
     Timeout,
+    /// The body is larger than the route allows (413).
+    TooLarge,
+    /// The request was not sent (or answered) in time (408).
+    TooSlow,
     /// A failure on the service's side (500).
     Internal,
 }
@@ -262,6 +362,13 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::TooLarge,
+                    rejection.body_text(),
+                ))
+            }
             Err(rejection) => Err(ApiError::invalid(rejection.body_text())),
         }
     }
@@ -333,6 +440,14 @@ async fn authenticate(State(api): State<Api>, req: Request, next: Next) -> Respo
 /// The router of the API (without TLS; [`serve_api`] serves it over
 /// HTTPS) and its OpenAPI document.
 pub fn router(services: ApiServices) -> (axum::Router, utoipa::openapi::OpenApi) {
+    router_with(services, ApiLimits::default())
+}
+
+/// [`router`] with its limits.
+fn router_with(
+    services: ApiServices,
+    limits: ApiLimits,
+) -> (axum::Router, utoipa::openapi::OpenApi) {
     let api: Api = Arc::new(services);
     let (protected, mut doc) = handlers::routes().split_for_parts();
     let (open, open_doc) = handlers::open_routes().split_for_parts();
@@ -345,8 +460,13 @@ pub fn router(services: ApiServices) -> (axum::Router, utoipa::openapi::OpenApi)
         .merge(protected)
         .with_state(api)
         .layer(axum::Extension(handlers::Document(Arc::new(doc.clone()))))
-        // Release images arrive in the body (base64 in JSON).
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+        // Each route's own limit is applied by `limit`, outermost, before
+        // authentication reads anything.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(limits),
+            limit,
+        ));
     (router, doc)
 }
 
@@ -411,25 +531,36 @@ pub async fn serve_api(
         .await
         .map_err(|e| err(&e))?;
     let addr = listener.local_addr().map_err(|e| err(&e))?;
-    let (router, _) = router(services);
+    let limits = config.limits.clone();
+    let (router, _) = router_with(services, limits.clone());
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "API connection limit reached; closed");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let router = router.clone();
+            let header_read_timeout = limits.header_read_timeout;
             tokio::spawn(async move {
+                let _permit = permit;
                 let handshake =
-                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                        .await;
+                    tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await;
                 let Ok(Ok(stream)) = handshake else {
                     tracing::debug!(%peer, "API TLS handshake failed");
                     return;
                 };
                 let service = hyper_util::service::TowerToHyperService::new(router);
+                // The header timeout also closes an idle keep-alive
+                // connection: hyper arms it whenever it waits for a head.
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await
                 {

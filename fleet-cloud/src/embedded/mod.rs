@@ -33,6 +33,8 @@
 
 mod admission;
 mod codec;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod router;
 
 use std::collections::{HashMap, HashSet};
@@ -188,6 +190,15 @@ struct Client {
     kick: Option<oneshot::Sender<Kick>>,
     /// (group, filter) of each subscription, to undo them.
     filters: Vec<(Option<String>, String)>,
+}
+
+/// A connection admitted by [`Shared::register`]: its number, its queue,
+/// what tells it to go, and the bytes waiting in its queue.
+struct Registration {
+    conn: u64,
+    rx: mpsc::Receiver<Message>,
+    kick: oneshot::Receiver<Kick>,
+    queued: Arc<AtomicUsize>,
 }
 
 /// How long a publisher waits for room in a full subscriber queue before
@@ -375,6 +386,98 @@ impl Shared {
                 && let Some(k) = c.kick.take()
             {
                 let _ = k.send(Kick::NotAuthorized);
+            }
+        }
+    }
+
+    /// Admits a connection under `client_id`, taking the id over from a
+    /// connection that may lose it ([`may_take_over`]), within the claim
+    /// connection limit.
+    fn register(
+        &self,
+        identity: &str,
+        role: Role,
+        client_id: &str,
+        fingerprint: String,
+    ) -> Result<Registration, ConnAckCode> {
+        let mut router = self.router();
+        let router = &mut *router;
+        if let Some(held) = router.clients.get(client_id)
+            && !may_take_over((held.role, &held.identity), (role, identity))
+        {
+            return Err(ConnAckCode::NotAuthorized);
+        }
+        let claimed = router.claim_connections.get(identity).copied().unwrap_or(0);
+        if role == Role::Claimant && claimed >= self.limits.max_claim_connections {
+            return Err(ConnAckCode::QuotaExceeded);
+        }
+        if let Some(mut old) = router.clients.remove(client_id) {
+            for (group, filter) in &old.filters {
+                router
+                    .subscriptions
+                    .remove(client_id, group.as_deref(), filter);
+            }
+            if let Some(k) = old.kick.take() {
+                let _ = k.send(Kick::TakenOver);
+            }
+            if old.role == Role::Claimant {
+                release_claim(router, &old.identity);
+            }
+        }
+        if role == Role::Claimant {
+            *router
+                .claim_connections
+                .entry(identity.to_owned())
+                .or_default() += 1;
+        }
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel::<Message>(self.queue_capacity);
+        let (kick_tx, kick) = oneshot::channel::<Kick>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        router.clients.insert(
+            client_id.to_owned(),
+            Client {
+                conn,
+                identity: identity.to_owned(),
+                role,
+                fingerprint,
+                tx,
+                queued: queued.clone(),
+                max_queued: if role == Role::Backend {
+                    usize::MAX
+                } else {
+                    self.limits.max_queued_bytes
+                },
+                kick: Some(kick_tx),
+                filters: Vec::new(),
+            },
+        );
+        Ok(Registration {
+            conn,
+            rx,
+            kick,
+            queued,
+        })
+    }
+
+    /// Forgets connection `conn` of `client_id` and its subscriptions
+    /// (nothing if a newer connection took the id).
+    fn unregister(&self, client_id: &str, conn: u64) {
+        let mut router = self.router();
+        let router = &mut *router;
+        if router
+            .clients
+            .get(client_id)
+            .is_some_and(|c| c.conn == conn)
+            && let Some(c) = router.clients.remove(client_id)
+        {
+            for (group, filter) in &c.filters {
+                router
+                    .subscriptions
+                    .remove(client_id, group.as_deref(), filter);
+            }
+            if c.role == Role::Claimant {
+                release_claim(router, &c.identity);
             }
         }
     }
@@ -924,68 +1027,10 @@ async fn connection(
             },
         };
     }
-    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Message>(shared.queue_capacity);
-    let (kick_tx, mut kick) = oneshot::channel::<Kick>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    if refuse.is_none() {
-        let mut router = shared.router();
-        let router = &mut *router;
-        let held = router
-            .clients
-            .get(&client_id)
-            .map(|old| (old.role, old.identity.clone()));
-        let claimed = router
-            .claim_connections
-            .get(&identity)
-            .copied()
-            .unwrap_or(0);
-        if let Some((held_role, held_identity)) = &held
-            && !may_take_over((*held_role, held_identity), (role, &identity))
-        {
-            refuse = Some(ConnAckCode::NotAuthorized);
-        } else if role == Role::Claimant && claimed >= shared.limits.max_claim_connections {
-            refuse = Some(ConnAckCode::QuotaExceeded);
-        } else {
-            if let Some(mut old) = router.clients.remove(&client_id) {
-                for (group, filter) in &old.filters {
-                    router
-                        .subscriptions
-                        .remove(&client_id, group.as_deref(), filter);
-                }
-                if let Some(k) = old.kick.take() {
-                    let _ = k.send(Kick::TakenOver);
-                }
-                if old.role == Role::Claimant {
-                    release_claim(router, &old.identity);
-                }
-            }
-            if role == Role::Claimant {
-                *router
-                    .claim_connections
-                    .entry(identity.clone())
-                    .or_default() += 1;
-            }
-            router.clients.insert(
-                client_id.clone(),
-                Client {
-                    conn,
-                    identity: identity.clone(),
-                    role,
-                    fingerprint,
-                    tx,
-                    queued: queued.clone(),
-                    max_queued: if role == Role::Backend {
-                        usize::MAX
-                    } else {
-                        shared.limits.max_queued_bytes
-                    },
-                    kick: Some(kick_tx),
-                    filters: Vec::new(),
-                },
-            );
-        }
-    }
+    let registered = match refuse {
+        Some(code) => Err(code),
+        None => shared.register(&identity, role, &client_id, fingerprint),
+    };
     // Keep-alive: 0 (never) or more than the limit gets the limit.
     let max_keep_alive = u16::try_from(shared.limits.max_keep_alive.as_secs()).unwrap_or(u16::MAX);
     let granted_keep_alive = if keep_alive == 0 || keep_alive > max_keep_alive {
@@ -994,12 +1039,20 @@ async fn connection(
         keep_alive
     };
     let server_keep_alive = (granted_keep_alive != keep_alive).then_some(granted_keep_alive);
-    if let Some(code) = refuse {
-        out.connack(code, None, max_packet, None);
-        let _ = wr.write_all(&out.buf).await;
-        let _ = wr.shutdown().await;
-        return Err(format!("{identity} ({client_id}) refused: {code:?}"));
-    }
+    let Registration {
+        conn,
+        mut rx,
+        mut kick,
+        queued,
+    } = match registered {
+        Ok(r) => r,
+        Err(code) => {
+            out.connack(code, None, max_packet, None);
+            let _ = wr.write_all(&out.buf).await;
+            let _ = wr.shutdown().await;
+            return Err(format!("{identity} ({client_id}) refused: {code:?}"));
+        }
+    };
     tracing::debug!(%identity, %client_id, ?version, "connected");
     out.connack(
         ConnAckCode::Accepted,
@@ -1124,25 +1177,7 @@ async fn connection(
     let _ = wr.shutdown().await;
 
     // Unregister (unless a newer connection took the id), then the will.
-    {
-        let mut router = shared.router();
-        let router = &mut *router;
-        if router
-            .clients
-            .get(&client_id)
-            .is_some_and(|c| c.conn == conn)
-            && let Some(c) = router.clients.remove(&client_id)
-        {
-            for (group, filter) in &c.filters {
-                router
-                    .subscriptions
-                    .remove(&client_id, group.as_deref(), filter);
-            }
-            if c.role == Role::Claimant {
-                release_claim(router, &c.identity);
-            }
-        }
-    }
+    shared.unregister(&client_id, conn);
     if !clean_exit
         && let Some(will) = will
         && publish_refusal(&shared, &identity, role, &client_id, &will).is_none()

@@ -426,6 +426,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         };
         Some(ApiSetup {
             config: ApiConfig {
+                limits: fleet_cloud::api::ApiLimits::default(),
                 bind: args.api,
                 cert_pem: tls("server.pem")?,
                 key_pem: tls("server.key")?,
