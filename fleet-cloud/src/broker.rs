@@ -189,8 +189,12 @@ impl Drop for RunningService {
     }
 }
 
+/// How long a broker keeps the service's session (and queues its
+/// messages) while it is away.
+const SESSION_EXPIRY_SECONDS: u32 = 3600;
+
 /// Bytes (topics and payloads) the backend holds waiting to be published.
-const MAX_OUTBOUND_BYTES: usize = 64 * 1024 * 1024;
+const MAX_OUTBOUND_BYTES: usize = 16 * 1024 * 1024;
 
 /// Largest packet the backend accepts.
 const MAX_PACKET: u32 = 256 * 1024;
@@ -209,12 +213,45 @@ pub fn serve_shadows<S: ShadowStore>(
     serve(config, service, Extras::default())
 }
 
-/// A message the service publishes.
-struct Outbound {
-    topic: String,
-    payload: Vec<u8>,
-    properties: Option<PublishProperties>,
+/// What the service sends: a message, or the acknowledgement of one it
+/// has handled.
+enum Outbound {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        properties: Option<PublishProperties>,
+    },
+    Ack(Ack),
 }
+
+/// The acknowledgement of a received message, sent (manual acks) only once
+/// the service has handled it: stored the shadow, written the telemetry.
+/// A broker that waits for it before acknowledging the device (the
+/// embedded one) then means "stored" by its PUBACK; one that keeps the
+/// backend's session (Mosquitto) sends what was not acknowledged again.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    pkid: u16,
+    qos: QoS,
+}
+
+impl Ack {
+    fn of(p: &rumqttc::v5::mqttbytes::v5::Publish) -> Self {
+        Self {
+            pkid: p.pkid,
+            qos: p.qos,
+        }
+    }
+
+    fn packet(self) -> rumqttc::v5::mqttbytes::v5::Publish {
+        let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", self.qos, Vec::new(), None);
+        p.pkid = self.pkid;
+        p
+    }
+}
+
+/// A request for a service, with its acknowledgement.
+type Request = (String, Vec<u8>, Ack);
 
 /// Requests are handled in this many lanes: those of one thing in order,
 /// in one lane; different things' at the same time (so a store that
@@ -241,30 +278,39 @@ fn lane_of(topic: &str) -> usize {
 /// Spreads what arrives on `rx` over [`LANES`] tasks running `handler`.
 /// A full lane stops the spreading (the back-pressure reaches the broker
 /// connection).
-fn lanes<F, Fut>(
-    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+/// Each request is acknowledged by `ack` once its handler has handled it
+/// (returned `true`); one it failed (a store error) is left
+/// unacknowledged, so that the broker delivers it again or the device
+/// sends it again.
+fn lanes<F, Fut, A>(
+    mut rx: mpsc::Receiver<Request>,
     handler: F,
+    ack: A,
 ) -> tokio::task::JoinHandle<()>
 where
     F: Fn(String, Vec<u8>) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+    A: Fn(Ack) + Clone + Send + 'static,
 {
     tokio::spawn(async move {
         let mut senders = Vec::with_capacity(LANES);
         let mut tasks = Vec::with_capacity(LANES);
         for _ in 0..LANES {
-            let (tx, mut lane) = mpsc::channel::<(String, Vec<u8>)>(64);
+            let (tx, mut lane) = mpsc::channel::<Request>(64);
             let handler = handler.clone();
+            let ack = ack.clone();
             tasks.push(tokio::spawn(async move {
-                while let Some((topic, payload)) = lane.recv().await {
-                    handler(topic, payload).await;
+                while let Some((topic, payload, a)) = lane.recv().await {
+                    if handler(topic, payload).await {
+                        ack(a);
+                    }
                 }
             }));
             senders.push(tx);
         }
-        while let Some((topic, payload)) = rx.recv().await {
+        while let Some((topic, payload, a)) = rx.recv().await {
             if senders[lane_of(&topic)]
-                .send((topic, payload))
+                .send((topic, payload, a))
                 .await
                 .is_err()
             {
@@ -303,7 +349,13 @@ pub fn serve<S: ShadowStore>(
         // device can never send the backend a packet it refuses (rumqttc's
         // default of 10 KiB would drop the connection).
         .set_max_packet_size(Some(MAX_PACKET))
-        .set_clean_start(true)
+        // A session the broker keeps while the service is away (Mosquitto
+        // queues its QoS 1 messages), and manual acknowledgements: a
+        // message is acknowledged only once it is handled, so one the
+        // service did not finish is delivered again.
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(SESSION_EXPIRY_SECONDS))
+        .set_manual_acks(true)
         .set_network_options(network_options())
         .set_connection_timeout(10)
         // rumqttc allocates a slot per packet id it may have in flight up
@@ -313,10 +365,9 @@ pub fn serve<S: ShadowStore>(
             Arc::new(tls),
         )));
     let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let (tx, rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
-    let (telemetry_tx, mut telemetry_rx) =
-        mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
-    type ProvisioningRequest = (String, Vec<u8>, Option<String>, Option<bytes::Bytes>);
+    let (tx, rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
+    let (telemetry_tx, mut telemetry_rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
+    type ProvisioningRequest = (String, Vec<u8>, Option<String>, Option<bytes::Bytes>, Ack);
     let (provisioning_tx, mut provisioning_rx) =
         mpsc::channel::<ProvisioningRequest>(config.queue_capacity.max(1));
     let share = config
@@ -358,93 +409,11 @@ pub fn serve<S: ShadowStore>(
     for f in &jobs_filters {
         filters.push(format!("{share}{f}"));
     }
-    let (jobs_tx, jobs_rx) = mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
-    let (streams_tx, mut streams_rx) =
-        mpsc::channel::<(String, Vec<u8>)>(config.queue_capacity.max(1));
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
+    let (streams_tx, mut streams_rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
     let commands = CommandCenter::new(client.clone(), &prefix);
     let command_answers = commands.clone();
     let responses_under = format!("{prefix}/commands/things/");
-
-    let stopping = Arc::new(AtomicBool::new(false));
-    let stop_seen = stopping.clone();
-    let sub_client = client.clone();
-    let network = tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(100);
-                    for f in &filters {
-                        if let Err(e) = sub_client.subscribe(f.clone(), QoS::AtLeastOnce).await {
-                            tracing::warn!("subscribe {f}: {e}");
-                        }
-                    }
-                    tracing::info!("connected; serving shadow requests");
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    if let Some(rest) = topic.strip_prefix(&responses_under) {
-                        if let Some(thing) = rest.split('/').next() {
-                            command_answers.handle_response(thing, &p.payload);
-                        }
-                        continue;
-                    }
-                    if provisioning_filters
-                        .iter()
-                        .any(|f| crate::telemetry::topic_matches(f, &topic))
-                    {
-                        let props = p.properties.as_ref();
-                        let request = (
-                            topic,
-                            p.payload.to_vec(),
-                            props.and_then(|pr| pr.response_topic.clone()),
-                            props.and_then(|pr| pr.correlation_data.clone()),
-                        );
-                        if provisioning_tx.send(request).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    if jobs_filters
-                        .iter()
-                        .any(|f| crate::telemetry::topic_matches(f, &topic))
-                    {
-                        if jobs_tx.send((topic, p.payload.to_vec())).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    if stream_filters
-                        .iter()
-                        .any(|f| crate::telemetry::topic_matches(f, &topic))
-                    {
-                        if streams_tx.send((topic, p.payload.to_vec())).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    let is_telemetry = telemetry_prefix.as_ref().is_some_and(|t| {
-                        topic
-                            .strip_prefix(t.as_str())
-                            .is_some_and(|r| r.starts_with('/'))
-                    });
-                    // Awaiting here is the back-pressure: a full queue stops
-                    // reads from the broker.
-                    let queue = if is_telemetry { &telemetry_tx } else { &tx };
-                    if queue.send((topic, p.payload.to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) if stop_seen.load(Ordering::SeqCst) => return,
-                Err(e) => {
-                    tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
-    });
 
     // Handlers never wait for the client: the network task may be waiting
     // for them (a full queue), and the client only moves when the network
@@ -453,22 +422,32 @@ pub fn serve<S: ShadowStore>(
     // [`MAX_OUTBOUND_BYTES`] a reply is dropped (and counted), and the
     // device asks again, rather than the process growing without bound.
     let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
+    let ack_tx = outbound_tx.clone();
     let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let pending_out = pending.clone();
     let out_client = client.clone();
     let publisher = tokio::spawn(async move {
         while let Some(o) = outbound_rx.recv().await {
-            pending_out.fetch_sub(o.topic.len() + o.payload.len(), Ordering::Relaxed);
-            let r = match o.properties {
-                Some(p) => {
-                    out_client
-                        .publish_with_properties(o.topic, QoS::AtLeastOnce, false, o.payload, p)
-                        .await
-                }
-                None => {
-                    out_client
-                        .publish(o.topic, QoS::AtLeastOnce, false, o.payload)
-                        .await
+            let r = match o {
+                Outbound::Ack(a) => out_client.ack(&a.packet()).await,
+                Outbound::Publish {
+                    topic,
+                    payload,
+                    properties,
+                } => {
+                    pending_out.fetch_sub(topic.len() + payload.len(), Ordering::Relaxed);
+                    match properties {
+                        Some(p) => {
+                            out_client
+                                .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, p)
+                                .await
+                        }
+                        None => {
+                            out_client
+                                .publish(topic, QoS::AtLeastOnce, false, payload)
+                                .await
+                        }
+                    }
                 }
             };
             if let Err(e) = r {
@@ -489,40 +468,149 @@ pub fn serve<S: ShadowStore>(
             );
             return;
         }
-        let _ = outbound_tx.send(Outbound {
+        let _ = outbound_tx.send(Outbound::Publish {
             topic,
             payload,
             properties,
         });
     };
+    let acker = {
+        let tx = ack_tx;
+        move |a: Ack| {
+            let _ = tx.send(Outbound::Ack(a));
+        }
+    };
 
-    let service = Arc::new(service);
-    let out = outbound.clone();
-    let worker = lanes(rx, move |topic: String, payload: Vec<u8>| {
-        let service = service.clone();
-        let out = out.clone();
-        async move {
-            match service.handle(&topic, &payload, epoch_seconds()).await {
-                Ok(messages) => {
-                    for o in messages {
-                        out(o.topic, o.payload, None);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop_seen = stopping.clone();
+    let sub_client = client.clone();
+    let ack_now = acker.clone();
+    let network = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    for f in &filters {
+                        if let Err(e) = sub_client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                            tracing::warn!("subscribe {f}: {e}");
+                        }
+                    }
+                    tracing::info!("connected; serving shadow requests");
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let ack = Ack::of(&p);
+                    if let Some(rest) = topic.strip_prefix(&responses_under) {
+                        if let Some(thing) = rest.split('/').next() {
+                            command_answers.handle_response(thing, &p.payload);
+                        }
+                        ack_now(ack);
+                        continue;
+                    }
+                    if provisioning_filters
+                        .iter()
+                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                    {
+                        let props = p.properties.as_ref();
+                        let request = (
+                            topic,
+                            p.payload.to_vec(),
+                            props.and_then(|pr| pr.response_topic.clone()),
+                            props.and_then(|pr| pr.correlation_data.clone()),
+                            ack,
+                        );
+                        if provisioning_tx.send(request).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if jobs_filters
+                        .iter()
+                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                    {
+                        if jobs_tx
+                            .send((topic, p.payload.to_vec(), ack))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    if stream_filters
+                        .iter()
+                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                    {
+                        if streams_tx
+                            .send((topic, p.payload.to_vec(), ack))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    let is_telemetry = telemetry_prefix.as_ref().is_some_and(|t| {
+                        topic
+                            .strip_prefix(t.as_str())
+                            .is_some_and(|r| r.starts_with('/'))
+                    });
+                    // Awaiting here is the back-pressure: a full queue stops
+                    // reads from the broker.
+                    let queue = if is_telemetry { &telemetry_tx } else { &tx };
+                    if queue.send((topic, p.payload.to_vec(), ack)).await.is_err() {
+                        return;
                     }
                 }
-                Err(e) => tracing::warn!("{topic}: {e}"),
+                Ok(_) => {}
+                Err(_) if stop_seen.load(Ordering::SeqCst) => return,
+                Err(e) => {
+                    tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
             }
         }
     });
 
+    let service = Arc::new(service);
+    let out = outbound.clone();
+    let worker = lanes(
+        rx,
+        move |topic: String, payload: Vec<u8>| {
+            let service = service.clone();
+            let out = out.clone();
+            async move {
+                match service.handle(&topic, &payload, epoch_seconds()).await {
+                    Ok(messages) => {
+                        for o in messages {
+                            out(o.topic, o.payload, None);
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!("{topic}: {e}");
+                        false
+                    }
+                }
+            }
+        },
+        acker.clone(),
+    );
+
     let mut tasks = vec![network, worker, publisher];
     if let Some(provisioning) = extras.provisioning {
         let out = outbound.clone();
+        let ack = acker.clone();
         tasks.push(tokio::spawn(async move {
-            while let Some((topic, payload, response_topic, correlation)) =
+            while let Some((topic, payload, response_topic, correlation, a)) =
                 provisioning_rx.recv().await
             {
                 let reply = provisioning
                     .handle(&topic, &payload, response_topic.as_deref(), epoch_seconds())
                     .await;
+                ack(a);
                 let Some(reply) = reply else { continue };
                 let properties = PublishProperties {
                     correlation_data: correlation,
@@ -542,16 +630,26 @@ pub fn serve<S: ShadowStore>(
         };
         let handler = jobs.clone();
         let publish = publish_all.clone();
-        tasks.push(lanes(jobs_rx, move |topic: String, payload: Vec<u8>| {
-            let jobs = handler.clone();
-            let publish = publish.clone();
-            async move {
-                match jobs.handle(&topic, &payload, jobs.now()).await {
-                    Ok(messages) => publish(messages),
-                    Err(e) => tracing::warn!("jobs: {e}"),
+        tasks.push(lanes(
+            jobs_rx,
+            move |topic: String, payload: Vec<u8>| {
+                let jobs = handler.clone();
+                let publish = publish.clone();
+                async move {
+                    match jobs.handle(&topic, &payload, jobs.now()).await {
+                        Ok(messages) => {
+                            publish(messages);
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!("jobs: {e}");
+                            false
+                        }
+                    }
                 }
-            }
-        }));
+            },
+            acker.clone(),
+        ));
         tasks.push(tokio::spawn(async move {
             let mut sweep = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -571,11 +669,14 @@ pub fn serve<S: ShadowStore>(
     if let Some(streams) = extras.streams {
         let out = outbound.clone();
         let prefix = prefix.clone();
+        let ack = acker.clone();
         tasks.push(tokio::spawn(async move {
             let Ok(p) = fleet_core::topic::TopicPrefix::new(&prefix) else {
                 return;
             };
-            while let Some((topic, payload)) = streams_rx.recv().await {
+            while let Some((topic, payload, a)) = streams_rx.recv().await {
+                // A read: nothing to store, acknowledged at once.
+                ack(a);
                 // Shared streams: another instance may have stored or
                 // replaced it.
                 if let Err(e) = streams.refresh_for(&p, &topic).await {
@@ -589,6 +690,7 @@ pub fn serve<S: ShadowStore>(
         }));
     }
     if let Some(router) = extras.telemetry {
+        let ack = acker.clone();
         tasks.push(tokio::spawn(async move {
             // What queued up while the last batch was stored goes together.
             while let Some(first) = telemetry_rx.recv().await {
@@ -600,9 +702,10 @@ pub fn serve<S: ShadowStore>(
                     }
                 }
                 let now = epoch_seconds();
+                let acks: Vec<Ack> = batch.iter().map(|(_, _, a)| *a).collect();
                 let records = batch
                     .into_iter()
-                    .map(|(topic, payload)| TelemetryRecord {
+                    .map(|(topic, payload, _)| TelemetryRecord {
                         // `{prefix}/{thing}/...`: the broker policy lets a
                         // device publish only under its own name.
                         thing: topic.split('/').nth(1).unwrap_or_default().to_string(),
@@ -611,7 +714,12 @@ pub fn serve<S: ShadowStore>(
                         payload,
                     })
                     .collect();
+                // Delivered to the sinks, or kept as dead letters: taken
+                // in durable hands either way.
                 router.route_batch(records).await;
+                for a in acks {
+                    ack(a);
+                }
             }
         }));
     }

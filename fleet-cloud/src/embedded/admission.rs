@@ -103,9 +103,19 @@ pub struct ClientLimits {
     /// Connections one claim identity holds at once (a device has one: its
     /// client id is its name).
     pub max_claim_connections: usize,
-    /// Bytes queued for one client that does not read, before its QoS 0
-    /// messages are dropped and its QoS 1 publishers are slowed.
+    /// Bytes queued for one client that does not read, before further
+    /// messages to it are dropped (for that client only).
     pub max_queued_bytes: usize,
+    /// Bytes queued for every client together (backends apart): past it,
+    /// messages to a client with anything queued are dropped, so that a
+    /// thousand clients that stop reading hold this much at most.
+    pub max_queued_bytes_total: usize,
+    /// Bytes of packets that are partly received, of every client
+    /// together, counting only packets larger than 16 KiB: a client that
+    /// begins a large packet waits (up to 10 s) for a share, and must
+    /// finish it within 60 s. Without it, a thousand clients that each
+    /// send most of a 128 KiB packet and stall would hold 128 MB.
+    pub max_partial_packet_bytes: usize,
     /// Retained messages one identity keeps (each device's own topics).
     pub max_retained_per_identity: usize,
     /// Retained messages kept by the whole broker.
@@ -124,7 +134,9 @@ impl Default for ClientLimits {
             max_topic_levels: 8,
             max_subscriptions: 50,
             max_claim_connections: 100,
-            max_queued_bytes: 1024 * 1024,
+            max_queued_bytes: 256 * 1024,
+            max_queued_bytes_total: 32 * 1024 * 1024,
+            max_partial_packet_bytes: 16 * 1024 * 1024,
             max_retained_per_identity: 50,
             max_retained_messages: 100_000,
             max_retained_bytes: 64 * 1024 * 1024,

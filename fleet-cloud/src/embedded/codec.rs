@@ -24,6 +24,9 @@ pub(super) struct Message {
     /// MQTT 5 properties (response topic, correlation data, user
     /// properties...), passed on to MQTT 5 subscribers.
     pub(super) properties: Option<v5::PublishProperties>,
+    /// A QoS 1 delivery to a backend client that its publisher waits on
+    /// ([`super::receipt`]).
+    pub(super) receipt: Option<super::receipt::Delivery>,
 }
 
 /// What a client sent.
@@ -42,7 +45,7 @@ pub(super) enum In {
         /// The topic was not valid UTF-8 or used a topic alias.
         bad_topic: bool,
     },
-    PubAck,
+    PubAck(u16),
     PubRel(u16),
     Subscribe {
         pkid: u16,
@@ -197,6 +200,20 @@ fn to_qos5(q: u8) -> QoS5 {
     }
 }
 
+/// The whole size of the packet that begins `buf` (fixed header included),
+/// once its fixed header is in; `None` before, or if the header is
+/// malformed (the next [`read`] says so).
+pub(super) fn declared_len(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, b) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(1 + (i + 1) + remaining);
+        }
+    }
+    None
+}
+
 /// Reads one packet from the front of `buf`.
 pub(super) fn read(version: Version, buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
     check_subscribe(version, buf)?;
@@ -224,6 +241,7 @@ fn read4(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
                 qos: qos4(w.qos),
                 retain: w.retain,
                 properties: None,
+                receipt: None,
             }),
         },
         v4::Packet::Publish(p) => In::Publish {
@@ -234,10 +252,11 @@ fn read4(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
                 qos: qos4(p.qos),
                 retain: p.retain,
                 properties: None,
+                receipt: None,
             },
             bad_topic: false,
         },
-        v4::Packet::PubAck(_) => In::PubAck,
+        v4::Packet::PubAck(a) => In::PubAck(a.pkid),
         v4::Packet::PubRel(r) => In::PubRel(r.pkid),
         v4::Packet::Subscribe(s) => In::Subscribe {
             pkid: s.pkid,
@@ -285,6 +304,7 @@ fn read5(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
                         content_type: p.content_type,
                         ..Default::default()
                     }),
+                    receipt: None,
                 })
             }),
         },
@@ -308,11 +328,12 @@ fn read5(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
                     qos: qos5(p.qos),
                     retain: p.retain,
                     properties,
+                    receipt: None,
                 },
                 bad_topic,
             }
         }
-        v5::Packet::PubAck(_) => In::PubAck,
+        v5::Packet::PubAck(a) => In::PubAck(a.pkid),
         v5::Packet::PubRel(r) => In::PubRel(r.pkid),
         v5::Packet::Subscribe(s) => In::Subscribe {
             pkid: s.pkid,
@@ -572,6 +593,23 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_len_reads_the_fixed_header() {
+        assert_eq!(declared_len(&[0x30]), None);
+        assert_eq!(declared_len(&[0x30, 0x05]), Some(7));
+        // 120 KiB: three length bytes.
+        let n = 120 * 1024;
+        let head = [
+            0x30,
+            (n % 128) as u8 | 0x80,
+            (n / 128 % 128) as u8 | 0x80,
+            (n / 16384) as u8,
+        ];
+        assert_eq!(declared_len(&head), Some(1 + 3 + n));
+        assert_eq!(declared_len(&[0x30, 0x80, 0x80]), None);
+        assert_eq!(declared_len(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]), None);
+    }
 
     /// A SUBSCRIBE with one filter and the given header flags and options.
     fn subscribe(version: Version, flags: u8, options: u8) -> BytesMut {

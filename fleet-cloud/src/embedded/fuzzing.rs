@@ -62,7 +62,7 @@ struct Conn {
     conn: u64,
     rx: mpsc::Receiver<Message>,
     _kick: oneshot::Receiver<Kick>,
-    queued: Arc<AtomicUsize>,
+    queued: super::QueueBytes,
     buf: BytesMut,
     out: Writer,
     next_pkid: u16,
@@ -103,6 +103,7 @@ impl Harness {
             max_retained_messages: 16,
             max_retained_bytes: 4096,
             max_queued_bytes: 4096,
+            max_queued_bytes_total: 8192,
             max_claim_connections: 2,
             ..ClientLimits::default()
         };
@@ -117,6 +118,8 @@ impl Harness {
             handshake_timeout: std::time::Duration::from_secs(1),
             limits,
             directory: None,
+            queued_total: Arc::new(AtomicUsize::new(0)),
+            partial_budget: Arc::new(tokio::sync::Semaphore::new(1024)),
         });
         Self {
             shared,
@@ -218,6 +221,8 @@ impl Harness {
             next_pkid: c.next_pkid,
             blocked: Vec::new(),
             queued: c.queued.clone(),
+            owed: std::collections::VecDeque::new(),
+            awaiting: std::collections::HashMap::new(),
         };
         let mut keep = true;
         loop {
@@ -250,10 +255,11 @@ impl Harness {
         let Some(c) = self.conns.get_mut(slot) else {
             return;
         };
-        while let Ok(m) = c.rx.try_recv() {
+        while let Ok(mut m) = c.rx.try_recv() {
+            // Nobody acknowledges here: the publisher's receipt fails.
+            drop(m.receipt.take());
             if c.role != Role::Backend {
-                c.queued
-                    .fetch_sub(super::router::retained_size(&m), Ordering::Relaxed);
+                c.queued.sub(super::router::retained_size(&m));
             }
             let pkid = c.next_pkid;
             c.next_pkid = c.next_pkid.checked_add(1).unwrap_or(1);
@@ -284,10 +290,16 @@ impl Harness {
                 .count();
             assert_eq!(held, *n, "claim connections of {identity}");
         }
+        assert!(
+            self.shared.queued_total.load(Ordering::Relaxed)
+                <= self.shared.limits.max_queued_bytes_total
+        );
         for (id, c) in &router.clients {
             if c.role != Role::Backend {
                 assert!(c.filters.len() <= self.shared.limits.max_subscriptions);
-                assert!(c.queued.load(Ordering::Relaxed) <= self.shared.limits.max_queued_bytes);
+                assert!(
+                    c.queued.own.load(Ordering::Relaxed) <= self.shared.limits.max_queued_bytes
+                );
             }
             for (group, filter) in &c.filters {
                 if group.is_none() && super::router::valid_topic(filter) {

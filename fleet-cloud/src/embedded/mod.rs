@@ -35,9 +35,10 @@ mod admission;
 mod codec;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod receipt;
 mod router;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -185,7 +186,7 @@ struct Client {
     fingerprint: String,
     tx: mpsc::Sender<Message>,
     /// Bytes queued in `tx`, and the most it may hold.
-    queued: Arc<AtomicUsize>,
+    queued: QueueBytes,
     max_queued: usize,
     kick: Option<oneshot::Sender<Kick>>,
     /// (group, filter) of each subscription, to undo them.
@@ -198,8 +199,54 @@ struct Registration {
     conn: u64,
     rx: mpsc::Receiver<Message>,
     kick: oneshot::Receiver<Kick>,
-    queued: Arc<AtomicUsize>,
+    queued: QueueBytes,
 }
+
+/// Bytes waiting in one client's queue, counted also in the total of every
+/// client that is not a backend.
+#[derive(Clone)]
+struct QueueBytes {
+    own: Arc<AtomicUsize>,
+    /// `None` for a backend client (its queue is bounded by its own rules).
+    total: Option<Arc<AtomicUsize>>,
+}
+
+impl QueueBytes {
+    fn add(&self, n: usize) {
+        self.own.fetch_add(n, Ordering::Relaxed);
+        if let Some(t) = &self.total {
+            t.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn sub(&self, n: usize) {
+        self.own.fetch_sub(n, Ordering::Relaxed);
+        if let Some(t) = &self.total {
+            t.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Bytes of a partly received packet a connection may hold without a share
+/// of [`ClientLimits::max_partial_packet_bytes`].
+const SMALL_PACKET: usize = 16 * 1024;
+
+/// How long a connection waits for a share of the partial-packet budget
+/// before it is closed as "server busy".
+const BUDGET_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a client has to finish sending a packet larger than
+/// [`SMALL_PACKET`] once it has begun.
+const PACKET_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bytes of queued messages written to a client at once: a client that
+/// stops reading holds this much of the broker's memory (besides its
+/// queue) while the write waits.
+const WRITE_CHUNK: usize = 16 * 1024;
+
+/// How long a client may leave the broker's writes unread before it is
+/// disconnected (its queue is then freed).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a publisher waits for room in a full subscriber queue before
 /// the message is dropped for that subscriber.
@@ -221,14 +268,19 @@ impl Router {
     /// messages or bytes) drops it for that client, so a device that stops
     /// reading never holds up whoever publishes to it. Whether it was
     /// queued.
-    fn offer(c: &Client, m: Message) -> bool {
+    fn offer(c: &Client, m: Message, max_total: usize) -> bool {
         let size = router::retained_size(&m);
-        if c.queued.load(Ordering::Relaxed) + size > c.max_queued {
+        if c.queued.own.load(Ordering::Relaxed) + size > c.max_queued {
+            return false;
+        }
+        if let Some(total) = &c.queued.total
+            && total.load(Ordering::Relaxed) + size > max_total
+        {
             return false;
         }
         let sent = c.tx.try_send(m).is_ok();
         if sent {
-            c.queued.fetch_add(size, Ordering::Relaxed);
+            c.queued.add(size);
         }
         sent
     }
@@ -245,6 +297,10 @@ struct Shared {
     handshake_timeout: Duration,
     limits: ClientLimits,
     directory: Option<Arc<dyn Directory>>,
+    /// Bytes queued for every client that is not a backend.
+    queued_total: Arc<AtomicUsize>,
+    /// Partly received packets larger than [`SMALL_PACKET`], in KiB.
+    partial_budget: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -275,11 +331,15 @@ impl Shared {
     /// as TCP would slow it) before it reads more, and drops them only
     /// after [`BLOCKED_SEND_TIMEOUT`]. Any other full queue drops the
     /// message for that client only.
+    ///
+    /// With a `receipt`, each QoS 1 delivery to a backend client carries a
+    /// token of it, to be acknowledged by that client.
     fn route(
         &self,
         message: &Message,
         owner: &str,
         owner_role: Role,
+        receipt: Option<&receipt::Receipt>,
     ) -> Result<Vec<(mpsc::Sender<Message>, Message)>, PubAckCode> {
         let mut blocked = Vec::new();
         let compiled = self.policy();
@@ -300,7 +360,7 @@ impl Shared {
             m.qos = m.qos.min(1);
             m.retain = false;
             m.properties = None;
-            if !Router::offer(c, m) {
+            if !Router::offer(c, m, self.limits.max_queued_bytes_total) {
                 self.note_dropped(client);
             }
         }
@@ -311,8 +371,11 @@ impl Shared {
             let mut m = message.clone();
             m.qos = m.qos.min(qos).min(1);
             m.retain = false;
+            if c.role == Role::Backend && m.qos > 0 {
+                m.receipt = receipt.map(receipt::Receipt::delivery);
+            }
             if c.role != Role::Backend {
-                if !Router::offer(c, m) {
+                if !Router::offer(c, m, self.limits.max_queued_bytes_total) {
                     self.note_dropped(client);
                 }
                 continue;
@@ -370,7 +433,12 @@ impl Shared {
             tracing::debug!(owner, topic = message.topic, "retained quota exceeded");
             return Err(PubAckCode::QuotaExceeded);
         }
-        if let Some((_, old_owner)) = router.retained.insert(message.clone(), owner) {
+        // Kept for long: a copy of its own, not a slice that would keep
+        // the whole read buffer it came in alive.
+        let mut kept = message.clone();
+        kept.payload = bytes::Bytes::copy_from_slice(&message.payload);
+        kept.receipt = None;
+        if let Some((_, old_owner)) = router.retained.insert(kept, owner) {
             release(router, &old_owner);
         }
         *router.retained_by.entry(owner.to_owned()).or_default() += 1;
@@ -433,7 +501,10 @@ impl Shared {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel::<Message>(self.queue_capacity);
         let (kick_tx, kick) = oneshot::channel::<Kick>();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = QueueBytes {
+            own: Arc::new(AtomicUsize::new(0)),
+            total: (role != Role::Backend).then(|| self.queued_total.clone()),
+        };
         router.clients.insert(
             client_id.to_owned(),
             Client {
@@ -579,6 +650,14 @@ impl EmbeddedBroker {
             handshake_timeout: config.handshake_timeout,
             limits: config.limits.clone(),
             directory: config.directory.clone(),
+            queued_total: Arc::new(AtomicUsize::new(0)),
+            partial_budget: Arc::new(Semaphore::new(
+                config
+                    .limits
+                    .max_partial_packet_bytes
+                    .div_ceil(1024)
+                    .clamp(1, Semaphore::MAX_PERMITS),
+            )),
         });
         let (stop, stopped) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -1074,16 +1153,19 @@ async fn connection(
         next_pkid: 0,
         blocked: Vec::new(),
         queued,
+        owed: VecDeque::new(),
+        awaiting: HashMap::new(),
     };
     // The client is gone after one and a half keep-alive periods of silence.
     let keep_alive = Duration::from_millis(u64::from(granted_keep_alive) * 1500);
     let mut clean_exit = false;
+    // A share of the partial-packet budget while a large packet comes in,
+    // and when it must be complete.
+    let mut large: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)> = None;
     let result: Result<(), String> = async {
         loop {
             if !session.out.buf.is_empty() {
-                wr.write_all(&session.out.buf)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write_out(&mut wr, &session.out.buf).await?;
                 session.out.buf.clear();
             }
             // Flow control: this client's messages wait for room in a full
@@ -1102,10 +1184,8 @@ async fn connection(
                         }
                         own = rx.recv() => {
                             let Some(own) = own else { return Err("queue closed".into()) };
-                            session.deliver_queued(&own);
-                            wr.write_all(&session.out.buf)
-                                .await
-                                .map_err(|e| e.to_string())?;
+                            session.deliver_queued(own);
+                            write_out(&mut wr, &session.out.buf).await?;
                             session.out.buf.clear();
                         }
                         () = tokio::time::sleep_until(deadline) => {
@@ -1124,30 +1204,49 @@ async fn connection(
                         Ok(Kick::NotAuthorized) => DisconnectReasonCode::NotAuthorized,
                     };
                     session.out.disconnect(reason);
-                    let _ = wr.write_all(&session.out.buf).await;
+                    let _ = write_out(&mut wr, &session.out.buf).await;
                     // Taken over: the newer connection is the client now, no will.
                     clean_exit = matches!(reason, DisconnectReasonCode::SessionTakenOver);
                     return Err(format!("disconnected by the broker: {reason:?}"));
                 }
+                () = session.next_settled() => {
+                    if let Err(e) = session.settle_acks() {
+                        // No PUBACK: the device sends it again when it
+                        // reconnects.
+                        session.out.disconnect(DisconnectReasonCode::UnspecifiedError);
+                        let _ = write_out(&mut wr, &session.out.buf).await;
+                        return Err(e);
+                    }
+                }
                 _ = stopped.changed() => {
                     session.out.disconnect(DisconnectReasonCode::ServerShuttingDown);
-                    let _ = wr.write_all(&session.out.buf).await;
+                    let _ = write_out(&mut wr, &session.out.buf).await;
                     return Err("broker shutting down".into());
                 }
                 m = rx.recv() => {
                     let Some(m) = m else { return Err("queue closed".into()) };
-                    session.deliver_queued(&m);
+                    session.deliver_queued(m);
                     // Drain what is queued without waiting, one write.
                     while let Ok(m) = rx.try_recv() {
-                        session.deliver_queued(&m);
-                        if session.out.buf.len() > 64 * 1024 {
+                        session.deliver_queued(m);
+                        if session.out.buf.len() > WRITE_CHUNK {
                             break;
                         }
                     }
                 }
                 r = async {
-                    tokio::time::timeout(keep_alive, rd.read_buf(&mut buf)).await
-                        .map_err(|_| "keep-alive timeout".to_string())
+                    // A large packet begun must be finished in time.
+                    let limit = match &large {
+                        Some((_, deadline)) => keep_alive
+                            .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+                        None => keep_alive,
+                    };
+                    tokio::time::timeout(limit, rd.read_buf(&mut buf)).await
+                        .map_err(|_| if large.is_some() {
+                            "a large packet was not finished in time".to_string()
+                        } else {
+                            "keep-alive timeout".to_string()
+                        })
                 } => {
                     let n = r?.map_err(|e| e.to_string())?;
                     if n == 0 {
@@ -1159,11 +1258,40 @@ async fn connection(
                                 clean_exit = true;
                                 return Ok(());
                             }
-                            Ok(p) => session.handle(p)?,
-                            Err(ReadError::Incomplete) => break,
+                            Ok(p) => {
+                                // The large packet (if any) is in: its share
+                                // goes back.
+                                large = None;
+                                session.handle(p)?;
+                            }
+                            Err(ReadError::Incomplete) => {
+                                if buf.len() >= SMALL_PACKET && large.is_none() {
+                                    let need = codec::declared_len(&buf)
+                                        .unwrap_or(shared.max_packet)
+                                        .min(shared.max_packet);
+                                    let kib = u32::try_from(need.div_ceil(1024)).unwrap_or(u32::MAX);
+                                    let share = tokio::time::timeout(
+                                        BUDGET_WAIT,
+                                        shared.partial_budget.clone().acquire_many_owned(kib),
+                                    )
+                                    .await;
+                                    let Ok(Ok(share)) = share else {
+                                        session.out.disconnect(DisconnectReasonCode::ServerBusy);
+                                        let _ = write_out(&mut wr, &session.out.buf).await;
+                                        return Err("no room for another large packet".into());
+                                    };
+                                    large = Some((share, tokio::time::Instant::now() + PACKET_TIMEOUT));
+                                }
+                                // Nothing left over: a buffer grown for a
+                                // large packet is given back.
+                                if buf.is_empty() && buf.capacity() > SMALL_PACKET {
+                                    buf = BytesMut::new();
+                                }
+                                break;
+                            }
                             Err(ReadError::Malformed(e)) => {
                                 session.out.disconnect(DisconnectReasonCode::MalformedPacket);
-                                let _ = wr.write_all(&session.out.buf).await;
+                                let _ = write_out(&mut wr, &session.out.buf).await;
                                 return Err(format!("malformed packet: {e}"));
                             }
                         }
@@ -1173,8 +1301,12 @@ async fn connection(
         }
     }
     .await;
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
+    drop(large);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+    })
+    .await;
 
     // Unregister (unless a newer connection took the id), then the will.
     shared.unregister(&client_id, conn);
@@ -1183,7 +1315,10 @@ async fn connection(
         && publish_refusal(&shared, &identity, role, &client_id, &will).is_none()
     {
         // Nobody reads this connection any more: a full queue drops it.
-        for (_, m) in shared.route(&will, &identity, role).unwrap_or_default() {
+        for (_, m) in shared
+            .route(&will, &identity, role, None)
+            .unwrap_or_default()
+        {
             shared.note_dropped(&m.topic);
         }
     }
@@ -1203,20 +1338,112 @@ struct Session<'a> {
     /// Deliveries waiting for room in a full client queue.
     blocked: Vec<(mpsc::Sender<Message>, Message)>,
     /// Bytes waiting in this client's queue.
-    queued: Arc<AtomicUsize>,
+    queued: QueueBytes,
+    /// PUBACKs owed to this client, in the order its PUBLISHes came: each
+    /// waits for its receipt (if any) and goes out once those before it
+    /// have.
+    owed: VecDeque<OwedAck>,
+    /// A backend client's deliveries it has yet to acknowledge, by packet
+    /// id.
+    awaiting: HashMap<u16, receipt::Delivery>,
 }
 
+/// Writes `bytes` to a client, or fails if it leaves them unread for
+/// [`WRITE_TIMEOUT`].
+async fn write_out<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    bytes: &[u8],
+) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the client left the broker's writes unread".into()),
+    }
+}
+
+/// A PUBACK owed to a publisher.
+struct OwedAck {
+    pkid: u16,
+    code: PubAckCode,
+    /// Resolves when the services have the message (`false`: they lost it).
+    stored: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// The services lost it (seen while waiting).
+    lost: bool,
+    deadline: tokio::time::Instant,
+}
+
+/// How long a publisher's PUBACK may wait for the services before its
+/// connection is closed (and the device sends again).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Session<'_> {
-    /// Delivers a message taken from this client's queue.
-    fn deliver_queued(&mut self, m: &Message) {
+    /// Delivers a message taken from this client's queue; a backend
+    /// client's QoS 1 delivery is remembered until it acknowledges it.
+    fn deliver_queued(&mut self, mut m: Message) {
         if self.role != Role::Backend {
-            self.queued
-                .fetch_sub(router::retained_size(m), Ordering::Relaxed);
+            self.queued.sub(router::retained_size(&m));
         }
-        self.deliver(m);
+        let receipt = m.receipt.take();
+        let pkid = self.deliver(&m);
+        if let Some(r) = receipt
+            && let Some(pkid) = pkid
+            && m.qos > 0
+        {
+            // An id still awaited from 65,535 deliveries ago is given up.
+            self.awaiting.insert(pkid, r);
+        }
     }
 
-    fn deliver(&mut self, m: &Message) {
+    /// Sends the PUBACKs whose turn has come; an error if the services
+    /// lost a message (the connection is then closed without its PUBACK).
+    fn settle_acks(&mut self) -> Result<(), String> {
+        while let Some(front) = self.owed.front_mut() {
+            if front.lost {
+                return Err("the services did not take a message; not acknowledged".into());
+            }
+            if let Some(stored) = &mut front.stored {
+                match stored.try_recv() {
+                    Ok(true) => {}
+                    Ok(false) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        return Err("the services did not take a message; not acknowledged".into());
+                    }
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                        if tokio::time::Instant::now() >= front.deadline {
+                            return Err("the services did not acknowledge in time".into());
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            let (pkid, code) = (front.pkid, front.code);
+            self.owed.pop_front();
+            self.out.puback(pkid, code);
+        }
+        Ok(())
+    }
+
+    /// Waits until the first owed PUBACK may be settled (its receipt
+    /// resolved, or its deadline passed).
+    async fn next_settled(&mut self) {
+        let Some(front) = self.owed.front_mut() else {
+            return std::future::pending().await;
+        };
+        let Some(stored) = &mut front.stored else {
+            return;
+        };
+        // A resolved receiver yields its value once: keep what it said.
+        match tokio::time::timeout_at(front.deadline, stored).await {
+            Ok(Ok(true)) => front.stored = None,
+            Ok(Ok(false) | Err(_)) => {
+                front.stored = None;
+                front.lost = true;
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Writes a message to the client; the packet id it was sent with, if
+    /// it was sent at QoS 1.
+    fn deliver(&mut self, m: &Message) -> Option<u16> {
         let pkid = if m.qos > 0 {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             self.next_pkid
@@ -1228,7 +1455,9 @@ impl Session<'_> {
                 client = self.client_id,
                 "message larger than the client accepts; dropped"
             );
+            return None;
         }
+        (pkid != 0).then_some(pkid)
     }
 
     fn handle(&mut self, packet: In) -> Result<(), String> {
@@ -1244,6 +1473,7 @@ impl Session<'_> {
                     return Err(format!("invalid topic {:?}", message.topic));
                 }
                 let qos = message.qos;
+                let mut stored = None;
                 let mut code = publish_refusal(
                     self.shared,
                     self.identity,
@@ -1261,10 +1491,18 @@ impl Session<'_> {
                             &mut message,
                         );
                     }
-                    match self.shared.route(&message, self.identity, self.role) {
+                    // A device's QoS 1 message is acknowledged once the
+                    // services that receive it have it.
+                    let receipt =
+                        (qos == 1 && self.role != Role::Backend).then(receipt::Receipt::new);
+                    match self
+                        .shared
+                        .route(&message, self.identity, self.role, receipt.as_ref())
+                    {
                         Ok(blocked) => self.blocked.extend(blocked),
                         Err(refused) => code = Some(refused),
                     }
+                    stored = receipt.map(receipt::Receipt::seal);
                 } else {
                     tracing::debug!(
                         identity = self.identity,
@@ -1274,7 +1512,16 @@ impl Session<'_> {
                     );
                 }
                 match qos {
-                    1 => self.out.puback(pkid, code.unwrap_or(PubAckCode::Success)),
+                    1 => {
+                        self.owed.push_back(OwedAck {
+                            pkid,
+                            code: code.unwrap_or(PubAckCode::Success),
+                            stored,
+                            lost: false,
+                            deadline: tokio::time::Instant::now() + ACK_TIMEOUT,
+                        });
+                        self.settle_acks()?;
+                    }
                     2 => self.out.pubrec(pkid),
                     _ => {}
                 }
@@ -1353,7 +1600,7 @@ impl Session<'_> {
                 }
                 self.out.suback(pkid, &granted);
                 for m in &retained {
-                    self.deliver(m);
+                    let _ = self.deliver(m);
                 }
             }
             In::Unsubscribe { pkid, filters } => {
@@ -1387,7 +1634,12 @@ impl Session<'_> {
                 self.out.disconnect(DisconnectReasonCode::ProtocolError);
                 return Err("a packet only a server sends".into());
             }
-            In::PubAck | In::Disconnect => {}
+            In::PubAck(pkid) => {
+                if let Some(d) = self.awaiting.remove(&pkid) {
+                    d.acknowledge();
+                }
+            }
+            In::Disconnect => {}
         }
         Ok(())
     }

@@ -54,7 +54,9 @@ struct Group {
 
 #[derive(Default)]
 struct Node {
-    children: HashMap<String, Node>,
+    /// Boxed: a map's slot is a pointer, not a whole node (most maps
+    /// hold one child, and a map has room for several).
+    children: HashMap<Box<str>, Box<Node>>,
     /// Client id -> granted QoS.
     subscribers: HashMap<String, u8>,
     shared: BTreeMap<String, Group>,
@@ -64,7 +66,7 @@ struct Node {
 /// deep as the trie.
 impl Drop for Node {
     fn drop(&mut self) {
-        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        let mut stack: Vec<Box<Node>> = self.children.drain().map(|(_, n)| n).collect();
         while let Some(mut n) = stack.pop() {
             stack.extend(n.children.drain().map(|(_, c)| c));
         }
@@ -92,7 +94,7 @@ impl Subscriptions {
     pub(super) fn insert(&mut self, client: &str, group: Option<&str>, filter: &str, qos: u8) {
         let mut node = &mut self.root;
         for level in filter.split('/') {
-            node = node.children.entry(level.to_owned()).or_default();
+            node = node.children.entry(Box::from(level)).or_default();
         }
         match group {
             None => {
@@ -245,14 +247,14 @@ pub(super) struct Retained {
 
 #[derive(Default)]
 struct RetainedNode {
-    children: HashMap<String, RetainedNode>,
+    children: HashMap<Box<str>, Box<RetainedNode>>,
     /// The message and the identity that retained it.
     message: Option<(Message, Box<str>)>,
 }
 
 impl Drop for RetainedNode {
     fn drop(&mut self) {
-        let mut stack: Vec<RetainedNode> = self.children.drain().map(|(_, n)| n).collect();
+        let mut stack: Vec<Box<RetainedNode>> = self.children.drain().map(|(_, n)| n).collect();
         while let Some(mut n) = stack.pop() {
             stack.extend(n.children.drain().map(|(_, c)| c));
         }
@@ -298,7 +300,7 @@ impl Retained {
     pub(super) fn insert(&mut self, m: Message, owner: &str) -> Option<(Message, Box<str>)> {
         let mut node = &mut self.root;
         for level in m.topic.split('/') {
-            node = node.children.entry(level.to_owned()).or_default();
+            node = node.children.entry(Box::from(level)).or_default();
         }
         self.count += 1;
         self.bytes += retained_size(&m);
@@ -361,14 +363,14 @@ impl Retained {
                         .children
                         .iter()
                         .filter(|(name, _)| depth > 0 || !name.starts_with('$'))
-                        .map(|(_, c)| c)
+                        .map(|(_, c)| &**c)
                         .collect();
                     while let Some(n) = all.pop() {
                         if out.len() >= limit {
                             break;
                         }
                         out.extend(n.message());
-                        all.extend(n.children.values());
+                        all.extend(n.children.values().map(|c| &**c));
                     }
                 }
                 Some(&"+") => {
@@ -478,6 +480,7 @@ mod tests {
             qos: 0,
             retain: true,
             properties: None,
+            receipt: None,
         };
         retained.insert(m(&deep), "c");
         assert_eq!(retained.matching("a/#", 10).len(), 1);
@@ -500,6 +503,7 @@ mod tests {
                 qos: 1,
                 retain: true,
                 properties: None,
+                receipt: None,
             };
             retained.insert(m, "owner");
         }

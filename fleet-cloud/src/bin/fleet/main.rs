@@ -253,6 +253,11 @@ struct ServeArgs {
     /// Do not serve the management API.
     #[arg(long)]
     no_api: bool,
+    /// Route device telemetry (`dt/{thing}/...`) to this JSON-lines file
+    /// (one line per message, written and synced before the message is
+    /// acknowledged); undeliverable records go to `{file}.dead-letters`.
+    #[arg(long)]
+    telemetry_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -437,8 +442,21 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             revoker: embedded.as_ref().map(EmbeddedBroker::revoker),
         })
     };
+    let telemetry = args.telemetry_file.as_ref().map(|file| {
+        let mut dead = file.clone().into_os_string();
+        dead.push(".dead-letters");
+        fleet_cloud::telemetry::TelemetryRouter::new(
+            vec![fleet_cloud::telemetry::Rule {
+                filter: "dt/#".into(),
+                predicate: None,
+                sink: std::sync::Arc::new(fleet_cloud::telemetry::JsonLinesSink::new(file)),
+            }],
+            std::path::Path::new(&dead),
+        )
+    });
     let extras = Extras {
         provisioning,
+        telemetry,
         ..Extras::default()
     };
     let result = if let Some(pg) = pg {
