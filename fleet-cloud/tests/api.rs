@@ -88,7 +88,7 @@ impl Fixture {
                     Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap(),
                 )),
                 claim_identities: vec!["claim@factory".into()],
-                on_thing_denied: None,
+                on_standing_changed: None,
                 on_revoke: Some(Arc::new(move |id: &str| {
                     seen.lock().unwrap().push(id.to_string())
                 })),

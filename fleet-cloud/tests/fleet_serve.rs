@@ -987,3 +987,139 @@ async fn memory_stays_bounded_under_1000_hostile_clients() {
         "fleet serve took {peak} KiB at the peak, over the bound of {BOUND_KIB} KiB"
     );
 }
+
+/// With Mosquitto, `fleet serve --mosquitto-acl` keeps the broker's ACL
+/// current: a thing disabled through the API is denied at once (the ACL is
+/// rewritten and Mosquitto signalled), and let back in when enabled again,
+/// with nothing restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mosquitto_disabling_a_thing_applies_at_once() {
+    let broker = Broker::start().expect("start mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let backend = broker.backend_identity().unwrap();
+    std::fs::write(d.join("backend.pem"), backend.cert_pem).unwrap();
+    std::fs::write(d.join("backend.key"), backend.key_pem).unwrap();
+    std::fs::write(d.join("ca.pem"), broker.pki().ca_pem()).unwrap();
+    let server = broker.pki().server_identity().unwrap();
+    std::fs::write(d.join("server.pem"), server.cert_pem).unwrap();
+    std::fs::write(d.join("server.key"), server.key_pem).unwrap();
+    std::fs::write(
+        d.join("mosquitto.pid"),
+        broker.pid().expect("mosquitto runs").to_string(),
+    )
+    .unwrap();
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut fleet = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .arg("serve")
+        .arg("--broker")
+        .arg(format!("localhost:{}", broker.port()))
+        .arg("--dir")
+        .arg(d)
+        .arg("--api")
+        .arg(format!("127.0.0.1:{api_port}"))
+        .arg("--mosquitto-acl")
+        .arg(broker.dir().join("acl"))
+        .arg("--broker-pid-file")
+        .arg(d.join("mosquitto.pid"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleet serve");
+
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    for c in CertificateDer::pem_slice_iter(broker.pki().ca_pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let mut token = None;
+    for _ in 0..100 {
+        if let Ok(t) = std::fs::read_to_string(d.join("admin.token"))
+            && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
+        {
+            token = Some(t.trim().to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = token.expect("fleet serve wrote its admin token and serves the API");
+    let api = |method: reqwest::Method, path: &str, body: Value| {
+        http.request(method, format!("https://localhost:{api_port}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let created = api(
+        reqwest::Method::POST,
+        "/v1/things",
+        serde_json::json!({"name": "dev-a"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), reqwest::StatusCode::CREATED);
+
+    let mut dev = device(&broker).await;
+    get(&mut dev).await;
+
+    // Disabled: within moments its requests reach nobody.
+    let disabled = api(
+        reqwest::Method::PUT,
+        "/v1/things/dev-a/enabled",
+        serde_json::json!({"enabled": false}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(disabled.status(), reqwest::StatusCode::OK);
+    let mut denied = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let acl = std::fs::read_to_string(broker.dir().join("acl")).unwrap();
+        if !acl.contains("user dev-a") {
+            continue;
+        }
+        // Mosquitto applies it on SIGHUP; what was in flight drains first.
+        while dev.recv(Duration::from_millis(300)).await.is_some() {}
+        dev.publish("$aws/things/dev-a/shadow/get", "{}")
+            .await
+            .unwrap();
+        if dev.recv(Duration::from_secs(1)).await.is_none() {
+            denied = true;
+            break;
+        }
+    }
+    assert!(denied, "a disabled thing was still answered");
+
+    // Enabled again: answered again, nothing restarted.
+    let enabled = api(
+        reqwest::Method::PUT,
+        "/v1/things/dev-a/enabled",
+        serde_json::json!({"enabled": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(enabled.status(), reqwest::StatusCode::OK);
+    let doc = get(&mut dev).await;
+    assert!(
+        doc.get("version").is_some() || doc.get("code").is_some(),
+        "{doc}"
+    );
+    fleet.kill().unwrap();
+    fleet.wait().unwrap();
+}

@@ -300,6 +300,12 @@ impl Broker {
         Ok(())
     }
 
+    /// The Mosquitto process's id (`None` for the embedded broker, or when
+    /// stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything Mosquitto has logged so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()

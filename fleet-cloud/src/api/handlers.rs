@@ -260,8 +260,8 @@ async fn delete_thing(
     Path(thing): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     api.registry.delete_thing(&thing).await?;
-    if let Some(hook) = &api.on_thing_denied {
-        hook(&thing);
+    if let Some(hook) = &api.on_standing_changed {
+        hook(&thing, false);
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -288,10 +288,8 @@ async fn set_enabled(
     ApiJson(body): ApiJson<SetEnabled>,
 ) -> Result<axum::Json<ThingView>, ApiError> {
     api.registry.set_enabled(&thing, body.enabled).await?;
-    if !body.enabled
-        && let Some(hook) = &api.on_thing_denied
-    {
-        hook(&thing);
+    if let Some(hook) = &api.on_standing_changed {
+        hook(&thing, body.enabled);
     }
     let t = api.registry.thing(&thing).await?;
     Ok(axum::Json(t.into()))

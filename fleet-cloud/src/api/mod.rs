@@ -55,8 +55,9 @@ use crate::{
 /// Called with a certificate's id after the API revoked it.
 pub type RevocationHook = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Called with a thing's name after the API disabled or deleted it.
-pub type ThingHook = Arc<dyn Fn(&str) + Send + Sync>;
+/// Called with a thing's name after the API enabled, disabled or deleted
+/// it, and whether it may connect now (enabled: `true`).
+pub type ThingHook = Arc<dyn Fn(&str, bool) + Send + Sync>;
 
 /// What the API serves.
 #[derive(Clone)]
@@ -81,9 +82,11 @@ pub struct ApiServices {
     /// Called with a certificate's id after it was revoked (to tell the
     /// broker).
     pub on_revoke: Option<RevocationHook>,
-    /// Called with a thing's name after it was disabled or deleted (to cut
-    /// its connections at once: [`Revoker::disconnect_identity`](crate::Revoker::disconnect_identity)).
-    pub on_thing_denied: Option<ThingHook>,
+    /// Called with a thing's name after it was enabled, disabled or
+    /// deleted: to cut a denied thing's connections at once
+    /// ([`Revoker::disconnect_identity`](crate::Revoker::disconnect_identity)),
+    /// or to rewrite an external broker's ACL.
+    pub on_standing_changed: Option<ThingHook>,
     /// The provisioning templates served.
     pub templates: Vec<ProvisioningTemplate>,
 }

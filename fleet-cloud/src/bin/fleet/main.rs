@@ -258,6 +258,73 @@ struct ServeArgs {
     /// acknowledged); undeliverable records go to `{file}.dead-letters`.
     #[arg(long)]
     telemetry_file: Option<PathBuf>,
+    /// External broker (Mosquitto): the ACL file to keep current. It is
+    /// written at start, and again whenever a certificate is revoked or a
+    /// thing is enabled, disabled or deleted through the API: a disabled
+    /// thing, or one whose every certificate is revoked, is denied
+    /// everything.
+    #[arg(long, requires = "broker")]
+    mosquitto_acl: Option<PathBuf>,
+    /// The broker's pid file (Mosquitto's `pid_file`): after each rewrite of
+    /// `--mosquitto-acl` that process gets SIGHUP, on which Mosquitto
+    /// re-reads its ACL and applies it to connected clients too.
+    #[arg(long, requires = "mosquitto_acl")]
+    broker_pid_file: Option<PathBuf>,
+}
+
+/// An external broker's ACL file, rewritten from the registry when a
+/// thing's standing changes, and the broker told to apply it.
+struct AclFile {
+    registry: Registry,
+    policy: BrokerPolicy,
+    path: PathBuf,
+    pid_file: Option<PathBuf>,
+    /// One rewrite at a time: each reads the registry afresh, so the last
+    /// written is the latest.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl AclFile {
+    /// Writes the ACL (atomically: a new file renamed over the old) and
+    /// signals the broker.
+    async fn refresh(&self) -> Result<(), Box<dyn std::error::Error>> {
+        let _one = self.writing.lock().await;
+        let policy = BrokerPolicy {
+            denied_identities: self.registry.denied_identities().await?,
+            ..self.policy.clone()
+        };
+        let acl = policy.try_mosquitto_acl()?;
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".new");
+        std::fs::write(&tmp, acl)?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(pid_file) = &self.pid_file {
+            let pid = std::fs::read_to_string(pid_file)
+                .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+            let pid: u32 = pid
+                .trim()
+                .parse()
+                .map_err(|_| format!("{}: not a process id", pid_file.display()))?;
+            let status = std::process::Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()?;
+            if !status.success() {
+                return Err(format!("kill -HUP {pid} failed: {status}").into());
+            }
+        }
+        tracing::info!(acl = %self.path.display(), "broker ACL rewritten");
+        Ok(())
+    }
+
+    /// [`refresh`](Self::refresh) in the background (from a hook).
+    fn refresh_soon(self: &std::sync::Arc<Self>) {
+        let acl = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = acl.refresh().await {
+                tracing::error!("rewriting the broker ACL failed: {e}");
+            }
+        });
+    }
 }
 
 fn main() -> ExitCode {
@@ -377,7 +444,8 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
     // asks the registry whether each device may connect.
     let mut embedded = None;
     if let Some(mut broker_config) = embedded_config {
-        broker_config.policy.denied_identities = registry.denied_identities().await?;
+        // The registry decides at each CONNECT (a list of denied
+        // identities fixed now would outlive a thing's re-enabling).
         broker_config.directory = Some(std::sync::Arc::new(registry.clone()));
         let b = EmbeddedBroker::start(broker_config).await?;
         b.revoke(registry.revoked_certificates().await?);
@@ -411,6 +479,24 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
         }
         _ => None,
     };
+    let acl = match &args.mosquitto_acl {
+        Some(path) => {
+            let acl = std::sync::Arc::new(AclFile {
+                registry: registry.clone(),
+                policy: BrokerPolicy {
+                    prefix: args.prefix.clone(),
+                    claim_identities: args.claims.clone(),
+                    ..BrokerPolicy::default()
+                },
+                path: path.clone(),
+                pid_file: args.broker_pid_file.clone(),
+                writing: tokio::sync::Mutex::new(()),
+            });
+            acl.refresh().await?;
+            Some(acl)
+        }
+        None => None,
+    };
     let api = if args.no_api {
         None
     } else {
@@ -440,6 +526,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             claim_ca: ca_key.clone(),
             claim_identities: args.claims.clone(),
             revoker: embedded.as_ref().map(EmbeddedBroker::revoker),
+            acl: acl.clone(),
         })
     };
     let telemetry = args.telemetry_file.as_ref().map(|file| {
@@ -634,6 +721,7 @@ struct ApiSetup {
     claim_ca: Option<std::sync::Arc<Pki>>,
     claim_identities: Vec<String>,
     revoker: Option<fleet_cloud::Revoker>,
+    acl: Option<std::sync::Arc<AclFile>>,
 }
 
 /// Writes a file only its owner may read.
@@ -679,13 +767,28 @@ async fn run<S: ShadowStore + JobStore + Clone>(
                 publisher: running.publisher(),
                 claim_ca: a.claim_ca,
                 claim_identities: a.claim_identities,
-                on_revoke: revoker.clone().map(|r| {
-                    std::sync::Arc::new(move |id: &str| r.revoke([id.to_string()]))
-                        as fleet_cloud::api::RevocationHook
+                on_revoke: (revoker.is_some() || a.acl.is_some()).then(|| {
+                    let (revoker, acl) = (revoker.clone(), a.acl.clone());
+                    std::sync::Arc::new(move |id: &str| {
+                        if let Some(r) = &revoker {
+                            r.revoke([id.to_string()]);
+                        }
+                        if let Some(acl) = &acl {
+                            acl.refresh_soon();
+                        }
+                    }) as fleet_cloud::api::RevocationHook
                 }),
-                on_thing_denied: revoker.map(|r| {
-                    std::sync::Arc::new(move |thing: &str| {
-                        r.disconnect_identity(thing);
+                on_standing_changed: (revoker.is_some() || a.acl.is_some()).then(|| {
+                    let (revoker, acl) = (revoker.clone(), a.acl.clone());
+                    std::sync::Arc::new(move |thing: &str, allowed: bool| {
+                        if let Some(r) = &revoker
+                            && !allowed
+                        {
+                            r.disconnect_identity(thing);
+                        }
+                        if let Some(acl) = &acl {
+                            acl.refresh_soon();
+                        }
                     }) as fleet_cloud::api::ThingHook
                 }),
                 templates: vec![default_template()],
