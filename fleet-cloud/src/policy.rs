@@ -159,6 +159,10 @@ impl BrokerPolicy {
         // AWS IoT's limit; the backend accepts more, so nothing a device
         // may send can be refused by it.
         conf.push_str("max_packet_size 131072\n");
+        // The backend's persistent session keeps what comes while it is
+        // away; Mosquitto's default of 1,000 queued messages would drop the
+        // rest, though the devices were told it arrived.
+        conf.push_str("max_queued_messages 100000\n");
         if let Some(user) = &l.run_as_user {
             let _ = writeln!(conf, "user {user}");
         }

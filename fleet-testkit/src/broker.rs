@@ -452,6 +452,13 @@ fn free_port() -> Result<u16, HarnessError> {
         .map_err(|e| HarnessError::io("find a free loopback port", e))
 }
 
+/// The `mosquitto` binary, for tests that run it with a configuration of
+/// their own: `$MOSQUITTO`, then `PATH`, then the sbin folders Debian
+/// installs it to. The error says how to install it.
+pub fn mosquitto_binary() -> Result<PathBuf, HarnessError> {
+    find_mosquitto(None)
+}
+
 /// Finds the `mosquitto` binary: `$MOSQUITTO`, then `PATH`, then the sbin
 /// folders Debian installs it to (not on a normal user's `PATH`).
 fn find_mosquitto(explicit: Option<&Path>) -> Result<PathBuf, HarnessError> {

@@ -707,11 +707,26 @@ fn write_setup(
         keyfile: abs.join("server.key"),
         acl_file: abs.join("acl"),
         persistence_dir: None,
-        // The key files belong to whoever ran this; so should the broker.
-        run_as_user: std::env::var("USER").ok().filter(|u| !u.is_empty()),
+        // The key files belong to whoever ran this; so should the broker
+        // (run as root without a `user` line, Mosquitto would become the
+        // `mosquitto` user, which cannot read them).
+        run_as_user: current_user(),
     };
     write("mosquitto.conf", &policy.mosquitto_conf(&listener), false)?;
     Ok(abs)
+}
+
+/// The name of the user running this: `$USER`, `$LOGNAME`, or `id -un`.
+fn current_user() -> Option<String> {
+    std::env::var("USER")
+        .ok()
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            let out = std::process::Command::new("id").arg("-un").output().ok()?;
+            let name = String::from_utf8(out.stdout).ok()?.trim().to_string();
+            (out.status.success() && !name.is_empty()).then_some(name)
+        })
 }
 
 /// What the management API needs besides the services.
