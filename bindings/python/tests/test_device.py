@@ -177,7 +177,7 @@ class Passes(fleet.SelfTest):
 async def test_ota_update_into_python_slots(cloud, tmp_path):
     release = fleet.generate_signing_key()
     receipt = fleet.generate_signing_key()
-    cloud.cli("thing", "create", "py-ota", "--attribute",
+    cloud.cli("thing", "set-attributes", "py-ota", "--attribute",
               "receiptKey=" + base64.b64encode(receipt.public_key).decode())
     image = bytes(i % 251 for i in range(40_000))
     envelope = fleet.sign_manifest(

@@ -195,7 +195,7 @@ class DeviceTest {
     fun otaUpdateIntoKotlinSlots(): Unit = runBlocking {
         val release = generateSigningKey()
         val receipt = generateSigningKey()
-        cloud.cli("thing", "create", "kt-ota", "--attribute", "receiptKey=" + Base64.getEncoder().encodeToString(receipt.publicKey))
+        cloud.cli("thing", "set-attributes", "kt-ota", "--attribute", "receiptKey=" + Base64.getEncoder().encodeToString(receipt.publicKey))
         val image = ByteArray(40_000) { (it % 251).toByte() }
         val envelope = signManifest(manifestForImage("kt-fw", "2.0.0", 2uL, image, listOf("rig-1")), listOf(release.secretKey))
         val dir = tmp()
