@@ -389,4 +389,20 @@ fn certs_init_writes_a_setup_and_usage_errors_are_code_2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A --store that names no store is refused before anything is
+    // written (a libpq key=value string used to become a SQLite file of
+    // that name).
+    for bad in ["mysql://db/fleet", "hots=db dbname=fleet", "sqlite:"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args(["serve", "--no-api", "--store", bad, "--dir"])
+            .arg(dir.path().join("serve"))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--store"), "{bad}: {stderr}");
+        assert!(!dir.path().join("serve").exists(), "{bad}");
+        assert!(!dir.path().join(bad).exists(), "{bad}");
+    }
 }

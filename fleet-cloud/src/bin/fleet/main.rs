@@ -36,6 +36,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fleet_cloud::api::{ApiConfig, ApiServices, serve_api};
 use fleet_cloud::pki::Pki;
+use fleet_cloud::store::StoreLocation;
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
     JobStore, JobsService, MemoryStore, MosquittoListener, PgLease, PgStore, ProvisioningService,
@@ -225,10 +226,12 @@ struct ServeArgs {
     /// The CA of the broker's certificate (PEM); default `{dir}/ca.pem`.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// A SQLite database path, `postgres://user@host/database` (several
-    /// instances may share it), or `memory`; default `{dir}/fleet.db`.
+    /// Where state is kept: `sqlite:PATH` (or a path), PostgreSQL as
+    /// `postgres://user@host/database` or `host=... dbname=...` (several
+    /// instances may share it), or `memory`; anything else is refused.
+    /// Default `{dir}/fleet.db`.
     #[arg(long)]
-    store: Option<String>,
+    store: Option<StoreLocation>,
     /// Embedded broker: a claim identity allowed to provision (its name
     /// contains `@`); repeatable. Provisioning by claim is served when
     /// `{dir}/ca.key` exists; with an external broker, only to devices that
@@ -428,11 +431,10 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
     let store = args
         .store
         .clone()
-        .unwrap_or_else(|| dir.join("fleet.db").display().to_string());
-    let pg = if store.starts_with("postgres://") || store.starts_with("postgresql://") {
-        Some(PgStore::connect(&store, 16).await?)
-    } else {
-        None
+        .unwrap_or_else(|| StoreLocation::Sqlite(dir.join("fleet.db")));
+    let pg = match &store {
+        StoreLocation::Postgres(url) => Some(PgStore::connect(url, 16).await?),
+        _ => None,
     };
     // With PostgreSQL, the registry (things, groups, certificates, API
     // tokens) is shared by every instance on the database too.
@@ -575,27 +577,27 @@ async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>
             tracing::warn!("lease: {e}");
         }
         result
-    } else if store == "memory" {
-        let extras = Extras {
-            streams: Some(StreamService::new()),
-            ..extras
-        };
-        run(config, MemoryStore::new(), &args.prefix, extras, api).await
-    } else {
-        if let Some(parent) = std::path::Path::new(&store).parent()
+    } else if let StoreLocation::Sqlite(path) = &store {
+        if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
             std::fs::create_dir_all(parent)?;
         }
-        let path = std::path::Path::new(&store);
         let s = SqliteStore::open(path)?;
-        tracing::info!("store: SQLite at {store}");
+        tracing::info!("store: SQLite at {}", path.display());
         // Release images are kept in the same database.
         let extras = Extras {
             streams: Some(StreamService::open(path)?),
             ..extras
         };
         run(config, s, &args.prefix, extras, api).await
+    } else {
+        // Memory: PostgreSQL and SQLite are served above.
+        let extras = Extras {
+            streams: Some(StreamService::new()),
+            ..extras
+        };
+        run(config, MemoryStore::new(), &args.prefix, extras, api).await
     };
     if let Some(b) = embedded {
         b.shutdown().await;
