@@ -10,8 +10,6 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -94,21 +92,8 @@ impl fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 fn tls(config: &BrokerConfig) -> Result<rustls::ClientConfig, StartError> {
-    let bad = |e: &dyn fmt::Display| StartError::Tls(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(config.ca_pem.as_bytes()) {
-        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-    }
-    let chain = CertificateDer::pem_slice_iter(config.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(&e))?;
-    let key = PrivateKeyDer::from_pem_slice(config.key_pem.as_bytes()).map_err(|e| bad(&e))?;
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&e))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| bad(&e))
+    crate::tls::client_config(&config.ca_pem, Some((&config.cert_pem, &config.key_pem)))
+        .map_err(|e| StartError::Tls(e.to_string()))
 }
 
 /// What a running service serves besides shadows.

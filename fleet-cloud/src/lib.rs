@@ -95,6 +95,8 @@ mod shadows;
 pub mod store;
 mod streams;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod tls;
 
 pub use broker::{
     BrokerConfig, Extras, PublishError, Publisher, RunningService, StartError, serve, serve_shadows,

@@ -192,8 +192,6 @@ fn split_tls(url: &str) -> (String, TlsParams) {
 
 /// The rustls client configuration for `tls` (`None`: no TLS asked for).
 fn tls_config(tls: &TlsParams) -> Result<Option<rustls::ClientConfig>, StoreError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |what: &str, e: &dyn fmt::Display| {
         StoreError::Backend(format!("PostgreSQL TLS: {what}: {e}"))
     };
@@ -212,36 +210,22 @@ fn tls_config(tls: &TlsParams) -> Result<Option<rustls::ClientConfig>, StoreErro
     if tls.mode.as_deref() == Some("disable") {
         return Ok(None);
     }
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(root).map_err(|e| bad(root, &e))? {
-        roots
-            .add(cert.map_err(|e| bad(root, &e))?)
-            .map_err(|e| bad(root, &e))?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad("protocol versions", &e))?
-    .with_root_certificates(roots);
-    let config = match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| bad(cert, &e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(cert, &e))?;
-            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| bad(cert, &e))?
-        }
-        (None, None) => builder.with_no_client_auth(),
+    let read = |path: &String| std::fs::read_to_string(path).map_err(|e| bad(path, &e));
+    let ca = read(root)?;
+    let identity = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        (None, None) => None,
         _ => {
             return Err(StoreError::Backend(
                 "PostgreSQL TLS: sslcert and sslkey go together".into(),
             ));
         }
     };
+    let config = crate::tls::client_config(
+        &ca,
+        identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+    )
+    .map_err(|e| bad(root, &e))?;
     Ok(Some(config))
 }
 

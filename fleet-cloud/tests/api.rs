@@ -115,19 +115,7 @@ impl Fixture {
         }
         let [admin, operator, reader]: [String; 3] = tokens.try_into().unwrap();
         // The client trusts the fleet's CA only.
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject as _;
-        for c in CertificateDer::pem_slice_iter(broker.pki().ca_pem().as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = fleet_cloud::tls::client_config(&broker.pki().ca_pem(), None).unwrap();
         let tls = Arc::new(tls);
         let http = reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())

@@ -1064,20 +1064,23 @@ async fn memory_stays_bounded_under_1000_hostile_clients() {
             .await
             .unwrap()
     );
-    let mut answered = false;
-    for _ in 0..20 {
+    // Served, not starved: within a minute however loaded the machine is
+    // (the time it took is printed, not asserted).
+    let asked = std::time::Instant::now();
+    let mut answered = None;
+    for _ in 0..30 {
         dev.publish("$aws/things/good/shadow/get", "{}")
             .await
             .unwrap();
-        if dev.recv(Duration::from_secs(1)).await.is_some() {
-            answered = true;
+        if dev.recv(Duration::from_secs(2)).await.is_some() {
+            answered = Some(asked.elapsed());
             break;
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (peak, now) = memory_kib(pid);
     println!(
-        "1,000 hostile devices ({admitted} admitted), {claims_admitted} of 150 claim connections admitted ({claims_refused} refused as over quota): fleet serve {} MiB idle, {} MiB now, {} MiB at the peak (bound {} MiB)",
+        "1,000 hostile devices ({admitted} admitted), {claims_admitted} of 150 claim connections admitted ({claims_refused} refused as over quota): fleet serve {} MiB idle, {} MiB now, {} MiB at the peak (bound {} MiB); a well-behaved device answered after {answered:?}",
         idle / 1024,
         now / 1024,
         peak / 1024,
@@ -1094,7 +1097,7 @@ async fn memory_stays_bounded_under_1000_hostile_clients() {
     );
     assert_eq!(claims_refused, 50);
     assert!(
-        answered,
+        answered.is_some(),
         "a well-behaved device was not served during the attack"
     );
     assert!(
@@ -1147,19 +1150,7 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
         .spawn()
         .expect("start fleet serve");
 
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    for c in CertificateDer::pem_slice_iter(broker.pki().ca_pem().as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = fleet_cloud::tls::client_config(&broker.pki().ca_pem(), None).unwrap();
     let http = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .build()

@@ -58,6 +58,7 @@ mod mqtt;
 pub mod ota;
 pub mod outbox;
 pub mod provision;
+mod tls;
 
 pub use agent::{
     Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Qos, ShadowSnapshot,

@@ -255,7 +255,7 @@ struct Session {
 
 impl Session {
     async fn connect(config: &ClaimConfig) -> Result<Self, ProvisionError> {
-        let tls = crate::agent::client_tls(
+        let tls = crate::tls::client_tls(
             &config.ca_pem,
             &config.claim_cert_pem,
             &config.claim_key_pem,

@@ -9,8 +9,6 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -53,22 +51,7 @@ pub fn client_tls_config(
     identity: &Identity,
     ca_pem: &str,
 ) -> Result<rustls::ClientConfig, HarnessError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(cert.map_err(|e| HarnessError::Tls(e.to_string()))?)
-            .map_err(|e| HarnessError::Tls(e.to_string()))?;
-    }
-    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| HarnessError::Tls(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
-        .map_err(|e| HarnessError::Tls(e.to_string()))?;
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HarnessError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
+    fleet_cloud::tls::client_config(ca_pem, Some((&identity.cert_pem, &identity.key_pem)))
         .map_err(|e| HarnessError::Tls(e.to_string()))
 }
 

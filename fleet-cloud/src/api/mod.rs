@@ -513,21 +513,9 @@ pub async fn serve_api(
     config: ApiConfig,
     services: ApiServices,
 ) -> Result<RunningApi, ApiStartError> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let err = |e: &dyn fmt::Display| ApiStartError(e.to_string());
-    let chain = CertificateDer::pem_slice_iter(config.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(&e))?;
-    let key = PrivateKeyDer::from_pem_slice(config.key_pem.as_bytes()).map_err(|e| err(&e))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| err(&e))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| err(&e))?;
+    let mut tls =
+        crate::tls::server_config(&config.cert_pem, &config.key_pem, None).map_err(|e| err(&e))?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind(config.bind)

@@ -47,8 +47,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -757,33 +757,8 @@ impl EmbeddedBroker {
 }
 
 fn server_tls(config: &EmbeddedConfig) -> Result<rustls::ServerConfig, EmbeddedError> {
-    let bad = |e: &dyn fmt::Display| EmbeddedError::Tls(e.to_string());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(config.ca_pem.as_bytes()) {
-        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(EmbeddedError::Tls(
-            "the CA file holds no certificate".into(),
-        ));
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| bad(&e))?;
-    let chain = CertificateDer::pem_slice_iter(config.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(&e))?;
-    let key = PrivateKeyDer::from_pem_slice(config.key_pem.as_bytes()).map_err(|e| bad(&e))?;
-    rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| bad(&e))
+    crate::tls::server_config(&config.cert_pem, &config.key_pem, Some(&config.ca_pem))
+        .map_err(|e| EmbeddedError::Tls(e.to_string()))
 }
 
 async fn accept_loop(

@@ -362,24 +362,10 @@ impl Client {
                 ));
             }
         };
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject as _;
-        let ca = std::fs::read(&c.ca)
+        let ca = std::fs::read_to_string(&c.ca)
             .map_err(|e| Failure::usage(format!("cannot read {}: {e}", c.ca.display())))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&ca) {
-            let cert = cert.map_err(|e| Failure::usage(format!("{}: {e}", c.ca.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| Failure::usage(format!("{}: {e}", c.ca.display())))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Failure::other(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = fleet_cloud::tls::client_config(&ca, None)
+            .map_err(|e| Failure::usage(format!("{}: {e}", c.ca.display())))?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(Duration::from_secs(330))
