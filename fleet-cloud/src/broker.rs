@@ -495,7 +495,7 @@ pub fn serve<S: ShadowStore>(
                     }
                     if provisioning_filters
                         .iter()
-                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                        .any(|f| fleet_core::topic::filter_matches(f, &topic))
                     {
                         let props = p.properties.as_ref();
                         let request = (
@@ -512,7 +512,7 @@ pub fn serve<S: ShadowStore>(
                     }
                     if jobs_filters
                         .iter()
-                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                        .any(|f| fleet_core::topic::filter_matches(f, &topic))
                     {
                         if jobs_tx
                             .send((topic, p.payload.to_vec(), ack))
@@ -525,7 +525,7 @@ pub fn serve<S: ShadowStore>(
                     }
                     if stream_filters
                         .iter()
-                        .any(|f| crate::telemetry::topic_matches(f, &topic))
+                        .any(|f| fleet_core::topic::filter_matches(f, &topic))
                     {
                         if streams_tx
                             .send((topic, p.payload.to_vec(), ack))
@@ -608,7 +608,7 @@ pub fn serve<S: ShadowStore>(
     let leadership = extras.leadership;
     if let Some(jobs) = extras.jobs {
         let out = outbound.clone();
-        let publish_all = move |messages: Vec<crate::JobsOutgoing>| {
+        let publish_all = move |messages: Vec<crate::Outgoing>| {
             for m in messages {
                 out(m.topic, m.payload, None);
             }

@@ -13,7 +13,8 @@ use fleet_core::jobs::{
 use fleet_core::ota::{InstallOutcome, InstallReceipt};
 use tokio::sync::mpsc;
 
-use crate::jobs::{JobSpec, JobStore, JobsError, JobsOutgoing, JobsService, TargetSelection};
+use crate::Outgoing;
+use crate::jobs::{JobSpec, JobStore, JobsError, JobsService, TargetSelection};
 use crate::registry::Registry;
 use crate::streams::StreamService;
 
@@ -130,7 +131,7 @@ impl<S: JobStore> JobsService<S> {
         streams: &StreamService,
         registry: &Registry,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         streams
             .refresh(&spec.release_id)
             .await

@@ -8,6 +8,7 @@
 //! sweeper) never lose or double-apply a change. The rules are fleet-core's
 //! [`ThingJobs`].
 
+use crate::Outgoing;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -447,15 +448,6 @@ impl JobSnapshot {
     }
 }
 
-/// A message for the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobsOutgoing {
-    /// Where.
-    pub topic: String,
-    /// What.
-    pub payload: Vec<u8>,
-}
-
 /// How one thing's execution of a job stands.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecutionSummary {
@@ -559,7 +551,7 @@ impl<S: JobStore> JobsService<S> {
         ]
     }
 
-    fn outgoing(&self, thing: &str, messages: Vec<JobsMessage>) -> Vec<JobsOutgoing> {
+    fn outgoing(&self, thing: &str, messages: Vec<JobsMessage>) -> Vec<Outgoing> {
         let Ok(prefix) = TopicPrefix::new(&self.prefix) else {
             return Vec::new();
         };
@@ -568,7 +560,7 @@ impl<S: JobStore> JobsService<S> {
         };
         messages
             .into_iter()
-            .map(|m| JobsOutgoing {
+            .map(|m| Outgoing {
                 topic: Topic::Jobs(JobsTopic {
                     thing: thing.clone(),
                     kind: m.kind,
@@ -612,7 +604,7 @@ impl<S: JobStore> JobsService<S> {
         topic: &str,
         payload: &[u8],
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         let Ok(prefix) = TopicPrefix::new(&self.prefix) else {
             return Ok(Vec::new());
         };
@@ -637,7 +629,7 @@ impl<S: JobStore> JobsService<S> {
         spec: JobSpec,
         registry: &Registry,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         fleet_core::JobId::new(&spec.job_id).map_err(|e| JobsError::Invalid(e.to_string()))?;
         let order = self.resolve(&spec, registry).await?;
         let targets: BTreeSet<String> = order.iter().cloned().collect();
@@ -702,7 +694,7 @@ impl<S: JobStore> JobsService<S> {
         job_id: &str,
         things: BTreeSet<String>,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         let mut out = Vec::new();
         for _ in 0..MAX_CAS_ATTEMPTS {
             let Some(current) = self.store.load_job(job_id).await? else {
@@ -790,7 +782,7 @@ impl<S: JobStore> JobsService<S> {
         &self,
         registry: &Registry,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         let mut out = Vec::new();
         for id in self.store.job_ids().await? {
             let Some(job) = self.store.load_job(&id).await? else {
@@ -817,7 +809,7 @@ impl<S: JobStore> JobsService<S> {
         job_id: &str,
         force: bool,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         let record = loop {
             let Some(current) = self.store.load_job(job_id).await? else {
                 return Err(JobsError::NotFound(job_id.into()));
@@ -855,7 +847,7 @@ impl<S: JobStore> JobsService<S> {
         job_id: &str,
         force: bool,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         let job = self.job(job_id).await?;
         let mut busy = false;
         for thing in &job.targets {
@@ -978,7 +970,7 @@ impl<S: JobStore> JobsService<S> {
     /// Times out executions whose timers ran out, without any device
     /// message, and queues retries. Run it periodically (the served
     /// service does, every second).
-    pub async fn handle_timeouts(&self, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
+    pub async fn handle_timeouts(&self, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         let mut out = Vec::new();
         for thing in self.store.due_things(now).await? {
             let messages = self
@@ -993,7 +985,7 @@ impl<S: JobStore> JobsService<S> {
     /// Runs every rollout's controller once (the served service does, every
     /// second): refreshes targets from their executions, asks the planner,
     /// persists its decision, then queues or cancels executions.
-    pub async fn drive_rollouts(&self, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
+    pub async fn drive_rollouts(&self, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         let mut out = Vec::new();
         for id in self.store.job_ids().await? {
             let Some(job) = self.store.load_job(&id).await? else {
@@ -1013,11 +1005,7 @@ impl<S: JobStore> JobsService<S> {
     }
 
     /// One step of one rollout's controller.
-    pub async fn drive_rollout(
-        &self,
-        job_id: &str,
-        now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    pub async fn drive_rollout(&self, job_id: &str, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         // Targets whose current execution is already stored.
         let mut queued: Vec<bool> = Vec::new();
         let (record, decision) = loop {
@@ -1181,7 +1169,7 @@ impl<S: JobStore> JobsService<S> {
         job_id: &str,
         now: u64,
         change: impl Fn(&mut RolloutControl),
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         loop {
             let Some(current) = self.store.load_job(job_id).await? else {
                 return Err(JobsError::NotFound(job_id.into()));
@@ -1201,20 +1189,12 @@ impl<S: JobStore> JobsService<S> {
     }
 
     /// Pauses a rollout: nothing more is released until [`resume_rollout`](Self::resume_rollout).
-    pub async fn pause_rollout(
-        &self,
-        job_id: &str,
-        now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    pub async fn pause_rollout(&self, job_id: &str, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         self.change_control(job_id, now, |c| c.paused = true).await
     }
 
     /// Resumes a paused rollout.
-    pub async fn resume_rollout(
-        &self,
-        job_id: &str,
-        now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    pub async fn resume_rollout(&self, job_id: &str, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         self.change_control(job_id, now, |c| c.paused = false).await
     }
 
@@ -1223,7 +1203,7 @@ impl<S: JobStore> JobsService<S> {
         &self,
         job_id: &str,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         self.change_control(job_id, now, |c| {
             c.open_groups = c.open_groups.saturating_add(1)
         })
@@ -1232,17 +1212,13 @@ impl<S: JobStore> JobsService<S> {
 
     /// Aborts a rollout: queued executions are canceled, nothing more is
     /// released.
-    pub async fn abort_rollout(
-        &self,
-        job_id: &str,
-        now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    pub async fn abort_rollout(&self, job_id: &str, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         self.change_control(job_id, now, |c| c.aborted = true).await
     }
 
     /// Queues a new execution for each of the thing's executions that ended
     /// FAILED or TIMED_OUT and has retries left.
-    async fn retry_ended(&self, thing: &str, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
+    async fn retry_ended(&self, thing: &str, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         let ended = ended_executions(&self.store.load_thing(thing).await?.value);
         self.retry(thing, ended, now).await
     }
@@ -1254,7 +1230,7 @@ impl<S: JobStore> JobsService<S> {
         thing: &str,
         ended: Vec<(String, u64)>,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         let mut out = Vec::new();
         for (job_id, number) in ended {
             loop {
@@ -1314,14 +1290,14 @@ trait JobsDyn: Send + Sync {
         topic: &'a str,
         payload: &'a [u8],
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
-    fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>>;
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
+    fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>>;
     fn create_job(
         &self,
         spec: JobSpec,
         registry: Registry,
         now: u64,
-    ) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>>;
+    ) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>>;
     fn job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobRecord, JobsError>>;
     fn job_ids(&self) -> BoxFuture<'_, Result<Vec<String>, JobsError>>;
     fn executions<'a>(
@@ -1334,13 +1310,13 @@ trait JobsDyn: Send + Sync {
         job_id: &'a str,
         force: bool,
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
     fn control<'a>(
         &'a self,
         job_id: &'a str,
         action: RolloutAction,
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
     fn register_release<'a>(
         &'a self,
         release_id: &'a str,
@@ -1354,7 +1330,7 @@ trait JobsDyn: Send + Sync {
         streams: &'a crate::StreamService,
         registry: &'a Registry,
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>>;
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
     fn campaign_status<'a>(
         &'a self,
         campaign_id: &'a str,
@@ -1390,11 +1366,11 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
         topic: &'a str,
         payload: &'a [u8],
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
         Box::pin(JobsService::handle(self, topic, payload, now))
     }
 
-    fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>> {
+    fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>> {
         Box::pin(async move {
             let mut out = JobsService::handle_timeouts(self, now).await?;
             out.extend(JobsService::drive_rollouts(self, now).await?);
@@ -1407,7 +1383,7 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
         spec: JobSpec,
         registry: Registry,
         now: u64,
-    ) -> BoxFuture<'_, Result<Vec<JobsOutgoing>, JobsError>> {
+    ) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>> {
         Box::pin(async move { JobsService::create_job(self, spec, &registry, now).await })
     }
 
@@ -1435,7 +1411,7 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
         job_id: &'a str,
         force: bool,
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
         Box::pin(JobsService::cancel_job(self, job_id, force, now))
     }
 
@@ -1444,7 +1420,7 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
         job_id: &'a str,
         action: RolloutAction,
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
         Box::pin(async move {
             match action {
                 RolloutAction::Pause => self.pause_rollout(job_id, now).await,
@@ -1473,7 +1449,7 @@ impl<S: JobStore> JobsDyn for JobsService<S> {
         streams: &'a crate::StreamService,
         registry: &'a Registry,
         now: u64,
-    ) -> BoxFuture<'a, Result<Vec<JobsOutgoing>, JobsError>> {
+    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
         Box::pin(JobsService::start_campaign(
             self, spec, streams, registry, now,
         ))
@@ -1518,11 +1494,11 @@ impl JobsEndpoint {
         topic: &str,
         payload: &[u8],
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         self.0.handle(topic, payload, now).await
     }
 
-    pub(crate) async fn handle_timeouts(&self, now: u64) -> Result<Vec<JobsOutgoing>, JobsError> {
+    pub(crate) async fn handle_timeouts(&self, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         self.0.handle_timeouts(now).await
     }
 
@@ -1532,7 +1508,7 @@ impl JobsEndpoint {
         spec: JobSpec,
         registry: Registry,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         self.0.create_job(spec, registry, now).await
     }
 
@@ -1562,7 +1538,7 @@ impl JobsEndpoint {
         job_id: &str,
         force: bool,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         self.0.cancel_job(job_id, force, now).await
     }
 
@@ -1572,7 +1548,7 @@ impl JobsEndpoint {
         job_id: &str,
         action: RolloutAction,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         self.0.control(job_id, action, now).await
     }
 
@@ -1596,7 +1572,7 @@ impl JobsEndpoint {
         streams: &crate::StreamService,
         registry: &Registry,
         now: u64,
-    ) -> Result<Vec<JobsOutgoing>, JobsError> {
+    ) -> Result<Vec<Outgoing>, JobsError> {
         self.0.start_campaign(spec, streams, registry, now).await
     }
 
@@ -1754,7 +1730,7 @@ mod tests {
             // ...and it dies here: none of `out` was published.
         }
         let jobs = JobsService::new(SqliteStore::open(&path).unwrap());
-        let notices = |out: Vec<JobsOutgoing>| -> Vec<String> {
+        let notices = |out: Vec<Outgoing>| -> Vec<String> {
             out.into_iter()
                 .filter(|m| m.topic.ends_with("/notify-next"))
                 .map(|m| m.topic)

@@ -86,6 +86,7 @@ mod campaigns;
 mod commands;
 mod embedded;
 mod jobs;
+mod outgoing;
 pub mod pki;
 mod policy;
 mod postgres;
@@ -114,19 +115,20 @@ pub use embedded::{
 };
 pub use jobs::{
     ExecutionSummary, JobRecord, JobSnapshot, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
-    JobsOutgoing, JobsService, RolloutAction, TargetSelection,
+    JobsService, RolloutAction, TargetSelection,
 };
+pub use outgoing::Outgoing;
 pub use policy::{
     Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError,
 };
 pub use postgres::{Leadership, PgLease, PgStore};
 pub use provisioning::{
-    PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Reply,
+    PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate,
 };
 pub use registry::{
     AttributeQuery, CertificateRecord, CertificateStatus, Registry, RegistryError, Scope, Thing,
     TokenRecord,
 };
-pub use shadows::{Outgoing, ServiceError, ShadowService, ShadowsEndpoint};
+pub use shadows::{ServiceError, ShadowService, ShadowsEndpoint};
 pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};
-pub use streams::{StreamReply, StreamService, StreamStoreError};
+pub use streams::{StreamService, StreamStoreError};

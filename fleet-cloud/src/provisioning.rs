@@ -17,6 +17,7 @@
 //! identity read; AWS IoT Core delivers those to the requesting connection
 //! only, Mosquitto cannot.
 
+use crate::Outgoing;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -136,15 +137,6 @@ impl fmt::Display for ProvisioningError {
 
 impl std::error::Error for ProvisioningError {}
 
-/// A reply: the topic (the request's response topic, or AWS's) and payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// Where to publish.
-    pub topic: String,
-    /// What.
-    pub payload: Vec<u8>,
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CsrRequest {
@@ -207,7 +199,7 @@ impl ProvisioningService {
         payload: &[u8],
         response_topic: Option<&str>,
         now: u64,
-    ) -> Option<Reply> {
+    ) -> Option<Outgoing> {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         let result = if rest == "certificates/create-from-csr/json" {
             self.create_from_csr(payload, now).await
@@ -234,7 +226,7 @@ impl ProvisioningService {
             Some(_) => return None,
             None => format!("{base}/{outcome}"),
         };
-        Some(Reply {
+        Some(Outgoing {
             topic,
             payload: body,
         })

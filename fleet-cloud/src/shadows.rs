@@ -1,6 +1,7 @@
 //! The shadow service: fleet-core's processing rules over a store, with
 //! compare-and-set retries.
 
+use crate::Outgoing;
 use std::fmt;
 
 use fleet_core::shadow::{Shadow, ShadowLimits, UpdateRequest, process};
@@ -12,15 +13,6 @@ use crate::store::{ShadowKey, ShadowStore, StoreError};
 /// How often a request is re-read and re-processed after losing a
 /// compare-and-set race before the service gives up with a 500.
 const MAX_CAS_ATTEMPTS: usize = 32;
-
-/// A message to publish: topic and payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    /// The topic.
-    pub topic: String,
-    /// The payload.
-    pub payload: Vec<u8>,
-}
 
 /// A request the service could not handle at all (it answers everything it
 /// can with a `/rejected` message instead).

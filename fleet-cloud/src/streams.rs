@@ -2,6 +2,7 @@
 //! delivery. Devices `describe` a stream and `get` blocks of its files, in
 //! JSON or CBOR; OTA images reach devices this way.
 
+use crate::Outgoing;
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -9,15 +10,6 @@ use fleet_core::stream::{
     DataBlock, DescribeRequest, FileInfo, Format, GetRequest, StreamDescription, StreamRejected,
 };
 use fleet_core::topic::{StreamTopic, StreamTopicKind, Topic, TopicPrefix};
-
-/// A message for the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamReply {
-    /// Where.
-    pub topic: String,
-    /// What.
-    pub payload: Vec<u8>,
-}
 
 #[derive(Debug)]
 struct Stream {
@@ -324,7 +316,7 @@ impl StreamService {
 
     /// Answers a request under the `$aws` prefix; nothing for a topic that
     /// is not a stream request.
-    pub fn handle(&self, topic: &str, payload: &[u8]) -> Vec<StreamReply> {
+    pub fn handle(&self, topic: &str, payload: &[u8]) -> Vec<Outgoing> {
         self.handle_under(&TopicPrefix::AWS, topic, payload)
     }
 
@@ -334,7 +326,7 @@ impl StreamService {
         prefix: &TopicPrefix<'_>,
         topic: &str,
         payload: &[u8],
-    ) -> Vec<StreamReply> {
+    ) -> Vec<Outgoing> {
         let Some((base, kind, format)) = topic
             .rsplit_once('/')
             .and_then(|(rest, fmt)| Some((rest, Format::parse(fmt)?)))
@@ -350,7 +342,7 @@ impl StreamService {
             return Vec::new();
         };
         let stream_id = base.rsplit('/').next().unwrap_or_default().to_string();
-        let reply = |kind: &str, payload: Vec<u8>| StreamReply {
+        let reply = |kind: &str, payload: Vec<u8>| Outgoing {
             topic: format!("{base}/{kind}/{}", format.as_str()),
             payload,
         };

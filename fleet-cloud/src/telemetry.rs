@@ -255,25 +255,6 @@ impl fmt::Debug for Rule {
     }
 }
 
-/// Whether `topic` matches the MQTT filter `filter` (wildcards at the first
-/// level do not match topics that start with `$`, as MQTT says).
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 /// Routes telemetry by rules, with retries and a dead-letter file.
 #[derive(Debug, Clone)]
 pub struct TelemetryRouter {
@@ -333,7 +314,7 @@ impl TelemetryRouter {
                 .iter()
                 .zip(&parsed)
                 .filter(|(r, json)| {
-                    topic_matches(&rule.filter, &r.topic)
+                    fleet_core::topic::filter_matches(&rule.filter, &r.topic)
                         && rule
                             .predicate
                             .as_ref()
@@ -408,14 +389,6 @@ mod tests {
             received_at: 7,
             payload: payload.as_bytes().to_vec(),
         }
-    }
-
-    #[test]
-    fn filters_match_like_mqtt() {
-        assert!(topic_matches("dt/+/temp", "dt/dev-1/temp"));
-        assert!(topic_matches("dt/#", "dt/dev-1/a/b"));
-        assert!(!topic_matches("dt/+/temp", "dt/dev-1/temp/x"));
-        assert!(!topic_matches("dt/+", "dt"));
     }
 
     #[tokio::test]

@@ -609,6 +609,37 @@ fn parse_jobs<'a>(thing: &'a str, rest: &[&'a str]) -> Result<Topic<'a>, TopicEr
     }))
 }
 
+/// Whether `topic` matches the MQTT topic filter `filter` (`+` one level,
+/// `#` the rest); wildcards at the first level do not match topics that
+/// start with `$`, as MQTT says. The one matcher of the workspace: the
+/// broker, the backend's dispatch and telemetry rules all use it.
+///
+/// ```
+/// use fleet_core::topic::filter_matches;
+/// assert!(filter_matches("dt/+/temp", "dt/dev-1/temp"));
+/// assert!(filter_matches("dt/#", "dt/dev-1/a/b"));
+/// assert!(filter_matches("dt/#", "dt"));
+/// assert!(!filter_matches("dt/+/temp", "dt/dev-1/temp/x"));
+/// assert!(!filter_matches("dt/+", "dt"));
+/// assert!(!filter_matches("#", "$aws/things/t/shadow/get"));
+/// ```
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,7 +109,7 @@ impl Cloud {
         self.publish(out).await;
     }
 
-    async fn publish(&self, out: Vec<fleet_cloud::JobsOutgoing>) {
+    async fn publish(&self, out: Vec<fleet_cloud::Outgoing>) {
         let app = TestClient::connect(
             &self.broker,
             &self.broker.backend_identity().unwrap(),

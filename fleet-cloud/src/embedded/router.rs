@@ -44,7 +44,7 @@ pub(super) fn split_shared(filter: &str) -> Option<(&str, &str)> {
 }
 
 #[cfg(test)]
-use crate::telemetry::topic_matches as matches;
+use fleet_core::topic::filter_matches as matches;
 
 #[derive(Default)]
 struct Group {
