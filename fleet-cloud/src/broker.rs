@@ -360,12 +360,15 @@ pub fn serve<S: ShadowStore>(
         .as_ref()
         .map_or(String::new(), |g| format!("$share/{g}/"));
     let prefix = service.prefix().to_string();
-    let mut filters = vec![
-        format!("{share}{prefix}/things/+/shadow/+"),
-        format!("{share}{prefix}/things/+/shadow/name/+/+"),
-        // Not shared: the instance that sent a command holds its waiter.
-        format!("{prefix}/commands/things/+/executions/+/response/+"),
-    ];
+    let mut filters: Vec<String> = fleet_core::topic::Service::Shadows
+        .request_filters()
+        .iter()
+        .map(|f| format!("{share}{prefix}/{f}"))
+        .collect();
+    // Not shared: the instance that sent a command holds its waiter.
+    filters.push(format!(
+        "{prefix}/commands/things/+/executions/+/response/+"
+    ));
     let telemetry_prefix = extras.telemetry.as_ref().map(|t| t.prefix.clone());
     if let Some(t) = &telemetry_prefix {
         filters.push(format!("{share}{t}/#"));

@@ -544,11 +544,12 @@ impl<S: JobStore> JobsService<S> {
     }
 
     /// The topic filters of device requests.
-    pub fn filters(&self) -> [String; 2] {
-        [
-            format!("{}/things/+/jobs/+", self.prefix),
-            format!("{}/things/+/jobs/+/+", self.prefix),
-        ]
+    pub fn filters(&self) -> Vec<String> {
+        fleet_core::topic::Service::Jobs
+            .request_filters()
+            .iter()
+            .map(|f| format!("{}/{f}", self.prefix))
+            .collect()
     }
 
     fn outgoing(&self, thing: &str, messages: Vec<JobsMessage>) -> Vec<Outgoing> {
@@ -1283,7 +1284,7 @@ impl<S: JobStore> JobsService<S> {
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 trait JobsDyn: Send + Sync {
-    fn filters(&self) -> [String; 2];
+    fn filters(&self) -> Vec<String>;
     fn now(&self) -> u64;
     fn handle<'a>(
         &'a self,
@@ -1353,7 +1354,7 @@ pub enum RolloutAction {
 }
 
 impl<S: JobStore> JobsDyn for JobsService<S> {
-    fn filters(&self) -> [String; 2] {
+    fn filters(&self) -> Vec<String> {
         JobsService::filters(self)
     }
 
@@ -1481,7 +1482,7 @@ impl<S: JobStore> From<JobsService<S>> for JobsEndpoint {
 }
 
 impl JobsEndpoint {
-    pub(crate) fn filters(&self) -> [String; 2] {
+    pub(crate) fn filters(&self) -> Vec<String> {
         self.0.filters()
     }
 

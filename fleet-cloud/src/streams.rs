@@ -307,11 +307,12 @@ impl StreamService {
     }
 
     /// The topic filters of stream requests under `prefix`.
-    pub fn filters(prefix: &str) -> [String; 2] {
-        [
-            format!("{prefix}/things/+/streams/+/describe/+"),
-            format!("{prefix}/things/+/streams/+/get/+"),
-        ]
+    pub fn filters(prefix: &str) -> Vec<String> {
+        fleet_core::topic::Service::Streams
+            .request_filters()
+            .iter()
+            .map(|f| format!("{prefix}/{f}"))
+            .collect()
     }
 
     /// Answers a request under the `$aws` prefix; nothing for a topic that

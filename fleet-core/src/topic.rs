@@ -609,6 +609,37 @@ fn parse_jobs<'a>(thing: &'a str, rest: &[&'a str]) -> Result<Topic<'a>, TopicEr
     }))
 }
 
+/// A service that devices send requests to, for the filters a backend
+/// subscribes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Service {
+    /// Device shadows, classic and named.
+    Shadows,
+    /// Jobs.
+    Jobs,
+    /// File streams (OTA downloads).
+    Streams,
+}
+
+impl Service {
+    /// The filters (below the prefix and its `/`) that match every request
+    /// of the service and its own topics only.
+    ///
+    /// ```
+    /// use fleet_core::topic::{Service, filter_matches};
+    /// let f = Service::Shadows.request_filters();
+    /// assert!(f.iter().any(|f| filter_matches(f, "things/t/shadow/name/s/update")));
+    /// ```
+    pub fn request_filters(self) -> &'static [&'static str] {
+        match self {
+            Self::Shadows => &["things/+/shadow/+", "things/+/shadow/name/+/+"],
+            Self::Jobs => &["things/+/jobs/+", "things/+/jobs/+/+"],
+            Self::Streams => &["things/+/streams/+/describe/+", "things/+/streams/+/get/+"],
+        }
+    }
+}
+
 /// Whether `topic` matches the MQTT topic filter `filter` (`+` one level,
 /// `#` the rest); wildcards at the first level do not match topics that
 /// start with `$`, as MQTT says. The one matcher of the workspace: the

@@ -1,6 +1,9 @@
 //! The API's handlers, each declared once for both the router and the
 //! OpenAPI document.
 
+use fleet_core::topic::{
+    Role as TopicRole, ShadowOp, ShadowTopic, ShadowTopicKind, Topic, TopicPrefix,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -413,25 +416,39 @@ async fn shadow_request(
     api: &Api,
     thing: &str,
     shadow: Option<&str>,
-    op: &str,
+    op: ShadowOp,
     payload: Vec<u8>,
 ) -> Result<Response, ApiError> {
     thing_name(thing)?;
-    if let Some(name) = shadow {
-        fleet_core::ShadowName::new(name)
-            .map_err(|e| ApiError::invalid(format!("shadow name {name:?}: {e}")))?;
-    }
+    let thing = fleet_core::ThingName::new(thing)
+        .map_err(|e| ApiError::invalid(format!("thing name {thing:?}: {e}")))?;
+    let shadow = shadow
+        .map(|name| {
+            fleet_core::ShadowName::new(name)
+                .map_err(|e| ApiError::invalid(format!("shadow name {name:?}: {e}")))
+        })
+        .transpose()?;
     let prefix = api.shadows.prefix();
-    let topic = match shadow {
-        None => format!("{prefix}/things/{thing}/shadow/{op}"),
-        Some(n) => format!("{prefix}/things/{thing}/shadow/name/{n}/{op}"),
+    let prefix = TopicPrefix::new(prefix).map_err(|e| ApiError::internal(e.to_string()))?;
+    let topic_of = |role: TopicRole| {
+        Topic::Shadow(ShadowTopic {
+            thing: thing.clone(),
+            shadow: shadow.clone(),
+            kind: ShadowTopicKind::Op(op, role),
+        })
+        .display(&prefix)
+        .to_string()
     };
+    let (topic, accepted, rejected) = (
+        topic_of(TopicRole::Request),
+        topic_of(TopicRole::Accepted),
+        topic_of(TopicRole::Rejected),
+    );
     let out = api
         .shadows
         .handle(&topic, &payload, now())
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let (accepted, rejected) = (format!("{topic}/accepted"), format!("{topic}/rejected"));
     let mut answer = None;
     let mut publish = Vec::new();
     for o in out {
@@ -442,7 +459,7 @@ async fn shadow_request(
             continue;
         }
         // A GET's answer is for the asker only.
-        if op != "get" {
+        if op != ShadowOp::Get {
             publish.push((o.topic, o.payload));
         }
     }
@@ -484,7 +501,7 @@ async fn get_shadow(
     State(api): State<Api>,
     Path(thing): Path<String>,
 ) -> Result<Response, ApiError> {
-    shadow_request(&api, &thing, None, "get", Vec::new()).await
+    shadow_request(&api, &thing, None, ShadowOp::Get, Vec::new()).await
 }
 
 /// Updates a thing's classic shadow: the device protocol's update document
@@ -496,7 +513,7 @@ async fn update_shadow(
     Path(thing): Path<String>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    shadow_request(&api, &thing, None, "update", body_bytes(&body)?).await
+    shadow_request(&api, &thing, None, ShadowOp::Update, body_bytes(&body)?).await
 }
 
 /// Deletes a thing's classic shadow.
@@ -505,7 +522,7 @@ async fn delete_shadow(
     State(api): State<Api>,
     Path(thing): Path<String>,
 ) -> Result<Response, ApiError> {
-    shadow_request(&api, &thing, None, "delete", Vec::new()).await
+    shadow_request(&api, &thing, None, ShadowOp::Delete, Vec::new()).await
 }
 
 /// A thing's named shadow.
@@ -514,7 +531,7 @@ async fn get_named_shadow(
     State(api): State<Api>,
     Path((thing, shadow)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    shadow_request(&api, &thing, Some(&shadow), "get", Vec::new()).await
+    shadow_request(&api, &thing, Some(&shadow), ShadowOp::Get, Vec::new()).await
 }
 
 /// Updates a thing's named shadow.
@@ -524,7 +541,14 @@ async fn update_named_shadow(
     Path((thing, shadow)): Path<(String, String)>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    shadow_request(&api, &thing, Some(&shadow), "update", body_bytes(&body)?).await
+    shadow_request(
+        &api,
+        &thing,
+        Some(&shadow),
+        ShadowOp::Update,
+        body_bytes(&body)?,
+    )
+    .await
 }
 
 /// Deletes a thing's named shadow.
@@ -533,7 +557,7 @@ async fn delete_named_shadow(
     State(api): State<Api>,
     Path((thing, shadow)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    shadow_request(&api, &thing, Some(&shadow), "delete", Vec::new()).await
+    shadow_request(&api, &thing, Some(&shadow), ShadowOp::Delete, Vec::new()).await
 }
 
 // ---- jobs
