@@ -389,6 +389,41 @@ fn certs_init_writes_a_setup_and_usage_errors_are_code_2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The example configuration in the repository holds, and what it
+    // shows reads back; a key it does not know is a usage error naming it;
+    // flags and the environment override the file, passwords masked.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../fleet.example.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["serve", "--config", example, "--print-config"])
+        .env("FLEET_SERVE_STORE", "postgres://fleet:secret@db/fleet")
+        .args(["--client-id", "from-flag"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shown.contains("client-id = \"from-flag\""), "{shown}");
+    assert!(shown.contains("claims = [\"claim@factory\"]"), "{shown}");
+    assert!(shown.contains("postgres://fleet:***@db/fleet"), "{shown}");
+    assert!(!shown.contains("secret"), "{shown}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:8883\"\nlisten-address = \"0.0.0.0:1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["serve", "--print-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("listen-address"), "{stderr}");
+
     // A --store that names no store is refused before anything is
     // written (a libpq key=value string used to become a SQLite file of
     // that name).

@@ -13,6 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fleet_testkit::{Broker, Postgres, TestClient};
+
+/// The tests that load the machine (thousands of messages, a thousand
+/// clients) run one at a time, so that each measures itself.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 use serde_json::Value;
 
 fn spawn_fleet(broker: &Broker, dir: &Path) -> Child {
@@ -547,6 +551,7 @@ async fn sigkill_loses_nothing_acknowledged_with_mosquitto() {
 /// and telemetry), restart, and an exact count of what a device saw
 /// acknowledged and the restarted service does not have.
 async fn sigkill_during_load(mosquitto: bool) {
+    let _alone = HEAVY.lock().await;
     const DEVICES: usize = 100;
     const PER_DEVICE: usize = 100;
     let dir = tempfile::tempdir().unwrap();
@@ -978,6 +983,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 /// backend to be published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_under_1000_hostile_clients() {
+    let _alone = HEAVY.lock().await;
     const CLIENTS: usize = 1000;
     const BOUND_KIB: u64 = 384 * 1024;
     let dir = tempfile::tempdir().unwrap();
@@ -1064,11 +1070,12 @@ async fn memory_stays_bounded_under_1000_hostile_clients() {
             .await
             .unwrap()
     );
-    // Served, not starved: within a minute however loaded the machine is
-    // (the time it took is printed, not asserted).
+    // Served, not starved: within three minutes however loaded the
+    // machine is (the time it took is printed, not asserted; requests are
+    // served first-come, so the flood ahead of it is worked off first).
     let asked = std::time::Instant::now();
     let mut answered = None;
-    for _ in 0..30 {
+    for _ in 0..90 {
         dev.publish("$aws/things/good/shadow/get", "{}")
             .await
             .unwrap();

@@ -27,6 +27,7 @@
 //! that failed).
 
 mod client;
+mod serve_config;
 mod tools;
 
 use std::net::SocketAddr;
@@ -202,21 +203,34 @@ struct DevSetupArgs {
     port: u16,
 }
 
+/// `fleet serve`'s flags: each overrides the configuration file
+/// (`--config`) and the environment (`FLEET_SERVE_<KEY>`).
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// A TOML configuration file (keys as the flags' names: `store`,
+    /// `client-id`, ...; see fleet.example.toml). Environment variables
+    /// `FLEET_SERVE_<KEY>` (for secrets, such as `FLEET_SERVE_STORE`)
+    /// override it, and flags override both.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (TOML, passwords masked) and exit.
+    #[arg(long)]
+    print_config: bool,
     /// An external MQTT broker, `host:port` (mutual TLS, with fleet's ACL).
     /// Without it, fleet runs its embedded broker.
     #[arg(long)]
     broker: Option<String>,
-    /// Embedded broker: the address to listen on. Loopback by default; bind
-    /// a public address only if devices on other machines must connect.
-    #[arg(long, default_value = "127.0.0.1:8883")]
-    listen: SocketAddr,
+    /// Embedded broker: the address to listen on (default 127.0.0.1:8883).
+    /// Bind a public address only if devices on other machines must
+    /// connect.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// The fleet's keys and certificates (embedded broker: `ca.pem`,
     /// `ca.key`, `server.*`, `backend.*`; written with a new development CA
-    /// on first start if `ca.pem` is missing), and the default store.
-    #[arg(long, default_value = "fleet-data")]
-    dir: PathBuf,
+    /// on first start if `ca.pem` is missing), and the default store
+    /// (default `fleet-data`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
     /// The backend's client certificate (PEM); default `{dir}/backend.pem`.
     #[arg(long)]
     cert: Option<PathBuf>,
@@ -230,29 +244,29 @@ struct ServeArgs {
     /// `postgres://user@host/database` or `host=... dbname=...` (several
     /// instances may share it), or `memory`; anything else is refused.
     /// Default `{dir}/fleet.db`.
-    #[arg(long)]
-    store: Option<StoreLocation>,
-    /// Embedded broker: a claim identity allowed to provision (its name
-    /// contains `@`); repeatable. Provisioning by claim is served when
-    /// `{dir}/ca.key` exists; with an external broker, only to devices that
-    /// give an MQTT 5 response topic (the broker's policy must admit the
-    /// claim identities: `fleet dev-setup --claim`).
+    #[arg(long, value_parser = parse_store)]
+    store: Option<String>,
+    /// A claim identity allowed to provision (its name contains `@`);
+    /// repeatable. Provisioning by claim is served when `{dir}/ca.key`
+    /// exists; with an external broker, only to devices that give an MQTT 5
+    /// response topic (the broker's policy must admit the claim identities:
+    /// `fleet dev-setup --claim`).
     #[arg(long = "claim")]
     claims: Vec<String>,
-    /// MQTT client id of this instance.
-    #[arg(long, default_value = "fleet-cloud")]
-    client_id: String,
+    /// MQTT client id of this instance (default `fleet-cloud`).
+    #[arg(long)]
+    client_id: Option<String>,
     /// Share the load with other instances in this group (MQTT 5 shared
     /// subscriptions; with Mosquitto, needs a prefix without `$`).
     #[arg(long)]
     share_group: Option<String>,
-    /// Topic prefix.
-    #[arg(long, default_value = "$aws")]
-    prefix: String,
+    /// Topic prefix (default `$aws`).
+    #[arg(long)]
+    prefix: Option<String>,
     /// The management API's address (HTTPS, with the broker's server
-    /// certificate from `--dir`). Loopback by default.
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    api: SocketAddr,
+    /// certificate from `--dir`); default 127.0.0.1:8443.
+    #[arg(long)]
+    api: Option<SocketAddr>,
     /// Do not serve the management API.
     #[arg(long)]
     no_api: bool,
@@ -266,13 +280,54 @@ struct ServeArgs {
     /// thing is enabled, disabled or deleted through the API: a disabled
     /// thing, or one whose every certificate is revoked, is denied
     /// everything.
-    #[arg(long, requires = "broker")]
+    #[arg(long)]
     mosquitto_acl: Option<PathBuf>,
     /// The broker's pid file (Mosquitto's `pid_file`): after each rewrite of
     /// `--mosquitto-acl` that process gets SIGHUP, on which Mosquitto
     /// re-reads its ACL and applies it to connected clients too.
-    #[arg(long, requires = "mosquitto_acl")]
+    #[arg(long)]
     broker_pid_file: Option<PathBuf>,
+}
+
+/// `--store` is checked as it is read, so that a bad one is a usage error.
+fn parse_store(s: &str) -> Result<String, String> {
+    s.parse::<StoreLocation>()
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+impl ServeArgs {
+    /// What the flags set, as a configuration layer.
+    fn layer(&self) -> serve_config::Layer {
+        serve_config::Layer {
+            broker: self.broker.clone(),
+            listen: self.listen,
+            dir: self.dir.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            store: self.store.clone(),
+            claims: (!self.claims.is_empty()).then(|| self.claims.clone()),
+            client_id: self.client_id.clone(),
+            share_group: self.share_group.clone(),
+            prefix: self.prefix.clone(),
+            api: self.api,
+            no_api: self.no_api.then_some(true),
+            telemetry_file: self.telemetry_file.clone(),
+            mosquitto_acl: self.mosquitto_acl.clone(),
+            broker_pid_file: self.broker_pid_file.clone(),
+        }
+    }
+
+    /// The file, the environment and the flags, in that order.
+    fn resolve(&self) -> Result<serve_config::ServeConfig, String> {
+        let file = match &self.config {
+            Some(path) => serve_config::Layer::from_file(path)?,
+            None => serve_config::Layer::default(),
+        };
+        let env = serve_config::Layer::from_env(|v| std::env::var(v).ok())?;
+        file.under(env).under(self.layer()).resolve()
+    }
 }
 
 /// An external broker's ACL file, rewritten from the registry when a
@@ -348,7 +403,15 @@ fn main() -> ExitCode {
     };
     let result: Result<(), Failure> = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => Ok(serve_command(args).await?),
+            Command::Serve(args) => {
+                // A configuration that does not hold is a usage error.
+                let config = args.resolve().map_err(Failure::usage)?;
+                if args.print_config {
+                    print!("{}", config.to_toml());
+                    return Ok(());
+                }
+                Ok(serve_command(config).await?)
+            }
             Command::DevSetup(args) | Command::Certs(CertsCommand::Init(args)) => {
                 Ok(dev_setup(&args).await?)
             }
@@ -373,7 +436,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve_command(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };

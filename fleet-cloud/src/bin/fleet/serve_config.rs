@@ -1,0 +1,284 @@
+//! `fleet serve`'s configuration, from three layers: a TOML file
+//! (`--config`), environment variables (`FLEET_SERVE_<KEY>`, for secrets
+//! such as a database URL), and flags; each overrides the one before.
+//! A key the file does not know, or a value that does not parse, is refused
+//! with the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fleet_cloud::store::StoreLocation;
+use serde::{Deserialize, Serialize};
+
+/// The keys, as they are written in the file (`client-id`); the
+/// environment variable of each is `FLEET_SERVE_` and the key in capitals
+/// with `_` for `-` (`FLEET_SERVE_CLIENT_ID`).
+const KEYS: &[&str] = &[
+    "broker",
+    "listen",
+    "dir",
+    "cert",
+    "key",
+    "ca",
+    "store",
+    "claims",
+    "client-id",
+    "share-group",
+    "prefix",
+    "api",
+    "no-api",
+    "telemetry-file",
+    "mosquitto-acl",
+    "broker-pid-file",
+];
+
+/// One layer: what it sets.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct Layer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_api: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub telemetry_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mosquitto_acl: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_pid_file: Option<PathBuf>,
+}
+
+impl Layer {
+    /// Reads a TOML file.
+    pub(crate) fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Reads `FLEET_SERVE_*` from `env` (a lookup, so tests need not touch
+    /// the process's environment): lists are comma-separated, `no-api` is
+    /// `true` or `false`.
+    pub(crate) fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let mut table = toml::Table::new();
+        for key in KEYS {
+            let var = format!("FLEET_SERVE_{}", key.to_uppercase().replace('-', "_"));
+            let Some(value) = env(&var) else { continue };
+            let value = match *key {
+                "claims" => toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| toml::Value::String(s.into()))
+                        .collect(),
+                ),
+                "no-api" => toml::Value::Boolean(
+                    value
+                        .parse()
+                        .map_err(|_| format!("{var}: {value:?} is not true or false"))?,
+                ),
+                _ => toml::Value::String(value),
+            };
+            table.insert((*key).to_string(), value);
+        }
+        table
+            .try_into()
+            .map_err(|e| format!("environment (FLEET_SERVE_*): {e}"))
+    }
+
+    /// `self` with whatever `over` sets put over it.
+    pub(crate) fn under(self, over: Self) -> Self {
+        Self {
+            broker: over.broker.or(self.broker),
+            listen: over.listen.or(self.listen),
+            dir: over.dir.or(self.dir),
+            cert: over.cert.or(self.cert),
+            key: over.key.or(self.key),
+            ca: over.ca.or(self.ca),
+            store: over.store.or(self.store),
+            claims: over.claims.or(self.claims),
+            client_id: over.client_id.or(self.client_id),
+            share_group: over.share_group.or(self.share_group),
+            prefix: over.prefix.or(self.prefix),
+            api: over.api.or(self.api),
+            no_api: over.no_api.or(self.no_api),
+            telemetry_file: over.telemetry_file.or(self.telemetry_file),
+            mosquitto_acl: over.mosquitto_acl.or(self.mosquitto_acl),
+            broker_pid_file: over.broker_pid_file.or(self.broker_pid_file),
+        }
+    }
+
+    /// The effective configuration: defaults for what no layer set, and
+    /// the checks that span keys.
+    pub(crate) fn resolve(self) -> Result<ServeConfig, String> {
+        let store = self
+            .store
+            .as_deref()
+            .map(str::parse::<StoreLocation>)
+            .transpose()
+            .map_err(|e| format!("store: {e}"))?;
+        if self.mosquitto_acl.is_some() && self.broker.is_none() {
+            return Err("mosquitto-acl: needs broker (it is the external broker's ACL)".into());
+        }
+        if self.broker_pid_file.is_some() && self.mosquitto_acl.is_none() {
+            return Err("broker-pid-file: needs mosquitto-acl".into());
+        }
+        if let Some(b) = &self.broker
+            && b.rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
+            return Err(format!("broker: {b:?} is not host:port"));
+        }
+        Ok(ServeConfig {
+            broker: self.broker,
+            listen: self.listen.unwrap_or(([127, 0, 0, 1], 8883).into()),
+            dir: self.dir.unwrap_or_else(|| "fleet-data".into()),
+            cert: self.cert,
+            key: self.key,
+            ca: self.ca,
+            store,
+            claims: self.claims.unwrap_or_default(),
+            client_id: self.client_id.unwrap_or_else(|| "fleet-cloud".into()),
+            share_group: self.share_group,
+            prefix: self.prefix.unwrap_or_else(|| "$aws".into()),
+            api: self.api.unwrap_or(([127, 0, 0, 1], 8443).into()),
+            no_api: self.no_api.unwrap_or(false),
+            telemetry_file: self.telemetry_file,
+            mosquitto_acl: self.mosquitto_acl,
+            broker_pid_file: self.broker_pid_file,
+        })
+    }
+}
+
+/// What `fleet serve` runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct ServeConfig {
+    pub broker: Option<String>,
+    pub listen: SocketAddr,
+    pub dir: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub store: Option<StoreLocation>,
+    pub claims: Vec<String>,
+    pub client_id: String,
+    pub share_group: Option<String>,
+    pub prefix: String,
+    pub api: SocketAddr,
+    pub no_api: bool,
+    pub telemetry_file: Option<PathBuf>,
+    pub mosquitto_acl: Option<PathBuf>,
+    pub broker_pid_file: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    /// The configuration as a TOML file would give it, with the store's
+    /// password masked (`--print-config`).
+    pub(crate) fn to_toml(&self) -> String {
+        let layer = Layer {
+            broker: self.broker.clone(),
+            listen: Some(self.listen),
+            dir: Some(self.dir.clone()),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            store: Some(self.store.as_ref().map_or_else(
+                || format!("sqlite:{}", self.dir.join("fleet.db").display()),
+                ToString::to_string,
+            )),
+            claims: Some(self.claims.clone()),
+            client_id: Some(self.client_id.clone()),
+            share_group: self.share_group.clone(),
+            prefix: Some(self.prefix.clone()),
+            api: Some(self.api),
+            no_api: Some(self.no_api),
+            telemetry_file: self.telemetry_file.clone(),
+            mosquitto_acl: self.mosquitto_acl.clone(),
+            broker_pid_file: self.broker_pid_file.clone(),
+        };
+        toml::to_string(&layer).unwrap_or_else(|e| format!("# cannot show: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order_and_bad_keys_are_named() {
+        let file: Layer = toml::from_str(
+            "store = \"sqlite:a.db\"\nclient-id = \"from-file\"\nprefix = \"fleet\"\n",
+        )
+        .unwrap();
+        let env = Layer::from_env(|v| match v {
+            "FLEET_SERVE_STORE" => Some("postgres://fleet:secret@db/fleet".into()),
+            "FLEET_SERVE_CLAIMS" => Some("a@f, b@f".into()),
+            "FLEET_SERVE_CLIENT_ID" => Some("from-env".into()),
+            _ => None,
+        })
+        .unwrap();
+        let flags = Layer {
+            client_id: Some("from-flag".into()),
+            ..Layer::default()
+        };
+        let c = file.under(env).under(flags).resolve().unwrap();
+        assert_eq!(c.client_id, "from-flag");
+        assert_eq!(c.prefix, "fleet");
+        assert_eq!(c.claims, ["a@f", "b@f"]);
+        assert!(matches!(c.store, Some(StoreLocation::Postgres(_))));
+        let shown = c.to_toml();
+        assert!(shown.contains("postgres://fleet:***@db/fleet"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+        // What it shows reads back as the same configuration.
+        let again: Layer = toml::from_str(&shown).unwrap();
+        assert_eq!(again.resolve().unwrap().client_id, "from-flag");
+
+        let e = toml::from_str::<Layer>("lisen = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = toml::from_str::<Layer>("listen = \"not an address\"\n").unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e =
+            Layer::from_env(|v| (v == "FLEET_SERVE_API").then(|| "nowhere".into())).unwrap_err();
+        assert!(e.contains("api"), "{e}");
+        let e = Layer::from_env(|v| (v == "FLEET_SERVE_NO_API").then(|| "yes".into())).unwrap_err();
+        assert!(e.contains("FLEET_SERVE_NO_API"), "{e}");
+        let bad_store = Layer {
+            store: Some("mysql://db".into()),
+            ..Layer::default()
+        };
+        assert!(bad_store.resolve().unwrap_err().starts_with("store:"));
+        let acl_alone = Layer {
+            mosquitto_acl: Some("acl".into()),
+            ..Layer::default()
+        };
+        assert!(
+            acl_alone
+                .resolve()
+                .unwrap_err()
+                .starts_with("mosquitto-acl:")
+        );
+    }
+}
