@@ -816,6 +816,32 @@ impl Registry {
         self.names(DENIED_IDENTITIES).await
     }
 
+    /// Every thing and certificate with its standing, for a broker that
+    /// cannot ask the registry at each CONNECT (the Mosquitto plugin reads
+    /// it from the file `fleet serve --mosquitto-roster` writes).
+    /// Certificate ids are their SHA-256 fingerprints; an id that cannot be
+    /// one (it holds whitespace) is left out, so it admits nothing.
+    pub async fn roster(&self) -> Result<fleet_core::admission::Roster, RegistryError> {
+        let mut roster = fleet_core::admission::Roster::default();
+        let clean = |f: &str| !f.is_empty() && !f.contains(char::is_whitespace);
+        for row in self.names(ROSTER_THINGS).await? {
+            if let Some((name, enabled)) = row.split_once('\t') {
+                if clean(name) {
+                    roster.add_thing(name, enabled == "1");
+                }
+            }
+        }
+        for row in self.names(ROSTER_CERTIFICATES).await? {
+            let mut f = row.split('\t');
+            if let (Some(id), Some(thing), Some(status)) = (f.next(), f.next(), f.next()) {
+                if clean(id) && clean(thing) {
+                    roster.add_certificate(id, thing, status == "ACTIVE");
+                }
+            }
+        }
+        Ok(roster)
+    }
+
     /// The first column of `sql` (the same text for both databases).
     async fn names(&self, sql: &'static str) -> Result<Vec<String>, RegistryError> {
         match &self.backend {
@@ -993,6 +1019,14 @@ const DENIED_IDENTITIES: &str = "SELECT name FROM things t WHERE NOT enabled OR 
     EXISTS (SELECT 1 FROM certificates c WHERE c.thing = t.name)
     AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.thing = t.name AND c.status = 'ACTIVE'))
  ORDER BY name";
+
+// One text column, the same SQL for both databases (SQLite's `enabled` is
+// an integer, PostgreSQL's a boolean: CASE reads both).
+const ROSTER_THINGS: &str =
+    "SELECT name || '\t' || CASE WHEN enabled THEN '1' ELSE '0' END FROM things ORDER BY name";
+
+const ROSTER_CERTIFICATES: &str =
+    "SELECT id || '\t' || thing || '\t' || status FROM certificates ORDER BY id";
 
 /// The registry in SQLite (synchronous; [`Registry`] runs it on blocking
 /// threads).

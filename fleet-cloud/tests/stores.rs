@@ -810,6 +810,21 @@ async fn registry_scenario(r: &Registry, other: &Registry) {
     r.set_enabled("pump-3", false).await.unwrap();
     assert_eq!(r.denied_identities().await.unwrap(), ["pump-1", "pump-3"]);
 
+    // The roster a broker without the registry admits by: the same standing.
+    let roster = other.roster().await.unwrap();
+    assert_eq!(roster.len(), (3, 2));
+    let standing = roster.standing("pump-1", "c2");
+    assert_eq!(standing.thing, Some(true));
+    assert_eq!(standing.certificate, Some(("pump-1".to_string(), false)));
+    assert!(!standing.admits("pump-1", false), "c2 is revoked");
+    assert!(roster.standing("pump-2", "unknown").admits("pump-2", false));
+    assert!(!roster.standing("pump-2", "unknown").admits("pump-2", true));
+    assert!(!roster.standing("pump-3", "unknown").admits("pump-3", false));
+    assert_eq!(
+        fleet_core::admission::Roster::parse(&roster.to_text()).unwrap(),
+        roster
+    );
+
     // Deleting a thing removes its memberships and certificates.
     r.delete_thing("pump-3").await.unwrap();
     assert!(r.group_members("canary").await.unwrap().is_empty());

@@ -25,6 +25,8 @@
 //! # What is here
 //! - [`identity`]: validated thing names, shadow names, job and stream ids,
 //!   provisioning template names and client tokens.
+//! - `admission` (with `alloc`): who may connect to the fleet's broker, as
+//!   what and under which client id, the same for every broker.
 //! - [`topic`]: every MQTT topic of the protocol (the AWS IoT device API
 //!   layout under a configurable prefix), built and parsed without
 //!   allocating.
@@ -67,6 +69,8 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
+pub mod admission;
 pub mod identity;
 #[cfg(feature = "alloc")]
 pub mod jobs;

@@ -1,34 +1,16 @@
 //! Who a connection is, what it may call itself, and how much it may hold.
 //!
-//! The rules, in the order the broker applies them at CONNECT:
-//!
-//! 1. The role comes from the client certificate. A certificate that
-//!    provisioning by claim issued ([`is_provisioned`]) is only ever a
-//!    device, and only once the registry binds it to that thing: until
-//!    `RegisterThing` has bound it, it grants nothing (as in AWS IoT, where
-//!    such a certificate has no policy attached). Otherwise the common name
-//!    decides: a backend identity, a claim identity, or a thing name.
-//! 2. With a [`Directory`] (the registry, in `fleet serve`), a device's
-//!    thing must exist and be enabled, and a certificate the registry
-//!    knows must be active and bound to that thing.
-//! 3. A device's client id is its thing name (AWS IoT's usual policy); an
-//!    empty one is given the thing name. Backends and claimants choose
-//!    theirs.
-//! 4. A client id held by a live connection is taken over only by the same
-//!    identity in the same role (a device reconnecting), or by a device
-//!    reclaiming its own thing name from a claimant. Claimants never take
-//!    over (two claimants share a certificate, not a session), and nobody
-//!    takes a backend's id. A refused client id is CONNACK "not
-//!    authorized", and the connection already there stays.
+//! The rules of admission (role, client id, standing, take-over) are
+//! [`fleet_core::admission`]'s, shared with the Mosquitto plugin; this module
+//! adds the certificate parsing, the registry lookup and the per-client
+//! limits.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-/// The organizational unit that marks a certificate issued by provisioning
-/// by claim (the CA writes it; a CSR cannot choose it).
-pub const PROVISIONED_UNIT: &str = "fleet provisioned by claim";
+pub use fleet_core::admission::{PROVISIONED_UNIT, Standing};
 
 /// Whether a certificate (DER) was issued by provisioning by claim.
 pub fn is_provisioned(der: &[u8]) -> bool {
@@ -38,27 +20,6 @@ pub fn is_provisioned(der: &[u8]) -> bool {
     cert.subject()
         .iter_organizational_unit()
         .any(|u| u.as_str().is_ok_and(|s| s == PROVISIONED_UNIT))
-}
-
-/// What a connection is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Role {
-    /// A privileged backend identity.
-    Backend,
-    /// A claim identity: provisioning requests only.
-    Claimant,
-    /// A thing.
-    Device,
-}
-
-/// What the registry says of a device connecting with a certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Standing {
-    /// The thing exists; `Some(enabled)`.
-    pub thing: Option<bool>,
-    /// The registry knows the certificate (by its SHA-256 fingerprint):
-    /// the thing it is bound to, and whether it is active.
-    pub certificate: Option<(String, bool)>,
 }
 
 /// A lookup failed; the connection is refused (server unavailable).
@@ -153,35 +114,9 @@ impl ClientLimits {
     }
 }
 
-/// Whether a connection of `newcomer` may take the client id that
-/// `holder` has.
-pub(super) fn may_take_over(holder: (Role, &str), newcomer: (Role, &str)) -> bool {
-    match (holder.0, newcomer.0) {
-        (_, Role::Claimant) | (Role::Backend, Role::Device) => false,
-        (Role::Claimant, Role::Device) => true,
-        (h, n) => h == n && holder.1 == newcomer.1,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn takeover_rules() {
-        use Role::{Backend, Claimant, Device};
-        assert!(may_take_over((Device, "p1"), (Device, "p1")));
-        assert!(!may_take_over((Device, "p1"), (Device, "p2")));
-        assert!(!may_take_over(
-            (Backend, "fleet-backend"),
-            (Device, "fleet-cloud")
-        ));
-        assert!(may_take_over((Backend, "b"), (Backend, "b")));
-        assert!(!may_take_over((Device, "p1"), (Backend, "b")));
-        assert!(!may_take_over((Claimant, "c@f"), (Claimant, "c@f")));
-        assert!(may_take_over((Claimant, "c@f"), (Device, "p1")));
-        assert!(!may_take_over((Device, "p1"), (Claimant, "c@f")));
-    }
 
     #[test]
     fn topic_limits_count_bytes_and_levels() {

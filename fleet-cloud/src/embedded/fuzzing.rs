@@ -20,10 +20,11 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use tokio::sync::{mpsc, oneshot};
 
-use super::admission::{ClientLimits, Role};
+use super::admission::ClientLimits;
 use super::codec::{self, In, Message, ReadError, Version, Writer};
 use super::{Kick, Router, Session, Shared};
 use crate::BrokerPolicy;
+use fleet_core::admission::Role;
 
 /// The identities a harness knows: a backend, a claimant and two devices.
 pub const IDENTITIES: [&str; 4] = ["fleet-backend", "claim@f", "dev-a", "dev-b"];

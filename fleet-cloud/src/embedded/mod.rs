@@ -59,8 +59,8 @@ pub use admission::{
     ClientLimits, Directory, DirectoryError, PROVISIONED_UNIT, Standing, StandingFuture,
     is_provisioned,
 };
-use admission::{Role, may_take_over};
 use codec::{ConnAckCode, In, Message, PubAckCode, ReadError, SubRefusal, Version, Writer};
+use fleet_core::admission::{Refusal, Role, may_take_over};
 use router::{Retained, Subscriptions};
 
 /// How the embedded broker listens and whom it lets in.
@@ -1014,17 +1014,12 @@ async fn connection(
     let role = {
         let compiled = shared.policy();
         let policy = compiled.policy();
-        if provisioned {
-            // Whatever its name says: provisioning never makes anything
-            // but a device.
-            Role::Device
-        } else if policy.backend_identities.contains(&identity) {
-            Role::Backend
-        } else if policy.claim_identities.contains(&identity) {
-            Role::Claimant
-        } else {
-            Role::Device
-        }
+        fleet_core::admission::role(
+            &identity,
+            provisioned,
+            &policy.backend_identities,
+            &policy.claim_identities,
+        )
     };
     let (client_id, assigned) = if client_id.is_empty() {
         // A device is its thing name; others get a fresh id.
@@ -1043,24 +1038,25 @@ async fn connection(
     } else {
         (client_id, None)
     };
-    let mut refuse = if client_id.contains(['/', '+', '#']) || client_id.len() > 128 {
-        Some(ConnAckCode::BadClientId)
-    } else if role == Role::Device && client_id != identity {
-        // AWS IoT's usual policy: a thing connects as itself.
-        Some(ConnAckCode::NotAuthorized)
-    } else if shared.is_revoked(&fingerprint)
-        || shared
-            .policy()
-            .policy()
-            .denied_identities
-            .contains(&identity)
-    {
-        Some(ConnAckCode::NotAuthorized)
-    } else if *stopped.borrow() {
-        Some(ConnAckCode::ServerUnavailable)
-    } else {
-        None
-    };
+    let mut refuse =
+        if let Err(refusal) = fleet_core::admission::check_client_id(role, &identity, &client_id) {
+            Some(match refusal {
+                Refusal::BadClientId => ConnAckCode::BadClientId,
+                Refusal::NotAuthorized | Refusal::QuotaExceeded => ConnAckCode::NotAuthorized,
+            })
+        } else if shared.is_revoked(&fingerprint)
+            || shared
+                .policy()
+                .policy()
+                .denied_identities
+                .contains(&identity)
+        {
+            Some(ConnAckCode::NotAuthorized)
+        } else if *stopped.borrow() {
+            Some(ConnAckCode::ServerUnavailable)
+        } else {
+            None
+        };
     if refuse.is_none() && role == Role::Device {
         refuse = match &shared.directory {
             None if provisioned => Some(ConnAckCode::NotAuthorized),
@@ -1071,12 +1067,7 @@ async fn connection(
                     Some(ConnAckCode::ServerUnavailable)
                 }
                 Ok(standing) => {
-                    let thing_ok = standing.thing == Some(true);
-                    let cert_ok = match &standing.certificate {
-                        Some((thing, active)) => *active && *thing == identity,
-                        None => !provisioned,
-                    };
-                    (!thing_ok || !cert_ok).then_some(ConnAckCode::NotAuthorized)
+                    (!standing.admits(&identity, provisioned)).then_some(ConnAckCode::NotAuthorized)
                 }
             },
         };
