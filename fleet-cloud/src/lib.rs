@@ -119,7 +119,8 @@ pub use jobs::{
 };
 pub use outgoing::Outgoing;
 pub use policy::{
-    Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener, PolicyError,
+    Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener,
+    MosquittoPlugin, PolicyError,
 };
 pub use postgres::{Leadership, PgLease, PgStore};
 pub use provisioning::{

@@ -23,6 +23,23 @@ pub struct MosquittoListener {
     /// The user Mosquitto runs as when started as root (it reads the key
     /// files after switching). `None`: Mosquitto's default, `mosquitto`.
     pub run_as_user: Option<String>,
+    /// `fleet-mosquitto-plugin`, which admits clients by the fleet's rules
+    /// (a device only as its own thing, with a certificate the registry
+    /// binds; claimants never take another's client id; replies only to
+    /// the requester's namespace). `None`: Mosquitto knows a client by its
+    /// common name and ACL only (see SECURITY.md for what that leaves
+    /// open).
+    pub plugin: Option<MosquittoPlugin>,
+}
+
+/// Where Mosquitto finds `fleet-mosquitto-plugin` and the roster it admits
+/// by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MosquittoPlugin {
+    /// The plugin's shared library (`libfleet_mosquitto_plugin.so`).
+    pub library: PathBuf,
+    /// The roster file `fleet serve --mosquitto-roster` keeps current.
+    pub roster: PathBuf,
 }
 
 /// The access rules of a fleet, written out for a broker.
@@ -167,6 +184,23 @@ impl BrokerPolicy {
             let _ = writeln!(conf, "user {user}");
         }
         let _ = writeln!(conf, "acl_file {}", l.acl_file.display());
+        if let Some(plugin) = &l.plugin {
+            let _ = writeln!(conf, "plugin {}", plugin.library.display());
+            let _ = writeln!(conf, "plugin_opt_roster {}", plugin.roster.display());
+            let _ = writeln!(
+                conf,
+                "plugin_opt_backend_identities {}",
+                self.backend_identities.join(",")
+            );
+            if !self.claim_identities.is_empty() {
+                let _ = writeln!(
+                    conf,
+                    "plugin_opt_claim_identities {}",
+                    self.claim_identities.join(",")
+                );
+            }
+            let _ = writeln!(conf, "plugin_opt_prefix {}", self.prefix);
+        }
         match &l.persistence_dir {
             Some(dir) => {
                 let _ = writeln!(
@@ -182,9 +216,13 @@ impl BrokerPolicy {
         let _ = writeln!(conf, "cafile {}", l.cafile.display());
         let _ = writeln!(conf, "certfile {}", l.certfile.display());
         let _ = writeln!(conf, "keyfile {}", l.keyfile.display());
-        conf.push_str(
-            "tls_version tlsv1.2\nrequire_certificate true\nuse_identity_as_username true\n",
-        );
+        conf.push_str("tls_version tlsv1.2\nrequire_certificate true\n");
+        // With the plugin, it sets the user name to the common name once it
+        // has admitted the client: Mosquitto skips plugins' authentication
+        // for a listener that takes the identity as the user name.
+        if l.plugin.is_none() {
+            conf.push_str("use_identity_as_username true\n");
+        }
         conf
     }
 

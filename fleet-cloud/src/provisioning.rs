@@ -70,6 +70,7 @@ pub struct ProvisioningService {
     registry: Registry,
     templates: Arc<HashMap<String, ProvisioningTemplate>>,
     hook: Option<Arc<dyn PreProvisioningHook>>,
+    on_registered: Option<crate::api::ThingHook>,
     /// How long an ownership token is good for.
     pub token_lifetime: Duration,
     /// How long issued certificates are valid.
@@ -165,6 +166,7 @@ impl ProvisioningService {
             registry,
             templates: Arc::new(templates.into_iter().map(|t| (t.name.clone(), t)).collect()),
             hook: None,
+            on_registered: None,
             token_lifetime: Duration::from_secs(3600),
             certificate_days: 365,
             max_outstanding_tokens: 10_000,
@@ -176,6 +178,16 @@ impl ProvisioningService {
     /// Adds a pre-provisioning hook.
     pub fn with_hook(mut self, hook: impl PreProvisioningHook) -> Self {
         self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called after `RegisterThing` bound a certificate to a thing (and
+    /// revoked the ones it replaced), and awaited before the device is
+    /// answered: a broker that admits by a copy of the registry (Mosquitto's
+    /// plugin and its roster) knows the certificate before the device
+    /// connects with it.
+    pub fn with_on_registered(mut self, hook: crate::api::ThingHook) -> Self {
+        self.on_registered = Some(hook);
         self
     }
 
@@ -518,6 +530,9 @@ impl ProvisioningService {
                 .add_to_group(g, &thing)
                 .await
                 .map_err(internal)?;
+        }
+        if let Some(hook) = &self.on_registered {
+            hook(&thing, true).await;
         }
         tracing::info!("provisioning: registered {thing} (certificate {certificate_id})");
         Ok(json!({"thingName": thing, "deviceConfiguration": {}}))

@@ -825,18 +825,19 @@ impl Registry {
         let mut roster = fleet_core::admission::Roster::default();
         let clean = |f: &str| !f.is_empty() && !f.contains(char::is_whitespace);
         for row in self.names(ROSTER_THINGS).await? {
-            if let Some((name, enabled)) = row.split_once('\t') {
-                if clean(name) {
-                    roster.add_thing(name, enabled == "1");
-                }
+            if let Some((name, enabled)) = row.split_once('\t')
+                && clean(name)
+            {
+                roster.add_thing(name, enabled == "1");
             }
         }
         for row in self.names(ROSTER_CERTIFICATES).await? {
             let mut f = row.split('\t');
-            if let (Some(id), Some(thing), Some(status)) = (f.next(), f.next(), f.next()) {
-                if clean(id) && clean(thing) {
-                    roster.add_certificate(id, thing, status == "ACTIVE");
-                }
+            if let (Some(id), Some(thing), Some(status)) = (f.next(), f.next(), f.next())
+                && clean(id)
+                && clean(thing)
+            {
+                roster.add_certificate(id, thing, status == "ACTIVE");
             }
         }
         Ok(roster)

@@ -90,7 +90,8 @@ impl Fixture {
                 claim_identities: vec!["claim@factory".into()],
                 on_standing_changed: None,
                 on_revoke: Some(Arc::new(move |id: &str| {
-                    seen.lock().unwrap().push(id.to_string())
+                    seen.lock().unwrap().push(id.to_string());
+                    Box::pin(async {}) as fleet_cloud::api::HookFuture
                 })),
                 templates: vec![ProvisioningTemplate {
                     allow_replace: false,

@@ -28,9 +28,55 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A broker under attack: the embedded broker, or Mosquitto with
+/// `fleet-mosquitto-plugin` admitting by a roster of the registry.
 struct Setup {
     pki: Pki,
-    broker: EmbeddedBroker,
+    port: u16,
+    broker: Option<EmbeddedBroker>,
+    mosquitto: Option<fleet_testkit::Broker>,
+    /// The registry the roster is written from (Mosquitto).
+    registry: Option<Registry>,
+}
+
+impl Setup {
+    fn embedded(&self) -> &EmbeddedBroker {
+        self.broker.as_ref().expect("an embedded-broker test")
+    }
+
+    /// Mosquitto: writes the registry's roster for the plugin (as `fleet
+    /// serve --mosquitto-roster` does after each change). Embedded: nothing
+    /// (it asks the registry itself).
+    async fn sync_roster(&self) {
+        if let (Some(m), Some(r)) = (&self.mosquitto, &self.registry) {
+            write_roster(r, &m.roster()).await;
+        }
+    }
+}
+
+async fn write_roster(registry: &Registry, path: &std::path::Path) {
+    let text = registry.roster().await.unwrap().to_text();
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Mosquitto with the plugin, admitting by `registry`'s roster.
+fn setup_mosquitto(policy: BrokerPolicy, registry: Registry) -> Setup {
+    let broker = fleet_testkit::Broker::start_with(fleet_testkit::BrokerOptions {
+        policy,
+        plugin: true,
+        ..Default::default()
+    })
+    .expect("start mosquitto with fleet-mosquitto-plugin");
+    let pki = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap();
+    Setup {
+        pki,
+        port: broker.port(),
+        broker: None,
+        mosquitto: Some(broker),
+        registry: Some(registry),
+    }
 }
 
 async fn setup_with(
@@ -50,7 +96,13 @@ async fn setup_with(
     config.limits = limits;
     config.directory = directory.map(|r| Arc::new(r) as Arc<dyn fleet_cloud::Directory>);
     let broker = EmbeddedBroker::start(config).await.unwrap();
-    Setup { pki, broker }
+    Setup {
+        pki,
+        port: broker.local_addr().port(),
+        broker: Some(broker),
+        mosquitto: None,
+        registry: None,
+    }
 }
 
 async fn setup() -> Setup {
@@ -59,7 +111,7 @@ async fn setup() -> Setup {
 
 fn options(s: &Setup, id: &Identity, client_id: &str) -> MqttOptions {
     let tls = client_tls_config(id, &s.pki.ca_pem()).unwrap();
-    let mut o = MqttOptions::new(client_id, "localhost", s.broker.local_addr().port());
+    let mut o = MqttOptions::new(client_id, "localhost", s.port);
     o.set_keep_alive(Duration::from_secs(5))
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
@@ -266,7 +318,7 @@ async fn client_ids_are_bound_to_identities() {
         let code = connack(&mut me).await;
         assert!(code.contains("NotAuthorized"), "{id}: {code}");
     }
-    assert_eq!(s.broker.connected(), 2);
+    assert_eq!(s.embedded().connected(), 2);
     assert!(
         receives(&mut ae, Duration::from_millis(300))
             .await
@@ -276,7 +328,7 @@ async fn client_ids_are_bound_to_identities() {
     let named = s.pki.client_identity("fleet-cloud").unwrap();
     let (_n, mut ne) = v5(&s, &named, "fleet-cloud");
     assert!(connack(&mut ne).await.contains("NotAuthorized"));
-    assert_eq!(s.broker.connected(), 2);
+    assert_eq!(s.embedded().connected(), 2);
 
     // An empty client id is the device's own name.
     let mut o = options(&s, &mallory, "");
@@ -394,13 +446,25 @@ struct Provisioning {
 }
 
 async fn provisioning(allow_replace: bool) -> Provisioning {
+    provisioning_on(allow_replace, false).await
+}
+
+/// Provisioning by claim on the embedded broker, or on Mosquitto with the
+/// plugin (`mosquitto`), where the roster is rewritten before
+/// `RegisterThing` is answered, as `fleet serve` does.
+async fn provisioning_on(allow_replace: bool, mosquitto: bool) -> Provisioning {
     let registry = Registry::in_memory().unwrap();
     let policy = BrokerPolicy {
         claim_identities: vec!["claim@f".into()],
         ..BrokerPolicy::default()
     };
-    let s = setup_with(policy, ClientLimits::default(), Some(registry.clone())).await;
-    let service = ProvisioningService::new(
+    let s = if mosquitto {
+        setup_mosquitto(policy, registry.clone())
+    } else {
+        setup_with(policy, ClientLimits::default(), Some(registry.clone())).await
+    };
+    s.sync_roster().await;
+    let mut service = ProvisioningService::new(
         Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem()).unwrap(),
         registry.clone(),
         vec![ProvisioningTemplate {
@@ -413,11 +477,19 @@ async fn provisioning(allow_replace: bool) -> Provisioning {
             groups: Vec::new(),
         }],
     );
+    if let Some(m) = &s.mosquitto {
+        let (registry, roster) = (registry.clone(), m.roster());
+        service = service.with_on_registered(Arc::new(move |_: &str, _: bool| {
+            let (registry, roster) = (registry.clone(), roster.clone());
+            Box::pin(async move { write_roster(&registry, &roster).await })
+                as fleet_cloud::api::HookFuture
+        }));
+    }
     let backend = s.pki.client_identity("fleet-backend").unwrap();
     let running = serve(
         BrokerConfig {
             host: "localhost".into(),
-            port: s.broker.local_addr().port(),
+            port: s.port,
             client_id: "svc".into(),
             cert_pem: backend.cert_pem,
             key_pem: backend.key_pem,
@@ -614,7 +686,7 @@ async fn disabling_or_deleting_a_thing_cuts_it_off_at_once() {
     connected(&mut e).await;
     // Disabled: cut, and refused until enabled again.
     registry.set_enabled("dev-a", false).await.unwrap();
-    assert_eq!(s.broker.disconnect_identity("dev-a"), 1);
+    assert_eq!(s.embedded().disconnect_identity("dev-a"), 1);
     let reason = until(&mut e, |p| p.err()).await;
     assert!(reason.contains("NotAuthorized"), "{reason}");
     let code = connack(&mut e).await;
@@ -624,7 +696,7 @@ async fn disabling_or_deleting_a_thing_cuts_it_off_at_once() {
     connected(&mut e).await;
     // Deleted: the same.
     registry.delete_thing("dev-a").await.unwrap();
-    assert_eq!(s.broker.disconnect_identity("dev-a"), 1);
+    assert_eq!(s.embedded().disconnect_identity("dev-a"), 1);
     let code = connack(&mut e).await;
     assert!(code.contains("NotAuthorized"), "{code}");
     // A certificate bound to another thing is refused for this one.
@@ -720,7 +792,7 @@ async fn raw_connect_keep_alive(s: &Setup, id: &Identity, keep_alive: u16) -> Op
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tls = client_tls_config(id, &s.pki.ca_pem()).unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(s.broker.local_addr())
+    let tcp = tokio::net::TcpStream::connect(s.embedded().local_addr())
         .await
         .unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -892,10 +964,229 @@ async fn a_device_that_stops_reading_holds_a_bounded_queue_and_slows_nobody() {
     // Let the broker route what is in flight.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        s.broker.dropped_messages() >= 1_000,
+        s.embedded().dropped_messages() >= 1_000,
         "dropped {}",
-        s.broker.dropped_messages()
+        s.embedded().dropped_messages()
     );
     stop.abort();
     drop(de);
+}
+
+// The same attacks against Mosquitto with `fleet-mosquitto-plugin` (each
+// succeeded against Mosquitto with the ACL alone: see SECURITY.md before
+// the plugin).
+
+/// Polls `ev` for `d`; the first error (a disconnection), if any.
+async fn dropped(ev: &mut EventLoop, d: Duration) -> Option<String> {
+    tokio::time::timeout(d, async {
+        loop {
+            if let Err(e) = ev.poll().await {
+                return e.to_string();
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mosquitto_client_ids_are_bound_to_identities() {
+    let registry = Registry::in_memory().unwrap();
+    for t in ["dev-a", "dev-b", "mallory"] {
+        registry.create_thing(t, Default::default()).await.unwrap();
+    }
+    let policy = BrokerPolicy {
+        claim_identities: vec!["claim@f".into()],
+        ..BrokerPolicy::default()
+    };
+    let s = setup_mosquitto(policy, registry);
+    s.sync_roster().await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (b, mut be) = v5(&s, &backend, "fleet-cloud");
+    connected(&mut be).await;
+    b.subscribe("dt/#", QoS::AtLeastOnce).await.unwrap();
+    suback(&mut be).await;
+    let a = s.pki.client_identity("dev-a").unwrap();
+    let (ac, mut ae) = v5(&s, &a, "dev-a");
+    connected(&mut ae).await;
+
+    // Another device's id, the backend's id, or any other id: refused.
+    let mallory = s.pki.client_identity("mallory").unwrap();
+    for id in ["dev-a", "fleet-cloud", "not-my-name"] {
+        let (_m, mut me) = v5(&s, &mallory, id);
+        let code = connack(&mut me).await;
+        assert!(code.contains("NotAuthorized"), "{id}: {code}");
+    }
+    // A thing the registry does not know is refused, whatever its id.
+    let ghost = s.pki.client_identity("ghost").unwrap();
+    let (_g, mut ge) = v5(&s, &ghost, "ghost");
+    assert!(connack(&mut ge).await.contains("NotAuthorized"));
+    // Whoever held the ids still holds them: dev-a was never thrown off,
+    // and the backend still hears it.
+    assert_eq!(dropped(&mut ae, Duration::from_millis(300)).await, None);
+    let _pump = pump(ae);
+    ac.publish("dt/dev-a/still-here", QoS::AtLeastOnce, false, "1")
+        .await
+        .unwrap();
+    let (topic, _) = receives(&mut be, WAIT)
+        .await
+        .expect("the backend hears dev-a");
+    assert_eq!(topic, "dt/dev-a/still-here");
+
+    // Claimants: no takeover of each other's ids; a device reclaims its
+    // own name from a claimant squatting on it.
+    let claim = s.pki.client_identity("claim@f").unwrap();
+    let (_c1, mut c1e) = v5(&s, &claim, "claimant-1");
+    connected(&mut c1e).await;
+    let (_c2, mut c2e) = v5(&s, &claim, "claimant-1");
+    assert!(connack(&mut c2e).await.contains("NotAuthorized"));
+    let (_sq, mut sqe) = v5(&s, &claim, "dev-b");
+    connected(&mut sqe).await;
+    let devb = s.pki.client_identity("dev-b").unwrap();
+    let (_d, mut de) = v5(&s, &devb, "dev-b");
+    connected(&mut de).await;
+    // (Mosquitto closes the squatter's connection without a DISCONNECT.)
+    let reason = dropped(&mut sqe, WAIT).await;
+    assert!(reason.is_some(), "the squatting claimant kept dev-b's id");
+    assert_eq!(dropped(&mut c1e, Duration::from_millis(200)).await, None);
+    // The first claimant leaves: its id is free for another connection.
+    drop(c1e);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_c3, mut c3e) = v5(&s, &claim, "claimant-1");
+    connected(&mut c3e).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mosquitto_a_claim_certificate_grants_nothing_until_registered() {
+    let mut p = provisioning_on(false, true).await;
+    let (outcome, created, key) = p.create("pump-9").await;
+    assert_eq!(outcome, "accepted", "{created}");
+    let cert = created["certificatePem"].as_str().unwrap().to_owned();
+    let code = p.connect("pump-9", &cert, &key).await;
+    assert!(
+        code.contains("NotAuthorized"),
+        "before registration: {code}"
+    );
+    let (outcome, r) = p.register(&created["certificateOwnershipToken"], "9").await;
+    assert_eq!(outcome, "accepted", "{r}");
+    // Answered only once the roster binds it: connecting at once works.
+    assert_eq!(p.connect("pump-9", &cert, &key).await, "Success");
+    // ...under its own name only.
+    let id = Identity {
+        common_name: "pump-9".into(),
+        cert_pem: cert.clone(),
+        key_pem: key.serialize_pem(),
+    };
+    let (_c, mut e) = v5(&p.s, &id, "pump-1");
+    assert!(connack(&mut e).await.contains("NotAuthorized"));
+
+    // A certificate the provisioning CA signed for a privileged name is
+    // only a device, and unbound.
+    let ca = Pki::from_pem(&p.s.pki.ca_pem(), &p.s.pki.ca_key_pem()).unwrap();
+    let (key, pem) = csr("fleet-backend");
+    let (forged, _) = ca.sign_claimed_csr(&pem, 1).unwrap();
+    let code = p.connect("fleet-backend", &forged, &key).await;
+    assert!(code.contains("NotAuthorized"), "{code}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mosquitto_replies_go_only_to_the_requesters_own_namespace() {
+    let mut p = provisioning_on(false, true).await;
+    p.registry
+        .create_thing("victim", Default::default())
+        .await
+        .unwrap();
+    p.s.sync_roster().await;
+    let victim = p.s.pki.client_identity("victim").unwrap();
+    let (v, mut ve) = v5(&p.s, &victim, "victim");
+    connected(&mut ve).await;
+    v.subscribe("$aws/things/victim/shadow/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut ve).await;
+    // A response topic in someone else's namespace, and a retained
+    // request: refused by the broker, before the service sees them.
+    for (response, retain) in [
+        (Some("$aws/clients/victim/x"), false),
+        (Some("$aws/things/victim/shadow/get"), false),
+        (None, true),
+    ] {
+        let props = PublishProperties {
+            response_topic: response.map(String::from),
+            ..PublishProperties::default()
+        };
+        p.claimant
+            .publish_with_properties(
+                "$aws/certificates/create-from-csr/json",
+                QoS::AtLeastOnce,
+                retain,
+                "{}",
+                props,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            puback(&mut p.claimant_ev).await,
+            PubAckReason::NotAuthorized,
+            "{response:?} retain {retain}"
+        );
+    }
+    assert!(
+        receives(&mut ve, Duration::from_millis(700))
+            .await
+            .is_none(),
+        "the victim heard a reply it never asked for"
+    );
+    // The claimant's own namespace still works.
+    let (outcome, created, _) = p.create("pump-2").await;
+    assert_eq!(outcome, "accepted", "{created}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mosquitto_disabling_deleting_or_revoking_cuts_a_device_off_at_once() {
+    let registry = Registry::in_memory().unwrap();
+    registry
+        .create_thing("dev-a", Default::default())
+        .await
+        .unwrap();
+    let s = setup_mosquitto(BrokerPolicy::default(), registry.clone());
+    s.sync_roster().await;
+    let dev = s.pki.client_identity("dev-a").unwrap();
+    let fingerprint = certificate_fingerprint(&dev.cert_pem).unwrap();
+    registry
+        .add_certificate(&fingerprint, "dev-a", &dev.cert_pem)
+        .await
+        .unwrap();
+    s.sync_roster().await;
+    for change in ["disable", "delete", "revoke"] {
+        let (_c, mut e) = v5(&s, &dev, "dev-a");
+        connected(&mut e).await;
+        match change {
+            "disable" => registry.set_enabled("dev-a", false).await.unwrap(),
+            "delete" => registry.delete_thing("dev-a").await.unwrap(),
+            _ => registry.revoke_certificate(&fingerprint).await.unwrap(),
+        }
+        s.sync_roster().await;
+        // The plugin looks at the roster every second.
+        let reason = dropped(&mut e, Duration::from_secs(5)).await;
+        assert!(reason.is_some(), "{change}: dev-a stayed connected");
+        let code = connack(&mut e).await;
+        assert!(code.contains("NotAuthorized"), "{change}: {code}");
+        // Back in good standing for the next round.
+        match change {
+            "disable" => registry.set_enabled("dev-a", true).await.unwrap(),
+            "delete" => {
+                registry
+                    .create_thing("dev-a", Default::default())
+                    .await
+                    .unwrap();
+                registry
+                    .add_certificate(&fingerprint, "dev-a", &dev.cert_pem)
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+        s.sync_roster().await;
+    }
 }

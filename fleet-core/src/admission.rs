@@ -143,6 +143,20 @@ pub fn may_take_over(holder: (Role, &str), newcomer: (Role, &str)) -> bool {
     }
 }
 
+/// Whether `topic`, given as an MQTT 5 response topic by client
+/// `client_id`, is in that client's own namespace:
+/// `{prefix}/clients/{client_id}/...`, with something after the client id
+/// and no wildcard. Replies go only there, so that a request cannot make
+/// the services publish on someone else's topics.
+pub fn is_own_response_topic(prefix: &str, client_id: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix("/clients/"))
+        .and_then(|r| r.strip_prefix(client_id))
+        .and_then(|r| r.strip_prefix('/'))
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(['+', '#', '\0']))
+}
+
 /// What the registry says of a device connecting with a certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Standing {
@@ -334,6 +348,24 @@ mod tests {
                 Err(Refusal::BadClientId),
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn response_topics() {
+        assert!(is_own_response_topic("$aws", "c1", "$aws/clients/c1/r"));
+        assert!(is_own_response_topic("$aws", "c1", "$aws/clients/c1/a/b"));
+        for bad in [
+            "$aws/clients/c1",
+            "$aws/clients/c1/",
+            "$aws/clients/c10/r",
+            "$aws/clients/c2/r",
+            "$aws/clients/c1/+",
+            "$aws/clients/c1/#",
+            "$aws/things/c1/shadow/get",
+            "dt/clients/c1/r",
+        ] {
+            assert!(!is_own_response_topic("$aws", "c1", bad), "{bad}");
         }
     }
 

@@ -33,6 +33,10 @@ pub struct BrokerOptions {
     /// ([`EmbeddedConfig::directory`](fleet_cloud::EmbeddedConfig::directory)),
     /// as `fleet serve` does; Mosquitto knows devices by common name only.
     pub registry: Option<fleet_cloud::Registry>,
+    /// Mosquitto loads `fleet-mosquitto-plugin` ([`mosquitto_plugin`]),
+    /// admitting devices by the roster file [`Broker::roster`] (empty at
+    /// start: no device until a registry writes it).
+    pub plugin: bool,
 }
 
 /// Which broker a [`Broker`] runs.
@@ -107,6 +111,19 @@ impl Broker {
             .try_mosquitto_acl()
             .map_err(|e| HarnessError::Policy(e.to_string()))?;
         write(dir.path().join("acl"), &acl)?;
+        let plugin = match (options.plugin, options.kind) {
+            (true, BrokerKind::Mosquitto) => {
+                write(
+                    dir.path().join("roster"),
+                    &fleet_core::admission::Roster::default().to_text(),
+                )?;
+                Some(fleet_cloud::MosquittoPlugin {
+                    library: mosquitto_plugin()?,
+                    roster: dir.path().join("roster"),
+                })
+            }
+            _ => None,
+        };
 
         let mut broker = Self {
             dir,
@@ -141,7 +158,12 @@ impl Broker {
             broker.port = free_port()?;
             write(
                 broker.dir.path().join("mosquitto.conf"),
-                &config(&options.policy, broker.dir.path(), broker.port),
+                &config(
+                    &options.policy,
+                    broker.dir.path(),
+                    broker.port,
+                    plugin.clone(),
+                ),
             )?;
             match broker.spawn_and_wait() {
                 Ok(()) => return Ok(broker),
@@ -408,7 +430,12 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-fn config(policy: &BrokerPolicy, dir: &Path, port: u16) -> String {
+fn config(
+    policy: &BrokerPolicy,
+    dir: &Path,
+    port: u16,
+    plugin: Option<fleet_cloud::MosquittoPlugin>,
+) -> String {
     let listener = MosquittoListener {
         bind: "127.0.0.1".into(),
         port,
@@ -420,6 +447,7 @@ fn config(policy: &BrokerPolicy, dir: &Path, port: u16) -> String {
         // Run as root, Mosquitto would switch to the `mosquitto` user, which
         // cannot read this private directory. As another user it has no effect.
         run_as_user: Some("root".into()),
+        plugin,
     };
     let d = dir.display();
     // The deployment's own configuration, plus what a test run needs.
@@ -450,6 +478,47 @@ fn free_port() -> Result<u16, HarnessError> {
         .local_addr()
         .map(|a| a.port())
         .map_err(|e| HarnessError::io("find a free loopback port", e))
+}
+
+/// `fleet-mosquitto-plugin`'s shared library: `$FLEET_MOSQUITTO_PLUGIN`, or
+/// `libfleet_mosquitto_plugin.so` in the target directory of the running
+/// test (cargo builds it with the workspace's tests, and with
+/// fleet-cloud's, which depend on it). The error says how to build it.
+pub fn mosquitto_plugin() -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os("FLEET_MOSQUITTO_PLUGIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let name = format!(
+        "{}fleet_mosquitto_plugin{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    // A test runs from target/{profile}/deps/; the library is beside deps.
+    let exe = std::env::current_exe()
+        .map_err(|e| HarnessError::io("find the running test's directory", e))?;
+    let found = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join(&name))
+        .find(|p| p.exists());
+    found.ok_or_else(|| {
+        HarnessError::io(
+            format!("find {name}"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "build it with `cargo build -p fleet-mosquitto-plugin` (or set FLEET_MOSQUITTO_PLUGIN to its path)",
+            ),
+        )
+    })
+}
+
+impl Broker {
+    /// The roster file of a broker started with [`BrokerOptions::plugin`]
+    /// (`fleet serve --mosquitto-roster` keeps it current).
+    pub fn roster(&self) -> PathBuf {
+        self.dir.path().join("roster")
+    }
 }
 
 /// The `mosquitto` binary, for tests that run it with a configuration of

@@ -24,7 +24,9 @@ mod client;
 mod postgres;
 mod proxy;
 
-pub use broker::{BACKEND_IDENTITY, Broker, BrokerKind, BrokerOptions, mosquitto_binary};
+pub use broker::{
+    BACKEND_IDENTITY, Broker, BrokerKind, BrokerOptions, mosquitto_binary, mosquitto_plugin,
+};
 pub use client::{Message, TestClient, client_tls_config};
 pub use fleet_cloud::BrokerPolicy;
 pub use fleet_cloud::pki::{Identity, Pki};

@@ -244,6 +244,9 @@ async fn create_thing(
         .registry
         .create_thing(&body.name, body.attributes)
         .await?;
+    if let Some(hook) = &api.on_standing_changed {
+        hook(&thing.name, true).await;
+    }
     Ok((StatusCode::CREATED, axum::Json(thing.into())))
 }
 
@@ -264,7 +267,7 @@ async fn delete_thing(
 ) -> Result<StatusCode, ApiError> {
     api.registry.delete_thing(&thing).await?;
     if let Some(hook) = &api.on_standing_changed {
-        hook(&thing, false);
+        hook(&thing, false).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -292,7 +295,7 @@ async fn set_enabled(
 ) -> Result<axum::Json<ThingView>, ApiError> {
     api.registry.set_enabled(&thing, body.enabled).await?;
     if let Some(hook) = &api.on_standing_changed {
-        hook(&thing, body.enabled);
+        hook(&thing, body.enabled).await;
     }
     let t = api.registry.thing(&thing).await?;
     Ok(axum::Json(t.into()))
@@ -345,7 +348,7 @@ async fn revoke_certificate(
 ) -> Result<StatusCode, ApiError> {
     api.registry.revoke_certificate(&id).await?;
     if let Some(hook) = &api.on_revoke {
-        hook(&id);
+        hook(&id).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -52,12 +52,18 @@ use crate::{
     RegistryError, Scope, ShadowsEndpoint, StreamService,
 };
 
-/// Called with a certificate's id after the API revoked it.
-pub type RevocationHook = Arc<dyn Fn(&str) + Send + Sync>;
+/// What a hook answers with; the change is answered (to the API's caller,
+/// to the device that registered) only once it is done, so that what the
+/// caller does next finds the broker told.
+pub type HookFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Called with a thing's name after the API enabled, disabled or deleted
-/// it, and whether it may connect now (enabled: `true`).
-pub type ThingHook = Arc<dyn Fn(&str, bool) + Send + Sync>;
+/// Called with a certificate's id after the API revoked it.
+pub type RevocationHook = Arc<dyn Fn(&str) -> HookFuture + Send + Sync>;
+
+/// Called with a thing's name after the API created, enabled, disabled or
+/// deleted it (or provisioning registered it), and whether it may connect
+/// now.
+pub type ThingHook = Arc<dyn Fn(&str, bool) -> HookFuture + Send + Sync>;
 
 /// What the API serves.
 #[derive(Clone)]
@@ -82,8 +88,8 @@ pub struct ApiServices {
     /// Called with a certificate's id after it was revoked (to tell the
     /// broker).
     pub on_revoke: Option<RevocationHook>,
-    /// Called with a thing's name after it was enabled, disabled or
-    /// deleted: to cut a denied thing's connections at once
+    /// Called with a thing's name after it was created, enabled, disabled
+    /// or deleted: to cut a denied thing's connections at once
     /// ([`Revoker::disconnect_identity`](crate::Revoker::disconnect_identity)),
     /// or to rewrite an external broker's ACL.
     pub on_standing_changed: Option<ThingHook>,

@@ -887,12 +887,11 @@ fn publish_refusal(
             .as_ref()
             .and_then(|p| p.response_topic.as_deref())
     {
-        let own = format!("{}/clients/{client_id}/", policy.prefix);
-        let fits = response
-            .strip_prefix(&own)
-            .is_some_and(|rest| !rest.is_empty() && !rest.split('/').any(|l| l == ROUTED))
-            && router::valid_topic(response)
-            && shared.limits.topic_fits(response);
+        let fits =
+            fleet_core::admission::is_own_response_topic(&policy.prefix, client_id, response)
+                && !response.split('/').any(|l| l == ROUTED)
+                && router::valid_topic(response)
+                && shared.limits.topic_fits(response);
         if !fits {
             return Some(PubAckCode::NotAuthorized);
         }

@@ -201,6 +201,11 @@ struct DevSetupArgs {
     /// The broker's port.
     #[arg(long, default_value_t = 8883)]
     port: u16,
+    /// `fleet-mosquitto-plugin`'s shared library: the Mosquitto
+    /// configuration loads it, admitting devices by `{dir}/roster` (run
+    /// `fleet serve --mosquitto-roster {dir}/roster`).
+    #[arg(long)]
+    mosquitto_plugin: Option<PathBuf>,
 }
 
 /// `fleet serve`'s flags: each overrides the configuration file
@@ -287,6 +292,14 @@ struct ServeArgs {
     /// re-reads its ACL and applies it to connected clients too.
     #[arg(long)]
     broker_pid_file: Option<PathBuf>,
+    /// External broker (Mosquitto with `fleet-mosquitto-plugin`): the
+    /// roster file the plugin admits devices by (every thing and
+    /// certificate with its standing). Written at start, after every change
+    /// through the API, and before a `RegisterThing` is answered; the
+    /// plugin reads it again when it changes and disconnects the devices it
+    /// no longer admits.
+    #[arg(long)]
+    mosquitto_roster: Option<PathBuf>,
 }
 
 /// `--store` is checked as it is read, so that a bad one is a usage error.
@@ -316,6 +329,7 @@ impl ServeArgs {
             telemetry_file: self.telemetry_file.clone(),
             mosquitto_acl: self.mosquitto_acl.clone(),
             broker_pid_file: self.broker_pid_file.clone(),
+            mosquitto_roster: self.mosquitto_roster.clone(),
         }
     }
 
@@ -330,32 +344,49 @@ impl ServeArgs {
     }
 }
 
-/// An external broker's ACL file, rewritten from the registry when a
-/// thing's standing changes, and the broker told to apply it.
-struct AclFile {
+/// An external broker's files that follow the registry: the ACL and the
+/// roster its plugin admits by, rewritten when a thing's standing changes,
+/// and the broker told to apply the ACL.
+struct BrokerFiles {
     registry: Registry,
     policy: BrokerPolicy,
-    path: PathBuf,
+    acl: Option<PathBuf>,
+    roster: Option<PathBuf>,
     pid_file: Option<PathBuf>,
     /// One rewrite at a time: each reads the registry afresh, so the last
     /// written is the latest.
     writing: tokio::sync::Mutex<()>,
 }
 
-impl AclFile {
-    /// Writes the ACL (atomically: a new file renamed over the old) and
-    /// signals the broker.
+/// Writes `text` to `path` atomically: a new file renamed over the old, so
+/// that a reader sees the old file or the new one, never half of one.
+fn replace_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.to_path_buf().into_os_string();
+    tmp.push(".new");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+impl BrokerFiles {
+    /// Writes the roster and the ACL, then signals the broker.
     async fn refresh(&self) -> Result<(), Box<dyn std::error::Error>> {
         let _one = self.writing.lock().await;
+        if let Some(path) = &self.roster {
+            let roster = self.registry.roster().await?;
+            replace_file(path, &roster.to_text())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let (things, certificates) = roster.len();
+            tracing::debug!(roster = %path.display(), things, certificates, "broker roster rewritten");
+        }
+        let Some(path) = &self.acl else {
+            return Ok(());
+        };
         let policy = BrokerPolicy {
             denied_identities: self.registry.denied_identities().await?,
             ..self.policy.clone()
         };
         let acl = policy.try_mosquitto_acl()?;
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".new");
-        std::fs::write(&tmp, acl)?;
-        std::fs::rename(&tmp, &self.path)?;
+        replace_file(path, &acl).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(pid_file) = &self.pid_file {
             let pid = std::fs::read_to_string(pid_file)
                 .map_err(|e| format!("{}: {e}", pid_file.display()))?;
@@ -370,18 +401,20 @@ impl AclFile {
                 return Err(format!("kill -HUP {pid} failed: {status}").into());
             }
         }
-        tracing::info!(acl = %self.path.display(), "broker ACL rewritten");
+        tracing::info!(acl = %path.display(), "broker ACL rewritten");
         Ok(())
     }
 
-    /// [`refresh`](Self::refresh) in the background (from a hook).
-    fn refresh_soon(self: &std::sync::Arc<Self>) {
-        let acl = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = acl.refresh().await {
-                tracing::error!("rewriting the broker ACL failed: {e}");
+    /// [`refresh`](Self::refresh) for a hook: the change is answered once
+    /// the files are written; a failure is logged (the registry changed
+    /// already).
+    fn refresh_hook(self: &std::sync::Arc<Self>) -> fleet_cloud::api::HookFuture {
+        let files = self.clone();
+        Box::pin(async move {
+            if let Err(e) = files.refresh().await {
+                tracing::error!("rewriting the broker's ACL or roster failed: {e}");
             }
-        });
+        })
     }
 }
 
@@ -454,7 +487,7 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         }
         None => {
             if !dir.join("ca.pem").exists() {
-                write_setup(dir, &[], &args.claims, args.listen.port())?;
+                write_setup(dir, &[], &args.claims, args.listen.port(), None)?;
                 tracing::info!(
                     "wrote a development CA and certificates to {}",
                     dir.display()
@@ -544,23 +577,34 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         }
         _ => None,
     };
-    let acl = match &args.mosquitto_acl {
-        Some(path) => {
-            let acl = std::sync::Arc::new(AclFile {
-                registry: registry.clone(),
-                policy: BrokerPolicy {
-                    prefix: args.prefix.clone(),
-                    claim_identities: args.claims.clone(),
-                    ..BrokerPolicy::default()
-                },
-                path: path.clone(),
-                pid_file: args.broker_pid_file.clone(),
-                writing: tokio::sync::Mutex::new(()),
-            });
-            acl.refresh().await?;
-            Some(acl)
+    let acl = if args.mosquitto_acl.is_some() || args.mosquitto_roster.is_some() {
+        let files = std::sync::Arc::new(BrokerFiles {
+            registry: registry.clone(),
+            policy: BrokerPolicy {
+                prefix: args.prefix.clone(),
+                claim_identities: args.claims.clone(),
+                ..BrokerPolicy::default()
+            },
+            acl: args.mosquitto_acl.clone(),
+            roster: args.mosquitto_roster.clone(),
+            pid_file: args.broker_pid_file.clone(),
+            writing: tokio::sync::Mutex::new(()),
+        });
+        files.refresh().await?;
+        Some(files)
+    } else {
+        None
+    };
+    let provisioning = match (provisioning, &acl) {
+        (Some(p), Some(files)) => {
+            let files = files.clone();
+            Some(
+                p.with_on_registered(std::sync::Arc::new(move |_: &str, _: bool| {
+                    files.refresh_hook()
+                })),
+            )
         }
-        None => None,
+        (p, _) => p,
     };
     let api = if args.no_api {
         None
@@ -682,7 +726,20 @@ fn default_template() -> ProvisioningTemplate {
 }
 
 async fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let abs = write_setup(&args.dir, &args.things, &args.claims, args.port)?;
+    let plugin = args
+        .mosquitto_plugin
+        .as_ref()
+        .map(|p| {
+            std::fs::canonicalize(p).map_err(|e| format!("--mosquitto-plugin {}: {e}", p.display()))
+        })
+        .transpose()?;
+    let abs = write_setup(
+        &args.dir,
+        &args.things,
+        &args.claims,
+        args.port,
+        plugin.as_deref(),
+    )?;
     // The things exist in the registry, bound to their certificates: the
     // embedded broker admits a device the registry knows.
     if !args.things.is_empty() {
@@ -702,11 +759,19 @@ async fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>
     println!("  fleet serve --dir {}", abs.display());
     println!("or, with Mosquitto:");
     println!("  mosquitto -c {}/mosquitto.conf", abs.display());
-    println!(
-        "  fleet serve --dir {d} --broker localhost:{}",
-        args.port,
-        d = abs.display()
-    );
+    if plugin.is_some() {
+        println!(
+            "  fleet serve --dir {d} --broker localhost:{} --mosquitto-acl {d}/acl --mosquitto-roster {d}/roster",
+            args.port,
+            d = abs.display()
+        );
+    } else {
+        println!(
+            "  fleet serve --dir {d} --broker localhost:{}",
+            args.port,
+            d = abs.display()
+        );
+    }
     Ok(())
 }
 
@@ -718,6 +783,7 @@ fn write_setup(
     things: &[String],
     claims: &[String],
     port: u16,
+    plugin: Option<&std::path::Path>,
 ) -> Result<PathBuf, Box<dyn std::error::Error>> {
     for thing in things {
         fleet_core::ThingName::new(thing).map_err(|e| format!("--thing {thing}: {e}"))?;
@@ -776,6 +842,10 @@ fn write_setup(
         // (run as root without a `user` line, Mosquitto would become the
         // `mosquitto` user, which cannot read them).
         run_as_user: current_user(),
+        plugin: plugin.map(|library| fleet_cloud::MosquittoPlugin {
+            library: library.to_path_buf(),
+            roster: abs.join("roster"),
+        }),
     };
     write("mosquitto.conf", &policy.mosquitto_conf(&listener), false)?;
     Ok(abs)
@@ -801,7 +871,7 @@ struct ApiSetup {
     claim_ca: Option<std::sync::Arc<Pki>>,
     claim_identities: Vec<String>,
     revoker: Option<fleet_cloud::Revoker>,
-    acl: Option<std::sync::Arc<AclFile>>,
+    acl: Option<std::sync::Arc<BrokerFiles>>,
 }
 
 /// Writes a file only its owner may read.
@@ -849,27 +919,31 @@ async fn run<S: ShadowStore + JobStore + Clone>(
                 claim_identities: a.claim_identities,
                 on_revoke: (revoker.is_some() || a.acl.is_some()).then(|| {
                     let (revoker, acl) = (revoker.clone(), a.acl.clone());
-                    std::sync::Arc::new(move |id: &str| {
+                    std::sync::Arc::new(move |id: &str| -> fleet_cloud::api::HookFuture {
                         if let Some(r) = &revoker {
                             r.revoke([id.to_string()]);
                         }
-                        if let Some(acl) = &acl {
-                            acl.refresh_soon();
+                        match &acl {
+                            Some(acl) => acl.refresh_hook(),
+                            None => Box::pin(async {}),
                         }
                     }) as fleet_cloud::api::RevocationHook
                 }),
                 on_standing_changed: (revoker.is_some() || a.acl.is_some()).then(|| {
                     let (revoker, acl) = (revoker.clone(), a.acl.clone());
-                    std::sync::Arc::new(move |thing: &str, allowed: bool| {
-                        if let Some(r) = &revoker
-                            && !allowed
-                        {
-                            r.disconnect_identity(thing);
-                        }
-                        if let Some(acl) = &acl {
-                            acl.refresh_soon();
-                        }
-                    }) as fleet_cloud::api::ThingHook
+                    std::sync::Arc::new(
+                        move |thing: &str, allowed: bool| -> fleet_cloud::api::HookFuture {
+                            if let Some(r) = &revoker
+                                && !allowed
+                            {
+                                r.disconnect_identity(thing);
+                            }
+                            match &acl {
+                                Some(acl) => acl.refresh_hook(),
+                                None => Box::pin(async {}),
+                            }
+                        },
+                    ) as fleet_cloud::api::ThingHook
                 }),
                 templates: vec![default_template()],
             };

@@ -68,6 +68,8 @@ pub(crate) struct Layer {
     pub mosquitto_acl: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_pid_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mosquitto_roster: Option<PathBuf>,
 }
 
 impl Layer {
@@ -128,6 +130,7 @@ impl Layer {
             telemetry_file: over.telemetry_file.or(self.telemetry_file),
             mosquitto_acl: over.mosquitto_acl.or(self.mosquitto_acl),
             broker_pid_file: over.broker_pid_file.or(self.broker_pid_file),
+            mosquitto_roster: over.mosquitto_roster.or(self.mosquitto_roster),
         }
     }
 
@@ -142,6 +145,12 @@ impl Layer {
             .map_err(|e| format!("store: {e}"))?;
         if self.mosquitto_acl.is_some() && self.broker.is_none() {
             return Err("mosquitto-acl: needs broker (it is the external broker's ACL)".into());
+        }
+        if self.mosquitto_roster.is_some() && self.broker.is_none() {
+            return Err(
+                "mosquitto-roster: needs broker (it is what the external broker's plugin admits by)"
+                    .into(),
+            );
         }
         if self.broker_pid_file.is_some() && self.mosquitto_acl.is_none() {
             return Err("broker-pid-file: needs mosquitto-acl".into());
@@ -169,6 +178,7 @@ impl Layer {
             telemetry_file: self.telemetry_file,
             mosquitto_acl: self.mosquitto_acl,
             broker_pid_file: self.broker_pid_file,
+            mosquitto_roster: self.mosquitto_roster,
         })
     }
 }
@@ -192,6 +202,7 @@ pub(crate) struct ServeConfig {
     pub telemetry_file: Option<PathBuf>,
     pub mosquitto_acl: Option<PathBuf>,
     pub broker_pid_file: Option<PathBuf>,
+    pub mosquitto_roster: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -218,6 +229,7 @@ impl ServeConfig {
             telemetry_file: self.telemetry_file.clone(),
             mosquitto_acl: self.mosquitto_acl.clone(),
             broker_pid_file: self.broker_pid_file.clone(),
+            mosquitto_roster: self.mosquitto_roster.clone(),
         };
         toml::to_string(&layer).unwrap_or_else(|e| format!("# cannot show: {e}\n"))
     }
