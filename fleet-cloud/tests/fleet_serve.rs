@@ -229,6 +229,32 @@ fn dev_setup_writes_a_consistent_setup() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(!std::path::Path::new("/nonexistent/x").exists());
+
+    // With the plugin: Mosquitto loads it and admits by the roster; the
+    // plugin, not the listener, names the user.
+    let plugin = fleet_testkit::mosquitto_plugin().unwrap();
+    let with = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["dev-setup", "--claim", "claim@line-4", "--mosquitto-plugin"])
+        .arg(&plugin)
+        .arg("--dir")
+        .arg(with.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conf = std::fs::read_to_string(with.path().join("mosquitto.conf")).unwrap();
+    let abs = std::fs::canonicalize(with.path()).unwrap();
+    for line in [
+        format!("plugin {}\n", std::fs::canonicalize(&plugin).unwrap().display()),
+        format!("plugin_opt_roster {}/roster\n", abs.display()),
+        "plugin_opt_backend_identities fleet-backend\n".to_string(),
+        "plugin_opt_claim_identities claim@line-4\n".to_string(),
+    ] {
+        assert!(conf.contains(&line), "{line} missing from:\n{conf}");
+    }
+    assert!(!conf.contains("use_identity_as_username"), "{conf}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("--mosquitto-roster"), "{printed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1119,7 +1145,13 @@ async fn memory_stays_bounded_under_1000_hostile_clients() {
 /// with nothing restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_mosquitto_disabling_a_thing_applies_at_once() {
-    let broker = Broker::start().expect("start mosquitto");
+    // Mosquitto as deployed: the generated ACL, and the plugin admitting by
+    // the roster fleet serve keeps.
+    let broker = Broker::start_with(fleet_testkit::BrokerOptions {
+        plugin: true,
+        ..Default::default()
+    })
+    .expect("start mosquitto with fleet-mosquitto-plugin");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let backend = broker.backend_identity().unwrap();
@@ -1151,6 +1183,8 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
         .arg(broker.dir().join("acl"))
         .arg("--broker-pid-file")
         .arg(d.join("mosquitto.pid"))
+        .arg("--mosquitto-roster")
+        .arg(broker.roster())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1187,6 +1221,9 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
     .await
     .unwrap();
     assert_eq!(created.status(), reqwest::StatusCode::CREATED);
+    // Answered once the roster has it: the device is admitted at once.
+    let roster = std::fs::read_to_string(broker.roster()).unwrap();
+    assert!(roster.contains("thing dev-a enabled"), "{roster}");
 
     let mut dev = device(&broker).await;
     get(&mut dev).await;
@@ -1207,6 +1244,8 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
         if !acl.contains("user dev-a") {
             continue;
         }
+        let roster = std::fs::read_to_string(broker.roster()).unwrap();
+        assert!(roster.contains("thing dev-a disabled"), "{roster}");
         // Mosquitto applies it on SIGHUP; what was in flight drains first.
         while dev.recv(Duration::from_millis(300)).await.is_some() {}
         dev.publish("$aws/things/dev-a/shadow/get", "{}")
@@ -1228,6 +1267,10 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
     .await
     .unwrap();
     assert_eq!(enabled.status(), reqwest::StatusCode::OK);
+    // The plugin cut the disabled device's connection (and its clean
+    // session): it connects afresh.
+    dev.disconnect().await;
+    let mut dev = device(&broker).await;
     let doc = get(&mut dev).await;
     assert!(
         doc.get("version").is_some() || doc.get("code").is_some(),
