@@ -1,6 +1,7 @@
 //! Running the service against an MQTT broker, as a privileged backend
 //! client (MQTT 5, mutual TLS, shared subscriptions).
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -238,73 +239,171 @@ impl Ack {
 /// A request for a service, with its acknowledgement.
 type Request = (String, Vec<u8>, Ack);
 
-/// Requests are handled in this many lanes: those of one thing in order,
-/// in one lane; different things' at the same time (so a store that
-/// commits in groups gets groups).
-const LANES: usize = 32;
+/// Requests are handled by this many workers at once: those of one thing
+/// in order, one at a time; different things' at the same time (so a store
+/// that commits in groups gets groups).
+const WORKERS: usize = 32;
+
+/// Requests waiting, of every thing together; past it, reading from the
+/// broker waits (the back-pressure reaches the broker connection).
+const MAX_WAITING: usize = 4096;
+
+/// Requests one thing may have waiting; more QoS 0 requests are answered
+/// 429 at once (where the service has a way to say so: shadows), so that a
+/// device flooding its own topics fills neither the queue nor the others'
+/// wait.
+const MAX_WAITING_PER_THING: usize = 16;
 
 /// At most this many telemetry messages go to the sinks at once.
 const TELEMETRY_BATCH: usize = 512;
 
-/// The lane of a request on `{prefix}/things/{thing}/...` (or any other
-/// topic: by its whole name).
-fn lane_of(topic: &str) -> usize {
-    use std::hash::{Hash as _, Hasher as _};
-    let key = topic
+/// Whose request this is: the thing of `{prefix}/things/{thing}/...`, or
+/// the whole topic for any other.
+fn owner_of(topic: &str) -> &str {
+    topic
         .split('/')
         .skip_while(|l| *l != "things")
         .nth(1)
-        .unwrap_or(topic);
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    usize::try_from(h.finish() % LANES as u64).unwrap_or(0)
+        .unwrap_or(topic)
 }
 
-/// Spreads what arrives on `rx` over [`LANES`] tasks running `handler`.
-/// A full lane stops the spreading (the back-pressure reaches the broker
-/// connection).
+/// Which requests wait, by thing, and whose turn is next: things take
+/// turns (round robin), each thing's requests in the order they came.
+/// Pure, so that its fairness is tested without a broker.
+#[derive(Debug, Default)]
+struct Turns {
+    waiting: HashMap<String, VecDeque<Request>>,
+    /// Things with requests waiting and none being handled, in turn order.
+    ready: VecDeque<String>,
+    /// Things with a request being handled.
+    busy: HashSet<String>,
+    total: usize,
+}
+
+/// What [`Turns::push`] did with a request.
+#[derive(Debug)]
+enum Pushed {
+    Queued,
+    /// The thing has [`MAX_WAITING_PER_THING`] waiting: the request back.
+    Full(Request),
+}
+
+impl Turns {
+    fn push(&mut self, request: Request) -> Pushed {
+        let full = self
+            .waiting
+            .get(owner_of(&request.0))
+            .is_some_and(|q| q.len() >= MAX_WAITING_PER_THING);
+        if full {
+            return Pushed::Full(request);
+        }
+        self.push_anyway(request);
+        Pushed::Queued
+    }
+
+    /// Queues `request` whatever its thing holds.
+    fn push_anyway(&mut self, request: Request) {
+        let owner = owner_of(&request.0).to_string();
+        let queue = self.waiting.entry(owner.clone()).or_default();
+        let first = queue.is_empty();
+        queue.push_back(request);
+        self.total += 1;
+        if first && !self.busy.contains(&owner) {
+            self.ready.push_back(owner);
+        }
+    }
+
+    /// The next request to handle (its thing is then busy until
+    /// [`done`](Self::done)).
+    fn next(&mut self) -> Option<(String, Request)> {
+        let owner = self.ready.pop_front()?;
+        let queue = self.waiting.get_mut(&owner)?;
+        let request = queue.pop_front()?;
+        if queue.is_empty() {
+            self.waiting.remove(&owner);
+        }
+        self.total -= 1;
+        self.busy.insert(owner.clone());
+        Some((owner, request))
+    }
+
+    /// `owner`'s request was handled: its next one joins the turns.
+    fn done(&mut self, owner: &str) {
+        self.busy.remove(owner);
+        if self.waiting.contains_key(owner) {
+            self.ready.push_back(owner.to_string());
+        }
+    }
+}
+
+/// Handles what arrives on `rx` with `handler`, [`WORKERS`] at a time,
+/// things taking turns ([`Turns`]).
 /// Each request is acknowledged by `ack` once its handler has handled it
 /// (returned `true`); one it failed (a store error) is left
 /// unacknowledged, so that the broker delivers it again or the device
-/// sends it again.
-fn lanes<F, Fut, A>(
+/// sends it again. A QoS 0 request over its thing's
+/// [`MAX_WAITING_PER_THING`] is answered by `throttled` (a 429 rejection to
+/// publish) instead of waiting, where `throttled` has an answer; a QoS 1
+/// request always waits its turn (its acknowledgement means it was
+/// handled), and a device's QoS 1 requests are bounded by its in-flight
+/// window.
+fn lanes<F, Fut, A, T>(
     mut rx: mpsc::Receiver<Request>,
     handler: F,
     ack: A,
+    throttled: T,
 ) -> tokio::task::JoinHandle<()>
 where
     F: Fn(String, Vec<u8>) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send + 'static,
     A: Fn(Ack) + Clone + Send + 'static,
+    T: Fn(&str, &[u8]) -> bool + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut senders = Vec::with_capacity(LANES);
-        let mut tasks = Vec::with_capacity(LANES);
-        for _ in 0..LANES {
-            let (tx, mut lane) = mpsc::channel::<Request>(64);
-            let handler = handler.clone();
-            let ack = ack.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Some((topic, payload, a)) = lane.recv().await {
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        let mut turns = Turns::default();
+        let mut running = 0usize;
+        let mut open = true;
+        loop {
+            while running < WORKERS
+                && let Some((owner, (topic, payload, a))) = turns.next()
+            {
+                running += 1;
+                let (handler, ack, done) = (handler.clone(), ack.clone(), done_tx.clone());
+                tokio::spawn(async move {
                     if handler(topic, payload).await {
                         ack(a);
                     }
-                }
-            }));
-            senders.push(tx);
-        }
-        while let Some((topic, payload, a)) = rx.recv().await {
-            if senders[lane_of(&topic)]
-                .send((topic, payload, a))
-                .await
-                .is_err()
-            {
-                break;
+                    let _ = done.send(owner);
+                });
             }
-        }
-        drop(senders);
-        for t in tasks {
-            let _ = t.await;
+            if !open && running == 0 {
+                return;
+            }
+            let can_read = open && turns.total < MAX_WAITING;
+            tokio::select! {
+                Some(owner) = done_rx.recv(), if running > 0 => {
+                    running -= 1;
+                    turns.done(&owner);
+                }
+                r = rx.recv(), if can_read => match r {
+                    Some(request) => {
+                        if let Pushed::Full(request) = turns.push(request) {
+                            if request.2.qos == QoS::AtMostOnce
+                                && throttled(&request.0, &request.1)
+                            {
+                                ack(request.2);
+                            } else {
+                                turns.push_anyway(request);
+                            }
+                        }
+                    }
+                    None => open = false,
+                },
+                // Not reached: with nothing running, nothing waits, so
+                // reading is allowed while the channel is open.
+                else => tokio::task::yield_now().await,
+            }
         }
     })
 }
@@ -564,6 +663,17 @@ pub fn serve<S: ShadowStore>(
 
     let service = Arc::new(service);
     let out = outbound.clone();
+    let throttled = {
+        let (service, out) = (service.clone(), outbound.clone());
+        move |topic: &str, payload: &[u8]| match service.throttled(topic, payload, epoch_seconds())
+        {
+            Some(o) => {
+                out(o.topic, o.payload, None);
+                true
+            }
+            None => false,
+        }
+    };
     let worker = lanes(
         rx,
         move |topic: String, payload: Vec<u8>| {
@@ -585,6 +695,7 @@ pub fn serve<S: ShadowStore>(
             }
         },
         acker.clone(),
+        throttled,
     );
 
     let mut tasks = vec![network, worker, publisher];
@@ -637,6 +748,8 @@ pub fn serve<S: ShadowStore>(
                 }
             },
             acker.clone(),
+            // Jobs requests wait for room rather than being refused.
+            |_: &str, _: &[u8]| false,
         ));
         tasks.push(tokio::spawn(async move {
             let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -717,4 +830,60 @@ pub fn serve<S: ShadowStore>(
         stopping,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(thing: &str, n: u16) -> Request {
+        (
+            format!("$aws/things/{thing}/shadow/get"),
+            Vec::new(),
+            Ack {
+                pkid: n,
+                qos: QoS::AtLeastOnce,
+            },
+        )
+    }
+
+    #[test]
+    fn things_take_turns_and_each_keeps_its_order() {
+        let mut t = Turns::default();
+        for n in 0..MAX_WAITING_PER_THING as u16 {
+            assert!(matches!(t.push(request("flood", n)), Pushed::Queued));
+        }
+        // The flooding thing is full; the next of its requests comes back.
+        assert!(matches!(
+            t.push(request("flood", 99)),
+            Pushed::Full((_, _, Ack { pkid: 99, .. }))
+        ));
+        assert!(matches!(t.push(request("good", 1000)), Pushed::Queued));
+        // The flood's first request is handled; the good device's comes
+        // next, not after the other fifteen.
+        let (owner, (_, _, a)) = t.next().unwrap();
+        assert_eq!((owner.as_str(), a.pkid), ("flood", 0));
+        let (owner, (_, _, a)) = t.next().unwrap();
+        assert_eq!((owner.as_str(), a.pkid), ("good", 1000));
+        // One at a time per thing: nothing else until one is done.
+        assert!(t.next().is_none());
+        t.done("good");
+        assert!(t.next().is_none(), "good has nothing waiting");
+        t.done("flood");
+        let mut order = Vec::new();
+        while let Some((owner, (_, _, a))) = t.next() {
+            order.push(a.pkid);
+            t.done(&owner);
+        }
+        assert_eq!(order, (1..MAX_WAITING_PER_THING as u16).collect::<Vec<_>>());
+        assert_eq!(t.total, 0);
+        assert!(t.waiting.is_empty() && t.ready.is_empty() && t.busy.is_empty());
+    }
+
+    #[test]
+    fn other_topics_are_their_own_owner() {
+        assert_eq!(owner_of("$aws/things/pump-1/shadow/update"), "pump-1");
+        assert_eq!(owner_of("fleet/things/pump-1/jobs/get"), "pump-1");
+        assert_eq!(owner_of("dt/pump-1/x"), "dt/pump-1/x");
+    }
 }

@@ -180,6 +180,10 @@ impl BrokerPolicy {
         // away; Mosquitto's default of 1,000 queued messages would drop the
         // rest, though the devices were told it arrived.
         conf.push_str("max_queued_messages 100000\n");
+        // AWS IoT's longest keep-alive, as the embedded broker grants: a
+        // client asking for more (or for none) gets this as the server
+        // keep-alive (MQTT 5), or is refused (3.1.1).
+        conf.push_str("max_keepalive 1200\n");
         if let Some(user) = &l.run_as_user {
             let _ = writeln!(conf, "user {user}");
         }

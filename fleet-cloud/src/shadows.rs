@@ -95,6 +95,38 @@ impl<S: ShadowStore> ShadowService<S> {
         self.apply(thing, shadow, op, payload, now).await
     }
 
+    /// The answer to a shadow request refused for being one too many (429
+    /// "Too many requests", with the request's `clientToken`), without
+    /// touching the store; `None` if `topic` is not a shadow request.
+    pub fn throttled(&self, topic: &str, payload: &[u8], now: u64) -> Option<Outgoing> {
+        let prefix = TopicPrefix::new(&self.prefix).ok()?;
+        let Ok(Topic::Shadow(ShadowTopic {
+            thing,
+            shadow,
+            kind: ShadowTopicKind::Op(op, Role::Request),
+        })) = Topic::parse(&prefix, topic)
+        else {
+            return None;
+        };
+        let client_token = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v.get("clientToken")?.as_str().map(String::from))
+            .filter(|t| t.len() <= 64);
+        let rejection = fleet_core::shadow::Rejection {
+            error: fleet_core::shadow::ShadowError::Throttled,
+            client_token,
+        };
+        let reply = Topic::Shadow(ShadowTopic {
+            thing,
+            shadow,
+            kind: ShadowTopicKind::Op(op, Role::Rejected),
+        });
+        Some(Outgoing {
+            topic: reply.display(&prefix).to_string(),
+            payload: rejection.to_payload(now),
+        })
+    }
+
     /// Updates a shadow from the backend (an application setting desired
     /// state), with the same rules and messages as a device's request.
     pub async fn update(
@@ -182,6 +214,29 @@ impl<S: ShadowStore> ShadowService<S> {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+
+    #[test]
+    fn a_throttled_request_is_rejected_429_with_its_token() {
+        let service = ShadowService::new(MemoryStore::new());
+        let o = service
+            .throttled(
+                "$aws/things/p1/shadow/name/cfg/update",
+                br#"{"state":{},"clientToken":"t-1"}"#,
+                7,
+            )
+            .unwrap();
+        assert_eq!(o.topic, "$aws/things/p1/shadow/name/cfg/update/rejected");
+        let v: serde_json::Value = serde_json::from_slice(&o.payload).unwrap();
+        assert_eq!(v["code"], 429);
+        assert_eq!(v["clientToken"], "t-1");
+        assert_eq!(v["timestamp"], 7);
+        assert!(service.throttled("dt/p1/x", b"{}", 7).is_none());
+        assert!(
+            service
+                .throttled("$aws/things/p1/shadow/get/accepted", b"{}", 7)
+                .is_none()
+        );
+    }
 
     /// Two instances (two handles on one SQLite file) updating one shadow
     /// at once, many requests in flight each: every update is applied,

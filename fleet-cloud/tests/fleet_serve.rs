@@ -241,11 +241,18 @@ fn dev_setup_writes_a_consistent_setup() {
         .arg(with.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let conf = std::fs::read_to_string(with.path().join("mosquitto.conf")).unwrap();
     let abs = std::fs::canonicalize(with.path()).unwrap();
     for line in [
-        format!("plugin {}\n", std::fs::canonicalize(&plugin).unwrap().display()),
+        format!(
+            "plugin {}\n",
+            std::fs::canonicalize(&plugin).unwrap().display()
+        ),
         format!("plugin_opt_roster {}/roster\n", abs.display()),
         "plugin_opt_backend_identities fleet-backend\n".to_string(),
         "plugin_opt_claim_identities claim@line-4\n".to_string(),
