@@ -76,9 +76,13 @@ impl From<AgentError> for FleetError {
             AgentError::Command(_) => Self::rejected("command", reason),
             AgentError::Rejected { code, message } => Self::rejected(code.to_string(), message),
             AgentError::JobRejected(code) => Self::rejected(code, reason),
-            AgentError::TimedOut => Self::Network { reason },
+            AgentError::TimedOut | AgentError::NotConnected | AgentError::ClientBusy => {
+                Self::Network { reason }
+            }
             AgentError::Stopped => Self::Stopped,
-            AgentError::Outbox(_) | AgentError::StateDir(_) => Self::Storage { reason },
+            AgentError::Outbox(_) | AgentError::Dropped | AgentError::StateDir(_) => {
+                Self::Storage { reason }
+            }
             AgentError::Refused(_) => Self::Unauthorized { reason },
             _ => Self::Other { reason },
         }
@@ -133,7 +137,7 @@ mod tests {
             FleetError::rejected("409", "Version conflict")
         );
         assert!(matches!(
-            FleetError::from(AgentError::Outbox("full".into())),
+            FleetError::from(AgentError::Outbox(fleet_device::OutboxError::Full)),
             FleetError::Storage { .. }
         ));
         assert!(matches!(

@@ -162,7 +162,7 @@ impl MemoryStore {
     fn jobs_lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryJobs>, StoreError> {
         self.jobs
             .lock()
-            .map_err(|_| StoreError::Backend("a writer panicked".into()))
+            .map_err(|_| StoreError::backend("a writer panicked"))
     }
 }
 
@@ -757,9 +757,8 @@ impl<S: JobStore> JobsService<S> {
                 }
                 let mut done = Vec::with_capacity(chunk.len());
                 while let Some(joined) = set.join_next().await {
-                    let (i, thing, messages) = joined.map_err(|e| {
-                        JobsError::Store(StoreError::Backend(format!("queueing task: {e}")))
-                    })?;
+                    let (i, thing, messages) =
+                        joined.map_err(|e| JobsError::Store(StoreError::backend(e)))?;
                     done.push((i, thing, messages?));
                 }
                 done.sort_by_key(|(i, _, _)| *i);

@@ -114,8 +114,8 @@ impl fmt::Debug for PgStore {
     }
 }
 
-fn backend(e: impl fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::backend(e)
 }
 
 fn revision(r: i64) -> u64 {
@@ -193,7 +193,7 @@ fn split_tls(url: &str) -> (String, TlsParams) {
 /// The rustls client configuration for `tls` (`None`: no TLS asked for).
 fn tls_config(tls: &TlsParams) -> Result<Option<rustls::ClientConfig>, StoreError> {
     let bad = |what: &str, e: &dyn fmt::Display| {
-        StoreError::Backend(format!("PostgreSQL TLS: {what}: {e}"))
+        StoreError::backend(format!("PostgreSQL TLS: {what}: {e}"))
     };
     let wants = matches!(
         tls.mode.as_deref(),
@@ -201,8 +201,8 @@ fn tls_config(tls: &TlsParams) -> Result<Option<rustls::ClientConfig>, StoreErro
     );
     let Some(root) = &tls.root else {
         if wants || tls.cert.is_some() || tls.key.is_some() {
-            return Err(StoreError::Backend(
-                "PostgreSQL TLS: sslrootcert=<CA file> is needed (the server's certificate is always verified)".into(),
+            return Err(StoreError::backend(
+                "PostgreSQL TLS: sslrootcert=<CA file> is needed (the server's certificate is always verified)",
             ));
         }
         return Ok(None);
@@ -216,8 +216,8 @@ fn tls_config(tls: &TlsParams) -> Result<Option<rustls::ClientConfig>, StoreErro
         (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
         (None, None) => None,
         _ => {
-            return Err(StoreError::Backend(
-                "PostgreSQL TLS: sslcert and sslkey go together".into(),
+            return Err(StoreError::backend(
+                "PostgreSQL TLS: sslcert and sslkey go together",
             ));
         }
     };
@@ -245,7 +245,7 @@ impl PgStore {
         let tls = tls_config(&tls)?;
         let mut config: tokio_postgres::Config = url
             .parse()
-            .map_err(|e| StoreError::Backend(format!("PostgreSQL URL: {e}")))?;
+            .map_err(|e| crate::store::Context::store("PostgreSQL URL", e))?;
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -299,7 +299,7 @@ impl PgStore {
             }
         };
         if version > MIGRATIONS.len() {
-            return Err(StoreError::Backend(format!(
+            return Err(StoreError::backend(format!(
                 "database schema {version} is newer than this fleet-cloud ({})",
                 MIGRATIONS.len()
             )));
@@ -526,7 +526,7 @@ fn registry_error(e: tokio_postgres::Error, what: &str) -> crate::RegistryError 
         Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => {
             crate::RegistryError::NotFound(what.into())
         }
-        _ => crate::RegistryError::Backend(e.to_string()),
+        _ => crate::RegistryError::backend(e),
     }
 }
 
@@ -539,10 +539,7 @@ impl PgStore {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<tokio_postgres::Row>, crate::RegistryError> {
-        let client = self
-            .client()
-            .await
-            .map_err(|e| crate::RegistryError::Backend(e.to_string()))?;
+        let client = self.client().await.map_err(crate::RegistryError::backend)?;
         client
             .query(sql, params)
             .await
@@ -556,10 +553,7 @@ impl PgStore {
         params: Params<'_>,
         what: &str,
     ) -> Result<usize, crate::RegistryError> {
-        let client = self
-            .client()
-            .await
-            .map_err(|e| crate::RegistryError::Backend(e.to_string()))?;
+        let client = self.client().await.map_err(crate::RegistryError::backend)?;
         client
             .execute(sql, params)
             .await

@@ -58,8 +58,16 @@ pub enum RegistryError {
     NotFound(String),
     /// The name is not valid.
     InvalidName(String),
-    /// The store failed.
-    Backend(String),
+    /// The store failed; the cause is the
+    /// [`source`](std::error::Error::source).
+    Backend(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl RegistryError {
+    /// A store failure caused by `cause` (an error, or a message).
+    pub fn backend(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Backend(cause.into())
+    }
 }
 
 impl fmt::Display for RegistryError {
@@ -73,10 +81,17 @@ impl fmt::Display for RegistryError {
     }
 }
 
-impl std::error::Error for RegistryError {}
+impl std::error::Error for RegistryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Backend(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
 
-fn backend(e: impl fmt::Display) -> RegistryError {
-    RegistryError::Backend(e.to_string())
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> RegistryError {
+    RegistryError::backend(e)
 }
 
 const SCHEMA: &str = "
@@ -247,7 +262,7 @@ fn token_record(
 
 fn parse_scope(id: &str, scope: &str) -> Result<Scope, RegistryError> {
     Scope::parse(scope)
-        .ok_or_else(|| RegistryError::Backend(format!("token {id}: scope {scope:?}")))
+        .ok_or_else(|| RegistryError::backend(format!("token {id}: scope {scope:?}")))
 }
 
 fn matches_query(query: &AttributeQuery, thing: &Thing) -> bool {

@@ -42,15 +42,57 @@ pub struct Versioned<T> {
 }
 
 /// A store operation failed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The record changed since it was read; read again and retry.
     Conflict,
     /// The record in the store cannot be decoded.
     Corrupt(String),
-    /// The store itself failed (I/O, SQLite).
-    Backend(String),
+    /// The store itself failed (I/O, SQLite, PostgreSQL); the cause is
+    /// the [`source`](std::error::Error::source). Shared, because one
+    /// failed group commit fails every write in it.
+    Backend(Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// A store failure caused by `cause` (an error, or a message).
+    pub fn backend(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Backend(Arc::from(cause.into()))
+    }
+}
+
+/// What was being done when a cause failed: "PostgreSQL URL" and the
+/// parser's error, kept as the source.
+#[derive(Debug)]
+pub(crate) struct Context {
+    what: String,
+    cause: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl Context {
+    /// A store failure: `cause`, while doing `what`.
+    pub(crate) fn store(
+        what: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Backend(Arc::new(Self {
+            what: what.into(),
+            cause: cause.into(),
+        }))
+    }
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.cause)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.cause)
+    }
 }
 
 impl fmt::Display for StoreError {
@@ -63,7 +105,14 @@ impl fmt::Display for StoreError {
     }
 }
 
-impl std::error::Error for StoreError {}
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Backend(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
 
 /// Where shadows are kept. Implementations must make [`save`](Self::save)
 /// atomic and durable once it returns `Ok`.
@@ -102,7 +151,7 @@ impl MemoryStore {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, ShadowMap>, StoreError> {
         self.shadows
             .lock()
-            .map_err(|_| StoreError::Backend("a writer panicked".into()))
+            .map_err(|_| StoreError::backend("a writer panicked"))
     }
 }
 
@@ -260,8 +309,8 @@ pub(crate) async fn after_conflict(attempt: usize) {
     .await;
 }
 
-pub(crate) fn backend(e: impl fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+pub(crate) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::backend(e)
 }
 
 fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
@@ -289,9 +338,9 @@ fn write_groups(mut conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Wr
         {
             Ok(tx) => tx,
             Err(e) => {
-                let e = e.to_string();
+                let e = StoreError::backend(e);
                 for w in group {
-                    let _ = w.done.send(Err(StoreError::Backend(e.clone())));
+                    let _ = w.done.send(Err(e.clone()));
                 }
                 continue;
             }
@@ -319,9 +368,9 @@ fn write_groups(mut conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Wr
                 }
             }
             Err(e) => {
-                let e = e.to_string();
+                let e = StoreError::backend(e);
                 for (done, _) in results {
-                    let _ = done.send(Err(StoreError::Backend(e.clone())));
+                    let _ = done.send(Err(e.clone()));
                 }
             }
         }
@@ -337,7 +386,7 @@ impl SqliteStore {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(backend)?;
         if version > MIGRATIONS.len() {
-            return Err(StoreError::Backend(format!(
+            return Err(StoreError::backend(format!(
                 "database schema {version} is newer than this fleet-cloud ({})",
                 MIGRATIONS.len()
             )));
@@ -383,7 +432,7 @@ impl SqliteStore {
                 Some(g) => g,
                 None => readers.conns[start % n]
                     .lock()
-                    .map_err(|_| StoreError::Backend("a reader panicked".into()))?,
+                    .map_err(|_| StoreError::backend("a reader panicked"))?,
             };
             f(&mut guard)
         })
@@ -402,9 +451,9 @@ impl SqliteStore {
                 f: Box::new(f),
                 done,
             })
-            .map_err(|_| StoreError::Backend("the writer thread stopped".into()))?;
+            .map_err(|_| StoreError::backend("the writer thread stopped"))?;
         rx.await
-            .map_err(|_| StoreError::Backend("the writer thread stopped".into()))?
+            .map_err(|_| StoreError::backend("the writer thread stopped"))?
     }
 }
 

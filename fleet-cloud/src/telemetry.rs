@@ -38,19 +38,61 @@ impl TelemetryRecord {
     }
 }
 
+/// A sink could not store records; the cause is the
+/// [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub struct SinkError(Box<dyn std::error::Error + Send + Sync>);
+
+impl SinkError {
+    /// A failure caused by `cause` (an error, or a message).
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self(cause.into())
+    }
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SinkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl From<std::io::Error> for SinkError {
+    fn from(e: std::io::Error) -> Self {
+        Self::new(e)
+    }
+}
+
+impl From<rusqlite::Error> for SinkError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::new(e)
+    }
+}
+
+impl From<serde_json::Error> for SinkError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::new(e)
+    }
+}
+
 /// Where routed telemetry goes. `write` runs on a blocking thread.
 pub trait TelemetrySink: Send + Sync + 'static {
     /// A name for logs and dead letters.
     fn name(&self) -> &str;
     /// Stores the record durably, or says why not.
-    fn write(&self, record: &TelemetryRecord) -> Result<(), String>;
+    fn write(&self, record: &TelemetryRecord) -> Result<(), SinkError>;
 
     /// Stores several records, or says why not (the router then tries the
     /// whole batch again, so a sink that stored part of it stores that part
     /// twice: telemetry is delivered at least once). By default, one
     /// [`write`](Self::write) each; a sink that can store a batch at once
     /// (one transaction, one append) should.
-    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), String> {
+    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), SinkError> {
         records.iter().try_for_each(|r| self.write(r))
     }
 }
@@ -72,24 +114,23 @@ impl JsonLinesSink {
     }
 }
 
-fn append_line(path: &Path, line: &Value) -> Result<(), String> {
+fn append_line(path: &Path, line: &Value) -> Result<(), SinkError> {
     append_lines(path, std::slice::from_ref(line))
 }
 
 /// Appends JSON lines with one write and one `fsync`.
-fn append_lines(path: &Path, lines: &[Value]) -> Result<(), String> {
+fn append_lines(path: &Path, lines: &[Value]) -> Result<(), SinkError> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)
-        .map_err(|e| e.to_string())?;
+        .open(path)?;
     let mut bytes = Vec::new();
     for line in lines {
-        serde_json::to_writer(&mut bytes, line).map_err(|e| e.to_string())?;
+        serde_json::to_writer(&mut bytes, line)?;
         bytes.push(b'\n');
     }
-    file.write_all(&bytes).map_err(|e| e.to_string())?;
-    file.sync_data().map_err(|e| e.to_string())
+    file.write_all(&bytes)?;
+    Ok(file.sync_data()?)
 }
 
 impl TelemetrySink for JsonLinesSink {
@@ -97,20 +138,20 @@ impl TelemetrySink for JsonLinesSink {
         "json-lines"
     }
 
-    fn write(&self, record: &TelemetryRecord) -> Result<(), String> {
+    fn write(&self, record: &TelemetryRecord) -> Result<(), SinkError> {
         let _guard = self
             .lock
             .lock()
-            .map_err(|_| "a writer panicked".to_string())?;
+            .map_err(|_| SinkError::new("a writer panicked"))?;
         append_line(&self.path, &record.to_line())
     }
 
-    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), String> {
+    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), SinkError> {
         let lines: Vec<Value> = records.iter().map(|r| r.to_line()).collect();
         let _guard = self
             .lock
             .lock()
-            .map_err(|_| "a writer panicked".to_string())?;
+            .map_err(|_| SinkError::new("a writer panicked"))?;
         append_lines(&self.path, &lines)
     }
 }
@@ -126,26 +167,23 @@ pub struct SqliteSink {
 impl SqliteSink {
     /// Opens `path` and creates `table` if needed. The table name must be
     /// `[A-Za-z_][A-Za-z0-9_]*`.
-    pub fn open(path: &Path, table: &str) -> Result<Self, String> {
+    pub fn open(path: &Path, table: &str) -> Result<Self, SinkError> {
         let valid = table
             .chars()
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(format!("invalid table name {table:?}"));
+            return Err(SinkError::new(format!("invalid table name {table:?}")));
         }
-        let conn = rusqlite::Connection::open(path).map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| e.to_string())?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
+        let conn = rusqlite::Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.busy_timeout(Duration::from_secs(10))?;
         conn.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                 thing TEXT NOT NULL, topic TEXT NOT NULL,
                 received_at INTEGER NOT NULL, payload BLOB NOT NULL)"
-        ))
-        .map_err(|e| e.to_string())?;
+        ))?;
         Ok(Self {
             conn: Mutex::new(conn),
             table: table.into(),
@@ -158,11 +196,11 @@ impl TelemetrySink for SqliteSink {
         "sqlite"
     }
 
-    fn write(&self, r: &TelemetryRecord) -> Result<(), String> {
+    fn write(&self, r: &TelemetryRecord) -> Result<(), SinkError> {
         let conn = self
             .conn
             .lock()
-            .map_err(|_| "a writer panicked".to_string())?;
+            .map_err(|_| SinkError::new("a writer panicked"))?;
         conn.execute(
             &format!(
                 "INSERT INTO {} (thing, topic, received_at, payload) VALUES (?1, ?2, ?3, ?4)",
@@ -171,29 +209,25 @@ impl TelemetrySink for SqliteSink {
             (&r.thing, &r.topic, r.received_at, &r.payload),
         )
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(SinkError::from)
     }
 
-    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), String> {
+    fn write_batch(&self, records: &[Arc<TelemetryRecord>]) -> Result<(), SinkError> {
         let mut conn = self
             .conn
             .lock()
-            .map_err(|_| "a writer panicked".to_string())?;
-        let tx = conn.transaction().map_err(|e| e.to_string())?;
+            .map_err(|_| SinkError::new("a writer panicked"))?;
+        let tx = conn.transaction()?;
         {
-            let mut insert = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO {} (thing, topic, received_at, payload) VALUES (?1, ?2, ?3, ?4)",
-                    self.table
-                ))
-                .map_err(|e| e.to_string())?;
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT INTO {} (thing, topic, received_at, payload) VALUES (?1, ?2, ?3, ?4)",
+                self.table
+            ))?;
             for r in records {
-                insert
-                    .execute((&r.thing, &r.topic, r.received_at, &r.payload))
-                    .map_err(|e| e.to_string())?;
+                insert.execute((&r.thing, &r.topic, r.received_at, &r.payload))?;
             }
         }
-        tx.commit().map_err(|e| e.to_string())
+        Ok(tx.commit()?)
     }
 }
 
@@ -340,7 +374,7 @@ impl TelemetryRouter {
                         ok = true;
                         break;
                     }
-                    Ok(Err(e)) => last_error = e,
+                    Ok(Err(e)) => last_error = e.to_string(),
                     Err(e) => last_error = e.to_string(),
                 }
             }
@@ -377,8 +411,8 @@ mod tests {
         fn name(&self) -> &str {
             "failing"
         }
-        fn write(&self, _: &TelemetryRecord) -> Result<(), String> {
-            Err("disk full".into())
+        fn write(&self, _: &TelemetryRecord) -> Result<(), SinkError> {
+            Err(SinkError::new("disk full"))
         }
     }
 

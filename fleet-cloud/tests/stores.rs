@@ -682,10 +682,14 @@ async fn postgres_over_tls_with_certificate_authentication() {
         (format!("{base}?sslrootcert={ca}&sslcert={cert}"), "no key"),
     ] {
         match PgStore::connect(&url, 1).await {
-            Err(StoreError::Backend(e)) => {
+            Err(e @ StoreError::Backend(_)) => {
                 if why == "nothing to verify with" {
-                    assert!(e.contains("sslrootcert"), "{e}");
+                    assert!(e.to_string().contains("sslrootcert"), "{e}");
                 }
+                assert!(
+                    std::error::Error::source(&e).is_some(),
+                    "{why}: the cause is kept"
+                );
             }
             other => panic!("{why}: {other:?}"),
         }

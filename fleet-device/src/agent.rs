@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::key::DeviceKey;
 use crate::mqtt::{self, Client, Ev, Protocol};
 use crate::ota::OtaSettings;
-use crate::outbox::{MessageKind, Outbox, Overflow};
+use crate::outbox::{MessageKind, Outbox, OutboxError, Overflow};
 
 /// Why the agent could not do something.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +54,14 @@ pub enum AgentError {
     Stopped,
     /// The outbox is full (and its policy keeps what it holds), or its
     /// storage failed; nothing was queued.
-    Outbox(String),
+    Outbox(OutboxError),
+    /// Not connected, and a QoS 0 message is not kept for later.
+    NotConnected,
+    /// The outbox's overflow policy dropped this telemetry message to make
+    /// room for newer ones.
+    Dropped,
+    /// The MQTT client's queue is full; try again.
+    ClientBusy,
     /// The broker refused the message (MQTT 5 reason: not authorized, say).
     Refused(String),
     /// The state directory cannot be used.
@@ -74,13 +81,23 @@ impl fmt::Display for AgentError {
             Self::TimedOut => f.write_str("no answer after every retry"),
             Self::Stopped => f.write_str("the agent has stopped"),
             Self::Outbox(e) => write!(f, "outbox: {e}"),
+            Self::NotConnected => f.write_str("not connected; QoS 0 is not stored"),
+            Self::Dropped => f.write_str("dropped by the outbox's overflow policy"),
+            Self::ClientBusy => f.write_str("the MQTT client's queue is full"),
             Self::Refused(e) => write!(f, "the broker refused the message: {e}"),
             Self::StateDir(e) => write!(f, "state directory: {e}"),
         }
     }
 }
 
-impl std::error::Error for AgentError {}
+impl std::error::Error for AgentError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Outbox(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// What the agent tells the application.
 #[derive(Debug, Clone, PartialEq)]
@@ -1078,7 +1095,7 @@ impl Pump {
                                     Delivery { seq, rx }
                                 })
                                 .collect()),
-                            Err(e) => Err(AgentError::Outbox(e.to_string())),
+                            Err(e) => Err(AgentError::Outbox(e)),
                         };
                         self.pump_outbox();
                         let _ = done.send(result);
@@ -1100,9 +1117,9 @@ impl Pump {
                             Qos::AtMostOnce => {
                                 let (tx, rx) = oneshot::channel();
                                 let sent = if self.connected {
-                                    self.send_raw(&topic, 0, payload).map_err(AgentError::Outbox)
+                                    self.send_raw(&topic, 0, payload).map_err(|_| AgentError::ClientBusy)
                                 } else {
-                                    Err(AgentError::Outbox("not connected; QoS 0 is not stored".into()))
+                                    Err(AgentError::NotConnected)
                                 };
                                 let _ = tx.send(sent);
                                 Ok(Delivery { seq: 0, rx })
@@ -1114,7 +1131,7 @@ impl Pump {
                                     self.pump_outbox();
                                     Ok(Delivery { seq, rx })
                                 }
-                                Err(e) => Err(AgentError::Outbox(e.to_string())),
+                                Err(e) => Err(AgentError::Outbox(e)),
                             },
                         };
                         // Telemetry dropped by the overflow policy never
@@ -1123,7 +1140,7 @@ impl Pump {
                         let dropped: Vec<u64> = self.handles.keys().copied().filter(|s| !live.contains(s)).collect();
                         for seq in dropped {
                             if let Some(h) = self.handles.remove(&seq) {
-                                let _ = h.send(Err(AgentError::Outbox("dropped by the overflow policy".into())));
+                                let _ = h.send(Err(AgentError::Dropped));
                             }
                         }
                         let _ = done.send(result);

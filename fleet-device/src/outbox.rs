@@ -60,14 +60,30 @@ pub enum Overflow {
 }
 
 /// An outbox operation failed; nothing was changed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum OutboxError {
     /// The message does not fit under the size limit.
     Full,
-    /// The disk failed.
-    Io(std::io::Error),
+    /// The disk failed (the cause is the
+    /// [`source`](std::error::Error::source); shared, so that the error can
+    /// be handed to every waiter).
+    Io(std::sync::Arc<std::io::Error>),
 }
+
+/// Equal when of the same kind (two I/O failures of the same
+/// [`ErrorKind`](std::io::ErrorKind) compare equal).
+impl PartialEq for OutboxError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Full, Self::Full) => true,
+            (Self::Io(a), Self::Io(b)) => a.kind() == b.kind(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for OutboxError {}
 
 impl fmt::Display for OutboxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -78,11 +94,18 @@ impl fmt::Display for OutboxError {
     }
 }
 
-impl std::error::Error for OutboxError {}
+impl std::error::Error for OutboxError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Full => None,
+            Self::Io(e) => Some(&**e),
+        }
+    }
+}
 
 impl From<std::io::Error> for OutboxError {
     fn from(e: std::io::Error) -> Self {
-        Self::Io(e)
+        Self::Io(std::sync::Arc::new(e))
     }
 }
 
@@ -444,6 +467,26 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_storage_failure_keeps_its_cause() {
+        use std::error::Error as _;
+        let e = OutboxError::from(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "no space left",
+        ));
+        let agent = crate::AgentError::Outbox(e.clone());
+        let cause = agent
+            .source()
+            .and_then(|s| s.source())
+            .map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("no space left"));
+        assert_eq!(
+            e,
+            OutboxError::from(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        );
+        assert_ne!(e, OutboxError::Full);
+    }
+
     use super::*;
 
     fn seqs(o: &Outbox) -> Vec<u64> {

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleet_cloud::telemetry::{Rule, TelemetryRecord, TelemetryRouter, TelemetrySink};
+use fleet_cloud::telemetry::{Rule, SinkError, TelemetryRecord, TelemetryRouter, TelemetrySink};
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
     JobSpec, JobStore, JobsEndpoint, JobsService, PgStore, Registry, RunningService, ShadowService,
@@ -68,15 +68,15 @@ impl TelemetrySink for CountingSink {
         "counter"
     }
 
-    fn write(&self, record: &TelemetryRecord) -> Result<(), String> {
+    fn write(&self, record: &TelemetryRecord) -> Result<(), SinkError> {
         let sent = record
             .json()
             .and_then(|v| v.get("t").and_then(serde_json::Value::as_u64))
-            .ok_or("no timestamp")?;
+            .ok_or_else(|| SinkError::new("no timestamp"))?;
         let latency = epoch_micros().saturating_sub(sent);
         self.seen
             .lock()
-            .map_err(|_| "poisoned")?
+            .map_err(|_| SinkError::new("poisoned"))?
             .push(Duration::from_micros(latency));
         Ok(())
     }
