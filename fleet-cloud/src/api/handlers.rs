@@ -4,7 +4,6 @@
 use fleet_core::topic::{
     Role as TopicRole, ShadowOp, ShadowTopic, ShadowTopicKind, Topic, TopicPrefix,
 };
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +14,11 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::{IntoParams, Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::types::*;
 use super::{Api, ApiError, ApiJson, ErrorBody, ErrorCode};
 use crate::{CampaignSpec, CommandFailure, JobSpec, RolloutAction, Scope, TargetSelection};
 use fleet_core::ThingName;
@@ -116,13 +116,6 @@ async fn publish_all(api: &Api, messages: impl IntoIterator<Item = (String, Vec<
 
 // ---- health and the document
 
-/// Whether the service is up (no token needed).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct Health {
-    /// `ok`.
-    status: String,
-}
-
 /// Liveness.
 #[utoipa::path(get, path = "/health", security(()), responses((status = 200, body = Health)))]
 async fn health() -> axum::Json<Health> {
@@ -162,17 +155,6 @@ impl Page {
     }
 }
 
-/// A thing.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct ThingView {
-    /// Its name.
-    name: String,
-    /// Its attributes.
-    attributes: BTreeMap<String, String>,
-    /// Whether it may connect.
-    enabled: bool,
-}
-
 impl From<crate::Thing> for ThingView {
     fn from(t: crate::Thing) -> Self {
         Self {
@@ -181,40 +163,6 @@ impl From<crate::Thing> for ThingView {
             enabled: t.enabled,
         }
     }
-}
-
-/// A page of things.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct ThingList {
-    items: Vec<ThingView>,
-    /// Pass as `after` for the next page; absent on the last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next: Option<String>,
-}
-
-/// A thing to register.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateThing {
-    /// Its name (`[a-zA-Z0-9:_-]{1,128}`).
-    name: String,
-    /// Its attributes.
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
-}
-
-/// Attributes that replace the thing's.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct SetAttributes {
-    attributes: BTreeMap<String, String>,
-}
-
-/// Whether a thing may connect.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct SetEnabled {
-    enabled: bool,
 }
 
 /// Lists things by name.
@@ -303,19 +251,6 @@ async fn set_enabled(
 
 // ---- certificates
 
-/// A certificate bound to a thing.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct CertificateView {
-    /// Its id: the SHA-256 of its DER.
-    id: String,
-    /// The thing.
-    thing: String,
-    /// `active` or `revoked`.
-    status: String,
-    /// The certificate, PEM.
-    pem: String,
-}
-
 /// A thing's certificates.
 #[utoipa::path(get, path = "/v1/things/{thing}/certificates", params(("thing" = String, Path, description = "The thing's name")), responses((status = 200, body = Vec<CertificateView>), (status = 404, body = ErrorBody)))]
 async fn list_certificates(
@@ -354,24 +289,6 @@ async fn revoke_certificate(
 }
 
 // ---- groups
-
-/// A static group to create.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateGroup {
-    /// Its name.
-    name: String,
-    /// A dynamic group: every thing whose attributes have these values.
-    #[serde(default)]
-    query: Option<BTreeMap<String, String>>,
-}
-
-/// A group's members.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct GroupMembers {
-    group: String,
-    members: Vec<String>,
-}
 
 /// Creates a group (static, or dynamic with a query).
 #[utoipa::path(post, path = "/v1/groups", request_body = CreateGroup, responses((status = 201, body = GroupMembers), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -565,95 +482,6 @@ async fn delete_named_shadow(
 
 // ---- jobs
 
-/// A job to create.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct CreateJob {
-    /// Its id (`[a-zA-Z0-9_-]{1,64}`).
-    job_id: String,
-    /// The document devices receive.
-    #[schema(value_type = Object)]
-    document: Value,
-    /// Things targeted.
-    #[serde(default)]
-    things: Vec<String>,
-    /// Groups targeted.
-    #[serde(default)]
-    groups: Vec<String>,
-    /// Also things that join the groups later.
-    #[serde(default)]
-    continuous: bool,
-    /// Minutes an execution may stay IN_PROGRESS.
-    #[serde(default)]
-    in_progress_timeout_minutes: Option<u64>,
-    /// Tries again after FAILED or TIMED_OUT, this many times.
-    #[serde(default)]
-    max_retries: u32,
-    /// Release the executions under a rollout policy (rate, groups with
-    /// thresholds, abort criteria, retries), as fleet-core's
-    /// `RolloutPolicy` in JSON; without it, all at once.
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    rollout: Option<Value>,
-}
-
-/// A job.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct JobView {
-    job_id: String,
-    /// `IN_PROGRESS`, `CANCELED` or `COMPLETED`.
-    state: String,
-    #[schema(value_type = Object)]
-    document: Value,
-    /// Things targeted so far.
-    targets: usize,
-    /// Executions per status (each target's latest).
-    executions: BTreeMap<String, usize>,
-    /// Targets a rollout has not released yet.
-    not_released: usize,
-    /// Epoch seconds.
-    created_at: u64,
-}
-
-/// A page of job ids.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct JobList {
-    items: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next: Option<String>,
-}
-
-/// One thing's execution of a job.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ExecutionView {
-    thing: String,
-    status: String,
-    execution_number: u64,
-    version_number: u64,
-    status_details: BTreeMap<String, String>,
-    queued_at: u64,
-    last_updated_at: u64,
-}
-
-/// A page of executions.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct ExecutionList {
-    items: Vec<ExecutionView>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next: Option<String>,
-}
-
-/// How to cancel.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CancelJob {
-    /// Also cancel executions in progress.
-    #[serde(default)]
-    force: bool,
-}
-
 fn wire_name<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v)
         .ok()
@@ -797,27 +625,6 @@ async fn cancel_job(
 
 // ---- releases and campaigns
 
-/// A signed release to register.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct UploadRelease {
-    /// Its id (`[a-zA-Z0-9_-]{1,128}`).
-    release_id: String,
-    /// The signed manifest envelope, base64.
-    envelope: String,
-    /// The image, base64 (its size and SHA-256 must be the manifest's).
-    image: String,
-}
-
-/// A registered release.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ReleaseView {
-    release_id: String,
-    /// Bytes.
-    size: u64,
-}
-
 /// Registers a release (the image is checked against the signed manifest).
 #[utoipa::path(post, path = "/v1/releases", request_body = UploadRelease, responses((status = 201, body = ReleaseView), (status = 400, body = ErrorBody)))]
 async fn upload_release(
@@ -842,46 +649,6 @@ async fn upload_release(
             size,
         }),
     ))
-}
-
-/// A campaign to start.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct StartCampaign {
-    campaign_id: String,
-    release_id: String,
-    #[serde(default)]
-    things: Vec<String>,
-    #[serde(default)]
-    groups: Vec<String>,
-    /// The rollout policy (rate, groups with thresholds, abort criteria,
-    /// retries), as fleet-core's `RolloutPolicy` in JSON.
-    #[schema(value_type = Object)]
-    policy: Value,
-    #[serde(default)]
-    in_progress_timeout_minutes: Option<u64>,
-}
-
-/// Where a campaign stands.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct CampaignView {
-    campaign_id: String,
-    pending: usize,
-    queued: usize,
-    in_progress: usize,
-    succeeded: usize,
-    failed: usize,
-    rolled_back: usize,
-    timed_out: usize,
-    canceled: usize,
-    unverified_receipt: usize,
-    /// The rollout's status (`InProgress`, `Paused`, `Completed`,
-    /// `Aborted: ...`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rollout: Option<String>,
-    /// Nothing more will change.
-    done: bool,
 }
 
 async fn campaign_view(api: &Api, id: &str) -> Result<CampaignView, ApiError> {
@@ -967,34 +734,6 @@ async fn control_campaign(
 
 // ---- commands
 
-/// A command to send.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct SendCommand {
-    /// Which command.
-    command: String,
-    /// Its arguments.
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    payload: Value,
-    /// Seconds to wait for the answer (default 30, at most 300).
-    #[serde(default)]
-    timeout_seconds: Option<u64>,
-}
-
-/// A device's answer.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct CommandResult {
-    execution_id: String,
-    /// `SUCCEEDED`, `FAILED`, `REJECTED`...
-    status: String,
-    #[schema(value_type = Object)]
-    payload: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status_reason: Option<String>,
-}
-
 /// Sends a command to a thing and waits for its answer.
 #[utoipa::path(post, path = "/v1/things/{thing}/commands", params(("thing" = String, Path, description = "The thing")), request_body = SendCommand, responses((status = 200, body = CommandResult), (status = 400, body = ErrorBody), (status = 504, body = ErrorBody)))]
 async fn send_command(
@@ -1036,18 +775,6 @@ async fn send_command(
 
 // ---- provisioning
 
-/// A provisioning template.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct TemplateView {
-    name: String,
-    thing_name_prefix: String,
-    name_parameter: String,
-    required_parameters: Vec<String>,
-    attributes: BTreeMap<String, String>,
-    groups: Vec<String>,
-}
-
 /// The provisioning templates devices may provision by.
 #[utoipa::path(get, path = "/v1/provisioning/templates", responses((status = 200, body = Vec<TemplateView>)))]
 async fn list_templates(State(api): State<Api>) -> axum::Json<Vec<TemplateView>> {
@@ -1064,24 +791,6 @@ async fn list_templates(State(api): State<Api>) -> axum::Json<Vec<TemplateView>>
             })
             .collect(),
     )
-}
-
-/// A claim identity to issue.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateClaim {
-    /// One of the claim identities the broker admits.
-    name: String,
-}
-
-/// A claim certificate and key, for a factory to put on devices.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ClaimIdentity {
-    name: String,
-    cert_pem: String,
-    key_pem: String,
-    ca_pem: String,
 }
 
 /// Issues a certificate and key for a claim identity (admin).
@@ -1121,29 +830,6 @@ async fn create_claim(
 }
 
 // ---- tokens
-
-/// A token to create.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateToken {
-    /// Who or what holds it.
-    name: String,
-    /// `read`, `operator` or `admin`.
-    scope: String,
-}
-
-/// A token (without its secret).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct TokenView {
-    id: String,
-    name: String,
-    scope: String,
-    created_at: u64,
-    /// The token itself: shown once, when created.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<String>,
-}
 
 /// The API tokens (admin).
 #[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = Vec<TokenView>)))]

@@ -32,6 +32,7 @@
 //! ```
 
 mod handlers;
+pub mod types;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -217,7 +218,7 @@ async fn limit(State(limits): State<Arc<ApiLimits>>, req: Request, next: Next) -
 }
 
 /// A stable, machine-readable error code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ErrorCode {
@@ -253,14 +254,14 @@ pub struct ApiError {
 }
 
 /// The body of an error response.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// What went wrong.
     pub error: ErrorDetail,
 }
 
 /// What went wrong.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable code.
     pub code: ErrorCode,

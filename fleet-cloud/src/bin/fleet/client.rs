@@ -8,6 +8,16 @@ use std::time::Duration;
 use base64::Engine as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+
+use fleet_cloud::api::ErrorBody;
+use fleet_cloud::api::types::{
+    CampaignView, CancelJob, CertificateView, CommandResult, CreateGroup, CreateJob, CreateThing,
+    CreateToken, ExecutionList, GroupMembers, JobList, JobView, Paged, ReleaseView, SendCommand,
+    SetAttributes, SetEnabled, StartCampaign, ThingList, ThingView, TokenView, UploadRelease,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::Failure;
@@ -379,50 +389,66 @@ impl Client {
         })
     }
 
-    async fn call(
+    /// Sends a request and reads the answer as `R`: the API's own view
+    /// type, so that a change to its shape breaks this build, not its
+    /// users. An empty answer (204) reads as JSON `null`.
+    async fn request<R: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, Failure> {
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<R, Failure> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.token);
         if let Some(b) = body {
-            req = req.json(&b);
+            req = req.json(b);
         }
         let resp = req
             .send()
             .await
             .map_err(|e| Failure::other(format!("{}: {e}", self.base)))?;
-        Self::answer(resp).await
+        Self::answer(path, resp).await
     }
 
-    /// The JSON of a success, or the API's typed error as a failure.
-    async fn answer(resp: reqwest::Response) -> Result<Value, Failure> {
+    /// The answer of a success as `R`, or the API's typed error as a
+    /// failure.
+    async fn answer<R: DeserializeOwned>(
+        path: &str,
+        resp: reqwest::Response,
+    ) -> Result<R, Failure> {
         let status = resp.status();
         let text = resp
             .text()
             .await
             .map_err(|e| Failure::other(e.to_string()))?;
-        let value: Value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
+        let text = if text.is_empty() { "null" } else { &text };
         if status.is_success() {
-            return Ok(value);
+            return serde_json::from_str(text).map_err(|e| {
+                Failure::other(format!(
+                    "{path}: the API answered what this fleet cannot read ({e}); is it the same version?"
+                ))
+            });
         }
-        let code = value["error"]["code"].as_str().unwrap_or("").to_string();
-        let message = value["error"]["message"]
-            .as_str()
-            .map_or_else(|| format!("HTTP {status}"), String::from);
-        Err(Failure::api(&code, message))
+        match serde_json::from_str::<ErrorBody>(text) {
+            Ok(body) => {
+                let code = serde_json::to_value(body.error.code)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                Err(Failure::api(&code, body.error.message))
+            }
+            Err(_) => Err(Failure::api("", format!("HTTP {status}"))),
+        }
     }
 
     /// POSTs a JSON body given as a stream.
-    async fn send_body(&self, path: &str, body: reqwest::Body) -> Result<Value, Failure> {
+    async fn send_body<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+    ) -> Result<R, Failure> {
         let resp = self
             .http
             .post(format!("{}{path}", self.base))
@@ -432,35 +458,53 @@ impl Client {
             .send()
             .await
             .map_err(|e| Failure::other(format!("{}: {e}", self.base)))?;
-        Self::answer(resp).await
+        Self::answer(path, resp).await
     }
 
-    async fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.call(reqwest::Method::GET, path, None).await
+    async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, Failure> {
+        self.request(reqwest::Method::GET, path, None::<&()>).await
+    }
+
+    async fn post<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<R, Failure> {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn put<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<R, Failure> {
+        self.request(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn delete<R: DeserializeOwned>(&self, path: &str) -> Result<R, Failure> {
+        self.request(reqwest::Method::DELETE, path, None::<&()>)
+            .await
     }
 
     /// Every item of a paged list, page after page.
-    async fn all(&self, path: &str) -> Result<Value, Failure> {
+    async fn all<P: Paged + DeserializeOwned>(&self, path: &str) -> Result<Vec<P::Item>, Failure> {
         let mut items = Vec::new();
         let mut after = String::new();
         loop {
-            let page = self
+            let page: P = self
                 .get(&format!("{path}?limit=1000&after={after}"))
                 .await?;
-            items.extend(page["items"].as_array().cloned().unwrap_or_default());
-            match page["next"].as_str() {
-                Some(n) => after = n.to_string(),
-                None => return Ok(Value::Array(items)),
+            let (more, next) = page.into_parts();
+            items.extend(more);
+            match next {
+                Some(n) => after = n,
+                None => return Ok(items),
             }
         }
     }
 
-    async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
-        self.call(reqwest::Method::POST, path, Some(body)).await
-    }
-
     /// Prints `value` as JSON, or `human` for people.
-    fn show(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
+    fn show<T: Serialize + ?Sized>(&self, value: &T, human: impl FnOnce(&T) -> String) {
         let text = if self.json {
             serde_json::to_string_pretty(value).unwrap_or_default()
         } else {
@@ -502,52 +546,38 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out.join("\n")
 }
 
-fn thing_row(t: &Value) -> Vec<String> {
-    let attrs = t["attributes"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", s(v)))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
+fn thing_row(t: &ThingView) -> Vec<String> {
+    let attrs = t
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
     vec![
-        s(&t["name"]),
-        if t["enabled"].as_bool() == Some(false) {
-            "no".into()
-        } else {
-            "yes".into()
-        },
+        t.name.clone(),
+        if t.enabled { "yes".into() } else { "no".into() },
         attrs,
     ]
 }
 
-fn attributes(list: &[(String, String)]) -> Value {
-    Value::Object(
-        list.iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect(),
-    )
+fn attributes(list: &[(String, String)]) -> BTreeMap<String, String> {
+    list.iter().cloned().collect()
 }
 
 pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failure> {
     let api = Client::new(c)?;
-    let one = |v: &Value| table(&["thing", "enabled", "attributes"], vec![thing_row(v)]);
+    let one = |v: &ThingView| table(&["thing", "enabled", "attributes"], vec![thing_row(v)]);
     match cmd {
         ThingCommand::List { limit, after } => {
             let mut path = format!("/v1/things?limit={limit}");
             if let Some(a) = after {
                 path.push_str(&format!("&after={a}"));
             }
-            let v = api.get(&path).await?;
+            let v: ThingList = api.get(&path).await?;
             api.show(&v, |v| {
-                let rows = v["items"]
-                    .as_array()
-                    .map(|a| a.iter().map(thing_row).collect())
-                    .unwrap_or_default();
+                let rows = v.items.iter().map(thing_row).collect();
                 let mut t = table(&["thing", "enabled", "attributes"], rows);
-                if let Some(n) = v["next"].as_str() {
+                if let Some(n) = &v.next {
                     t.push_str(&format!("\n(more: --after {n})"));
                 }
                 t
@@ -557,28 +587,26 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
             name,
             attributes: a,
         } => {
-            let v = api
-                .post(
-                    "/v1/things",
-                    json!({"name": name, "attributes": attributes(&a)}),
-                )
-                .await?;
+            let body = CreateThing {
+                name,
+                attributes: attributes(&a),
+            };
+            let v: ThingView = api.post("/v1/things", &body).await?;
             api.show(&v, one);
         }
         ThingCommand::Get { name } => {
-            let v = api.get(&format!("/v1/things/{name}")).await?;
+            let v: ThingView = api.get(&format!("/v1/things/{name}")).await?;
             api.show(&v, one);
         }
         ThingCommand::SetAttributes {
             name,
             attributes: a,
         } => {
-            let v = api
-                .call(
-                    reqwest::Method::PUT,
-                    &format!("/v1/things/{name}/attributes"),
-                    Some(json!({"attributes": attributes(&a)})),
-                )
+            let body = SetAttributes {
+                attributes: attributes(&a),
+            };
+            let v: ThingView = api
+                .put(&format!("/v1/things/{name}/attributes"), &body)
                 .await?;
             api.show(&v, one);
         }
@@ -591,21 +619,17 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
             api.show(&v, one);
         }
         ThingCommand::Delete { name } => {
-            api.call(reqwest::Method::DELETE, &format!("/v1/things/{name}"), None)
-                .await?;
+            api.delete::<()>(&format!("/v1/things/{name}")).await?;
             api.show(&json!({"deleted": name}), |_| format!("deleted {name}"));
         }
         ThingCommand::Certificates { name } => {
-            let v = api.get(&format!("/v1/things/{name}/certificates")).await?;
+            let v: Vec<CertificateView> =
+                api.get(&format!("/v1/things/{name}/certificates")).await?;
             api.show(&v, |v| {
                 let rows = v
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|c| vec![s(&c["id"]), s(&c["status"])])
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                    .iter()
+                    .map(|c| vec![c.id.clone(), c.status.clone()])
+                    .collect();
                 table(&["certificate", "status"], rows)
             });
         }
@@ -613,37 +637,34 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
     Ok(())
 }
 
-async fn set_enabled(api: &Client, name: &str, enabled: bool) -> Result<Value, Failure> {
-    api.call(
-        reqwest::Method::PUT,
+async fn set_enabled(api: &Client, name: &str, enabled: bool) -> Result<ThingView, Failure> {
+    api.put(
         &format!("/v1/things/{name}/enabled"),
-        Some(json!({"enabled": enabled})),
+        &SetEnabled { enabled },
     )
     .await
 }
 
 pub(crate) async fn group(c: &Connection, cmd: GroupCommand) -> Result<(), Failure> {
     let api = Client::new(c)?;
-    let members = |v: &Value| {
-        let rows = v["members"]
-            .as_array()
-            .map(|a| a.iter().map(|m| vec![s(m)]).collect())
-            .unwrap_or_default();
+    let members = |v: &GroupMembers| {
+        let rows = v.members.iter().map(|m| vec![m.clone()]).collect();
         table(&["member"], rows)
     };
     match cmd {
         GroupCommand::Create { name, matches } => {
-            let query = (!matches.is_empty()).then(|| attributes(&matches));
-            let v = api
-                .post("/v1/groups", json!({"name": name, "query": query}))
-                .await?;
+            let body = CreateGroup {
+                name,
+                query: (!matches.is_empty()).then(|| attributes(&matches)),
+            };
+            let v: GroupMembers = api.post("/v1/groups", &body).await?;
             api.show(&v, members);
         }
         GroupCommand::Add { group, thing } => {
-            api.call(
+            api.request::<Value>(
                 reqwest::Method::PUT,
                 &format!("/v1/groups/{group}/members/{thing}"),
-                None,
+                None::<&()>,
             )
             .await?;
             api.show(&json!({"group": group, "added": thing}), |_| {
@@ -651,7 +672,7 @@ pub(crate) async fn group(c: &Connection, cmd: GroupCommand) -> Result<(), Failu
             });
         }
         GroupCommand::Members { group } => {
-            let v = api.get(&format!("/v1/groups/{group}/members")).await?;
+            let v: GroupMembers = api.get(&format!("/v1/groups/{group}/members")).await?;
             api.show(&v, members);
         }
     }
@@ -667,10 +688,11 @@ fn shadow_path(thing: &str, name: Option<&str>) -> String {
 
 pub(crate) async fn shadow(c: &Connection, cmd: ShadowCommand) -> Result<(), Failure> {
     let api = Client::new(c)?;
+    // A shadow is AWS IoT's document, read as JSON.
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
     match cmd {
         ShadowCommand::Get { thing, name } => {
-            let v = api.get(&shadow_path(&thing, name.as_deref())).await?;
+            let v: Value = api.get(&shadow_path(&thing, name.as_deref())).await?;
             api.show(&v, pretty);
         }
         ShadowCommand::Update {
@@ -684,8 +706,8 @@ pub(crate) async fn shadow(c: &Connection, cmd: ShadowCommand) -> Result<(), Fai
             if let Some(v) = version {
                 body["version"] = json!(v);
             }
-            let v = api
-                .post(&shadow_path(&thing, name.as_deref()), body)
+            let v: Value = api
+                .post(&shadow_path(&thing, name.as_deref()), &body)
                 .await?;
             api.show(&v, |v| {
                 format!(
@@ -695,38 +717,29 @@ pub(crate) async fn shadow(c: &Connection, cmd: ShadowCommand) -> Result<(), Fai
             });
         }
         ShadowCommand::Delete { thing, name } => {
-            let v = api
-                .call(
-                    reqwest::Method::DELETE,
-                    &shadow_path(&thing, name.as_deref()),
-                    None,
-                )
-                .await?;
+            let v: Value = api.delete(&shadow_path(&thing, name.as_deref())).await?;
             api.show(&v, |_| format!("{thing}: shadow deleted"));
         }
     }
     Ok(())
 }
 
-fn counts(v: &Value) -> String {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, n)| format!("{k} {}", s(n)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default()
+fn counts(executions: &BTreeMap<String, usize>) -> String {
+    executions
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn job_table(v: &Value) -> String {
+fn job_table(v: &JobView) -> String {
     table(
         &["job", "state", "targets", "executions"],
         vec![vec![
-            s(&v["jobId"]),
-            s(&v["state"]),
-            s(&v["targets"]),
-            counts(&v["executions"]),
+            v.job_id.clone(),
+            v.state.clone(),
+            v.targets.to_string(),
+            counts(&v.executions),
         ]],
     )
 }
@@ -754,79 +767,75 @@ pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> 
             timeout_minutes,
             rollout,
         } => {
-            let rollout = rollout.as_deref().map(json_arg).transpose()?;
-            let body = json!({
-                "jobId": id, "document": json_arg(&document)?, "things": things, "groups": groups,
-                "continuous": continuous, "maxRetries": retries, "inProgressTimeoutMinutes": timeout_minutes,
-                "rollout": rollout,
-            });
-            let v = api.post("/v1/jobs", body).await?;
+            let body = CreateJob {
+                job_id: id,
+                document: json_arg(&document)?,
+                things,
+                groups,
+                continuous,
+                in_progress_timeout_minutes: timeout_minutes,
+                max_retries: retries,
+                rollout: rollout.as_deref().map(json_arg).transpose()?,
+            };
+            let v: JobView = api.post("/v1/jobs", &body).await?;
             api.show(&v, job_table);
         }
         JobCommand::List => {
-            let v = api.all("/v1/jobs").await?;
+            let v = api.all::<JobList>("/v1/jobs").await?;
             api.show(&v, |v| {
-                table(
-                    &["job"],
-                    v.as_array()
-                        .map(|a| a.iter().map(|j| vec![s(j)]).collect())
-                        .unwrap_or_default(),
-                )
+                table(&["job"], v.iter().map(|j| vec![j.clone()]).collect())
             });
         }
         JobCommand::Get { id } => {
-            let v = api.get(&format!("/v1/jobs/{id}")).await?;
+            let v: JobView = api.get(&format!("/v1/jobs/{id}")).await?;
             api.show(&v, job_table);
         }
         JobCommand::Executions { id } => {
-            let v = api.all(&format!("/v1/jobs/{id}/executions")).await?;
+            let v = api
+                .all::<ExecutionList>(&format!("/v1/jobs/{id}/executions"))
+                .await?;
             api.show(&v, |v| {
                 let rows = v
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|e| {
-                                vec![s(&e["thing"]), s(&e["status"]), s(&e["executionNumber"])]
-                            })
-                            .collect()
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.thing.clone(),
+                            e.status.clone(),
+                            e.execution_number.to_string(),
+                        ]
                     })
-                    .unwrap_or_default();
+                    .collect();
                 table(&["thing", "status", "execution"], rows)
             });
         }
         JobCommand::Cancel { id, force } => {
-            let v = api
-                .post(&format!("/v1/jobs/{id}/cancel"), json!({"force": force}))
+            let v: JobView = api
+                .post(&format!("/v1/jobs/{id}/cancel"), &CancelJob { force })
                 .await?;
             api.show(&v, job_table);
         }
         JobCommand::Watch { id } => {
             let bar = (!api.json).then(|| bar(0, "ended"));
             loop {
-                let v = api.get(&format!("/v1/jobs/{id}")).await?;
-                let ex = v["executions"].as_object().cloned().unwrap_or_default();
-                let total: u64 = ex.values().filter_map(Value::as_u64).sum::<u64>()
-                    + v["notReleased"].as_u64().unwrap_or(0);
-                let running: u64 = ["QUEUED", "IN_PROGRESS"]
-                    .iter()
-                    .filter_map(|k| ex.get(*k).and_then(Value::as_u64))
-                    .sum();
-                let ended = total.saturating_sub(running + v["notReleased"].as_u64().unwrap_or(0));
+                let v: JobView = api.get(&format!("/v1/jobs/{id}")).await?;
+                let n = |k: &str| v.executions.get(k).copied().unwrap_or(0) as u64;
+                let not_released = v.not_released as u64;
+                let total: u64 =
+                    v.executions.values().map(|n| *n as u64).sum::<u64>() + not_released;
+                let running = n("QUEUED") + n("IN_PROGRESS");
+                let ended = total.saturating_sub(running + not_released);
                 if let Some(b) = &bar {
                     b.set_length(total.max(1));
                     b.set_position(ended);
-                    b.set_message(counts(&v["executions"]));
+                    b.set_message(counts(&v.executions));
                 }
-                let done = running == 0
-                    && (v["state"] != "IN_PROGRESS" || v["notReleased"].as_u64() == Some(0));
-                if done && total > 0 || v["state"] == "CANCELED" {
+                let done = running == 0 && (v.state != "IN_PROGRESS" || not_released == 0);
+                if done && total > 0 || v.state == "CANCELED" {
                     if let Some(b) = bar {
                         b.finish_and_clear();
                     }
                     api.show(&v, job_table);
-                    let failed = ["FAILED", "TIMED_OUT", "REJECTED"]
-                        .iter()
-                        .any(|k| ex.get(*k).and_then(Value::as_u64).unwrap_or(0) > 0);
+                    let failed = n("FAILED") + n("TIMED_OUT") + n("REJECTED") > 0;
                     return if failed {
                         Err(Failure::unsuccessful("some executions did not succeed"))
                     } else {
@@ -853,10 +862,19 @@ pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), F
     let (envelope, image) = (read(&envelope)?, read(&image)?);
     let b64 = base64::engine::general_purpose::STANDARD;
     // The body is streamed in pieces (the image base64-encoded 48 KiB at a
-    // time), so the bar follows what was sent.
-    let head = serde_json::to_string(&json!({"releaseId": id, "envelope": b64.encode(&envelope)}))
-        .map_err(|e| Failure::other(e.to_string()))?;
-    let head = format!("{},\"image\":\"", head.trim_end_matches('}'));
+    // time), so the bar follows what was sent. It is an UploadRelease whose
+    // image is written last: serialized with an empty image, then the
+    // image spliced in before the closing quote.
+    let head = serde_json::to_string(&UploadRelease {
+        release_id: id.clone(),
+        envelope: b64.encode(&envelope),
+        image: String::new(),
+    })
+    .map_err(|e| Failure::other(e.to_string()))?;
+    let head = head
+        .strip_suffix("\"}")
+        .ok_or_else(|| Failure::other("an upload body ends with its image"))?
+        .to_string();
     let total = image.len() as u64;
     let bar = (!api.json).then(|| {
         let b = bar(total, "bytes sent");
@@ -879,7 +897,7 @@ pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), F
         .chain(chunks)
         .chain(std::iter::once(Ok("\"}".to_string())));
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(pieces));
-    let v = api.send_body("/v1/releases", body).await;
+    let v = api.send_body::<ReleaseView>("/v1/releases", body).await;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -887,8 +905,7 @@ pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), F
     api.show(&v, |v| {
         format!(
             "release {} registered ({} bytes, checked against its signed manifest)",
-            s(&v["releaseId"]),
-            s(&v["size"])
+            v.release_id, v.size
         )
     });
     Ok(())
@@ -898,8 +915,10 @@ pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), F
 /// join without padding).
 const UPLOAD_CHUNK: usize = 48 * 1024;
 
-fn campaign_table(v: &Value) -> String {
-    let keys = [
+fn campaign_table(v: &CampaignView) -> String {
+    let header = [
+        "campaign",
+        "rollout",
         "pending",
         "queued",
         "inProgress",
@@ -910,50 +929,57 @@ fn campaign_table(v: &Value) -> String {
         "canceled",
         "unverifiedReceipt",
     ];
-    let mut header = vec!["campaign", "rollout"];
-    header.extend(keys);
-    let mut row = vec![s(&v["campaignId"]), s(&v["rollout"])];
-    row.extend(keys.iter().map(|k| s(&v[*k])));
+    let mut row = vec![v.campaign_id.clone(), v.rollout.clone().unwrap_or_default()];
+    row.extend(
+        [
+            v.pending,
+            v.queued,
+            v.in_progress,
+            v.succeeded,
+            v.failed,
+            v.rolled_back,
+            v.timed_out,
+            v.canceled,
+            v.unverified_receipt,
+        ]
+        .iter()
+        .map(ToString::to_string),
+    );
     table(&header, vec![row])
 }
 
 async fn watch_campaign(api: &Client, id: &str) -> Result<(), Failure> {
     let bar = (!api.json).then(|| bar(0, "devices done"));
     loop {
-        let v = api.get(&format!("/v1/campaigns/{id}")).await?;
-        let n = |k: &str| v[k].as_u64().unwrap_or(0);
-        let total = [
-            "pending",
-            "queued",
-            "inProgress",
-            "succeeded",
-            "failed",
-            "rolledBack",
-            "timedOut",
-            "canceled",
-            "unverifiedReceipt",
-        ]
-        .iter()
-        .map(|k| n(k))
-        .sum::<u64>();
-        let done = total - n("pending") - n("queued") - n("inProgress");
+        let v: CampaignView = api.get(&format!("/v1/campaigns/{id}")).await?;
+        let total = (v.pending
+            + v.queued
+            + v.in_progress
+            + v.succeeded
+            + v.failed
+            + v.rolled_back
+            + v.timed_out
+            + v.canceled
+            + v.unverified_receipt) as u64;
+        let done = total - (v.pending + v.queued + v.in_progress) as u64;
         if let Some(b) = &bar {
             b.set_length(total.max(1));
             b.set_position(done);
             b.set_message(format!(
                 "{} ok, {} rolled back, {} failed",
-                n("succeeded"),
-                n("rolledBack"),
-                n("failed") + n("timedOut") + n("unverifiedReceipt")
+                v.succeeded,
+                v.rolled_back,
+                v.failed + v.timed_out + v.unverified_receipt
             ));
         }
-        if v["done"].as_bool() == Some(true) {
+        if v.done {
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
             api.show(&v, campaign_table);
-            let aborted = v["rollout"]
-                .as_str()
+            let aborted = v
+                .rollout
+                .as_deref()
                 .is_some_and(|r| r.starts_with("Aborted"));
             return if aborted {
                 Err(Failure::unsuccessful("the campaign was aborted"))
@@ -987,14 +1013,22 @@ pub(crate) async fn campaign(c: &Connection, cmd: CampaignCommand) -> Result<(),
                 })
                 .map_err(|e| Failure::other(e.to_string()))?,
             };
-            let v = api.post("/v1/campaigns", json!({"campaignId": id, "releaseId": release, "things": things, "groups": groups, "policy": policy})).await?;
+            let body = StartCampaign {
+                campaign_id: id.clone(),
+                release_id: release,
+                things,
+                groups,
+                policy,
+                in_progress_timeout_minutes: None,
+            };
+            let v: CampaignView = api.post("/v1/campaigns", &body).await?;
             if watch {
                 return watch_campaign(&api, &id).await;
             }
             api.show(&v, campaign_table);
         }
         CampaignCommand::Status { id } => {
-            let v = api.get(&format!("/v1/campaigns/{id}")).await?;
+            let v: CampaignView = api.get(&format!("/v1/campaigns/{id}")).await?;
             api.show(&v, campaign_table);
         }
         CampaignCommand::Watch { id } => return watch_campaign(&api, &id).await,
@@ -1007,8 +1041,8 @@ pub(crate) async fn campaign(c: &Connection, cmd: CampaignCommand) -> Result<(),
 }
 
 async fn control(api: &Client, id: &str, action: &str) -> Result<(), Failure> {
-    let v = api
-        .post(&format!("/v1/campaigns/{id}/{action}"), json!({}))
+    let v: CampaignView = api
+        .post(&format!("/v1/campaigns/{id}/{action}"), &json!({}))
         .await?;
     api.show(&v, campaign_table);
     Ok(())
@@ -1022,19 +1056,19 @@ pub(crate) async fn command(c: &Connection, cmd: CommandCommand) -> Result<(), F
         payload,
         timeout,
     } = cmd;
-    let v = api
-        .post(
-            &format!("/v1/things/{thing}/commands"),
-            json!({"command": command, "payload": json_arg(&payload)?, "timeoutSeconds": timeout}),
-        )
+    let body = SendCommand {
+        command,
+        payload: json_arg(&payload)?,
+        timeout_seconds: Some(timeout),
+    };
+    let v: CommandResult = api
+        .post(&format!("/v1/things/{thing}/commands"), &body)
         .await?;
-    api.show(&v, |v| {
-        format!("{thing}: {} {}", s(&v["status"]), s(&v["payload"]))
-    });
-    if v["status"] != "SUCCEEDED" {
+    api.show(&v, |v| format!("{thing}: {} {}", v.status, v.payload));
+    if v.status != "SUCCEEDED" {
         return Err(Failure::unsuccessful(format!(
             "the command ended {}",
-            s(&v["status"])
+            v.status
         )));
     }
     Ok(())
@@ -1042,31 +1076,31 @@ pub(crate) async fn command(c: &Connection, cmd: CommandCommand) -> Result<(), F
 
 pub(crate) async fn token(c: &Connection, cmd: TokenCommand) -> Result<(), Failure> {
     let api = Client::new(c)?;
-    let rows = |v: &Value| {
-        let list = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+    let rows = |list: &[TokenView]| {
         table(
             &["id", "name", "scope"],
             list.iter()
-                .map(|t| vec![s(&t["id"]), s(&t["name"]), s(&t["scope"])])
+                .map(|t| vec![t.id.clone(), t.name.clone(), t.scope.clone()])
                 .collect(),
         )
     };
     match cmd {
         TokenCommand::Create { name, scope } => {
-            let v = api
-                .post("/v1/tokens", json!({"name": name, "scope": scope}))
-                .await?;
+            let v: TokenView = api.post("/v1/tokens", &CreateToken { name, scope }).await?;
             api.show(&v, |v| {
-                format!("{}\n\ntoken (shown once): {}", rows(v), s(&v["token"]))
+                format!(
+                    "{}\n\ntoken (shown once): {}",
+                    rows(std::slice::from_ref(v)),
+                    v.token.as_deref().unwrap_or_default()
+                )
             });
         }
         TokenCommand::List => {
-            let v = api.get("/v1/tokens").await?;
-            api.show(&v, rows);
+            let v: Vec<TokenView> = api.get("/v1/tokens").await?;
+            api.show(&v, |v| rows(v));
         }
         TokenCommand::Revoke { id } => {
-            api.call(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"), None)
-                .await?;
+            api.delete::<()>(&format!("/v1/tokens/{id}")).await?;
             api.show(&json!({"revoked": id}), |_| format!("revoked {id}"));
         }
     }

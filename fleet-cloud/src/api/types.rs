@@ -1,0 +1,398 @@
+//! The API's request and view types: what the routes take and answer, in
+//! JSON. Public, so that a client (the `fleet` CLI among them) reads the
+//! same types the server writes, and a change to the API's shape breaks the
+//! client's build, not its users.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// A page of a list: its items, and where the next page starts (`after`).
+pub trait Paged {
+    /// What the list holds.
+    type Item;
+    /// The items, and the `after` of the next page (`None` on the last).
+    fn into_parts(self) -> (Vec<Self::Item>, Option<String>);
+}
+
+macro_rules! paged {
+    ($list:ty, $item:ty) => {
+        impl Paged for $list {
+            type Item = $item;
+            fn into_parts(self) -> (Vec<$item>, Option<String>) {
+                (self.items, self.next)
+            }
+        }
+    };
+}
+
+paged!(ThingList, ThingView);
+paged!(JobList, String);
+paged!(ExecutionList, ExecutionView);
+
+/// Whether the service is up (no token needed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+}
+
+/// A thing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ThingView {
+    /// Its name.
+    pub name: String,
+    /// Its attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Whether it may connect.
+    pub enabled: bool,
+}
+
+/// A page of things.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ThingList {
+    /// This page's things.
+    pub items: Vec<ThingView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A thing to register.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateThing {
+    /// Its name (`[a-zA-Z0-9:_-]{1,128}`).
+    pub name: String,
+    /// Its attributes.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Attributes that replace the thing's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetAttributes {
+    /// The new attributes (all of them).
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Whether a thing may connect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetEnabled {
+    /// Whether it may connect.
+    pub enabled: bool,
+}
+
+/// A certificate bound to a thing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CertificateView {
+    /// Its id: the SHA-256 of its DER.
+    pub id: String,
+    /// The thing.
+    pub thing: String,
+    /// `active` or `revoked`.
+    pub status: String,
+    /// The certificate, PEM.
+    pub pem: String,
+}
+
+/// A static group to create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    /// Its name.
+    pub name: String,
+    /// A dynamic group: every thing whose attributes have these values.
+    #[serde(default)]
+    pub query: Option<BTreeMap<String, String>>,
+}
+
+/// A group's members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroupMembers {
+    /// The group's name.
+    pub group: String,
+    /// Its members' thing names.
+    pub members: Vec<String>,
+}
+
+/// A job to create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateJob {
+    /// Its id (`[a-zA-Z0-9_-]{1,64}`).
+    pub job_id: String,
+    /// The document devices receive.
+    #[schema(value_type = Object)]
+    pub document: Value,
+    /// Things targeted.
+    #[serde(default)]
+    pub things: Vec<String>,
+    /// Groups targeted.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Also things that join the groups later.
+    #[serde(default)]
+    pub continuous: bool,
+    /// Minutes an execution may stay IN_PROGRESS.
+    #[serde(default)]
+    pub in_progress_timeout_minutes: Option<u64>,
+    /// Tries again after FAILED or TIMED_OUT, this many times.
+    #[serde(default)]
+    pub max_retries: u32,
+    /// Release the executions under a rollout policy (rate, groups with
+    /// thresholds, abort criteria, retries), as fleet-core's
+    /// `RolloutPolicy` in JSON; without it, all at once.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub rollout: Option<Value>,
+}
+
+/// A job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    /// The job's id.
+    pub job_id: String,
+    /// `IN_PROGRESS`, `CANCELED` or `COMPLETED`.
+    pub state: String,
+    /// The document devices receive.
+    #[schema(value_type = Object)]
+    pub document: Value,
+    /// Things targeted so far.
+    pub targets: usize,
+    /// Executions per status (each target's latest).
+    pub executions: BTreeMap<String, usize>,
+    /// Targets a rollout has not released yet.
+    pub not_released: usize,
+    /// Epoch seconds.
+    pub created_at: u64,
+}
+
+/// A page of job ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    /// This page's job ids.
+    pub items: Vec<String>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// One thing's execution of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecutionView {
+    /// The thing.
+    pub thing: String,
+    /// `QUEUED`, `IN_PROGRESS`, `SUCCEEDED`, `FAILED`, ...
+    pub status: String,
+    /// Which execution of the job on this thing (retries add one).
+    pub execution_number: u64,
+    /// The execution's version (each update raises it).
+    pub version_number: u64,
+    /// What the device last reported with its status.
+    pub status_details: BTreeMap<String, String>,
+    /// When it was queued, epoch seconds.
+    pub queued_at: u64,
+    /// When it last changed, epoch seconds.
+    pub last_updated_at: u64,
+}
+
+/// A page of executions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExecutionList {
+    /// This page's executions.
+    pub items: Vec<ExecutionView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// How to cancel.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelJob {
+    /// Also cancel executions in progress.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A signed release to register.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UploadRelease {
+    /// Its id (`[a-zA-Z0-9_-]{1,128}`).
+    pub release_id: String,
+    /// The signed manifest envelope, base64.
+    pub envelope: String,
+    /// The image, base64 (its size and SHA-256 must be the manifest's).
+    pub image: String,
+}
+
+/// A registered release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseView {
+    /// The release's id.
+    pub release_id: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// A campaign to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StartCampaign {
+    /// The campaign's id (also its job's).
+    pub campaign_id: String,
+    /// The release to install.
+    pub release_id: String,
+    /// Things targeted.
+    #[serde(default)]
+    pub things: Vec<String>,
+    /// Groups targeted.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The rollout policy (rate, groups with thresholds, abort criteria,
+    /// retries), as fleet-core's `RolloutPolicy` in JSON.
+    #[schema(value_type = Object)]
+    pub policy: Value,
+    /// Minutes an installation may stay IN_PROGRESS.
+    #[serde(default)]
+    pub in_progress_timeout_minutes: Option<u64>,
+}
+
+/// Where a campaign stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CampaignView {
+    /// The campaign's id.
+    pub campaign_id: String,
+    /// Targets not released yet.
+    pub pending: usize,
+    /// Targets queued.
+    pub queued: usize,
+    /// Targets installing.
+    pub in_progress: usize,
+    /// Targets that installed and reported a verified receipt.
+    pub succeeded: usize,
+    /// Targets that failed.
+    pub failed: usize,
+    /// Targets that rolled back to their previous image.
+    pub rolled_back: usize,
+    /// Targets that timed out.
+    pub timed_out: usize,
+    /// Targets canceled.
+    pub canceled: usize,
+    /// Targets whose install receipt did not verify.
+    pub unverified_receipt: usize,
+    /// The rollout's status (`InProgress`, `Paused`, `Completed`,
+    /// `Aborted: ...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+    /// Nothing more will change.
+    pub done: bool,
+}
+
+/// A command to send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SendCommand {
+    /// Which command.
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    /// Seconds to wait for the answer (default 30, at most 300).
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// A device's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandResult {
+    /// The command execution's id.
+    pub execution_id: String,
+    /// `SUCCEEDED`, `FAILED`, `REJECTED`...
+    pub status: String,
+    /// The device's answer.
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    /// Why, when the device said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+}
+
+/// A provisioning template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateView {
+    /// The template's name.
+    pub name: String,
+    /// What the things it names start with.
+    pub thing_name_prefix: String,
+    /// The parameter whose value names the thing.
+    pub name_parameter: String,
+    /// Parameters a device must give.
+    pub required_parameters: Vec<String>,
+    /// Attributes the thing gets.
+    pub attributes: BTreeMap<String, String>,
+    /// Groups the thing joins.
+    pub groups: Vec<String>,
+}
+
+/// A claim identity to issue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClaim {
+    /// One of the claim identities the broker admits.
+    pub name: String,
+}
+
+/// A claim certificate and key, for a factory to put on devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimIdentity {
+    /// The claim identity (the certificate's common name).
+    pub name: String,
+    /// Its certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// The CA that signed the broker's certificate, PEM.
+    pub ca_pem: String,
+}
+
+/// A token to create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Who or what holds it.
+    pub name: String,
+    /// `read`, `operator` or `admin`.
+    pub scope: String,
+}
+
+/// A token (without its secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenView {
+    /// The token's id (not secret).
+    pub id: String,
+    /// Who or what holds it.
+    pub name: String,
+    /// `read`, `operator` or `admin`.
+    pub scope: String,
+    /// When it was made, epoch seconds.
+    pub created_at: u64,
+    /// The token itself: shown once, when created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
