@@ -83,22 +83,13 @@ impl<S: ShadowStore> ShadowService<S> {
         payload: &[u8],
         now: u64,
     ) -> Result<Vec<Outgoing>, ServiceError> {
-        let prefix = TopicPrefix::new(&self.prefix).map_err(|_| ServiceError::NotAShadowRequest)?;
-        let Ok(Topic::Shadow(ShadowTopic {
-            thing,
-            shadow,
-            kind: ShadowTopicKind::Op(op, Role::Request),
-        })) = Topic::parse(&prefix, topic)
-        else {
-            return Err(ServiceError::NotAShadowRequest);
-        };
-        self.apply(thing, shadow, op, payload, now).await
+        let (_, request) = self.request(topic).ok_or(ServiceError::NotAShadowRequest)?;
+        self.apply(request.thing, request.shadow, request.op, payload, now)
+            .await
     }
 
-    /// The answer to a shadow request refused for being one too many (429
-    /// "Too many requests", with the request's `clientToken`), without
-    /// touching the store; `None` if `topic` is not a shadow request.
-    pub fn throttled(&self, topic: &str, payload: &[u8], now: u64) -> Option<Outgoing> {
+    /// The shadow request `topic` names under this service's prefix.
+    fn request<'t>(&'t self, topic: &'t str) -> Option<(TopicPrefix<'t>, ShadowRequest<'t>)> {
         let prefix = TopicPrefix::new(&self.prefix).ok()?;
         let Ok(Topic::Shadow(ShadowTopic {
             thing,
@@ -108,6 +99,14 @@ impl<S: ShadowStore> ShadowService<S> {
         else {
             return None;
         };
+        Some((prefix, ShadowRequest { thing, shadow, op }))
+    }
+
+    /// The answer to a shadow request refused for being one too many (429
+    /// "Too many requests", with the request's `clientToken`), without
+    /// touching the store; `None` if `topic` is not a shadow request.
+    pub fn throttled(&self, topic: &str, payload: &[u8], now: u64) -> Option<Outgoing> {
+        let (prefix, ShadowRequest { thing, shadow, op }) = self.request(topic)?;
         let client_token = serde_json::from_slice::<serde_json::Value>(payload)
             .ok()
             .and_then(|v| v.get("clientToken")?.as_str().map(String::from))
@@ -208,6 +207,13 @@ impl<S: ShadowStore> ShadowService<S> {
         }
         Err(ServiceError::Store(StoreError::Conflict))
     }
+}
+
+/// A shadow request's thing, shadow and operation, read from its topic.
+struct ShadowRequest<'t> {
+    thing: ThingName<'t>,
+    shadow: Option<ShadowName<'t>>,
+    op: ShadowOp,
 }
 
 #[cfg(test)]
