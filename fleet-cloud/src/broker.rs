@@ -17,7 +17,6 @@ use tokio::task::JoinHandle;
 use crate::commands::CommandCenter;
 use crate::provisioning::ProvisioningService;
 use crate::shadows::ShadowService;
-use crate::store::ShadowStore;
 use crate::telemetry::{TelemetryRecord, TelemetryRouter};
 
 /// How to reach the broker, with the backend's identity (all PEM).
@@ -108,7 +107,7 @@ pub struct Extras {
     pub streams: Option<crate::StreamService>,
     /// The jobs service (`JobsService::into()`); `None`: not served. Its
     /// timers are swept, and its rollouts driven, every second.
-    pub jobs: Option<crate::JobsEndpoint>,
+    pub jobs: Option<crate::JobsService>,
     /// When several instances share a store: sweep and drive only while
     /// this instance holds the lease (`None`: always, one instance).
     pub leadership: Option<std::sync::Arc<dyn crate::Leadership>>,
@@ -192,9 +191,9 @@ fn epoch_seconds() -> u64 {
 }
 
 /// Connects to the broker and serves shadow requests until stopped.
-pub fn serve_shadows<S: ShadowStore>(
+pub fn serve_shadows(
     config: BrokerConfig,
-    service: ShadowService<S>,
+    service: ShadowService,
 ) -> Result<RunningService, StartError> {
     serve(config, service, Extras::default())
 }
@@ -420,9 +419,9 @@ fn network_options() -> rumqttc::NetworkOptions {
 /// Connects to the broker and serves shadows, command answers and (with a
 /// router) telemetry until stopped. Subscriptions are made again after
 /// every reconnection.
-pub fn serve<S: ShadowStore>(
+pub fn serve(
     config: BrokerConfig,
-    service: ShadowService<S>,
+    service: ShadowService,
     extras: Extras,
 ) -> Result<RunningService, StartError> {
     let tls = tls(&config)?;
@@ -760,7 +759,7 @@ pub fn serve<S: ShadowStore>(
                 {
                     continue;
                 }
-                match jobs.handle_timeouts(jobs.now()).await {
+                match jobs.tick(jobs.now()).await {
                     Ok(messages) => publish_all(messages),
                     Err(e) => tracing::warn!("jobs: {e}"),
                 }

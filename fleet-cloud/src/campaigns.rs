@@ -14,7 +14,8 @@ use fleet_core::ota::{InstallOutcome, InstallReceipt};
 use tokio::sync::mpsc;
 
 use crate::Outgoing;
-use crate::jobs::{JobSpec, JobStore, JobsError, JobsService, TargetSelection};
+use crate::jobs::{JobsError, JobsService};
+use crate::model::{JobSpec, TargetSelection};
 use crate::registry::Registry;
 use crate::streams::StreamService;
 
@@ -83,7 +84,7 @@ fn random_nonce() -> Result<[u8; 16], JobsError> {
     Ok(n)
 }
 
-impl<S: JobStore> JobsService<S> {
+impl JobsService {
     /// Registers a release: a signed manifest envelope and the image it
     /// describes (size and SHA-256 checked), kept as stream `release_id`
     /// (file 0 the image devices fetch, file 1 the envelope), in whatever

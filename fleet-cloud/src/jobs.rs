@@ -9,385 +9,21 @@
 //! [`ThingJobs`].
 
 use crate::Outgoing;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 
 use fleet_core::ThingName;
 use fleet_core::jobs::{
-    JobExecution, JobStatus, JobsMessage, RolloutControl, RolloutPolicy, RolloutStatus, Target,
-    TargetStatus, ThingJobs, TimeoutConfig,
+    JobExecution, JobStatus, JobsMessage, RolloutControl, RolloutStatus, Target, TargetStatus,
+    ThingJobs,
 };
 use fleet_core::topic::{JobsTopic, Topic, TopicPrefix};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::registry::Registry;
-use crate::store::{
-    MemoryStore, SqliteStore, StoreError, Versioned, backend, cas_write, versioned_row,
-};
+use crate::store::{JobStore, StoreError};
 
-/// How a job picks its things.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum TargetSelection {
-    /// The things in the targets when the job is created.
-    Snapshot,
-    /// Also things that join a target group later.
-    Continuous,
-}
-
-/// What a job is: its document, whom it is for, and its rules.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JobSpec {
-    /// The job's id (`[a-zA-Z0-9_-]{1,64}`).
-    pub job_id: String,
-    /// The document devices receive.
-    pub document: Value,
-    /// Things targeted by name.
-    pub things: Vec<String>,
-    /// Thing groups targeted (static or dynamic).
-    pub groups: Vec<String>,
-    /// Snapshot or continuous.
-    pub selection: TargetSelection,
-    /// The in-progress timeout.
-    pub timeouts: TimeoutConfig,
-    /// How many times an execution that ends FAILED or TIMED_OUT is
-    /// queued again (0: never). A rollout's own retry policy replaces it.
-    pub max_retries: u32,
-    /// Release the targets under this policy (rate, groups with
-    /// thresholds, abort criteria, retries) instead of all at once. Targets
-    /// are released in order: the things as listed, then the groups'
-    /// members.
-    #[serde(default)]
-    pub rollout: Option<RolloutPolicy>,
-}
-
-/// A rollout's persisted state: every decision the controller took, so
-/// that a restarted service goes on where it was.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RolloutState {
-    /// The targets, in release order.
-    pub order: Vec<String>,
-    /// Each target as the planner sees it.
-    pub targets: Vec<Target>,
-    /// Groups opened, paused, aborted.
-    pub control: RolloutControl,
-    /// Release times in the last minute (for the rate limit).
-    pub recent_releases: Vec<u64>,
-    /// The rollout's status after the last decision.
-    pub status: Option<RolloutStatus>,
-}
-
-/// A job's overall state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum JobState {
-    /// Executions are running or may be added.
-    InProgress,
-    /// Canceled: no new executions; queued ones were canceled.
-    Canceled,
-    /// Every execution ended (snapshot jobs only).
-    Completed,
-}
-
-/// A job as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JobRecord {
-    /// What it is.
-    pub spec: JobSpec,
-    /// Its state.
-    pub state: JobState,
-    /// The things it was queued for so far.
-    pub targets: BTreeSet<String>,
-    /// Retries used, per thing.
-    pub retries: BTreeMap<String, u32>,
-    /// Epoch seconds.
-    pub created_at: u64,
-    /// The rollout, for a job with a rollout policy.
-    #[serde(default)]
-    pub rollout: Option<RolloutState>,
-}
-
-/// Where jobs and executions are kept. Writes are compare-and-set on a
-/// revision, atomic and durable once they return `Ok`.
-pub trait JobStore: Send + Sync + 'static {
-    /// A job and its revision (`None`: no such job).
-    fn load_job(
-        &self,
-        job_id: &str,
-    ) -> impl Future<Output = Result<Option<Versioned<JobRecord>>, StoreError>> + Send;
-    /// Writes a job if it is still at `expected` (0: new).
-    fn save_job(
-        &self,
-        record: &JobRecord,
-        expected: u64,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Every job id, sorted.
-    fn job_ids(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
-    /// Removes a job if it is still at `expected`.
-    fn delete_job(
-        &self,
-        job_id: &str,
-        expected: u64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// A thing's executions (a thing without any: empty, revision 0).
-    fn load_thing(
-        &self,
-        thing: &str,
-    ) -> impl Future<Output = Result<Versioned<ThingJobs>, StoreError>> + Send;
-    /// Writes a thing's executions if still at `expected`.
-    fn save_thing(
-        &self,
-        thing: &str,
-        expected: u64,
-        jobs: &ThingJobs,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Things with a timer due at or before `now`.
-    fn due_things(&self, now: u64) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
-}
-
-/// The in-memory side of [`MemoryStore`] for jobs.
-#[derive(Debug, Default)]
-pub(crate) struct MemoryJobs {
-    jobs: HashMap<String, (JobRecord, u64)>,
-    things: HashMap<String, (ThingJobs, u64)>,
-}
-
-impl MemoryStore {
-    fn jobs_lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryJobs>, StoreError> {
-        self.jobs
-            .lock()
-            .map_err(|_| StoreError::backend("a writer panicked"))
-    }
-}
-
-impl JobStore for MemoryStore {
-    async fn load_job(&self, job_id: &str) -> Result<Option<Versioned<JobRecord>>, StoreError> {
-        Ok(self
-            .jobs_lock()?
-            .jobs
-            .get(job_id)
-            .map(|(r, rev)| Versioned {
-                value: r.clone(),
-                revision: *rev,
-            }))
-    }
-
-    async fn save_job(&self, record: &JobRecord, expected: u64) -> Result<u64, StoreError> {
-        let mut m = self.jobs_lock()?;
-        let current = m.jobs.get(&record.spec.job_id).map_or(0, |(_, r)| *r);
-        if current != expected {
-            return Err(StoreError::Conflict);
-        }
-        m.jobs
-            .insert(record.spec.job_id.clone(), (record.clone(), current + 1));
-        Ok(current + 1)
-    }
-
-    async fn job_ids(&self) -> Result<Vec<String>, StoreError> {
-        let mut ids: Vec<String> = self.jobs_lock()?.jobs.keys().cloned().collect();
-        ids.sort();
-        Ok(ids)
-    }
-
-    async fn delete_job(&self, job_id: &str, expected: u64) -> Result<(), StoreError> {
-        let mut m = self.jobs_lock()?;
-        match m.jobs.get(job_id) {
-            Some((_, r)) if *r == expected => {
-                m.jobs.remove(job_id);
-                Ok(())
-            }
-            _ => Err(StoreError::Conflict),
-        }
-    }
-
-    async fn load_thing(&self, thing: &str) -> Result<Versioned<ThingJobs>, StoreError> {
-        Ok(match self.jobs_lock()?.things.get(thing) {
-            Some((j, r)) => Versioned {
-                value: j.clone(),
-                revision: *r,
-            },
-            None => Versioned {
-                value: ThingJobs::new(thing),
-                revision: 0,
-            },
-        })
-    }
-
-    async fn save_thing(
-        &self,
-        thing: &str,
-        expected: u64,
-        jobs: &ThingJobs,
-    ) -> Result<u64, StoreError> {
-        let mut m = self.jobs_lock()?;
-        let current = m.things.get(thing).map_or(0, |(_, r)| *r);
-        if current != expected {
-            return Err(StoreError::Conflict);
-        }
-        m.things.insert(thing.into(), (jobs.clone(), current + 1));
-        Ok(current + 1)
-    }
-
-    async fn due_things(&self, now: u64) -> Result<Vec<String>, StoreError> {
-        let mut due: Vec<String> = self
-            .jobs_lock()?
-            .things
-            .iter()
-            .filter(|(_, (j, _))| j.next_deadline().is_some_and(|d| d <= now))
-            .map(|(t, _)| t.clone())
-            .collect();
-        due.sort();
-        Ok(due)
-    }
-}
-
-fn corrupt(e: impl fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
-impl JobStore for SqliteStore {
-    async fn load_job(&self, job_id: &str) -> Result<Option<Versioned<JobRecord>>, StoreError> {
-        let job_id = job_id.to_string();
-        self.with_conn(move |c| {
-            let row = versioned_row(
-                c,
-                "SELECT revision, record FROM jobs WHERE job_id = ?1",
-                [&job_id],
-            )?;
-            row.map(|(revision, bytes)| {
-                Ok(Versioned {
-                    value: serde_json::from_slice(&bytes).map_err(corrupt)?,
-                    revision,
-                })
-            })
-            .transpose()
-        })
-        .await
-    }
-
-    async fn save_job(&self, record: &JobRecord, expected: u64) -> Result<u64, StoreError> {
-        let bytes = serde_json::to_vec(record).map_err(backend)?;
-        let id = record.spec.job_id.clone();
-        self.write(move |c| {
-            cas_write(
-                c,
-                expected,
-                (
-                    "INSERT INTO jobs (job_id, revision, record) VALUES (?1, 1, ?2)
-                     ON CONFLICT (job_id) DO NOTHING",
-                    (&id, &bytes),
-                ),
-                (
-                    "UPDATE jobs SET revision = revision + 1, record = ?2
-                     WHERE job_id = ?1 AND revision = ?3",
-                    (&id, &bytes, expected),
-                ),
-            )
-        })
-        .await
-    }
-
-    async fn job_ids(&self) -> Result<Vec<String>, StoreError> {
-        self.with_conn(|c| {
-            let mut stmt = c
-                .prepare("SELECT job_id FROM jobs ORDER BY job_id")
-                .map_err(backend)?;
-            let rows = stmt.query_map([], |r| r.get(0)).map_err(backend)?;
-            rows.collect::<Result<_, _>>().map_err(backend)
-        })
-        .await
-    }
-
-    async fn delete_job(&self, job_id: &str, expected: u64) -> Result<(), StoreError> {
-        let job_id = job_id.to_string();
-        self.write(move |c| {
-            let n = c
-                .execute(
-                    "DELETE FROM jobs WHERE job_id = ?1 AND revision = ?2",
-                    (&job_id, expected),
-                )
-                .map_err(backend)?;
-            if n == 0 {
-                return Err(StoreError::Conflict);
-            }
-            Ok(0)
-        })
-        .await
-        .map(|_| ())
-    }
-
-    async fn load_thing(&self, thing: &str) -> Result<Versioned<ThingJobs>, StoreError> {
-        let thing = thing.to_string();
-        self.with_conn(move |c| {
-            let row = versioned_row(
-                c,
-                "SELECT revision, document FROM thing_jobs WHERE thing = ?1",
-                [&thing],
-            )?;
-            Ok(match row {
-                None => Versioned {
-                    value: ThingJobs::new(&thing),
-                    revision: 0,
-                },
-                Some((revision, bytes)) => Versioned {
-                    value: serde_json::from_slice(&bytes).map_err(corrupt)?,
-                    revision,
-                },
-            })
-        })
-        .await
-    }
-
-    async fn save_thing(
-        &self,
-        thing: &str,
-        expected: u64,
-        jobs: &ThingJobs,
-    ) -> Result<u64, StoreError> {
-        let bytes = serde_json::to_vec(jobs).map_err(backend)?;
-        let deadline = jobs
-            .next_deadline()
-            .map(|d| i64::try_from(d).unwrap_or(i64::MAX));
-        let thing = thing.to_string();
-        self.write(move |c| {
-            cas_write(
-                c,
-                expected,
-                (
-                    "INSERT INTO thing_jobs (thing, revision, next_deadline, document) VALUES (?1, 1, ?2, ?3)
-                     ON CONFLICT (thing) DO NOTHING",
-                    (&thing, deadline, &bytes),
-                ),
-                (
-                    "UPDATE thing_jobs SET revision = revision + 1, next_deadline = ?2, document = ?3
-                     WHERE thing = ?1 AND revision = ?4",
-                    (&thing, deadline, &bytes, expected),
-                ),
-            )
-        })
-        .await
-    }
-
-    async fn due_things(&self, now: u64) -> Result<Vec<String>, StoreError> {
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
-        self.with_conn(move |c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT thing FROM thing_jobs WHERE next_deadline IS NOT NULL AND next_deadline <= ?1 ORDER BY thing",
-                )
-                .map_err(backend)?;
-            let rows = stmt.query_map([now], |r| r.get(0)).map_err(backend)?;
-            rows.collect::<Result<_, _>>().map_err(backend)
-        })
-        .await
-    }
-}
+use crate::model::{JobRecord, JobSpec, JobState, RolloutState, TargetSelection};
 
 /// A jobs operation failed.
 #[derive(Debug)]
@@ -477,23 +113,14 @@ const MAX_CAS_ATTEMPTS: usize = 16;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # }).unwrap();
 /// ```
-pub struct JobsService<S> {
-    store: Arc<S>,
+#[derive(Clone)]
+pub struct JobsService {
+    store: Arc<dyn JobStore>,
     prefix: String,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
 }
 
-impl<S> Clone for JobsService<S> {
-    fn clone(&self) -> Self {
-        Self {
-            store: self.store.clone(),
-            prefix: self.prefix.clone(),
-            clock: self.clock.clone(),
-        }
-    }
-}
-
-impl<S> fmt::Debug for JobsService<S> {
+impl fmt::Debug for JobsService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JobsService")
             .field("prefix", &self.prefix)
@@ -517,11 +144,16 @@ fn ended_executions(jobs: &ThingJobs) -> Vec<(String, u64)> {
 /// Things queued at once when a job is created.
 const QUEUE_CONCURRENCY: usize = 256;
 
-impl<S: JobStore> JobsService<S> {
-    /// A service under the `$aws` prefix.
-    pub fn new(store: S) -> Self {
+impl JobsService {
+    /// A service over `store` under the `$aws` prefix.
+    pub fn new(store: impl JobStore) -> Self {
+        Self::shared(Arc::new(store))
+    }
+
+    /// A service over a store shared with others.
+    pub fn shared(store: Arc<dyn JobStore>) -> Self {
         Self {
-            store: Arc::new(store),
+            store,
             prefix: "$aws".into(),
             clock: Arc::new(|| {
                 std::time::SystemTime::now()
@@ -1216,6 +848,30 @@ impl<S: JobStore> JobsService<S> {
         self.change_control(job_id, now, |c| c.aborted = true).await
     }
 
+    /// Pauses, resumes, approves the next group of, or aborts a rollout.
+    pub async fn control(
+        &self,
+        job_id: &str,
+        action: RolloutAction,
+        now: u64,
+    ) -> Result<Vec<Outgoing>, JobsError> {
+        match action {
+            RolloutAction::Pause => self.pause_rollout(job_id, now).await,
+            RolloutAction::Resume => self.resume_rollout(job_id, now).await,
+            RolloutAction::Approve => self.approve_next_group(job_id, now).await,
+            RolloutAction::Abort => self.abort_rollout(job_id, now).await,
+        }
+    }
+
+    /// What the service does as time passes, at `now`: times out
+    /// executions ([`handle_timeouts`](Self::handle_timeouts)), then
+    /// releases rollouts' targets ([`drive_rollouts`](Self::drive_rollouts)).
+    pub async fn tick(&self, now: u64) -> Result<Vec<Outgoing>, JobsError> {
+        let mut out = self.handle_timeouts(now).await?;
+        out.extend(self.drive_rollouts(now).await?);
+        Ok(out)
+    }
+
     /// Queues a new execution for each of the thing's executions that ended
     /// FAILED or TIMED_OUT and has retries left.
     async fn retry_ended(&self, thing: &str, now: u64) -> Result<Vec<Outgoing>, JobsError> {
@@ -1280,64 +936,6 @@ impl<S: JobStore> JobsService<S> {
     }
 }
 
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-trait JobsDyn: Send + Sync {
-    fn filters(&self) -> Vec<String>;
-    fn now(&self) -> u64;
-    fn handle<'a>(
-        &'a self,
-        topic: &'a str,
-        payload: &'a [u8],
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
-    fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>>;
-    fn create_job(
-        &self,
-        spec: JobSpec,
-        registry: Registry,
-        now: u64,
-    ) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>>;
-    fn job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobRecord, JobsError>>;
-    fn job_ids(&self) -> BoxFuture<'_, Result<Vec<String>, JobsError>>;
-    fn executions<'a>(
-        &'a self,
-        job_id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<ExecutionSummary>, JobsError>>;
-    fn snapshot<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobSnapshot, JobsError>>;
-    fn cancel_job<'a>(
-        &'a self,
-        job_id: &'a str,
-        force: bool,
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
-    fn control<'a>(
-        &'a self,
-        job_id: &'a str,
-        action: RolloutAction,
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
-    fn register_release<'a>(
-        &'a self,
-        release_id: &'a str,
-        envelope: &'a [u8],
-        image: Vec<u8>,
-        streams: &'a crate::StreamService,
-    ) -> BoxFuture<'a, Result<(), JobsError>>;
-    fn start_campaign<'a>(
-        &'a self,
-        spec: crate::CampaignSpec,
-        streams: &'a crate::StreamService,
-        registry: &'a Registry,
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>>;
-    fn campaign_status<'a>(
-        &'a self,
-        campaign_id: &'a str,
-        registry: &'a Registry,
-    ) -> BoxFuture<'a, Result<crate::CampaignStatus, JobsError>>;
-}
-
 /// An operator's action on a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -1352,250 +950,13 @@ pub enum RolloutAction {
     Abort,
 }
 
-impl<S: JobStore> JobsDyn for JobsService<S> {
-    fn filters(&self) -> Vec<String> {
-        JobsService::filters(self)
-    }
-
-    fn now(&self) -> u64 {
-        JobsService::now(self)
-    }
-
-    fn handle<'a>(
-        &'a self,
-        topic: &'a str,
-        payload: &'a [u8],
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
-        Box::pin(JobsService::handle(self, topic, payload, now))
-    }
-
-    fn handle_timeouts(&self, now: u64) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>> {
-        Box::pin(async move {
-            let mut out = JobsService::handle_timeouts(self, now).await?;
-            out.extend(JobsService::drive_rollouts(self, now).await?);
-            Ok(out)
-        })
-    }
-
-    fn create_job(
-        &self,
-        spec: JobSpec,
-        registry: Registry,
-        now: u64,
-    ) -> BoxFuture<'_, Result<Vec<Outgoing>, JobsError>> {
-        Box::pin(async move { JobsService::create_job(self, spec, &registry, now).await })
-    }
-
-    fn job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobRecord, JobsError>> {
-        Box::pin(JobsService::job(self, job_id))
-    }
-
-    fn job_ids(&self) -> BoxFuture<'_, Result<Vec<String>, JobsError>> {
-        Box::pin(JobsService::job_ids(self))
-    }
-
-    fn executions<'a>(
-        &'a self,
-        job_id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<ExecutionSummary>, JobsError>> {
-        Box::pin(JobsService::executions(self, job_id))
-    }
-
-    fn snapshot<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobSnapshot, JobsError>> {
-        Box::pin(JobsService::snapshot(self, job_id))
-    }
-
-    fn cancel_job<'a>(
-        &'a self,
-        job_id: &'a str,
-        force: bool,
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
-        Box::pin(JobsService::cancel_job(self, job_id, force, now))
-    }
-
-    fn control<'a>(
-        &'a self,
-        job_id: &'a str,
-        action: RolloutAction,
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
-        Box::pin(async move {
-            match action {
-                RolloutAction::Pause => self.pause_rollout(job_id, now).await,
-                RolloutAction::Resume => self.resume_rollout(job_id, now).await,
-                RolloutAction::Approve => self.approve_next_group(job_id, now).await,
-                RolloutAction::Abort => self.abort_rollout(job_id, now).await,
-            }
-        })
-    }
-
-    fn register_release<'a>(
-        &'a self,
-        release_id: &'a str,
-        envelope: &'a [u8],
-        image: Vec<u8>,
-        streams: &'a crate::StreamService,
-    ) -> BoxFuture<'a, Result<(), JobsError>> {
-        Box::pin(JobsService::register_release(
-            self, release_id, envelope, image, streams,
-        ))
-    }
-
-    fn start_campaign<'a>(
-        &'a self,
-        spec: crate::CampaignSpec,
-        streams: &'a crate::StreamService,
-        registry: &'a Registry,
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, JobsError>> {
-        Box::pin(JobsService::start_campaign(
-            self, spec, streams, registry, now,
-        ))
-    }
-
-    fn campaign_status<'a>(
-        &'a self,
-        campaign_id: &'a str,
-        registry: &'a Registry,
-    ) -> BoxFuture<'a, Result<crate::CampaignStatus, JobsError>> {
-        Box::pin(JobsService::campaign_status(self, campaign_id, registry))
-    }
-}
-
-/// A [`JobsService`] over any store, for [`Extras::jobs`](crate::Extras::jobs).
-#[derive(Clone)]
-pub struct JobsEndpoint(Arc<dyn JobsDyn>);
-
-impl fmt::Debug for JobsEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JobsEndpoint").finish_non_exhaustive()
-    }
-}
-
-impl<S: JobStore> From<JobsService<S>> for JobsEndpoint {
-    fn from(service: JobsService<S>) -> Self {
-        Self(Arc::new(service))
-    }
-}
-
-impl JobsEndpoint {
-    pub(crate) fn filters(&self) -> Vec<String> {
-        self.0.filters()
-    }
-
-    pub(crate) fn now(&self) -> u64 {
-        self.0.now()
-    }
-
-    pub(crate) async fn handle(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        now: u64,
-    ) -> Result<Vec<Outgoing>, JobsError> {
-        self.0.handle(topic, payload, now).await
-    }
-
-    pub(crate) async fn handle_timeouts(&self, now: u64) -> Result<Vec<Outgoing>, JobsError> {
-        self.0.handle_timeouts(now).await
-    }
-
-    /// [`JobsService::create_job`].
-    pub async fn create_job(
-        &self,
-        spec: JobSpec,
-        registry: Registry,
-        now: u64,
-    ) -> Result<Vec<Outgoing>, JobsError> {
-        self.0.create_job(spec, registry, now).await
-    }
-
-    /// [`JobsService::job`].
-    pub async fn job(&self, job_id: &str) -> Result<JobRecord, JobsError> {
-        self.0.job(job_id).await
-    }
-
-    /// [`JobsService::job_ids`].
-    pub async fn job_ids(&self) -> Result<Vec<String>, JobsError> {
-        self.0.job_ids().await
-    }
-
-    /// [`JobsService::executions`].
-    pub async fn executions(&self, job_id: &str) -> Result<Vec<ExecutionSummary>, JobsError> {
-        self.0.executions(job_id).await
-    }
-
-    /// [`JobsService::snapshot`].
-    pub async fn snapshot(&self, job_id: &str) -> Result<JobSnapshot, JobsError> {
-        self.0.snapshot(job_id).await
-    }
-
-    /// [`JobsService::cancel_job`].
-    pub async fn cancel_job(
-        &self,
-        job_id: &str,
-        force: bool,
-        now: u64,
-    ) -> Result<Vec<Outgoing>, JobsError> {
-        self.0.cancel_job(job_id, force, now).await
-    }
-
-    /// Pauses, resumes, approves the next group of, or aborts a rollout.
-    pub async fn control(
-        &self,
-        job_id: &str,
-        action: RolloutAction,
-        now: u64,
-    ) -> Result<Vec<Outgoing>, JobsError> {
-        self.0.control(job_id, action, now).await
-    }
-
-    /// [`JobsService::register_release`].
-    pub async fn register_release(
-        &self,
-        release_id: &str,
-        envelope: &[u8],
-        image: Vec<u8>,
-        streams: &crate::StreamService,
-    ) -> Result<(), JobsError> {
-        self.0
-            .register_release(release_id, envelope, image, streams)
-            .await
-    }
-
-    /// [`JobsService::start_campaign`].
-    pub async fn start_campaign(
-        &self,
-        spec: crate::CampaignSpec,
-        streams: &crate::StreamService,
-        registry: &Registry,
-        now: u64,
-    ) -> Result<Vec<Outgoing>, JobsError> {
-        self.0.start_campaign(spec, streams, registry, now).await
-    }
-
-    /// [`JobsService::campaign_status`].
-    pub async fn campaign_status(
-        &self,
-        campaign_id: &str,
-        registry: &Registry,
-    ) -> Result<crate::CampaignStatus, JobsError> {
-        self.0.campaign_status(campaign_id, registry).await
-    }
-
-    /// The time the service goes by (epoch seconds).
-    pub fn clock(&self) -> u64 {
-        self.0.now()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{MemoryStore, SqliteStore};
     use fleet_core::jobs::{
         AbortCriterion, FailureType, GroupAction, RateLimit, RetryPolicy, RolloutGroup,
+        RolloutPolicy, TimeoutConfig,
     };
     use serde_json::json;
 
@@ -1634,7 +995,7 @@ mod tests {
     }
 
     /// The device `thing` takes its next job and ends it with `status`.
-    async fn device_does<S: JobStore>(jobs: &JobsService<S>, thing: &str, status: &str, now: u64) {
+    async fn device_does(jobs: &JobsService, thing: &str, status: &str, now: u64) {
         jobs.handle(&format!("$aws/things/{thing}/jobs/start-next"), b"{}", now)
             .await
             .unwrap();
@@ -1654,7 +1015,7 @@ mod tests {
         );
     }
 
-    async fn released(jobs: &JobsService<MemoryStore>, id: &str) -> Vec<String> {
+    async fn released(jobs: &JobsService, id: &str) -> Vec<String> {
         jobs.executions(id)
             .await
             .unwrap()
@@ -1843,7 +1204,7 @@ mod tests {
         Sqlite,
     }
 
-    async fn delete_scenario<S: JobStore>(jobs: JobsService<S>) {
+    async fn delete_scenario(jobs: JobsService) {
         let registry = Registry::in_memory().unwrap();
         let mut spec = rollout_spec("d1", 2, false);
         spec.rollout = None;

@@ -86,10 +86,10 @@ mod campaigns;
 mod commands;
 mod embedded;
 mod jobs;
+mod model;
 mod outgoing;
 pub mod pki;
 mod policy;
-mod postgres;
 mod provisioning;
 mod registry;
 mod shadows;
@@ -113,23 +113,24 @@ pub use embedded::{
     ClientLimits, Directory, DirectoryError, EmbeddedBroker, EmbeddedConfig, EmbeddedError,
     PROVISIONED_UNIT, Revoker, Standing, StandingFuture, certificate_fingerprint, is_provisioned,
 };
-pub use jobs::{
-    ExecutionSummary, JobRecord, JobSnapshot, JobSpec, JobState, JobStore, JobsEndpoint, JobsError,
-    JobsService, RolloutAction, TargetSelection,
+pub use jobs::{ExecutionSummary, JobSnapshot, JobsError, JobsService, RolloutAction};
+pub use model::{
+    AttributeQuery, CertificateRecord, CertificateStatus, JobRecord, JobSpec, JobState,
+    PendingCertificate, RolloutState, Scope, Spent, StoredToken, TargetSelection, Thing,
+    TokenRecord,
 };
 pub use outgoing::Outgoing;
 pub use policy::{
     Access, BrokerPolicy, CompiledPolicy, DEFAULT_BACKEND_IDENTITY, MosquittoListener,
     MosquittoPlugin, PolicyError,
 };
-pub use postgres::{Leadership, PgLease, PgStore};
 pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate,
 };
-pub use registry::{
-    AttributeQuery, CertificateRecord, CertificateStatus, Registry, RegistryError, Scope, Thing,
-    TokenRecord,
+pub use registry::{Registry, RegistryError};
+pub use shadows::{ServiceError, ShadowService};
+pub use store::{
+    JobStore, Leadership, MemoryStore, PgLease, PgStore, RegistryStore, ShadowKey, ShadowStore,
+    SoleInstance, SqliteRegistry, SqliteStore, StoreError, Stores, StreamStore, Versioned,
 };
-pub use shadows::{ServiceError, ShadowService, ShadowsEndpoint};
-pub use store::{MemoryStore, ShadowKey, ShadowStore, SqliteStore, StoreError, Versioned};
 pub use streams::{StreamService, StreamStoreError};

@@ -26,8 +26,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::model::{CertificateStatus, PendingCertificate, Spent};
 use crate::pki::Pki;
-use crate::registry::{CertificateStatus, PendingCertificate, Registry, RegistryError, Spent};
+use crate::registry::{Registry, RegistryError};
 
 /// A provisioning template: how a thing is named and what it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 
 use crate::Outgoing;
 use std::fmt;
+use std::sync::Arc;
 
 use fleet_core::shadow::{Shadow, ShadowLimits, UpdateRequest, process};
 use fleet_core::topic::{Role, ShadowOp, ShadowTopic, ShadowTopicKind, Topic, TopicPrefix};
@@ -39,17 +40,23 @@ impl fmt::Display for ServiceError {
 
 impl std::error::Error for ServiceError {}
 
-/// Shadows for every thing, backed by a [`ShadowStore`].
+/// Shadows for every thing, backed by a [`ShadowStore`]. Cloning shares
+/// the store.
 #[derive(Debug, Clone)]
-pub struct ShadowService<S> {
-    store: S,
+pub struct ShadowService {
+    store: Arc<dyn ShadowStore>,
     limits: ShadowLimits,
     prefix: String,
 }
 
-impl<S: ShadowStore> ShadowService<S> {
-    /// A service with AWS's limits under the `$aws` prefix.
-    pub fn new(store: S) -> Self {
+impl ShadowService {
+    /// A service over `store` with AWS's limits under the `$aws` prefix.
+    pub fn new(store: impl ShadowStore) -> Self {
+        Self::shared(Arc::new(store))
+    }
+
+    /// A service over a store shared with others.
+    pub fn shared(store: Arc<dyn ShadowStore>) -> Self {
         Self {
             store,
             limits: ShadowLimits::default(),
@@ -70,7 +77,7 @@ impl<S: ShadowStore> ShadowService<S> {
     }
 
     /// The store.
-    pub fn store(&self) -> &S {
+    pub fn store(&self) -> &Arc<dyn ShadowStore> {
         &self.store
     }
 
@@ -331,65 +338,5 @@ mod tests {
         let shadow = service.get(&thing, None).await.unwrap();
         assert_eq!(shadow.version(), 50);
         assert_eq!(shadow.state().unwrap().reported().len(), 50);
-    }
-}
-
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-trait ShadowsDyn: Send + Sync {
-    fn handle<'a>(
-        &'a self,
-        topic: &'a str,
-        payload: &'a [u8],
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, ServiceError>>;
-    fn prefix(&self) -> &str;
-}
-
-impl<S: ShadowStore> ShadowsDyn for ShadowService<S> {
-    fn handle<'a>(
-        &'a self,
-        topic: &'a str,
-        payload: &'a [u8],
-        now: u64,
-    ) -> BoxFuture<'a, Result<Vec<Outgoing>, ServiceError>> {
-        Box::pin(ShadowService::handle(self, topic, payload, now))
-    }
-
-    fn prefix(&self) -> &str {
-        ShadowService::prefix(self)
-    }
-}
-
-/// A [`ShadowService`] over any store, for the management API.
-#[derive(Clone)]
-pub struct ShadowsEndpoint(std::sync::Arc<dyn ShadowsDyn>);
-
-impl std::fmt::Debug for ShadowsEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShadowsEndpoint").finish_non_exhaustive()
-    }
-}
-
-impl<S: ShadowStore> From<ShadowService<S>> for ShadowsEndpoint {
-    fn from(service: ShadowService<S>) -> Self {
-        Self(std::sync::Arc::new(service))
-    }
-}
-
-impl ShadowsEndpoint {
-    /// [`ShadowService::handle`].
-    pub async fn handle(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        now: u64,
-    ) -> Result<Vec<Outgoing>, ServiceError> {
-        self.0.handle(topic, payload, now).await
-    }
-
-    /// The topic prefix.
-    pub fn prefix(&self) -> &str {
-        self.0.prefix()
     }
 }

@@ -3,6 +3,7 @@
 //! JSON or CBOR; OTA images reach devices this way.
 
 use crate::Outgoing;
+use crate::store::{StoreError, StoredStream, StreamStore};
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -20,121 +21,90 @@ struct Stream {
 
 /// The streams a fleet serves, and the service that serves them.
 ///
+/// It serves from a copy in memory of what its [`StreamStore`] keeps (read
+/// by [`load`](Self::load)); [`save`](Self::save) writes to the store
+/// before it serves. On a store other instances write to as well
+/// (PostgreSQL), a request is answered only after the copy of its stream
+/// was checked against the stored version ([`refresh_for`](Self::refresh_for)).
+///
 /// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// use fleet_cloud::StreamService;
 /// let streams = StreamService::new();
-/// streams.put("fw-1-2", "firmware 1.2", vec![vec![7u8; 1000]]);
+/// streams.save("fw-1-2", "firmware 1.2", vec![vec![7u8; 1000]]).await?;
 /// let out = streams.handle("$aws/things/pump-7/streams/fw-1-2/get/json",
 ///     br#"{"c":"t","f":0,"l":256,"o":3,"n":1}"#);
 /// assert_eq!(out[0].topic, "$aws/things/pump-7/streams/fw-1-2/data/json");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StreamService {
     streams: Arc<RwLock<HashMap<String, Stream>>>,
-    /// Where streams are kept across restarts (`None`: memory only).
-    db: Option<Arc<std::sync::Mutex<rusqlite::Connection>>>,
-    /// Streams shared by every instance on one PostgreSQL (`streams` is
-    /// then this instance's copy, brought up to date by
-    /// [`refresh`](Self::refresh)).
-    pg: Option<crate::PgStore>,
+    store: Arc<dyn StreamStore>,
 }
 
-/// A stream could not be stored or loaded.
+impl Default for StreamService {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A stream could not be stored or loaded; the store's error is the
+/// [`source`](std::error::Error::source).
 #[derive(Debug)]
-pub struct StreamStoreError(String);
+pub struct StreamStoreError(StoreError);
 
 impl std::fmt::Display for StreamStoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stream store: {}", self.0)
+        f.write_str("stream store")
     }
 }
 
-impl std::error::Error for StreamStoreError {}
+impl std::error::Error for StreamStoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
 
-fn db_err(e: impl std::fmt::Display) -> StreamStoreError {
-    StreamStoreError(e.to_string())
+impl From<StoreError> for StreamStoreError {
+    fn from(e: StoreError) -> Self {
+        Self(e)
+    }
 }
 
 impl StreamService {
-    /// No streams yet, in memory only.
+    /// No streams yet, kept in memory only.
     pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Streams kept in the SQLite database at `path` (a table of their
-    /// own, so it may be the fleet's database): those stored before are
-    /// served again after a restart, and every [`put`](Self::put) is
-    /// written before it returns.
-    pub fn open(path: &std::path::Path) -> Result<Self, StreamStoreError> {
-        let conn = rusqlite::Connection::open(path).map_err(db_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(db_err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS stream_files (
-                 stream TEXT NOT NULL, version INTEGER NOT NULL, description TEXT NOT NULL,
-                 file INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (stream, file)
-             ) STRICT;",
-        )
-        .map_err(db_err)?;
-        let mut streams: HashMap<String, Stream> = HashMap::new();
-        {
-            let mut stmt = conn
-                .prepare("SELECT stream, version, description, file, data FROM stream_files ORDER BY stream, file")
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, u32>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Vec<u8>>(4)?,
-                    ))
-                })
-                .map_err(db_err)?;
-            for row in rows {
-                let (id, version, description, data) = row.map_err(db_err)?;
-                let s = streams.entry(id).or_insert_with(|| Stream {
-                    version,
-                    description,
-                    files: Vec::new(),
-                });
-                s.files.push(Arc::new(data));
-            }
+        Self {
+            streams: Arc::default(),
+            store: Arc::new(crate::MemoryStore::new()),
         }
-        Ok(Self {
-            streams: Arc::new(RwLock::new(streams)),
-            db: Some(Arc::new(std::sync::Mutex::new(conn))),
-            pg: None,
-        })
     }
 
-    /// Streams kept in PostgreSQL, shared by every instance on the same
-    /// database: a stream one instance [`save`](Self::save)s, the others
-    /// serve too (each keeps a copy, checked against the database's version
-    /// before each request it answers).
-    pub async fn postgres(store: &crate::PgStore) -> Result<Self, StreamStoreError> {
+    /// The streams kept in `store` (those stored before are served again
+    /// after a restart).
+    pub async fn load(store: Arc<dyn StreamStore>) -> Result<Self, StreamStoreError> {
         let service = Self {
-            pg: Some(store.clone()),
-            ..Self::default()
+            streams: Arc::default(),
+            store,
         };
-        for (id, stream) in store.load_streams(None).await.map_err(db_err)? {
+        for (id, stream) in service.store.load_streams(None).await? {
             service.cache(id, stream);
         }
         Ok(service)
     }
 
-    fn cache(&self, id: String, stream: (u32, String, Vec<Vec<u8>>)) {
-        let (version, description, files) = stream;
+    fn cache(&self, id: String, stream: StoredStream) {
         self.streams
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(
                 id,
                 Stream {
-                    version,
-                    description,
-                    files: files.into_iter().map(Arc::new).collect(),
+                    version: stream.version,
+                    description: stream.description,
+                    files: stream.files.into_iter().map(Arc::new).collect(),
                 },
             );
     }
@@ -147,46 +117,40 @@ impl StreamService {
             .map(|s| s.version)
     }
 
-    /// Stores `files` as stream `id` in whatever backs this service (memory,
-    /// SQLite or PostgreSQL) and serves them; replacing a stream raises its
-    /// version. Returns the version.
+    /// Stores `files` (file id = index) as stream `id` and serves them;
+    /// replacing a stream raises its version, so a device reading the old
+    /// one is told. Returns the version. A stream that cannot be stored is
+    /// not served.
     pub async fn save(
         &self,
         id: &str,
         description: &str,
         files: Vec<Vec<u8>>,
     ) -> Result<u32, StreamStoreError> {
-        match &self.pg {
-            Some(pg) => {
-                let version = pg
-                    .save_stream(id, description, &files)
-                    .await
-                    .map_err(db_err)?;
-                self.cache(id.into(), (version, description.into(), files));
-                Ok(version)
-            }
-            None => {
-                let (this, id, description) =
-                    (self.clone(), id.to_string(), description.to_string());
-                tokio::task::spawn_blocking(move || this.try_put(&id, &description, files))
-                    .await
-                    .map_err(db_err)?
-            }
-        }
+        let version = self.store.save_stream(id, description, &files).await?;
+        self.cache(
+            id.into(),
+            StoredStream {
+                version,
+                description: description.into(),
+                files,
+            },
+        );
+        Ok(version)
     }
 
-    /// Brings this instance's copy of stream `id` up to date with the
-    /// database it shares with other instances (PostgreSQL); nothing to do
-    /// for the other stores, which only this instance writes.
+    /// Brings this instance's copy of stream `id` up to date with a store
+    /// it shares with other instances; nothing to do for the other stores,
+    /// which only this instance writes.
     pub async fn refresh(&self, id: &str) -> Result<(), StreamStoreError> {
-        let Some(pg) = &self.pg else {
+        if !self.store.is_shared() {
             return Ok(());
-        };
-        let stored = pg.stream_version(id).await.map_err(db_err)?;
+        }
+        let stored = self.store.stream_version(id).await?;
         if stored == self.cached_version(id) {
             return Ok(());
         }
-        let mut loaded = pg.load_streams(Some(id)).await.map_err(db_err)?;
+        let mut loaded = self.store.load_streams(Some(id)).await?;
         match loaded.pop() {
             Some((id, stream)) => self.cache(id, stream),
             None => {
@@ -206,73 +170,12 @@ impl StreamService {
         prefix: &TopicPrefix<'_>,
         topic: &str,
     ) -> Result<(), StreamStoreError> {
-        if self.pg.is_none() {
+        if !self.store.is_shared() {
             return Ok(());
         }
         match Topic::parse(prefix, topic) {
             Ok(Topic::Stream(t)) => self.refresh(t.stream.as_str()).await,
             _ => Ok(()),
-        }
-    }
-
-    /// As [`put`](Self::put), reporting a failure to store the stream (a
-    /// stream that cannot be stored is not served).
-    pub fn try_put(
-        &self,
-        id: &str,
-        description: &str,
-        files: Vec<Vec<u8>>,
-    ) -> Result<u32, StreamStoreError> {
-        if self.pg.is_some() {
-            return Err(StreamStoreError(
-                "streams in PostgreSQL are written with `save`".into(),
-            ));
-        }
-        let version = self
-            .streams
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .map_or(1, |s| s.version + 1);
-        if let Some(db) = &self.db {
-            let mut conn = db.lock().unwrap_or_else(PoisonError::into_inner);
-            let tx = conn.transaction().map_err(db_err)?;
-            tx.execute("DELETE FROM stream_files WHERE stream = ?1", [id])
-                .map_err(db_err)?;
-            for (i, f) in files.iter().enumerate() {
-                tx.execute(
-                    "INSERT INTO stream_files (stream, version, description, file, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    (id, version, description, i as i64, f),
-                )
-                .map_err(db_err)?;
-            }
-            tx.commit().map_err(db_err)?;
-        }
-        self.streams
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                id.into(),
-                Stream {
-                    version,
-                    description: description.into(),
-                    files: files.into_iter().map(Arc::new).collect(),
-                },
-            );
-        Ok(version)
-    }
-
-    /// Serves `files` (file id = index) as stream `id`; replacing a stream
-    /// raises its version, so a device reading the old one is told.
-    /// Returns the version. A store failure is logged and the stream not
-    /// served; [`try_put`](Self::try_put) returns it.
-    pub fn put(&self, id: &str, description: &str, files: Vec<Vec<u8>>) -> u32 {
-        match self.try_put(id, description, files) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!("{e}");
-                0
-            }
         }
     }
 
@@ -287,23 +190,14 @@ impl StreamService {
             .cloned()
     }
 
-    /// Stops serving a stream (and forgets it in the store).
-    pub async fn remove(&self, id: &str) {
-        if let Some(pg) = &self.pg
-            && let Err(e) = pg.delete_stream(id).await
-        {
-            tracing::error!("stream store: {e}");
-        }
-        if let Some(db) = &self.db {
-            let conn = db.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(e) = conn.execute("DELETE FROM stream_files WHERE stream = ?1", [id]) {
-                tracing::error!("stream store: {e}");
-            }
-        }
+    /// Stops serving a stream and forgets it in the store.
+    pub async fn remove(&self, id: &str) -> Result<(), StreamStoreError> {
+        self.store.delete_stream(id).await?;
         self.streams
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
+        Ok(())
     }
 
     /// The topic filters of stream requests under `prefix`.
@@ -451,11 +345,14 @@ impl StreamService {
 mod tests {
     use super::*;
 
-    #[test]
-    fn describe_get_and_refusals() {
+    #[tokio::test]
+    async fn describe_get_and_refusals() {
         let s = StreamService::new();
         let image: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
-        assert_eq!(s.put("fw", "firmware", vec![image.clone()]), 1);
+        assert_eq!(
+            s.save("fw", "firmware", vec![image.clone()]).await.unwrap(),
+            1
+        );
         let base = "$aws/things/pump-7/streams/fw";
         for format in [Format::Json, Format::Cbor] {
             let f = format.as_str();
@@ -537,7 +434,7 @@ mod tests {
         assert!(s.handle("$aws/things/pump-7/shadow/get", b"").is_empty());
         assert!(s.handle(&format!("{base}/get/xml"), b"").is_empty());
         assert_eq!(
-            s.put("fw", "firmware", vec![image]),
+            s.save("fw", "firmware", vec![image]).await.unwrap(),
             2,
             "a replaced stream has a new version"
         );
@@ -547,13 +444,18 @@ mod tests {
     async fn stored_streams_are_served_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fleet.db");
-        let s = StreamService::open(&path).unwrap();
-        s.try_put("fw", "firmware", vec![vec![1; 300], vec![2; 10]])
+        let open = || async {
+            let store = crate::SqliteStore::open(&path).unwrap();
+            StreamService::load(Arc::new(store)).await.unwrap()
+        };
+        let s = open().await;
+        s.save("fw", "firmware", vec![vec![1; 300], vec![2; 10]])
+            .await
             .unwrap();
-        s.try_put("gone", "x", vec![vec![3]]).unwrap();
-        s.remove("gone").await;
+        s.save("gone", "x", vec![vec![3]]).await.unwrap();
+        s.remove("gone").await.unwrap();
         drop(s);
-        let s = StreamService::open(&path).unwrap();
+        let s = open().await;
         let d = s.handle("$aws/things/t/streams/fw/describe/json", b"{}");
         let desc = StreamDescription::decode(&d[0].payload, Format::Json).unwrap();
         assert_eq!(
@@ -562,6 +464,6 @@ mod tests {
         );
         let r = s.handle("$aws/things/t/streams/gone/describe/json", b"{}");
         assert!(r[0].topic.ends_with("/rejected/json"));
-        assert_eq!(s.try_put("fw", "firmware", vec![vec![4]]).unwrap(), 2);
+        assert_eq!(s.save("fw", "firmware", vec![vec![4]]).await.unwrap(), 2);
     }
 }

@@ -61,7 +61,7 @@ impl Fixture {
             broker.backend_config("cloud-api").unwrap(),
             shadows.clone(),
             Extras {
-                jobs: Some(jobs.clone().into()),
+                jobs: Some(jobs.clone()),
                 streams: Some(streams.clone()),
                 ..Extras::default()
             },

@@ -62,16 +62,15 @@ async fn only_the_lease_holder_sweeps() {
     )
     .await
     .unwrap();
-    let status = |jobs: JobsService<MemoryStore>| async move {
-        jobs.executions("j1").await.unwrap()[0].execution.status
-    };
+    let status =
+        |jobs: JobsService| async move { jobs.executions("j1").await.unwrap()[0].execution.status };
     assert_eq!(status(jobs.clone()).await, JobStatus::InProgress);
     let switch = Arc::new(Switch(AtomicBool::new(false)));
     let _running = serve(
         broker.backend_config("cloud-1").unwrap(),
         ShadowService::new(store),
         Extras {
-            jobs: Some(jobs.clone().into()),
+            jobs: Some(jobs.clone()),
             leadership: Some(switch.clone()),
             ..Extras::default()
         },

@@ -9,10 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
-use fleet_cloud::store::{ShadowKey, ShadowStore, StoreError};
-use fleet_cloud::{
-    JobSpec, JobStore, JobsService, PgStore, Registry, ShadowService, SqliteStore, TargetSelection,
-};
+use fleet_cloud::store::{ShadowKey, ShadowStore, StoreError, StoredStream, Stores};
+use fleet_cloud::{JobSpec, JobsService, PgStore, Registry, ShadowService, TargetSelection};
 use fleet_core::jobs::{
     GroupAction, JobStatus, RateLimit, RetryPolicy, RolloutGroup, RolloutPolicy, TimeoutConfig,
 };
@@ -22,100 +20,66 @@ use serde_json::{Value, json};
 
 const T0: u64 = 1_800_000_000;
 
-/// Runs `scenario` on two handles of a fresh SQLite file, then of a fresh
-/// PostgreSQL database.
-async fn on_both<F, Fut>(scenario: F)
+/// Runs `scenario` on two handles of the same stores (as two `fleet serve`
+/// instances would share them): in memory, then a fresh SQLite file, then
+/// a fresh PostgreSQL database. The conformance suite: every backend of the
+/// storage layer passes the same scenarios.
+async fn on_every_store<F, Fut>(scenario: F)
 where
-    F: Fn(Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = AnyStore>>>>) -> Fut,
+    F: Fn(Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Handle>>>>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    let memory = Stores::memory();
+    scenario(Box::new(move || {
+        let stores = memory.clone();
+        Box::pin(async move {
+            Handle {
+                name: "memory",
+                stores,
+            }
+        })
+    }))
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
     scenario(Box::new(move || {
         let path = path.clone();
-        Box::pin(async move { AnyStore::Sqlite(SqliteStore::open(&path).unwrap()) })
+        Box::pin(async move {
+            Handle {
+                name: "sqlite",
+                stores: Stores::sqlite(&path).unwrap(),
+            }
+        })
     }))
     .await;
     let pg = Postgres::start().unwrap();
     let url = pg.url();
     scenario(Box::new(move || {
         let url = url.clone();
-        Box::pin(async move { AnyStore::Pg(PgStore::connect(&url, 8).await.unwrap()) })
+        Box::pin(async move {
+            Handle {
+                name: "postgres",
+                stores: Stores::postgres(&url, 8).await.unwrap(),
+            }
+        })
     }))
     .await;
 }
 
-/// Either store, for scenarios written once.
-#[derive(Clone)]
-enum AnyStore {
-    Sqlite(SqliteStore),
-    Pg(PgStore),
+/// One instance's handle on the stores.
+#[derive(Clone, Debug)]
+struct Handle {
+    name: &'static str,
+    stores: Stores,
 }
 
-impl AnyStore {
+impl Handle {
     fn name(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "sqlite",
-            Self::Pg(_) => "postgres",
-        }
+        self.name
     }
-}
 
-macro_rules! both {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            AnyStore::Sqlite($s) => $e,
-            AnyStore::Pg($s) => $e,
-        }
-    };
-}
-
-impl ShadowStore for AnyStore {
-    async fn load(&self, key: &ShadowKey) -> Result<fleet_cloud::Versioned<Shadow>, StoreError> {
-        both!(self, s => s.load(key).await)
-    }
-    async fn save(
-        &self,
-        key: &ShadowKey,
-        expected: u64,
-        shadow: &Shadow,
-    ) -> Result<u64, StoreError> {
-        both!(self, s => s.save(key, expected, shadow).await)
-    }
-}
-
-impl JobStore for AnyStore {
-    async fn load_job(
-        &self,
-        id: &str,
-    ) -> Result<Option<fleet_cloud::Versioned<fleet_cloud::JobRecord>>, StoreError> {
-        both!(self, s => s.load_job(id).await)
-    }
-    async fn save_job(&self, r: &fleet_cloud::JobRecord, expected: u64) -> Result<u64, StoreError> {
-        both!(self, s => s.save_job(r, expected).await)
-    }
-    async fn job_ids(&self) -> Result<Vec<String>, StoreError> {
-        both!(self, s => s.job_ids().await)
-    }
-    async fn delete_job(&self, id: &str, expected: u64) -> Result<(), StoreError> {
-        both!(self, s => s.delete_job(id, expected).await)
-    }
-    async fn load_thing(
-        &self,
-        t: &str,
-    ) -> Result<fleet_cloud::Versioned<fleet_core::jobs::ThingJobs>, StoreError> {
-        both!(self, s => s.load_thing(t).await)
-    }
-    async fn save_thing(
-        &self,
-        t: &str,
-        expected: u64,
-        j: &fleet_core::jobs::ThingJobs,
-    ) -> Result<u64, StoreError> {
-        both!(self, s => s.save_thing(t, expected, j).await)
-    }
-    async fn due_things(&self, now: u64) -> Result<Vec<String>, StoreError> {
-        both!(self, s => s.due_things(now).await)
+    fn shadows(&self) -> &dyn ShadowStore {
+        &*self.stores.shadows
     }
 }
 
@@ -134,35 +98,45 @@ fn updated(s: &Shadow, body: &str) -> Shadow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_and_set_on_every_store() {
-    on_both(|open| async move {
+    on_every_store(|open| async move {
         let (a, b) = (open().await, open().await);
         let name = a.name();
         let k = key("dev-1", Some("cfg"));
-        let first = a.load(&k).await.unwrap();
+        let first = a.shadows().load(&k).await.unwrap();
         assert_eq!(first.revision, 0, "{name}");
         let s1 = updated(&first.value, r#"{"state":{"desired":{"a":1}}}"#);
-        assert_eq!(a.save(&k, 0, &s1).await.unwrap(), 1, "{name}");
+        assert_eq!(a.shadows().save(&k, 0, &s1).await.unwrap(), 1, "{name}");
         // The other instance read revision 0 too: it loses, and sees the
         // winner's write.
         assert!(
-            matches!(b.save(&k, 0, &s1).await, Err(StoreError::Conflict)),
+            matches!(
+                b.shadows().save(&k, 0, &s1).await,
+                Err(StoreError::Conflict)
+            ),
             "{name}"
         );
-        let read = b.load(&k).await.unwrap();
+        let read = b.shadows().load(&k).await.unwrap();
         assert_eq!(
             (read.value.clone(), read.revision),
             (s1.clone(), 1),
             "{name}"
         );
         let stale = updated(&s1, r#"{"state":{"desired":{"a":2}}}"#);
-        assert_eq!(b.save(&k, 1, &stale).await.unwrap(), 2, "{name}");
+        assert_eq!(b.shadows().save(&k, 1, &stale).await.unwrap(), 2, "{name}");
         assert!(
-            matches!(a.save(&k, 1, &s1).await, Err(StoreError::Conflict)),
+            matches!(
+                a.shadows().save(&k, 1, &s1).await,
+                Err(StoreError::Conflict)
+            ),
             "{name}"
         );
         // The classic shadow and other things are independent.
         assert_eq!(
-            a.load(&key("dev-1", None)).await.unwrap().revision,
+            a.shadows()
+                .load(&key("dev-1", None))
+                .await
+                .unwrap()
+                .revision,
             0,
             "{name}"
         );
@@ -175,6 +149,7 @@ async fn compare_and_set_on_every_store() {
                     (
                         i,
                         store
+                            .shadows()
                             .save(&key(&format!("t{i}"), None), 0, &s1)
                             .await
                             .is_ok(),
@@ -190,15 +165,15 @@ async fn compare_and_set_on_every_store() {
         assert!(wins.values().all(|w| *w == 1), "{name}: {wins:?}");
         // A fresh handle (a restarted instance) sees everything.
         let c = open().await;
-        assert_eq!(c.load(&k).await.unwrap().revision, 2, "{name}");
+        assert_eq!(c.shadows().load(&k).await.unwrap().revision, 2, "{name}");
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_service_on_every_store() {
-    on_both(|open| async move {
-        let (a, b) = (ShadowService::new(open().await), ShadowService::new(open().await));
+    on_every_store(|open| async move {
+        let (a, b) = (ShadowService::shared(open().await.stores.shadows), ShadowService::shared(open().await.stores.shadows));
         let update = |v: Option<u64>, speed: u64| {
             let mut body = json!({"state": {"reported": {"speed": speed}}, "clientToken": format!("c{speed}")});
             if let Some(v) = v {
@@ -274,7 +249,7 @@ fn spec(id: &str, things: &[&str], rollout: Option<RolloutPolicy>) -> JobSpec {
 }
 
 async fn request(
-    jobs: &JobsService<AnyStore>,
+    jobs: &JobsService,
     thing: &str,
     suffix: &str,
     body: Value,
@@ -296,10 +271,13 @@ async fn request(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_service_on_every_store() {
-    on_both(|open| async move {
+    on_every_store(|open| async move {
         let store_a = open().await;
         let name = store_a.name();
-        let (a, b) = (JobsService::new(store_a), JobsService::new(open().await));
+        let (a, b) = (
+            JobsService::shared(store_a.stores.jobs.clone()),
+            JobsService::shared(open().await.stores.jobs),
+        );
         let registry = Registry::in_memory().unwrap();
         let out = a
             .create_job(spec("j1", &["t1", "t2"], None), &registry, T0)
@@ -378,10 +356,13 @@ async fn jobs_service_on_every_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_driven_by_two_instances_releases_each_target_once() {
-    on_both(|open| async move {
+    on_every_store(|open| async move {
         let store_a = open().await;
         let name = store_a.name();
-        let (a, b) = (JobsService::new(store_a), JobsService::new(open().await));
+        let (a, b) = (
+            JobsService::shared(store_a.stores.jobs.clone()),
+            JobsService::shared(open().await.stores.jobs),
+        );
         let registry = Registry::in_memory().unwrap();
         let things: Vec<String> = (0..12).map(|i| format!("t{i:02}")).collect();
         let refs: Vec<&str> = things.iter().map(String::as_str).collect();
@@ -577,8 +558,12 @@ async fn release_streams_are_served_by_every_instance_on_postgres() {
     use fleet_core::stream::{DataBlock, Format, StreamDescription};
     let pg = Postgres::start().unwrap();
     let store = PgStore::connect(&pg.url(), 4).await.unwrap();
-    let a = StreamService::postgres(&store).await.unwrap();
-    let b = StreamService::postgres(&store).await.unwrap();
+    let a = StreamService::load(std::sync::Arc::new(store.clone()))
+        .await
+        .unwrap();
+    let b = StreamService::load(std::sync::Arc::new(store.clone()))
+        .await
+        .unwrap();
     let describe = "$aws/things/t/streams/fw/describe/json";
     let get = "$aws/things/t/streams/fw/get/json";
     let prefix = fleet_core::topic::TopicPrefix::AWS;
@@ -614,13 +599,77 @@ async fn release_streams_are_served_by_every_instance_on_postgres() {
     let block = DataBlock::decode(&r[0].payload, Format::Json).unwrap();
     assert_eq!(block.payload, vec![9; 10]);
     // A new instance loads what is stored; a removed stream is gone
-    // everywhere; the synchronous put is refused (it would not be shared).
-    let c = StreamService::postgres(&store).await.unwrap();
+    // everywhere.
+    let c = StreamService::load(std::sync::Arc::new(store.clone()))
+        .await
+        .unwrap();
     assert_eq!(c.file("fw", 0).unwrap().len(), 10);
-    a.remove("fw").await;
+    a.remove("fw").await.unwrap();
     let r = ask(&c, describe, b"{}").await;
     assert!(r[0].topic.ends_with("/rejected/json"));
-    assert!(c.try_put("x", "x", vec![vec![1]]).is_err());
+}
+
+/// The stream store's contract on every backend: versions rise with each
+/// replacement, a load returns the files in order (all streams, or one),
+/// a delete forgets, and a fresh handle sees what was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_store_on_every_store() {
+    on_every_store(|open| async move {
+        let a = open().await;
+        let name = a.name();
+        let s = &a.stores.streams;
+        assert_eq!(s.stream_version("fw").await.unwrap(), None, "{name}");
+        let files = vec![vec![1u8; 300], vec![], vec![3; 5]];
+        assert_eq!(
+            s.save_stream("fw", "firmware", &files).await.unwrap(),
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            s.save_stream("cfg", "config", &[vec![9]]).await.unwrap(),
+            1,
+            "{name}"
+        );
+        let all = s.load_streams(None).await.unwrap();
+        let ids: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["cfg", "fw"], "{name}: sorted by id");
+        assert_eq!(
+            all[1].1,
+            StoredStream {
+                version: 1,
+                description: "firmware".into(),
+                files: files.clone()
+            },
+            "{name}"
+        );
+        assert_eq!(
+            s.save_stream("fw", "firmware 2", &[vec![4; 7]])
+                .await
+                .unwrap(),
+            2,
+            "{name}"
+        );
+        let fw = s.load_streams(Some("fw")).await.unwrap();
+        assert_eq!(fw.len(), 1, "{name}");
+        assert_eq!(
+            (fw[0].1.version, fw[0].1.files.clone()),
+            (2, vec![vec![4; 7]]),
+            "{name}"
+        );
+        assert_eq!(s.stream_version("fw").await.unwrap(), Some(2), "{name}");
+        // Another handle (a restarted instance) sees the same.
+        let b = open().await;
+        assert_eq!(
+            b.stores.streams.stream_version("fw").await.unwrap(),
+            Some(2),
+            "{name}"
+        );
+        b.stores.streams.delete_stream("fw").await.unwrap();
+        b.stores.streams.delete_stream("never").await.unwrap();
+        assert_eq!(s.stream_version("fw").await.unwrap(), None, "{name}");
+        assert_eq!(s.load_streams(None).await.unwrap().len(), 1, "{name}");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,7 +761,9 @@ async fn registry_on_every_store() {
     let path = dir.path().join("registry.db");
     let pg = Postgres::start().unwrap();
     let store = PgStore::connect(&pg.url(), 4).await.unwrap();
+    let memory = Registry::in_memory().unwrap();
     let pairs = [
+        ("memory", memory.clone(), memory),
         (
             "sqlite",
             Registry::open(&path).unwrap(),
@@ -877,7 +928,9 @@ async fn an_ownership_token_is_good_at_every_instance_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
     let pg = Postgres::start().unwrap();
+    let memory = Registry::in_memory().unwrap();
     let pairs = [
+        (memory.clone(), memory),
         (
             Registry::open(&path).unwrap(),
             Registry::open(&path).unwrap(),

@@ -225,17 +225,30 @@ impl core::fmt::Display for RosterError {
 
 impl core::error::Error for RosterError {}
 
+/// Whether `word` can stand in a roster's text as one field.
+fn is_field(word: &str) -> bool {
+    !word.is_empty() && !word.contains(char::is_whitespace)
+}
+
 impl Roster {
-    /// Records a thing and whether it is enabled.
+    /// Records a thing and whether it is enabled. A name that cannot be
+    /// one field of the text (empty, or holding whitespace) is left out,
+    /// so it admits nothing.
     pub fn add_thing(&mut self, name: &str, enabled: bool) {
-        self.things.insert(name.to_string(), enabled);
+        if is_field(name) {
+            self.things.insert(name.to_string(), enabled);
+        }
     }
 
     /// Records a certificate by SHA-256 fingerprint (lower-case hex), the
-    /// thing it is bound to, and whether it is active.
+    /// thing it is bound to, and whether it is active. One whose id or
+    /// thing cannot be one field of the text is left out (it admits
+    /// nothing).
     pub fn add_certificate(&mut self, fingerprint: &str, thing: &str, active: bool) {
-        self.certificates
-            .insert(fingerprint.to_string(), (thing.to_string(), active));
+        if is_field(fingerprint) && is_field(thing) {
+            self.certificates
+                .insert(fingerprint.to_string(), (thing.to_string(), active));
+        }
     }
 
     /// The standing of `thing` and of the certificate `fingerprint`.

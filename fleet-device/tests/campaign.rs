@@ -16,7 +16,7 @@ use base64::Engine as _;
 use ed25519_dalek::SigningKey;
 use fleet_cloud::{
     CampaignSpec, CampaignStatus, Extras, JobsService, MemoryStore, RECEIPT_KEY_ATTRIBUTE,
-    Registry, RunningService, ShadowService, SqliteStore, StreamService, serve,
+    Registry, RunningService, ShadowService, Stores, StreamService, serve,
 };
 use fleet_core::jobs::{
     GroupAction, RateLimit, RetryPolicy, RolloutGroup, RolloutPolicy, RolloutStatus, Threshold,
@@ -33,7 +33,7 @@ const IMAGE_LEN: usize = 8 * 1024;
 
 struct Fleet {
     broker: Broker,
-    jobs: JobsService<SqliteStore>,
+    jobs: JobsService,
     streams: StreamService,
     registry: Registry,
     signer: SigningKey,
@@ -43,17 +43,18 @@ struct Fleet {
 }
 
 /// The cloud service: jobs and streams over the fleet's SQLite file.
-fn cloud(
+async fn cloud(
     broker: &Broker,
     db: &std::path::Path,
-) -> (RunningService, JobsService<SqliteStore>, StreamService) {
-    let jobs = JobsService::new(SqliteStore::open(&db.join("fleet.db")).unwrap());
-    let streams = StreamService::open(&db.join("fleet.db")).unwrap();
+) -> (RunningService, JobsService, StreamService) {
+    let stores = Stores::sqlite(&db.join("fleet.db")).unwrap();
+    let jobs = JobsService::shared(stores.jobs.clone());
+    let streams = StreamService::load(stores.streams.clone()).await.unwrap();
     let running = serve(
         broker.backend_config("cloud").unwrap(),
         ShadowService::new(MemoryStore::new()),
         Extras {
-            jobs: Some(jobs.clone().into()),
+            jobs: Some(jobs.clone()),
             streams: Some(streams.clone()),
             ..Extras::default()
         },
@@ -64,10 +65,10 @@ fn cloud(
 
 impl Fleet {
     /// Stops the cloud service and starts a new one on the same database.
-    fn restart_cloud(&self) {
-        let mut c = self.cloud.lock().unwrap();
-        drop(c.take());
-        *c = Some(cloud(&self.broker, self.db.path()).0);
+    async fn restart_cloud(&self) {
+        drop(self.cloud.lock().unwrap().take());
+        let running = cloud(&self.broker, self.db.path()).await.0;
+        *self.cloud.lock().unwrap() = Some(running);
     }
 }
 
@@ -80,7 +81,7 @@ fn receipt_seed(i: usize) -> [u8; 32] {
 async fn fleet(devices: usize) -> Fleet {
     let broker = Broker::start().expect("start mosquitto");
     let db = tempfile::tempdir().unwrap();
-    let (running, jobs, streams) = cloud(&broker, db.path());
+    let (running, jobs, streams) = cloud(&broker, db.path()).await;
     let registry = Registry::in_memory().unwrap();
     for i in 0..devices {
         // Each device's receipt key is registered with its thing.
@@ -366,7 +367,7 @@ async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
     })
     .await
     .expect("30 devices done");
-    f.restart_cloud();
+    f.restart_cloud().await;
     let status = tokio::time::timeout(Duration::from_secs(100), until_final(&f, "fw-3")).await;
     let _ = stop.send(true);
     let Ok(status) = status else {

@@ -30,7 +30,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 struct Cloud {
     broker: Broker,
-    jobs: JobsService<SqliteStore>,
+    jobs: JobsService,
     registry: Registry,
     clock: Arc<AtomicU64>,
     db: tempfile::TempDir,
@@ -71,7 +71,7 @@ impl Cloud {
         c
     }
 
-    fn service(db: &tempfile::TempDir, clock: &Arc<AtomicU64>) -> JobsService<SqliteStore> {
+    fn service(db: &tempfile::TempDir, clock: &Arc<AtomicU64>) -> JobsService {
         let clock = clock.clone();
         JobsService::new(SqliteStore::open(&db.path().join("fleet.db")).unwrap())
             .with_clock(move || clock.load(Ordering::SeqCst))
@@ -86,7 +86,7 @@ impl Cloud {
                 self.broker.backend_config("cloud").unwrap(),
                 ShadowService::new(SqliteStore::open(&self.db.path().join("fleet.db")).unwrap()),
                 Extras {
-                    jobs: Some(self.jobs.clone().into()),
+                    jobs: Some(self.jobs.clone()),
                     ..Extras::default()
                 },
             )

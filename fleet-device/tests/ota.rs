@@ -41,7 +41,7 @@ const IMAGE_LEN: usize = 48 * 1024;
 struct Fleet {
     broker: Broker,
     streams: StreamService,
-    jobs: JobsService<MemoryStore>,
+    jobs: JobsService,
     registry: Registry,
     /// Publishes what operator calls on the jobs service send.
     operator: TestClient,
@@ -63,7 +63,7 @@ async fn fleet(kind: BrokerKind) -> Fleet {
         ShadowService::new(MemoryStore::new()),
         Extras {
             streams: Some(streams.clone()),
-            jobs: Some(jobs.clone().into()),
+            jobs: Some(jobs.clone()),
             ..Extras::default()
         },
     )
@@ -94,7 +94,10 @@ fn image() -> Vec<u8> {
 
 /// Queues an OTA job for `image`, signed by `key`.
 async fn release(f: &Fleet, job_id: &str, key: &SigningKey, image: &[u8]) -> Vec<u8> {
-    f.streams.put(job_id, "firmware 2", vec![image.to_vec()]);
+    f.streams
+        .save(job_id, "firmware 2", vec![image.to_vec()])
+        .await
+        .unwrap();
     let manifest = ManifestBuilder::new(
         "fw",
         "2.0",

@@ -27,7 +27,7 @@ use fleet_cloud::telemetry::{JsonLinesSink, Rule, TelemetryRouter};
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, CampaignSpec, EmbeddedBroker, EmbeddedConfig, Extras, JobsService,
     ProvisioningService, ProvisioningTemplate, RECEIPT_KEY_ATTRIBUTE, Registry, RunningService,
-    ShadowService, SqliteStore, StreamService, serve,
+    ShadowService, Stores, StreamService, serve,
 };
 use fleet_core::ThingName;
 use fleet_core::jobs::{
@@ -76,8 +76,8 @@ struct Cloud {
     pki: Pki,
     broker: EmbeddedBroker,
     running: RunningService,
-    shadows: ShadowService<SqliteStore>,
-    jobs: JobsService<SqliteStore>,
+    shadows: ShadowService,
+    jobs: JobsService,
     streams: StreamService,
     registry: Registry,
     telemetry_file: PathBuf,
@@ -98,7 +98,7 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
         ..BrokerPolicy::default()
     };
     let db = dir.join("fleet.db");
-    let store = SqliteStore::open(&db)?;
+    let stores = Stores::sqlite(&db)?;
     let registry = Registry::open(&dir.join("registry.db"))?;
     // The broker admits a device only as the registry binds its
     // certificate: a claim certificate grants nothing until registered.
@@ -127,9 +127,9 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
         }],
         &dir.join("dead-letters.jsonl"),
     );
-    let shadows = ShadowService::new(store.clone());
-    let jobs = JobsService::new(store);
-    let streams = StreamService::open(&db)?;
+    let shadows = ShadowService::shared(stores.shadows.clone());
+    let jobs = JobsService::shared(stores.jobs.clone());
+    let streams = StreamService::load(stores.streams.clone()).await?;
     let backend = pki.client_identity(fleet_cloud::DEFAULT_BACKEND_IDENTITY)?;
     let running = serve(
         BrokerConfig {
@@ -147,7 +147,7 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
             telemetry: Some(telemetry),
             provisioning: Some(provisioning),
             streams: Some(streams.clone()),
-            jobs: Some(jobs.clone().into()),
+            jobs: Some(jobs.clone()),
             leadership: None,
         },
     )?;

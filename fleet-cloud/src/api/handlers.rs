@@ -558,7 +558,7 @@ async fn create_job(
     };
     let out = api
         .jobs
-        .create_job(spec, api.registry.clone(), api.jobs.clock())
+        .create_job(spec, &api.registry, api.jobs.now())
         .await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
     Ok((
@@ -617,7 +617,7 @@ async fn cancel_job(
 ) -> Result<axum::Json<JobView>, ApiError> {
     let out = api
         .jobs
-        .cancel_job(&job, body.force, api.jobs.clock())
+        .cancel_job(&job, body.force, api.jobs.now())
         .await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
     Ok(axum::Json(job_view(&api, &job).await?))
@@ -689,7 +689,7 @@ async fn start_campaign(
     };
     let out = api
         .jobs
-        .start_campaign(spec, &api.streams, &api.registry, api.jobs.clock())
+        .start_campaign(spec, &api.streams, &api.registry, api.jobs.now())
         .await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
     Ok((
@@ -724,10 +724,7 @@ async fn control_campaign(
             )));
         }
     };
-    let out = api
-        .jobs
-        .control(&campaign, action, api.jobs.clock())
-        .await?;
+    let out = api.jobs.control(&campaign, action, api.jobs.now()).await?;
     publish_all(&api, out.into_iter().map(|m| (m.topic, m.payload))).await;
     Ok(axum::Json(campaign_view(&api, &campaign).await?))
 }

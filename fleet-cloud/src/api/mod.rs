@@ -49,8 +49,8 @@ use utoipa::ToSchema;
 
 use crate::pki::Pki;
 use crate::{
-    CommandCenter, JobsEndpoint, JobsError, ProvisioningTemplate, Publisher, Registry,
-    RegistryError, Scope, ShadowsEndpoint, StreamService,
+    CommandCenter, JobsError, JobsService, ProvisioningTemplate, Publisher, Registry,
+    RegistryError, Scope, ShadowService, StreamService,
 };
 
 /// What a hook answers with; the change is answered (to the API's caller,
@@ -72,9 +72,9 @@ pub struct ApiServices {
     /// Things, groups, certificates, tokens.
     pub registry: Registry,
     /// Shadows.
-    pub shadows: ShadowsEndpoint,
+    pub shadows: ShadowService,
     /// Jobs, rollouts and campaigns.
-    pub jobs: JobsEndpoint,
+    pub jobs: JobsService,
     /// Release images.
     pub streams: StreamService,
     /// Commands to things.

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use fleet_cloud::telemetry::{Rule, SinkError, TelemetryRecord, TelemetryRouter, TelemetrySink};
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
-    JobSpec, JobStore, JobsEndpoint, JobsService, PgStore, Registry, RunningService, ShadowService,
-    ShadowStore, SqliteStore, TargetSelection, serve,
+    JobSpec, JobsService, Registry, RunningService, ShadowService, Stores, TargetSelection, serve,
 };
 use fleet_core::jobs::{JobStatus, TimeoutConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -97,7 +96,7 @@ pub(crate) fn memory_kib() -> (u64, u64) {
 
 struct Services {
     running: RunningService,
-    jobs: JobsEndpoint,
+    jobs: JobsService,
     registry: Registry,
     sink: Arc<CountingSink>,
 }
@@ -144,10 +143,10 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
             queue_capacity: 1024,
         };
         Some(Arc::new(match &args.store {
-            Some(url) => start_services(config, PgStore::connect(url, 16).await?, &args.dir)?,
+            Some(url) => start_services(config, &Stores::postgres(url, 16).await?, &args.dir)?,
             None => {
                 let db = args.dir.join(format!("fleet-{}.db", epoch_micros()));
-                start_services(config, SqliteStore::open(&db)?, &args.dir)?
+                start_services(config, &Stores::sqlite(&db)?, &args.dir)?
             }
         }))
     } else {
@@ -205,9 +204,9 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
 }
 
 /// Starts the services on `store`.
-fn start_services<S: ShadowStore + JobStore + Clone>(
+fn start_services(
     config: BrokerConfig,
-    store: S,
+    stores: &Stores,
     dir: &std::path::Path,
 ) -> Result<Services, BoxError> {
     let sink = Arc::new(CountingSink::default());
@@ -219,10 +218,10 @@ fn start_services<S: ShadowStore + JobStore + Clone>(
         }],
         &dir.join("dead-letters.jsonl"),
     );
-    let jobs: JobsEndpoint = JobsService::new(store.clone()).into();
+    let jobs = JobsService::shared(stores.jobs.clone());
     let running = serve(
         config,
-        ShadowService::new(store),
+        ShadowService::shared(stores.shadows.clone()),
         Extras {
             telemetry: Some(telemetry),
             provisioning: None,
@@ -253,10 +252,7 @@ async fn fan_out(s: &Services, id: &str, n: usize) -> Result<u128, BoxError> {
         max_retries: 0,
         rollout: None,
     };
-    let out = s
-        .jobs
-        .create_job(spec, s.registry.clone(), s.jobs.clock())
-        .await?;
+    let out = s.jobs.create_job(spec, &s.registry, s.jobs.now()).await?;
     for m in out {
         s.running.publish(&m.topic, m.payload).await?;
     }

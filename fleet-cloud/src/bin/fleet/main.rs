@@ -40,9 +40,8 @@ use fleet_cloud::pki::Pki;
 use fleet_cloud::store::StoreLocation;
 use fleet_cloud::{
     BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
-    JobStore, JobsService, MemoryStore, MosquittoListener, PgLease, PgStore, ProvisioningService,
-    ProvisioningTemplate, Registry, Scope, ShadowService, ShadowStore, SqliteStore, StreamService,
-    serve,
+    JobsService, MosquittoListener, ProvisioningService, ProvisioningTemplate, Registry, Scope,
+    ShadowService, SqliteRegistry, Stores, StreamService, serve,
 };
 
 #[derive(Parser)]
@@ -528,16 +527,21 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         .store
         .clone()
         .unwrap_or_else(|| StoreLocation::Sqlite(dir.join("fleet.db")));
-    let pg = match &store {
-        StoreLocation::Postgres(url) => Some(PgStore::connect(url, 16).await?),
-        _ => None,
-    };
+    if let StoreLocation::Sqlite(path) = &store
+        && let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut stores = Stores::open(&store, 16).await?;
     // With PostgreSQL, the registry (things, groups, certificates, API
-    // tokens) is shared by every instance on the database too.
-    let registry = match &pg {
-        Some(pg) => Registry::postgres(pg),
-        None => Registry::open(&dir.join("registry.db"))?,
-    };
+    // tokens) is shared by every instance on the database too; a single
+    // instance keeps it in `registry.db` in --dir, where `fleet dev-setup`
+    // writes it, whatever --store says.
+    if stores.pg().is_none() {
+        stores.registry = std::sync::Arc::new(SqliteRegistry::open(&dir.join("registry.db"))?);
+    }
+    let registry = Registry::new(stores.registry.clone());
     // What the registry says is revoked or denied, the broker refuses; it
     // asks the registry whether each device may connect.
     let mut embedded = None;
@@ -655,57 +659,31 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         telemetry,
         ..Extras::default()
     };
-    let result = if let Some(pg) = pg {
-        // Several instances may share the database: one at a time sweeps
-        // timeouts and drives rollouts, another takes over within the
-        // lease's 5 s when it dies.
-        let instance = format!("{}-{:016x}", args.client_id, {
-            let mut r = [0u8; 8];
-            getrandom::fill(&mut r)?;
-            u64::from_le_bytes(r)
-        });
-        tracing::info!("store: PostgreSQL; instance {instance}");
-        let lease = PgLease::new(
-            &pg,
-            "jobs-sweeper",
-            &instance,
-            std::time::Duration::from_secs(5),
-        );
-        // Release images are kept in PostgreSQL too: every instance serves
-        // the streams any of them stored.
-        let extras = Extras {
-            streams: Some(StreamService::postgres(&pg).await?),
-            leadership: Some(std::sync::Arc::new(lease.clone())),
-            ..extras
-        };
-        let result = run(config, pg, &args.prefix, extras, api).await;
-        // A clean stop hands the lease over at once, not when it runs out.
-        if let Err(e) = lease.release().await {
-            tracing::warn!("lease: {e}");
-        }
-        result
-    } else if let StoreLocation::Sqlite(path) = &store {
-        if let Some(parent) = path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent)?;
-        }
-        let s = SqliteStore::open(path)?;
-        tracing::info!("store: SQLite at {}", path.display());
-        // Release images are kept in the same database.
-        let extras = Extras {
-            streams: Some(StreamService::open(path)?),
-            ..extras
-        };
-        run(config, s, &args.prefix, extras, api).await
-    } else {
-        // Memory: PostgreSQL and SQLite are served above.
-        let extras = Extras {
-            streams: Some(StreamService::new()),
-            ..extras
-        };
-        run(config, MemoryStore::new(), &args.prefix, extras, api).await
+    // Instances sharing a database take turns: one at a time sweeps
+    // timeouts and drives rollouts, another takes over within the lease's
+    // 5 s when it dies (one instance alone on its store always leads).
+    let instance = format!("{}-{:016x}", args.client_id, {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r)?;
+        u64::from_le_bytes(r)
+    });
+    match &store {
+        StoreLocation::Postgres(_) => tracing::info!("store: PostgreSQL; instance {instance}"),
+        StoreLocation::Sqlite(path) => tracing::info!("store: SQLite at {}", path.display()),
+        StoreLocation::Memory => tracing::info!("store: memory"),
+    }
+    let leadership =
+        stores.leadership("jobs-sweeper", &instance, std::time::Duration::from_secs(5));
+    // Release images are kept in the same store: with PostgreSQL every
+    // instance serves the streams any of them stored.
+    let extras = Extras {
+        streams: Some(StreamService::load(stores.streams.clone()).await?),
+        leadership: Some(leadership.clone()),
+        ..extras
     };
+    let result = run(config, &stores, &args.prefix, extras, api).await;
+    // A clean stop hands the lease over at once, not when it runs out.
+    leadership.release().await;
     if let Some(b) = embedded {
         b.shutdown().await;
     }
@@ -885,33 +863,33 @@ fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn run<S: ShadowStore + JobStore + Clone>(
+async fn run(
     config: BrokerConfig,
-    store: S,
+    stores: &Stores,
     prefix: &str,
     extras: Extras,
     api: Option<ApiSetup>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let jobs = JobsService::new(store.clone());
+    let jobs = JobsService::shared(stores.jobs.clone());
     // The jobs service (with its rollouts and campaigns) speaks `$aws`.
     let extras = if prefix == "$aws" {
         Extras {
-            jobs: Some(jobs.clone().into()),
+            jobs: Some(jobs.clone()),
             ..extras
         }
     } else {
         extras
     };
     let streams = extras.streams.clone().unwrap_or_default();
-    let service = ShadowService::new(store).with_prefix(prefix)?;
+    let service = ShadowService::shared(stores.shadows.clone()).with_prefix(prefix)?;
     let running = serve(config, service.clone(), extras)?;
     let _api = match api {
         Some(a) => {
             let revoker = a.revoker;
             let services = ApiServices {
                 registry: a.registry,
-                shadows: service.into(),
-                jobs: jobs.into(),
+                shadows: service,
+                jobs,
                 streams,
                 commands: running.commands().clone(),
                 publisher: running.publisher(),

@@ -1,0 +1,237 @@
+//! What the stores keep and the services share: the records that are
+//! neither a store's nor a service's own (a service writes them, every
+//! store keeps them, the API shows them): jobs, and the registry's things,
+//! certificates, tokens and ownership tokens.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fleet_core::jobs::{RolloutControl, RolloutPolicy, RolloutStatus, Target, TimeoutConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How a job picks its things.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TargetSelection {
+    /// The things in the targets when the job is created.
+    Snapshot,
+    /// Also things that join a target group later.
+    Continuous,
+}
+
+/// What a job is: its document, whom it is for, and its rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSpec {
+    /// The job's id (`[a-zA-Z0-9_-]{1,64}`).
+    pub job_id: String,
+    /// The document devices receive.
+    pub document: Value,
+    /// Things targeted by name.
+    pub things: Vec<String>,
+    /// Thing groups targeted (static or dynamic).
+    pub groups: Vec<String>,
+    /// Snapshot or continuous.
+    pub selection: TargetSelection,
+    /// The in-progress timeout.
+    pub timeouts: TimeoutConfig,
+    /// How many times an execution that ends FAILED or TIMED_OUT is
+    /// queued again (0: never). A rollout's own retry policy replaces it.
+    pub max_retries: u32,
+    /// Release the targets under this policy (rate, groups with
+    /// thresholds, abort criteria, retries) instead of all at once. Targets
+    /// are released in order: the things as listed, then the groups'
+    /// members.
+    #[serde(default)]
+    pub rollout: Option<RolloutPolicy>,
+}
+
+/// A rollout's persisted state: every decision the controller took, so
+/// that a restarted service goes on where it was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutState {
+    /// The targets, in release order.
+    pub order: Vec<String>,
+    /// Each target as the planner sees it.
+    pub targets: Vec<Target>,
+    /// Groups opened, paused, aborted.
+    pub control: RolloutControl,
+    /// Release times in the last minute (for the rate limit).
+    pub recent_releases: Vec<u64>,
+    /// The rollout's status after the last decision.
+    pub status: Option<RolloutStatus>,
+}
+
+/// A job's overall state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    /// Executions are running or may be added.
+    InProgress,
+    /// Canceled: no new executions; queued ones were canceled.
+    Canceled,
+    /// Every execution ended (snapshot jobs only).
+    Completed,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRecord {
+    /// What it is.
+    pub spec: JobSpec,
+    /// Its state.
+    pub state: JobState,
+    /// The things it was queued for so far.
+    pub targets: BTreeSet<String>,
+    /// Retries used, per thing.
+    pub retries: BTreeMap<String, u32>,
+    /// Epoch seconds.
+    pub created_at: u64,
+    /// The rollout, for a job with a rollout policy.
+    #[serde(default)]
+    pub rollout: Option<RolloutState>,
+}
+
+/// A registered thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thing {
+    /// Its name.
+    pub name: String,
+    /// Its attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Disabled things may not connect (see [`Registry::denied_identities`](crate::Registry::denied_identities)).
+    pub enabled: bool,
+}
+
+/// The status of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateStatus {
+    /// It may be used.
+    Active,
+    /// It may no longer be used.
+    Revoked,
+}
+
+/// A certificate bound to a thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// Its id (the caller's choice: the SHA-256 fingerprint, say).
+    pub id: String,
+    /// The thing it is bound to.
+    pub thing: String,
+    /// Its status.
+    pub status: CertificateStatus,
+    /// The certificate, PEM.
+    pub pem: String,
+}
+
+/// How a dynamic group chooses its members: every attribute listed must
+/// have the value given.
+pub type AttributeQuery = BTreeMap<String, String>;
+
+impl CertificateStatus {
+    /// Its stored name: `ACTIVE` or `REVOKED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "ACTIVE",
+            Self::Revoked => "REVOKED",
+        }
+    }
+
+    /// The status stored as `name` (anything but `ACTIVE` is revoked: a
+    /// certificate is usable only when the store says so).
+    pub fn parse(name: &str) -> Self {
+        if name == "ACTIVE" {
+            Self::Active
+        } else {
+            Self::Revoked
+        }
+    }
+}
+
+/// What a management API token may do; each scope includes the ones
+/// before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Read everything.
+    Read,
+    /// Also change the fleet: things, groups, shadows, jobs, releases,
+    /// campaigns, commands.
+    Operator,
+    /// Also certificates, claim identities and tokens.
+    Admin,
+}
+
+impl Scope {
+    /// Its name: `read`, `operator` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// The scope named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "read" => Some(Self::Read),
+            "operator" => Some(Self::Operator),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A management API token's record (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Its id (the public part of the token).
+    pub id: String,
+    /// Who or what holds it, for people.
+    pub name: String,
+    /// What it may do.
+    pub scope: Scope,
+    /// Epoch seconds.
+    pub created_at: u64,
+}
+
+/// A management API token as the store keeps it: its record and the
+/// SHA-256 of its secret (the secret itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    /// The record.
+    pub record: TokenRecord,
+    /// Hex SHA-256 of the secret.
+    pub secret_sha256: String,
+}
+
+/// A certificate issued by provisioning that awaits its registration
+/// (`RegisterThing`), kept under its ownership token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCertificate {
+    /// The certificate's id (its SHA-256 fingerprint).
+    pub certificate_id: String,
+    /// The certificate, PEM.
+    pub certificate_pem: String,
+    /// Its subject's common name.
+    pub common_name: String,
+    /// Issued by `CreateKeysAndCertificate`: the thing is named after the
+    /// certificate, whatever the template would name it.
+    pub named_by_certificate: bool,
+    /// Epoch seconds.
+    pub expires_at: u64,
+}
+
+/// What spending an ownership token found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spent {
+    /// It was good, and is now used.
+    Now,
+    /// It was used before.
+    Before,
+    /// Unknown or expired.
+    Unknown,
+}

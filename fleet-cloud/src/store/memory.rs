@@ -1,0 +1,480 @@
+//! Memory: every store in maps behind mutexes, for tests, simulations and
+//! `--store memory`. Nothing survives the process.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use fleet_core::jobs::ThingJobs;
+use fleet_core::shadow::Shadow;
+
+use super::{
+    JobStore, RegistryStore, ShadowKey, ShadowStore, StoreError, StoredStream, StreamStore,
+    Versioned,
+};
+use crate::model::{
+    AttributeQuery, CertificateRecord, CertificateStatus, JobRecord, PendingCertificate, Spent,
+    StoredToken, Thing,
+};
+use fleet_core::admission::Roster;
+
+type ShadowMap = HashMap<ShadowKey, (Shadow, u64)>;
+
+/// An in-memory store, for tests and simulations.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    shadows: Arc<Mutex<ShadowMap>>,
+    jobs: Arc<Mutex<MemoryJobs>>,
+    streams: Arc<Mutex<BTreeMap<String, StoredStream>>>,
+    registry: Arc<Mutex<MemoryRegistry>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, ShadowMap>, StoreError> {
+        self.shadows
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))
+    }
+}
+
+#[async_trait]
+impl ShadowStore for MemoryStore {
+    async fn load(&self, key: &ShadowKey) -> Result<Versioned<Shadow>, StoreError> {
+        Ok(match self.lock()?.get(key) {
+            Some((s, r)) => Versioned {
+                value: s.clone(),
+                revision: *r,
+            },
+            None => Versioned {
+                value: Shadow::new(),
+                revision: 0,
+            },
+        })
+    }
+
+    async fn save(
+        &self,
+        key: &ShadowKey,
+        expected: u64,
+        shadow: &Shadow,
+    ) -> Result<u64, StoreError> {
+        let mut map = self.lock()?;
+        let current = map.get(key).map_or(0, |(_, r)| *r);
+        if current != expected {
+            return Err(StoreError::Conflict);
+        }
+        map.insert(key.clone(), (shadow.clone(), current + 1));
+        Ok(current + 1)
+    }
+}
+
+/// The jobs side of [`MemoryStore`].
+#[derive(Debug, Default)]
+struct MemoryJobs {
+    jobs: HashMap<String, (JobRecord, u64)>,
+    things: HashMap<String, (ThingJobs, u64)>,
+}
+
+impl MemoryStore {
+    fn jobs_lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryJobs>, StoreError> {
+        self.jobs
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))
+    }
+}
+
+#[async_trait]
+impl JobStore for MemoryStore {
+    async fn load_job(&self, job_id: &str) -> Result<Option<Versioned<JobRecord>>, StoreError> {
+        Ok(self
+            .jobs_lock()?
+            .jobs
+            .get(job_id)
+            .map(|(r, rev)| Versioned {
+                value: r.clone(),
+                revision: *rev,
+            }))
+    }
+
+    async fn save_job(&self, record: &JobRecord, expected: u64) -> Result<u64, StoreError> {
+        let mut m = self.jobs_lock()?;
+        let current = m.jobs.get(&record.spec.job_id).map_or(0, |(_, r)| *r);
+        if current != expected {
+            return Err(StoreError::Conflict);
+        }
+        m.jobs
+            .insert(record.spec.job_id.clone(), (record.clone(), current + 1));
+        Ok(current + 1)
+    }
+
+    async fn job_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self.jobs_lock()?.jobs.keys().cloned().collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn delete_job(&self, job_id: &str, expected: u64) -> Result<(), StoreError> {
+        let mut m = self.jobs_lock()?;
+        match m.jobs.get(job_id) {
+            Some((_, r)) if *r == expected => {
+                m.jobs.remove(job_id);
+                Ok(())
+            }
+            _ => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn load_thing(&self, thing: &str) -> Result<Versioned<ThingJobs>, StoreError> {
+        Ok(match self.jobs_lock()?.things.get(thing) {
+            Some((j, r)) => Versioned {
+                value: j.clone(),
+                revision: *r,
+            },
+            None => Versioned {
+                value: ThingJobs::new(thing),
+                revision: 0,
+            },
+        })
+    }
+
+    async fn save_thing(
+        &self,
+        thing: &str,
+        expected: u64,
+        jobs: &ThingJobs,
+    ) -> Result<u64, StoreError> {
+        let mut m = self.jobs_lock()?;
+        let current = m.things.get(thing).map_or(0, |(_, r)| *r);
+        if current != expected {
+            return Err(StoreError::Conflict);
+        }
+        m.things.insert(thing.into(), (jobs.clone(), current + 1));
+        Ok(current + 1)
+    }
+
+    async fn due_things(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        let mut due: Vec<String> = self
+            .jobs_lock()?
+            .things
+            .iter()
+            .filter(|(_, (j, _))| j.next_deadline().is_some_and(|d| d <= now))
+            .map(|(t, _)| t.clone())
+            .collect();
+        due.sort();
+        Ok(due)
+    }
+}
+
+impl MemoryStore {
+    fn streams_lock(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, StoredStream>>, StoreError> {
+        self.streams
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))
+    }
+}
+
+#[async_trait]
+impl StreamStore for MemoryStore {
+    async fn load_streams(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, StoredStream)>, StoreError> {
+        Ok(self
+            .streams_lock()?
+            .iter()
+            .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect())
+    }
+
+    async fn stream_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        Ok(self.streams_lock()?.get(id).map(|s| s.version))
+    }
+
+    async fn save_stream(
+        &self,
+        id: &str,
+        description: &str,
+        files: &[Vec<u8>],
+    ) -> Result<u32, StoreError> {
+        let mut streams = self.streams_lock()?;
+        let version = streams.get(id).map_or(0, |s| s.version).saturating_add(1);
+        streams.insert(
+            id.into(),
+            StoredStream {
+                version,
+                description: description.into(),
+                files: files.to_vec(),
+            },
+        );
+        Ok(version)
+    }
+
+    async fn delete_stream(&self, id: &str) -> Result<(), StoreError> {
+        self.streams_lock()?.remove(id);
+        Ok(())
+    }
+}
+
+/// The registry side of [`MemoryStore`].
+#[derive(Debug, Default)]
+struct MemoryRegistry {
+    things: BTreeMap<String, Thing>,
+    /// Query (`None`: static) and static members.
+    groups: BTreeMap<String, (Option<AttributeQuery>, BTreeSet<String>)>,
+    certificates: BTreeMap<String, CertificateRecord>,
+    tokens: BTreeMap<String, StoredToken>,
+    /// The certificate and whether the token was used.
+    pending: BTreeMap<String, (PendingCertificate, bool)>,
+}
+
+impl MemoryStore {
+    fn registry_lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryRegistry>, StoreError> {
+        self.registry
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))
+    }
+
+    /// Runs `f` on the thing `name`; whether there was one.
+    fn change_thing(&self, name: &str, f: impl FnOnce(&mut Thing)) -> Result<bool, StoreError> {
+        Ok(self.registry_lock()?.things.get_mut(name).map(f).is_some())
+    }
+}
+
+#[async_trait]
+impl RegistryStore for MemoryStore {
+    async fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {
+        let mut r = self.registry_lock()?;
+        if r.tokens.contains_key(&token.record.id) {
+            return Err(StoreError::AlreadyExists(token.record.id.clone()));
+        }
+        r.tokens.insert(token.record.id.clone(), token.clone());
+        Ok(())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+        Ok(self.registry_lock()?.tokens.get(id).cloned())
+    }
+
+    async fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        Ok(self.registry_lock()?.tokens.values().cloned().collect())
+    }
+
+    async fn delete_token(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.registry_lock()?.tokens.remove(id).is_some())
+    }
+
+    async fn insert_thing(&self, thing: &Thing) -> Result<(), StoreError> {
+        let mut r = self.registry_lock()?;
+        if r.things.contains_key(&thing.name) {
+            return Err(StoreError::AlreadyExists(thing.name.clone()));
+        }
+        r.things.insert(thing.name.clone(), thing.clone());
+        Ok(())
+    }
+
+    async fn thing(&self, name: &str) -> Result<Option<Thing>, StoreError> {
+        Ok(self.registry_lock()?.things.get(name).cloned())
+    }
+
+    async fn things(&self, after: &str, limit: usize) -> Result<Vec<Thing>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        Ok(self
+            .registry_lock()?
+            .things
+            .range::<str, _>((Excluded(after), Unbounded))
+            .take(limit)
+            .map(|(_, t)| t.clone())
+            .collect())
+    }
+
+    async fn set_attributes(
+        &self,
+        name: &str,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<bool, StoreError> {
+        self.change_thing(name, |t| t.attributes = attributes.clone())
+    }
+
+    async fn set_enabled(&self, name: &str, enabled: bool) -> Result<bool, StoreError> {
+        self.change_thing(name, |t| t.enabled = enabled)
+    }
+
+    async fn delete_thing(&self, name: &str) -> Result<bool, StoreError> {
+        let mut r = self.registry_lock()?;
+        if r.things.remove(name).is_none() {
+            return Ok(false);
+        }
+        for (_, members) in r.groups.values_mut() {
+            members.remove(name);
+        }
+        r.certificates.retain(|_, c| c.thing != name);
+        Ok(true)
+    }
+
+    async fn insert_group(
+        &self,
+        name: &str,
+        query: Option<&AttributeQuery>,
+    ) -> Result<(), StoreError> {
+        let mut r = self.registry_lock()?;
+        if r.groups.contains_key(name) {
+            return Err(StoreError::AlreadyExists(name.into()));
+        }
+        r.groups
+            .insert(name.into(), (query.cloned(), BTreeSet::new()));
+        Ok(())
+    }
+
+    async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError> {
+        Ok(self
+            .registry_lock()?
+            .groups
+            .get(name)
+            .map(|(q, _)| q.clone()))
+    }
+
+    async fn add_member(&self, group: &str, thing: &str) -> Result<(), StoreError> {
+        let mut r = self.registry_lock()?;
+        if !r.things.contains_key(thing) {
+            return Err(StoreError::NotFound(thing.into()));
+        }
+        let Some((_, members)) = r.groups.get_mut(group) else {
+            return Err(StoreError::NotFound(group.into()));
+        };
+        members.insert(thing.into());
+        Ok(())
+    }
+
+    async fn members(&self, group: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .registry_lock()?
+            .groups
+            .get(group)
+            .map(|(_, m)| m.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn insert_certificate(&self, certificate: &CertificateRecord) -> Result<(), StoreError> {
+        let mut r = self.registry_lock()?;
+        if !r.things.contains_key(&certificate.thing) {
+            return Err(StoreError::NotFound(certificate.thing.clone()));
+        }
+        if r.certificates.contains_key(&certificate.id) {
+            return Err(StoreError::AlreadyExists(certificate.id.clone()));
+        }
+        r.certificates
+            .insert(certificate.id.clone(), certificate.clone());
+        Ok(())
+    }
+
+    async fn revoke_certificate(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .registry_lock()?
+            .certificates
+            .get_mut(id)
+            .map(|c| c.status = CertificateStatus::Revoked)
+            .is_some())
+    }
+
+    async fn certificate(&self, id: &str) -> Result<Option<CertificateRecord>, StoreError> {
+        Ok(self.registry_lock()?.certificates.get(id).cloned())
+    }
+
+    async fn certificates_of(&self, thing: &str) -> Result<Vec<CertificateRecord>, StoreError> {
+        Ok(self
+            .registry_lock()?
+            .certificates
+            .values()
+            .filter(|c| c.thing == thing)
+            .cloned()
+            .collect())
+    }
+
+    async fn revoked_certificates(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .registry_lock()?
+            .certificates
+            .values()
+            .filter(|c| c.status == CertificateStatus::Revoked)
+            .map(|c| c.id.clone())
+            .collect())
+    }
+
+    async fn denied_identities(&self) -> Result<Vec<String>, StoreError> {
+        let r = self.registry_lock()?;
+        Ok(r.things
+            .values()
+            .filter(|t| {
+                let mut certificates = r.certificates.values().filter(|c| c.thing == t.name);
+                let any = certificates.clone().next().is_some();
+                !t.enabled || (any && !certificates.any(|c| c.status == CertificateStatus::Active))
+            })
+            .map(|t| t.name.clone())
+            .collect())
+    }
+
+    async fn roster(&self) -> Result<Roster, StoreError> {
+        let r = self.registry_lock()?;
+        let mut roster = Roster::default();
+        for t in r.things.values() {
+            roster.add_thing(&t.name, t.enabled);
+        }
+        for c in r.certificates.values() {
+            roster.add_certificate(&c.id, &c.thing, c.status == CertificateStatus::Active);
+        }
+        Ok(roster)
+    }
+
+    async fn add_pending(
+        &self,
+        token: &str,
+        pending: &PendingCertificate,
+        now: u64,
+        max: usize,
+    ) -> Result<bool, StoreError> {
+        let mut r = self.registry_lock()?;
+        r.pending
+            .retain(|_, (p, used)| !*used && p.expires_at > now);
+        if r.pending.contains_key(token) {
+            return Err(StoreError::AlreadyExists(token.into()));
+        }
+        if r.pending.len() >= max {
+            return Ok(false);
+        }
+        r.pending.insert(token.into(), (pending.clone(), false));
+        Ok(true)
+    }
+
+    async fn pending(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<Option<PendingCertificate>, StoreError> {
+        Ok(self
+            .registry_lock()?
+            .pending
+            .get(token)
+            .filter(|(p, used)| !*used && p.expires_at > now)
+            .map(|(p, _)| p.clone()))
+    }
+
+    async fn spend_pending(&self, token: &str, now: u64) -> Result<Spent, StoreError> {
+        let mut r = self.registry_lock()?;
+        Ok(match r.pending.get_mut(token) {
+            Some((_, used)) if *used => Spent::Before,
+            Some((p, used)) if p.expires_at > now => {
+                *used = true;
+                Spent::Now
+            }
+            _ => Spent::Unknown,
+        })
+    }
+}
