@@ -79,8 +79,8 @@ impl Fixture {
             },
             ApiServices {
                 registry: registry.clone(),
-                shadows: shadows.into(),
-                jobs: jobs.into(),
+                shadows,
+                jobs,
                 streams,
                 commands: running.commands().clone(),
                 publisher: running.publisher(),
