@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
@@ -14,8 +14,11 @@ use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use fleet_core::topic::{Role, TopicPrefix};
+
+use crate::clock::Clock;
 use crate::commands::CommandCenter;
-use crate::provisioning::ProvisioningService;
+use crate::service::{HandlerError, HandlerId, Request, Services};
 use crate::shadows::ShadowService;
 use crate::telemetry::{TelemetryRecord, TelemetryRouter};
 
@@ -96,21 +99,30 @@ fn tls(config: &BrokerConfig) -> Result<rustls::ClientConfig, StartError> {
         .map_err(|e| StartError::Tls(e.to_string()))
 }
 
-/// What a running service serves besides shadows.
-#[derive(Debug, Default)]
-pub struct Extras {
+/// What a front-end serves besides its [`Services`] table, and how.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
     /// Telemetry routing; `None`: telemetry is not subscribed to.
     pub telemetry: Option<TelemetryRouter>,
-    /// Fleet provisioning by claim; `None`: not served.
-    pub provisioning: Option<ProvisioningService>,
-    /// MQTT file streams (OTA images); `None`: not served.
-    pub streams: Option<crate::StreamService>,
-    /// The jobs service (`JobsService::into()`); `None`: not served. Its
-    /// timers are swept, and its rollouts driven, every second.
-    pub jobs: Option<crate::JobsService>,
-    /// When several instances share a store: sweep and drive only while
-    /// this instance holds the lease (`None`: always, one instance).
-    pub leadership: Option<std::sync::Arc<dyn crate::Leadership>>,
+    /// When several instances share a store: the services' periodic work
+    /// ([`Handler::tick`]: job timeouts, rollouts) runs only while this
+    /// instance holds the lease (`None`: always, one instance).
+    pub leadership: Option<Arc<dyn crate::Leadership>>,
+    /// The time requests arrive at, and ticks run at.
+    pub clock: Clock,
+    /// Commands are sent under this prefix (`$aws` by default).
+    pub commands_prefix: String,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            telemetry: None,
+            leadership: None,
+            clock: Clock::system(),
+            commands_prefix: "$aws".into(),
+        }
+    }
 }
 
 /// Publishes through a running service's connection, at QoS 1.
@@ -184,18 +196,16 @@ const MAX_OUTBOUND_BYTES: usize = 16 * 1024 * 1024;
 /// Largest packet the backend accepts.
 const MAX_PACKET: u32 = 256 * 1024;
 
-fn epoch_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Connects to the broker and serves shadow requests until stopped.
 pub fn serve_shadows(
     config: BrokerConfig,
     service: ShadowService,
 ) -> Result<RunningService, StartError> {
-    serve(config, service, Extras::default())
+    serve(
+        config,
+        Services::new().with(service),
+        ServeOptions::default(),
+    )
 }
 
 /// What the service sends: a message, or the acknowledgement of one it
@@ -235,8 +245,15 @@ impl Ack {
     }
 }
 
-/// A request for a service, with its acknowledgement.
-type Request = (String, Vec<u8>, Ack);
+/// A message for a service as it arrived, with its acknowledgement.
+#[derive(Debug)]
+struct Queued {
+    topic: String,
+    payload: Vec<u8>,
+    ack: Ack,
+    /// Its MQTT 5 response topic and correlation data.
+    response: Option<(String, Option<bytes::Bytes>)>,
+}
 
 /// Requests are handled by this many workers at once: those of one thing
 /// in order, one at a time; different things' at the same time (so a store
@@ -271,7 +288,7 @@ fn owner_of(topic: &str) -> &str {
 /// Pure, so that its fairness is tested without a broker.
 #[derive(Debug, Default)]
 struct Turns {
-    waiting: HashMap<String, VecDeque<Request>>,
+    waiting: HashMap<String, VecDeque<Queued>>,
     /// Things with requests waiting and none being handled, in turn order.
     ready: VecDeque<String>,
     /// Things with a request being handled.
@@ -284,14 +301,14 @@ struct Turns {
 enum Pushed {
     Queued,
     /// The thing has [`MAX_WAITING_PER_THING`] waiting: the request back.
-    Full(Request),
+    Full(Queued),
 }
 
 impl Turns {
-    fn push(&mut self, request: Request) -> Pushed {
+    fn push(&mut self, request: Queued) -> Pushed {
         let full = self
             .waiting
-            .get(owner_of(&request.0))
+            .get(owner_of(&request.topic))
             .is_some_and(|q| q.len() >= MAX_WAITING_PER_THING);
         if full {
             return Pushed::Full(request);
@@ -301,8 +318,8 @@ impl Turns {
     }
 
     /// Queues `request` whatever its thing holds.
-    fn push_anyway(&mut self, request: Request) {
-        let owner = owner_of(&request.0).to_string();
+    fn push_anyway(&mut self, request: Queued) {
+        let owner = owner_of(&request.topic).to_string();
         let queue = self.waiting.entry(owner.clone()).or_default();
         let first = queue.is_empty();
         queue.push_back(request);
@@ -314,7 +331,7 @@ impl Turns {
 
     /// The next request to handle (its thing is then busy until
     /// [`done`](Self::done)).
-    fn next(&mut self) -> Option<(String, Request)> {
+    fn next(&mut self) -> Option<(String, Queued)> {
         let owner = self.ready.pop_front()?;
         let queue = self.waiting.get_mut(&owner)?;
         let request = queue.pop_front()?;
@@ -347,16 +364,16 @@ impl Turns {
 /// handled), and a device's QoS 1 requests are bounded by its in-flight
 /// window.
 fn lanes<F, Fut, A, T>(
-    mut rx: mpsc::Receiver<Request>,
+    mut rx: mpsc::Receiver<Queued>,
     handler: F,
     ack: A,
     throttled: T,
 ) -> tokio::task::JoinHandle<()>
 where
-    F: Fn(String, Vec<u8>) -> Fut + Clone + Send + 'static,
+    F: Fn(Queued) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send + 'static,
     A: Fn(Ack) + Clone + Send + 'static,
-    T: Fn(&str, &[u8]) -> bool + Send + 'static,
+    T: Fn(&Queued) -> bool + Send + 'static,
 {
     tokio::spawn(async move {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
@@ -365,12 +382,13 @@ where
         let mut open = true;
         loop {
             while running < WORKERS
-                && let Some((owner, (topic, payload, a))) = turns.next()
+                && let Some((owner, queued)) = turns.next()
             {
                 running += 1;
                 let (handler, ack, done) = (handler.clone(), ack.clone(), done_tx.clone());
                 tokio::spawn(async move {
-                    if handler(topic, payload).await {
+                    let a = queued.ack;
+                    if handler(queued).await {
                         ack(a);
                     }
                     let _ = done.send(owner);
@@ -388,10 +406,8 @@ where
                 r = rx.recv(), if can_read => match r {
                     Some(request) => {
                         if let Pushed::Full(request) = turns.push(request) {
-                            if request.2.qos == QoS::AtMostOnce
-                                && throttled(&request.0, &request.1)
-                            {
-                                ack(request.2);
+                            if request.ack.qos == QoS::AtMostOnce && throttled(&request) {
+                                ack(request.ack);
                             } else {
                                 turns.push_anyway(request);
                             }
@@ -416,18 +432,24 @@ fn network_options() -> rumqttc::NetworkOptions {
     n
 }
 
-/// Connects to the broker and serves shadows, command answers and (with a
-/// router) telemetry until stopped. Subscriptions are made again after
-/// every reconnection.
+/// Connects to the broker and serves every service of `services`, the
+/// answers to this instance's commands and (with a router) telemetry until
+/// stopped. Subscriptions are made again after every reconnection.
+///
+/// This is the MQTT front-end: one subscription set and one queue per
+/// handler of the table, things taking turns in each ([`Turns`]); a
+/// request is parsed into a [`Request`] (its caller the thing its topic
+/// names, which the broker's policy lets publish only there), handled
+/// through [`Services::handle`], and its answers published before it is
+/// acknowledged.
 pub fn serve(
     config: BrokerConfig,
-    service: ShadowService,
-    extras: Extras,
+    services: Services,
+    options: ServeOptions,
 ) -> Result<RunningService, StartError> {
     let tls = tls(&config)?;
-    let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
+    let mut mqtt = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    mqtt.set_keep_alive(Duration::from_secs(30))
         // Above the broker's limit for devices (128 KiB, as AWS IoT), so a
         // device can never send the backend a packet it refuses (rumqttc's
         // default of 10 KiB would drop the connection).
@@ -447,59 +469,38 @@ pub fn serve(
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )));
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let (tx, rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
-    let (telemetry_tx, mut telemetry_rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
-    type ProvisioningRequest = (String, Vec<u8>, Option<String>, Option<bytes::Bytes>, Ack);
-    let (provisioning_tx, mut provisioning_rx) =
-        mpsc::channel::<ProvisioningRequest>(config.queue_capacity.max(1));
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 256);
+    let capacity = config.queue_capacity.max(1);
+
+    // The table: the services given, and this instance's command answers.
+    let commands = CommandCenter::new(
+        Publisher(client.clone()),
+        &options.commands_prefix,
+        options.clock.clone(),
+    );
+    let mut services = services;
+    services.add(Arc::new(commands.clone()));
     let share = config
         .share_group
         .as_ref()
         .map_or(String::new(), |g| format!("$share/{g}/"));
-    let prefix = service.prefix().to_string();
-    let mut filters: Vec<String> = fleet_core::topic::Service::Shadows
-        .request_filters()
-        .iter()
-        .map(|f| format!("{share}{prefix}/{f}"))
-        .collect();
-    // Not shared: the instance that sent a command holds its waiter.
-    filters.push(format!(
-        "{prefix}/commands/things/+/executions/+/response/+"
-    ));
-    let telemetry_prefix = extras.telemetry.as_ref().map(|t| t.prefix.clone());
+    let mut filters = Vec::new();
+    let mut queues = Vec::new();
+    let mut receivers = Vec::new();
+    for id in services.ids() {
+        let shared = services.get(id).is_some_and(|h| h.shareable());
+        for f in services.filters(id) {
+            filters.push(if shared { format!("{share}{f}") } else { f });
+        }
+        let (tx, rx) = mpsc::channel::<Queued>(capacity);
+        queues.push(tx);
+        receivers.push((id, rx));
+    }
+    let telemetry_prefix = options.telemetry.as_ref().map(|t| t.prefix.clone());
     if let Some(t) = &telemetry_prefix {
         filters.push(format!("{share}{t}/#"));
     }
-    let provisioning_filters: Vec<String> = extras
-        .provisioning
-        .as_ref()
-        .map(|p| p.filters().to_vec())
-        .unwrap_or_default();
-    for f in &provisioning_filters {
-        filters.push(format!("{share}{f}"));
-    }
-    let stream_filters: Vec<String> = if extras.streams.is_some() {
-        crate::StreamService::filters(&prefix).to_vec()
-    } else {
-        Vec::new()
-    };
-    for f in &stream_filters {
-        filters.push(format!("{share}{f}"));
-    }
-    let jobs_filters: Vec<String> = extras
-        .jobs
-        .as_ref()
-        .map(|j| j.filters().to_vec())
-        .unwrap_or_default();
-    for f in &jobs_filters {
-        filters.push(format!("{share}{f}"));
-    }
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
-    let (streams_tx, mut streams_rx) = mpsc::channel::<Request>(config.queue_capacity.max(1));
-    let commands = CommandCenter::new(client.clone(), &prefix);
-    let command_answers = commands.clone();
-    let responses_under = format!("{prefix}/commands/things/");
+    let (telemetry_tx, mut telemetry_rx) = mpsc::channel::<Queued>(capacity);
 
     // Handlers never wait for the client: the network task may be waiting
     // for them (a full queue), and the client only moves when the network
@@ -571,6 +572,7 @@ pub fn serve(
     let stop_seen = stopping.clone();
     let sub_client = client.clone();
     let ack_now = acker.clone();
+    let table = services.clone();
     let network = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -586,66 +588,36 @@ pub fn serve(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    let ack = Ack::of(&p);
-                    if let Some(rest) = topic.strip_prefix(&responses_under) {
-                        if let Some(thing) = rest.split('/').next() {
-                            command_answers.handle_response(thing, &p.payload);
-                        }
-                        ack_now(ack);
-                        continue;
-                    }
-                    if provisioning_filters
-                        .iter()
-                        .any(|f| fleet_core::topic::filter_matches(f, &topic))
-                    {
-                        let props = p.properties.as_ref();
-                        let request = (
-                            topic,
-                            p.payload.to_vec(),
-                            props.and_then(|pr| pr.response_topic.clone()),
-                            props.and_then(|pr| pr.correlation_data.clone()),
-                            ack,
-                        );
-                        if provisioning_tx.send(request).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    if jobs_filters
-                        .iter()
-                        .any(|f| fleet_core::topic::filter_matches(f, &topic))
-                    {
-                        if jobs_tx
-                            .send((topic, p.payload.to_vec(), ack))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                    if stream_filters
-                        .iter()
-                        .any(|f| fleet_core::topic::filter_matches(f, &topic))
-                    {
-                        if streams_tx
-                            .send((topic, p.payload.to_vec(), ack))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                    let is_telemetry = telemetry_prefix.as_ref().is_some_and(|t| {
-                        topic
-                            .strip_prefix(t.as_str())
-                            .is_some_and(|r| r.starts_with('/'))
+                    let props = p.properties.as_ref();
+                    let response = props.and_then(|pr| {
+                        Some((pr.response_topic.clone()?, pr.correlation_data.clone()))
                     });
+                    let routed = table.route(&topic).map(|(id, _)| id);
+                    let is_telemetry = routed.is_none()
+                        && telemetry_prefix.as_ref().is_some_and(|t| {
+                            topic
+                                .strip_prefix(t.as_str())
+                                .is_some_and(|r| r.starts_with('/'))
+                        });
+                    let queued = Queued {
+                        topic,
+                        payload: p.payload.to_vec(),
+                        ack: Ack::of(&p),
+                        response,
+                    };
                     // Awaiting here is the back-pressure: a full queue stops
                     // reads from the broker.
-                    let queue = if is_telemetry { &telemetry_tx } else { &tx };
-                    if queue.send((topic, p.payload.to_vec(), ack)).await.is_err() {
+                    let queue = match routed {
+                        Some(id) => &queues[id.index()],
+                        None if is_telemetry => &telemetry_tx,
+                        None => {
+                            // Nothing here takes it (a reply of another
+                            // instance's): nothing to do.
+                            ack_now(queued.ack);
+                            continue;
+                        }
+                    };
+                    if queue.send(queued).await.is_err() {
                         return;
                     }
                 }
@@ -660,137 +632,74 @@ pub fn serve(
         }
     });
 
-    let service = Arc::new(service);
-    let out = outbound.clone();
-    let throttled = {
-        let (service, out) = (service.clone(), outbound.clone());
-        move |topic: &str, payload: &[u8]| match service.throttled(topic, payload, epoch_seconds())
-        {
-            Some(o) => {
-                out(o.topic, o.payload, None);
-                true
-            }
-            None => false,
-        }
-    };
-    let worker = lanes(
-        rx,
-        move |topic: String, payload: Vec<u8>| {
-            let service = service.clone();
-            let out = out.clone();
-            async move {
-                match service.handle(&topic, &payload, epoch_seconds()).await {
-                    Ok(messages) => {
-                        for o in messages {
-                            out(o.topic, o.payload, None);
-                        }
-                        true
-                    }
-                    Err(e) => {
-                        tracing::warn!("{topic}: {e}");
-                        false
-                    }
-                }
-            }
-        },
-        acker.clone(),
-        throttled,
-    );
-
-    let mut tasks = vec![network, worker, publisher];
-    if let Some(provisioning) = extras.provisioning {
-        let out = outbound.clone();
-        let ack = acker.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some((topic, payload, response_topic, correlation, a)) =
-                provisioning_rx.recv().await
-            {
-                let reply = provisioning
-                    .handle(&topic, &payload, response_topic.as_deref(), epoch_seconds())
-                    .await;
-                ack(a);
-                let Some(reply) = reply else { continue };
-                let properties = PublishProperties {
-                    correlation_data: correlation,
-                    ..PublishProperties::default()
-                };
-                out(reply.topic, reply.payload, Some(properties));
-            }
-        }));
-    }
-    let leadership = extras.leadership;
-    if let Some(jobs) = extras.jobs {
-        let out = outbound.clone();
-        let publish_all = move |messages: Vec<crate::Outgoing>| {
-            for m in messages {
-                out(m.topic, m.payload, None);
+    let mut tasks = vec![network, publisher];
+    for (id, rx) in receivers {
+        let Some(handler) = services.get(id).cloned() else {
+            continue;
+        };
+        let prefix = handler.prefix().to_string();
+        let handle = {
+            let (services, out, clock) =
+                (services.clone(), outbound.clone(), options.clock.clone());
+            let prefix = prefix.clone();
+            move |queued: Queued| {
+                let (services, out, clock) = (services.clone(), out.clone(), clock.clone());
+                let prefix = prefix.clone();
+                async move { handle_one(&services, id, &prefix, &queued, clock.now(), &out).await }
             }
         };
-        let handler = jobs.clone();
-        let publish = publish_all.clone();
-        tasks.push(lanes(
-            jobs_rx,
-            move |topic: String, payload: Vec<u8>| {
-                let jobs = handler.clone();
-                let publish = publish.clone();
-                async move {
-                    match jobs.handle(&topic, &payload, jobs.now()).await {
-                        Ok(messages) => {
-                            publish(messages);
-                            true
-                        }
-                        Err(e) => {
-                            tracing::warn!("jobs: {e}");
-                            false
+        let throttled = {
+            let (out, clock) = (outbound.clone(), options.clock.clone());
+            move |queued: &Queued| {
+                let Ok(p) = TopicPrefix::new(&prefix) else {
+                    return false;
+                };
+                let request = Request::from_broker(&p, &queued.topic, &queued.payload, clock.now());
+                match request.and_then(|r| handler.throttled(&r)) {
+                    Some(o) => {
+                        out(o.topic, o.payload, None);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        tasks.push(lanes(rx, handle, acker.clone(), throttled));
+    }
+
+    // The services' periodic work, by the instance that leads.
+    let ticking = services.clone();
+    let leadership = options.leadership.clone();
+    let clock = options.clock.clone();
+    let out = outbound.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            if let Some(lease) = &leadership
+                && !lease.is_leader().await
+            {
+                continue;
+            }
+            for handler in ticking.handlers() {
+                match handler.tick(clock.now()).await {
+                    Ok(messages) => {
+                        for m in messages {
+                            out(m.topic, m.payload, None);
                         }
                     }
-                }
-            },
-            acker.clone(),
-            // Jobs requests wait for room rather than being refused.
-            |_: &str, _: &[u8]| false,
-        ));
-        tasks.push(tokio::spawn(async move {
-            let mut sweep = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                sweep.tick().await;
-                if let Some(lease) = &leadership
-                    && !lease.is_leader().await
-                {
-                    continue;
-                }
-                match jobs.tick(jobs.now()).await {
-                    Ok(messages) => publish_all(messages),
-                    Err(e) => tracing::warn!("jobs: {e}"),
+                    Err(e) => {
+                        let cause = std::error::Error::source(&e).map(ToString::to_string);
+                        tracing::warn!(service = ?handler.service(), cause, "{e}");
+                    }
                 }
             }
-        }));
-    }
-    if let Some(streams) = extras.streams {
-        let out = outbound.clone();
-        let prefix = prefix.clone();
+        }
+    }));
+
+    if let Some(router) = options.telemetry {
         let ack = acker.clone();
-        tasks.push(tokio::spawn(async move {
-            let Ok(p) = fleet_core::topic::TopicPrefix::new(&prefix) else {
-                return;
-            };
-            while let Some((topic, payload, a)) = streams_rx.recv().await {
-                // A read: nothing to store, acknowledged at once.
-                ack(a);
-                // Shared streams: another instance may have stored or
-                // replaced it.
-                if let Err(e) = streams.refresh_for(&p, &topic).await {
-                    tracing::warn!("{e}");
-                }
-                // A request asks for a bounded number of blocks.
-                for reply in streams.handle_under(&p, &topic, &payload) {
-                    out(reply.topic, reply.payload, None);
-                }
-            }
-        }));
-    }
-    if let Some(router) = extras.telemetry {
-        let ack = acker.clone();
+        let clock = options.clock.clone();
         tasks.push(tokio::spawn(async move {
             // What queued up while the last batch was stored goes together.
             while let Some(first) = telemetry_rx.recv().await {
@@ -801,17 +710,17 @@ pub fn serve(
                         Err(_) => break,
                     }
                 }
-                let now = epoch_seconds();
-                let acks: Vec<Ack> = batch.iter().map(|(_, _, a)| *a).collect();
+                let now = clock.now();
+                let acks: Vec<Ack> = batch.iter().map(|q| q.ack).collect();
                 let records = batch
                     .into_iter()
-                    .map(|(topic, payload, _)| TelemetryRecord {
+                    .map(|q| TelemetryRecord {
                         // `{prefix}/{thing}/...`: the broker policy lets a
                         // device publish only under its own name.
-                        thing: topic.split('/').nth(1).unwrap_or_default().to_string(),
-                        topic,
+                        thing: q.topic.split('/').nth(1).unwrap_or_default().to_string(),
+                        topic: q.topic,
                         received_at: now,
-                        payload,
+                        payload: q.payload,
                     })
                     .collect();
                 // Delivered to the sinks, or kept as dead letters: taken
@@ -831,19 +740,88 @@ pub fn serve(
     })
 }
 
+/// Handles one message of handler `id`'s queue and publishes its answers:
+/// to the request's MQTT 5 response topic where it gave one (in its own
+/// namespace only), with its correlation data. Whether to acknowledge it:
+/// not when the service failed (its store), so that it comes again.
+async fn handle_one(
+    services: &Services,
+    id: HandlerId,
+    prefix: &str,
+    queued: &Queued,
+    now: u64,
+    out: &(impl Fn(String, Vec<u8>, Option<PublishProperties>) + Sync),
+) -> bool {
+    let Ok(p) = TopicPrefix::new(prefix) else {
+        return true;
+    };
+    let Some(request) = Request::from_broker(&p, &queued.topic, &queued.payload, now) else {
+        return true;
+    };
+    let messages = match services.handle(id, &request).await {
+        Ok(messages) => messages,
+        Err(HandlerError::Failed(e)) => {
+            tracing::warn!(topic = queued.topic, "{e}");
+            return false;
+        }
+        Err(e) => {
+            tracing::warn!(topic = queued.topic, "refused: {e}");
+            return true;
+        }
+    };
+    let replies = [Role::Accepted, Role::Rejected].map(|role| {
+        request
+            .topic
+            .reply(role)
+            .map(|t| (role, t.to_string_under(&p)))
+    });
+    for m in messages {
+        // Provisioning answers go to the requester's response topic (they
+        // carry secrets); other services answer on their own topics.
+        let response = queued
+            .response
+            .as_ref()
+            .filter(|_| request.topic.service() == fleet_core::topic::Service::Provisioning);
+        let Some((response_topic, correlation)) = response else {
+            out(m.topic, m.payload, None);
+            continue;
+        };
+        let role = replies
+            .iter()
+            .flatten()
+            .find(|(_, t)| *t == m.topic)
+            .map(|(role, _)| *role);
+        let Some(role) = role else {
+            out(m.topic, m.payload, None);
+            continue;
+        };
+        // Only a client's own namespace: the service must not be made to
+        // publish on someone else's topics.
+        if let Some(topic) = fleet_core::topic::response_reply(&p, response_topic, role) {
+            let properties = PublishProperties {
+                correlation_data: correlation.clone(),
+                ..PublishProperties::default()
+            };
+            out(topic, m.payload, Some(properties));
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn request(thing: &str, n: u16) -> Request {
-        (
-            format!("$aws/things/{thing}/shadow/get"),
-            Vec::new(),
-            Ack {
+    fn request(thing: &str, n: u16) -> Queued {
+        Queued {
+            topic: format!("$aws/things/{thing}/shadow/get"),
+            payload: Vec::new(),
+            ack: Ack {
                 pkid: n,
                 qos: QoS::AtLeastOnce,
             },
-        )
+            response: None,
+        }
     }
 
     #[test]
@@ -855,14 +833,17 @@ mod tests {
         // The flooding thing is full; the next of its requests comes back.
         assert!(matches!(
             t.push(request("flood", 99)),
-            Pushed::Full((_, _, Ack { pkid: 99, .. }))
+            Pushed::Full(Queued {
+                ack: Ack { pkid: 99, .. },
+                ..
+            })
         ));
         assert!(matches!(t.push(request("good", 1000)), Pushed::Queued));
         // The flood's first request is handled; the good device's comes
         // next, not after the other fifteen.
-        let (owner, (_, _, a)) = t.next().unwrap();
+        let (owner, Queued { ack: a, .. }) = t.next().unwrap();
         assert_eq!((owner.as_str(), a.pkid), ("flood", 0));
-        let (owner, (_, _, a)) = t.next().unwrap();
+        let (owner, Queued { ack: a, .. }) = t.next().unwrap();
         assert_eq!((owner.as_str(), a.pkid), ("good", 1000));
         // One at a time per thing: nothing else until one is done.
         assert!(t.next().is_none());
@@ -870,7 +851,7 @@ mod tests {
         assert!(t.next().is_none(), "good has nothing waiting");
         t.done("flood");
         let mut order = Vec::new();
-        while let Some((owner, (_, _, a))) = t.next() {
+        while let Some((owner, Queued { ack: a, .. })) = t.next() {
             order.push(a.pkid);
             t.done(&owner);
         }

@@ -3,16 +3,18 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use fleet_core::ThingName;
-use fleet_core::jobs::{
-    CommandError, CommandResponse, CommandState, PendingCommands, request_topic,
-};
-use rumqttc::v5::AsyncClient;
-use rumqttc::v5::mqttbytes::QoS;
+use fleet_core::jobs::{CommandError, CommandResponse, CommandState, PendingCommands};
+use fleet_core::topic::{CommandTopic, CommandTopicKind, Format, Service, Topic, TopicPrefix};
+use fleet_core::{JobId, ThingName};
 use serde_json::Value;
 use tokio::sync::oneshot;
+
+use crate::Outgoing;
+use crate::broker::Publisher;
+use crate::clock::Clock;
+use crate::service::{Handler, HandlerError, Request};
 
 /// Why a command did not get an answer.
 #[derive(Debug)]
@@ -51,8 +53,11 @@ struct Inner {
 #[derive(Clone)]
 pub struct CommandCenter {
     inner: Arc<Mutex<Inner>>,
-    client: AsyncClient,
+    publisher: Publisher,
     prefix: String,
+    clock: Clock,
+    /// Tells this instance's execution ids from others'.
+    nonce: u32,
 }
 
 impl fmt::Debug for CommandCenter {
@@ -63,18 +68,17 @@ impl fmt::Debug for CommandCenter {
     }
 }
 
-fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
 impl CommandCenter {
-    pub(crate) fn new(client: AsyncClient, prefix: &str) -> Self {
+    pub(crate) fn new(publisher: Publisher, prefix: &str, clock: Clock) -> Self {
+        let mut nonce = [0u8; 4];
+        // Without randomness ids still differ by time and counter.
+        let _ = getrandom::fill(&mut nonce);
         Self {
             inner: Arc::new(Mutex::new(Inner::default())),
-            client,
+            publisher,
             prefix: prefix.into(),
+            clock,
+            nonce: u32::from_le_bytes(nonce),
         }
     }
 
@@ -92,12 +96,12 @@ impl CommandCenter {
         payload: Value,
         timeout: Duration,
     ) -> Result<CommandResponse, CommandFailure> {
-        let now = now();
-        let deadline = (now + timeout).as_secs();
+        let now = self.clock.now();
+        let deadline = now + timeout.as_secs().max(1);
         let (id, request, rx) = {
             let mut inner = self.lock();
             inner.next += 1;
-            let id = format!("cmd-{:x}-{}", now.as_millis(), inner.next);
+            let id = format!("cmd-{now:x}-{:08x}-{}", self.nonce, inner.next);
             let request = inner
                 .pending
                 .send(thing.as_str(), &id, command, payload, deadline)
@@ -106,16 +110,32 @@ impl CommandCenter {
             inner.waiters.insert(id.clone(), tx);
             (id, request, rx)
         };
-        let topic = request_topic(&self.prefix, thing, &id);
-        if let Err(e) = self
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, request)
-            .await
-        {
+        let topic = TopicPrefix::new(&self.prefix)
+            .map_err(|e| CommandFailure::Network(e.to_string()))
+            .and_then(|prefix| {
+                let execution = JobId::new(&id)
+                    .map_err(|_| CommandFailure::Invalid(CommandError::InvalidExecutionId))?;
+                Ok(Topic::Command(CommandTopic {
+                    thing: thing.borrow(),
+                    execution,
+                    kind: CommandTopicKind::Request,
+                    format: Format::Json,
+                })
+                .to_string_under(&prefix))
+            });
+        let sent = match topic {
+            Ok(topic) => self
+                .publisher
+                .publish(&topic, request)
+                .await
+                .map_err(|e| CommandFailure::Network(e.to_string())),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             let mut inner = self.lock();
             inner.waiters.remove(&id);
             inner.pending.expire(&id);
-            return Err(CommandFailure::Network(e.to_string()));
+            return Err(e);
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(response)) => Ok(response),
@@ -133,13 +153,10 @@ impl CommandCenter {
         self.lock().pending.state(execution_id).cloned()
     }
 
-    /// An answer arrived from `thing`.
-    pub(crate) fn handle_response(&self, thing: &str, payload: &[u8]) {
+    /// An answer arrived from `thing` at `now` (epoch seconds).
+    fn handle_response(&self, thing: &str, payload: &[u8], now: u64) {
         let mut inner = self.lock();
-        match inner
-            .pending
-            .handle_response(now().as_secs(), thing, payload)
-        {
+        match inner.pending.handle_response(now, thing, payload) {
             Ok(CommandState::Done(response)) => {
                 let response = response.clone();
                 if let Some(waiter) = inner.waiters.remove(&response.execution_id) {
@@ -149,5 +166,30 @@ impl CommandCenter {
             Ok(_) => {}
             Err(e) => tracing::debug!("command answer from {thing} refused: {e}"),
         }
+    }
+}
+
+/// The devices' answers (`.../executions/{id}/response/json`). Not
+/// shareable: the instance that sent a command holds its waiter, and the
+/// answer comes back on that instance's own subscription.
+#[async_trait::async_trait]
+impl Handler for CommandCenter {
+    fn service(&self) -> Service {
+        Service::Commands
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn shareable(&self) -> bool {
+        false
+    }
+
+    async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, HandlerError> {
+        if let Topic::Command(c) = &request.topic {
+            self.handle_response(c.thing.as_str(), request.payload, request.received_at);
+        }
+        Ok(Vec::new())
     }
 }

@@ -18,7 +18,10 @@ use fleet_core::jobs::{
     JobExecution, JobStatus, JobsMessage, RolloutControl, RolloutStatus, Target, TargetStatus,
     ThingJobs,
 };
-use fleet_core::topic::{JobsTopic, Topic, TopicPrefix};
+use fleet_core::topic::{JobsTopic, Service, Topic, TopicPrefix};
+
+use crate::clock::Clock;
+use crate::service::{Handler, HandlerError, Request};
 
 use crate::registry::Registry;
 use crate::store::{JobStore, StoreError};
@@ -50,7 +53,37 @@ impl fmt::Display for JobsError {
     }
 }
 
-impl std::error::Error for JobsError {}
+impl std::error::Error for JobsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for JobsService {
+    fn service(&self) -> Service {
+        Service::Jobs
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, HandlerError> {
+        JobsService::handle(self, request)
+            .await
+            .map_err(HandlerError::failed)
+    }
+
+    async fn tick(&self, now: u64) -> Result<Vec<Outgoing>, HandlerError> {
+        JobsService::tick(self, now)
+            .await
+            .map_err(HandlerError::failed)
+    }
+}
 
 impl From<StoreError> for JobsError {
     fn from(e: StoreError) -> Self {
@@ -117,7 +150,7 @@ const MAX_CAS_ATTEMPTS: usize = 16;
 pub struct JobsService {
     store: Arc<dyn JobStore>,
     prefix: String,
-    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    clock: Clock,
 }
 
 impl fmt::Debug for JobsService {
@@ -155,33 +188,26 @@ impl JobsService {
         Self {
             store,
             prefix: "$aws".into(),
-            clock: Arc::new(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-            }),
+            clock: Clock::system(),
         }
     }
 
-    /// Uses `clock` (epoch seconds) instead of the system clock when
-    /// served over the broker: for tests, and for simulations.
-    pub fn with_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
-        self.clock = Arc::new(clock);
+    /// Uses `clock` instead of the system clock for what it does on its
+    /// own (timeouts swept by [`tick`](Self::tick) through a front-end,
+    /// [`now`](Self::now)): for tests, and for simulations.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
         self
     }
 
     /// Now, by this service's clock.
     pub fn now(&self) -> u64 {
-        (self.clock)()
+        self.clock.now()
     }
 
-    /// The topic filters of device requests.
-    pub fn filters(&self) -> Vec<String> {
-        fleet_core::topic::Service::Jobs
-            .request_filters()
-            .iter()
-            .map(|f| format!("{}/{f}", self.prefix))
-            .collect()
+    /// This service's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     fn outgoing(&self, thing: &str, messages: Vec<JobsMessage>) -> Vec<Outgoing> {
@@ -198,8 +224,7 @@ impl JobsService {
                     thing: thing.clone(),
                     kind: m.kind,
                 })
-                .display(&prefix)
-                .to_string(),
+                .to_string_under(&prefix),
                 payload: m.payload,
             })
             .collect()
@@ -231,23 +256,16 @@ impl JobsService {
         Err(StoreError::Conflict.into())
     }
 
-    /// Answers a device's request on `topic`; nothing for other topics.
-    pub async fn handle(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        now: u64,
-    ) -> Result<Vec<Outgoing>, JobsError> {
-        let Ok(prefix) = TopicPrefix::new(&self.prefix) else {
-            return Ok(Vec::new());
+    /// Answers a device's jobs request.
+    pub async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, JobsError> {
+        let Topic::Jobs(JobsTopic { thing, kind }) = &request.topic else {
+            return Err(JobsError::Invalid("not a jobs request".into()));
         };
-        let Ok(Topic::Jobs(JobsTopic { thing, kind })) = Topic::parse(&prefix, topic) else {
-            return Ok(Vec::new());
-        };
+        let (now, payload) = (request.received_at, request.payload);
         let thing = thing.as_str().to_string();
         let (messages, ended) = self
             .with_thing(&thing, |jobs| {
-                let messages = jobs.handle_request(&kind, payload, now);
+                let messages = jobs.handle_request(kind, payload, now);
                 (messages, ended_executions(jobs))
             })
             .await?;
@@ -960,6 +978,10 @@ mod tests {
     };
     use serde_json::json;
 
+    fn req<'a>(topic: &'a str, payload: &'a [u8], now: u64) -> Request<'a> {
+        Request::from_broker(&TopicPrefix::AWS, topic, payload, now).expect("a request")
+    }
+
     const T0: u64 = 1_800_000_000;
 
     fn rollout_spec(id: &str, things: usize, abort: bool) -> JobSpec {
@@ -996,17 +1018,14 @@ mod tests {
 
     /// The device `thing` takes its next job and ends it with `status`.
     async fn device_does(jobs: &JobsService, thing: &str, status: &str, now: u64) {
-        jobs.handle(&format!("$aws/things/{thing}/jobs/start-next"), b"{}", now)
-            .await
-            .unwrap();
+        let topic = format!("$aws/things/{thing}/jobs/start-next");
+        jobs.handle(&req(&topic, b"{}", now)).await.unwrap();
         let job = jobs.store.load_thing(thing).await.unwrap().value;
         let id = job.next_pending().map(|e| e.job_id.clone()).unwrap();
+        let topic = format!("$aws/things/{thing}/jobs/{id}/update");
+        let body = json!({"status": status}).to_string();
         let out = jobs
-            .handle(
-                &format!("$aws/things/{thing}/jobs/{id}/update"),
-                json!({"status": status}).to_string().as_bytes(),
-                now,
-            )
+            .handle(&req(&topic, body.as_bytes(), now))
             .await
             .unwrap();
         assert!(
@@ -1107,7 +1126,7 @@ mod tests {
         // reminded any more.
         assert!(notices(jobs.handle_timeouts(first + 1).await.unwrap()).is_empty());
         device_does(&jobs, "t0", "SUCCEEDED", first + 2).await;
-        jobs.handle("$aws/things/t1/jobs/get", b"{}", first + 2)
+        jobs.handle(&req("$aws/things/t1/jobs/get", b"{}", first + 2))
             .await
             .unwrap();
         let second = first + fleet_core::jobs::REMINDERS[1];

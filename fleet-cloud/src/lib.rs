@@ -83,6 +83,7 @@
 pub mod api;
 mod broker;
 mod campaigns;
+mod clock;
 mod commands;
 mod embedded;
 mod jobs;
@@ -92,6 +93,7 @@ pub mod pki;
 mod policy;
 mod provisioning;
 mod registry;
+pub mod service;
 mod shadows;
 pub mod store;
 mod streams;
@@ -100,9 +102,11 @@ pub mod telemetry;
 pub mod tls;
 
 pub use broker::{
-    BrokerConfig, Extras, PublishError, Publisher, RunningService, StartError, serve, serve_shadows,
+    BrokerConfig, PublishError, Publisher, RunningService, ServeOptions, StartError, serve,
+    serve_shadows,
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
+pub use clock::Clock;
 pub use commands::{CommandCenter, CommandFailure};
 /// The embedded broker's session logic without sockets, for the fuzz
 /// target (feature `fuzzing`; not a stable API).
@@ -128,6 +132,7 @@ pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate,
 };
 pub use registry::{Registry, RegistryError};
+pub use service::{Caller, Handler, Request, Services};
 pub use shadows::{ServiceError, ShadowService};
 pub use store::{
     JobStore, Leadership, MemoryStore, PgLease, PgStore, RegistryStore, ShadowKey, ShadowStore,

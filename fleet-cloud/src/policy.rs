@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use fleet_core::topic::{Service, TopicPrefix};
+
 /// Where a Mosquitto listener finds its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MosquittoListener {
@@ -287,31 +289,33 @@ impl BrokerPolicy {
         let p = &self.prefix;
         let t = &self.telemetry_prefix;
         let mut device = Vec::new();
-        let things = format!("{p}/things/%u");
-        for shadow in [
-            format!("{things}/shadow"),
-            format!("{things}/shadow/name/+"),
-        ] {
-            for op in ["get", "update", "delete"] {
-                device.push((Write, format!("{shadow}/{op}")));
+        // The protocol's topics, from fleet-core: a device writes its own
+        // requests and reads what is sent to it (`%u`: its user name).
+        if let Ok(prefix) = TopicPrefix::new(p) {
+            for service in [
+                Service::Shadows,
+                Service::Jobs,
+                Service::Streams,
+                Service::Commands,
+            ] {
+                device.extend(
+                    service
+                        .requests_of(&prefix, "%u")
+                        .into_iter()
+                        .map(|f| (Write, f)),
+                );
+                device.extend(
+                    service
+                        .device_filters(&prefix, "%u")
+                        .into_iter()
+                        .map(|f| (Read, f)),
+                );
             }
+            // Replies meant for one connection only (provisioning secrets)
+            // go to its own response topics.
+            device.push((Read, fleet_core::topic::client_namespace(&prefix, "%c")));
         }
-        device.push((Read, format!("{things}/shadow/#")));
-        for req in ["get", "start-next", "+/get", "+/update"] {
-            device.push((Write, format!("{things}/jobs/{req}")));
-        }
-        device.push((Read, format!("{things}/jobs/#")));
-        for req in ["describe", "get"] {
-            device.push((Write, format!("{things}/streams/+/{req}/+")));
-        }
-        device.push((Read, format!("{things}/streams/#")));
-        let commands = format!("{p}/commands/things/%u/executions/+");
-        device.push((Read, format!("{commands}/request/+")));
-        device.push((Write, format!("{commands}/response/+")));
         device.push((Write, format!("{t}/%u/#")));
-        // Replies meant for one connection only (provisioning secrets) go
-        // to its own response topics.
-        device.push((Read, format!("{p}/clients/%c/#")));
         let mut blocks = vec![RuleBlock {
             comment: "Devices: only their own topics. Requests out, replies in.",
             who: Who::Anyone,
@@ -325,17 +329,19 @@ impl BrokerPolicy {
             });
         }
         for claim in &self.claim_identities {
-            let mut rules = vec![
-                (Write, format!("{p}/certificates/create-from-csr/+")),
-                (Write, format!("{p}/certificates/create/+")),
-                (Write, format!("{p}/provisioning-templates/+/provision/+")),
-            ];
-            if self.reply_routing {
-                rules.extend([
-                    (Read, format!("{p}/certificates/create-from-csr/+/+")),
-                    (Read, format!("{p}/certificates/create/+/+")),
-                    (Read, format!("{p}/provisioning-templates/+/provision/+/+")),
-                ]);
+            let mut rules = Vec::new();
+            if let Ok(prefix) = TopicPrefix::new(p) {
+                let provisioning = Service::Provisioning;
+                rules.extend(
+                    provisioning
+                        .filters(&prefix)
+                        .into_iter()
+                        .map(|f| (Write, f)),
+                );
+                if self.reply_routing {
+                    let replies = provisioning.device_filters(&prefix, "%u");
+                    rules.extend(replies.into_iter().map(|f| (Read, f)));
+                }
             }
             blocks.push(RuleBlock {
                 comment: "Claim identity: provisioning requests only.",

@@ -26,9 +26,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use fleet_core::topic::{Format, ProvisioningTopic, Role, Service, Topic, TopicPrefix};
+
 use crate::model::{CertificateStatus, PendingCertificate, Spent};
 use crate::pki::Pki;
 use crate::registry::{Registry, RegistryError};
+use crate::service::{Handler, HandlerError, Request};
 
 /// A provisioning template: how a thing is named and what it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +142,21 @@ impl fmt::Display for ProvisioningError {
 
 impl std::error::Error for ProvisioningError {}
 
+#[async_trait::async_trait]
+impl Handler for ProvisioningService {
+    fn service(&self) -> Service {
+        Service::Provisioning
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, HandlerError> {
+        Ok(ProvisioningService::handle(self, request).await)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CsrRequest {
@@ -192,57 +210,52 @@ impl ProvisioningService {
         self
     }
 
-    /// The topic filters of provisioning requests.
-    pub fn filters(&self) -> [String; 3] {
-        [
-            format!("{}/certificates/create-from-csr/json", self.prefix),
-            format!("{}/certificates/create/json", self.prefix),
-            format!("{}/provisioning-templates/+/provision/json", self.prefix),
-        ]
+    /// The same service under another topic prefix (`$aws` by default).
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, fleet_core::TopicError> {
+        TopicPrefix::new(prefix)?;
+        self.prefix = prefix.into();
+        Ok(self)
     }
 
-    /// Handles a request on `topic` at `now` (epoch seconds); `response_topic`
-    /// is the request's MQTT 5 response topic. `None` if the topic is not a
+    /// Answers a provisioning request, on its `/accepted` or `/rejected`
+    /// topic. (Over MQTT 5 the front-end sends it to the request's response
+    /// topic instead, where it gave one.) Nothing for a topic that is not a
     /// provisioning request.
     ///
     /// Signing and key generation run on blocking threads.
-    pub async fn handle(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        response_topic: Option<&str>,
-        now: u64,
-    ) -> Option<Outgoing> {
-        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
-        let result = if rest == "certificates/create-from-csr/json" {
-            self.create_from_csr(payload, now).await
-        } else if rest == "certificates/create/json" {
-            self.create_keys(now).await
-        } else {
-            let template = rest
-                .strip_prefix("provisioning-templates/")?
-                .strip_suffix("/provision/json")?;
-            self.register_thing(template, payload, now).await
+    pub async fn handle(&self, request: &Request<'_>) -> Vec<Outgoing> {
+        let Topic::Provisioning(topic) = &request.topic else {
+            return Vec::new();
         };
-        let base = topic;
-        let clients = format!("{}/clients/", self.prefix);
-        let (outcome, body) = match result {
-            Ok(v) => ("accepted", v.to_string().into_bytes()),
-            Err(e) => ("rejected", e.payload()),
-        };
-        let topic = match response_topic {
-            // Only a client's own namespace: the service must not be made
-            // to publish on someone else's device topics.
-            Some(r) if r.starts_with(&clients) && !r.contains(['+', '#']) => {
-                format!("{r}/{outcome}")
+        let (payload, now) = (request.payload, request.received_at);
+        let result = match topic {
+            ProvisioningTopic::CreateCertificateFromCsr(Format::Json, _) => {
+                self.create_from_csr(payload, now).await
             }
-            Some(_) => return None,
-            None => format!("{base}/{outcome}"),
+            ProvisioningTopic::CreateKeysAndCertificate(Format::Json, _) => {
+                self.create_keys(now).await
+            }
+            ProvisioningTopic::RegisterThing(template, Format::Json, _) => {
+                self.register_thing(template.as_str(), payload, now).await
+            }
+            _ => Err(ProvisioningError::new(
+                400,
+                "InvalidPayload",
+                "this fleet answers provisioning requests in JSON only",
+            )),
         };
-        Some(Outgoing {
-            topic,
+        let (role, body) = match result {
+            Ok(v) => (Role::Accepted, v.to_string().into_bytes()),
+            Err(e) => (Role::Rejected, e.payload()),
+        };
+        let (Some(reply), Ok(prefix)) = (request.topic.reply(role), TopicPrefix::new(&self.prefix))
+        else {
+            return Vec::new();
+        };
+        vec![Outgoing {
+            topic: reply.to_string_under(&prefix),
             payload: body,
-        })
+        }]
     }
 
     async fn create_from_csr(&self, payload: &[u8], now: u64) -> Result<Value, ProvisioningError> {
@@ -584,7 +597,8 @@ mod tests {
 
     /// The reply to a request: its last topic level and its body.
     async fn call(s: &ProvisioningService, topic: &str, body: &str, now: u64) -> (String, Value) {
-        let reply = s.handle(topic, body.as_bytes(), None, now).await.unwrap();
+        let request = Request::from_broker(&TopicPrefix::AWS, topic, body.as_bytes(), now).unwrap();
+        let reply = s.handle(&request).await.pop().unwrap();
         let v: Value = serde_json::from_slice(&reply.payload).unwrap();
         (reply.topic.rsplit('/').next().unwrap().to_string(), v)
     }

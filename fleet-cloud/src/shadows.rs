@@ -6,9 +6,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use fleet_core::shadow::{Shadow, ShadowLimits, UpdateRequest, process};
-use fleet_core::topic::{Role, ShadowOp, ShadowTopic, ShadowTopicKind, Topic, TopicPrefix};
+use fleet_core::topic::{
+    Role, Service, ShadowOp, ShadowTopic, ShadowTopicKind, Topic, TopicPrefix,
+};
 use fleet_core::{ShadowName, ThingName};
 
+use crate::service::{Handler, HandlerError, Request};
 use crate::store::{ShadowKey, ShadowStore, StoreError};
 
 /// How often a request is re-read and re-processed after losing a
@@ -38,7 +41,14 @@ impl fmt::Display for ServiceError {
     }
 }
 
-impl std::error::Error for ServiceError {}
+impl std::error::Error for ServiceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// Shadows for every thing, backed by a [`ShadowStore`]. Cloning shares
 /// the store.
@@ -81,40 +91,28 @@ impl ShadowService {
         &self.store
     }
 
-    /// Handles a request a device (or anyone allowed) published on `topic`,
-    /// at `now` (epoch seconds), and returns what to publish. A request the
-    /// rules refuse is answered on `/rejected` and changes nothing.
-    pub async fn handle(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        now: u64,
-    ) -> Result<Vec<Outgoing>, ServiceError> {
-        let (_, request) = self.request(topic).ok_or(ServiceError::NotAShadowRequest)?;
-        self.apply(request.thing, request.shadow, request.op, payload, now)
-            .await
-    }
-
-    /// The shadow request `topic` names under this service's prefix.
-    fn request<'t>(&'t self, topic: &'t str) -> Option<(TopicPrefix<'t>, ShadowRequest<'t>)> {
-        let prefix = TopicPrefix::new(&self.prefix).ok()?;
-        let Ok(Topic::Shadow(ShadowTopic {
-            thing,
-            shadow,
-            kind: ShadowTopicKind::Op(op, Role::Request),
-        })) = Topic::parse(&prefix, topic)
-        else {
-            return None;
-        };
-        Some((prefix, ShadowRequest { thing, shadow, op }))
+    /// Answers a shadow request (from a device, or anyone allowed) and
+    /// returns what to send. A request the rules refuse is answered on
+    /// `/rejected` and changes nothing.
+    pub async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, ServiceError> {
+        let r = shadow_request(&request.topic).ok_or(ServiceError::NotAShadowRequest)?;
+        self.apply(
+            r.thing,
+            r.shadow,
+            r.op,
+            request.payload,
+            request.received_at,
+        )
+        .await
     }
 
     /// The answer to a shadow request refused for being one too many (429
     /// "Too many requests", with the request's `clientToken`), without
-    /// touching the store; `None` if `topic` is not a shadow request.
-    pub fn throttled(&self, topic: &str, payload: &[u8], now: u64) -> Option<Outgoing> {
-        let (prefix, ShadowRequest { thing, shadow, op }) = self.request(topic)?;
-        let client_token = serde_json::from_slice::<serde_json::Value>(payload)
+    /// touching the store; `None` if it is not a shadow request.
+    pub fn throttled(&self, request: &Request<'_>) -> Option<Outgoing> {
+        let ShadowRequest { thing, shadow, op } = shadow_request(&request.topic)?;
+        let prefix = TopicPrefix::new(&self.prefix).ok()?;
+        let client_token = serde_json::from_slice::<serde_json::Value>(request.payload)
             .ok()
             .and_then(|v| v.get("clientToken")?.as_str().map(String::from))
             .filter(|t| t.len() <= 64);
@@ -128,8 +126,8 @@ impl ShadowService {
             kind: ShadowTopicKind::Op(op, Role::Rejected),
         });
         Some(Outgoing {
-            topic: reply.display(&prefix).to_string(),
-            payload: rejection.to_payload(now),
+            topic: reply.to_string_under(&prefix),
+            payload: rejection.to_payload(request.received_at),
         })
     }
 
@@ -206,8 +204,7 @@ impl ShadowService {
                         shadow: shadow.as_ref().map(ShadowName::borrow),
                         kind: m.kind,
                     })
-                    .display(&prefix)
-                    .to_string(),
+                    .to_string_under(&prefix),
                     payload: m.payload,
                 })
                 .collect());
@@ -223,32 +220,69 @@ struct ShadowRequest<'t> {
     op: ShadowOp,
 }
 
+fn shadow_request<'t>(topic: &'t Topic<'_>) -> Option<ShadowRequest<'t>> {
+    let Topic::Shadow(ShadowTopic {
+        thing,
+        shadow,
+        kind: ShadowTopicKind::Op(op, Role::Request),
+    }) = topic
+    else {
+        return None;
+    };
+    Some(ShadowRequest {
+        thing: thing.borrow(),
+        shadow: shadow.as_ref().map(ShadowName::borrow),
+        op: *op,
+    })
+}
+
+#[async_trait::async_trait]
+impl Handler for ShadowService {
+    fn service(&self) -> Service {
+        Service::Shadows
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, HandlerError> {
+        ShadowService::handle(self, request)
+            .await
+            .map_err(HandlerError::failed)
+    }
+
+    fn throttled(&self, request: &Request<'_>) -> Option<Outgoing> {
+        ShadowService::throttled(self, request)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
+    fn req<'a>(topic: &'a str, payload: &'a [u8], now: u64) -> Request<'a> {
+        Request::from_broker(&TopicPrefix::AWS, topic, payload, now).expect("a request")
+    }
+
     #[test]
     fn a_throttled_request_is_rejected_429_with_its_token() {
         let service = ShadowService::new(MemoryStore::new());
         let o = service
-            .throttled(
+            .throttled(&req(
                 "$aws/things/p1/shadow/name/cfg/update",
                 br#"{"state":{},"clientToken":"t-1"}"#,
                 7,
-            )
+            ))
             .unwrap();
         assert_eq!(o.topic, "$aws/things/p1/shadow/name/cfg/update/rejected");
         let v: serde_json::Value = serde_json::from_slice(&o.payload).unwrap();
         assert_eq!(v["code"], 429);
         assert_eq!(v["clientToken"], "t-1");
         assert_eq!(v["timestamp"], 7);
-        assert!(service.throttled("dt/p1/x", b"{}", 7).is_none());
-        assert!(
-            service
-                .throttled("$aws/things/p1/shadow/get/accepted", b"{}", 7)
-                .is_none()
-        );
+        let jobs = req("$aws/things/p1/jobs/get", b"{}", 7);
+        assert!(service.throttled(&jobs).is_none());
     }
 
     /// Two instances (two handles on one SQLite file) updating one shadow
@@ -270,7 +304,7 @@ mod tests {
                 tasks.spawn(async move {
                     let body = format!(r#"{{"state":{{"reported":{{"k{k}-{i}":1}}}}}}"#);
                     service
-                        .handle("$aws/things/dev-1/shadow/update", body.as_bytes(), 5)
+                        .handle(&req("$aws/things/dev-1/shadow/update", body.as_bytes(), 5))
                         .await
                 });
             }
@@ -290,11 +324,11 @@ mod tests {
     async fn requests_become_replies_on_the_right_topics() {
         let service = ShadowService::new(MemoryStore::new());
         let out = service
-            .handle(
+            .handle(&req(
                 "$aws/things/dev-1/shadow/name/cfg/update",
                 br#"{"state":{"desired":{"a":1}}}"#,
                 5,
-            )
+            ))
             .await
             .unwrap();
         let topics: Vec<_> = out.iter().map(|o| o.topic.as_str()).collect();
@@ -307,13 +341,13 @@ mod tests {
             ]
         );
         let out = service
-            .handle("$aws/things/dev-1/shadow/get", b"", 5)
+            .handle(&req("$aws/things/dev-1/shadow/get", b"", 5))
             .await
             .unwrap();
         assert_eq!(out[0].topic, "$aws/things/dev-1/shadow/get/rejected");
         assert!(matches!(
             service
-                .handle("$aws/things/dev-1/shadow/update/accepted", b"{}", 5)
+                .handle(&req("$aws/things/dev-1/jobs/get", b"{}", 5))
                 .await,
             Err(ServiceError::NotAShadowRequest)
         ));

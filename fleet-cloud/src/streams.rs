@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use fleet_core::stream::{
-    DataBlock, DescribeRequest, FileInfo, Format, GetRequest, StreamDescription, StreamRejected,
+    DataBlock, DescribeRequest, FileInfo, GetRequest, StreamDescription, StreamRejected,
 };
-use fleet_core::topic::{StreamTopic, StreamTopicKind, Topic, TopicPrefix};
+use fleet_core::topic::{Service, StreamTopic, StreamTopicKind, Topic, TopicPrefix};
+
+use crate::service::{Handler, HandlerError, Request};
 
 #[derive(Debug)]
 struct Stream {
@@ -25,15 +27,19 @@ struct Stream {
 /// by [`load`](Self::load)); [`save`](Self::save) writes to the store
 /// before it serves. On a store other instances write to as well
 /// (PostgreSQL), a request is answered only after the copy of its stream
-/// was checked against the stored version ([`refresh_for`](Self::refresh_for)).
+/// was checked against the stored version ([`refresh`](Self::refresh)).
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// use fleet_cloud::StreamService;
+/// use fleet_cloud::service::Request;
+/// use fleet_core::TopicPrefix;
 /// let streams = StreamService::new();
 /// streams.save("fw-1-2", "firmware 1.2", vec![vec![7u8; 1000]]).await?;
-/// let out = streams.handle("$aws/things/pump-7/streams/fw-1-2/get/json",
-///     br#"{"c":"t","f":0,"l":256,"o":3,"n":1}"#);
+/// let request = Request::from_broker(&TopicPrefix::AWS,
+///     "$aws/things/pump-7/streams/fw-1-2/get/json",
+///     br#"{"c":"t","f":0,"l":256,"o":3,"n":1}"#, 0).unwrap();
+/// let out = streams.handle(&request).await?;
 /// assert_eq!(out[0].topic, "$aws/things/pump-7/streams/fw-1-2/data/json");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # }).unwrap();
@@ -42,6 +48,7 @@ struct Stream {
 pub struct StreamService {
     streams: Arc<RwLock<HashMap<String, Stream>>>,
     store: Arc<dyn StreamStore>,
+    prefix: String,
 }
 
 impl Default for StreamService {
@@ -67,6 +74,23 @@ impl std::error::Error for StreamStoreError {
     }
 }
 
+#[async_trait::async_trait]
+impl Handler for StreamService {
+    fn service(&self) -> Service {
+        Service::Streams
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, HandlerError> {
+        StreamService::handle(self, request)
+            .await
+            .map_err(HandlerError::failed)
+    }
+}
+
 impl From<StoreError> for StreamStoreError {
     fn from(e: StoreError) -> Self {
         Self(e)
@@ -79,6 +103,7 @@ impl StreamService {
         Self {
             streams: Arc::default(),
             store: Arc::new(crate::MemoryStore::new()),
+            prefix: "$aws".into(),
         }
     }
 
@@ -88,6 +113,7 @@ impl StreamService {
         let service = Self {
             streams: Arc::default(),
             store,
+            prefix: "$aws".into(),
         };
         for (id, stream) in service.store.load_streams(None).await? {
             service.cache(id, stream);
@@ -163,22 +189,6 @@ impl StreamService {
         Ok(())
     }
 
-    /// [`refresh`](Self::refresh) for the stream a request on `topic` (under
-    /// `prefix`) names; nothing for other topics.
-    pub async fn refresh_for(
-        &self,
-        prefix: &TopicPrefix<'_>,
-        topic: &str,
-    ) -> Result<(), StreamStoreError> {
-        if !self.store.is_shared() {
-            return Ok(());
-        }
-        match Topic::parse(prefix, topic) {
-            Ok(Topic::Stream(t)) => self.refresh(t.stream.as_str()).await,
-            _ => Ok(()),
-        }
-    }
-
     /// A file of a stream.
     pub fn file(&self, id: &str, file: usize) -> Option<Arc<Vec<u8>>> {
         self.streams
@@ -200,50 +210,42 @@ impl StreamService {
         Ok(())
     }
 
-    /// The topic filters of stream requests under `prefix`.
-    pub fn filters(prefix: &str) -> Vec<String> {
-        fleet_core::topic::Service::Streams
-            .request_filters()
-            .iter()
-            .map(|f| format!("{prefix}/{f}"))
-            .collect()
+    /// The same service under another topic prefix (`$aws` by default).
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, fleet_core::TopicError> {
+        TopicPrefix::new(prefix)?;
+        self.prefix = prefix.into();
+        Ok(self)
     }
 
-    /// Answers a request under the `$aws` prefix; nothing for a topic that
-    /// is not a stream request.
-    pub fn handle(&self, topic: &str, payload: &[u8]) -> Vec<Outgoing> {
-        self.handle_under(&TopicPrefix::AWS, topic, payload)
+    /// Answers a device's stream request (`describe`, `get`). On a store
+    /// other instances write to, the copy of the stream is first checked
+    /// against the stored version ([`refresh`](Self::refresh)).
+    pub async fn handle(&self, request: &Request<'_>) -> Result<Vec<Outgoing>, StreamStoreError> {
+        let Topic::Stream(topic) = &request.topic else {
+            return Ok(Vec::new());
+        };
+        self.refresh(topic.stream.as_str()).await?;
+        Ok(self.answer(topic, request.payload))
     }
 
-    /// Answers a request under `prefix`.
-    pub fn handle_under(
-        &self,
-        prefix: &TopicPrefix<'_>,
-        topic: &str,
-        payload: &[u8],
-    ) -> Vec<Outgoing> {
-        let Some((base, kind, format)) = topic
-            .rsplit_once('/')
-            .and_then(|(rest, fmt)| Some((rest, Format::parse(fmt)?)))
-            .and_then(|(rest, format)| {
-                let Ok(Topic::Stream(StreamTopic { kind, .. })) = Topic::parse(prefix, topic)
-                else {
-                    return None;
-                };
-                let base = rest.rsplit_once('/')?.0.to_string();
-                Some((base, kind, format))
-            })
-        else {
+    /// The answer to a stream request, from this instance's copy.
+    fn answer(&self, topic: &StreamTopic<'_>, payload: &[u8]) -> Vec<Outgoing> {
+        let Ok(prefix) = TopicPrefix::new(&self.prefix) else {
             return Vec::new();
         };
-        let stream_id = base.rsplit('/').next().unwrap_or_default().to_string();
-        let reply = |kind: &str, payload: Vec<u8>| Outgoing {
-            topic: format!("{base}/{kind}/{}", format.as_str()),
+        let (kind, format) = (topic.kind, topic.format);
+        let stream_id = topic.stream.as_str();
+        let reply = |kind: StreamTopicKind, payload: Vec<u8>| Outgoing {
+            topic: Topic::Stream(StreamTopic {
+                kind,
+                ..topic.clone()
+            })
+            .to_string_under(&prefix),
             payload,
         };
         let reject = |token: Option<String>, code: &str, message: String| {
             vec![reply(
-                "rejected",
+                StreamTopicKind::Rejected,
                 StreamRejected {
                     client_token: token,
                     code: code.into(),
@@ -258,11 +260,11 @@ impl StreamService {
                 let token = DescribeRequest::decode(payload, format)
                     .ok()
                     .and_then(|r| r.client_token);
-                let Some(s) = streams.get(&stream_id) else {
+                let Some(s) = streams.get(stream_id) else {
                     return reject(token, "ResourceNotFound", format!("no stream {stream_id}"));
                 };
                 vec![reply(
-                    "description",
+                    StreamTopicKind::Description,
                     StreamDescription {
                         client_token: token,
                         version: s.version,
@@ -286,7 +288,7 @@ impl StreamService {
                     Err(e) => return reject(None, "InvalidRequest", e.to_string()),
                 };
                 let token = request.client_token.clone();
-                let Some(s) = streams.get(&stream_id) else {
+                let Some(s) = streams.get(stream_id) else {
                     return reject(token, "ResourceNotFound", format!("no stream {stream_id}"));
                 };
                 if request.version.is_some_and(|v| v != s.version) {
@@ -323,7 +325,7 @@ impl StreamService {
                     }
                     let end = (start + size).min(file.len());
                     out.push(reply(
-                        "data",
+                        StreamTopicKind::Data,
                         DataBlock {
                             client_token: token.clone(),
                             file_id: request.file_id,
@@ -344,6 +346,14 @@ impl StreamService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_core::stream::Format;
+
+    async fn ask(s: &StreamService, topic: &str, payload: &[u8]) -> Vec<Outgoing> {
+        match Request::from_broker(&TopicPrefix::AWS, topic, payload, 0) {
+            Some(r) => s.handle(&r).await.unwrap(),
+            None => Vec::new(),
+        }
+    }
 
     #[tokio::test]
     async fn describe_get_and_refusals() {
@@ -356,13 +366,15 @@ mod tests {
         let base = "$aws/things/pump-7/streams/fw";
         for format in [Format::Json, Format::Cbor] {
             let f = format.as_str();
-            let d = s.handle(
+            let d = ask(
+                &s,
                 &format!("{base}/describe/{f}"),
                 &DescribeRequest {
                     client_token: Some("t".into()),
                 }
                 .encode(format),
-            );
+            )
+            .await;
             assert_eq!(d[0].topic, format!("{base}/description/{f}"));
             let desc = StreamDescription::decode(&d[0].payload, format).unwrap();
             assert_eq!(
@@ -383,7 +395,7 @@ mod tests {
                 count: 2,
                 bitmap: None,
             };
-            let blocks = s.handle(&format!("{base}/get/{f}"), &get.encode(format));
+            let blocks = ask(&s, &format!("{base}/get/{f}"), &get.encode(format)).await;
             assert_eq!(blocks.len(), 2);
             let last = DataBlock::decode(&blocks[1].payload, format).unwrap();
             assert_eq!((last.block_id, last.payload.as_slice()), (3, &image[768..]));
@@ -416,7 +428,7 @@ mod tests {
                 ),
                 (b"nonsense".to_vec(), "InvalidRequest"),
             ] {
-                let r = s.handle(&format!("{base}/get/{f}"), &payload);
+                let r = ask(&s, &format!("{base}/get/{f}"), &payload).await;
                 assert_eq!(r[0].topic, format!("{base}/rejected/{f}"));
                 assert_eq!(
                     StreamRejected::decode(&r[0].payload, format).unwrap().code,
@@ -424,15 +436,19 @@ mod tests {
                 );
             }
         }
-        let none = s.handle("$aws/things/pump-7/streams/other/describe/json", b"{}");
+        let none = ask(&s, "$aws/things/pump-7/streams/other/describe/json", b"{}").await;
         assert_eq!(
             StreamRejected::decode(&none[0].payload, Format::Json)
                 .unwrap()
                 .code,
             "ResourceNotFound"
         );
-        assert!(s.handle("$aws/things/pump-7/shadow/get", b"").is_empty());
-        assert!(s.handle(&format!("{base}/get/xml"), b"").is_empty());
+        assert!(
+            ask(&s, "$aws/things/pump-7/shadow/get", b"")
+                .await
+                .is_empty()
+        );
+        assert!(ask(&s, &format!("{base}/get/xml"), b"").await.is_empty());
         assert_eq!(
             s.save("fw", "firmware", vec![image]).await.unwrap(),
             2,
@@ -456,13 +472,13 @@ mod tests {
         s.remove("gone").await.unwrap();
         drop(s);
         let s = open().await;
-        let d = s.handle("$aws/things/t/streams/fw/describe/json", b"{}");
+        let d = ask(&s, "$aws/things/t/streams/fw/describe/json", b"{}").await;
         let desc = StreamDescription::decode(&d[0].payload, Format::Json).unwrap();
         assert_eq!(
             (desc.version, desc.files.len(), desc.files[0].size),
             (1, 2, 300)
         );
-        let r = s.handle("$aws/things/t/streams/gone/describe/json", b"{}");
+        let r = ask(&s, "$aws/things/t/streams/gone/describe/json", b"{}").await;
         assert!(r[0].topic.ends_with("/rejected/json"));
         assert_eq!(s.save("fw", "firmware", vec![vec![4]]).await.unwrap(), 2);
     }

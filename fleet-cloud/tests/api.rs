@@ -13,8 +13,8 @@ use base64::Engine as _;
 use fleet_cloud::api::{ApiConfig, ApiLimits, ApiServices, RunningApi, serve_api};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
-    Extras, JobsService, ProvisioningTemplate, Registry, RunningService, Scope, ShadowService,
-    SqliteStore, StreamService, serve,
+    JobsService, ProvisioningTemplate, Registry, RunningService, Scope, ShadowService, SqliteStore,
+    StreamService, serve,
 };
 use fleet_testkit::{Broker, BrokerKind, BrokerOptions, TestClient};
 use reqwest::{Method, StatusCode};
@@ -59,12 +59,11 @@ impl Fixture {
         let shadows = ShadowService::new(store);
         let running = serve(
             broker.backend_config("cloud-api").unwrap(),
-            shadows.clone(),
-            Extras {
-                jobs: Some(jobs.clone()),
-                streams: Some(streams.clone()),
-                ..Extras::default()
-            },
+            fleet_cloud::Services::new()
+                .with(shadows.clone())
+                .with(jobs.clone())
+                .with(streams.clone()),
+            fleet_cloud::ServeOptions::default(),
         )
         .unwrap();
         let revoked = Arc::new(Mutex::new(Vec::new()));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_cloud::telemetry::{JsonLinesSink, Predicate, Rule, TelemetryRouter};
-use fleet_cloud::{BrokerConfig, CommandFailure, Extras, MemoryStore, ShadowService, serve};
+use fleet_cloud::{BrokerConfig, CommandFailure, MemoryStore, ShadowService, serve};
 use fleet_core::ThingName;
 use fleet_core::jobs::{CommandInbox, CommandState, CommandStatus, Delivery};
 use fleet_testkit::{Broker, BrokerKind, BrokerOptions, TestClient};
@@ -30,8 +30,8 @@ async fn a_command_is_answered_once_and_a_silent_device_times_out(kind: BrokerKi
     .expect("start the broker");
     let cloud = serve(
         config(&broker),
-        ShadowService::new(MemoryStore::new()),
-        Extras::default(),
+        fleet_cloud::Services::new().with(ShadowService::new(MemoryStore::new())),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
     let id = broker.device_identity("dev-a").unwrap();
@@ -115,10 +115,10 @@ async fn telemetry_is_routed_by_rule(kind: BrokerKind) {
     );
     let _cloud = serve(
         config(&broker),
-        ShadowService::new(MemoryStore::new()),
-        Extras {
+        fleet_cloud::Services::new().with(ShadowService::new(MemoryStore::new())),
+        fleet_cloud::ServeOptions {
             telemetry: Some(router),
-            ..Extras::default()
+            ..fleet_cloud::ServeOptions::default()
         },
     )
     .unwrap();

@@ -445,11 +445,10 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
     );
     let _service = fleet_cloud::serve(
         backend_config(&s),
-        ShadowService::new(MemoryStore::new()),
-        fleet_cloud::Extras {
-            provisioning: Some(provisioning),
-            ..Default::default()
-        },
+        fleet_cloud::Services::new()
+            .with(ShadowService::new(MemoryStore::new()))
+            .with(provisioning),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
 

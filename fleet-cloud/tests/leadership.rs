@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleet_cloud::{
-    Extras, JobSpec, JobsService, Leadership, MemoryStore, Registry, ShadowService,
-    TargetSelection, serve,
+    JobSpec, JobsService, Leadership, MemoryStore, Registry, ShadowService, TargetSelection, serve,
 };
 use fleet_core::jobs::{JobStatus, TimeoutConfig};
 use fleet_testkit::{Broker, BrokerKind, BrokerOptions};
@@ -35,7 +34,8 @@ async fn only_the_lease_holder_sweeps() {
     const T0: u64 = 1_800_000_000;
     // The clock stands an hour after the job started: its timeout is due.
     let store = MemoryStore::new();
-    let jobs = JobsService::new(store.clone()).with_clock(|| T0 + 3600);
+    let jobs =
+        JobsService::new(store.clone()).with_clock(fleet_cloud::Clock::from_fn(|| T0 + 3600));
     let registry = Registry::in_memory().unwrap();
     jobs.create_job(
         JobSpec {
@@ -55,24 +55,27 @@ async fn only_the_lease_holder_sweeps() {
     )
     .await
     .unwrap();
-    jobs.handle(
+    let start = fleet_cloud::Request::from_broker(
+        &fleet_core::TopicPrefix::AWS,
         "$aws/things/t1/jobs/start-next",
         br#"{"clientToken":"s"}"#,
         T0,
     )
-    .await
     .unwrap();
+    jobs.handle(&start).await.unwrap();
     let status =
         |jobs: JobsService| async move { jobs.executions("j1").await.unwrap()[0].execution.status };
     assert_eq!(status(jobs.clone()).await, JobStatus::InProgress);
     let switch = Arc::new(Switch(AtomicBool::new(false)));
     let _running = serve(
         broker.backend_config("cloud-1").unwrap(),
-        ShadowService::new(store),
-        Extras {
-            jobs: Some(jobs.clone()),
+        fleet_cloud::Services::new()
+            .with(ShadowService::new(store))
+            .with(jobs.clone()),
+        fleet_cloud::ServeOptions {
             leadership: Some(switch.clone()),
-            ..Extras::default()
+            clock: jobs.clock().clone(),
+            ..fleet_cloud::ServeOptions::default()
         },
     )
     .unwrap();

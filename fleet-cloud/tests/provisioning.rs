@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
-    BrokerPolicy, Extras, MemoryStore, PreProvisioningHook, ProvisioningService,
-    ProvisioningTemplate, Registry, ShadowService, serve,
+    BrokerPolicy, MemoryStore, PreProvisioningHook, ProvisioningService, ProvisioningTemplate,
+    Registry, ShadowService, serve,
 };
 use fleet_testkit::{Broker, BrokerOptions, Identity, TestClient};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
@@ -76,11 +76,10 @@ async fn setup(token_lifetime: Duration) -> Setup {
     let config = broker.backend_config("cloud").unwrap();
     let cloud = serve(
         config,
-        ShadowService::new(MemoryStore::new()),
-        Extras {
-            provisioning: Some(provisioning),
-            ..Extras::default()
-        },
+        fleet_cloud::Services::new()
+            .with(ShadowService::new(MemoryStore::new()))
+            .with(provisioning),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
     Setup {

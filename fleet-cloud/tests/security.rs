@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use fleet_cloud::pki::{Identity, Pki};
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, ClientLimits, EmbeddedBroker, EmbeddedConfig, Extras, MemoryStore,
+    BrokerConfig, BrokerPolicy, ClientLimits, EmbeddedBroker, EmbeddedConfig, MemoryStore,
     ProvisioningService, ProvisioningTemplate, Registry, ShadowService, certificate_fingerprint,
     serve,
 };
@@ -497,11 +497,10 @@ async fn provisioning_on(allow_replace: bool, mosquitto: bool) -> Provisioning {
             share_group: None,
             queue_capacity: 64,
         },
-        ShadowService::new(MemoryStore::new()),
-        Extras {
-            provisioning: Some(service),
-            ..Extras::default()
-        },
+        fleet_cloud::Services::new()
+            .with(ShadowService::new(MemoryStore::new()))
+            .with(service),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
     let claim = s.pki.client_identity("claim@f").unwrap();

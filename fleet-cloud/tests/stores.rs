@@ -182,17 +182,17 @@ async fn shadow_service_on_every_store() {
             serde_json::to_vec(&body).unwrap()
         };
         let topic = "$aws/things/pump-1/shadow/update";
-        let out = a.handle(topic, &update(None, 1), T0).await.unwrap();
+        let out = a.handle(&req(topic, &update(None, 1), T0)).await.unwrap();
         assert!(out.iter().any(|o| o.topic.ends_with("/update/accepted")));
         // The second instance applies version 1's update; a stale one is
         // rejected with 409 and changes nothing.
-        let out = b.handle(topic, &update(Some(1), 2), T0).await.unwrap();
+        let out = b.handle(&req(topic, &update(Some(1), 2), T0)).await.unwrap();
         assert!(out.iter().any(|o| o.topic.ends_with("/update/accepted")));
-        let out = a.handle(topic, &update(Some(1), 3), T0).await.unwrap();
+        let out = a.handle(&req(topic, &update(Some(1), 3), T0)).await.unwrap();
         let rejected = out.iter().find(|o| o.topic.ends_with("/update/rejected")).expect("rejected");
         let r: Value = serde_json::from_slice(&rejected.payload).unwrap();
         assert_eq!(r["code"], 409);
-        let out = b.handle("$aws/things/pump-1/shadow/get", b"", T0).await.unwrap();
+        let out = b.handle(&req("$aws/things/pump-1/shadow/get", b"", T0)).await.unwrap();
         let doc: Value = serde_json::from_slice(&out[0].payload).unwrap();
         assert_eq!((doc["state"]["reported"]["speed"].as_u64(), doc["version"].as_u64()), (Some(2), Some(2)));
         // Concurrent updates from both instances without a version: none
@@ -202,31 +202,31 @@ async fn shadow_service_on_every_store() {
             let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
             tasks.spawn(async move {
                 let body = serde_json::to_vec(&json!({"state": {"reported": {format!("k{i}"): i}}})).unwrap();
-                svc.handle("$aws/things/pump-2/shadow/update", &body, T0).await.unwrap()
+                svc.handle(&req("$aws/things/pump-2/shadow/update", &body, T0)).await.unwrap()
             });
         }
         while tasks.join_next().await.is_some() {}
-        let out = a.handle("$aws/things/pump-2/shadow/get", b"", T0).await.unwrap();
+        let out = a.handle(&req("$aws/things/pump-2/shadow/get", b"", T0)).await.unwrap();
         let doc: Value = serde_json::from_slice(&out[0].payload).unwrap();
         assert_eq!(doc["version"], 20);
         assert_eq!(doc["state"]["reported"].as_object().unwrap().len(), 20);
-        let out = a.handle("$aws/things/pump-2/shadow/delete", b"", T0).await.unwrap();
+        let out = a.handle(&req("$aws/things/pump-2/shadow/delete", b"", T0)).await.unwrap();
         assert!(out.iter().any(|o| o.topic.ends_with("/delete/accepted")));
         // An instance applies an update and dies before its answer goes out;
         // the device's retry (same client token and body) reaches the other
         // instance: answered the same, not applied twice.
         let body = br#"{"state":{"reported":{"speed":7}},"clientToken":"retry-1","version":2}"#;
-        let first = a.handle(topic, body, T0).await.unwrap();
+        let first = a.handle(&req(topic, body, T0)).await.unwrap();
         let accepted = |out: &[fleet_cloud::Outgoing]| {
             out.iter()
                 .find(|o| o.topic.ends_with("/update/accepted"))
                 .map(|o| o.payload.clone())
                 .expect("accepted")
         };
-        let retry = b.handle(topic, body, T0 + 3).await.unwrap();
+        let retry = b.handle(&req(topic, body, T0 + 3)).await.unwrap();
         assert_eq!(accepted(&retry), accepted(&first), "the same answer");
         assert_eq!(retry.len(), 1, "no second delta or documents");
-        let out = b.handle("$aws/things/pump-1/shadow/get", b"", T0).await.unwrap();
+        let out = b.handle(&req("$aws/things/pump-1/shadow/get", b"", T0)).await.unwrap();
         let doc: Value = serde_json::from_slice(&out[0].payload).unwrap();
         assert_eq!((doc["version"].as_u64(), doc["state"]["reported"]["speed"].as_u64()), (Some(3), Some(7)));
     })
@@ -256,7 +256,8 @@ async fn request(
     now: u64,
 ) -> Vec<(String, Value)> {
     let topic = format!("$aws/things/{thing}/jobs/{suffix}");
-    jobs.handle(&topic, &serde_json::to_vec(&body).unwrap(), now)
+    let body = serde_json::to_vec(&body).unwrap();
+    jobs.handle(&req(&topic, &body, now))
         .await
         .unwrap()
         .into_iter()
@@ -570,8 +571,8 @@ async fn release_streams_are_served_by_every_instance_on_postgres() {
     let ask = |s: &StreamService, topic: &str, body: &[u8]| {
         let (s, topic, body) = (s.clone(), topic.to_string(), body.to_vec());
         async move {
-            s.refresh_for(&prefix, &topic).await.unwrap();
-            s.handle(&topic, &body)
+            let request = fleet_cloud::Request::from_broker(&prefix, &topic, &body, T0).unwrap();
+            s.handle(&request).await.unwrap()
         }
     };
     // Stored through a: b serves it (a describe and a block).
@@ -967,7 +968,11 @@ async fn an_ownership_token_is_good_at_every_instance_once() {
         let ask = |s: &ProvisioningService, topic: &str, body: String| {
             let (s, topic) = (s.clone(), topic.to_string());
             async move {
-                let reply = s.handle(&topic, body.as_bytes(), None, T0).await.unwrap();
+                let reply = s
+                    .handle(&req(&topic, body.as_bytes(), T0))
+                    .await
+                    .pop()
+                    .unwrap();
                 let v: Value = serde_json::from_slice(&reply.payload).unwrap();
                 (reply.topic.rsplit('/').next().unwrap().to_string(), v)
             }
@@ -997,4 +1002,11 @@ async fn an_ownership_token_is_good_at_every_instance_once() {
         }
         assert_eq!(a.certificates("pump-7").await.unwrap().len(), 1);
     }
+}
+
+/// A request as the broker delivers it (the caller is the thing the topic
+/// names).
+fn req<'a>(topic: &'a str, payload: &'a [u8], now: u64) -> fleet_cloud::Request<'a> {
+    fleet_cloud::Request::from_broker(&fleet_core::TopicPrefix::AWS, topic, payload, now)
+        .expect("a request topic")
 }

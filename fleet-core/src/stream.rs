@@ -34,33 +34,8 @@ pub const MAX_BLOCK_SIZE: u32 = 128 * 1024;
 /// Most blocks one `get` may ask for.
 pub const MAX_BLOCKS_PER_GET: u32 = 64;
 
-/// The encoding named by the topic's last level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// `json`.
-    Json,
-    /// `cbor`.
-    Cbor,
-}
-
-impl Format {
-    /// From a topic level: `json` or `cbor`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "json" => Some(Self::Json),
-            "cbor" => Some(Self::Cbor),
-            _ => None,
-        }
-    }
-
-    /// The topic level.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Json => "json",
-            Self::Cbor => "cbor",
-        }
-    }
-}
+/// The encoding named by the topic's last level (the topics' own type).
+pub use crate::topic::Format;
 
 /// A stream message that cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 //! | jobs | `things/{thing}/jobs/{notify,notify-next}`, `.../jobs/{get,start-next}[/accepted,/rejected]`, `.../jobs/{jobId}/{get,update}[/accepted,/rejected]` |
 //! | file streams | `things/{thing}/streams/{streamId}/{describe,get}/{json,cbor}`, `.../{description,data,rejected}/{json,cbor}` |
 //! | provisioning | `certificates/create/{json,cbor}`, `certificates/create-from-csr/{json,cbor}`, `provisioning-templates/{template}/provision/{json,cbor}`, each `[/accepted,/rejected]` |
+//! | commands | `commands/things/{thing}/executions/{executionId}/request/{json,cbor}`, `.../response[/accepted,/rejected]/{json,cbor}` |
 //!
 //! A [`Topic`] is a value; [`Topic::parse`] turns a topic string into one
 //! (borrowing the names from the string) and [`Topic::display`],
@@ -160,14 +161,16 @@ pub enum Format {
 }
 
 impl Format {
-    fn as_str(self) -> &'static str {
+    /// The topic level: `json` or `cbor`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Json => "json",
             Self::Cbor => "cbor",
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    /// From a topic level: `json` or `cbor`.
+    pub fn parse(s: &str) -> Option<Self> {
         match s {
             "json" => Some(Self::Json),
             "cbor" => Some(Self::Cbor),
@@ -319,6 +322,29 @@ pub enum ProvisioningTopic<'a> {
     RegisterThing(TemplateName<'a>, Format, Role),
 }
 
+/// Which command topic, below `commands/things/{thing}/executions/{id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandTopicKind {
+    /// `request/{format}`: the command, sent to the device.
+    Request,
+    /// `response/{format}` (the device's answer, [`Role::Request`]) and
+    /// `response/{accepted,rejected}/{format}` (what the cloud made of it).
+    Response(Role),
+}
+
+/// An AWS IoT commands topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CommandTopic<'a> {
+    /// The thing the command is for.
+    pub thing: ThingName<'a>,
+    /// The command execution (ids follow the job-id rule).
+    pub execution: JobId<'a>,
+    /// Which topic.
+    pub kind: CommandTopicKind,
+    /// Payload encoding.
+    pub format: Format,
+}
+
 /// Any topic of the protocol.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -331,11 +357,13 @@ pub enum Topic<'a> {
     Stream(StreamTopic<'a>),
     /// A fleet-provisioning topic.
     Provisioning(ProvisioningTopic<'a>),
+    /// A commands topic.
+    Command(CommandTopic<'a>),
 }
 
 /// The most levels any topic has after the prefix
-/// (`things/{t}/shadow/name/{s}/update/accepted`).
-const MAX_LEVELS: usize = 7;
+/// (`commands/things/{t}/executions/{id}/response/accepted/json`).
+const MAX_LEVELS: usize = 8;
 
 impl<'a> Topic<'a> {
     /// Parses `topic`, which must start with `prefix`. Names are borrowed
@@ -368,6 +396,21 @@ impl<'a> Topic<'a> {
                     stream: StreamId::new(stream)?,
                     kind,
                     format,
+                }))
+            }
+            ["commands", "things", thing, "executions", id, rest @ ..] => {
+                let (kind, format) = match rest {
+                    ["request", f] => (CommandTopicKind::Request, f),
+                    ["response", f] => (CommandTopicKind::Response(Role::Request), f),
+                    ["response", "accepted", f] => (CommandTopicKind::Response(Role::Accepted), f),
+                    ["response", "rejected", f] => (CommandTopicKind::Response(Role::Rejected), f),
+                    _ => return Err(TopicError::Unknown),
+                };
+                Ok(Topic::Command(CommandTopic {
+                    thing: ThingName::new(thing)?,
+                    execution: JobId::new(id)?,
+                    kind,
+                    format: Format::parse(format).ok_or(TopicError::Unknown)?,
                 }))
             }
             ["certificates", op, format, role @ ..] if role.len() <= 1 => {
@@ -493,6 +536,23 @@ impl<'a> Topic<'a> {
                     level(s)?;
                 }
             }
+            Topic::Command(c) => {
+                level("commands")?;
+                level("things")?;
+                level(c.thing.as_str())?;
+                level("executions")?;
+                level(c.execution.as_str())?;
+                match c.kind {
+                    CommandTopicKind::Request => level("request")?,
+                    CommandTopicKind::Response(role) => {
+                        level("response")?;
+                        if let Some(s) = role.suffix() {
+                            level(s)?;
+                        }
+                    }
+                }
+                level(c.format.as_str())?;
+            }
         }
         Ok(())
     }
@@ -544,8 +604,153 @@ impl<'a> Topic<'a> {
             Topic::Shadow(t) => Some(&t.thing),
             Topic::Jobs(t) => Some(&t.thing),
             Topic::Stream(t) => Some(&t.thing),
+            Topic::Command(t) => Some(&t.thing),
             Topic::Provisioning(_) => None,
         }
+    }
+
+    /// The service this topic belongs to.
+    pub fn service(&self) -> Service {
+        match self {
+            Topic::Shadow(_) => Service::Shadows,
+            Topic::Jobs(_) => Service::Jobs,
+            Topic::Stream(_) => Service::Streams,
+            Topic::Provisioning(_) => Service::Provisioning,
+            Topic::Command(_) => Service::Commands,
+        }
+    }
+
+    /// Whether a device sends this topic to the cloud (a request, or the
+    /// answer to a command), rather than the cloud to a device.
+    ///
+    /// ```
+    /// use fleet_core::topic::{Topic, TopicPrefix};
+    /// let p = TopicPrefix::AWS;
+    /// assert!(Topic::parse(&p, "$aws/things/t/shadow/update")?.is_from_device());
+    /// assert!(!Topic::parse(&p, "$aws/things/t/shadow/update/delta")?.is_from_device());
+    /// assert!(Topic::parse(&p, "$aws/commands/things/t/executions/e1/response/json")?.is_from_device());
+    /// # Ok::<(), fleet_core::TopicError>(())
+    /// ```
+    pub fn is_from_device(&self) -> bool {
+        match self {
+            Topic::Shadow(t) => matches!(t.kind, ShadowTopicKind::Op(_, Role::Request)),
+            Topic::Jobs(t) => matches!(
+                t.kind,
+                JobsTopicKind::GetPending(Role::Request)
+                    | JobsTopicKind::StartNext(Role::Request)
+                    | JobsTopicKind::Describe(_, Role::Request)
+                    | JobsTopicKind::DescribeNext(Role::Request)
+                    | JobsTopicKind::Update(_, Role::Request)
+            ),
+            Topic::Stream(t) => matches!(t.kind, StreamTopicKind::Describe | StreamTopicKind::Get),
+            Topic::Provisioning(
+                ProvisioningTopic::CreateKeysAndCertificate(_, r)
+                | ProvisioningTopic::CreateCertificateFromCsr(_, r)
+                | ProvisioningTopic::RegisterThing(_, _, r),
+            ) => *r == Role::Request,
+            Topic::Command(t) => t.kind == CommandTopicKind::Response(Role::Request),
+        }
+    }
+
+    /// The reply topic of a request with `role` (accepted or rejected):
+    /// `update` → `update/accepted`, `get/json` → `get/rejected/json`...
+    /// `None` for a topic that is not a request answered so (notifications,
+    /// stream requests, whose answers are topics of their own).
+    ///
+    /// ```
+    /// use fleet_core::topic::{Role, Topic, TopicPrefix};
+    /// let p = TopicPrefix::AWS;
+    /// let request = Topic::parse(&p, "$aws/provisioning-templates/f/provision/json")?;
+    /// let reply = request.reply(Role::Rejected).unwrap();
+    /// assert_eq!(reply.display(&p).to_string(), "$aws/provisioning-templates/f/provision/json/rejected");
+    /// # Ok::<(), fleet_core::TopicError>(())
+    /// ```
+    pub fn reply(&self, role: Role) -> Option<Topic<'a>> {
+        let mut reply = self.clone();
+        let slot = match &mut reply {
+            Topic::Shadow(ShadowTopic {
+                kind: ShadowTopicKind::Op(_, r),
+                ..
+            }) => r,
+            Topic::Jobs(t) => match &mut t.kind {
+                JobsTopicKind::GetPending(r)
+                | JobsTopicKind::StartNext(r)
+                | JobsTopicKind::Describe(_, r)
+                | JobsTopicKind::DescribeNext(r)
+                | JobsTopicKind::Update(_, r) => r,
+                JobsTopicKind::Notify | JobsTopicKind::NotifyNext => return None,
+            },
+            Topic::Provisioning(
+                ProvisioningTopic::CreateKeysAndCertificate(_, r)
+                | ProvisioningTopic::CreateCertificateFromCsr(_, r)
+                | ProvisioningTopic::RegisterThing(_, _, r),
+            ) => r,
+            Topic::Command(CommandTopic {
+                kind: CommandTopicKind::Response(r),
+                ..
+            }) => r,
+            _ => return None,
+        };
+        if *slot != Role::Request {
+            return None;
+        }
+        *slot = role;
+        Some(reply)
+    }
+
+    /// The same topic owning its names, to keep past the text it was
+    /// parsed from.
+    #[cfg(feature = "alloc")]
+    pub fn into_owned(self) -> Topic<'static> {
+        match self {
+            Topic::Shadow(t) => Topic::Shadow(ShadowTopic {
+                thing: t.thing.into_owned(),
+                shadow: t.shadow.map(ShadowName::into_owned),
+                kind: t.kind,
+            }),
+            Topic::Jobs(t) => Topic::Jobs(JobsTopic {
+                thing: t.thing.into_owned(),
+                kind: match t.kind {
+                    JobsTopicKind::Notify => JobsTopicKind::Notify,
+                    JobsTopicKind::NotifyNext => JobsTopicKind::NotifyNext,
+                    JobsTopicKind::GetPending(r) => JobsTopicKind::GetPending(r),
+                    JobsTopicKind::StartNext(r) => JobsTopicKind::StartNext(r),
+                    JobsTopicKind::Describe(id, r) => JobsTopicKind::Describe(id.into_owned(), r),
+                    JobsTopicKind::DescribeNext(r) => JobsTopicKind::DescribeNext(r),
+                    JobsTopicKind::Update(id, r) => JobsTopicKind::Update(id.into_owned(), r),
+                },
+            }),
+            Topic::Stream(t) => Topic::Stream(StreamTopic {
+                thing: t.thing.into_owned(),
+                stream: t.stream.into_owned(),
+                kind: t.kind,
+                format: t.format,
+            }),
+            Topic::Provisioning(p) => Topic::Provisioning(match p {
+                ProvisioningTopic::CreateKeysAndCertificate(f, r) => {
+                    ProvisioningTopic::CreateKeysAndCertificate(f, r)
+                }
+                ProvisioningTopic::CreateCertificateFromCsr(f, r) => {
+                    ProvisioningTopic::CreateCertificateFromCsr(f, r)
+                }
+                ProvisioningTopic::RegisterThing(t, f, r) => {
+                    ProvisioningTopic::RegisterThing(t.into_owned(), f, r)
+                }
+            }),
+            Topic::Command(c) => Topic::Command(CommandTopic {
+                thing: c.thing.into_owned(),
+                execution: c.execution.into_owned(),
+                kind: c.kind,
+                format: c.format,
+            }),
+        }
+    }
+
+    /// The topic as text under `prefix`.
+    #[cfg(feature = "alloc")]
+    pub fn to_string_under(&self, prefix: &TopicPrefix<'_>) -> alloc::string::String {
+        use alloc::string::ToString;
+        self.display(prefix).to_string()
     }
 }
 
@@ -620,6 +825,10 @@ pub enum Service {
     Jobs,
     /// File streams (OTA downloads).
     Streams,
+    /// Fleet provisioning by claim.
+    Provisioning,
+    /// Commands: the devices' answers.
+    Commands,
 }
 
 impl Service {
@@ -633,11 +842,128 @@ impl Service {
     /// ```
     pub fn request_filters(self) -> &'static [&'static str] {
         match self {
-            Self::Shadows => &["things/+/shadow/+", "things/+/shadow/name/+/+"],
-            Self::Jobs => &["things/+/jobs/+", "things/+/jobs/+/+"],
+            Self::Shadows => &[
+                "things/+/shadow/get",
+                "things/+/shadow/update",
+                "things/+/shadow/delete",
+                "things/+/shadow/name/+/get",
+                "things/+/shadow/name/+/update",
+                "things/+/shadow/name/+/delete",
+            ],
+            Self::Jobs => &[
+                "things/+/jobs/get",
+                "things/+/jobs/start-next",
+                "things/+/jobs/+/get",
+                "things/+/jobs/+/update",
+            ],
             Self::Streams => &["things/+/streams/+/describe/+", "things/+/streams/+/get/+"],
+            Self::Provisioning => &[
+                "certificates/create/+",
+                "certificates/create-from-csr/+",
+                "provisioning-templates/+/provision/+",
+            ],
+            Self::Commands => &["commands/things/+/executions/+/response/+"],
         }
     }
+
+    /// Every service.
+    pub const ALL: [Service; 5] = [
+        Self::Shadows,
+        Self::Jobs,
+        Self::Streams,
+        Self::Provisioning,
+        Self::Commands,
+    ];
+
+    /// The request filters under `prefix`, prefixed
+    /// (`$aws/things/+/shadow/+`, ...).
+    #[cfg(feature = "alloc")]
+    pub fn filters(self, prefix: &TopicPrefix<'_>) -> alloc::vec::Vec<alloc::string::String> {
+        self.request_filters()
+            .iter()
+            .map(|f| alloc::format!("{}/{f}", prefix.as_str()))
+            .collect()
+    }
+
+    /// The filters of the requests one thing (`thing`, or a broker's
+    /// placeholder such as Mosquitto's `%u`) sends this service: what a
+    /// broker's policy lets it write. Provisioning requests name no thing.
+    #[cfg(feature = "alloc")]
+    pub fn requests_of(
+        self,
+        prefix: &TopicPrefix<'_>,
+        thing: &str,
+    ) -> alloc::vec::Vec<alloc::string::String> {
+        self.request_filters()
+            .iter()
+            .map(|f| {
+                let f = f.replacen("things/+", &alloc::format!("things/{thing}"), 1);
+                alloc::format!("{}/{f}", prefix.as_str())
+            })
+            .collect()
+    }
+
+    /// The filters of what the cloud sends one thing of this service, with
+    /// `thing` in the thing's level: what a device subscribes to, and what
+    /// a broker's policy lets it read.
+    #[cfg(feature = "alloc")]
+    pub fn device_filters(
+        self,
+        prefix: &TopicPrefix<'_>,
+        thing: &str,
+    ) -> alloc::vec::Vec<alloc::string::String> {
+        let p = prefix.as_str();
+        match self {
+            Self::Shadows => alloc::vec![alloc::format!("{p}/things/{thing}/shadow/#")],
+            Self::Jobs => alloc::vec![alloc::format!("{p}/things/{thing}/jobs/#")],
+            Self::Streams => alloc::vec![alloc::format!("{p}/things/{thing}/streams/#")],
+            Self::Provisioning => alloc::vec![
+                alloc::format!("{p}/certificates/+/+/+"),
+                alloc::format!("{p}/provisioning-templates/+/provision/+/+"),
+            ],
+            Self::Commands => alloc::vec![alloc::format!(
+                "{p}/commands/things/{thing}/executions/+/request/+"
+            )],
+        }
+    }
+}
+
+/// Where the answer to a request that gave `response_topic` (MQTT 5) goes:
+/// `{response_topic}/accepted` or `/rejected` as `role` says, if
+/// `response_topic` lies in a client's own namespace
+/// (`{prefix}/clients/{client id}/...`, without wildcards), which the broker
+/// lets only that client read; `None` otherwise, so that a request cannot
+/// make the cloud publish on someone else's topics.
+///
+/// ```
+/// use fleet_core::topic::{Role, TopicPrefix, response_reply};
+/// let p = TopicPrefix::AWS;
+/// assert_eq!(response_reply(&p, "$aws/clients/c1/r7", Role::Accepted).as_deref(), Some("$aws/clients/c1/r7/accepted"));
+/// assert_eq!(response_reply(&p, "$aws/things/t/shadow/update", Role::Accepted), None);
+/// assert_eq!(response_reply(&p, "$aws/clients/+/r", Role::Rejected), None);
+/// ```
+#[cfg(feature = "alloc")]
+pub fn response_reply(
+    prefix: &TopicPrefix<'_>,
+    response_topic: &str,
+    role: Role,
+) -> Option<alloc::string::String> {
+    let own = response_topic
+        .strip_prefix(prefix.as_str())
+        .and_then(|r| r.strip_prefix("/clients/"))
+        .and_then(|r| r.split_once('/'))
+        .is_some_and(|(client, rest)| {
+            !client.is_empty() && !rest.is_empty() && !response_topic.contains(['+', '#', '\0'])
+        });
+    let suffix = role.suffix()?;
+    own.then(|| alloc::format!("{response_topic}/{suffix}"))
+}
+
+/// The filter of a client's own namespace, `{prefix}/clients/{client}/#`,
+/// where the answers to its MQTT 5 requests go ([`response_reply`]).
+#[cfg(feature = "alloc")]
+pub fn client_namespace(prefix: &TopicPrefix<'_>, client: &str) -> alloc::string::String {
+    alloc::format!("{}/clients/{client}/#", prefix.as_str())
 }
 
 /// Whether `topic` matches the MQTT topic filter `filter` (`+` one level,
@@ -728,6 +1054,11 @@ mod tests {
             "$aws/certificates/create-from-csr/cbor/rejected",
             "$aws/provisioning-templates/factory/provision/json",
             "$aws/provisioning-templates/factory/provision/json/accepted",
+            "$aws/commands/things/t/executions/e-1/request/json",
+            "$aws/commands/things/t/executions/e-1/request/cbor",
+            "$aws/commands/things/t/executions/e-1/response/json",
+            "$aws/commands/things/t/executions/e-1/response/accepted/json",
+            "$aws/commands/things/t/executions/e-1/response/rejected/cbor",
         ];
         for text in topics {
             assert_eq!(round_trip(&p, text), text);
@@ -794,6 +1125,11 @@ mod tests {
             "$aws/certificates/revoke/json",
             "$aws/provisioning-templates/x/provision",
             "$aws/things/t/shadow/name/s/update/accepted/extra/levels",
+            "$aws/commands/things/t/executions/e/request",
+            "$aws/commands/things/t/executions/e/response/maybe/json",
+            "$aws/commands/things/t/executions/e/request/accepted/json",
+            "$aws/commands/things/t/executions/e/response/xml",
+            "$aws/commands/clients/t/executions/e/request/json",
         ];
         for text in unknown {
             assert_eq!(Topic::parse(&p, text), Err(TopicError::Unknown), "{text}");
@@ -937,6 +1273,29 @@ mod tests {
             (template, format(), role()).prop_map(|(t, f, r)| Topic::Provisioning(
                 ProvisioningTopic::RegisterThing(t, f, r)
             )),
+            (thing_again(), execution(), command_kind(), format()).prop_map(
+                |(thing, execution, kind, format)| Topic::Command(CommandTopic {
+                    thing,
+                    execution,
+                    kind,
+                    format,
+                })
+            ),
+        ]
+    }
+
+    fn thing_again() -> impl Strategy<Value = ThingName<'static>> {
+        "[a-zA-Z0-9:_-]{1,128}".prop_map(|s| owned(ThingName::try_from(s)))
+    }
+
+    fn execution() -> impl Strategy<Value = JobId<'static>> {
+        "[a-zA-Z0-9_-]{1,64}".prop_map(|s| owned(JobId::try_from(s)))
+    }
+
+    fn command_kind() -> impl Strategy<Value = CommandTopicKind> {
+        prop_oneof![
+            Just(CommandTopicKind::Request),
+            role().prop_map(CommandTopicKind::Response),
         ]
     }
 
@@ -949,6 +1308,38 @@ mod tests {
             let mut buf = [0u8; 512];
             prop_assert_eq!(topic.write_to(&prefix, &mut buf).unwrap(), text.as_str());
             prop_assert_eq!(Topic::parse(&prefix, &text).unwrap(), topic);
+        }
+
+        #[test]
+        fn replies_and_owned_copies_keep_the_topic(topic in any_topic()) {
+            let text = topic.to_string_under(&TopicPrefix::AWS);
+            let parsed = Topic::parse(&TopicPrefix::AWS, &text).unwrap().into_owned();
+            prop_assert_eq!(&parsed, &topic);
+            // A reply exists only for a request, and differs from it only
+            // by its role; a reply of a reply is none.
+            for role in [Role::Accepted, Role::Rejected] {
+                match topic.reply(role) {
+                    Some(reply) => {
+                        prop_assert!(topic.is_from_device());
+                        prop_assert!(!reply.is_from_device());
+                        prop_assert_eq!(reply.service(), topic.service());
+                        prop_assert_eq!(reply.thing(), topic.thing());
+                        prop_assert!(reply.reply(role).is_none());
+                    }
+                    None => prop_assert!(
+                        !topic.is_from_device() || topic.service() == Service::Streams
+                    ),
+                }
+            }
+            // Every request is matched by its service's filters, nothing
+            // the cloud sends is.
+            let matched = Service::ALL.iter().filter(|s| {
+                s.filters(&TopicPrefix::AWS).iter().any(|f| filter_matches(f, &text))
+            }).count();
+            prop_assert_eq!(matched, usize::from(topic.is_from_device()), "{}", text);
+            if topic.is_from_device() {
+                prop_assert!(topic.service().filters(&TopicPrefix::AWS).iter().any(|f| filter_matches(f, &text)));
+            }
         }
 
         #[test]

@@ -15,8 +15,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
 use fleet_cloud::{
-    CampaignSpec, CampaignStatus, Extras, JobsService, MemoryStore, RECEIPT_KEY_ATTRIBUTE,
-    Registry, RunningService, ShadowService, Stores, StreamService, serve,
+    CampaignSpec, CampaignStatus, JobsService, MemoryStore, RECEIPT_KEY_ATTRIBUTE, Registry,
+    RunningService, ShadowService, Stores, StreamService, serve,
 };
 use fleet_core::jobs::{
     GroupAction, RateLimit, RetryPolicy, RolloutGroup, RolloutPolicy, RolloutStatus, Threshold,
@@ -52,12 +52,11 @@ async fn cloud(
     let streams = StreamService::load(stores.streams.clone()).await.unwrap();
     let running = serve(
         broker.backend_config("cloud").unwrap(),
-        ShadowService::new(MemoryStore::new()),
-        Extras {
-            jobs: Some(jobs.clone()),
-            streams: Some(streams.clone()),
-            ..Extras::default()
-        },
+        fleet_cloud::Services::new()
+            .with(ShadowService::new(MemoryStore::new()))
+            .with(jobs.clone())
+            .with(streams.clone()),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
     (running, jobs, streams)

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use fleet_cloud::{CommandFailure, Extras, MemoryStore, ShadowService, serve};
+use fleet_cloud::{CommandFailure, MemoryStore, ShadowService, serve};
 use fleet_core::ThingName;
 use fleet_core::jobs::CommandStatus;
 use fleet_device::{AgentBuilder, AgentEvent};
@@ -23,8 +23,8 @@ async fn commands_reach_the_agent_and_come_back(kind: BrokerKind) {
     .expect("start the broker");
     let cloud = serve(
         broker.backend_config("cloud").unwrap(),
-        ShadowService::new(MemoryStore::new()),
-        Extras::default(),
+        fleet_cloud::Services::new().with(ShadowService::new(MemoryStore::new())),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
     let id = broker.device_identity("pump-7").unwrap();

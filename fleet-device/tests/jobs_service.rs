@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleet_cloud::{
-    Extras, JobSpec, JobsService, Registry, RunningService, ShadowService, SqliteStore,
-    TargetSelection, serve,
+    JobSpec, JobsService, Registry, RunningService, ShadowService, SqliteStore, TargetSelection,
+    serve,
 };
 use fleet_core::jobs::{JobStatus, TimeoutConfig};
 use fleet_device::{Agent, AgentBuilder, AgentEvent, Backoff};
@@ -73,8 +73,9 @@ impl Cloud {
 
     fn service(db: &tempfile::TempDir, clock: &Arc<AtomicU64>) -> JobsService {
         let clock = clock.clone();
-        JobsService::new(SqliteStore::open(&db.path().join("fleet.db")).unwrap())
-            .with_clock(move || clock.load(Ordering::SeqCst))
+        JobsService::new(SqliteStore::open(&db.path().join("fleet.db")).unwrap()).with_clock(
+            fleet_cloud::Clock::from_fn(move || clock.load(Ordering::SeqCst)),
+        )
     }
 
     /// (Re)starts the served service, on the same database.
@@ -84,10 +85,14 @@ impl Cloud {
         self.running = Some(
             serve(
                 self.broker.backend_config("cloud").unwrap(),
-                ShadowService::new(SqliteStore::open(&self.db.path().join("fleet.db")).unwrap()),
-                Extras {
-                    jobs: Some(self.jobs.clone()),
-                    ..Extras::default()
+                fleet_cloud::Services::new()
+                    .with(ShadowService::new(
+                        SqliteStore::open(&self.db.path().join("fleet.db")).unwrap(),
+                    ))
+                    .with(self.jobs.clone()),
+                fleet_cloud::ServeOptions {
+                    clock: self.jobs.clock().clone(),
+                    ..fleet_cloud::ServeOptions::default()
                 },
             )
             .unwrap(),

@@ -18,8 +18,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
 use fleet_cloud::{
-    Extras, JobSpec, JobsService, MemoryStore, Registry, ShadowService, StreamService,
-    TargetSelection, serve,
+    JobSpec, JobsService, MemoryStore, Registry, ShadowService, StreamService, TargetSelection,
+    serve,
 };
 use fleet_core::jobs::{ImageSource, JobExecution, JobStatus, OtaJob, TimeoutConfig};
 use fleet_core::ota::{InstallOutcome, InstallReceipt, ManifestBuilder, Role, TrustRootBuilder};
@@ -60,12 +60,11 @@ async fn fleet(kind: BrokerKind) -> Fleet {
     let jobs = JobsService::new(MemoryStore::new());
     let cloud = serve(
         broker.backend_config("cloud").unwrap(),
-        ShadowService::new(MemoryStore::new()),
-        Extras {
-            streams: Some(streams.clone()),
-            jobs: Some(jobs.clone()),
-            ..Extras::default()
-        },
+        fleet_cloud::Services::new()
+            .with(ShadowService::new(MemoryStore::new()))
+            .with(streams.clone())
+            .with(jobs.clone()),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
     let backend = broker.backend_identity().unwrap();

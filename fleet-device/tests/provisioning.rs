@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use fleet_cloud::pki::Pki;
 use fleet_cloud::{
-    BrokerPolicy, Extras, MemoryStore, PreProvisioningHook, ProvisioningService,
-    ProvisioningTemplate, Registry, RunningService, ShadowService, serve,
+    BrokerPolicy, MemoryStore, PreProvisioningHook, ProvisioningService, ProvisioningTemplate,
+    Registry, RunningService, ShadowService, serve,
 };
 use fleet_device::{AgentEvent, ClaimConfig, ProvisionError, provision_by_claim};
 use fleet_testkit::{Broker, BrokerKind, BrokerOptions};
@@ -48,11 +48,10 @@ fn cloud(broker: &Broker, registry: &Registry) -> RunningService {
     .with_hook(DenySerial13);
     serve(
         broker.backend_config("cloud").unwrap(),
-        ShadowService::new(MemoryStore::new()),
-        Extras {
-            provisioning: Some(provisioning),
-            ..Extras::default()
-        },
+        fleet_cloud::Services::new()
+            .with(ShadowService::new(MemoryStore::new()))
+            .with(provisioning),
+        fleet_cloud::ServeOptions::default(),
     )
     .unwrap()
 }

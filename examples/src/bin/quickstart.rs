@@ -25,7 +25,7 @@ use ed25519_dalek::SigningKey;
 use fleet_cloud::pki::Pki;
 use fleet_cloud::telemetry::{JsonLinesSink, Rule, TelemetryRouter};
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, CampaignSpec, EmbeddedBroker, EmbeddedConfig, Extras, JobsService,
+    BrokerConfig, BrokerPolicy, CampaignSpec, EmbeddedBroker, EmbeddedConfig, JobsService,
     ProvisioningService, ProvisioningTemplate, RECEIPT_KEY_ATTRIBUTE, Registry, RunningService,
     ShadowService, Stores, StreamService, serve,
 };
@@ -142,13 +142,15 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
             share_group: None,
             queue_capacity: 1024,
         },
-        shadows.clone(),
-        Extras {
+        fleet_cloud::Services::new()
+            .with(shadows.clone())
+            .with(provisioning)
+            .with(streams.clone())
+            .with(jobs.clone()),
+        fleet_cloud::ServeOptions {
             telemetry: Some(telemetry),
-            provisioning: Some(provisioning),
-            streams: Some(streams.clone()),
-            jobs: Some(jobs.clone()),
             leadership: None,
+            ..fleet_cloud::ServeOptions::default()
         },
     )?;
     Ok(Cloud {

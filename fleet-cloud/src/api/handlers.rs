@@ -87,12 +87,6 @@ pub(super) fn open_routes() -> OpenApiRouter<Api> {
     OpenApiRouter::new().routes(routes!(health))
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn thing_name(name: &str) -> Result<ThingName<'_>, ApiError> {
     ThingName::new(name).map_err(|e| ApiError::invalid(format!("thing name {name:?}: {e}")))
 }
@@ -350,31 +344,30 @@ async fn shadow_request(
         .transpose()?;
     let prefix = api.shadows.prefix();
     let prefix = TopicPrefix::new(prefix).map_err(|e| ApiError::internal(e.to_string()))?;
-    let topic_of = |role: TopicRole| {
-        Topic::Shadow(ShadowTopic {
-            thing: thing.clone(),
-            shadow: shadow.clone(),
-            kind: ShadowTopicKind::Op(op, role),
-        })
-        .display(&prefix)
-        .to_string()
-    };
-    let (topic, accepted, rejected) = (
-        topic_of(TopicRole::Request),
-        topic_of(TopicRole::Accepted),
-        topic_of(TopicRole::Rejected),
+    let request = Topic::Shadow(ShadowTopic {
+        thing: thing.clone(),
+        shadow: shadow.clone(),
+        kind: ShadowTopicKind::Op(op, TopicRole::Request),
+    });
+    let reply = |role| request.reply(role).map(|t| t.to_string_under(&prefix));
+    let (accepted, rejected) = (reply(TopicRole::Accepted), reply(TopicRole::Rejected));
+    let request = crate::service::Request::new(
+        request,
+        &payload,
+        crate::service::Caller::Operator,
+        api.jobs.now(),
     );
     let out = api
         .shadows
-        .handle(&topic, &payload, now())
+        .handle(&request)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let mut answer = None;
     let mut publish = Vec::new();
     for o in out {
-        if o.topic == accepted {
+        if Some(&o.topic) == accepted.as_ref() {
             answer = Some(Ok(o.payload.clone()));
-        } else if o.topic == rejected {
+        } else if Some(&o.topic) == rejected.as_ref() {
             answer = Some(Err(o.payload));
             continue;
         }

@@ -2,7 +2,6 @@
 //! (like Azure direct methods and AWS IoT commands).
 
 use alloc::collections::{BTreeMap, VecDeque};
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -10,19 +9,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::identity::{JobId, ThingName};
-
-/// The topic a command request is published to:
-/// `{prefix}/commands/things/{thing}/executions/{id}/request/json`.
-pub fn request_topic(prefix: &str, thing: &ThingName<'_>, execution_id: &str) -> String {
-    format!("{prefix}/commands/things/{thing}/executions/{execution_id}/request/json")
-}
-
-/// The topic a device answers on:
-/// `{prefix}/commands/things/{thing}/executions/{id}/response/json`.
-pub fn response_topic(prefix: &str, thing: &ThingName<'_>, execution_id: &str) -> String {
-    format!("{prefix}/commands/things/{thing}/executions/{execution_id}/response/json")
-}
+use crate::identity::JobId;
 
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

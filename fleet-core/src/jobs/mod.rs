@@ -41,7 +41,7 @@ mod wire;
 
 pub use command::{
     CommandError, CommandInbox, CommandRequest, CommandResponse, CommandState, CommandStatus,
-    Delivery, PendingCommands, request_topic, response_topic,
+    Delivery, PendingCommands,
 };
 pub use document::{DocumentError, ImageSource, JobDocument, OTA_OPERATION, OtaJob};
 pub use execution::{

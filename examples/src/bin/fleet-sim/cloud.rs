@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use fleet_cloud::telemetry::{Rule, SinkError, TelemetryRecord, TelemetryRouter, TelemetrySink};
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
-    JobSpec, JobsService, Registry, RunningService, ShadowService, Stores, TargetSelection, serve,
+    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, JobSpec,
+    JobsService, Registry, RunningService, ServeOptions, ShadowService, Stores, TargetSelection,
+    serve,
 };
 use fleet_core::jobs::{JobStatus, TimeoutConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -221,13 +222,12 @@ fn start_services(
     let jobs = JobsService::shared(stores.jobs.clone());
     let running = serve(
         config,
-        ShadowService::shared(stores.shadows.clone()),
-        Extras {
+        fleet_cloud::Services::new()
+            .with(ShadowService::shared(stores.shadows.clone()))
+            .with(jobs.clone()),
+        ServeOptions {
             telemetry: Some(telemetry),
-            provisioning: None,
-            streams: None,
-            jobs: Some(jobs.clone()),
-            leadership: None,
+            ..ServeOptions::default()
         },
     )?;
     Ok(Services {

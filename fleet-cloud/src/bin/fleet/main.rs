@@ -39,9 +39,9 @@ use fleet_cloud::api::{ApiConfig, ApiServices, serve_api};
 use fleet_cloud::pki::Pki;
 use fleet_cloud::store::StoreLocation;
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, Extras,
+    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig,
     JobsService, MosquittoListener, ProvisioningService, ProvisioningTemplate, Registry, Scope,
-    ShadowService, SqliteRegistry, Stores, StreamService, serve,
+    ServeOptions, Services, ShadowService, SqliteRegistry, Stores, StreamService, serve,
 };
 
 #[derive(Parser)]
@@ -654,10 +654,13 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
             std::path::Path::new(&dead),
         )
     });
-    let extras = Extras {
-        provisioning,
+    let mut services = Services::new();
+    if let Some(p) = provisioning {
+        services = services.with(p);
+    }
+    let options = ServeOptions {
         telemetry,
-        ..Extras::default()
+        ..ServeOptions::default()
     };
     // Instances sharing a database take turns: one at a time sweeps
     // timeouts and drives rollouts, another takes over within the lease's
@@ -676,12 +679,21 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         stores.leadership("jobs-sweeper", &instance, std::time::Duration::from_secs(5));
     // Release images are kept in the same store: with PostgreSQL every
     // instance serves the streams any of them stored.
-    let extras = Extras {
-        streams: Some(StreamService::load(stores.streams.clone()).await?),
+    let streams = StreamService::load(stores.streams.clone()).await?;
+    let options = ServeOptions {
         leadership: Some(leadership.clone()),
-        ..extras
+        commands_prefix: args.prefix.clone(),
+        ..options
     };
-    let result = run(config, &stores, &args.prefix, extras, api).await;
+    let result = run(
+        config,
+        &stores,
+        &args.prefix,
+        (services, streams),
+        options,
+        api,
+    )
+    .await;
     // A clean stop hands the lease over at once, not when it runs out.
     leadership.release().await;
     if let Some(b) = embedded {
@@ -867,22 +879,18 @@ async fn run(
     config: BrokerConfig,
     stores: &Stores,
     prefix: &str,
-    extras: Extras,
+    (services, streams): (Services, StreamService),
+    options: ServeOptions,
     api: Option<ApiSetup>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let jobs = JobsService::shared(stores.jobs.clone());
-    // The jobs service (with its rollouts and campaigns) speaks `$aws`.
-    let extras = if prefix == "$aws" {
-        Extras {
-            jobs: Some(jobs.clone()),
-            ..extras
-        }
-    } else {
-        extras
-    };
-    let streams = extras.streams.clone().unwrap_or_default();
     let service = ShadowService::shared(stores.shadows.clone()).with_prefix(prefix)?;
-    let running = serve(config, service.clone(), extras)?;
+    let mut services = services.with(service.clone()).with(streams.clone());
+    // The jobs service (with its rollouts and campaigns) speaks `$aws`.
+    if prefix == "$aws" {
+        services = services.with(jobs.clone());
+    }
+    let running = serve(config, services, options)?;
     let _api = match api {
         Some(a) => {
             let revoker = a.revoker;
