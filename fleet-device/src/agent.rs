@@ -11,10 +11,15 @@ use fleet_core::jobs::{
     CommandInbox, CommandStatus, Delivery as CommandDelivery, JobEvent, JobRunner, JobStatus,
     RunnerConfig, UpdateId,
 };
+use fleet_core::ota::{BlockDownload, DownloadConfig, DownloadEvent};
 use fleet_core::shadow::{RequestId, ShadowEvent, ShadowSync, SyncConfig};
 use fleet_core::time::Instant as CoreInstant;
+use fleet_core::topic::{
+    CommandTopic, CommandTopicKind, Format, JobsTopic, JobsTopicKind, Role, Service, Topic,
+    TopicPrefix,
+};
 use fleet_core::transmit::Transmit;
-use fleet_core::{ShadowName, ThingName};
+use fleet_core::{JobId, ShadowName, StreamId, ThingName};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -506,6 +511,7 @@ impl AgentBuilder {
         );
         let session = random_u64();
         let jobs = JobRunner::new(thing.clone(), self.jobs.clone(), session);
+        let thing_name = thing.clone();
         let mut sync = ShadowSync::new(thing, &names, self.sync.clone(), session);
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = mpsc::channel(256);
@@ -546,14 +552,12 @@ impl AgentBuilder {
         };
         let pump = Pump {
             ota,
-            things_base: format!("$aws/things/{}", self.thing),
+            thing: thing_name,
             client,
             sync,
             jobs,
             inbox: CommandInbox::new(256),
-            commands_base: format!("$aws/commands/things/{}/executions", self.thing),
             telemetry_base: format!("{}/{}", self.telemetry_prefix, self.thing),
-            jobs_base: format!("$aws/things/{}/jobs", self.thing),
             job_waiters: HashMap::new(),
             pending_subacks: 0,
             commands: commands_rx,
@@ -819,12 +823,12 @@ const CONFLICT_WINDOW: Duration = Duration::from_secs(60);
 /// An update in progress, and what the agent must remember of its job.
 struct OtaRun {
     job_id: String,
-    stream: String,
     nonce: Vec<u8>,
     sequence: u64,
     update: fleet_core::ota::OtaUpdate,
-    /// The block asked for: (offset, len, block id, when asked).
-    pending: Option<(u64, u32, u32, CoreInstant)>,
+    /// The image's blocks, from its MQTT stream.
+    download: BlockDownload,
+    /// The last block received, for the update's `Write`.
     last_block: Vec<u8>,
     /// Waiting for the reboot it asked for.
     paused: bool,
@@ -840,23 +844,16 @@ struct OtaState {
     run: Option<OtaRun>,
 }
 
-/// How long a requested block may take before it is asked for again.
-const BLOCK_TIMEOUT: Duration = Duration::from_secs(5);
-
 struct Pump {
     ota: Option<OtaState>,
-    /// `$aws/things/{thing}`
-    things_base: String,
+    /// The thing this agent is (topics are under `$aws`).
+    thing: ThingName<'static>,
     client: Client,
     sync: ShadowSync,
     jobs: JobRunner,
     inbox: CommandInbox,
-    /// `$aws/commands/things/{thing}/executions`
-    commands_base: String,
     /// `{telemetry_prefix}/{thing}`
     telemetry_base: String,
-    /// `$aws/things/{thing}/jobs`
-    jobs_base: String,
     job_waiters: HashMap<UpdateId, oneshot::Sender<Result<(), AgentError>>>,
     /// SUBACKs still expected for this connection's subscriptions.
     pending_subacks: usize,
@@ -890,6 +887,32 @@ struct Pump {
 }
 
 impl Pump {
+    /// `$aws/commands/things/{thing}/executions/{id}/response/json`.
+    fn command_response_topic(&self, execution: &str) -> Option<String> {
+        let execution = JobId::new(execution).ok()?;
+        Some(
+            Topic::Command(CommandTopic {
+                thing: self.thing.borrow(),
+                execution,
+                kind: CommandTopicKind::Response(Role::Request),
+                format: Format::Json,
+            })
+            .to_string_under(&TopicPrefix::AWS),
+        )
+    }
+
+    /// `$aws/things/{thing}/jobs/{job}/update`.
+    fn job_update_topic(&self, job: &str) -> Option<String> {
+        let job = JobId::new(job).ok()?;
+        Some(
+            Topic::Jobs(JobsTopic {
+                thing: self.thing.borrow(),
+                kind: JobsTopicKind::Update(job, Role::Request),
+            })
+            .to_string_under(&TopicPrefix::AWS),
+        )
+    }
+
     fn now(&self) -> CoreInstant {
         CoreInstant::from_millis(
             u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -961,6 +984,7 @@ impl Pump {
             let now = self.now();
             self.sync.handle_connection(now, false);
             self.jobs.handle_connection(now, false);
+            self.ota_connection(now, false);
         }
         // rumqttc starts each connection clean: whatever was not
         // acknowledged goes again from the outbox.
@@ -993,22 +1017,15 @@ impl Pump {
                         self.pending_subacks = 0;
                         self.sync.handle_connection(now, true);
                         self.jobs.handle_connection(now, true);
-                        let mut filters = vec![format!("{}/+/request/json", self.commands_base)];
+                        let mut filters = Service::Commands.device_filters(&TopicPrefix::AWS, self.thing.as_str());
                         if self.ota.is_some() {
-                            filters.push(format!("{}/streams/+/data/json", self.things_base));
-                            filters.push(format!("{}/streams/+/rejected/json", self.things_base));
+                            filters.extend(BlockDownload::subscriptions(&TopicPrefix::AWS, &self.thing, Format::Json));
                         }
                         match self.client.try_subscribe_many(filters) {
                             Ok(()) => self.pending_subacks += 1,
                             Err(e) => tracing::warn!("cannot subscribe to commands: {e}"),
                         }
                         self.pump_outbox();
-                        if let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut())
-                            && let Some(p) = run.pending.as_mut()
-                        {
-                            // Asked again once subscribed (the timeout fires).
-                            p.3 = CoreInstant::from_millis(0);
-                        }
                         self.emit(AgentEvent::Connected).await;
                     }
                     Ev::SubAck { ok } => {
@@ -1018,6 +1035,10 @@ impl Pump {
                                 let now = self.now();
                                 self.sync.handle_subscribed(now);
                                 self.jobs.handle_subscribed(now);
+                                // A block asked for before the connection
+                                // dropped is asked again, now that its
+                                // answer can arrive.
+                                self.ota_connection(now, true);
                             }
                         } else {
                             self.emit(AgentEvent::InvalidInput {
@@ -1029,21 +1050,20 @@ impl Pump {
                     }
                     Ev::Publish { topic, payload } => {
                         let now = self.now();
-                        if topic.starts_with(&self.commands_base) {
-                            self.handle_command(&topic, &payload).await;
-                        } else if topic.contains("/streams/") {
-                            if let Err(reason) = self.ota_handle_stream(now, &topic, &payload) {
-                                self.emit(AgentEvent::InvalidInput { topic, reason }).await;
+                        let result = match Topic::parse(&TopicPrefix::AWS, &topic) {
+                            Ok(Topic::Command(c)) => {
+                                let execution = c.execution.into_owned();
+                                self.handle_command(&topic, execution, &payload).await;
+                                Ok(())
                             }
-                        } else {
-                            let result = if topic.contains("/jobs/") {
-                                self.jobs.handle_message(now, &topic, &payload).map_err(|e| e.to_string())
-                            } else {
-                                self.sync.handle_message(now, &topic, &payload).map_err(|e| e.to_string())
-                            };
-                            if let Err(reason) = result {
-                                self.emit(AgentEvent::InvalidInput { topic, reason }).await;
-                            }
+                            Ok(Topic::Stream(_)) => self.ota_handle_stream(now, &topic, &payload),
+                            Ok(Topic::Jobs(_)) => self.jobs.handle_message(now, &topic, &payload).map_err(|e| e.to_string()),
+                            Ok(Topic::Shadow(_)) => self.sync.handle_message(now, &topic, &payload).map_err(|e| e.to_string()),
+                            Ok(_) => Err("not a topic this agent subscribes to".into()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Err(reason) = result {
+                            self.emit(AgentEvent::InvalidInput { topic, reason }).await;
                         }
                     }
                     Ev::OutgoingPublish(pkid) => {
@@ -1147,10 +1167,10 @@ impl Pump {
                     }
                     Some(Command::Respond { execution_id, status, payload, done }) => {
                         let result = match self.inbox.respond(epoch_seconds(), &execution_id, status, payload) {
-                            Ok(answer) => {
-                                let topic = format!("{}/{execution_id}/response/json", self.commands_base);
-                                self.send_raw(&topic, 1, answer).map_err(AgentError::Command)
-                            }
+                            Ok(answer) => match self.command_response_topic(&execution_id) {
+                                Some(topic) => self.send_raw(&topic, 1, answer).map_err(AgentError::Command),
+                                None => Err(AgentError::Command(format!("invalid execution id {execution_id:?}"))),
+                            },
                             Err(e) => Err(AgentError::Command(e.to_string())),
                         };
                         let _ = done.send(result);
@@ -1161,9 +1181,8 @@ impl Pump {
                         match self.jobs.update(now, status, details.clone()) {
                             Ok(id) => {
                                 // Kept for a restart: sent then as a plain update.
-                                if let Some(job) = job {
+                                if let Some(topic) = job.as_deref().and_then(|j| self.job_update_topic(j)) {
                                     let body = serde_json::json!({"status": status, "statusDetails": details.unwrap_or_default()});
-                                    let topic = format!("{}/{job}/update", self.jobs_base);
                                     match self.outbox.push(MessageKind::JobUpdate, &topic, body.to_string().as_bytes()) {
                                         Ok(seq) => {
                                             self.engine_owned.insert(seq);
@@ -1247,10 +1266,14 @@ impl Pump {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
                 Ok(Ev::Publish { topic, payload }) => {
                     let now = self.now();
-                    if topic.contains("/jobs/") {
-                        let _ = self.jobs.handle_message(now, &topic, &payload);
-                    } else if topic.contains("/shadow/") {
-                        let _ = self.sync.handle_message(now, &topic, &payload);
+                    match Topic::parse(&TopicPrefix::AWS, &topic) {
+                        Ok(Topic::Jobs(_)) => {
+                            let _ = self.jobs.handle_message(now, &topic, &payload);
+                        }
+                        Ok(Topic::Shadow(_)) => {
+                            let _ = self.sync.handle_message(now, &topic, &payload);
+                        }
+                        _ => {}
                     }
                     self.drain().await;
                     // An update's final report goes once the job is current.
@@ -1277,7 +1300,7 @@ impl Pump {
         let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
     }
 
-    async fn handle_command(&mut self, topic: &str, payload: &[u8]) {
+    async fn handle_command(&mut self, topic: &str, execution: JobId<'static>, payload: &[u8]) {
         match self.inbox.handle_request(epoch_seconds(), payload) {
             Ok(CommandDelivery::Run(r)) => {
                 self.emit(AgentEvent::Command {
@@ -1291,8 +1314,9 @@ impl Pump {
             Ok(CommandDelivery::Duplicate {
                 resend: Some(answer),
             }) => {
-                let response = topic.replace("/request/", "/response/");
-                let _ = self.send_raw(&response, 1, answer);
+                if let Some(response) = self.command_response_topic(execution.as_str()) {
+                    let _ = self.send_raw(&response, 1, answer);
+                }
             }
             Ok(CommandDelivery::Duplicate { resend: None } | CommandDelivery::Expired) => {}
             Err(e) => {
@@ -1431,6 +1455,25 @@ fn ota_config(settings: &OtaSettings) -> fleet_core::ota::OtaConfig {
     }
 }
 
+/// The download of an update's image from its stream.
+fn download(
+    thing: &ThingName<'static>,
+    stream: StreamId<'static>,
+    job_id: &str,
+    settings: &OtaSettings,
+) -> BlockDownload {
+    BlockDownload::new(
+        &TopicPrefix::AWS,
+        thing.clone(),
+        stream,
+        job_id,
+        DownloadConfig {
+            block_size: settings.block_size,
+            ..DownloadConfig::default()
+        },
+    )
+}
+
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
@@ -1474,22 +1517,25 @@ impl Pump {
             CoreInstant::from_millis(0),
             ota_config(&o.settings),
         );
-        match (fields, resumed) {
-            (Some((job_id, stream, nonce, sequence)), Ok(update)) => {
+        let stream = fields
+            .as_ref()
+            .and_then(|f| StreamId::try_from(f.1.clone()).ok());
+        match (fields, stream, resumed) {
+            (Some((job_id, _, nonce, sequence)), Some(stream), Ok(update)) => {
+                let download = download(&self.thing, stream, &job_id, &o.settings);
                 o.run = Some(OtaRun {
                     job_id,
-                    stream,
                     nonce,
                     sequence,
                     update,
-                    pending: None,
+                    download,
                     last_block: Vec::new(),
                     paused: false,
                     report: stored_report,
                     started: false,
                 });
             }
-            (_, result) => {
+            (_, _, result) => {
                 // A record without its job (or a corrupt one): the running
                 // image is what it is; forget the update.
                 tracing::warn!(
@@ -1513,63 +1559,84 @@ impl Pump {
 
     fn ota_timeout(&self) -> Option<CoreInstant> {
         let run = self.ota.as_ref()?.run.as_ref()?;
-        let block = run.pending.map(|p| {
-            CoreInstant::from_millis(
-                p.3.as_millis()
-                    .saturating_add(u64::try_from(BLOCK_TIMEOUT.as_millis()).unwrap_or(u64::MAX)),
-            )
-        });
-        [block, run.update.poll_timeout()]
+        [run.download.poll_timeout(), run.update.poll_timeout()]
             .into_iter()
             .flatten()
             .min()
     }
 
     fn ota_handle_timeout(&mut self, now: CoreInstant) {
-        let connected = self.connected;
         let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut()) else {
             return;
         };
         if run.update.poll_timeout().is_some_and(|t| t <= now) {
             run.update.handle_timeout(now);
         }
-        let resend = run.pending.is_some_and(|p| {
-            now.as_millis()
-                >= p.3.as_millis() + u64::try_from(BLOCK_TIMEOUT.as_millis()).unwrap_or(0)
-        });
-        if resend && connected {
-            self.ota_request_block(now);
+        if run.download.poll_timeout().is_some_and(|t| t <= now) {
+            run.download.handle_timeout(now);
         }
+        self.ota_download_output(now);
     }
 
-    /// Asks the stream for the pending block.
-    fn ota_request_block(&mut self, now: CoreInstant) {
-        let block_size = match &self.ota {
-            Some(o) => o.settings.block_size,
-            None => return,
-        };
+    /// The connection came up (subscribed) or went down.
+    fn ota_connection(&mut self, now: CoreInstant, up: bool) {
+        if let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut()) {
+            run.download.handle_connection(now, up);
+        }
+        self.ota_download_output(now);
+    }
+
+    /// Sends what the download asks and takes what it hands back: a block
+    /// goes to the update; a refusal or giving up ends the job FAILED.
+    fn ota_download_output(&mut self, now: CoreInstant) {
         let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut()) else {
             return;
         };
-        let Some(p) = run.pending.as_mut() else {
-            return;
-        };
-        p.3 = now;
-        let request = fleet_core::stream::GetRequest {
-            client_token: Some(run.job_id.clone()),
-            version: None,
-            file_id: 0,
-            block_size,
-            offset: p.2,
-            count: 1,
-            bitmap: None,
-        };
-        let topic = format!("{}/streams/{}/get/json", self.things_base, run.stream);
-        let payload = request.encode(fleet_core::stream::Format::Json);
-        if self.connected
-            && let Err(e) = self.send_raw(&topic, 1, payload)
-        {
-            tracing::warn!("cannot ask for a block: {e}");
+        let mut sends = Vec::new();
+        while let Some(t) = run.download.poll_transmit() {
+            if let Transmit::Publish { topic, payload, .. } = t {
+                sends.push((topic, payload));
+            }
+        }
+        let mut failed = None;
+        while let Some(event) = run.download.poll_event() {
+            match event {
+                DownloadEvent::Block { offset, data } => {
+                    match run.update.handle_block(now, offset, &data) {
+                        Ok(()) => run.last_block = data,
+                        Err(e) => failed = Some(format!("image: {e}")),
+                    }
+                }
+                DownloadEvent::Rejected { code, message } => {
+                    failed = Some(format!("stream: {code} {message}"));
+                }
+                DownloadEvent::GaveUp { offset, attempts } => {
+                    failed = Some(format!(
+                        "stream: no answer for the block at {offset} after {attempts} tries"
+                    ));
+                }
+            }
+        }
+        if let Some(reason) = failed {
+            run.download.cancel();
+            let mut details = BTreeMap::new();
+            details.insert("reason".to_string(), reason);
+            run.report = Some((JobStatus::Failed, details));
+            if let Some(o) = self.ota.as_ref() {
+                let _ = o
+                    .settings
+                    .slots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear_record();
+            }
+        }
+        if self.connected {
+            for (topic, payload) in sends {
+                if let Err(e) = self.send_raw(&topic, 1, payload) {
+                    tracing::warn!("cannot ask for a block: {e}");
+                }
+            }
         }
     }
 
@@ -1579,50 +1646,16 @@ impl Pump {
         topic: &str,
         payload: &[u8],
     ) -> Result<(), String> {
-        use fleet_core::stream::{DataBlock, Format, StreamRejected};
         let Some(run) = self.ota.as_mut().and_then(|o| o.run.as_mut()) else {
             return Err("no update is running".into());
         };
-        if topic.ends_with("/rejected/json") {
-            let r = StreamRejected::decode(payload, Format::Json).map_err(|e| e.to_string())?;
-            if r.client_token.as_deref() == Some(run.job_id.as_str()) {
-                // The image is not there: the update cannot go on.
-                run.pending = None;
-                let mut details = BTreeMap::new();
-                details.insert(
-                    "reason".to_string(),
-                    format!("stream: {} {}", r.code, r.message),
-                );
-                run.report = Some((JobStatus::Failed, details));
-                let mut slots = self.ota.as_ref().map(|o| o.settings.slots.clone());
-                if let Some(slots) = slots.take() {
-                    let _ = slots
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear_record();
-                }
-            }
-            return Ok(());
+        let taken = run.download.handle_message(now, topic, payload);
+        self.ota_download_output(now);
+        match taken {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("not the stream of the update under way".into()),
+            Err(e) => Err(e.to_string()),
         }
-        let block = DataBlock::decode(payload, Format::Json).map_err(|e| e.to_string())?;
-        let Some((offset, len, id, _)) = run.pending else {
-            return Ok(()); // a late duplicate
-        };
-        if block.block_id != id || block.client_token.as_deref() != Some(run.job_id.as_str()) {
-            return Ok(());
-        }
-        if block.payload.len() != len as usize {
-            return Err(format!(
-                "block {id} has {} bytes, not {len}",
-                block.payload.len()
-            ));
-        }
-        run.pending = None;
-        run.update
-            .handle_block(now, offset, &block.payload)
-            .map_err(|e| e.to_string())?;
-        run.last_block = block.payload;
-        Ok(())
     }
 
     /// A `fleet.ota` job arrived (or arrived again after a restart).
@@ -1653,6 +1686,9 @@ impl Pump {
         };
         let ImageSource::Stream(stream) = &job.image else {
             return refuse(self, "only MQTT stream images are supported".into());
+        };
+        let Ok(stream_id) = StreamId::try_from(stream.clone()) else {
+            return refuse(self, format!("invalid stream id {stream:?}"));
         };
         let (Ok(envelope), Ok(nonce)) = (job.manifest_bytes(), job.nonce_bytes()) else {
             return refuse(self, "manifest or nonce is not valid base64".into());
@@ -1698,13 +1734,17 @@ impl Pump {
             booted.other(),
             ota_config(&o.settings),
         );
+        let mut download = download(&self.thing, stream_id, job_id, &o.settings);
+        if self.connected {
+            download.handle_connection(self.now(), true);
+        }
+        let o = self.ota.as_mut()?;
         o.run = Some(OtaRun {
             job_id: job_id.into(),
-            stream: stream.clone(),
             nonce,
             sequence: manifest.sequence,
             update,
-            pending: None,
+            download,
             last_block: Vec::new(),
             paused: false,
             report: None,
@@ -1721,7 +1761,6 @@ impl Pump {
         };
         let mut events = Vec::new();
         let now = self.now();
-        let mut ask_block = false;
         {
             let Some(o) = self.ota.as_mut() else {
                 return events;
@@ -1730,7 +1769,7 @@ impl Pump {
                 return events;
             };
             let slots = o.settings.slots.clone();
-            while !run.paused && run.pending.is_none() && run.report.is_none() {
+            while !run.paused && run.download.pending().is_none() && run.report.is_none() {
                 let Some(action) = run.update.poll_action() else {
                     break;
                 };
@@ -1738,11 +1777,10 @@ impl Pump {
                 let io = match action {
                     OtaAction::Persist(record) => slots.save_record(&record.encode()),
                     OtaAction::Fetch { offset, len } => {
-                        let id = u32::try_from(offset / u64::from(o.settings.block_size))
-                            .unwrap_or(u32::MAX);
-                        run.pending = Some((offset, len, id, now));
-                        ask_block = true;
-                        break;
+                        match run.download.fetch(now, offset, len) {
+                            Ok(()) => break,
+                            Err(e) => Err(std::io::Error::other(e)),
+                        }
                     }
                     OtaAction::Write { slot, offset, .. } => {
                         slots.write(slot, offset, &run.last_block)
@@ -1844,9 +1882,7 @@ impl Pump {
                 }
             }
         }
-        if ask_block {
-            self.ota_request_block(now);
-        }
+        self.ota_download_output(now);
         self.ota_persist_report();
         self.ota_report(now);
         events
@@ -1885,7 +1921,20 @@ impl Pump {
         if self.jobs.current_job() != Some(run.job_id.as_str()) {
             return;
         }
-        let topic = format!("{}/{}/update", self.jobs_base, run.job_id);
+        let Some(topic) = Topic::Jobs(JobsTopic {
+            thing: self.thing.borrow(),
+            kind: JobsTopicKind::Update(
+                match JobId::new(&run.job_id) {
+                    Ok(id) => id,
+                    Err(_) => return,
+                },
+                Role::Request,
+            ),
+        })
+        .to_string_under(&TopicPrefix::AWS)
+        .into() else {
+            return;
+        };
         let mut updates = Vec::new();
         if run.started {
             run.started = false;

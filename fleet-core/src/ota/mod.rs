@@ -37,6 +37,8 @@
 //! # Ok::<(), fleet_core::ota::OtaError>(())
 //! ```
 
+#[cfg(feature = "alloc")]
+mod download;
 mod envelope;
 mod error;
 mod image;
@@ -50,6 +52,8 @@ pub mod tools;
 mod update;
 mod wire;
 
+#[cfg(feature = "alloc")]
+pub use download::{BlockDownload, DownloadConfig, DownloadError, DownloadEvent};
 #[cfg(feature = "alloc")]
 pub use envelope::sign_envelope;
 pub use envelope::{
