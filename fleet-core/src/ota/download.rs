@@ -281,7 +281,7 @@ impl BlockDownload {
         let block = u32::try_from(offset / size).ok();
         let (Some(block), true) = (
             block,
-            offset % size == 0 && len > 0 && u64::from(len) <= size,
+            offset.is_multiple_of(size) && len > 0 && u64::from(len) <= size,
         ) else {
             return Err(DownloadError::InvalidBlock { offset, len });
         };
