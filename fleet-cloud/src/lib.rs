@@ -93,6 +93,7 @@ pub mod pki;
 mod policy;
 mod provisioning;
 mod registry;
+mod server;
 pub mod service;
 mod shadows;
 pub mod store;
@@ -132,6 +133,10 @@ pub use provisioning::{
     PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate,
 };
 pub use registry::{Registry, RegistryError};
+pub use server::{
+    BackendIdentity, BrokerSetup, FleetConfig, FleetServer, ProvisioningSetup, RegistryHook,
+    ServerError,
+};
 pub use service::{Caller, Handler, Request, Services};
 pub use shadows::{ServiceError, ShadowService};
 pub use store::{

@@ -14,6 +14,7 @@
 //! rollout goes on, as its policy allows. It prints each step and a summary.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,11 +24,12 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
 use fleet_cloud::pki::Pki;
+use fleet_cloud::store::StoreLocation;
 use fleet_cloud::telemetry::{JsonLinesSink, Rule, TelemetryRouter};
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, CampaignSpec, EmbeddedBroker, EmbeddedConfig, JobsService,
-    ProvisioningService, ProvisioningTemplate, RECEIPT_KEY_ATTRIBUTE, Registry, RunningService,
-    ShadowService, Stores, StreamService, serve,
+    BackendIdentity, BrokerPolicy, BrokerSetup, CampaignSpec, EmbeddedConfig, FleetConfig,
+    FleetServer, JobsService, ProvisioningSetup, ProvisioningTemplate, Publisher,
+    RECEIPT_KEY_ATTRIBUTE, Registry, ShadowService, StreamService,
 };
 use fleet_core::ThingName;
 use fleet_core::jobs::{
@@ -74,41 +76,49 @@ fn epoch() -> u64 {
 
 struct Cloud {
     pki: Pki,
-    broker: EmbeddedBroker,
-    running: RunningService,
+    /// Where devices connect (the embedded broker).
+    broker_addr: SocketAddr,
+    /// Publishes through the backend's connection.
+    publisher: Publisher,
     shadows: ShadowService,
     jobs: JobsService,
     streams: StreamService,
     registry: Registry,
     telemetry_file: PathBuf,
+    server: FleetServer,
 }
 
+/// The backend, started as `fleet serve` starts it ([`FleetServer`]).
 async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
     let pki = Pki::new("quickstart CA")?;
     let server = pki.server_identity()?;
-    let mut config = EmbeddedConfig::new(
+    let mut broker = EmbeddedConfig::new(
         "127.0.0.1:0".parse()?,
         &server.cert_pem,
         &server.key_pem,
         &pki.ca_pem(),
     );
-    config.policy = BrokerPolicy {
+    broker.policy = BrokerPolicy {
         claim_identities: vec!["claim@factory".into()],
         reply_routing: true,
         ..BrokerPolicy::default()
     };
-    let db = dir.join("fleet.db");
-    let stores = Stores::sqlite(&db)?;
-    let registry = Registry::open(&dir.join("registry.db"))?;
-    // The broker admits a device only as the registry binds its
-    // certificate: a claim certificate grants nothing until registered.
-    config.directory = Some(Arc::new(registry.clone()));
-    let broker = EmbeddedBroker::start(config).await?;
-    registry.create_group("early", None).await?;
-    let provisioning = ProvisioningService::new(
-        Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
-        registry.clone(),
-        vec![ProvisioningTemplate {
+    let backend = pki.client_identity(fleet_cloud::DEFAULT_BACKEND_IDENTITY)?;
+    let mut config = FleetConfig::new(
+        StoreLocation::Sqlite(dir.join("fleet.db")),
+        // The broker admits a device only as the registry binds its
+        // certificate: a claim certificate grants nothing until registered.
+        BrokerSetup::Embedded(broker),
+        BackendIdentity {
+            client_id: "fleet-cloud".into(),
+            cert_pem: backend.cert_pem,
+            key_pem: backend.key_pem,
+            ca_pem: pki.ca_pem(),
+        },
+    );
+    config.provisioning = Some(ProvisioningSetup {
+        ca: Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
+        templates: vec![ProvisioningTemplate {
             allow_replace: false,
             name: "factory".into(),
             thing_name_prefix: "pump-".into(),
@@ -117,51 +127,28 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
             attributes: BTreeMap::from([("model".to_string(), "P100".to_string())]),
             groups: Vec::new(),
         }],
-    );
+    });
     let telemetry_file = dir.join("telemetry.jsonl");
-    let telemetry = TelemetryRouter::new(
+    config.telemetry = Some(TelemetryRouter::new(
         vec![Rule {
             filter: "dt/+/telemetry".into(),
             predicate: None,
             sink: Arc::new(JsonLinesSink::new(&telemetry_file)),
         }],
         &dir.join("dead-letters.jsonl"),
-    );
-    let shadows = ShadowService::shared(stores.shadows.clone());
-    let jobs = JobsService::shared(stores.jobs.clone());
-    let streams = StreamService::load(stores.streams.clone()).await?;
-    let backend = pki.client_identity(fleet_cloud::DEFAULT_BACKEND_IDENTITY)?;
-    let running = serve(
-        BrokerConfig {
-            host: "localhost".into(),
-            port: broker.local_addr().port(),
-            client_id: "fleet-cloud".into(),
-            cert_pem: backend.cert_pem,
-            key_pem: backend.key_pem,
-            ca_pem: pki.ca_pem(),
-            share_group: None,
-            queue_capacity: 1024,
-        },
-        fleet_cloud::Services::new()
-            .with(shadows.clone())
-            .with(provisioning)
-            .with(streams.clone())
-            .with(jobs.clone()),
-        fleet_cloud::ServeOptions {
-            telemetry: Some(telemetry),
-            leadership: None,
-            ..fleet_cloud::ServeOptions::default()
-        },
-    )?;
+    ));
+    let fleet = FleetServer::start(config).await?;
+    fleet.registry().create_group("early", None).await?;
     Ok(Cloud {
         pki,
-        broker,
-        running,
-        shadows,
-        jobs,
-        streams,
-        registry,
+        broker_addr: fleet.broker_addr().ok_or("the embedded broker")?,
+        publisher: fleet.publisher(),
+        shadows: fleet.shadows().clone(),
+        jobs: fleet.jobs().clone(),
+        streams: fleet.streams().clone(),
+        registry: fleet.registry().clone(),
         telemetry_file,
+        server: fleet,
     })
 }
 
@@ -185,7 +172,7 @@ async fn device(
     let serial = format!("{:04}", 100 + i);
     let config = ClaimConfig {
         host: "localhost".into(),
-        port: cloud.broker.local_addr().port(),
+        port: cloud.broker_addr.port(),
         claim_cert_pem: claim.cert_pem,
         claim_key_pem: claim.key_pem,
         ca_pem: cloud.pki.ca_pem(),
@@ -226,11 +213,7 @@ async fn device(
         let slots = Arc::new(Mutex::new(FileSlots::boot(&dir.join("slots"), 1 << 20, 1)?));
         let healthy = i != FAULTY;
         let agent = me
-            .agent(
-                "localhost",
-                cloud.broker.local_addr().port(),
-                &cloud.pki.ca_pem(),
-            )
+            .agent("localhost", cloud.broker_addr.port(), &cloud.pki.ca_pem())
             .state_dir(dir.join("agent"))
             .backoff(Backoff {
                 initial: Duration::from_millis(100),
@@ -303,7 +286,7 @@ async fn run() -> Result<(), BoxError> {
     let cloud = Arc::new(start_cloud(dir).await?);
     println!(
         "  broker on {}  store {}",
-        cloud.broker.local_addr(),
+        cloud.broker_addr,
         dir.join("fleet.db").display()
     );
 
@@ -370,7 +353,7 @@ async fn run() -> Result<(), BoxError> {
             )
             .await?;
         for m in out {
-            cloud.running.publish(&m.topic, m.payload).await?;
+            cloud.publisher.publish(&m.topic, m.payload).await?;
         }
     }
     let converged = wait_for(Duration::from_secs(20), || async {
@@ -396,7 +379,7 @@ async fn run() -> Result<(), BoxError> {
     step(4, "Sending a command and awaiting the answers");
     for t in &things {
         let answer = cloud
-            .running
+            .server
             .commands()
             .send(
                 &ThingName::new(t)?,
@@ -475,7 +458,7 @@ async fn run() -> Result<(), BoxError> {
         )
         .await?;
     for m in out {
-        cloud.running.publish(&m.topic, m.payload).await?;
+        cloud.publisher.publish(&m.topic, m.payload).await?;
     }
     let bar = ProgressBar::new(DEVICES as u64).with_style(
         ProgressStyle::with_template("  {bar:30} {pos}/{len} done  {msg}")?.progress_chars("=> "),

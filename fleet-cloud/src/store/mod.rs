@@ -398,8 +398,17 @@ impl Stores {
     /// `registry.db` in the same directory (each created as needed, its
     /// schema migrated).
     pub fn sqlite(path: &std::path::Path) -> Result<Self, StoreError> {
+        Self::sqlite_with_registry(path, &path.with_file_name("registry.db"))
+    }
+
+    /// Shadows, jobs and streams in the SQLite file `path`, the registry in
+    /// the SQLite file `registry`.
+    pub fn sqlite_with_registry(
+        path: &std::path::Path,
+        registry: &std::path::Path,
+    ) -> Result<Self, StoreError> {
         let store = SqliteStore::open(path)?;
-        let registry = SqliteRegistry::open(&path.with_file_name("registry.db"))?;
+        let registry = SqliteRegistry::open(registry)?;
         Ok(Self {
             shadows: Arc::new(store.clone()),
             jobs: Arc::new(store.clone()),
@@ -438,6 +447,25 @@ impl Stores {
             StoreLocation::Memory => Ok(Self::memory()),
             StoreLocation::Sqlite(path) => Self::sqlite(path),
             StoreLocation::Postgres(url) => Self::postgres(url, max_connections).await,
+        }
+    }
+
+    /// [`open`](Self::open), with the registry in the SQLite file
+    /// `registry` when the store is not PostgreSQL (`None`: where `open`
+    /// puts it). With PostgreSQL the registry is in the database, shared
+    /// by every instance.
+    pub async fn open_with_registry(
+        location: &StoreLocation,
+        max_connections: usize,
+        registry: Option<&std::path::Path>,
+    ) -> Result<Self, StoreError> {
+        match (location, registry) {
+            (StoreLocation::Sqlite(path), Some(r)) => Self::sqlite_with_registry(path, r),
+            (StoreLocation::Memory, Some(r)) => Ok(Self {
+                registry: Arc::new(SqliteRegistry::open(r)?),
+                ..Self::memory()
+            }),
+            _ => Self::open(location, max_connections).await,
         }
     }
 

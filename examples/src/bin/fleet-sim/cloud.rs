@@ -19,11 +19,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet_cloud::store::StoreLocation;
 use fleet_cloud::telemetry::{Rule, SinkError, TelemetryRecord, TelemetryRouter, TelemetrySink};
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig, JobSpec,
-    JobsService, Registry, RunningService, ServeOptions, ShadowService, Stores, TargetSelection,
-    serve,
+    BackendIdentity, BrokerPolicy, BrokerSetup, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker,
+    EmbeddedConfig, FleetConfig, FleetServer, JobSpec, TargetSelection,
 };
 use fleet_core::jobs::{JobStatus, TimeoutConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -96,9 +96,7 @@ pub(crate) fn memory_kib() -> (u64, u64) {
 }
 
 struct Services {
-    running: RunningService,
-    jobs: JobsService,
-    registry: Registry,
+    server: FleetServer,
     sink: Arc<CountingSink>,
 }
 
@@ -114,8 +112,7 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
     let read = |name: &str| {
         std::fs::read_to_string(args.dir.join(name)).map_err(|e| format!("cannot read {name}: {e}"))
     };
-    let mut broker = None;
-    let port = if args.embedded {
+    let embedded = if args.embedded {
         let mut config = EmbeddedConfig::new(
             "127.0.0.1:0".parse()?,
             &read("server.pem")?,
@@ -125,33 +122,62 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
         config.policy = BrokerPolicy::default();
         // A storm of handshakes on two cores: give each its time.
         config.handshake_timeout = Duration::from_secs(30);
+        Some(config)
+    } else {
+        None
+    };
+    // The services are started as `fleet serve` starts them.
+    let mut broker = None;
+    let (port, services) = if args.services {
+        let sink = Arc::new(CountingSink::default());
+        let setup = match embedded {
+            Some(config) => BrokerSetup::Embedded(config),
+            None => BrokerSetup::External {
+                host: "localhost".into(),
+                port: args.broker_port.ok_or("--broker-port or --embedded")?,
+            },
+        };
+        let unique = epoch_micros();
+        let store = match &args.store {
+            Some(url) => StoreLocation::Postgres(url.clone()),
+            None => StoreLocation::Sqlite(args.dir.join(format!("fleet-{unique}.db"))),
+        };
+        let mut config = FleetConfig::new(
+            store,
+            setup,
+            BackendIdentity {
+                client_id: args.client_id.clone(),
+                cert_pem: read("backend.pem")?,
+                key_pem: read("backend.key")?,
+                ca_pem: read("ca.pem")?,
+            },
+        );
+        config.registry = Some(args.dir.join(format!("registry-{unique}.db")));
+        config.share_group = args.share_group.clone();
+        // The simulated devices are not in the registry: admitted by their
+        // certificate alone.
+        config.admit_by_registry = false;
+        config.telemetry = Some(TelemetryRouter::new(
+            vec![Rule {
+                filter: "dt/+/telemetry".into(),
+                predicate: None,
+                sink: sink.clone(),
+            }],
+            &args.dir.join("dead-letters.jsonl"),
+        ));
+        let server = FleetServer::start(config).await?;
+        let port = match server.broker_addr() {
+            Some(addr) => addr.port(),
+            None => args.broker_port.ok_or("--broker-port or --embedded")?,
+        };
+        (port, Some(Arc::new(Services { server, sink })))
+    } else if let Some(config) = embedded {
         let b = EmbeddedBroker::start(config).await?;
         let port = b.local_addr().port();
         broker = Some(b);
-        port
+        (port, None)
     } else {
-        args.broker_port.ok_or("--broker-port or --embedded")?
-    };
-    let services = if args.services {
-        let config = BrokerConfig {
-            host: "localhost".into(),
-            port,
-            client_id: args.client_id.clone(),
-            cert_pem: read("backend.pem")?,
-            key_pem: read("backend.key")?,
-            ca_pem: read("ca.pem")?,
-            share_group: args.share_group.clone(),
-            queue_capacity: 1024,
-        };
-        Some(Arc::new(match &args.store {
-            Some(url) => start_services(config, &Stores::postgres(url, 16).await?, &args.dir)?,
-            None => {
-                let db = args.dir.join(format!("fleet-{}.db", epoch_micros()));
-                start_services(config, &Stores::sqlite(&db)?, &args.dir)?
-            }
-        }))
-    } else {
-        None
+        (args.broker_port.ok_or("--broker-port or --embedded")?, None)
     };
     // The service subscribes after connecting; give it that moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -176,7 +202,7 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
                     }
                 });
             }
-            (["job-status", id], Some(s)) => match s.jobs.snapshot(id).await {
+            (["job-status", id], Some(s)) => match s.server.jobs().snapshot(id).await {
                 Ok(snapshot) => println!(
                     "job-status {id} {} {}",
                     snapshot
@@ -204,40 +230,6 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Starts the services on `store`.
-fn start_services(
-    config: BrokerConfig,
-    stores: &Stores,
-    dir: &std::path::Path,
-) -> Result<Services, BoxError> {
-    let sink = Arc::new(CountingSink::default());
-    let telemetry = TelemetryRouter::new(
-        vec![Rule {
-            filter: "dt/+/telemetry".into(),
-            predicate: None,
-            sink: sink.clone(),
-        }],
-        &dir.join("dead-letters.jsonl"),
-    );
-    let jobs = JobsService::shared(stores.jobs.clone());
-    let running = serve(
-        config,
-        fleet_cloud::Services::new()
-            .with(ShadowService::shared(stores.shadows.clone()))
-            .with(jobs.clone()),
-        ServeOptions {
-            telemetry: Some(telemetry),
-            ..ServeOptions::default()
-        },
-    )?;
-    Ok(Services {
-        running,
-        jobs,
-        registry: Registry::in_memory()?,
-        sink,
-    })
-}
-
 /// Creates a job for the first `n` simulated things and publishes its
 /// notifications; returns the milliseconds that took.
 async fn fan_out(s: &Services, id: &str, n: usize) -> Result<u128, BoxError> {
@@ -252,9 +244,13 @@ async fn fan_out(s: &Services, id: &str, n: usize) -> Result<u128, BoxError> {
         max_retries: 0,
         rollout: None,
     };
-    let out = s.jobs.create_job(spec, &s.registry, s.jobs.now()).await?;
+    let jobs = s.server.jobs();
+    let out = jobs
+        .create_job(spec, s.server.registry(), jobs.now())
+        .await?;
+    let publisher = s.server.publisher();
     for m in out {
-        s.running.publish(&m.topic, m.payload).await?;
+        publisher.publish(&m.topic, m.payload).await?;
     }
     Ok(started.elapsed().as_millis())
 }

@@ -35,13 +35,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fleet_cloud::api::{ApiConfig, ApiServices, serve_api};
+use fleet_cloud::api::ApiConfig;
 use fleet_cloud::pki::Pki;
 use fleet_cloud::store::StoreLocation;
 use fleet_cloud::{
-    BrokerConfig, BrokerPolicy, DEFAULT_BACKEND_IDENTITY, EmbeddedBroker, EmbeddedConfig,
-    JobsService, MosquittoListener, ProvisioningService, ProvisioningTemplate, Registry, Scope,
-    ServeOptions, Services, ShadowService, SqliteRegistry, Stores, StreamService, serve,
+    BackendIdentity, BrokerPolicy, BrokerSetup, DEFAULT_BACKEND_IDENTITY, EmbeddedConfig,
+    FleetConfig, FleetServer, MosquittoListener, ProvisioningSetup, ProvisioningTemplate, Registry,
+    Scope,
 };
 
 #[derive(Parser)]
@@ -473,16 +473,15 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };
     let dir = &args.dir;
-    let mut embedded_config = None;
-    let (host, port) = match &args.broker {
+    let broker = match &args.broker {
         Some(broker) => {
             let (host, port) = broker
                 .rsplit_once(':')
                 .ok_or("--broker must be host:port")?;
-            (
-                host.to_owned(),
-                port.parse().map_err(|_| "--broker port must be a number")?,
-            )
+            BrokerSetup::External {
+                host: host.to_owned(),
+                port: port.parse().map_err(|_| "--broker port must be a number")?,
+            }
         }
         None => {
             if !dir.join("ca.pem").exists() {
@@ -506,21 +505,16 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
                 reply_routing: true,
                 ..BrokerPolicy::default()
             };
-            let port = config.bind.port();
-            embedded_config = Some(config);
-            ("localhost".to_owned(), port)
+            BrokerSetup::Embedded(config)
         }
     };
+    let embedded = matches!(broker, BrokerSetup::Embedded(_));
     let or_dir = |p: &Option<PathBuf>, name: &str| p.clone().unwrap_or_else(|| dir.join(name));
-    let mut config = BrokerConfig {
-        host,
-        port,
+    let backend = BackendIdentity {
         client_id: args.client_id.clone(),
         cert_pem: read(&or_dir(&args.cert, "backend.pem"))?,
         key_pem: read(&or_dir(&args.key, "backend.key"))?,
         ca_pem: read(&or_dir(&args.ca, "ca.pem"))?,
-        share_group: args.share_group.clone(),
-        queue_capacity: 1024,
     };
     std::fs::create_dir_all(dir)?;
     let store = args
@@ -533,135 +527,6 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
     {
         std::fs::create_dir_all(parent)?;
     }
-    let mut stores = Stores::open(&store, 16).await?;
-    // With PostgreSQL, the registry (things, groups, certificates, API
-    // tokens) is shared by every instance on the database too; a single
-    // instance keeps it in `registry.db` in --dir, where `fleet dev-setup`
-    // writes it, whatever --store says.
-    if stores.pg().is_none() {
-        stores.registry = std::sync::Arc::new(SqliteRegistry::open(&dir.join("registry.db"))?);
-    }
-    let registry = Registry::new(stores.registry.clone());
-    // What the registry says is revoked or denied, the broker refuses; it
-    // asks the registry whether each device may connect.
-    let mut embedded = None;
-    if let Some(mut broker_config) = embedded_config {
-        // The registry decides at each CONNECT (a list of denied
-        // identities fixed now would outlive a thing's re-enabling).
-        broker_config.directory = Some(std::sync::Arc::new(registry.clone()));
-        let b = EmbeddedBroker::start(broker_config).await?;
-        b.revoke(registry.revoked_certificates().await?);
-        config.port = b.local_addr().port();
-        embedded = Some(b);
-    }
-    let ca_key = match (
-        std::fs::read_to_string(dir.join("ca.pem")),
-        std::fs::read_to_string(dir.join("ca.key")),
-    ) {
-        (Ok(ca), Ok(key)) => Some(std::sync::Arc::new(Pki::from_pem(&ca, &key)?)),
-        _ => None,
-    };
-    let provisioning = match &ca_key {
-        // Provisioning speaks the `$aws` topics only. Its ownership tokens
-        // are kept in the registry: with PostgreSQL, a device's
-        // registration may reach another instance than its certificate
-        // request did.
-        Some(pki) if args.prefix == "$aws" => {
-            tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
-            if embedded.is_none() {
-                tracing::info!(
-                    "provisioning with an external broker: replies go only to an MQTT 5 response topic"
-                );
-            }
-            Some(ProvisioningService::new(
-                Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
-                registry.clone(),
-                vec![default_template()],
-            ))
-        }
-        _ => None,
-    };
-    let acl = if args.mosquitto_acl.is_some() || args.mosquitto_roster.is_some() {
-        let files = std::sync::Arc::new(BrokerFiles {
-            registry: registry.clone(),
-            policy: BrokerPolicy {
-                prefix: args.prefix.clone(),
-                claim_identities: args.claims.clone(),
-                ..BrokerPolicy::default()
-            },
-            acl: args.mosquitto_acl.clone(),
-            roster: args.mosquitto_roster.clone(),
-            pid_file: args.broker_pid_file.clone(),
-            writing: tokio::sync::Mutex::new(()),
-        });
-        files.refresh().await?;
-        Some(files)
-    } else {
-        None
-    };
-    let provisioning = match (provisioning, &acl) {
-        (Some(p), Some(files)) => {
-            let files = files.clone();
-            Some(
-                p.with_on_registered(std::sync::Arc::new(move |_: &str, _: bool| {
-                    files.refresh_hook()
-                })),
-            )
-        }
-        (p, _) => p,
-    };
-    let api = if args.no_api {
-        None
-    } else {
-        if registry.tokens().await?.is_empty() {
-            let (_, token) = registry
-                .create_token("admin (first start)", Scope::Admin)
-                .await?;
-            write_secret(&dir.join("admin.token"), &format!("{token}\n"))?;
-            tracing::info!(
-                "wrote an admin API token to {}",
-                dir.join("admin.token").display()
-            );
-        }
-        let tls = |name: &str| {
-            read(&dir.join(name)).map_err(|e| {
-                format!("the management API serves HTTPS with {{dir}}/server.pem and server.key ({e}); write them with `fleet certs init`, or pass --no-api")
-            })
-        };
-        Some(ApiSetup {
-            config: ApiConfig {
-                limits: fleet_cloud::api::ApiLimits::default(),
-                bind: args.api,
-                cert_pem: tls("server.pem")?,
-                key_pem: tls("server.key")?,
-            },
-            registry: registry.clone(),
-            claim_ca: ca_key.clone(),
-            claim_identities: args.claims.clone(),
-            revoker: embedded.as_ref().map(EmbeddedBroker::revoker),
-            acl: acl.clone(),
-        })
-    };
-    let telemetry = args.telemetry_file.as_ref().map(|file| {
-        let mut dead = file.clone().into_os_string();
-        dead.push(".dead-letters");
-        fleet_cloud::telemetry::TelemetryRouter::new(
-            vec![fleet_cloud::telemetry::Rule {
-                filter: "dt/#".into(),
-                predicate: None,
-                sink: std::sync::Arc::new(fleet_cloud::telemetry::JsonLinesSink::new(file)),
-            }],
-            std::path::Path::new(&dead),
-        )
-    });
-    let mut services = Services::new();
-    if let Some(p) = provisioning {
-        services = services.with(p);
-    }
-    let options = ServeOptions {
-        telemetry,
-        ..ServeOptions::default()
-    };
     // Instances sharing a database take turns: one at a time sweeps
     // timeouts and drives rollouts, another takes over within the lease's
     // 5 s when it dies (one instance alone on its store always leads).
@@ -675,31 +540,113 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         StoreLocation::Sqlite(path) => tracing::info!("store: SQLite at {}", path.display()),
         StoreLocation::Memory => tracing::info!("store: memory"),
     }
-    let leadership =
-        stores.leadership("jobs-sweeper", &instance, std::time::Duration::from_secs(5));
-    // Release images are kept in the same store: with PostgreSQL every
-    // instance serves the streams any of them stored.
-    let streams = StreamService::load(stores.streams.clone()).await?;
-    let options = ServeOptions {
-        leadership: Some(leadership.clone()),
-        commands_prefix: args.prefix.clone(),
-        ..options
+    let mut config = FleetConfig::new(store, broker, backend);
+    config.instance = instance;
+    config.prefix = args.prefix.clone();
+    config.share_group = args.share_group.clone();
+    config.claim_identities = args.claims.clone();
+    // With PostgreSQL, the registry (things, groups, certificates, API
+    // tokens) is shared by every instance on the database too; a single
+    // instance keeps it in `registry.db` in --dir, where `fleet dev-setup`
+    // writes it, whatever --store says.
+    config.registry = Some(dir.join("registry.db"));
+    let ca_key = match (
+        std::fs::read_to_string(dir.join("ca.pem")),
+        std::fs::read_to_string(dir.join("ca.key")),
+    ) {
+        (Ok(ca), Ok(key)) => Some(std::sync::Arc::new(Pki::from_pem(&ca, &key)?)),
+        _ => None,
     };
-    let result = run(
-        config,
-        &stores,
-        &args.prefix,
-        (services, streams),
-        options,
-        api,
-    )
-    .await;
-    // A clean stop hands the lease over at once, not when it runs out.
-    leadership.release().await;
-    if let Some(b) = embedded {
-        b.shutdown().await;
+    config.claim_ca = ca_key.clone();
+    if let Some(pki) = &ca_key
+        && args.prefix == "$aws"
+    {
+        // Its ownership tokens are kept in the registry: with PostgreSQL, a
+        // device's registration may reach another instance than its
+        // certificate request did.
+        tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
+        if !embedded {
+            tracing::info!(
+                "provisioning with an external broker: replies go only to an MQTT 5 response topic"
+            );
+        }
+        config.provisioning = Some(ProvisioningSetup {
+            ca: Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
+            templates: vec![default_template()],
+        });
     }
-    result
+    // An external broker's ACL and roster follow the registry: rewritten
+    // at start and after every change a broker must know of.
+    let files: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<BrokerFiles>>> =
+        std::sync::Arc::default();
+    if args.mosquitto_acl.is_some() || args.mosquitto_roster.is_some() {
+        let files = files.clone();
+        config.on_registry_changed = Some(std::sync::Arc::new(move || match files.get() {
+            Some(f) => f.refresh_hook(),
+            None => Box::pin(async {}),
+        }));
+    }
+    if !args.no_api {
+        let tls = |name: &str| {
+            read(&dir.join(name)).map_err(|e| {
+                format!("the management API serves HTTPS with {{dir}}/server.pem and server.key ({e}); write them with `fleet certs init`, or pass --no-api")
+            })
+        };
+        config.api = Some(ApiConfig {
+            limits: fleet_cloud::api::ApiLimits::default(),
+            bind: args.api,
+            cert_pem: tls("server.pem")?,
+            key_pem: tls("server.key")?,
+        });
+    }
+    config.telemetry = args.telemetry_file.as_ref().map(|file| {
+        let mut dead = file.clone().into_os_string();
+        dead.push(".dead-letters");
+        fleet_cloud::telemetry::TelemetryRouter::new(
+            vec![fleet_cloud::telemetry::Rule {
+                filter: "dt/#".into(),
+                predicate: None,
+                sink: std::sync::Arc::new(fleet_cloud::telemetry::JsonLinesSink::new(file)),
+            }],
+            std::path::Path::new(&dead),
+        )
+    });
+    let server = FleetServer::start(config).await?;
+    let registry = server.registry().clone();
+    if args.mosquitto_acl.is_some() || args.mosquitto_roster.is_some() {
+        let f = std::sync::Arc::new(BrokerFiles {
+            registry: registry.clone(),
+            policy: BrokerPolicy {
+                prefix: args.prefix.clone(),
+                claim_identities: args.claims.clone(),
+                ..BrokerPolicy::default()
+            },
+            acl: args.mosquitto_acl.clone(),
+            roster: args.mosquitto_roster.clone(),
+            pid_file: args.broker_pid_file.clone(),
+            writing: tokio::sync::Mutex::new(()),
+        });
+        f.refresh().await?;
+        let _ = files.set(f);
+    }
+    if let Some(addr) = server.api_addr() {
+        if registry.tokens().await?.is_empty() {
+            let (_, token) = registry
+                .create_token("admin (first start)", Scope::Admin)
+                .await?;
+            write_secret(&dir.join("admin.token"), &format!("{token}\n"))?;
+            tracing::info!(
+                "wrote an admin API token to {}",
+                dir.join("admin.token").display()
+            );
+        }
+        tracing::info!("management API on https://{addr}");
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    // A clean stop hands the lease over at once, not when it runs out.
+    server.shutdown().await;
+    Ok(())
 }
 
 /// Things provisioned by claim are named `thing-{SerialNumber}`.
@@ -854,16 +801,6 @@ fn current_user() -> Option<String> {
         })
 }
 
-/// What the management API needs besides the services.
-struct ApiSetup {
-    config: ApiConfig,
-    registry: Registry,
-    claim_ca: Option<std::sync::Arc<Pki>>,
-    claim_identities: Vec<String>,
-    revoker: Option<fleet_cloud::Revoker>,
-    acl: Option<std::sync::Arc<BrokerFiles>>,
-}
-
 /// Writes a file only its owner may read.
 fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     std::fs::write(path, text)?;
@@ -872,76 +809,6 @@ fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
-    Ok(())
-}
-
-async fn run(
-    config: BrokerConfig,
-    stores: &Stores,
-    prefix: &str,
-    (services, streams): (Services, StreamService),
-    options: ServeOptions,
-    api: Option<ApiSetup>,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let jobs = JobsService::shared(stores.jobs.clone());
-    let service = ShadowService::shared(stores.shadows.clone()).with_prefix(prefix)?;
-    let mut services = services.with(service.clone()).with(streams.clone());
-    // The jobs service (with its rollouts and campaigns) speaks `$aws`.
-    if prefix == "$aws" {
-        services = services.with(jobs.clone());
-    }
-    let running = serve(config, services, options)?;
-    let _api = match api {
-        Some(a) => {
-            let revoker = a.revoker;
-            let services = ApiServices {
-                registry: a.registry,
-                shadows: service,
-                jobs,
-                streams,
-                commands: running.commands().clone(),
-                publisher: running.publisher(),
-                claim_ca: a.claim_ca,
-                claim_identities: a.claim_identities,
-                on_revoke: (revoker.is_some() || a.acl.is_some()).then(|| {
-                    let (revoker, acl) = (revoker.clone(), a.acl.clone());
-                    std::sync::Arc::new(move |id: &str| -> fleet_cloud::api::HookFuture {
-                        if let Some(r) = &revoker {
-                            r.revoke([id.to_string()]);
-                        }
-                        match &acl {
-                            Some(acl) => acl.refresh_hook(),
-                            None => Box::pin(async {}),
-                        }
-                    }) as fleet_cloud::api::RevocationHook
-                }),
-                on_standing_changed: (revoker.is_some() || a.acl.is_some()).then(|| {
-                    let (revoker, acl) = (revoker.clone(), a.acl.clone());
-                    std::sync::Arc::new(
-                        move |thing: &str, allowed: bool| -> fleet_cloud::api::HookFuture {
-                            if let Some(r) = &revoker
-                                && !allowed
-                            {
-                                r.disconnect_identity(thing);
-                            }
-                            match &acl {
-                                Some(acl) => acl.refresh_hook(),
-                                None => Box::pin(async {}),
-                            }
-                        },
-                    ) as fleet_cloud::api::ThingHook
-                }),
-                templates: vec![default_template()],
-            };
-            let api = serve_api(a.config, services).await?;
-            tracing::info!("management API on https://{}", api.local_addr());
-            Some(api)
-        }
-        None => None,
-    };
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    running.shutdown().await;
     Ok(())
 }
 
