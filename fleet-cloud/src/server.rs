@@ -47,6 +47,8 @@ use crate::{
 /// Where the backend's MQTT traffic goes.
 #[derive(Debug)]
 #[non_exhaustive]
+// Made once per process and moved into the server: the size is no cost.
+#[allow(clippy::large_enum_variant)]
 pub enum BrokerSetup {
     /// Start the embedded broker with this configuration; it admits
     /// devices by the registry (its `directory` is set to it) and refuses
