@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use fleet_core::ThingName;
 
+use crate::clock::Clock;
 use crate::model::{
     AttributeQuery, CertificateRecord, CertificateStatus, PendingCertificate, Scope, Spent,
     StoredToken, Thing, TokenRecord,
@@ -103,14 +104,16 @@ pub struct Registry {
     store: Arc<dyn RegistryStore>,
     /// Names no thing may have: the broker's privileged identities.
     reserved: Arc<[String]>,
+    /// When tokens are created.
+    clock: Clock,
 }
 
 fn default_reserved() -> Arc<[String]> {
     Arc::from([crate::DEFAULT_BACKEND_IDENTITY.to_owned()])
 }
 
-/// A new token's id, its secret and the time, or why not.
-fn new_token(name: &str) -> Result<(String, String, u64), RegistryError> {
+/// A new token's id and its secret, or why not.
+fn new_token(name: &str) -> Result<(String, String), RegistryError> {
     if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
         return Err(RegistryError::InvalidName(format!("token name {name:?}")));
     }
@@ -118,10 +121,7 @@ fn new_token(name: &str) -> Result<(String, String, u64), RegistryError> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut id).map_err(backend)?;
     getrandom::fill(&mut secret).map_err(backend)?;
-    let created_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok((hex(&id), hex(&secret), created_at))
+    Ok((hex(&id), hex(&secret)))
 }
 
 /// `fleet_{id}_{secret}` split, or `None`.
@@ -143,7 +143,16 @@ impl Registry {
         Self {
             store,
             reserved: default_reserved(),
+            clock: Clock::system(),
         }
+    }
+
+    /// The same registry reading the time from `clock` (when tokens are
+    /// created).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Opens (or creates) the registry in the SQLite file at `path`.
@@ -193,7 +202,8 @@ impl Registry {
         name: &str,
         scope: Scope,
     ) -> Result<(TokenRecord, String), RegistryError> {
-        let (id, secret, created_at) = new_token(name)?;
+        let (id, secret) = new_token(name)?;
+        let created_at = self.clock.now();
         let record = TokenRecord {
             id,
             name: name.into(),

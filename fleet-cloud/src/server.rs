@@ -275,7 +275,7 @@ impl FleetServer {
             Stores::open_with_registry(&config.store, config.pool_size, config.registry.as_deref())
                 .await
                 .map_err(ServerError::Store)?;
-        let registry = Registry::new(stores.registry.clone());
+        let registry = Registry::new(stores.registry.clone()).with_clock(config.clock.clone());
 
         // The broker: the embedded one asks the registry at each CONNECT.
         let (host, port, embedded) = match config.broker {

@@ -959,6 +959,20 @@ pub fn response_reply(
     own.then(|| alloc::format!("{response_topic}/{suffix}"))
 }
 
+/// A topic in a client's own namespace, `{prefix}/clients/{client}/{name}`:
+/// where a client asks the answers to its MQTT 5 requests to go. `None`
+/// if `client` or `name` could widen it (empty, `/`, wildcards).
+#[cfg(feature = "alloc")]
+pub fn client_topic(
+    prefix: &TopicPrefix<'_>,
+    client: &str,
+    name: &str,
+) -> Option<alloc::string::String> {
+    let plain = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#', '\0']);
+    (plain(client) && plain(name))
+        .then(|| alloc::format!("{}/clients/{client}/{name}", prefix.as_str()))
+}
+
 /// The filter of a client's own namespace, `{prefix}/clients/{client}/#`,
 /// where the answers to its MQTT 5 requests go ([`response_reply`]).
 #[cfg(feature = "alloc")]

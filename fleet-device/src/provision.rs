@@ -15,6 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_core::TemplateName;
+use fleet_core::topic::{
+    Format, ProvisioningTopic, Role, Topic, TopicPrefix, client_namespace, client_topic,
+    response_reply,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -46,12 +51,15 @@ pub enum ProvisionError {
     InvalidReply(String),
     /// The state directory could not be written or read.
     StateDir(String),
+    /// A name in the configuration (the template's) is not valid.
+    InvalidName(String),
 }
 
 impl fmt::Display for ProvisionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Tls(e) => write!(f, "claim TLS configuration: {e}"),
+            Self::InvalidName(e) => write!(f, "invalid name: {e}"),
             Self::Key(e) => write!(f, "cannot make the device key: {e}"),
             Self::Network(e) => write!(f, "provisioning: {e}"),
             Self::Rejected {
@@ -209,7 +217,11 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
     let mut session = Session::connect(config).await?;
     let created = session
         .request(
-            "$aws/certificates/create-from-csr/json",
+            &Topic::Provisioning(ProvisioningTopic::CreateCertificateFromCsr(
+                Format::Json,
+                Role::Request,
+            ))
+            .to_string_under(&TopicPrefix::AWS),
             "create-from-csr",
             &json!({ "certificateSigningRequest": csr }),
         )
@@ -222,12 +234,16 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
             "no certificate or ownership token".into(),
         ));
     };
+    let template = TemplateName::new(&config.template)
+        .map_err(|e| ProvisionError::InvalidName(e.to_string()))?;
     let registered = session
         .request(
-            &format!(
-                "$aws/provisioning-templates/{}/provision/json",
-                config.template
-            ),
+            &Topic::Provisioning(ProvisioningTopic::RegisterThing(
+                template,
+                Format::Json,
+                Role::Request,
+            ))
+            .to_string_under(&TopicPrefix::AWS),
             "register",
             &json!({ "certificateOwnershipToken": token, "parameters": config.parameters }),
         )
@@ -249,7 +265,7 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
 struct Session {
     client: AsyncClient,
     events: EventLoop,
-    base: String,
+    client_id: String,
     timeout: Duration,
 }
 
@@ -284,13 +300,16 @@ impl Session {
         let mut s = Self {
             client,
             events,
-            base: format!("$aws/clients/{client_id}"),
+            client_id: client_id.clone(),
             timeout: config.timeout,
         };
         s.until(|p| matches!(p, Packet::ConnAck(_)).then_some(()))
             .await?;
         s.client
-            .subscribe(format!("{}/#", s.base), QoS::AtLeastOnce)
+            .subscribe(
+                client_namespace(&TopicPrefix::AWS, &s.client_id),
+                QoS::AtLeastOnce,
+            )
             .await
             .map_err(|e| ProvisionError::Network(e.to_string()))?;
         s.until(|p| match p {
@@ -339,7 +358,8 @@ impl Session {
         what: &str,
         body: &Value,
     ) -> Result<Value, ProvisionError> {
-        let response = format!("{}/{what}", self.base);
+        let response = client_topic(&TopicPrefix::AWS, &self.client_id, what)
+            .ok_or_else(|| ProvisionError::InvalidName(format!("response topic {what:?}")))?;
         let properties = PublishProperties {
             response_topic: Some(response.clone()),
             ..PublishProperties::default()
@@ -348,8 +368,8 @@ impl Session {
             .publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_string(), properties)
             .await
             .map_err(|e| ProvisionError::Network(e.to_string()))?;
-        let accepted = format!("{response}/accepted");
-        let rejected = format!("{response}/rejected");
+        let reply = |role| response_reply(&TopicPrefix::AWS, &response, role).unwrap_or_default();
+        let (accepted, rejected) = (reply(Role::Accepted), reply(Role::Rejected));
         let (ok, payload) = self
             .until(|p| match p {
                 Packet::Publish(m) if m.topic == accepted.as_bytes() => {
