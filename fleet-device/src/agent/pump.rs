@@ -37,6 +37,15 @@ const CONFLICT_AFTER: u32 = 3;
 /// toward a conflict.
 const CONFLICT_WINDOW: Duration = Duration::from_secs(60);
 
+/// The connection's history, for the reconnection backoff and the
+/// take-over count.
+struct Link {
+    /// Failed connections in a row.
+    failures: u32,
+    /// When the last connection was made.
+    connected_at: Instant,
+}
+
 pub(super) struct Pump {
     pub(in crate::agent) ota: Option<OtaState>,
     /// The thing this agent is (topics are under `$aws`).
@@ -188,8 +197,10 @@ impl Pump {
     }
 
     pub(super) async fn run(mut self, mut eventloop: mqtt::EventLoop) {
-        let mut failures = 0u32;
-        let mut connected_at = Instant::now();
+        let mut link = Link {
+            failures: 0,
+            connected_at: Instant::now(),
+        };
         loop {
             let wake = [
                 self.sync.poll_timeout(),
@@ -201,226 +212,13 @@ impl Pump {
             .min()
             .map(|t| self.epoch + Duration::from_millis(t.as_millis()));
             tokio::select! {
-                polled = eventloop.poll() => match polled {
-                    Ev::ConnAck => {
-                        failures = 0;
-                        self.connected = true;
-                        connected_at = Instant::now();
-                        let now = self.now();
-                        self.pending_subacks = 0;
-                        self.sync.handle_connection(now, true);
-                        self.jobs.handle_connection(now, true);
-                        let mut filters = Service::Commands.device_filters(&TopicPrefix::AWS, self.thing.as_str());
-                        if self.ota.is_some() {
-                            filters.extend(BlockDownload::subscriptions(&TopicPrefix::AWS, &self.thing, Format::Json));
-                        }
-                        match self.client.try_subscribe_many(filters) {
-                            Ok(()) => self.pending_subacks += 1,
-                            Err(e) => tracing::warn!("cannot subscribe to commands: {e}"),
-                        }
-                        self.pump_outbox();
-                        self.emit(AgentEvent::Connected).await;
-                    }
-                    Ev::SubAck { ok } => {
-                        if ok {
-                            self.pending_subacks = self.pending_subacks.saturating_sub(1);
-                            if self.pending_subacks == 0 {
-                                let now = self.now();
-                                self.sync.handle_subscribed(now);
-                                self.jobs.handle_subscribed(now);
-                                // A block asked for before the connection
-                                // dropped is asked again, now that its
-                                // answer can arrive.
-                                self.ota_connection(now, true);
-                            }
-                        } else {
-                            self.emit(AgentEvent::InvalidInput {
-                                topic: String::new(),
-                                reason: "the broker refused a subscription (check the ACL)".into(),
-                            })
-                            .await;
-                        }
-                    }
-                    Ev::Publish { topic, payload } => {
-                        let now = self.now();
-                        let result = match Topic::parse(&TopicPrefix::AWS, &topic) {
-                            Ok(Topic::Command(c)) => {
-                                let execution = c.execution.into_owned();
-                                self.handle_command(&topic, execution, &payload).await;
-                                Ok(())
-                            }
-                            Ok(Topic::Stream(_)) => self.ota_handle_stream(now, &topic, &payload),
-                            Ok(Topic::Jobs(_)) => self.jobs.handle_message(now, &topic, &payload).map_err(|e| e.to_string()),
-                            Ok(Topic::Shadow(_)) => self.sync.handle_message(now, &topic, &payload).map_err(|e| e.to_string()),
-                            Ok(_) => Err("not a topic this agent subscribes to".into()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        if let Err(reason) = result {
-                            self.emit(AgentEvent::InvalidInput { topic, reason }).await;
-                        }
-                    }
-                    Ev::OutgoingPublish(pkid) => {
-                        if let Some(Some(seq)) = self.sent.pop_front() {
-                            self.awaiting.insert(pkid, seq);
-                        }
-                    }
-                    Ev::PubAck { pkid, refused } => {
-                        if let Some(seq) = self.awaiting.remove(&pkid) {
-                            self.inflight = self.inflight.saturating_sub(1);
-                            // A refusal is final: sending it again would be
-                            // refused again.
-                            self.settle(seq, refused.map_or(Ok(()), |r| Err(AgentError::Refused(r))));
-                            self.pump_outbox();
-                        }
-                    }
-                    Ev::Other => {}
-                    Ev::Error { reason, taken_over } => {
-                        let was_connected = self.connected;
-                        self.connection_lost();
-                        if taken_over {
-                            // A connection that lasted was taken over once,
-                            // not in a fight over the client id.
-                            if was_connected && connected_at.elapsed() > CONFLICT_WINDOW {
-                                self.taken_over = 0;
-                            }
-                            self.taken_over += 1;
-                            if self.taken_over >= CONFLICT_AFTER {
-                                self.emit(AgentEvent::ClientIdConflict { times: self.taken_over }).await;
-                            }
-                        }
-                        let r = self.random();
-                        let delay = self.backoff.delay(failures, r);
-                        failures = failures.saturating_add(1);
-                        self.emit(AgentEvent::Disconnected { reason, retry_in: delay }).await;
-                        tokio::time::sleep(delay).await;
-                    }
-                },
+                polled = eventloop.poll() => self.on_network(polled, &mut link).await,
                 command = self.commands.recv() => match command {
-                    Some(Command::PublishBatch { channel, payloads, done }) => {
-                        let topic = format!("{}/{channel}", self.telemetry_base);
-                        let messages: Vec<(&str, &[u8])> = payloads.iter().map(|p| (topic.as_str(), p.as_slice())).collect();
-                        let result = match self.outbox.push_many(MessageKind::Telemetry, &messages) {
-                            Ok(seqs) => Ok(seqs
-                                .into_iter()
-                                .map(|seq| {
-                                    let (tx, rx) = oneshot::channel();
-                                    self.handles.insert(seq, tx);
-                                    Delivery { seq, rx }
-                                })
-                                .collect()),
-                            Err(e) => Err(AgentError::Outbox(e)),
-                        };
-                        self.pump_outbox();
-                        let _ = done.send(result);
-                    }
-                    Some(Command::GetShadow { shadow, done }) => {
-                        let result = match shadow.map(ShadowName::try_from).transpose() {
-                            Ok(name) => Ok(self.sync.document(name.as_ref()).map(|(d, r, v)| ShadowSnapshot {
-                                desired: d.clone(),
-                                reported: r.clone(),
-                                version: v,
-                            })),
-                            Err(e) => Err(AgentError::InvalidName(e.to_string())),
-                        };
-                        let _ = done.send(result);
-                    }
-                    Some(Command::Publish { channel, payload, qos, done }) => {
-                        let topic = format!("{}/{channel}", self.telemetry_base);
-                        let result = match qos {
-                            Qos::AtMostOnce => {
-                                let (tx, rx) = oneshot::channel();
-                                let sent = if self.connected {
-                                    self.send_raw(&topic, 0, payload).map_err(|_| AgentError::ClientBusy)
-                                } else {
-                                    Err(AgentError::NotConnected)
-                                };
-                                let _ = tx.send(sent);
-                                Ok(Delivery { seq: 0, rx })
-                            }
-                            Qos::AtLeastOnce => match self.outbox.push(MessageKind::Telemetry, &topic, &payload) {
-                                Ok(seq) => {
-                                    let (tx, rx) = oneshot::channel();
-                                    self.handles.insert(seq, tx);
-                                    self.pump_outbox();
-                                    Ok(Delivery { seq, rx })
-                                }
-                                Err(e) => Err(AgentError::Outbox(e)),
-                            },
-                        };
-                        // Telemetry dropped by the overflow policy never
-                        // arrives: tell its waiters.
-                        let live: HashSet<u64> = self.outbox.pending().map(|e| e.seq).collect();
-                        let dropped: Vec<u64> = self.handles.keys().copied().filter(|s| !live.contains(s)).collect();
-                        for seq in dropped {
-                            if let Some(h) = self.handles.remove(&seq) {
-                                let _ = h.send(Err(AgentError::Dropped));
-                            }
-                        }
-                        let _ = done.send(result);
-                    }
-                    Some(Command::Respond { execution_id, status, payload, done }) => {
-                        let result = match self.inbox.respond(epoch_seconds(), &execution_id, status, payload) {
-                            Ok(answer) => match self.command_response_topic(&execution_id) {
-                                Some(topic) => self.send_raw(&topic, 1, answer).map_err(AgentError::Command),
-                                None => Err(AgentError::Command(format!("invalid execution id {execution_id:?}"))),
-                            },
-                            Err(e) => Err(AgentError::Command(e.to_string())),
-                        };
-                        let _ = done.send(result);
-                    }
-                    Some(Command::UpdateJob { status, details, done }) => {
-                        let now = self.now();
-                        let job = self.jobs.current_job().map(String::from);
-                        match self.jobs.update(now, status, details.clone()) {
-                            Ok(id) => {
-                                // Kept for a restart: sent then as a plain update.
-                                if let Some(topic) = job.as_deref().and_then(|j| self.job_update_topic(j)) {
-                                    let body = serde_json::json!({"status": status, "statusDetails": details.unwrap_or_default()});
-                                    match self.outbox.push(MessageKind::JobUpdate, &topic, body.to_string().as_bytes()) {
-                                        Ok(seq) => {
-                                            self.engine_owned.insert(seq);
-                                            self.job_seqs.insert(id, seq);
-                                        }
-                                        Err(e) => tracing::warn!("outbox: {e}"),
-                                    }
-                                }
-                                self.job_waiters.insert(id, done);
-                            }
-                            Err(_) => {
-                                let _ = done.send(Err(AgentError::NoCurrentJob));
-                            }
-                        }
-                    }
-                    Some(Command::Report { shadow, reported, done }) => {
-                        let now = self.now();
-                        let name = match shadow.clone().map(ShadowName::try_from).transpose() {
-                            Ok(n) => n,
-                            Err(e) => {
-                                let _ = done.send(Err(AgentError::InvalidName(e.to_string())));
-                                continue;
-                            }
-                        };
-                        let intent = Value::Object(reported.clone()).to_string();
-                        match self.sync.report(now, name.as_ref(), reported) {
-                            Ok(id) => {
-                                match self.outbox.push(MessageKind::ShadowReport, shadow.as_deref().unwrap_or(""), intent.as_bytes()) {
-                                    Ok(seq) => {
-                                        self.engine_owned.insert(seq);
-                                        self.report_seqs.insert(id, seq);
-                                    }
-                                    Err(e) => tracing::warn!("outbox: {e}"),
-                                }
-                                self.waiters.insert(id, done);
-                            }
-                            Err(_) => {
-                                let _ = done.send(Err(AgentError::UnknownShadow));
-                            }
-                        }
-                    }
                     Some(Command::Stop) | None => {
                         self.flush(&mut eventloop).await;
                         return;
                     }
+                    Some(command) => self.on_command(command),
                 },
                 () = async {
                     match wake {
@@ -437,6 +235,351 @@ impl Pump {
             self.drain().await;
             for event in self.ota_drive() {
                 self.emit(event).await;
+            }
+        }
+    }
+
+    /// What the MQTT connection brought.
+    async fn on_network(&mut self, polled: Ev, link: &mut Link) {
+        match polled {
+            Ev::ConnAck => {
+                link.failures = 0;
+                link.connected_at = Instant::now();
+                self.on_connected().await;
+            }
+            Ev::SubAck { ok } => self.on_subscribed(ok).await,
+            Ev::Publish { topic, payload } => self.on_message(topic, &payload).await,
+            Ev::OutgoingPublish(pkid) => {
+                if let Some(Some(seq)) = self.sent.pop_front() {
+                    self.awaiting.insert(pkid, seq);
+                }
+            }
+            Ev::PubAck { pkid, refused } => {
+                if let Some(seq) = self.awaiting.remove(&pkid) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                    // A refusal is final: sending it again would be
+                    // refused again.
+                    self.settle(seq, refused.map_or(Ok(()), |r| Err(AgentError::Refused(r))));
+                    self.pump_outbox();
+                }
+            }
+            Ev::Other => {}
+            Ev::Error { reason, taken_over } => {
+                let was_connected = self.connected;
+                self.connection_lost();
+                if taken_over {
+                    // A connection that lasted was taken over once, not in
+                    // a fight over the client id.
+                    if was_connected && link.connected_at.elapsed() > CONFLICT_WINDOW {
+                        self.taken_over = 0;
+                    }
+                    self.taken_over += 1;
+                    if self.taken_over >= CONFLICT_AFTER {
+                        self.emit(AgentEvent::ClientIdConflict {
+                            times: self.taken_over,
+                        })
+                        .await;
+                    }
+                }
+                let r = self.random();
+                let delay = self.backoff.delay(link.failures, r);
+                link.failures = link.failures.saturating_add(1);
+                self.emit(AgentEvent::Disconnected {
+                    reason,
+                    retry_in: delay,
+                })
+                .await;
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+
+    /// Connected: the engines are told, the agent's own subscriptions
+    /// made, the outbox sent again.
+    async fn on_connected(&mut self) {
+        self.connected = true;
+        let now = self.now();
+        self.pending_subacks = 0;
+        self.sync.handle_connection(now, true);
+        self.jobs.handle_connection(now, true);
+        let mut filters = Service::Commands.device_filters(&TopicPrefix::AWS, self.thing.as_str());
+        if self.ota.is_some() {
+            filters.extend(BlockDownload::subscriptions(
+                &TopicPrefix::AWS,
+                &self.thing,
+                Format::Json,
+            ));
+        }
+        match self.client.try_subscribe_many(filters) {
+            Ok(()) => self.pending_subacks += 1,
+            Err(e) => tracing::warn!("cannot subscribe to commands: {e}"),
+        }
+        self.pump_outbox();
+        self.emit(AgentEvent::Connected).await;
+    }
+
+    /// A subscription was answered.
+    async fn on_subscribed(&mut self, ok: bool) {
+        if !ok {
+            self.emit(AgentEvent::InvalidInput {
+                topic: String::new(),
+                reason: "the broker refused a subscription (check the ACL)".into(),
+            })
+            .await;
+            return;
+        }
+        self.pending_subacks = self.pending_subacks.saturating_sub(1);
+        if self.pending_subacks == 0 {
+            let now = self.now();
+            self.sync.handle_subscribed(now);
+            self.jobs.handle_subscribed(now);
+            // A block asked for before the connection dropped is asked
+            // again, now that its answer can arrive.
+            self.ota_connection(now, true);
+        }
+    }
+
+    /// A message arrived: to the engine its topic names.
+    async fn on_message(&mut self, topic: String, payload: &[u8]) {
+        let now = self.now();
+        let result = match Topic::parse(&TopicPrefix::AWS, &topic) {
+            Ok(Topic::Command(c)) => {
+                let execution = c.execution.into_owned();
+                self.handle_command(&topic, execution, payload).await;
+                Ok(())
+            }
+            Ok(Topic::Stream(_)) => self.ota_handle_stream(now, &topic, payload),
+            Ok(Topic::Jobs(_)) => self
+                .jobs
+                .handle_message(now, &topic, payload)
+                .map_err(|e| e.to_string()),
+            Ok(Topic::Shadow(_)) => self
+                .sync
+                .handle_message(now, &topic, payload)
+                .map_err(|e| e.to_string()),
+            Ok(_) => Err("not a topic this agent subscribes to".into()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(reason) = result {
+            self.emit(AgentEvent::InvalidInput { topic, reason }).await;
+        }
+    }
+
+    /// What the application asked (other than to stop).
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::PublishBatch {
+                channel,
+                payloads,
+                done,
+            } => {
+                let result = self.publish_batch(&channel, &payloads);
+                let _ = done.send(result);
+            }
+            Command::GetShadow { shadow, done } => {
+                let result = match shadow.map(ShadowName::try_from).transpose() {
+                    Ok(name) => {
+                        Ok(self
+                            .sync
+                            .document(name.as_ref())
+                            .map(|(d, r, v)| ShadowSnapshot {
+                                desired: d.clone(),
+                                reported: r.clone(),
+                                version: v,
+                            }))
+                    }
+                    Err(e) => Err(AgentError::InvalidName(e.to_string())),
+                };
+                let _ = done.send(result);
+            }
+            Command::Publish {
+                channel,
+                payload,
+                qos,
+                done,
+            } => {
+                let result = self.publish(&channel, payload, qos);
+                let _ = done.send(result);
+            }
+            Command::Respond {
+                execution_id,
+                status,
+                payload,
+                done,
+            } => {
+                let result =
+                    match self
+                        .inbox
+                        .respond(epoch_seconds(), &execution_id, status, payload)
+                    {
+                        Ok(answer) => match self.command_response_topic(&execution_id) {
+                            Some(topic) => self
+                                .send_raw(&topic, 1, answer)
+                                .map_err(AgentError::Command),
+                            None => Err(AgentError::Command(format!(
+                                "invalid execution id {execution_id:?}"
+                            ))),
+                        },
+                        Err(e) => Err(AgentError::Command(e.to_string())),
+                    };
+                let _ = done.send(result);
+            }
+            Command::UpdateJob {
+                status,
+                details,
+                done,
+            } => self.update_job(status, details, done),
+            Command::Report {
+                shadow,
+                reported,
+                done,
+            } => self.report(shadow, reported, done),
+            Command::Stop => {}
+        }
+    }
+
+    /// Telemetry to the outbox, at once.
+    fn publish_batch(
+        &mut self,
+        channel: &str,
+        payloads: &[Vec<u8>],
+    ) -> Result<Vec<Delivery>, AgentError> {
+        let topic = format!("{}/{channel}", self.telemetry_base);
+        let messages: Vec<(&str, &[u8])> = payloads
+            .iter()
+            .map(|p| (topic.as_str(), p.as_slice()))
+            .collect();
+        let result = match self.outbox.push_many(MessageKind::Telemetry, &messages) {
+            Ok(seqs) => Ok(seqs
+                .into_iter()
+                .map(|seq| {
+                    let (tx, rx) = oneshot::channel();
+                    self.handles.insert(seq, tx);
+                    Delivery { seq, rx }
+                })
+                .collect()),
+            Err(e) => Err(AgentError::Outbox(e)),
+        };
+        self.pump_outbox();
+        result
+    }
+
+    /// One telemetry message: QoS 0 straight to the client, QoS 1 through
+    /// the outbox.
+    fn publish(
+        &mut self,
+        channel: &str,
+        payload: Vec<u8>,
+        qos: Qos,
+    ) -> Result<Delivery, AgentError> {
+        let topic = format!("{}/{channel}", self.telemetry_base);
+        let result = match qos {
+            Qos::AtMostOnce => {
+                let (tx, rx) = oneshot::channel();
+                let sent = if self.connected {
+                    self.send_raw(&topic, 0, payload)
+                        .map_err(|_| AgentError::ClientBusy)
+                } else {
+                    Err(AgentError::NotConnected)
+                };
+                let _ = tx.send(sent);
+                Ok(Delivery { seq: 0, rx })
+            }
+            Qos::AtLeastOnce => match self.outbox.push(MessageKind::Telemetry, &topic, &payload) {
+                Ok(seq) => {
+                    let (tx, rx) = oneshot::channel();
+                    self.handles.insert(seq, tx);
+                    self.pump_outbox();
+                    Ok(Delivery { seq, rx })
+                }
+                Err(e) => Err(AgentError::Outbox(e)),
+            },
+        };
+        // Telemetry dropped by the overflow policy never arrives: tell its
+        // waiters.
+        let live: HashSet<u64> = self.outbox.pending().map(|e| e.seq).collect();
+        let dropped: Vec<u64> = self
+            .handles
+            .keys()
+            .copied()
+            .filter(|s| !live.contains(s))
+            .collect();
+        for seq in dropped {
+            if let Some(h) = self.handles.remove(&seq) {
+                let _ = h.send(Err(AgentError::Dropped));
+            }
+        }
+        result
+    }
+
+    /// The current job's status, through the jobs engine; kept in the
+    /// outbox for a restart (sent then as a plain update).
+    fn update_job(
+        &mut self,
+        status: JobStatus,
+        details: Option<BTreeMap<String, String>>,
+        done: oneshot::Sender<Result<(), AgentError>>,
+    ) {
+        let now = self.now();
+        let job = self.jobs.current_job().map(String::from);
+        match self.jobs.update(now, status, details.clone()) {
+            Ok(id) => {
+                if let Some(topic) = job.as_deref().and_then(|j| self.job_update_topic(j)) {
+                    let body = serde_json::json!({"status": status, "statusDetails": details.unwrap_or_default()});
+                    match self.outbox.push(
+                        MessageKind::JobUpdate,
+                        &topic,
+                        body.to_string().as_bytes(),
+                    ) {
+                        Ok(seq) => {
+                            self.engine_owned.insert(seq);
+                            self.job_seqs.insert(id, seq);
+                        }
+                        Err(e) => tracing::warn!("outbox: {e}"),
+                    }
+                }
+                self.job_waiters.insert(id, done);
+            }
+            Err(_) => {
+                let _ = done.send(Err(AgentError::NoCurrentJob));
+            }
+        }
+    }
+
+    /// A shadow report, through the shadow engine; its intent kept in the
+    /// outbox for a restart.
+    fn report(
+        &mut self,
+        shadow: Option<String>,
+        reported: Map<String, Value>,
+        done: oneshot::Sender<Result<u64, AgentError>>,
+    ) {
+        let now = self.now();
+        let name = match shadow.clone().map(ShadowName::try_from).transpose() {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = done.send(Err(AgentError::InvalidName(e.to_string())));
+                return;
+            }
+        };
+        let intent = Value::Object(reported.clone()).to_string();
+        match self.sync.report(now, name.as_ref(), reported) {
+            Ok(id) => {
+                match self.outbox.push(
+                    MessageKind::ShadowReport,
+                    shadow.as_deref().unwrap_or(""),
+                    intent.as_bytes(),
+                ) {
+                    Ok(seq) => {
+                        self.engine_owned.insert(seq);
+                        self.report_seqs.insert(id, seq);
+                    }
+                    Err(e) => tracing::warn!("outbox: {e}"),
+                }
+                self.waiters.insert(id, done);
+            }
+            Err(_) => {
+                let _ = done.send(Err(AgentError::UnknownShadow));
             }
         }
     }
