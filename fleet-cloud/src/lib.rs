@@ -39,9 +39,16 @@
 //! - [`EmbeddedBroker`]: an MQTT 3.1.1 and 5 broker for one machine, mutual
 //!   TLS only, enforcing the same [`BrokerPolicy`] in-process, revoking
 //!   single certificates; the default of `fleet serve`.
-//! - [`serve_shadows`]: the service as a privileged MQTT 5 backend client
-//!   with mutual TLS and shared subscriptions, so several instances split the
-//!   load.
+//! - [`service`]: the boundary every transport uses: a typed [`Request`]
+//!   (the topic parsed by `fleet_core::topic`, the payload, the [`Caller`]
+//!   as the transport authenticated it) handed to a [`Handler`] found in
+//!   the [`Services`] table.
+//! - [`serve`]: the MQTT front-end: the services as a privileged MQTT 5
+//!   backend client with mutual TLS and shared subscriptions, so several
+//!   instances split the load.
+//! - [`FleetServer`]: the whole backend from one [`FleetConfig`] (stores,
+//!   registry, broker, services, leadership, API): what `fleet serve`
+//!   runs.
 //!
 //! - [`JobsService`]: AWS IoT Jobs over MQTT backed by the store (things
 //!   and groups, snapshot or continuous, cancel, timeouts swept by the
