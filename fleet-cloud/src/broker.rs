@@ -105,7 +105,7 @@ pub struct ServeOptions {
     /// Telemetry routing; `None`: telemetry is not subscribed to.
     pub telemetry: Option<TelemetryRouter>,
     /// When several instances share a store: the services' periodic work
-    /// ([`Handler::tick`]: job timeouts, rollouts) runs only while this
+    /// ([`Handler::tick`](crate::Handler::tick): job timeouts, rollouts) runs only while this
     /// instance holds the lease (`None`: always, one instance).
     pub leadership: Option<Arc<dyn crate::Leadership>>,
     /// The time requests arrive at, and ticks run at.
@@ -437,7 +437,7 @@ fn network_options() -> rumqttc::NetworkOptions {
 /// stopped. Subscriptions are made again after every reconnection.
 ///
 /// This is the MQTT front-end: one subscription set and one queue per
-/// handler of the table, things taking turns in each ([`Turns`]); a
+/// handler of the table, things taking turns in each (round robin); a
 /// request is parsed into a [`Request`] (its caller the thing its topic
 /// names, which the broker's policy lets publish only there), handled
 /// through [`Services::handle`], and its answers published before it is

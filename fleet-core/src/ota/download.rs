@@ -10,35 +10,7 @@
 //! and `JobRunner`: `handle_*` in, `poll_*` out, the time passed in, one
 //! table of timers.
 //!
-//! ```
-//! use fleet_core::ota::{BlockDownload, DownloadConfig, DownloadEvent};
-//! use fleet_core::stream::{DataBlock, Format};
-//! use fleet_core::time::Instant;
-//! use fleet_core::transmit::Transmit;
-//! use fleet_core::{StreamId, ThingName, TopicPrefix};
-//!
-//! let mut download = BlockDownload::new(
-//!     &TopicPrefix::AWS,
-//!     ThingName::from_static("pump-7"),
-//!     StreamId::new("fw-1-2")?.into_owned(),
-//!     "job-1",
-//!     DownloadConfig::default(),
-//! );
-//! let now = Instant::ZERO;
-//! download.handle_connection(now, true);
-//! download.fetch(now, 1024, 1024)?;
-//! let Some(Transmit::Publish { topic, .. }) = download.poll_transmit() else { panic!() };
-//! assert_eq!(topic, "$aws/things/pump-7/streams/fw-1-2/get/json");
-//!
-//! // The stream answers with block 1 (bytes 1024..2048).
-//! let block = DataBlock { client_token: Some("job-1".into()), file_id: 0,
-//!     block_size: 1024, block_id: 1, payload: vec![7; 1024] };
-//! download.handle_message(now, "$aws/things/pump-7/streams/fw-1-2/data/json",
-//!     &block.encode(Format::Json))?;
-//! assert_eq!(download.poll_event(), Some(DownloadEvent::Block { offset: 1024, data: vec![7; 1024] }));
-//! assert_eq!(download.pending(), None);
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! See [`BlockDownload`] for an example.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -181,8 +153,41 @@ enum Timer {
 
 const TIMERS: usize = 1;
 
-/// The device's side of one file's download over an MQTT stream; see the
-/// [module documentation](self).
+/// The device's side of one file's download over an MQTT stream: asked
+/// for a block ([`fetch`](Self::fetch)), it publishes a `get`, takes only
+/// the `data` that carries that block with its token and length, asks
+/// again after [`DownloadConfig::block_timeout`] or a reconnection, and
+/// gives up after [`DownloadConfig::max_attempts`] tries.
+///
+/// ```
+/// use fleet_core::ota::{BlockDownload, DownloadConfig, DownloadEvent};
+/// use fleet_core::stream::{DataBlock, Format};
+/// use fleet_core::time::Instant;
+/// use fleet_core::transmit::Transmit;
+/// use fleet_core::{StreamId, ThingName, TopicPrefix};
+///
+/// let mut download = BlockDownload::new(
+///     &TopicPrefix::AWS,
+///     ThingName::from_static("pump-7"),
+///     StreamId::new("fw-1-2")?.into_owned(),
+///     "job-1",
+///     DownloadConfig::default(),
+/// );
+/// let now = Instant::ZERO;
+/// download.handle_connection(now, true);
+/// download.fetch(now, 1024, 1024)?;
+/// let Some(Transmit::Publish { topic, .. }) = download.poll_transmit() else { panic!() };
+/// assert_eq!(topic, "$aws/things/pump-7/streams/fw-1-2/get/json");
+///
+/// // The stream answers with block 1 (bytes 1024..2048).
+/// let block = DataBlock { client_token: Some("job-1".into()), file_id: 0,
+///     block_size: 1024, block_id: 1, payload: vec![7; 1024] };
+/// download.handle_message(now, "$aws/things/pump-7/streams/fw-1-2/data/json",
+///     &block.encode(Format::Json))?;
+/// assert_eq!(download.poll_event(), Some(DownloadEvent::Block { offset: 1024, data: vec![7; 1024] }));
+/// assert_eq!(download.pending(), None);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct BlockDownload {
     prefix: String,
