@@ -144,6 +144,9 @@ struct Seen {
     failures: Vec<String>,
     /// Job updates to SUCCEEDED accepted.
     jobs_done: usize,
+    /// Connections lost (with why): a report in flight then goes out again
+    /// as a new request after the reconnection.
+    disconnects: Vec<String>,
 }
 
 async fn run_device(agent: Arc<Agent>, offset: Duration, stop: Arc<AtomicBool>) -> Seen {
@@ -154,6 +157,9 @@ async fn run_device(agent: Arc<Agent>, offset: Duration, stop: Arc<AtomicBool>) 
         let (agent, seen) = (agent.clone(), seen.clone());
         tokio::spawn(async move {
             while let Some(event) = agent.next_event().await {
+                if let AgentEvent::Disconnected { reason, .. } = &event {
+                    seen.lock().unwrap().disconnects.push(reason.clone());
+                }
                 if let AgentEvent::Job { job_id, .. } = event {
                     let (agent, seen) = (agent.clone(), seen.clone());
                     tokio::spawn(async move {
@@ -414,7 +420,11 @@ async fn three_instances_survive_a_sigkill_mid_run() {
     for (name, s) in names.iter().zip(&seen) {
         assert_eq!(s.jobs_done, 1, "{name}: its job update accepted once");
         let expected: Vec<u64> = (1..=s.versions.len() as u64).collect();
-        assert_eq!(s.versions, expected, "{name}: accepted versions");
+        assert_eq!(
+            s.versions, expected,
+            "{name}: accepted versions (disconnects: {:?})",
+            s.disconnects
+        );
         let key = ShadowKey {
             thing: name.clone(),
             shadow: None,

@@ -31,6 +31,20 @@ pub(crate) struct OtaState {
 
 /// The job an update belongs to, kept beside the slots' progress record so
 /// that an update resumed after a restart still knows it.
+impl OtaState {
+    /// Forgets the slots' record of an update (it ended, or cannot go on).
+    fn forget_record(&self) {
+        let mut slots = self
+            .settings
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = slots.clear_record() {
+            tracing::warn!("cannot clear the OTA record: {e}");
+        }
+    }
+}
+
 const OTA_JOB_FILE: &str = "ota-job.json";
 
 fn ota_config(settings: &OtaSettings) -> fleet_core::ota::OtaConfig {
@@ -208,12 +222,7 @@ impl Pump {
             details.insert("reason".to_string(), reason);
             run.report = Some((JobStatus::Failed, details));
             if let Some(o) = self.ota.as_ref() {
-                let _ = o
-                    .settings
-                    .slots
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear_record();
+                o.forget_record();
             }
         }
         if self.connected {
@@ -549,12 +558,7 @@ impl Pump {
         if done.is_some() {
             let o = self.ota.as_mut();
             if let Some(o) = o {
-                let _ = o
-                    .settings
-                    .slots
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear_record();
+                o.forget_record();
                 let _ = std::fs::remove_file(o.state_dir.join(OTA_JOB_FILE));
                 o.run = None;
             }
