@@ -186,6 +186,9 @@ struct InFlight {
     payload: Vec<u8>,
     deadline: Instant,
     attempts: u32,
+    /// The connection dropped while it was out: sent again, the same
+    /// bytes, once the shadow has been read on the new connection.
+    resend: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -360,10 +363,12 @@ impl ShadowSync {
         for slot in &mut self.slots {
             slot.phase = Phase::Offline;
             slot.next_resync = None;
-            // What was in flight may or may not have been applied; it goes
-            // out again after the next read (updates are idempotent).
-            if let Some(f) = slot.in_flight.take() {
-                slot.queue.push_front(f.pending);
+            // What was in flight may or may not have been applied: it goes
+            // out again after the next read, the same request (its client
+            // token and bytes), so that a service that applied it answers
+            // it again rather than applying it twice.
+            if let Some(f) = slot.in_flight.as_mut() {
+                f.resend = true;
             }
         }
         if up {
@@ -585,6 +590,7 @@ impl ShadowSync {
             }
             let slot = &mut self.slots[i];
             if let Some(f) = slot.in_flight.as_mut()
+                && !f.resend
                 && f.deadline <= now
             {
                 if f.attempts >= self.config.max_attempts {
@@ -698,7 +704,10 @@ impl ShadowSync {
                 };
                 [
                     read,
-                    s.in_flight.as_ref().map(|f| f.deadline),
+                    s.in_flight
+                        .as_ref()
+                        .filter(|f| !f.resend)
+                        .map(|f| f.deadline),
                     s.next_resync,
                 ]
             })
@@ -761,7 +770,22 @@ impl ShadowSync {
             exists: slot.exists(),
         });
         self.emit_delta(i);
+        self.resend(i, now);
         self.send_next(i, now);
+    }
+
+    /// Sends again, unchanged, the request that was out when the
+    /// connection dropped.
+    fn resend(&mut self, i: usize, now: Instant) {
+        let timeout = self.config.request_timeout;
+        let slot = &mut self.slots[i];
+        let Some(f) = slot.in_flight.as_mut().filter(|f| f.resend) else {
+            return;
+        };
+        f.resend = false;
+        f.deadline = now + timeout;
+        let (topic, payload) = (format!("{}/update", slot.base), f.payload.clone());
+        self.publish(topic, payload);
     }
 
     /// Applies an `/update/accepted` (anyone's) to the replica, in order.
@@ -859,6 +883,7 @@ impl ShadowSync {
             payload: payload.clone(),
             deadline: now + self.config.request_timeout,
             attempts: 1,
+            resend: false,
         });
         self.publish(topic, payload);
     }

@@ -1010,6 +1010,45 @@ mod sim {
     }
 
     #[test]
+    fn a_report_applied_before_the_connection_dropped_is_applied_once() {
+        for versioned in [true, false] {
+            let mut w = World::new(11, sim_config(versioned));
+            w.run(Instant::ZERO + Duration::from_secs(5), 0);
+            let before = w.service[&None].version();
+            let id = w
+                .device
+                .report(
+                    w.now,
+                    None,
+                    json!({"temp": 21}).as_object().unwrap().clone(),
+                )
+                .unwrap();
+            w.pump();
+            // The service applies the report...
+            let key = w
+                .wire
+                .iter()
+                .find(|(_, m)| matches!(m, Wire::ToService { topic, .. } if topic.ends_with("/shadow/update")))
+                .map(|(k, _)| *k)
+                .expect("the report is on the wire");
+            let Some(Wire::ToService { topic, payload }) = w.wire.remove(&key) else {
+                unreachable!()
+            };
+            w.serve(&topic, &payload);
+            assert_eq!(w.service[&None].version(), before + 1);
+            // ...and the connection drops before its answer arrives.
+            w.set_connected(false);
+            w.run(w.now + Duration::from_secs(30), 0);
+            assert!(w.accepted.contains(&id), "versioned {versioned}: accepted");
+            assert_eq!(
+                w.service[&None].version(),
+                before + 1,
+                "versioned {versioned}: applied once, answered again after the reconnection"
+            );
+        }
+    }
+
+    #[test]
     fn a_restarted_device_catches_up() {
         // The device process restarts: a new engine with a new session,
         // while the cloud changed desired in between.
