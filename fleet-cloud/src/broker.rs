@@ -63,18 +63,7 @@ impl fmt::Debug for BrokerConfig {
     }
 }
 
-/// A message could not be handed to the broker connection (the service
-/// is stopping).
-#[derive(Debug)]
-pub struct PublishError(String);
-
-impl fmt::Display for PublishError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot publish: {}", self.0)
-    }
-}
-
-impl std::error::Error for PublishError {}
+pub use crate::service::PublishError;
 
 /// The service could not start.
 #[derive(Debug)]
@@ -135,7 +124,14 @@ impl Publisher {
         self.0
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
-            .map_err(|e| PublishError(e.to_string()))
+            .map_err(|e| PublishError::new(e.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::service::Sender for Publisher {
+    async fn send(&self, message: crate::Outgoing) -> Result<(), PublishError> {
+        self.publish(&message.topic, message.payload).await
     }
 }
 
@@ -161,7 +157,7 @@ impl RunningService {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
-            .map_err(|e| PublishError(e.to_string()))
+            .map_err(|e| PublishError::new(e.to_string()))
     }
 
     /// A handle that publishes through this service's connection (for the
@@ -474,7 +470,7 @@ pub fn serve(
 
     // The table: the services given, and this instance's command answers.
     let commands = CommandCenter::new(
-        Publisher(client.clone()),
+        Arc::new(Publisher(client.clone())),
         &options.commands_prefix,
         options.clock.clone(),
     );

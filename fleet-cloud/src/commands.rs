@@ -12,9 +12,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::Outgoing;
-use crate::broker::Publisher;
 use crate::clock::Clock;
-use crate::service::{Handler, HandlerError, Request};
+use crate::service::{Handler, HandlerError, Request, Sender};
 
 /// Why a command did not get an answer.
 #[derive(Debug)]
@@ -53,7 +52,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct CommandCenter {
     inner: Arc<Mutex<Inner>>,
-    publisher: Publisher,
+    publisher: Arc<dyn Sender>,
     prefix: String,
     clock: Clock,
     /// Tells this instance's execution ids from others'.
@@ -69,7 +68,7 @@ impl fmt::Debug for CommandCenter {
 }
 
 impl CommandCenter {
-    pub(crate) fn new(publisher: Publisher, prefix: &str, clock: Clock) -> Self {
+    pub(crate) fn new(publisher: Arc<dyn Sender>, prefix: &str, clock: Clock) -> Self {
         let mut nonce = [0u8; 4];
         // Without randomness ids still differ by time and counter.
         let _ = getrandom::fill(&mut nonce);
@@ -126,7 +125,10 @@ impl CommandCenter {
         let sent = match topic {
             Ok(topic) => self
                 .publisher
-                .publish(&topic, request)
+                .send(Outgoing {
+                    topic,
+                    payload: request,
+                })
                 .await
                 .map_err(|e| CommandFailure::Network(e.to_string())),
             Err(e) => Err(e),

@@ -199,6 +199,34 @@ pub trait Handler: Send + Sync + fmt::Debug {
     }
 }
 
+/// A message could not be handed to the transport (it is stopping).
+#[derive(Debug)]
+pub struct PublishError(String);
+
+impl PublishError {
+    /// An error saying why.
+    pub fn new(why: impl Into<String>) -> Self {
+        Self(why.into())
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot publish: {}", self.0)
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+/// Sends what a service starts on its own (a command to a thing), through
+/// whichever transport serves it. The MQTT front-end's
+/// [`Publisher`](crate::Publisher) is one.
+#[async_trait::async_trait]
+pub trait Sender: Send + Sync + fmt::Debug {
+    /// Hands `message` to the transport.
+    async fn send(&self, message: Outgoing) -> Result<(), PublishError>;
+}
+
 /// Which handler a request goes to: an index into a [`Services`] table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HandlerId(usize);
