@@ -234,12 +234,14 @@ pub fn verify_image(manifest: ManifestSpec, image: Vec<u8>) -> Result<(), FleetE
 }
 
 /// Processes one shadow request exactly as the service does: `stored` is
-/// the shadow's stored JSON (`None`: it never existed), `now` epoch
-/// seconds. A rejected request is an outcome (its `rejected` message), not
-/// an error; an unreadable `stored` is.
+/// the shadow's stored JSON (`None`: it never existed), `name` how the
+/// messages name it (the thing's name for its classic shadow, the shadow's
+/// name for a named one), `now` epoch seconds. A rejected request is an
+/// outcome (its `rejected` message), not an error; an unreadable `stored` is.
 #[uniffi::export]
 pub fn shadow_process(
     stored: Option<String>,
+    name: String,
     operation: ShadowOperation,
     request: String,
     now: u64,
@@ -256,6 +258,7 @@ pub fn shadow_process(
     };
     let out = fleet_core::shadow::process(
         &shadow,
+        &name,
         op,
         request.as_bytes(),
         now,
@@ -361,6 +364,7 @@ mod tests {
     fn shadow_updates_are_processed_by_the_service_rules() {
         let out = shadow_process(
             None,
+            "pump-7".into(),
             ShadowOperation::Update,
             r#"{"state":{"desired":{"speed":3}},"clientToken":"t1"}"#.into(),
             1_700_000_000,
@@ -374,6 +378,7 @@ mod tests {
         let stored = out.stored.unwrap();
         let again = shadow_process(
             Some(stored.clone()),
+            "pump-7".into(),
             ShadowOperation::Update,
             r#"{"state":{"reported":{"speed":3}},"version":9}"#.into(),
             1_700_000_001,
@@ -381,7 +386,24 @@ mod tests {
         .unwrap();
         assert_eq!(again.stored, None, "a version conflict changes nothing");
         assert_eq!(again.messages[0].topic, "update/rejected");
-        assert!(shadow_process(Some("{".into()), ShadowOperation::Get, "{}".into(), 0).is_err());
+        let missing =
+            shadow_process(None, "pump-7".into(), ShadowOperation::Get, "".into(), 0).unwrap();
+        assert_eq!(missing.messages[0].topic, "get/rejected");
+        assert!(
+            missing.messages[0]
+                .payload
+                .contains("No shadow exists with name: 'pump-7'")
+        );
+        assert!(
+            shadow_process(
+                Some("{".into()),
+                "pump-7".into(),
+                ShadowOperation::Get,
+                "{}".into(),
+                0
+            )
+            .is_err()
+        );
     }
 
     #[test]

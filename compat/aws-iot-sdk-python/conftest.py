@@ -21,7 +21,7 @@ from awscrt import mqtt, mqtt_request_response
 from awsiot import mqtt5_client_builder, mqtt_connection_builder
 
 ROOT = Path(__file__).resolve().parents[2]
-THINGS = ["aws-shadow", "aws-jobs", "aws-next"]
+THINGS = ["aws-shadow", "aws-jobs", "aws-next", "aws-parity"]
 CLAIM = "claim@factory"
 TIMEOUT = 15
 

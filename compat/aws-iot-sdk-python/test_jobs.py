@@ -17,7 +17,7 @@ def test_the_aws_sdk_jobs_client_runs_two_jobs(cloud):
     try:
         jobs = iotjobs.IotJobsClient(conn)
         nxt, pending, started, updated, refused = Inbox(), Inbox(), Inbox(), Inbox(), Inbox()
-        described, not_found = Inbox(), Inbox()
+        described, describe_refused = Inbox(), Inbox()
         thing = {"thing_name": THING}
         subscribed(jobs.subscribe_to_next_job_execution_changed_events(
             iotjobs.NextJobExecutionChangedSubscriptionRequest(**thing), QOS, nxt))
@@ -33,7 +33,7 @@ def test_the_aws_sdk_jobs_client_runs_two_jobs(cloud):
             iotjobs.DescribeJobExecutionSubscriptionRequest(job_id="+", **thing), QOS, described))
         subscribed(jobs.subscribe_to_describe_job_execution_rejected(
             iotjobs.DescribeJobExecutionSubscriptionRequest(job_id="+", **thing), QOS,
-            not_found))
+            describe_refused))
 
         # Nothing yet: $next/get answers with no execution.
         jobs.publish_describe_job_execution(iotjobs.DescribeJobExecutionRequest(
@@ -92,6 +92,12 @@ def test_the_aws_sdk_jobs_client_runs_two_jobs(cloud):
             job_id="aws-2", status=iotjobs.JobStatus.IN_PROGRESS, client_token="u2",
             **thing), QOS).result(15)
         updated.take(lambda u: u.client_token == "u2")
+        # Describe by id, while it runs.
+        jobs.publish_describe_job_execution(iotjobs.DescribeJobExecutionRequest(
+            job_id="aws-2", client_token="d2", **thing), QOS).result(15)
+        d = described.take(lambda d: d.client_token == "d2")
+        assert d.execution.status == iotjobs.JobStatus.IN_PROGRESS
+        assert d.execution.job_document == {"operation": "blink", "times": 3}
         jobs.publish_update_job_execution(iotjobs.UpdateJobExecutionRequest(
             job_id="aws-2", status=iotjobs.JobStatus.FAILED, expected_version=1,
             client_token="stale", **thing), QOS).result(15)
@@ -107,15 +113,17 @@ def test_the_aws_sdk_jobs_client_runs_two_jobs(cloud):
         # Nothing is pending any more: notify-next says so.
         nxt.take(lambda n: n.execution is None)
 
-        # Describe by id; and an unknown job is refused.
+        # AWS's Jobs device API: describing an execution in a terminal state
+        # is refused with TerminalStateReached ("a command to describe a job
+        # is performed on a job that is in a terminal state"); an unknown
+        # job with ResourceNotFound.
         jobs.publish_describe_job_execution(iotjobs.DescribeJobExecutionRequest(
-            job_id="aws-2", client_token="d2", **thing), QOS).result(15)
-        d = described.take(lambda d: d.client_token == "d2")
-        assert d.execution.status == iotjobs.JobStatus.FAILED
-        assert d.execution.status_details == {"reason": "no LED"}
+            job_id="aws-2", client_token="d3", **thing), QOS).result(15)
+        e = describe_refused.take(lambda e: e.client_token == "d3")
+        assert e.code == iotjobs.RejectedErrorCode.TERMINAL_STATE_REACHED
         jobs.publish_describe_job_execution(iotjobs.DescribeJobExecutionRequest(
-            job_id="nope", client_token="d3", **thing), QOS).result(15)
-        e = not_found.take(lambda e: e.client_token == "d3")
+            job_id="nope", client_token="d4", **thing), QOS).result(15)
+        e = describe_refused.take(lambda e: e.client_token == "d4")
         assert e.code == iotjobs.RejectedErrorCode.RESOURCE_NOT_FOUND
 
         # The cloud's view agrees.

@@ -126,7 +126,9 @@ impl Pki {
             // Whatever else the claimant asked for, the subject is its
             // name and the mark.
             let mut dn = DistinguishedName::new();
-            dn.push(DnType::CommonName, common_name.as_str());
+            if !common_name.is_empty() {
+                dn.push(DnType::CommonName, common_name.as_str());
+            }
             dn.push(DnType::OrganizationalUnitName, crate::PROVISIONED_UNIT);
             csr.params.distinguished_name = dn;
         }

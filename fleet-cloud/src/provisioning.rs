@@ -5,9 +5,15 @@
 //!
 //! The fleet CA signs the CSR (the private key never leaves the device) and
 //! returns a certificate ownership token that expires (one hour by default)
-//! and is good for one registration. The certificate's common name is the
-//! device's future thing name, which the template must produce, because the
-//! broker knows a device by that name.
+//! and is good for one registration. `RegisterThing` binds the certificate
+//! to the thing its template names, in the registry.
+//!
+//! What the certificate's subject may be depends on the broker
+//! ([`ProvisioningService::subject_names_thing`]): the embedded broker knows a
+//! device by the registry's binding of its certificate, so, as with AWS IoT,
+//! the CSR may name anything (a serial number, nothing at all); a broker
+//! that knows devices only by their certificate's common name (Mosquitto)
+//! needs the common name to be the thing name the template will produce.
 //!
 //! Replies carry secrets (the ownership token), so they go only to the
 //! requester: to its MQTT 5 response topic, which must lie under
@@ -92,6 +98,14 @@ pub struct ProvisioningService {
     /// becomes an attribute like the others): the common name is the
     /// identity the broker's policy confines.
     pub allow_create_keys: bool,
+    /// The broker knows a device by its certificate's common name
+    /// (Mosquitto, with `use_identity_as_username`), so a CSR's common name
+    /// must be the thing name the template produces, and `RegisterThing`
+    /// refuses a certificate named otherwise. `false` where the broker
+    /// authorizes by the registry's binding of a certificate to its thing
+    /// (the embedded broker with registry admission): the CSR's subject is
+    /// then free, as with AWS IoT. `true` by default.
+    pub subject_names_thing: bool,
     prefix: String,
 }
 
@@ -190,6 +204,7 @@ impl ProvisioningService {
             certificate_days: 365,
             max_outstanding_tokens: 10_000,
             allow_create_keys: false,
+            subject_names_thing: true,
             prefix: "$aws".into(),
         }
     }
@@ -272,25 +287,30 @@ impl ProvisioningService {
                 .map_err(|e| ProvisioningError::new(400, "InvalidCSR", e.to_string()))
         })
         .await?;
-        fleet_core::ThingName::new(&common_name).map_err(|e| {
-            ProvisioningError::new(
-                400,
-                "InvalidCSR",
-                format!("the CSR's common name must be the thing name: {e}"),
-            )
-        })?;
-        if self.registry.is_reserved(&common_name) {
-            return Err(ProvisioningError::new(
-                400,
-                "InvalidCSR",
-                format!("{common_name} is a privileged identity, not a thing name"),
-            ));
+        if self.subject_names_thing {
+            fleet_core::ThingName::new(&common_name).map_err(|e| {
+                ProvisioningError::new(
+                    400,
+                    "InvalidCSR",
+                    format!("the CSR's common name must be the thing name: {e}"),
+                )
+            })?;
+            if self.registry.is_reserved(&common_name) {
+                return Err(ProvisioningError::new(
+                    400,
+                    "InvalidCSR",
+                    format!("{common_name} is a privileged identity, not a thing name"),
+                ));
+            }
+            // A certificate for an existing thing only where a template may
+            // replace it (a broker that knows devices by common name alone,
+            // such as Mosquitto, would otherwise take it for that thing).
+            let may_replace = self.templates.values().any(|t| t.allow_replace);
+            self.check_replaceable(&common_name, may_replace).await?;
         }
-        // A certificate for an existing thing only where a template may
-        // replace it (a broker that knows devices by common name alone,
-        // such as Mosquitto, would otherwise take it for that thing).
-        let may_replace = self.templates.values().any(|t| t.allow_replace);
-        self.check_replaceable(&common_name, may_replace).await?;
+        // Otherwise the subject names nothing: the certificate (marked as
+        // provisioned, so never more than a device) grants nothing until
+        // RegisterThing binds it to the thing its template names.
         let (token, certificate_id) = self
             .issue_token(&certificate_pem, common_name, false, now)
             .await?;
@@ -456,7 +476,7 @@ impl ProvisioningService {
                 })?;
             if token.named_by_certificate {
                 thing.clone_from(&token.common_name);
-            } else if token.common_name != thing {
+            } else if self.subject_names_thing && token.common_name != thing {
                 return Err(ProvisioningError::new(
                     400,
                     "InvalidParameters",

@@ -326,6 +326,10 @@ impl FleetServer {
             && aws
         {
             let mut service = ProvisioningService::new(p.ca, registry.clone(), p.templates);
+            // The embedded broker admitting by the registry knows a device by
+            // its certificate's binding, so the CSR's subject is free (as
+            // with AWS IoT); another broker knows it by common name.
+            service.subject_names_thing = !(embedded.is_some() && config.admit_by_registry);
             if let Some(changed) = changed.clone() {
                 service =
                     service.with_on_registered(Arc::new(move |_: &str, _: bool| -> HookFuture {

@@ -116,10 +116,9 @@ impl ShadowService {
             .ok()
             .and_then(|v| v.get("clientToken")?.as_str().map(String::from))
             .filter(|t| t.len() <= 64);
-        let rejection = fleet_core::shadow::Rejection {
-            error: fleet_core::shadow::ShadowError::Throttled,
-            client_token,
-        };
+        let mut rejection =
+            fleet_core::shadow::Rejection::new(fleet_core::shadow::ShadowError::Throttled);
+        rejection.client_token = client_token;
         let reply = Topic::Shadow(ShadowTopic {
             thing,
             shadow,
@@ -183,7 +182,9 @@ impl ShadowService {
         let prefix = TopicPrefix::new(&self.prefix).map_err(|_| ServiceError::NotAShadowRequest)?;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             let current = self.store.load(&key).await.map_err(ServiceError::Store)?;
-            let out = process(&current.value, op, payload, now, &self.limits);
+            // AWS names the classic shadow by its thing, a named one by its name.
+            let name = shadow.as_ref().map_or(thing.as_str(), ShadowName::as_str);
+            let out = process(&current.value, name, op, payload, now, &self.limits);
             if let Some(next) = &out.shadow {
                 match self.store.save(&key, current.revision, next).await {
                     Ok(_) => {}

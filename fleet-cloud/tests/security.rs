@@ -453,6 +453,17 @@ async fn provisioning(allow_replace: bool) -> Provisioning {
 /// plugin (`mosquitto`), where the roster is rewritten before
 /// `RegisterThing` is answered, as `fleet serve` does.
 async fn provisioning_on(allow_replace: bool, mosquitto: bool) -> Provisioning {
+    provisioning_with(allow_replace, mosquitto, true).await
+}
+
+/// `subject_names_thing`: whether a CSR's common name must be the thing
+/// name (a broker that knows devices by common name), or is free (the
+/// embedded broker, which knows a device by its certificate's binding).
+async fn provisioning_with(
+    allow_replace: bool,
+    mosquitto: bool,
+    subject_names_thing: bool,
+) -> Provisioning {
     let registry = Registry::in_memory().unwrap();
     let policy = BrokerPolicy {
         claim_identities: vec!["claim@f".into()],
@@ -477,6 +488,7 @@ async fn provisioning_on(allow_replace: bool, mosquitto: bool) -> Provisioning {
             groups: Vec::new(),
         }],
     );
+    service.subject_names_thing = subject_names_thing;
     if let Some(m) = &s.mosquitto {
         let (registry, roster) = (registry.clone(), m.roster());
         service = service.with_on_registered(Arc::new(move |_: &str, _: bool| {
@@ -624,6 +636,115 @@ async fn a_claim_certificate_grants_nothing_until_registered_and_never_a_privile
             .await,
         Err(fleet_cloud::RegistryError::InvalidName(_))
     ));
+}
+
+/// Issue 21: as with AWS IoT, a certificate is bound to a thing, not read
+/// from its common name. On the embedded broker a CSR may name anything;
+/// the device is the thing RegisterThing bound its certificate to, connects
+/// under that thing's name only, and is confined to that thing's topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_its_things_whatever_its_subject() {
+    let mut p = provisioning_with(false, false, false).await;
+    let (outcome, created, key) = p.create("serial-A17").await;
+    assert_eq!(outcome, "accepted", "{created}");
+    let cert = created["certificatePem"].as_str().unwrap().to_owned();
+    let (outcome, r) = p.register(&created["certificateOwnershipToken"], "1").await;
+    assert_eq!(
+        (outcome.as_str(), r["thingName"].as_str()),
+        ("accepted", Some("pump-1")),
+        "{r}"
+    );
+    let bound = p.registry.certificates("pump-1").await.unwrap();
+    assert_eq!(bound.len(), 1);
+    assert_eq!(bound[0].id, certificate_fingerprint(&cert).unwrap());
+
+    // Even a subject that names a privileged identity or another thing is
+    // only the thing it was registered as.
+    p.registry
+        .create_thing("pump-7", Default::default())
+        .await
+        .unwrap();
+    let (outcome, created2, key2) = p.create("fleet-backend").await;
+    assert_eq!(outcome, "accepted", "{created2}");
+    let cert2 = created2["certificatePem"].as_str().unwrap().to_owned();
+    let (outcome, r) = p
+        .register(&created2["certificateOwnershipToken"], "2")
+        .await;
+    assert_eq!(
+        (outcome.as_str(), r["thingName"].as_str()),
+        ("accepted", Some("pump-2")),
+        "{r}"
+    );
+
+    let id = |cert: &str, key: &rcgen::KeyPair| Identity {
+        common_name: "ignored".into(),
+        cert_pem: cert.into(),
+        key_pem: key.serialize_pem(),
+    };
+    // Not under the subject's name, nor another thing's.
+    for (cert, key, name) in [
+        (&cert, &key, "serial-A17"),
+        (&cert, &key, "pump-7"),
+        (&cert2, &key2, "fleet-backend"),
+        (&cert2, &key2, "pump-1"),
+    ] {
+        let (_c, mut e) = v5(&p.s, &id(cert, key), name);
+        let code = connack(&mut e).await;
+        assert!(code.contains("NotAuthorized"), "{name}: {code}");
+    }
+
+    // As its thing: admitted, its own topics work, nobody else's.
+    let (c, mut e) = v5(&p.s, &id(&cert, &key), "pump-1");
+    connected(&mut e).await;
+    c.subscribe(
+        "$aws/things/pump-1/shadow/update/accepted",
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        suback(&mut e).await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    for filter in [
+        "$aws/things/pump-7/shadow/update/accepted",
+        "$aws/things/+/shadow/#",
+        "#",
+    ] {
+        c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        assert_eq!(
+            suback(&mut e).await,
+            [SubscribeReasonCode::NotAuthorized],
+            "{filter}"
+        );
+    }
+    c.publish(
+        "$aws/things/pump-7/shadow/update",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"state":{"reported":{"x":1}}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(puback(&mut e).await, PubAckReason::NotAuthorized);
+    c.publish(
+        "$aws/things/pump-1/shadow/update",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"state":{"reported":{"x":1}},"clientToken":"own"}"#,
+    )
+    .await
+    .unwrap();
+    let (topic, payload) = receives(&mut e, WAIT).await.expect("its shadow answers");
+    assert_eq!(topic, "$aws/things/pump-1/shadow/update/accepted");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&payload).unwrap()["clientToken"],
+        "own"
+    );
+
+    // An empty client id is given the thing's name.
+    let (_c2, mut e2) = v5(&p.s, &id(&cert2, &key2), "");
+    connected(&mut e2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

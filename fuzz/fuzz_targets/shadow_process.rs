@@ -24,7 +24,7 @@ fuzz_target!(|input: (u8, Vec<u8>, Vec<u8>)| {
         _ => ShadowOp::Delete,
     };
     let before = shadow.to_stored_json();
-    let out = process(&shadow, op, &request, 2, &limits);
+    let out = process(&shadow, "fuzz", op, &request, 2, &limits);
     assert_eq!(
         shadow.to_stored_json(),
         before,

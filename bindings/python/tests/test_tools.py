@@ -24,9 +24,11 @@ def test_manifests_sign_and_verify():
 
 
 def test_shadow_rules():
-    out = fleet.shadow_process(None, fleet.ShadowOperation.UPDATE,
+    out = fleet.shadow_process(None, "pump-7", fleet.ShadowOperation.UPDATE,
                                '{"state": {"desired": {"on": true}}}', 1_700_000_000)
     assert [m.topic for m in out.messages] == ["update/accepted", "update/delta", "update/documents"]
     assert json.loads(out.messages[1].payload)["state"] == {"on": True}
+    missing = fleet.shadow_process(None, "pump-7", fleet.ShadowOperation.GET, "", 1_700_000_000)
+    assert json.loads(missing.messages[0].payload)["message"] == "No shadow exists with name: 'pump-7'"
     assert fleet.shadow_delta('{"on": true, "speed": 3}', '{"on": true}') == '{"speed":3}'
     assert fleet.is_valid_thing_name("pump-7") and not fleet.is_valid_thing_name("pump/7")

@@ -44,6 +44,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let request = UpdateRequest::desired(json!({"speed": 3, "mode": "eco"})).to_payload();
     let out = process(
         &stored,
+        thing.as_str(),
         fleet_core::topic::ShadowOp::Update,
         &request,
         NOW,
@@ -90,13 +91,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             Transmit::Publish { topic, payload, .. } => {
                 let prefix = TopicPrefix::AWS;
                 let Topic::Shadow(ShadowTopic {
+                    thing,
                     kind: fleet_core::topic::ShadowTopicKind::Op(op, _),
                     ..
                 }) = Topic::parse(&prefix, &topic)?
                 else {
                     return Err("unexpected topic".into());
                 };
-                let out = process(&stored, op, &payload, NOW + 1, &limits);
+                let out = process(&stored, thing.as_str(), op, &payload, NOW + 1, &limits);
                 if let Some(s) = out.shadow {
                     stored = s;
                 }

@@ -908,6 +908,30 @@ fn release_claim(router: &mut Router, identity: &str) {
     }
 }
 
+/// A device's identity and the registry's standing of it: the thing its
+/// certificate is bound to, or (a certificate the registry does not know)
+/// its common name.
+async fn device_identity(
+    directory: &dyn Directory,
+    common_name: Option<String>,
+    fingerprint: &str,
+) -> (Option<String>, Option<Result<Standing, DirectoryError>>) {
+    let first = directory
+        .standing(common_name.as_deref().unwrap_or_default(), fingerprint)
+        .await;
+    let bound = match &first {
+        Ok(s) => s.certificate.as_ref().map(|(thing, _)| thing.clone()),
+        Err(_) => None,
+    };
+    match bound {
+        Some(thing) if Some(&thing) != common_name.as_ref() => {
+            let standing = directory.standing(&thing, fingerprint).await;
+            (Some(thing), Some(standing))
+        }
+        _ => (common_name, Some(first)),
+    }
+}
+
 fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
@@ -971,7 +995,7 @@ async fn connection(
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec())
         .ok_or("no client certificate")?;
-    let identity = common_name(&der).ok_or("client certificate has no common name")?;
+    let common_name = common_name(&der);
     let fingerprint = fingerprint(&der);
     let (mut rd, mut wr) = tokio::io::split(tls);
 
@@ -1014,12 +1038,22 @@ async fn connection(
         let compiled = shared.policy();
         let policy = compiled.policy();
         fleet_core::admission::role(
-            &identity,
+            common_name.as_deref().unwrap_or_default(),
             provisioned,
             &policy.backend_identities,
             &policy.claim_identities,
         )
     };
+    // Who a device is: as with AWS IoT, the thing the registry binds its
+    // certificate to, whatever the certificate's subject says; the common
+    // name only for a certificate the registry does not know.
+    let (identity, standing) = match (&shared.directory, role) {
+        (Some(directory), Role::Device) => {
+            device_identity(directory.as_ref(), common_name, &fingerprint).await
+        }
+        _ => (common_name, None),
+    };
+    let identity = identity.ok_or("client certificate has no common name and no thing")?;
     let (client_id, assigned) = if client_id.is_empty() {
         // A device is its thing name; others get a fresh id.
         let id = if role == Role::Device {
@@ -1057,18 +1091,16 @@ async fn connection(
             None
         };
     if refuse.is_none() && role == Role::Device {
-        refuse = match &shared.directory {
+        refuse = match standing {
             None if provisioned => Some(ConnAckCode::NotAuthorized),
             None => None,
-            Some(directory) => match directory.standing(&identity, &fingerprint).await {
-                Err(e) => {
-                    tracing::warn!(%identity, "{e}");
-                    Some(ConnAckCode::ServerUnavailable)
-                }
-                Ok(standing) => {
-                    (!standing.admits(&identity, provisioned)).then_some(ConnAckCode::NotAuthorized)
-                }
-            },
+            Some(Err(e)) => {
+                tracing::warn!(%identity, "{e}");
+                Some(ConnAckCode::ServerUnavailable)
+            }
+            Some(Ok(standing)) => {
+                (!standing.admits(&identity, provisioned)).then_some(ConnAckCode::NotAuthorized)
+            }
         };
     }
     let registered = match refuse {

@@ -372,6 +372,15 @@ impl ThingJobs {
                                 JobErrorCode::ResourceNotFound,
                                 "no such job execution",
                             ))?;
+                        // AWS: "TerminalStateReached: occurs when a command
+                        // to describe a job is performed on a job that is in
+                        // a terminal state."
+                        if e.status.is_terminal() {
+                            return Err(JobError::new(
+                                JobErrorCode::TerminalStateReached,
+                                "the job execution is in a terminal state",
+                            ));
+                        }
                         let resp = ExecutionResponse {
                             execution: Some(JobExecutionData::of(
                                 e,

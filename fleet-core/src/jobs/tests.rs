@@ -327,14 +327,33 @@ fn service_answers_the_jobs_api() {
     assert_eq!(body["executionState"]["status"], "SUCCEEDED");
     assert_eq!(jobs, before);
 
-    // Describe.
+    // Describe: an execution in a terminal state is refused with AWS's
+    // TerminalStateReached ("a command to describe a job is performed on a
+    // job that is in a terminal state"); a pending one is described.
+    let before = jobs.clone();
     let d = jobs.handle_request(
         &JobsTopicKind::Describe(id.clone(), Role::Request),
+        br#"{"includeJobDocument":false,"clientToken":"d"}"#,
+        T0 + 7,
+    );
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        d[0].kind,
+        JobsTopicKind::Describe(id.clone(), Role::Rejected)
+    );
+    let body = parse(&d[0].payload);
+    assert_eq!(body["code"], "TerminalStateReached");
+    assert_eq!(body["clientToken"], "d");
+    assert_eq!(jobs, before);
+    let b = JobId::new("b").unwrap().into_owned();
+    let d = jobs.handle_request(
+        &JobsTopicKind::Describe(b.clone(), Role::Request),
         br#"{"includeJobDocument":false}"#,
         T0 + 7,
     );
+    assert_eq!(d[0].kind, JobsTopicKind::Describe(b, Role::Accepted));
     let body = parse(&d[0].payload);
-    assert_eq!(body["execution"]["status"], "SUCCEEDED");
+    assert_eq!(body["execution"]["status"], "QUEUED");
     assert!(body["execution"].get("jobDocument").is_none());
     let missing = JobId::new("zz").unwrap().into_owned();
     let d = jobs.handle_request(&JobsTopicKind::Describe(missing, Role::Request), b"{}", T0);

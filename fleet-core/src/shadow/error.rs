@@ -28,7 +28,11 @@ pub enum ShadowError {
     },
     /// 400: an array in the state contains `null`.
     NullInArray,
-    /// 404: the shadow does not exist.
+    /// 400: `state` has a node other than `desired` and `reported`
+    /// ([`Rejection::subject`](super::Rejection::subject) names it).
+    InvalidNode,
+    /// 404: the shadow does not exist
+    /// ([`Rejection::subject`](super::Rejection::subject) names it).
     NotFound,
     /// 409: the request's `version` is not the shadow's current version.
     VersionConflict,
@@ -54,7 +58,8 @@ impl ShadowError {
             | Self::InvalidVersion
             | Self::InvalidClientToken
             | Self::TooDeep { .. }
-            | Self::NullInArray => 400,
+            | Self::NullInArray
+            | Self::InvalidNode => 400,
             Self::NotFound => 404,
             Self::VersionConflict => 409,
             Self::PayloadTooLarge => 413,
@@ -64,7 +69,9 @@ impl ShadowError {
         }
     }
 
-    /// The `message` of the `/rejected` reply, worded as AWS IoT words it.
+    /// The `message` of the `/rejected` reply, worded as AWS IoT words it,
+    /// without the name of what it is about:
+    /// [`Rejection::message`](super::Rejection::message) adds that.
     pub fn message(&self) -> &'static str {
         match self {
             Self::InvalidJson => "Invalid JSON",
@@ -76,6 +83,7 @@ impl ShadowError {
             Self::InvalidClientToken => "Invalid clientToken",
             Self::TooDeep { .. } => "JSON contains too many levels of nesting",
             Self::NullInArray => "State contains an invalid node: arrays may not contain null",
+            Self::InvalidNode => "State contains an invalid node",
             Self::NotFound => "No shadow exists",
             Self::VersionConflict => "Version conflict",
             Self::PayloadTooLarge => "The payload exceeds the maximum size allowed",

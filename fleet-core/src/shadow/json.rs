@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 pub type Object = Map<String, Value>;
 
 /// `{"timestamp": now}`.
-fn stamp(now: u64) -> Value {
+pub(crate) fn stamp(now: u64) -> Value {
     let mut m = Map::new();
     m.insert(String::from("timestamp"), Value::from(now));
     Value::Object(m)

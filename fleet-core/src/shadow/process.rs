@@ -45,9 +45,52 @@ pub struct Rejection {
     pub error: ShadowError,
     /// The request's `clientToken`, when it had a valid one.
     pub client_token: Option<String>,
+    /// What the message names, as AWS IoT names it: the invalid node of
+    /// [`ShadowError::InvalidNode`], the shadow of
+    /// [`ShadowError::NotFound`] (the thing's name for its classic
+    /// shadow, the shadow's name for a named one).
+    pub subject: Option<String>,
 }
 
 impl Rejection {
+    /// A rejection of a request that carried no (valid) client token.
+    pub fn new(error: ShadowError) -> Self {
+        Self {
+            error,
+            client_token: None,
+            subject: None,
+        }
+    }
+
+    /// The `message` of the `/rejected` reply, as AWS IoT words it:
+    /// `State contains an invalid node: 'foo'`, `No shadow exists with name:
+    /// 'thing'`, `JSON contains too many levels of nesting; maximum is 6`.
+    ///
+    /// ```
+    /// use fleet_core::shadow::{Shadow, ShadowError, ShadowLimits};
+    ///
+    /// let r = Shadow::new()
+    ///     .update(br#"{"state":{"foo":{"y":1}}}"#, 0, &ShadowLimits::default())
+    ///     .unwrap_err();
+    /// assert_eq!(r.error, ShadowError::InvalidNode);
+    /// assert_eq!(r.message(), "State contains an invalid node: 'foo'");
+    /// ```
+    pub fn message(&self) -> alloc::borrow::Cow<'static, str> {
+        use alloc::borrow::Cow;
+        match (self.error, self.subject.as_deref()) {
+            (ShadowError::TooDeep { max }, _) => {
+                Cow::Owned(alloc::format!("{}; maximum is {max}", self.error.message()))
+            }
+            (ShadowError::InvalidNode, Some(node)) => {
+                Cow::Owned(alloc::format!("{}: '{node}'", self.error.message()))
+            }
+            (ShadowError::NotFound, Some(name)) => {
+                Cow::Owned(alloc::format!("No shadow exists with name: '{name}'"))
+            }
+            (e, _) => Cow::Borrowed(e.message()),
+        }
+    }
+
     /// The `/rejected` payload: `{"code", "message", "timestamp", "clientToken"}`.
     pub fn to_payload(&self, now: u64) -> Vec<u8> {
         #[derive(Serialize)]
@@ -58,17 +101,10 @@ impl Rejection {
             #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
             client_token: Option<&'a str>,
         }
-        let message;
-        let message = match self.error {
-            ShadowError::TooDeep { max } => {
-                message = alloc::format!("{}; maximum is {max}", self.error.message());
-                message.as_str()
-            }
-            e => e.message(),
-        };
+        let message = self.message();
         json::to_vec(&Payload {
             code: self.error.code(),
-            message,
+            message: &message,
             timestamp: now,
             client_token: self.client_token.as_deref(),
         })
@@ -122,13 +158,16 @@ pub struct Processed {
 }
 
 /// Processes one request to `op` on `shadow` at `now` (epoch seconds).
+/// `name` is how AWS IoT names the shadow in its messages (`No shadow
+/// exists with name: 'name'`): the thing's name for its classic shadow,
+/// the shadow's own name for a named shadow.
 ///
 /// ```
 /// use fleet_core::shadow::{process, Shadow, ShadowLimits};
 /// use fleet_core::topic::{Role, ShadowOp, ShadowTopicKind};
 ///
 /// let shadow = Shadow::new();
-/// let out = process(&shadow, ShadowOp::Update, br#"{"state":{"desired":{"on":true}}}"#,
+/// let out = process(&shadow, "pump-7", ShadowOp::Update, br#"{"state":{"desired":{"on":true}}}"#,
 ///                   1_700_000_000, &ShadowLimits::default());
 /// let kinds: Vec<_> = out.messages.iter().map(|m| m.kind).collect();
 /// assert_eq!(kinds, [
@@ -137,19 +176,31 @@ pub struct Processed {
 ///     ShadowTopicKind::Documents,
 /// ]);
 /// assert_eq!(out.shadow.unwrap().version(), 1);
+///
+/// let out = process(&Shadow::new(), "pump-7", ShadowOp::Get, b"", 1_700_000_000,
+///                   &ShadowLimits::default());
+/// let reply: serde_json::Value = serde_json::from_slice(&out.messages[0].payload).unwrap();
+/// assert_eq!(reply["code"], 404);
+/// assert_eq!(reply["message"], "No shadow exists with name: 'pump-7'");
 /// ```
 pub fn process(
     shadow: &Shadow,
+    name: &str,
     op: ShadowOp,
     request: &[u8],
     now: u64,
     limits: &ShadowLimits,
 ) -> Processed {
-    let rejected = |r: Rejection| Processed {
+    let rejected = |mut r: Rejection| Processed {
         shadow: None,
         messages: alloc::vec![ShadowMessage {
             kind: ShadowTopicKind::Op(op, Role::Rejected),
-            payload: r.to_payload(now),
+            payload: {
+                if r.error == ShadowError::NotFound && r.subject.is_none() {
+                    r.subject = Some(String::from(name));
+                }
+                r.to_payload(now)
+            },
         }],
     };
     match op {
@@ -219,6 +270,7 @@ impl Envelope {
         Rejection {
             error,
             client_token: self.client_token.clone(),
+            subject: None,
         }
     }
 }
@@ -231,10 +283,7 @@ fn parse_envelope(
     limits: &ShadowLimits,
     allow_empty: bool,
 ) -> Result<Envelope, Rejection> {
-    let reject = |error| Rejection {
-        error,
-        client_token: None,
-    };
+    let reject = Rejection::new;
     let text =
         core::str::from_utf8(request).map_err(|_| reject(ShadowError::UnsupportedEncoding))?;
     if text.len() > limits.max_request_bytes {
@@ -376,12 +425,22 @@ impl Shadow {
             .ok_or_else(|| env.reject(ShadowError::MissingState))?;
         let (desired, reported) = match state_node {
             Value::Null => (SectionUpdate::Remove, SectionUpdate::Remove),
-            Value::Object(state) => (
-                section(state, "desired", ShadowError::DesiredNotObject, limits)
-                    .map_err(|e| env.reject(e))?,
-                section(state, "reported", ShadowError::ReportedNotObject, limits)
-                    .map_err(|e| env.reject(e))?,
-            ),
+            Value::Object(state) => {
+                if let Some(node) = state
+                    .keys()
+                    .find(|k| k.as_str() != "desired" && k.as_str() != "reported")
+                {
+                    let mut r = env.reject(ShadowError::InvalidNode);
+                    r.subject = Some(node.clone());
+                    return Err(r);
+                }
+                (
+                    section(state, "desired", ShadowError::DesiredNotObject, limits)
+                        .map_err(|e| env.reject(e))?,
+                    section(state, "reported", ShadowError::ReportedNotObject, limits)
+                        .map_err(|e| env.reject(e))?,
+                )
+            }
             _ => return Err(env.reject(ShadowError::StateNotObject)),
         };
         if env.version.is_some_and(|v| v != self.version) {
@@ -403,7 +462,8 @@ impl Shadow {
 
         let token = env.client_token.as_deref();
         // `/update/accepted` echoes the request's state, nulls included, with
-        // a timestamp for every leaf it wrote or deleted.
+        // a timestamp for every leaf it wrote or deleted, and for a section
+        // it removed (`"desired": null` has `"desired": {"timestamp": t}`).
         let accepted_meta = match state_node {
             Value::Object(state) => {
                 let mut meta = Map::new();
@@ -416,7 +476,7 @@ impl Shadow {
                             );
                         }
                         Some(Value::Null) => {
-                            meta.insert(String::from(name), Value::Null);
+                            meta.insert(String::from(name), json::stamp(now));
                         }
                         _ => {}
                     }
@@ -470,7 +530,9 @@ impl Shadow {
         })
     }
 
-    /// Processes a get request: the whole document with its current delta.
+    /// Processes a get request: the whole document with its current delta,
+    /// and the delta's metadata (the timestamps of the desired leaves that
+    /// make it up, nested as the delta is) in `metadata.delta`.
     pub fn get(
         &self,
         request: &[u8],
@@ -482,7 +544,7 @@ impl Shadow {
             .state
             .as_ref()
             .ok_or_else(|| env.reject(ShadowError::NotFound))?;
-        let (delta, _) = state.delta();
+        let (delta, delta_meta) = state.delta();
         Ok(json::to_vec(&Reply {
             state: Some(Sections {
                 desired: non_empty(&state.desired),
@@ -492,7 +554,7 @@ impl Shadow {
             metadata: Some(Sections {
                 desired: non_empty(&state.desired_meta),
                 reported: non_empty(&state.reported_meta),
-                delta: None,
+                delta: non_empty(&delta_meta),
             }),
             version: self.version,
             timestamp: now,

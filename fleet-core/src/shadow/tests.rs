@@ -366,6 +366,7 @@ fn oversize_state_is_413() {
 fn process_lists_every_message_in_order() {
     let out = process(
         &Shadow::new(),
+        "thing",
         ShadowOp::Update,
         br#"{"state":{"reported":{"a":1}}}"#,
         NOW,
@@ -379,13 +380,20 @@ fn process_lists_every_message_in_order() {
             ShadowTopicKind::Documents
         ]
     );
-    let out = process(&Shadow::new(), ShadowOp::Delete, b"", NOW, &limits());
+    let out = process(
+        &Shadow::new(),
+        "thing",
+        ShadowOp::Delete,
+        b"",
+        NOW,
+        &limits(),
+    );
     assert_eq!(out.shadow, None);
     assert_eq!(
         out.messages[0].kind,
         ShadowTopicKind::Op(ShadowOp::Delete, Role::Rejected)
     );
-    let out = process(&Shadow::new(), ShadowOp::Get, b"{", NOW, &limits());
+    let out = process(&Shadow::new(), "thing", ShadowOp::Get, b"{", NOW, &limits());
     assert_eq!(parse(&out.messages[0].payload)["code"], 400);
 }
 
@@ -405,6 +413,181 @@ fn stored_form_round_trips() {
     assert_eq!(
         Shadow::from_stored_json(b"{").unwrap_err(),
         ShadowError::InvalidJson
+    );
+}
+
+// ---- AWS IoT's documented answers, case by case ---------------------------
+// (Device Shadow service documents; Device Shadow MQTT topics; shadow error
+// messages in the AWS IoT Developer Guide.)
+
+/// "metadata.delta": the timestamps of the desired leaves that make up the
+/// delta, nested like the delta itself (flat case).
+#[test]
+fn get_accepted_has_the_delta_metadata_flat() {
+    let s = up(
+        &Shadow::new(),
+        json!({"state": {"desired": {"color": "red", "on": true}}}),
+    )
+    .shadow;
+    let s = s
+        .update(
+            json!({"state": {"reported": {"on": true}}})
+                .to_string()
+                .as_bytes(),
+            NOW + 7,
+            &limits(),
+        )
+        .unwrap()
+        .shadow;
+    let got = parse(&s.get(b"", NOW + 9, &limits()).unwrap());
+    assert_eq!(got["state"]["delta"], json!({"color": "red"}));
+    assert_eq!(
+        got["metadata"]["delta"],
+        json!({"color": {"timestamp": NOW}})
+    );
+    assert_eq!(
+        got["metadata"]["reported"],
+        json!({"on": {"timestamp": NOW + 7}})
+    );
+}
+
+/// The nested case: only the differing leaves, under their parents.
+#[test]
+fn get_accepted_has_the_delta_metadata_nested() {
+    let s = up(
+        &Shadow::new(),
+        json!({"state": {"desired": {"led": {"color": "red", "level": 3}, "fan": [1, 2]}}}),
+    )
+    .shadow;
+    let s = s
+        .update(
+            json!({"state": {"desired": {"led": {"level": 5}}, "reported": {"led": {"color": "red", "level": 3}}}})
+                .to_string()
+                .as_bytes(),
+            NOW + 4,
+            &limits(),
+        )
+        .unwrap()
+        .shadow;
+    let got = parse(&s.get(b"", NOW + 5, &limits()).unwrap());
+    assert_eq!(
+        got["state"]["delta"],
+        json!({"led": {"level": 5}, "fan": [1, 2]})
+    );
+    assert_eq!(
+        got["metadata"]["delta"],
+        json!({"led": {"level": {"timestamp": NOW + 4}}, "fan": [{"timestamp": NOW}, {"timestamp": NOW}]})
+    );
+    // In step: no delta, no delta metadata.
+    let s = s
+        .update(
+            json!({"state": {"reported": {"led": {"level": 5}, "fan": [1, 2]}}})
+                .to_string()
+                .as_bytes(),
+            NOW + 6,
+            &limits(),
+        )
+        .unwrap()
+        .shadow;
+    let got = parse(&s.get(b"", NOW + 7, &limits()).unwrap());
+    assert_eq!(got["state"].get("delta"), None);
+    assert_eq!(got["metadata"].get("delta"), None);
+}
+
+/// `{"state": {"foo": {...}, "reported": {...}}}`: 400 "State contains an
+/// invalid node: 'foo'", and nothing is stored (`rejected` checks that).
+#[test]
+fn a_state_node_other_than_desired_and_reported_is_rejected() {
+    let s = up(&Shadow::new(), json!({"state": {"reported": {"x": 0}}})).shadow;
+    for (request, node) in [
+        (
+            json!({"state": {"foo": {"y": 1}, "reported": {"x": 1}}, "clientToken": "c"}),
+            "foo",
+        ),
+        (
+            json!({"state": {"delta": {"x": 1}}, "clientToken": "c"}),
+            "delta",
+        ),
+        (
+            json!({"state": {"desired": {"x": 1}, "Reported": 1}, "clientToken": "c"}),
+            "Reported",
+        ),
+    ] {
+        let r = rejected(&s, request.to_string().as_bytes());
+        assert_eq!(r.error, ShadowError::InvalidNode);
+        let reply = parse(&r.to_payload(NOW));
+        assert_eq!(reply["code"], 400);
+        assert_eq!(
+            reply["message"],
+            format!("State contains an invalid node: '{node}'")
+        );
+        assert_eq!(reply["clientToken"], "c");
+    }
+    // Top-level fields other than state, clientToken and version are not
+    // state nodes: still ignored.
+    up(&s, json!({"state": {"reported": {"x": 2}}, "extra": 1}));
+}
+
+/// 404 "No shadow exists with name: '<thing>'" for the classic shadow, the
+/// shadow's own name for a named one; for get and for delete.
+#[test]
+fn not_found_names_the_shadow() {
+    for op in [ShadowOp::Get, ShadowOp::Delete] {
+        for name in ["pump-7", "config"] {
+            let out = process(
+                &Shadow::new(),
+                name,
+                op,
+                br#"{"clientToken":"n"}"#,
+                NOW,
+                &limits(),
+            );
+            assert_eq!(out.shadow, None);
+            assert_eq!(out.messages.len(), 1);
+            assert_eq!(
+                out.messages[0].kind,
+                ShadowTopicKind::Op(op, Role::Rejected)
+            );
+            let reply = parse(&out.messages[0].payload);
+            assert_eq!(reply["code"], 404);
+            assert_eq!(
+                reply["message"],
+                format!("No shadow exists with name: '{name}'")
+            );
+            assert_eq!(reply["clientToken"], "n");
+        }
+    }
+}
+
+/// `"desired": null` in an update: `/update/accepted` echoes it and carries
+/// `metadata.desired` with the update's timestamp (and so for reported).
+#[test]
+fn removing_a_section_has_its_timestamp_in_the_accepted_metadata() {
+    let s = up(
+        &Shadow::new(),
+        json!({"state": {"desired": {"a": 1}, "reported": {"b": 2}}}),
+    )
+    .shadow;
+    let u = s
+        .update(br#"{"state":{"desired":null}}"#, NOW + 3, &limits())
+        .unwrap();
+    let accepted = parse(&u.accepted);
+    assert_eq!(accepted["state"], json!({"desired": null}));
+    assert_eq!(
+        accepted["metadata"],
+        json!({"desired": {"timestamp": NOW + 3}})
+    );
+    let u = u
+        .shadow
+        .update(
+            br#"{"state":{"reported":null,"desired":{"c":1}}}"#,
+            NOW + 4,
+            &limits(),
+        )
+        .unwrap();
+    assert_eq!(
+        parse(&u.accepted)["metadata"],
+        json!({"reported": {"timestamp": NOW + 4}, "desired": {"c": {"timestamp": NOW + 4}}})
     );
 }
 
@@ -546,7 +729,7 @@ proptest! {
         let conflict = json!({"state": {"desired": {"a": 1}}, "version": shadow.version() + version}).to_string();
         for op in [ShadowOp::Update, ShadowOp::Get, ShadowOp::Delete] {
             for request in [bytes.as_slice(), conflict.as_bytes()] {
-                let out = process(&shadow, op, request, NOW, &limits());
+                let out = process(&shadow, "thing", op, request, NOW, &limits());
                 if out.messages.iter().any(|m| matches!(m.kind, ShadowTopicKind::Op(_, Role::Rejected))) {
                     prop_assert!(out.shadow.is_none());
                     prop_assert_eq!(out.messages.len(), 1);
@@ -560,7 +743,7 @@ proptest! {
     fn no_input_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let shadow = up(&Shadow::new(), json!({"state": {"desired": {"a": 1}}})).shadow;
         for op in [ShadowOp::Update, ShadowOp::Get, ShadowOp::Delete] {
-            let _ = process(&shadow, op, &bytes, NOW, &limits());
+            let _ = process(&shadow, "thing", op, &bytes, NOW, &limits());
         }
         let _ = Shadow::from_stored_json(&bytes);
     }
@@ -678,7 +861,14 @@ mod sim {
                 panic!("device published to {topic}");
             };
             let key = shadow.as_ref().map(|s| s.as_str().to_string());
-            let out = process(&self.service[&key], op, payload, self.epoch(), &limits());
+            let out = process(
+                &self.service[&key],
+                "thing",
+                op,
+                payload,
+                self.epoch(),
+                &limits(),
+            );
             self.publish_outcome(shadow.map(|s| s.into_owned()), out);
         }
 
@@ -724,6 +914,7 @@ mod sim {
             let request = UpdateRequest::desired(desired).to_payload();
             let out = process(
                 &self.service[&key],
+                "thing",
                 ShadowOp::Update,
                 &request,
                 self.epoch(),
@@ -1079,6 +1270,7 @@ mod sim {
         let request = UpdateRequest::desired(json!({"x": 1})).to_payload();
         let out = process(
             &w.service[&None],
+            "thing",
             ShadowOp::Update,
             &request,
             w.epoch(),
@@ -1148,7 +1340,14 @@ fn a_retry_is_answered_again_not_applied_twice() {
     assert!(retry.repeated);
     assert_eq!(retry.accepted, s1.accepted, "the same answer");
     assert_eq!(retry.shadow, stored, "nothing changed");
-    let out = process(&stored, ShadowOp::Update, &first, NOW + 5, &limits());
+    let out = process(
+        &stored,
+        "thing",
+        ShadowOp::Update,
+        &first,
+        NOW + 5,
+        &limits(),
+    );
     assert_eq!(out.shadow, None, "nothing to store");
     assert_eq!(
         out.messages.len(),

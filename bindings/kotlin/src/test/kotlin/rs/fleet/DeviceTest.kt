@@ -143,7 +143,7 @@ class DeviceTest {
         assertEquals(3uL, info.sequence)
         verifyImage(info, image)
         assertThrows<FleetException.Rejected> { verifyManifest(root, env, "p200", 2uL, 1uL shl 20, null) }
-        val out = shadowProcess(null, ShadowOperation.UPDATE, """{"state":{"desired":{"on":true}}}""", 1_700_000_000uL)
+        val out = shadowProcess(null, "pump-7", ShadowOperation.UPDATE, """{"state":{"desired":{"on":true}}}""", 1_700_000_000uL)
         assertEquals(listOf("update/accepted", "update/delta", "update/documents"), out.messages.map { it.topic })
     }
 
