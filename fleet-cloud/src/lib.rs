@@ -147,7 +147,8 @@ pub use server::{
 pub use service::{Caller, Handler, Request, Services};
 pub use shadows::{ServiceError, ShadowService};
 pub use store::{
-    JobStore, Leadership, MemoryStore, PgLease, PgStore, RegistryStore, ShadowKey, ShadowStore,
-    SoleInstance, SqliteRegistry, SqliteStore, StoreError, Stores, StreamStore, Versioned,
+    JobStore, Leadership, MemoryStore, PgLease, PgStore, RegistryStore, RetainedMessage,
+    RetainedStore, ShadowKey, ShadowStore, SoleInstance, SqliteRegistry, SqliteStore, StoreError,
+    Stores, StreamStore, Versioned,
 };
 pub use streams::{StreamService, StreamStoreError};

@@ -283,6 +283,10 @@ impl FleetServer {
                 if config.admit_by_registry {
                     broker.directory = Some(Arc::new(registry.clone()));
                 }
+                // Retained messages survive a restart, in the same store.
+                if broker.retained_store.is_none() {
+                    broker.retained_store = Some(stores.retained.clone());
+                }
                 let b = EmbeddedBroker::start(broker)
                     .await
                     .map_err(ServerError::Broker)?;

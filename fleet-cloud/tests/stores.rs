@@ -1010,3 +1010,164 @@ fn req<'a>(topic: &'a str, payload: &'a [u8], now: u64) -> fleet_cloud::Request<
     fleet_cloud::Request::from_broker(&fleet_core::TopicPrefix::AWS, topic, payload, now)
         .expect("a request topic")
 }
+
+/// A device's MQTT 5 connection to an embedded broker on `port`.
+fn device_client(
+    pki: &fleet_cloud::pki::Pki,
+    id: &fleet_cloud::pki::Identity,
+    client_id: &str,
+    port: u16,
+) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    let tls = fleet_testkit::client_tls_config(id, &pki.ca_pem()).unwrap();
+    let mut o = rumqttc::v5::MqttOptions::new(client_id, "localhost", port);
+    o.set_keep_alive(std::time::Duration::from_secs(5))
+        .set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+        ));
+    rumqttc::v5::AsyncClient::new(o, 16)
+}
+
+/// The first packet `pick` takes from `ev` (10 s at most).
+async fn next_packet<T>(
+    ev: &mut rumqttc::v5::EventLoop,
+    mut pick: impl FnMut(&rumqttc::v5::mqttbytes::v5::Packet) -> Option<T>,
+) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Ok(rumqttc::v5::Event::Incoming(p)) = ev.poll().await
+                && let Some(t) = pick(&p)
+            {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("the packet arrives")
+}
+
+/// Issue 21: the embedded broker's retained messages are kept in the store
+/// and survive a restart, on every store; an empty retained payload
+/// deletes, for good. The store itself first: put, replace, delete, load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_a_broker_restart_on_every_store() {
+    use fleet_cloud::store::RetainedMessage;
+    use fleet_cloud::{EmbeddedBroker, EmbeddedConfig};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+
+    on_every_store(|instance| async move {
+        let a = instance().await;
+        let store = a.stores.retained.clone();
+        let msg = |topic: &str, payload: &[u8]| RetainedMessage {
+            topic: topic.into(),
+            payload: payload.to_vec(),
+            qos: 1,
+            properties: Vec::new(),
+            owner: "dev-1".into(),
+        };
+        store.put_retained(&msg("b/1", b"one")).await.unwrap();
+        store.put_retained(&msg("a/1", b"x")).await.unwrap();
+        store.put_retained(&msg("b/1", b"two")).await.unwrap();
+        store.delete_retained("c/none").await.unwrap();
+        let b = instance().await;
+        assert_eq!(
+            b.stores.retained.load_retained().await.unwrap(),
+            vec![msg("a/1", b"x"), msg("b/1", b"two")],
+            "{}",
+            a.name()
+        );
+        store.delete_retained("a/1").await.unwrap();
+        store.delete_retained("b/1").await.unwrap();
+        assert!(store.load_retained().await.unwrap().is_empty());
+
+        // The broker: a device's retained messages, acknowledged once
+        // stored, are there after a restart on the same store.
+        let pki = fleet_cloud::pki::Pki::new("retained test CA").unwrap();
+        let server = pki.server_identity().unwrap();
+        let start = |stores: &Stores| {
+            let mut config = EmbeddedConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                &server.cert_pem,
+                &server.key_pem,
+                &pki.ca_pem(),
+            );
+            config.retained_store = Some(stores.retained.clone());
+            EmbeddedBroker::start(config)
+        };
+        let dev = pki.client_identity("dev-1").unwrap();
+        let broker = start(&a.stores).await.unwrap();
+        let (c, mut ev) = device_client(&pki, &dev, "dev-1", broker.local_addr().port());
+        for (topic, payload) in [
+            ("dt/dev-1/state", "on"),
+            ("dt/dev-1/fw", "1.2"),
+            ("dt/dev-1/gone", "soon"),
+        ] {
+            c.publish(topic, QoS::AtLeastOnce, true, payload)
+                .await
+                .unwrap();
+            let reason = next_packet(&mut ev, |p| match p {
+                Packet::PubAck(a) => Some(a.reason),
+                _ => None,
+            })
+            .await;
+            assert_eq!(reason, PubAckReason::Success, "{}", a.name());
+        }
+        // Replaced, and deleted by an empty payload.
+        c.publish("dt/dev-1/state", QoS::AtLeastOnce, true, "off")
+            .await
+            .unwrap();
+        c.publish("dt/dev-1/gone", QoS::AtLeastOnce, true, "")
+            .await
+            .unwrap();
+        let mut acks = 0;
+        next_packet(&mut ev, |p| {
+            acks += usize::from(matches!(p, Packet::PubAck(_)));
+            (acks == 2).then_some(())
+        })
+        .await;
+        broker.shutdown().await;
+
+        // Read back by the backend (devices do not read telemetry topics).
+        let b = instance().await;
+        let broker = start(&b.stores).await.unwrap();
+        let backend = pki.client_identity("fleet-backend").unwrap();
+        let (c, mut ev) = device_client(&pki, &backend, "svc", broker.local_addr().port());
+        c.subscribe("dt/dev-1/#", QoS::AtLeastOnce).await.unwrap();
+        let mut got = BTreeMap::new();
+        next_packet(&mut ev, |p| {
+            if let Packet::Publish(m) = p {
+                assert!(m.retain, "delivered as retained");
+                got.insert(
+                    String::from_utf8_lossy(&m.topic).into_owned(),
+                    String::from_utf8_lossy(&m.payload).into_owned(),
+                );
+            }
+            (got.len() == 2).then_some(())
+        })
+        .await;
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                ("dt/dev-1/fw".to_string(), "1.2".to_string()),
+                ("dt/dev-1/state".to_string(), "off".to_string()),
+            ]),
+            "{}",
+            b.name()
+        );
+        // Nothing more (the deleted one stays deleted).
+        let more = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+            loop {
+                if let Ok(rumqttc::v5::Event::Incoming(Packet::Publish(m))) = ev.poll().await {
+                    return m;
+                }
+            }
+        })
+        .await;
+        assert!(more.is_err(), "{}: {more:?}", b.name());
+        broker.shutdown().await;
+        for m in b.stores.retained.load_retained().await.unwrap() {
+            b.stores.retained.delete_retained(&m.topic).await.unwrap();
+        }
+    })
+    .await;
+}

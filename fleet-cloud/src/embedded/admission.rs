@@ -79,8 +79,11 @@ pub struct ClientLimits {
     pub max_partial_packet_bytes: usize,
     /// Retained messages one identity keeps (each device's own topics).
     pub max_retained_per_identity: usize,
-    /// Retained messages kept by the whole broker.
+    /// Retained messages kept by the whole broker (AWS IoT: a per-account
+    /// quota, 500,000 by default).
     pub max_retained_messages: usize,
+    /// Bytes (topic and payload) of one retained message.
+    pub max_retained_message_bytes: usize,
     /// Bytes (topics and payloads) of every retained message together.
     pub max_retained_bytes: usize,
     /// The longest keep-alive granted; a client asking for 0 (never time
@@ -100,6 +103,7 @@ impl Default for ClientLimits {
             max_partial_packet_bytes: 16 * 1024 * 1024,
             max_retained_per_identity: 50,
             max_retained_messages: 100_000,
+            max_retained_message_bytes: 128 * 1024,
             max_retained_bytes: 64 * 1024 * 1024,
             max_keep_alive: Duration::from_secs(1200),
         }

@@ -121,6 +121,7 @@ impl Harness {
             directory: None,
             queued_total: Arc::new(AtomicUsize::new(0)),
             partial_budget: Arc::new(tokio::sync::Semaphore::new(1024)),
+            retained_writes: None,
         });
         Self {
             shared,

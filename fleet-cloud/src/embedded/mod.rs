@@ -4,8 +4,11 @@
 //! needs and nothing else:
 //!
 //! - mutual TLS only (rustls, `ring`, TLS 1.2 at least), with a handshake
-//!   timeout: a client certificate signed by the fleet CA is the identity,
-//!   its common name the user name, as with Mosquitto's
+//!   timeout: a client certificate signed by the fleet CA is the identity.
+//!   With a [`Directory`] (the registry), a device is the thing its
+//!   certificate is bound to, whatever the certificate's subject says, as
+//!   with AWS IoT; otherwise, and for backend and claim identities, the
+//!   common name is the identity, as with Mosquitto's
 //!   `use_identity_as_username`;
 //! - the fleet's [`BrokerPolicy`] enforced on every publish and subscribe,
 //!   the same rules the generated Mosquitto ACL holds
@@ -14,15 +17,16 @@
 //! - per-certificate revocation: [`revoke`](EmbeddedBroker::revoke) refuses
 //!   a certificate (by its SHA-256 fingerprint) and drops its connection;
 //! - QoS 0 and 1 (QoS 2 publishes are accepted and delivered at QoS 1),
-//!   retained messages, wills, `$share/{group}/` shared subscriptions, MQTT 5
+//!   retained messages (kept in a [`RetainedStore`](crate::store::RetainedStore)
+//!   when one is configured, so that they survive a restart; `fleet serve`
+//!   keeps them in its store), wills, `$share/{group}/` shared subscriptions, MQTT 5
 //!   response topic, correlation data and user properties passed through;
 //!   a client id taken over drops the older connection.
 //!
 //! What it does not do, and when to use an external broker instead: it keeps
 //! no sessions (every connection starts clean; QoS 1 messages for an offline
 //! client are not queued: the fleet protocol recovers by its GET-on-connect
-//! and job polling flows), it does not persist retained messages across a
-//! restart, and it is one process. For fleets beyond one machine, for
+//! and job polling flows), and it is one process. For fleets beyond one machine, for
 //! bridging, or for persistent sessions, run Mosquitto (or EMQX, HiveMQ,
 //! VerneMQ) with the ACL from [`BrokerPolicy::mosquitto_acl`] and connect
 //! the service to it.
@@ -35,6 +39,7 @@ mod admission;
 mod codec;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod persist;
 mod receipt;
 mod router;
 
@@ -96,6 +101,10 @@ pub struct EmbeddedConfig {
     /// certificates issued by provisioning are refused (nothing can vouch
     /// for them).
     pub directory: Option<Arc<dyn Directory>>,
+    /// Where retained messages are kept, so that they survive a restart
+    /// (`None`: in memory only). Loaded at start; a device's QoS 1
+    /// retained publish is acknowledged once it is stored there.
+    pub retained_store: Option<Arc<dyn crate::store::RetainedStore>>,
 }
 
 impl EmbeddedConfig {
@@ -114,6 +123,7 @@ impl EmbeddedConfig {
             queue_capacity: 1024,
             limits: ClientLimits::default(),
             directory: None,
+            retained_store: None,
         }
     }
 }
@@ -140,6 +150,8 @@ pub enum EmbeddedError {
     Bind(std::io::Error),
     /// The policy names an identity unsafely.
     Policy(crate::PolicyError),
+    /// The retained messages could not be loaded from their store.
+    Retained(crate::StoreError),
 }
 
 impl fmt::Display for EmbeddedError {
@@ -148,6 +160,7 @@ impl fmt::Display for EmbeddedError {
             Self::Tls(e) => write!(f, "embedded broker TLS configuration: {e}"),
             Self::Bind(e) => write!(f, "embedded broker cannot listen: {e}"),
             Self::Policy(e) => write!(f, "embedded broker policy: {e}"),
+            Self::Retained(e) => write!(f, "embedded broker retained messages: {e}"),
         }
     }
 }
@@ -301,6 +314,8 @@ struct Shared {
     queued_total: Arc<AtomicUsize>,
     /// Partly received packets larger than [`SMALL_PACKET`], in KiB.
     partial_budget: Arc<Semaphore>,
+    /// Changes to the retained messages, to the writer that stores them.
+    retained_writes: Option<mpsc::UnboundedSender<persist::Write>>,
 }
 
 impl Shared {
@@ -347,7 +362,7 @@ impl Shared {
         let mut router = self.router();
         let router = &mut *router;
         if message.retain {
-            self.retain(router, message, owner, owner_role)?;
+            self.retain(router, message, owner, owner_role, receipt)?;
         }
         if policy.reply_routing
             && let Some((client, conn, topic)) = routed_reply(&policy.prefix, &message.topic)
@@ -393,8 +408,32 @@ impl Shared {
     }
 
     /// Keeps (or, with an empty payload, drops) a retained message, within
-    /// the per-identity and broker-wide quotas.
+    /// the per-identity and broker-wide quotas, and has the change stored
+    /// (in order: this runs under the router's lock), its write one more
+    /// delivery of `receipt` to be acknowledged.
     fn retain(
+        &self,
+        router: &mut Router,
+        message: &Message,
+        owner: &str,
+        owner_role: Role,
+        receipt: Option<&receipt::Receipt>,
+    ) -> Result<(), PubAckCode> {
+        self.keep_retained(router, message, owner, owner_role)?;
+        if let Some(writes) = &self.retained_writes {
+            let write = persist::Write {
+                topic: message.topic.clone(),
+                message: (!message.payload.is_empty()).then(|| persist::to_record(message, owner)),
+                delivery: receipt.map(receipt::Receipt::delivery),
+            };
+            if writes.send(write).is_err() {
+                tracing::warn!("the retained writer stopped; retained message not stored");
+            }
+        }
+        Ok(())
+    }
+
+    fn keep_retained(
         &self,
         router: &mut Router,
         message: &Message,
@@ -428,7 +467,8 @@ impl Shared {
             && kept_by_owner >= limits.max_retained_per_identity;
         let over_count =
             replaced.is_none() && router.retained.len() >= limits.max_retained_messages;
-        let over_bytes = router.retained.bytes() + size > limits.max_retained_bytes;
+        let over_bytes = router.retained.bytes() + size > limits.max_retained_bytes
+            || size > limits.max_retained_message_bytes;
         if over_identity || over_count || over_bytes {
             tracing::debug!(owner, topic = message.topic, "retained quota exceeded");
             return Err(PubAckCode::QuotaExceeded);
@@ -639,10 +679,34 @@ impl EmbeddedBroker {
             .await
             .map_err(EmbeddedError::Bind)?;
         let local_addr = listener.local_addr().map_err(EmbeddedError::Bind)?;
+        let mut router = Router::default();
+        let retained_writes = match &config.retained_store {
+            Some(store) => {
+                let kept = store
+                    .load_retained()
+                    .await
+                    .map_err(EmbeddedError::Retained)?;
+                for record in kept {
+                    let topic = record.topic.clone();
+                    let Some((message, owner)) = persist::from_record(record) else {
+                        tracing::warn!(topic, "stored retained message unreadable; skipped");
+                        continue;
+                    };
+                    if let Some((_, old)) = router.retained.insert(message, &owner) {
+                        tracing::warn!(topic, owner = &*old, "retained message stored twice");
+                    }
+                    *router.retained_by.entry(owner).or_default() += 1;
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(persist::writer(store.clone(), rx));
+                Some(tx)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             policy: RwLock::new(Arc::new(config.policy.compile())),
             revoked: RwLock::new(HashSet::new()),
-            router: Mutex::new(Router::default()),
+            router: Mutex::new(router),
             next_conn: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
             max_packet: config.max_packet_size,
@@ -658,6 +722,7 @@ impl EmbeddedBroker {
                     .div_ceil(1024)
                     .clamp(1, Semaphore::MAX_PERMITS),
             )),
+            retained_writes,
         });
         let (stop, stopped) = watch::channel(false);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));

@@ -9,8 +9,8 @@ use fleet_core::jobs::ThingJobs;
 use fleet_core::shadow::Shadow;
 
 use super::{
-    JobStore, RegistryStore, ShadowKey, ShadowStore, StoreError, StoredStream, StreamStore,
-    Versioned,
+    JobStore, RegistryStore, RetainedMessage, RetainedStore, ShadowKey, ShadowStore, StoreError,
+    StoredStream, StreamStore, Versioned,
 };
 use crate::model::{
     AttributeQuery, CertificateRecord, CertificateStatus, JobRecord, PendingCertificate, Spent,
@@ -27,6 +27,7 @@ pub struct MemoryStore {
     jobs: Arc<Mutex<MemoryJobs>>,
     streams: Arc<Mutex<BTreeMap<String, StoredStream>>>,
     registry: Arc<Mutex<MemoryRegistry>>,
+    retained: Arc<Mutex<BTreeMap<String, RetainedMessage>>>,
 }
 
 impl MemoryStore {
@@ -476,5 +477,32 @@ impl RegistryStore for MemoryStore {
             }
             _ => Spent::Unknown,
         })
+    }
+}
+
+#[async_trait]
+impl RetainedStore for MemoryStore {
+    async fn load_retained(&self) -> Result<Vec<RetainedMessage>, StoreError> {
+        let map = self
+            .retained
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))?;
+        Ok(map.values().cloned().collect())
+    }
+
+    async fn put_retained(&self, message: &RetainedMessage) -> Result<(), StoreError> {
+        self.retained
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))?
+            .insert(message.topic.clone(), message.clone());
+        Ok(())
+    }
+
+    async fn delete_retained(&self, topic: &str) -> Result<(), StoreError> {
+        self.retained
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))?
+            .remove(topic);
+        Ok(())
     }
 }

@@ -7,6 +7,7 @@
 //! | [`JobStore`] | jobs and each thing's executions |
 //! | [`StreamStore`] | file streams (OTA release images) |
 //! | [`RegistryStore`] | things, groups, certificates, API tokens, ownership tokens |
+//! | [`RetainedStore`] | the embedded broker's retained messages |
 //! | [`Leadership`] | which instance drives rollouts and sweeps timeouts |
 //!
 //! The backends are one module each: [`MemoryStore`] (tests, simulations,
@@ -340,6 +341,34 @@ pub trait RegistryStore: Send + Sync + fmt::Debug + 'static {
     async fn spend_pending(&self, token: &str, now: u64) -> Result<Spent, StoreError>;
 }
 
+/// A retained message as the embedded broker keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedMessage {
+    /// Its topic (one retained message per topic).
+    pub topic: String,
+    /// Its payload (never empty: an empty payload deletes).
+    pub payload: Vec<u8>,
+    /// The QoS it was published with (0 or 1).
+    pub qos: u8,
+    /// Its MQTT 5 properties, in the broker's own encoding (empty: none).
+    pub properties: Vec<u8>,
+    /// The identity that published it (its retained quota).
+    pub owner: String,
+}
+
+/// Where the embedded broker keeps retained messages, so that they survive
+/// a restart. A write is durable once it returns `Ok`; the broker sends
+/// them one at a time, in the order it applied them.
+#[async_trait]
+pub trait RetainedStore: Send + Sync + fmt::Debug + 'static {
+    /// Every retained message, sorted by topic.
+    async fn load_retained(&self) -> Result<Vec<RetainedMessage>, StoreError>;
+    /// Keeps `message` on its topic, replacing what was there.
+    async fn put_retained(&self, message: &RetainedMessage) -> Result<(), StoreError>;
+    /// Forgets the retained message on `topic` (none there: nothing).
+    async fn delete_retained(&self, topic: &str) -> Result<(), StoreError>;
+}
+
 /// Decides which of several instances sharing a store may do what only one
 /// should do at a time (drive rollouts, sweep timeouts).
 pub trait Leadership: Send + Sync + fmt::Debug + 'static {
@@ -377,6 +406,8 @@ pub struct Stores {
     pub streams: Arc<dyn StreamStore>,
     /// The registry's records.
     pub registry: Arc<dyn RegistryStore>,
+    /// The embedded broker's retained messages.
+    pub retained: Arc<dyn RetainedStore>,
     /// The PostgreSQL store, when that is where they are (for its lease).
     postgres: Option<PgStore>,
 }
@@ -389,6 +420,7 @@ impl Stores {
             shadows: Arc::new(m.clone()),
             jobs: Arc::new(m.clone()),
             streams: Arc::new(m.clone()),
+            retained: Arc::new(m.clone()),
             registry: Arc::new(m),
             postgres: None,
         }
@@ -412,7 +444,8 @@ impl Stores {
         Ok(Self {
             shadows: Arc::new(store.clone()),
             jobs: Arc::new(store.clone()),
-            streams: Arc::new(store),
+            streams: Arc::new(store.clone()),
+            retained: Arc::new(store),
             registry: Arc::new(registry),
             postgres: None,
         })
@@ -432,6 +465,7 @@ impl Stores {
             shadows: Arc::new(pg.clone()),
             jobs: Arc::new(pg.clone()),
             streams: Arc::new(pg.clone()),
+            retained: Arc::new(pg.clone()),
             registry: Arc::new(pg.clone()),
             postgres: Some(pg),
         }

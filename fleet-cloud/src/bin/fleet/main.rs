@@ -56,7 +56,7 @@ struct Cli {
 #[allow(clippy::enum_variant_names)]
 enum Command {
     /// Run the backend service until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a development setup: a CA, broker, backend, device and claim
     /// certificates, and the Mosquitto configuration and ACL for them.
     DevSetup(DevSetupArgs),
@@ -299,6 +299,16 @@ struct ServeArgs {
     /// no longer admits.
     #[arg(long)]
     mosquitto_roster: Option<PathBuf>,
+    /// Embedded broker: retained messages kept at most, all devices
+    /// together (default 100,000). They are kept in the store and survive
+    /// a restart; past the limit a new one is refused (PUBACK "quota
+    /// exceeded").
+    #[arg(long)]
+    max_retained_messages: Option<usize>,
+    /// Embedded broker: bytes (topic and payload) of one retained message
+    /// at most (default 131,072).
+    #[arg(long)]
+    max_retained_message_bytes: Option<usize>,
 }
 
 /// `--store` is checked as it is read, so that a bad one is a usage error.
@@ -329,6 +339,8 @@ impl ServeArgs {
             mosquitto_acl: self.mosquitto_acl.clone(),
             broker_pid_file: self.broker_pid_file.clone(),
             mosquitto_roster: self.mosquitto_roster.clone(),
+            max_retained_messages: self.max_retained_messages,
+            max_retained_message_bytes: self.max_retained_message_bytes,
         }
     }
 
@@ -505,6 +517,12 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
                 reply_routing: true,
                 ..BrokerPolicy::default()
             };
+            if let Some(n) = args.max_retained_messages {
+                config.limits.max_retained_messages = n;
+            }
+            if let Some(n) = args.max_retained_message_bytes {
+                config.limits.max_retained_message_bytes = n;
+            }
             BrokerSetup::Embedded(config)
         }
     };

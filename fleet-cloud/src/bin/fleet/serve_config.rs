@@ -30,6 +30,8 @@ const KEYS: &[&str] = &[
     "telemetry-file",
     "mosquitto-acl",
     "broker-pid-file",
+    "max-retained-messages",
+    "max-retained-message-bytes",
 ];
 
 /// One layer: what it sets.
@@ -70,6 +72,10 @@ pub(crate) struct Layer {
     pub broker_pid_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mosquitto_roster: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retained_messages: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retained_message_bytes: Option<usize>,
 }
 
 impl Layer {
@@ -102,6 +108,12 @@ impl Layer {
                         .parse()
                         .map_err(|_| format!("{var}: {value:?} is not true or false"))?,
                 ),
+                "max-retained-messages" | "max-retained-message-bytes" => toml::Value::Integer(
+                    value
+                        .parse::<u32>()
+                        .map(i64::from)
+                        .map_err(|_| format!("{var}: {value:?} is not a non-negative integer"))?,
+                ),
                 _ => toml::Value::String(value),
             };
             table.insert((*key).to_string(), value);
@@ -131,6 +143,10 @@ impl Layer {
             mosquitto_acl: over.mosquitto_acl.or(self.mosquitto_acl),
             broker_pid_file: over.broker_pid_file.or(self.broker_pid_file),
             mosquitto_roster: over.mosquitto_roster.or(self.mosquitto_roster),
+            max_retained_messages: over.max_retained_messages.or(self.max_retained_messages),
+            max_retained_message_bytes: over
+                .max_retained_message_bytes
+                .or(self.max_retained_message_bytes),
         }
     }
 
@@ -149,6 +165,15 @@ impl Layer {
         if self.mosquitto_roster.is_some() && self.broker.is_none() {
             return Err(
                 "mosquitto-roster: needs broker (it is what the external broker's plugin admits by)"
+                    .into(),
+            );
+        }
+        if self.broker.is_some()
+            && (self.max_retained_messages.is_some() || self.max_retained_message_bytes.is_some())
+        {
+            return Err(
+                "max-retained-messages, max-retained-message-bytes: the embedded broker's limits; \
+                 an external broker keeps its own (Mosquitto: retain_available, message_size_limit)"
                     .into(),
             );
         }
@@ -179,6 +204,8 @@ impl Layer {
             mosquitto_acl: self.mosquitto_acl,
             broker_pid_file: self.broker_pid_file,
             mosquitto_roster: self.mosquitto_roster,
+            max_retained_messages: self.max_retained_messages,
+            max_retained_message_bytes: self.max_retained_message_bytes,
         })
     }
 }
@@ -203,6 +230,11 @@ pub(crate) struct ServeConfig {
     pub mosquitto_acl: Option<PathBuf>,
     pub broker_pid_file: Option<PathBuf>,
     pub mosquitto_roster: Option<PathBuf>,
+    /// The embedded broker's retained messages at most (AWS IoT: a quota
+    /// per account); default [`ClientLimits`](fleet_cloud::ClientLimits)'.
+    pub max_retained_messages: Option<usize>,
+    /// Bytes of one retained message at most (topic and payload).
+    pub max_retained_message_bytes: Option<usize>,
 }
 
 impl ServeConfig {
@@ -230,6 +262,8 @@ impl ServeConfig {
             mosquitto_acl: self.mosquitto_acl.clone(),
             broker_pid_file: self.broker_pid_file.clone(),
             mosquitto_roster: self.mosquitto_roster.clone(),
+            max_retained_messages: self.max_retained_messages,
+            max_retained_message_bytes: self.max_retained_message_bytes,
         };
         toml::to_string(&layer).unwrap_or_else(|e| format!("# cannot show: {e}\n"))
     }
@@ -277,6 +311,27 @@ mod tests {
         assert!(e.contains("api"), "{e}");
         let e = Layer::from_env(|v| (v == "FLEET_SERVE_NO_API").then(|| "yes".into())).unwrap_err();
         assert!(e.contains("FLEET_SERVE_NO_API"), "{e}");
+        let env = Layer::from_env(|v| {
+            (v == "FLEET_SERVE_MAX_RETAINED_MESSAGES").then(|| "500000".into())
+        })
+        .unwrap();
+        assert_eq!(env.resolve().unwrap().max_retained_messages, Some(500_000));
+        let e = Layer::from_env(|v| {
+            (v == "FLEET_SERVE_MAX_RETAINED_MESSAGE_BYTES").then(|| "-1".into())
+        })
+        .unwrap_err();
+        assert!(e.contains("FLEET_SERVE_MAX_RETAINED_MESSAGE_BYTES"), "{e}");
+        let external = Layer {
+            broker: Some("localhost:8883".into()),
+            max_retained_messages: Some(10),
+            ..Layer::default()
+        };
+        assert!(
+            external
+                .resolve()
+                .unwrap_err()
+                .starts_with("max-retained-messages")
+        );
         let bad_store = Layer {
             store: Some("mysql://db".into()),
             ..Layer::default()

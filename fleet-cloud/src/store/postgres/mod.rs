@@ -19,6 +19,7 @@ use super::{StoreError, backend};
 mod jobs;
 mod lease;
 mod registry;
+mod retained;
 mod shadows;
 mod streams;
 
@@ -98,6 +99,14 @@ const MIGRATIONS: &[&str] = &[
         named_by_certificate BOOLEAN NOT NULL,
         expires_at BIGINT NOT NULL,
         used BOOLEAN NOT NULL
+    );",
+    // The embedded broker's retained messages.
+    "CREATE TABLE retained (
+        topic TEXT PRIMARY KEY,
+        payload BYTEA NOT NULL,
+        qos SMALLINT NOT NULL,
+        properties BYTEA NOT NULL,
+        owner TEXT NOT NULL
     );",
 ];
 

@@ -8,6 +8,7 @@ use super::{StoreError, backend};
 
 mod jobs;
 mod registry;
+mod retained;
 mod shadows;
 mod streams;
 
@@ -88,6 +89,14 @@ const MIGRATIONS: &[&str] = &[
         file INTEGER NOT NULL,
         data BLOB NOT NULL,
         PRIMARY KEY (stream, file)
+    ) STRICT;",
+    // The embedded broker's retained messages.
+    "CREATE TABLE retained (
+        topic TEXT PRIMARY KEY,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        properties BLOB NOT NULL,
+        owner TEXT NOT NULL
     ) STRICT;",
 ];
 
