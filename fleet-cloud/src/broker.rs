@@ -141,10 +141,32 @@ pub struct RunningService {
     client: AsyncClient,
     commands: CommandCenter,
     stopping: Arc<AtomicBool>,
+    link: LinkState,
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Whether the service's connection to the broker is up (connected and
+/// subscribed to its requests): what `/readyz` reports.
+#[derive(Debug, Clone, Default)]
+pub struct LinkState(Arc<AtomicBool>);
+
+impl LinkState {
+    /// Whether the connection is up now.
+    pub fn is_up(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, up: bool) {
+        self.0.store(up, Ordering::SeqCst);
+    }
+}
+
 impl RunningService {
+    /// The state of the connection to the broker.
+    pub fn link(&self) -> LinkState {
+        self.link.clone()
+    }
+
     /// Sends commands to things and awaits their answers.
     pub fn commands(&self) -> &CommandCenter {
         &self.commands
@@ -566,6 +588,8 @@ pub fn serve(
 
     let stopping = Arc::new(AtomicBool::new(false));
     let stop_seen = stopping.clone();
+    let link = LinkState::default();
+    let link_seen = link.clone();
     let sub_client = client.clone();
     let ack_now = acker.clone();
     let table = services.clone();
@@ -575,11 +599,14 @@ pub fn serve(
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
+                    let mut subscribed = true;
                     for f in &filters {
                         if let Err(e) = sub_client.subscribe(f.clone(), QoS::AtLeastOnce).await {
                             tracing::warn!("subscribe {f}: {e}");
+                            subscribed = false;
                         }
                     }
+                    link_seen.set(subscribed);
                     tracing::info!("connected; serving shadow requests");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -618,8 +645,12 @@ pub fn serve(
                     }
                 }
                 Ok(_) => {}
-                Err(_) if stop_seen.load(Ordering::SeqCst) => return,
+                Err(_) if stop_seen.load(Ordering::SeqCst) => {
+                    link_seen.set(false);
+                    return;
+                }
                 Err(e) => {
+                    link_seen.set(false);
                     tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -732,6 +763,7 @@ pub fn serve(
         client,
         commands,
         stopping,
+        link,
         tasks,
     })
 }

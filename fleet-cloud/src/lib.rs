@@ -93,6 +93,7 @@ mod campaigns;
 mod clock;
 mod commands;
 mod embedded;
+pub mod health;
 mod jobs;
 mod model;
 mod outgoing;
@@ -110,8 +111,8 @@ pub mod telemetry;
 pub mod tls;
 
 pub use broker::{
-    BrokerConfig, PublishError, Publisher, RunningService, ServeOptions, StartError, serve,
-    serve_shadows,
+    BrokerConfig, LinkState, PublishError, Publisher, RunningService, ServeOptions, StartError,
+    serve, serve_shadows,
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use clock::Clock;
@@ -125,6 +126,7 @@ pub use embedded::{
     ClientLimits, Directory, DirectoryError, EmbeddedBroker, EmbeddedConfig, EmbeddedError,
     PROVISIONED_UNIT, Revoker, Standing, StandingFuture, certificate_fingerprint, is_provisioned,
 };
+pub use health::{Readiness, Report};
 pub use jobs::{ExecutionSummary, JobSnapshot, JobsError, JobsService, RolloutAction};
 pub use model::{
     AttributeQuery, CertificateRecord, CertificateStatus, JobRecord, JobSpec, JobState,

@@ -406,6 +406,11 @@ impl FleetServer {
                     on_revoke,
                     on_standing_changed,
                     templates,
+                    readiness: Some(crate::Readiness::new(
+                        stores.clone(),
+                        running.link(),
+                        stores.pg().map(|_| leadership.clone()),
+                    )),
                 };
                 Some(serve_api(api, services).await.map_err(ServerError::Api)?)
             }

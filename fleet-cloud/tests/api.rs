@@ -101,6 +101,7 @@ impl Fixture {
                     attributes: Default::default(),
                     groups: Vec::new(),
                 }],
+                readiness: None,
             },
         )
         .await
@@ -897,6 +898,8 @@ async fn the_openapi_document_holds_every_route_and_resolves() {
     }
     let want = [
         "GET /health",
+        "GET /livez",
+        "GET /readyz",
         "GET /openapi.json",
         "GET /v1/things",
         "POST /v1/things",
@@ -934,7 +937,9 @@ async fn the_openapi_document_holds_every_route_and_resolves() {
     let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
     assert_eq!(have, want, "the document and the routes differ");
     // Health is open, everything else needs the bearer token.
-    assert_eq!(doc["paths"]["/health"]["get"]["security"], json!([{}]));
+    for open in ["/health", "/livez", "/readyz"] {
+        assert_eq!(doc["paths"][open]["get"]["security"], json!([{}]), "{open}");
+    }
     assert!(doc["components"]["securitySchemes"]["token"].is_object());
     // Every reference resolves.
     fn refs(v: &Value, out: &mut Vec<String>) {
@@ -1109,4 +1114,104 @@ async fn bodies_time_and_connections_are_bounded() {
     let (s, _) = f.call(Method::GET, "/health", None, None).await;
     assert_eq!(s, StatusCode::OK);
     drop(held);
+}
+
+/// Issue 26: `/livez` answers while the process runs; `/readyz` is ready
+/// only while the store answers and the broker connection is up, says why
+/// not (503) otherwise, and is ready again once they are back. PostgreSQL
+/// and Mosquitto, both stopped and started again under a running server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_store_and_the_broker() {
+    use fleet_cloud::store::StoreLocation;
+    use fleet_cloud::{BackendIdentity, BrokerSetup, FleetConfig, FleetServer};
+
+    let pg = fleet_testkit::Postgres::start().unwrap();
+    let mut broker = Broker::start_with(BrokerOptions {
+        kind: BrokerKind::Mosquitto,
+        ..BrokerOptions::default()
+    })
+    .unwrap();
+    let backend = broker.backend_identity().unwrap();
+    let server_id = broker.pki().server_identity().unwrap();
+    let mut config = FleetConfig::new(
+        StoreLocation::Postgres(pg.url()),
+        BrokerSetup::External {
+            host: "localhost".into(),
+            port: broker.port(),
+        },
+        BackendIdentity {
+            client_id: "cloud-ready".into(),
+            cert_pem: backend.cert_pem,
+            key_pem: backend.key_pem,
+            ca_pem: broker.pki().ca_pem(),
+        },
+    );
+    config.pool_size = 4;
+    config.api = Some(ApiConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        cert_pem: server_id.cert_pem,
+        key_pem: server_id.key_pem,
+        limits: ApiLimits::default(),
+    });
+    let server = FleetServer::start(config).await.unwrap();
+    let base = format!("https://localhost:{}", server.api_addr().unwrap().port());
+    let tls = fleet_cloud::tls::client_config(&broker.pki().ca_pem(), None).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let probe = |path: &'static str| {
+        let (http, url) = (http.clone(), format!("{base}{path}"));
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let code = r.status();
+            (code, r.json::<Value>().await.unwrap())
+        }
+    };
+    // Until `want` holds (the broker connection and the pool recover on
+    // their own schedule).
+    let until = |want: StatusCode| {
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let (code, body) = probe("/readyz").await;
+                if code == want {
+                    return body;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "/readyz stayed {code}: {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+
+    let ready = until(StatusCode::OK).await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["store"], "ok");
+    assert_eq!(ready["checks"]["broker"], "ok");
+    assert_eq!(ready["checks"]["lease"], "leader", "{ready}");
+
+    pg.stop().unwrap();
+    let down = until(StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(down["status"], "not ready");
+    assert_ne!(down["checks"]["store"], "ok", "{down}");
+    assert_eq!(down["checks"]["broker"], "ok", "{down}");
+    assert_eq!(probe("/livez").await.0, StatusCode::OK);
+    pg.restart().unwrap();
+    assert_eq!(until(StatusCode::OK).await["checks"]["store"], "ok");
+
+    broker.stop();
+    let down = until(StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(
+        down["checks"]["broker"], "not connected to the broker",
+        "{down}"
+    );
+    assert_eq!(down["checks"]["store"], "ok", "{down}");
+    assert_eq!(probe("/livez").await.0, StatusCode::OK);
+    broker.restart().unwrap();
+    assert_eq!(until(StatusCode::OK).await["checks"]["broker"], "ok");
+    server.shutdown().await;
 }

@@ -441,3 +441,56 @@ fn certs_init_writes_a_setup_and_usage_errors_are_code_2() {
         assert!(!dir.path().join(bad).exists(), "{bad}");
     }
 }
+
+/// Issue 26: logs written to a file carry no terminal colour codes, and
+/// `--log-format json` (or `FLEET_LOG_FORMAT=json`) writes one JSON object
+/// per line.
+#[test]
+fn logs_are_plain_in_a_file_and_json_on_request() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .env("FLEET_LOG_FORMAT", format)
+            .env("RUST_LOG", "info")
+            .args(["serve", "--store", "memory", "--no-api", "--listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--dir")
+            .arg(dir.path().join("data"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("embedded broker listening") {
+                break text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+                "{format}: no start line: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            !text.contains('\u{1b}'),
+            "{format}: colour codes in a file: {text}"
+        );
+        if format == "json" {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(
+                    v["level"].is_string() && v["fields"]["message"].is_string(),
+                    "{v}"
+                );
+            }
+        } else {
+            assert!(text.lines().any(|l| l.contains(" INFO ")), "{text}");
+        }
+    }
+}

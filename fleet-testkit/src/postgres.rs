@@ -15,6 +15,8 @@ pub struct Postgres {
     bin: PathBuf,
     port: u16,
     run_as: Option<String>,
+    /// The server options it was started with (for a restart).
+    options: String,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -112,6 +114,7 @@ impl Postgres {
             bin,
             port: 0,
             run_as,
+            options: String::new(),
         };
         let data = pg.dir.path().join("data");
         pg.run(
@@ -185,27 +188,49 @@ impl Postgres {
                 pg.port,
                 path_str(pg.dir.path())?
             );
-            let log = pg.dir.path().join("server.log");
-            match pg.run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    path_str(&data)?,
-                    "-l",
-                    path_str(&log)?,
-                    "-o",
-                    &options,
-                    "-w",
-                    "-t",
-                    "30",
-                    "start",
-                ],
-            ) {
+            pg.options = options;
+            match pg.pg_ctl_start() {
                 Ok(()) => return Ok(pg),
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or(HarnessError::PostgresNotFound))
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), HarnessError> {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data)?,
+                "-l",
+                path_str(&log)?,
+                "-o",
+                &self.options,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server (connections are cut; its data stays), as a
+    /// database going away does.
+    pub fn stop(&self) -> Result<(), HarnessError> {
+        let data = self.dir.path().join("data");
+        self.run(
+            "pg_ctl",
+            &["-D", path_str(&data)?, "-m", "fast", "-w", "stop"],
+        )
+    }
+
+    /// Starts the server again after [`stop`](Self::stop), on the same
+    /// port and data.
+    pub fn restart(&self) -> Result<(), HarnessError> {
+        self.pg_ctl_start()
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<(), HarnessError> {

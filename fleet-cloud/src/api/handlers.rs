@@ -84,7 +84,10 @@ pub(super) fn routes() -> OpenApiRouter<Api> {
 
 /// The routes open to anyone.
 pub(super) fn open_routes() -> OpenApiRouter<Api> {
-    OpenApiRouter::new().routes(routes!(health))
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(livez))
+        .routes(routes!(readyz))
 }
 
 fn thing_name(name: &str) -> Result<ThingName<'_>, ApiError> {
@@ -110,12 +113,53 @@ async fn publish_all(api: &Api, messages: impl IntoIterator<Item = (String, Vec<
 
 // ---- health and the document
 
-/// Liveness.
+/// Liveness (the same as `/livez`; kept for older probes).
 #[utoipa::path(get, path = "/health", security(()), responses((status = 200, body = Health)))]
 async fn health() -> axum::Json<Health> {
     axum::Json(Health {
         status: "ok".into(),
+        checks: None,
     })
+}
+
+/// Liveness: the process runs and answers.
+#[utoipa::path(get, path = "/livez", security(()), responses((status = 200, body = Health)))]
+async fn livez() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+        checks: None,
+    })
+}
+
+/// Readiness: the store answers and the broker connection is up (with
+/// several instances, whether this one holds the lease). 503 with the
+/// reason of each failed check when not ready.
+#[utoipa::path(get, path = "/readyz", security(()), responses(
+    (status = 200, body = Health, description = "Ready: every check passed"),
+    (status = 503, body = Health, description = "Not ready: `checks` says why"),
+))]
+async fn readyz(State(api): State<Api>) -> Response {
+    let Some(readiness) = &api.readiness else {
+        return axum::Json(Health {
+            status: "ready".into(),
+            checks: None,
+        })
+        .into_response();
+    };
+    let report = readiness.check().await;
+    let (code, status) = if report.ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    };
+    (
+        code,
+        axum::Json(Health {
+            status: status.into(),
+            checks: Some(report.checks),
+        }),
+    )
+        .into_response()
 }
 
 /// The OpenAPI document, wrapped for the extension.

@@ -2,7 +2,11 @@
 //! shadows, jobs, releases, campaigns, commands and tokens, as JSON over
 //! HTTPS, for operators and application backends in any language.
 //!
-//! - Every endpoint but `GET /health` needs a bearer token
+//! - `GET /livez` (the process answers) and `GET /readyz` (the store
+//!   answers and the broker connection is up; 503 with the reason of each
+//!   failed check otherwise, [`Readiness`](crate::Readiness)) are open, as
+//!   is `GET /health` (the same as `/livez`).
+//! - Every other endpoint needs a bearer token
 //!   ([`Registry::create_token`]): `read` may read everything, `operator`
 //!   may also change the fleet, `admin` may also manage certificates, claim
 //!   identities and tokens. Tokens are stored as SHA-256 hashes.
@@ -96,6 +100,9 @@ pub struct ApiServices {
     pub on_standing_changed: Option<ThingHook>,
     /// The provisioning templates served.
     pub templates: Vec<ProvisioningTemplate>,
+    /// What `GET /readyz` checks (`None`: it answers ready whenever the
+    /// API answers).
+    pub readiness: Option<crate::Readiness>,
 }
 
 impl fmt::Debug for ApiServices {

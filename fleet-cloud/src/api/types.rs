@@ -35,8 +35,11 @@ paged!(ExecutionList, ExecutionView);
 /// Whether the service is up (no token needed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
-    /// `ok`.
+    /// `ok` (liveness), `ready` or `not ready` (readiness).
     pub status: String,
+    /// Readiness: each check and what it found (`ok`, or why not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A thing.
