@@ -1171,20 +1171,18 @@ async fn readyz_follows_the_store_and_the_broker() {
     };
     // Until `want` holds (the broker connection and the pool recover on
     // their own schedule).
-    let until = |want: StatusCode| {
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let (code, body) = probe("/readyz").await;
-                if code == want {
-                    return body;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "/readyz stayed {code}: {body}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    let until = |want: StatusCode| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = probe("/readyz").await;
+            if code == want {
+                return body;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz stayed {code}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
 

@@ -600,3 +600,267 @@ async fn a_slow_subscriber_slows_the_publisher_and_loses_no_qos1_message() {
         .unwrap();
     assert_eq!(s.broker.dropped_messages(), 0);
 }
+
+/// A device's MQTT 5 connection with Clean Start `clean` and a Session
+/// Expiry Interval; the CONNACK's session-present flag and granted expiry.
+async fn session(
+    s: &Setup,
+    id: &Identity,
+    clean: bool,
+    expiry: Option<u32>,
+) -> (AsyncClient, EventLoop, bool, Option<u32>) {
+    let tls = client_tls_config(id, &s.pki.ca_pem()).unwrap();
+    let mut o = MqttOptions::new(&id.common_name, "localhost", s.broker.local_addr().port());
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_clean_start(clean)
+        .set_session_expiry_interval(expiry)
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    let (c, mut ev) = AsyncClient::new(o, 64);
+    let (present, granted) = until(&mut ev, |p| match p {
+        Ok(Packet::ConnAck(a)) => Some((
+            a.session_present,
+            a.properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval),
+        )),
+        _ => None,
+    })
+    .await;
+    (c, ev, present, granted)
+}
+
+/// The payloads that arrive within `d`, in order.
+async fn received(ev: &mut EventLoop, d: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(d, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = ev.poll().await {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+        }
+    })
+    .await;
+    got
+}
+
+async fn leave(c: AsyncClient, mut ev: EventLoop) {
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while ev.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// The MQTT 3.1.1 CONNACK's session-present flag.
+async fn connack3(ev: &mut rumqttc::EventLoop) -> bool {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) = ev.poll().await {
+                return a.session_present;
+            }
+        }
+    })
+    .await
+    .expect("a CONNACK")
+}
+
+/// Issue 21: persistent sessions, as AWS IoT keeps them. MQTT 5 Clean
+/// Start=false with a Session Expiry Interval (capped by the broker) and
+/// MQTT 3.1.1 cleanSession=false: the subscriptions are kept, QoS 1
+/// messages published while the device is away (not QoS 0) are delivered
+/// in order when it comes back (session present), at most
+/// `max_session_messages` (the oldest dropped first); a clean start ends
+/// the session, and so does its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_keep_subscriptions_and_qos1_messages() {
+    let pki = Pki::new("session test CA").unwrap();
+    let server = pki.server_identity().unwrap();
+    let mut config = EmbeddedConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.cert_pem,
+        &server.key_pem,
+        &pki.ca_pem(),
+    );
+    config.limits.max_session_messages = 3;
+    config.limits.max_session_expiry = Duration::from_secs(600);
+    let s = Setup {
+        broker: EmbeddedBroker::start(config).await.unwrap(),
+        pki,
+    };
+    let dev = s.pki.client_identity("dev-1").unwrap();
+    let topic = "$aws/things/dev-1/shadow/update/delta";
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (b, mut be) = v5(&s, &backend, "svc");
+    connected(&mut be).await;
+    let backend_pump = tokio::spawn(async move { while be.poll().await.is_ok() {} });
+    let send = |payload: &'static str, qos: rumqttc::v5::mqttbytes::QoS| {
+        let b = b.clone();
+        async move { b.publish(topic, qos, false, payload).await.unwrap() }
+    };
+    use rumqttc::v5::mqttbytes::QoS;
+
+    // A new session: not present; an expiry past the broker's is capped.
+    let (c, mut ev, present, granted) = session(&s, &dev, false, Some(100_000)).await;
+    assert!(!present);
+    assert_eq!(granted, Some(600));
+    c.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    until(&mut ev, |p| {
+        matches!(p, Ok(Packet::SubAck(_))).then_some(())
+    })
+    .await;
+    leave(c, ev).await;
+
+    // Away: QoS 1 messages wait (the newest three), QoS 0 does not.
+    for m in ["m1", "m2", "m3", "m4"] {
+        send(m, QoS::AtLeastOnce).await;
+    }
+    send("q0", QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (c, mut ev, present, _) = session(&s, &dev, false, Some(600)).await;
+    assert!(present, "the session was kept");
+    assert_eq!(
+        received(&mut ev, Duration::from_secs(1)).await,
+        ["m2", "m3", "m4"]
+    );
+    // Still subscribed without subscribing again.
+    send("live", QoS::AtLeastOnce).await;
+    assert_eq!(received(&mut ev, Duration::from_secs(1)).await, ["live"]);
+    leave(c, ev).await;
+
+    // A clean start ends it: nothing waits, nothing is subscribed.
+    send("m5", QoS::AtLeastOnce).await;
+    let (c, mut ev, present, _) = session(&s, &dev, true, None).await;
+    assert!(!present);
+    send("m6", QoS::AtLeastOnce).await;
+    assert!(
+        received(&mut ev, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    leave(c, ev).await;
+
+    // Without an expiry (MQTT 5 default 0) nothing outlives the connection.
+    let (c, mut ev, _, _) = session(&s, &dev, false, None).await;
+    c.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    until(&mut ev, |p| {
+        matches!(p, Ok(Packet::SubAck(_))).then_some(())
+    })
+    .await;
+    leave(c, ev).await;
+    send("m7", QoS::AtLeastOnce).await;
+    let (c, mut ev, present, _) = session(&s, &dev, false, Some(600)).await;
+    assert!(!present);
+    assert!(
+        received(&mut ev, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    leave(c, ev).await;
+
+    // MQTT 3.1.1, cleanSession=false: the same.
+    let v3 = |clean: bool| {
+        let tls = client_tls_config(&dev, &s.pki.ca_pem()).unwrap();
+        let mut o = rumqttc::MqttOptions::new("dev-1", "localhost", s.broker.local_addr().port());
+        o.set_clean_session(clean)
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )));
+        rumqttc::AsyncClient::new(o, 16)
+    };
+    // (A clean start first: the MQTT 5 session above was kept.)
+    let (c3, mut ev3) = v3(true);
+    assert!(!connack3(&mut ev3).await);
+    c3.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while ev3.poll().await.is_ok() {}
+    })
+    .await;
+    let (c3, mut ev3) = v3(false);
+    assert!(!connack3(&mut ev3).await);
+    c3.subscribe(topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !matches!(
+            ev3.poll().await,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))
+        ) {}
+    })
+    .await
+    .unwrap();
+    c3.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while ev3.poll().await.is_ok() {}
+    })
+    .await;
+    drop(ev3);
+    send("v3-away", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_c3, mut ev3) = v3(false);
+    assert!(connack3(&mut ev3).await, "session present");
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = ev3.poll().await {
+                return String::from_utf8_lossy(&p.payload).into_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, "v3-away");
+    backend_pump.abort();
+}
+
+/// A kept session ends when its expiry passes: the client comes back to no
+/// session, and what was published meanwhile is not kept for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_session_ends_at_its_expiry() {
+    use rumqttc::v5::mqttbytes::QoS;
+    let pki = Pki::new("expiry test CA").unwrap();
+    let server = pki.server_identity().unwrap();
+    let mut config = EmbeddedConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.cert_pem,
+        &server.key_pem,
+        &pki.ca_pem(),
+    );
+    config.limits.max_session_expiry = Duration::from_secs(1);
+    let s = Setup {
+        broker: EmbeddedBroker::start(config).await.unwrap(),
+        pki,
+    };
+    let dev = s.pki.client_identity("dev-1").unwrap();
+    let topic = "$aws/things/dev-1/shadow/update/delta";
+    let (c, mut ev, _, granted) = session(&s, &dev, false, Some(60)).await;
+    assert_eq!(granted, Some(1));
+    c.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    until(&mut ev, |p| {
+        matches!(p, Ok(Packet::SubAck(_))).then_some(())
+    })
+    .await;
+    leave(c, ev).await;
+    // Within the expiry it is there.
+    let (c, ev, present, _) = session(&s, &dev, false, Some(1)).await;
+    assert!(present);
+    leave(c, ev).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (b, mut be) = v5(&s, &backend, "svc");
+    connected(&mut be).await;
+    b.publish(topic, QoS::AtLeastOnce, false, "late")
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while be.poll().await.is_ok() {}
+    })
+    .await;
+    let (_c, mut ev, present, _) = session(&s, &dev, false, Some(1)).await;
+    assert!(!present, "expired");
+    assert!(
+        received(&mut ev, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+}

@@ -89,6 +89,15 @@ pub struct ClientLimits {
     /// The longest keep-alive granted; a client asking for 0 (never time
     /// out) or more gets this (AWS: 1,200 s).
     pub max_keep_alive: Duration,
+    /// How long a persistent session outlives its connection at most
+    /// (MQTT 3.1.1 `cleanSession=false` gets this; an MQTT 5 Session Expiry
+    /// Interval is capped by it). AWS IoT: one hour by default. Zero: no
+    /// session outlives its connection.
+    pub max_session_expiry: Duration,
+    /// QoS 1 messages kept for one client while it is away; past it the
+    /// oldest is dropped (and counted). Also bounded by
+    /// [`max_queued_bytes`](Self::max_queued_bytes).
+    pub max_session_messages: usize,
 }
 
 impl Default for ClientLimits {
@@ -106,6 +115,8 @@ impl Default for ClientLimits {
             max_retained_message_bytes: 128 * 1024,
             max_retained_bytes: 64 * 1024 * 1024,
             max_keep_alive: Duration::from_secs(1200),
+            max_session_expiry: Duration::from_secs(3600),
+            max_session_messages: 100,
         }
     }
 }

@@ -38,6 +38,11 @@ pub(super) enum In {
         will: Option<Message>,
         /// MQTT 5: the largest packet the client accepts.
         max_packet: Option<u32>,
+        /// MQTT 3.1.1 Clean Session, MQTT 5 Clean Start: begin afresh,
+        /// discarding any session the broker keeps for the client id.
+        clean: bool,
+        /// MQTT 5 Session Expiry Interval, seconds (absent: 0).
+        session_expiry: Option<u32>,
     },
     Publish {
         pkid: u16,
@@ -232,6 +237,8 @@ fn read4(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
     };
     Ok(match packet {
         v4::Packet::Connect(c) => In::Connect {
+            clean: c.clean_session,
+            session_expiry: None,
             client_id: c.client_id,
             keep_alive: c.keep_alive,
             max_packet: None,
@@ -287,6 +294,11 @@ fn read5(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
     Ok(match packet {
         v5::Packet::Connect(c, will, _login) => In::Connect {
             max_packet: c.properties.as_ref().and_then(|p| p.max_packet_size),
+            clean: c.clean_start,
+            session_expiry: c
+                .properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval),
             client_id: c.client_id,
             keep_alive: c.keep_alive,
             will: will.and_then(|w| {
@@ -400,13 +412,18 @@ impl Writer {
         let _ = p.write(&mut self.buf, None);
     }
 
+    /// The CONNACK: `session_present` when a kept session was resumed;
+    /// `session_expiry` (MQTT 5) when the broker grants another expiry
+    /// than the client asked for.
     pub(super) fn connack(
         &mut self,
         code: ConnAckCode,
         assigned: Option<String>,
         max_packet: u32,
         server_keep_alive: Option<u16>,
+        session: (bool, Option<u32>),
     ) {
+        let (session_present, session_expiry) = session;
         match self.version {
             Version::V4 => {
                 let code = match code {
@@ -417,7 +434,7 @@ impl Writer {
                         v4::ConnectReturnCode::ServiceUnavailable
                     }
                 };
-                self.put4(v4::Packet::ConnAck(v4::ConnAck::new(code, false)));
+                self.put4(v4::Packet::ConnAck(v4::ConnAck::new(code, session_present)));
             }
             Version::V5 => {
                 let code = match code {
@@ -428,7 +445,7 @@ impl Writer {
                     ConnAckCode::QuotaExceeded => v5::ConnectReturnCode::QuotaExceeded,
                 };
                 let properties = v5::ConnAckProperties {
-                    session_expiry_interval: None,
+                    session_expiry_interval: session_expiry,
                     receive_max: None,
                     max_qos: Some(1),
                     retain_available: Some(1),
@@ -447,7 +464,7 @@ impl Writer {
                     authentication_data: None,
                 };
                 self.put5(v5::Packet::ConnAck(v5::ConnAck {
-                    session_present: false,
+                    session_present,
                     code,
                     properties: Some(properties),
                 }));

@@ -150,10 +150,13 @@ impl Harness {
         if client_id.contains(['/', '+', '#']) || (role == Role::Device && client_id != identity) {
             return false;
         }
-        let Ok(r) = self
-            .shared
-            .register(identity, role, &client_id, String::new())
-        else {
+        let Ok(r) = self.shared.register(
+            identity,
+            role,
+            &client_id,
+            String::new(),
+            (true, std::time::Duration::ZERO),
+        ) else {
             return false;
         };
         let version = if v5 { Version::V5 } else { Version::V4 };
@@ -274,7 +277,7 @@ impl Harness {
     pub fn drop_connection(&mut self, slot: usize) {
         if slot < self.conns.len() {
             let c = self.conns.swap_remove(slot);
-            self.shared.unregister(&c.client_id, c.conn);
+            self.shared.unregister(&c.client_id, c.conn, true);
         }
     }
 

@@ -23,13 +23,19 @@
 //!   response topic, correlation data and user properties passed through;
 //!   a client id taken over drops the older connection.
 //!
-//! What it does not do, and when to use an external broker instead: it keeps
-//! no sessions (every connection starts clean; QoS 1 messages for an offline
-//! client are not queued: the fleet protocol recovers by its GET-on-connect
-//! and job polling flows), and it is one process. For fleets beyond one machine, for
-//! bridging, or for persistent sessions, run Mosquitto (or EMQX, HiveMQ,
-//! VerneMQ) with the ACL from [`BrokerPolicy::mosquitto_acl`] and connect
-//! the service to it.
+//! - persistent sessions, as AWS IoT keeps them: MQTT 3.1.1
+//!   `cleanSession=false` and MQTT 5 Clean Start=false with a Session Expiry
+//!   Interval (capped by [`ClientLimits::max_session_expiry`], an hour by
+//!   default): the subscriptions are kept while the client is away, and
+//!   the QoS 1 messages they match wait for it (at most
+//!   [`ClientLimits::max_session_messages`], the oldest dropped first);
+//!   `session present` says so when it comes back. Sessions are kept in
+//!   memory: a restart of the broker ends them.
+//!
+//! What it does not do, and when to use an external broker instead: it is
+//! one process. For fleets beyond one machine or for bridging, run
+//! Mosquitto (or EMQX, HiveMQ, VerneMQ) with the ACL from
+//! [`BrokerPolicy::mosquitto_acl`] and connect the service to it.
 //!
 //! Why not rumqttd: it refuses every subscription to a topic starting with
 //! `$` and does not route such topics, so devices built with AWS's SDKs
@@ -203,7 +209,49 @@ struct Client {
     max_queued: usize,
     kick: Option<oneshot::Sender<Kick>>,
     /// (group, filter) of each subscription, to undo them.
-    filters: Vec<(Option<String>, String)>,
+    filters: Filters,
+    /// How long its session outlives the connection (0: it ends with it).
+    session_expiry: Duration,
+}
+
+/// A client's subscriptions: (shared-subscription group, filter).
+type Filters = Vec<(Option<String>, String)>;
+
+/// The session of a client that is away: its subscriptions stay in the
+/// routing table, and the QoS 1 messages they match wait here for it.
+struct Parked {
+    identity: String,
+    role: Role,
+    filters: Filters,
+    queue: VecDeque<Message>,
+    queued_bytes: usize,
+    expires: tokio::time::Instant,
+}
+
+/// Keeps a copy of `m` for a client that is away, at QoS 1, within
+/// [`ClientLimits::max_session_messages`] and
+/// [`ClientLimits::max_queued_bytes`]: the oldest go first. How many were
+/// dropped for it.
+fn park_message(p: &mut Parked, m: &Message, limits: &ClientLimits) -> usize {
+    let mut kept = m.clone();
+    // Kept for long: its own bytes, not a slice of a read buffer.
+    kept.payload = bytes::Bytes::copy_from_slice(&m.payload);
+    kept.qos = 1;
+    kept.retain = false;
+    kept.receipt = None;
+    let size = router::retained_size(&kept);
+    p.queue.push_back(kept);
+    p.queued_bytes += size;
+    let mut dropped = 0;
+    while p.queue.len() > limits.max_session_messages.max(1)
+        || (p.queued_bytes > limits.max_queued_bytes && p.queue.len() > 1)
+    {
+        if let Some(old) = p.queue.pop_front() {
+            p.queued_bytes -= router::retained_size(&old);
+            dropped += 1;
+        }
+    }
+    dropped
 }
 
 /// A connection admitted by [`Shared::register`]: its number, its queue,
@@ -213,6 +261,8 @@ struct Registration {
     rx: mpsc::Receiver<Message>,
     kick: oneshot::Receiver<Kick>,
     queued: QueueBytes,
+    /// A kept session was resumed (its subscriptions and messages).
+    session_present: bool,
 }
 
 /// Bytes waiting in one client's queue, counted also in the total of every
@@ -274,6 +324,8 @@ struct Router {
     retained_by: HashMap<String, usize>,
     /// Live connections per claim identity.
     claim_connections: HashMap<String, usize>,
+    /// Persistent sessions of clients that are away, by client id.
+    parked: HashMap<String, Parked>,
 }
 
 impl Router {
@@ -379,8 +431,21 @@ impl Shared {
                 self.note_dropped(client);
             }
         }
-        for (client, qos) in router.subscriptions.recipients(&message.topic) {
+        let clients = &router.clients;
+        let recipients = router
+            .subscriptions
+            .recipients(&message.topic, |c| clients.contains_key(c));
+        for (client, qos) in recipients {
             let Some(c) = router.clients.get(client) else {
+                // Away with a persistent session: QoS 1 waits for it.
+                if let Some(p) = router.parked.get_mut(client)
+                    && message.qos.min(qos) > 0
+                {
+                    let dropped = park_message(p, message, &self.limits);
+                    for _ in 0..dropped {
+                        self.note_dropped(client);
+                    }
+                }
                 continue;
             };
             let mut m = message.clone();
@@ -501,12 +566,18 @@ impl Shared {
     /// Admits a connection under `client_id`, taking the id over from a
     /// connection that may lose it ([`may_take_over`]), within the claim
     /// connection limit.
+    /// Admits connection of `client_id` as `identity` in `role`. `clean`:
+    /// begin afresh; otherwise a session kept for the client id (by the
+    /// same identity) is resumed: its subscriptions, and the QoS 1
+    /// messages kept for it, which go into the new connection's queue.
+    /// The session outlives this connection by `session_expiry`.
     fn register(
         &self,
         identity: &str,
         role: Role,
         client_id: &str,
         fingerprint: String,
+        (clean, session_expiry): (bool, Duration),
     ) -> Result<Registration, ConnAckCode> {
         let mut router = self.router();
         let router = &mut *router;
@@ -519,7 +590,14 @@ impl Shared {
         if role == Role::Claimant && claimed >= self.limits.max_claim_connections {
             return Err(ConnAckCode::QuotaExceeded);
         }
+        // The session this connection continues, if any: the connection
+        // it takes over, or one kept for it while it was away.
+        let same = |i: &str, r: Role| !clean && i == identity && r == role;
+        let mut resumed: Option<(Filters, VecDeque<Message>)> = None;
         if let Some(mut old) = router.clients.remove(client_id) {
+            if same(&old.identity, old.role) {
+                resumed = Some((std::mem::take(&mut old.filters), VecDeque::new()));
+            }
             for (group, filter) in &old.filters {
                 router
                     .subscriptions
@@ -531,7 +609,18 @@ impl Shared {
             if old.role == Role::Claimant {
                 release_claim(router, &old.identity);
             }
+        } else if let Some(mut p) = router.parked.remove(client_id) {
+            if same(&p.identity, p.role) && p.expires > tokio::time::Instant::now() {
+                resumed = Some((std::mem::take(&mut p.filters), std::mem::take(&mut p.queue)));
+            }
+            for (group, filter) in &p.filters {
+                router
+                    .subscriptions
+                    .remove(client_id, group.as_deref(), filter);
+            }
         }
+        let session_present = resumed.is_some();
+        let (filters, waiting) = resumed.unwrap_or_default();
         if role == Role::Claimant {
             *router
                 .claim_connections
@@ -560,20 +649,33 @@ impl Shared {
                     self.limits.max_queued_bytes
                 },
                 kick: Some(kick_tx),
-                filters: Vec::new(),
+                filters,
+                session_expiry,
             },
         );
+        // What waited for it goes out after the CONNACK, in order.
+        if let Some(c) = router.clients.get(client_id) {
+            for m in waiting {
+                if !Router::offer(c, m, self.limits.max_queued_bytes_total) {
+                    self.note_dropped(client_id);
+                }
+            }
+        }
         Ok(Registration {
             conn,
             rx,
             kick,
             queued,
+            session_present,
         })
     }
 
-    /// Forgets connection `conn` of `client_id` and its subscriptions
-    /// (nothing if a newer connection took the id).
-    fn unregister(&self, client_id: &str, conn: u64) {
+    /// Forgets connection `conn` of `client_id` (nothing if a newer
+    /// connection took the id). Its session is kept for its expiry when it
+    /// has one and `keep_session` (not when the client was refused):
+    /// its subscriptions stay, and QoS 1 messages wait for it. Otherwise
+    /// its subscriptions go.
+    fn unregister(&self, client_id: &str, conn: u64, keep_session: bool) {
         let mut router = self.router();
         let router = &mut *router;
         if router
@@ -582,20 +684,61 @@ impl Shared {
             .is_some_and(|c| c.conn == conn)
             && let Some(c) = router.clients.remove(client_id)
         {
+            if c.role == Role::Claimant {
+                release_claim(router, &c.identity);
+            }
+            if keep_session && !c.session_expiry.is_zero() {
+                router.parked.insert(
+                    client_id.to_owned(),
+                    Parked {
+                        identity: c.identity,
+                        role: c.role,
+                        filters: c.filters,
+                        queue: VecDeque::new(),
+                        queued_bytes: 0,
+                        expires: tokio::time::Instant::now() + c.session_expiry,
+                    },
+                );
+                return;
+            }
             for (group, filter) in &c.filters {
                 router
                     .subscriptions
                     .remove(client_id, group.as_deref(), filter);
             }
-            if c.role == Role::Claimant {
-                release_claim(router, &c.identity);
+        }
+    }
+
+    /// Ends the kept sessions that expired (or, with `identity`, every
+    /// kept session of it): their subscriptions and messages go.
+    fn end_sessions(&self, identity: Option<&str>) -> usize {
+        let now = tokio::time::Instant::now();
+        let mut router = self.router();
+        let router = &mut *router;
+        let ended: Vec<String> = router
+            .parked
+            .iter()
+            .filter(|(_, p)| match identity {
+                Some(i) => p.identity == i,
+                None => p.expires <= now,
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ended {
+            if let Some(p) = router.parked.remove(id) {
+                for (group, filter) in &p.filters {
+                    router.subscriptions.remove(id, group.as_deref(), filter);
+                }
             }
         }
+        ended.len()
     }
 
     /// Closes every connection of `identity` (told "not authorized");
     /// how many there were.
     fn disconnect_identity(&self, identity: &str) -> usize {
+        // A thing cut off keeps no session either.
+        self.end_sessions(Some(identity));
         let mut router = self.router();
         let mut n = 0;
         for c in router.clients.values_mut() {
@@ -725,6 +868,24 @@ impl EmbeddedBroker {
             retained_writes,
         });
         let (stop, stopped) = watch::channel(false);
+        // Kept sessions that expire are ended (their subscriptions and
+        // messages freed) within a few seconds.
+        {
+            let (shared, mut stopped) = (Arc::downgrade(&shared), stopped.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stopped.changed() => return,
+                    }
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    shared.end_sessions(None);
+                }
+            });
+        }
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let limit = Arc::new(Semaphore::new(config.max_connections));
         let accept = tokio::spawn(accept_loop(
@@ -1088,6 +1249,8 @@ async fn connection(
         keep_alive,
         will,
         max_packet: client_max_packet,
+        clean,
+        session_expiry: asked_expiry,
     } = connect
     else {
         return Err("the first packet is not CONNECT".into());
@@ -1168,9 +1331,27 @@ async fn connection(
             }
         };
     }
+    // How long the session outlives the connection: MQTT 3.1.1 without
+    // Clean Session keeps it as long as the broker allows; MQTT 5 says
+    // (0 when absent), capped by the broker.
+    let max_expiry = u32::try_from(shared.limits.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+    let (expiry, granted_expiry) = match (version, asked_expiry) {
+        (Version::V4, _) => (if clean { 0 } else { max_expiry }, None),
+        (Version::V5, asked) => {
+            let asked = asked.unwrap_or(0);
+            let granted = asked.min(max_expiry);
+            (granted, (granted != asked).then_some(granted))
+        }
+    };
     let registered = match refuse {
         Some(code) => Err(code),
-        None => shared.register(&identity, role, &client_id, fingerprint),
+        None => shared.register(
+            &identity,
+            role,
+            &client_id,
+            fingerprint,
+            (clean, Duration::from_secs(u64::from(expiry))),
+        ),
     };
     // Keep-alive: 0 (never) or more than the limit gets the limit.
     let max_keep_alive = u16::try_from(shared.limits.max_keep_alive.as_secs()).unwrap_or(u16::MAX);
@@ -1185,10 +1366,11 @@ async fn connection(
         mut rx,
         mut kick,
         queued,
+        session_present,
     } = match registered {
         Ok(r) => r,
         Err(code) => {
-            out.connack(code, None, max_packet, None);
+            out.connack(code, None, max_packet, None, (false, None));
             let _ = wr.write_all(&out.buf).await;
             let _ = wr.shutdown().await;
             return Err(format!("{identity} ({client_id}) refused: {code:?}"));
@@ -1200,6 +1382,7 @@ async fn connection(
         assigned,
         max_packet,
         server_keep_alive,
+        (session_present, granted_expiry),
     );
     // What the client accepts: MQTT 5 clients may say; a message larger
     // than that is not sent to it (MQTT 5 3.1.2.11.4).
@@ -1221,6 +1404,8 @@ async fn connection(
     // The client is gone after one and a half keep-alive periods of silence.
     let keep_alive = Duration::from_millis(u64::from(granted_keep_alive) * 1500);
     let mut clean_exit = false;
+    // Refused while connected (revoked, disabled): no session is kept.
+    let mut keep_session = true;
     // A share of the partial-packet budget while a large packet comes in,
     // and when it must be complete.
     let mut large: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)> = None;
@@ -1269,6 +1454,7 @@ async fn connection(
                     let _ = write_out(&mut wr, &session.out.buf).await;
                     // Taken over: the newer connection is the client now, no will.
                     clean_exit = matches!(reason, DisconnectReasonCode::SessionTakenOver);
+                    keep_session = !matches!(reason, DisconnectReasonCode::NotAuthorized);
                     return Err(format!("disconnected by the broker: {reason:?}"));
                 }
                 () = session.next_settled() => {
@@ -1371,7 +1557,7 @@ async fn connection(
     .await;
 
     // Unregister (unless a newer connection took the id), then the will.
-    shared.unregister(&client_id, conn);
+    shared.unregister(&client_id, conn, keep_session);
     if !clean_exit
         && let Some(will) = will
         && publish_refusal(&shared, &identity, role, &client_id, &will).is_none()

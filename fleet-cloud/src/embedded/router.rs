@@ -181,8 +181,13 @@ impl Subscriptions {
 
     /// The clients a message on `topic` goes to, each with the highest QoS
     /// it subscribed with; one member of each matching shared group, in
-    /// turn.
-    pub(super) fn recipients(&self, topic: &str) -> HashMap<&str, u8> {
+    /// turn, the next one that is `online` (a member away with a kept
+    /// session only when no member is online).
+    pub(super) fn recipients(
+        &self,
+        topic: &str,
+        online: impl Fn(&str) -> bool,
+    ) -> HashMap<&str, u8> {
         let mut out: HashMap<&str, u8> = HashMap::new();
         for node in self.matching(topic) {
             for (client, qos) in &node.subscribers {
@@ -193,7 +198,12 @@ impl Subscriptions {
                 if group.members.is_empty() {
                     continue;
                 }
-                let i = group.next.get() % group.members.len();
+                let n = group.members.len();
+                let start = group.next.get() % n;
+                let i = (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&i| online(&group.members[i].0))
+                    .unwrap_or(start);
                 group.next.set(i + 1);
                 let (client, qos) = &group.members[i];
                 let e = out.entry(client.as_str()).or_insert(*qos);
@@ -432,7 +442,7 @@ mod tests {
             subs.insert(&format!("c{i}"), None, f, 1);
         }
         for t in topics {
-            let got = subs.recipients(t);
+            let got = subs.recipients(t, |_| true);
             for (i, f) in filters.iter().enumerate() {
                 assert_eq!(
                     got.contains_key(format!("c{i}").as_str()),
@@ -454,13 +464,26 @@ mod tests {
         subs.insert("s2", Some("g"), "$aws/things/+/shadow/update", 1);
         subs.insert("mon", None, "$aws/things/+/shadow/update", 0);
         let t = "$aws/things/t/shadow/update";
-        let a = subs.recipients(t);
-        let b = subs.recipients(t);
+        let a = subs.recipients(t, |_| true);
+        let b = subs.recipients(t, |_| true);
         assert_eq!(a.len(), 2);
         assert!(a.contains_key("mon") && b.contains_key("mon"));
         assert_ne!(a.contains_key("s1"), b.contains_key("s1"));
+        // A member that is away is passed over while another is online.
+        for _ in 0..4 {
+            let r = subs.recipients(t, |c| c != "s1");
+            assert!(r.contains_key("s2") && !r.contains_key("s1"));
+        }
+        // With nobody online, a member away still takes its turn.
+        assert_eq!(
+            subs.recipients(t, |c| c == "mon")
+                .keys()
+                .filter(|c| c.starts_with('s'))
+                .count(),
+            1
+        );
         assert!(subs.remove("s1", Some("g"), "$aws/things/+/shadow/update"));
-        assert!(subs.recipients(t).contains_key("s2"));
+        assert!(subs.recipients(t, |_| true).contains_key("s2"));
     }
 
     #[test]
@@ -470,7 +493,7 @@ mod tests {
         let deep = vec!["a"; 200_000].join("/");
         let mut subs = Subscriptions::default();
         subs.insert("c", None, &deep, 1);
-        assert!(subs.recipients(&deep).contains_key("c"));
+        assert!(subs.recipients(&deep, |_| true).contains_key("c"));
         assert!(subs.remove("c", None, &deep));
         assert!(subs.root.is_empty());
         let mut retained = Retained::default();
