@@ -21,7 +21,7 @@ from awscrt import mqtt, mqtt_request_response
 from awsiot import mqtt5_client_builder, mqtt_connection_builder
 
 ROOT = Path(__file__).resolve().parents[2]
-THINGS = ["aws-shadow", "aws-jobs", "aws-next", "aws-parity"]
+THINGS = ["aws-shadow", "aws-jobs", "aws-next", "aws-parity", "aws-session"]
 CLAIM = "claim@factory"
 TIMEOUT = 15
 
@@ -84,14 +84,27 @@ class Cloud:
             serve += ["--broker", f"localhost:{self.port}"]
         else:
             serve += ["--listen", f"127.0.0.1:{self.port}", "--claim", CLAIM]
-        s = subprocess.Popen(serve, stdout=open(tmp / "fleet-serve.log", "w"),
-                             stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
-        self.procs.append(s)
-        wait_port(self.api_port, s, "fleet serve")
-        wait_port(self.port, s, "fleet serve's broker")
+        self.serve_args, self.log = serve, tmp / "fleet-serve.log"
+        self.start_serve()
         self.env = dict(os.environ, FLEET_API=f"https://localhost:{self.api_port}",
                         FLEET_TOKEN_FILE=str(self.dir / "admin.token"),
                         FLEET_CA=str(self.dir / "ca.pem"))
+
+    def start_serve(self) -> None:
+        s = subprocess.Popen(self.serve_args, stdout=open(self.log, "a"),
+                             stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
+        self.procs.append(s)
+        wait_port(self.api_port, s, "fleet serve")
+        if self.broker_kind != "mosquitto":
+            wait_port(self.port, s, "fleet serve's broker")
+
+    def restart_serve(self) -> None:
+        """Stops `fleet serve` (SIGTERM) and starts it again on the same
+        directory and ports."""
+        s = self.procs.pop()
+        s.terminate()
+        s.wait(timeout=30)
+        self.start_serve()
 
     def cli(self, *args: str):
         """Runs `fleet ARGS --json`; returns its JSON output."""
@@ -101,13 +114,18 @@ class Cloud:
             raise AssertionError(f"fleet {' '.join(args)} exited {p.returncode}: {p.stderr}")
         return json.loads(p.stdout) if p.stdout.strip() else None
 
-    def connect(self, client_id: str, cert: Path, key: Path) -> mqtt.Connection:
-        """An AWS SDK MQTT 3.1.1 connection with mutual TLS, connected."""
+    def connect(self, client_id: str, cert: Path, key: Path,
+                clean_session: bool = True, on_message=None) -> mqtt.Connection:
+        """An AWS SDK MQTT 3.1.1 connection with mutual TLS, connected
+        (`conn.session_present` says what the CONNACK said)."""
         conn = mqtt_connection_builder.mtls_from_path(
             endpoint="localhost", port=self.port, cert_filepath=str(cert),
             pri_key_filepath=str(key), ca_filepath=str(self.dir / "ca.pem"),
-            client_id=client_id, clean_session=True, keep_alive_secs=30)
-        conn.connect().result(TIMEOUT)
+            client_id=client_id, clean_session=clean_session, keep_alive_secs=30)
+        if on_message is not None:
+            conn.on_message(on_message)
+        result = conn.connect().result(TIMEOUT)
+        conn.session_present = bool(result.get("session_present"))
         return conn
 
     @contextlib.contextmanager
@@ -129,9 +147,9 @@ class Cloud:
             client.stop()
             stopped.wait(TIMEOUT)
 
-    def device(self, thing: str) -> mqtt.Connection:
+    def device(self, thing: str, **kwargs) -> mqtt.Connection:
         return self.connect(thing, self.dir / "things" / f"{thing}.pem",
-                            self.dir / "things" / f"{thing}.key")
+                            self.dir / "things" / f"{thing}.key", **kwargs)
 
     def stop(self) -> None:
         for p in reversed(self.procs):

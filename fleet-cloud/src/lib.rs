@@ -150,7 +150,7 @@ pub use service::{Caller, Handler, Request, Services};
 pub use shadows::{ServiceError, ShadowService};
 pub use store::{
     JobStore, Leadership, MemoryStore, PgLease, PgStore, RegistryStore, RetainedMessage,
-    RetainedStore, ShadowKey, ShadowStore, SoleInstance, SqliteRegistry, SqliteStore, StoreError,
-    Stores, StreamStore, Versioned,
+    RetainedStore, SessionStore, ShadowKey, ShadowStore, SoleInstance, SqliteRegistry, SqliteStore,
+    StoreError, Stores, StreamStore, Versioned,
 };
 pub use streams::{StreamService, StreamStoreError};

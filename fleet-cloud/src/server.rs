@@ -287,6 +287,10 @@ impl FleetServer {
                 if broker.retained_store.is_none() {
                     broker.retained_store = Some(stores.retained.clone());
                 }
+                // And persistent sessions.
+                if broker.session_store.is_none() {
+                    broker.session_store = Some(stores.sessions.clone());
+                }
                 let b = EmbeddedBroker::start(broker)
                     .await
                     .map_err(ServerError::Broker)?;

@@ -1171,3 +1171,129 @@ async fn retained_messages_survive_a_broker_restart_on_every_store() {
     })
     .await;
 }
+
+/// An MQTT 5 connection that keeps its session (Clean Start=false, an
+/// expiry of ten minutes): the client, its event loop and whether the
+/// CONNACK said the session was present.
+async fn kept_session(
+    pki: &fleet_cloud::pki::Pki,
+    id: &fleet_cloud::pki::Identity,
+    port: u16,
+    clean: bool,
+) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop, bool) {
+    let tls = fleet_testkit::client_tls_config(id, &pki.ca_pem()).unwrap();
+    let mut o = rumqttc::v5::MqttOptions::new(&id.common_name, "localhost", port);
+    o.set_keep_alive(std::time::Duration::from_secs(5))
+        .set_clean_start(clean)
+        .set_session_expiry_interval(Some(600))
+        .set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+        ));
+    let (c, mut ev) = rumqttc::v5::AsyncClient::new(o, 16);
+    let present = next_packet(&mut ev, |p| match p {
+        rumqttc::v5::mqttbytes::v5::Packet::ConnAck(a) => Some(a.session_present),
+        _ => None,
+    })
+    .await;
+    (c, ev, present)
+}
+
+/// Issue 21: persistent sessions survive a restart of the embedded broker,
+/// on every store: a device away keeps its subscriptions and the QoS 1
+/// messages sent meanwhile; a device connected when the broker stopped
+/// keeps its subscriptions; a clean start begins afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_survive_a_broker_restart_on_every_store() {
+    use fleet_cloud::{EmbeddedBroker, EmbeddedConfig};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+
+    on_every_store(|instance| async move {
+        let pki = fleet_cloud::pki::Pki::new("session test CA").unwrap();
+        let server = pki.server_identity().unwrap();
+        let start = |stores: &Stores| {
+            let mut config = EmbeddedConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                &server.cert_pem,
+                &server.key_pem,
+                &pki.ca_pem(),
+            );
+            config.session_store = Some(stores.sessions.clone());
+            EmbeddedBroker::start(config)
+        };
+        let (away, there) = (
+            pki.client_identity("dev-away").unwrap(),
+            pki.client_identity("dev-there").unwrap(),
+        );
+        let backend = pki.client_identity("fleet-backend").unwrap();
+        let delta = |thing: &str| format!("$aws/things/{thing}/shadow/update/delta");
+
+        let a = instance().await;
+        let broker = start(&a.stores).await.unwrap();
+        let port = broker.local_addr().port();
+        for id in [&away, &there] {
+            let (c, mut ev, present) = kept_session(&pki, id, port, false).await;
+            assert!(!present, "{}", a.name());
+            c.subscribe(delta(&id.common_name), QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            next_packet(&mut ev, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
+            if id.common_name == "dev-away" {
+                c.disconnect().await.unwrap();
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+                    while ev.poll().await.is_ok() {}
+                })
+                .await;
+            } else {
+                // Still connected when the broker stops.
+                std::mem::forget((c, ev));
+            }
+        }
+        let (b, mut be) = device_client(&pki, &backend, "svc", port);
+        for m in ["one", "two"] {
+            b.publish(delta("dev-away"), QoS::AtLeastOnce, false, m)
+                .await
+                .unwrap();
+            next_packet(&mut be, |p| matches!(p, Packet::PubAck(_)).then_some(())).await;
+        }
+        // Written in order by the broker's writer: give it a moment.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        broker.shutdown().await;
+
+        let b2 = instance().await;
+        let broker = start(&b2.stores).await.unwrap();
+        let port = broker.local_addr().port();
+        let (_c, mut ev, present) = kept_session(&pki, &away, port, false).await;
+        assert!(present, "{}: the away session was kept", b2.name());
+        let mut got = Vec::new();
+        next_packet(&mut ev, |p| {
+            if let Packet::Publish(m) = p {
+                got.push(String::from_utf8_lossy(&m.payload).into_owned());
+            }
+            (got.len() == 2).then_some(())
+        })
+        .await;
+        assert_eq!(got, ["one", "two"], "{}", b2.name());
+        let (_c2, mut ev2, present) = kept_session(&pki, &there, port, false).await;
+        assert!(present, "{}: the connected session was kept", b2.name());
+        let (b, mut be) = device_client(&pki, &backend, "svc", port);
+        b.publish(delta("dev-there"), QoS::AtLeastOnce, false, "live")
+            .await
+            .unwrap();
+        next_packet(&mut be, |p| matches!(p, Packet::PubAck(_)).then_some(())).await;
+        let live = next_packet(&mut ev2, |p| match p {
+            Packet::Publish(m) => Some(String::from_utf8_lossy(&m.payload).into_owned()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(live, "live", "{}: still subscribed", b2.name());
+        // A clean start begins afresh.
+        let (_c3, _ev3, present) = kept_session(&pki, &away, port, true).await;
+        assert!(!present);
+        broker.shutdown().await;
+        for (id, _) in b2.stores.sessions.load_sessions().await.unwrap() {
+            b2.stores.sessions.delete_session(&id).await.unwrap();
+        }
+    })
+    .await;
+}

@@ -122,6 +122,7 @@ impl Harness {
             queued_total: Arc::new(AtomicUsize::new(0)),
             partial_budget: Arc::new(tokio::sync::Semaphore::new(1024)),
             retained_writes: None,
+            session_writes: None,
         });
         Self {
             shared,

@@ -29,8 +29,11 @@
 //!   default): the subscriptions are kept while the client is away, and
 //!   the QoS 1 messages they match wait for it (at most
 //!   [`ClientLimits::max_session_messages`], the oldest dropped first);
-//!   `session present` says so when it comes back. Sessions are kept in
-//!   memory: a restart of the broker ends them.
+//!   `session present` says so when it comes back. Sessions are kept in a
+//!   [`SessionStore`](crate::store::SessionStore) when one is configured
+//!   (`fleet serve` keeps them in its store), so they survive a restart;
+//!   a client connected when the broker stopped finds its session when it
+//!   comes back.
 //!
 //! What it does not do, and when to use an external broker instead: it is
 //! one process. For fleets beyond one machine or for bridging, run
@@ -111,6 +114,11 @@ pub struct EmbeddedConfig {
     /// (`None`: in memory only). Loaded at start; a device's QoS 1
     /// retained publish is acknowledged once it is stored there.
     pub retained_store: Option<Arc<dyn crate::store::RetainedStore>>,
+    /// Where persistent sessions are kept, so that they survive a restart
+    /// (`None`: in memory only). Loaded at start; each change is written
+    /// in order, and a device's QoS 1 message kept for a client that is
+    /// away is acknowledged once stored.
+    pub session_store: Option<Arc<dyn crate::store::SessionStore>>,
 }
 
 impl EmbeddedConfig {
@@ -130,6 +138,7 @@ impl EmbeddedConfig {
             limits: ClientLimits::default(),
             directory: None,
             retained_store: None,
+            session_store: None,
         }
     }
 }
@@ -158,6 +167,8 @@ pub enum EmbeddedError {
     Policy(crate::PolicyError),
     /// The retained messages could not be loaded from their store.
     Retained(crate::StoreError),
+    /// The persistent sessions could not be loaded from their store.
+    Sessions(crate::StoreError),
 }
 
 impl fmt::Display for EmbeddedError {
@@ -167,6 +178,7 @@ impl fmt::Display for EmbeddedError {
             Self::Bind(e) => write!(f, "embedded broker cannot listen: {e}"),
             Self::Policy(e) => write!(f, "embedded broker policy: {e}"),
             Self::Retained(e) => write!(f, "embedded broker retained messages: {e}"),
+            Self::Sessions(e) => write!(f, "embedded broker sessions: {e}"),
         }
     }
 }
@@ -226,6 +238,24 @@ struct Parked {
     queue: VecDeque<Message>,
     queued_bytes: usize,
     expires: tokio::time::Instant,
+    session_expiry: Duration,
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Backend => "backend",
+        Role::Claimant => "claimant",
+        Role::Device => "device",
+    }
+}
+
+fn role_of(name: &str) -> Option<Role> {
+    match name {
+        "backend" => Some(Role::Backend),
+        "claimant" => Some(Role::Claimant),
+        "device" => Some(Role::Device),
+        _ => None,
+    }
 }
 
 /// Keeps a copy of `m` for a client that is away, at QoS 1, within
@@ -368,6 +398,8 @@ struct Shared {
     partial_budget: Arc<Semaphore>,
     /// Changes to the retained messages, to the writer that stores them.
     retained_writes: Option<mpsc::UnboundedSender<persist::Write>>,
+    /// Changes to the persistent sessions, to the writer that stores them.
+    session_writes: Option<mpsc::UnboundedSender<persist::SessionWrite>>,
 }
 
 impl Shared {
@@ -445,6 +477,7 @@ impl Shared {
                     for _ in 0..dropped {
                         self.note_dropped(client);
                     }
+                    self.store_session(router, client, receipt.map(receipt::Receipt::delivery));
                 }
                 continue;
             };
@@ -594,7 +627,9 @@ impl Shared {
         // it takes over, or one kept for it while it was away.
         let same = |i: &str, r: Role| !clean && i == identity && r == role;
         let mut resumed: Option<(Filters, VecDeque<Message>)> = None;
+        let mut had_session = false;
         if let Some(mut old) = router.clients.remove(client_id) {
+            had_session = !old.session_expiry.is_zero();
             if same(&old.identity, old.role) {
                 resumed = Some((std::mem::take(&mut old.filters), VecDeque::new()));
             }
@@ -610,6 +645,7 @@ impl Shared {
                 release_claim(router, &old.identity);
             }
         } else if let Some(mut p) = router.parked.remove(client_id) {
+            had_session = true;
             if same(&p.identity, p.role) && p.expires > tokio::time::Instant::now() {
                 resumed = Some((std::mem::take(&mut p.filters), std::mem::take(&mut p.queue)));
             }
@@ -653,6 +689,9 @@ impl Shared {
                 session_expiry,
             },
         );
+        if had_session || !session_expiry.is_zero() {
+            self.store_session(router, client_id, None);
+        }
         // What waited for it goes out after the CONNACK, in order.
         if let Some(c) = router.clients.get(client_id) {
             for m in waiting {
@@ -697,15 +736,71 @@ impl Shared {
                         queue: VecDeque::new(),
                         queued_bytes: 0,
                         expires: tokio::time::Instant::now() + c.session_expiry,
+                        session_expiry: c.session_expiry,
                     },
                 );
+                self.store_session(router, client_id, None);
                 return;
+            }
+            if !c.session_expiry.is_zero() {
+                // Refused while connected: the kept record goes too.
+                self.store_session(router, client_id, None);
             }
             for (group, filter) in &c.filters {
                 router
                     .subscriptions
                     .remove(client_id, group.as_deref(), filter);
             }
+        }
+    }
+
+    /// Has `client_id`'s session stored as it is now (a connected client's
+    /// subscriptions, or a kept session with its messages), or forgotten
+    /// when it has none; `delivery` is acknowledged once that is durable.
+    fn store_session(&self, router: &Router, client_id: &str, delivery: Option<receipt::Delivery>) {
+        let Some(writes) = &self.session_writes else {
+            return;
+        };
+        let filters = |filters: &Filters| {
+            filters
+                .iter()
+                .filter_map(|(g, f)| {
+                    let qos = router.subscriptions.qos_of(client_id, g.as_deref(), f)?;
+                    Some((g.clone(), f.clone(), qos))
+                })
+                .collect()
+        };
+        let record = if let Some(c) = router.clients.get(client_id) {
+            (!c.session_expiry.is_zero()).then(|| persist::SessionRecord {
+                identity: c.identity.clone(),
+                role: role_name(c.role).into(),
+                expiry_secs: c.session_expiry.as_secs(),
+                expires_at: None,
+                filters: filters(&c.filters),
+                queue: Vec::new(),
+            })
+        } else {
+            router.parked.get(client_id).map(|p| {
+                let left = p
+                    .expires
+                    .saturating_duration_since(tokio::time::Instant::now());
+                persist::SessionRecord {
+                    identity: p.identity.clone(),
+                    role: role_name(p.role).into(),
+                    expiry_secs: p.session_expiry.as_secs(),
+                    expires_at: Some(persist::epoch_now() + left.as_secs()),
+                    filters: filters(&p.filters),
+                    queue: p.queue.iter().map(persist::QueuedRecord::of).collect(),
+                }
+            })
+        };
+        let write = persist::SessionWrite {
+            client_id: client_id.to_owned(),
+            record: record.and_then(|r| serde_json::to_vec(&r).ok()),
+            delivery,
+        };
+        if writes.send(write).is_err() {
+            tracing::warn!("the session writer stopped; session not stored");
         }
     }
 
@@ -730,6 +825,7 @@ impl Shared {
                     router.subscriptions.remove(id, group.as_deref(), filter);
                 }
             }
+            self.store_session(router, id, None);
         }
         ended.len()
     }
@@ -846,6 +942,76 @@ impl EmbeddedBroker {
             }
             None => None,
         };
+        let session_writes = match &config.session_store {
+            Some(store) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let kept = store
+                    .load_sessions()
+                    .await
+                    .map_err(EmbeddedError::Sessions)?;
+                let now = persist::epoch_now();
+                for (client_id, bytes) in kept {
+                    let record = serde_json::from_slice::<persist::SessionRecord>(&bytes).ok();
+                    let Some((record, role)) =
+                        record.and_then(|r| role_of(&r.role).map(|role| (r, role)))
+                    else {
+                        tracing::warn!(client_id, "stored session unreadable; dropped");
+                        let _ = tx.send(persist::SessionWrite {
+                            client_id,
+                            record: None,
+                            delivery: None,
+                        });
+                        continue;
+                    };
+                    let session_expiry = Duration::from_secs(record.expiry_secs);
+                    // A client connected when the broker stopped is away
+                    // from now on.
+                    let left = match record.expires_at {
+                        Some(at) => Duration::from_secs(at.saturating_sub(now)),
+                        None => session_expiry,
+                    };
+                    if left.is_zero() {
+                        let _ = tx.send(persist::SessionWrite {
+                            client_id,
+                            record: None,
+                            delivery: None,
+                        });
+                        continue;
+                    }
+                    let mut filters = Vec::with_capacity(record.filters.len());
+                    for (group, filter, qos) in record.filters {
+                        router.subscriptions.insert(
+                            &client_id,
+                            group.as_deref(),
+                            &filter,
+                            qos.min(1),
+                        );
+                        filters.push((group, filter));
+                    }
+                    let queue: VecDeque<Message> = record
+                        .queue
+                        .iter()
+                        .filter_map(persist::QueuedRecord::message)
+                        .collect();
+                    let queued_bytes = queue.iter().map(router::retained_size).sum();
+                    router.parked.insert(
+                        client_id,
+                        Parked {
+                            identity: record.identity,
+                            role,
+                            filters,
+                            queue,
+                            queued_bytes,
+                            expires: tokio::time::Instant::now() + left,
+                            session_expiry,
+                        },
+                    );
+                }
+                tokio::spawn(persist::session_writer(store.clone(), rx));
+                Some(tx)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             policy: RwLock::new(Arc::new(config.policy.compile())),
             revoked: RwLock::new(HashSet::new()),
@@ -866,6 +1032,7 @@ impl EmbeddedBroker {
                     .clamp(1, Semaphore::MAX_PERMITS),
             )),
             retained_writes,
+            session_writes,
         });
         let (stop, stopped) = watch::channel(false);
         // Kept sessions that expire are ended (their subscriptions and
@@ -1845,6 +2012,13 @@ impl Session<'_> {
                         }
                         granted.push(Ok(qos));
                     }
+                    if router
+                        .clients
+                        .get(self.client_id)
+                        .is_some_and(|c| c.conn == self.conn && !c.session_expiry.is_zero())
+                    {
+                        self.shared.store_session(router, self.client_id, None);
+                    }
                 }
                 self.out.suback(pkid, &granted);
                 for m in &retained {
@@ -1870,6 +2044,13 @@ impl Session<'_> {
                     {
                         c.filters.retain(|(g, f)| !(*g == group && *f == inner));
                     }
+                }
+                if router
+                    .clients
+                    .get(self.client_id)
+                    .is_some_and(|c| c.conn == self.conn && !c.session_expiry.is_zero())
+                {
+                    self.shared.store_session(router, self.client_id, None);
                 }
                 drop(guard);
                 self.out.unsuback(pkid, &removed);

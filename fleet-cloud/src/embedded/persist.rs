@@ -166,3 +166,92 @@ mod tests {
         );
     }
 }
+
+/// One change to a kept session: its record, or `None` when it ended.
+pub(super) struct SessionWrite {
+    pub(super) client_id: String,
+    pub(super) record: Option<Vec<u8>>,
+    /// Acknowledged once the write is durable (dropped if it failed).
+    pub(super) delivery: Option<Delivery>,
+}
+
+/// A session as stored: who holds it, how long it outlives a connection,
+/// when it ends (`None` while its client is connected), its subscriptions
+/// and the messages waiting for it.
+#[derive(Serialize, Deserialize)]
+pub(super) struct SessionRecord {
+    pub(super) identity: String,
+    pub(super) role: String,
+    pub(super) expiry_secs: u64,
+    #[serde(default)]
+    pub(super) expires_at: Option<u64>,
+    pub(super) filters: Vec<(Option<String>, String, u8)>,
+    #[serde(default)]
+    pub(super) queue: Vec<QueuedRecord>,
+}
+
+/// A message waiting in a kept session.
+#[derive(Serialize, Deserialize)]
+pub(super) struct QueuedRecord {
+    topic: String,
+    /// Base64.
+    payload: String,
+    /// Base64 of the properties' encoding (empty: none).
+    #[serde(default)]
+    properties: String,
+}
+
+impl QueuedRecord {
+    pub(super) fn of(m: &Message) -> Self {
+        use base64::Engine as _;
+        let r = to_record(m, "");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Self {
+            topic: r.topic,
+            payload: b64.encode(&r.payload),
+            properties: b64.encode(&r.properties),
+        }
+    }
+
+    pub(super) fn message(&self) -> Option<Message> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (mut m, _) = from_record(RetainedMessage {
+            topic: self.topic.clone(),
+            payload: b64.decode(&self.payload).ok()?,
+            qos: 1,
+            properties: b64.decode(&self.properties).ok()?,
+            owner: String::new(),
+        })?;
+        m.retain = false;
+        Some(m)
+    }
+}
+
+/// Seconds since the epoch.
+pub(super) fn epoch_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes session changes in the order they come.
+pub(super) async fn session_writer(
+    store: Arc<dyn crate::store::SessionStore>,
+    mut rx: mpsc::UnboundedReceiver<SessionWrite>,
+) {
+    while let Some(w) = rx.recv().await {
+        let result = match &w.record {
+            Some(r) => store.put_session(&w.client_id, r).await,
+            None => store.delete_session(&w.client_id).await,
+        };
+        match result {
+            Ok(()) => {
+                if let Some(d) = w.delivery {
+                    d.acknowledge();
+                }
+            }
+            Err(e) => tracing::warn!(client = w.client_id, "session not stored: {e}"),
+        }
+    }
+}

@@ -110,6 +110,24 @@ impl Subscriptions {
         }
     }
 
+    /// The QoS `client` holds `filter` with (in shared `group`), if it does.
+    pub(super) fn qos_of(&self, client: &str, group: Option<&str>, filter: &str) -> Option<u8> {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        match group {
+            None => node.subscribers.get(client).copied(),
+            Some(g) => node
+                .shared
+                .get(g)?
+                .members
+                .iter()
+                .find(|(c, _)| c == client)
+                .map(|(_, q)| *q),
+        }
+    }
+
     /// Removes a subscription; whether it existed. The chain of nodes it
     /// leaves empty is pruned in one cut, so the work is linear in the
     /// filter's depth.

@@ -9,8 +9,8 @@ use fleet_core::jobs::ThingJobs;
 use fleet_core::shadow::Shadow;
 
 use super::{
-    JobStore, RegistryStore, RetainedMessage, RetainedStore, ShadowKey, ShadowStore, StoreError,
-    StoredStream, StreamStore, Versioned,
+    JobStore, RegistryStore, RetainedMessage, RetainedStore, SessionStore, ShadowKey, ShadowStore,
+    StoreError, StoredStream, StreamStore, Versioned,
 };
 use crate::model::{
     AttributeQuery, CertificateRecord, CertificateStatus, JobRecord, PendingCertificate, Spent,
@@ -28,6 +28,7 @@ pub struct MemoryStore {
     streams: Arc<Mutex<BTreeMap<String, StoredStream>>>,
     registry: Arc<Mutex<MemoryRegistry>>,
     retained: Arc<Mutex<BTreeMap<String, RetainedMessage>>>,
+    sessions: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
 }
 
 impl MemoryStore {
@@ -503,6 +504,33 @@ impl RetainedStore for MemoryStore {
             .lock()
             .map_err(|_| StoreError::backend("a writer panicked"))?
             .remove(topic);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn load_sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let map = self
+            .sessions
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))?;
+        Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    async fn put_session(&self, client_id: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.sessions
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))?
+            .insert(client_id.to_owned(), record.to_vec());
+        Ok(())
+    }
+
+    async fn delete_session(&self, client_id: &str) -> Result<(), StoreError> {
+        self.sessions
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))?
+            .remove(client_id);
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //! | [`StreamStore`] | file streams (OTA release images) |
 //! | [`RegistryStore`] | things, groups, certificates, API tokens, ownership tokens |
 //! | [`RetainedStore`] | the embedded broker's retained messages |
+//! | [`SessionStore`] | the embedded broker's persistent sessions |
 //! | [`Leadership`] | which instance drives rollouts and sweeps timeouts |
 //!
 //! The backends are one module each: [`MemoryStore`] (tests, simulations,
@@ -369,6 +370,22 @@ pub trait RetainedStore: Send + Sync + fmt::Debug + 'static {
     async fn delete_retained(&self, topic: &str) -> Result<(), StoreError>;
 }
 
+/// Where the embedded broker keeps persistent sessions (a client's
+/// subscriptions, and the QoS 1 messages waiting for it while it is away),
+/// so that they survive a restart. Each session is one record, in the
+/// broker's own encoding, rewritten whole on each change (a session holds
+/// a bounded few messages); the broker sends the changes one at a time, in
+/// the order it made them.
+#[async_trait]
+pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
+    /// Every session: client id and record, sorted by client id.
+    async fn load_sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Keeps `record` as `client_id`'s session, replacing what was there.
+    async fn put_session(&self, client_id: &str, record: &[u8]) -> Result<(), StoreError>;
+    /// Forgets `client_id`'s session (none: nothing).
+    async fn delete_session(&self, client_id: &str) -> Result<(), StoreError>;
+}
+
 /// Decides which of several instances sharing a store may do what only one
 /// should do at a time (drive rollouts, sweep timeouts).
 pub trait Leadership: Send + Sync + fmt::Debug + 'static {
@@ -408,6 +425,8 @@ pub struct Stores {
     pub registry: Arc<dyn RegistryStore>,
     /// The embedded broker's retained messages.
     pub retained: Arc<dyn RetainedStore>,
+    /// The embedded broker's persistent sessions.
+    pub sessions: Arc<dyn SessionStore>,
     /// The PostgreSQL store, when that is where they are (for its lease).
     postgres: Option<PgStore>,
 }
@@ -421,6 +440,7 @@ impl Stores {
             jobs: Arc::new(m.clone()),
             streams: Arc::new(m.clone()),
             retained: Arc::new(m.clone()),
+            sessions: Arc::new(m.clone()),
             registry: Arc::new(m),
             postgres: None,
         }
@@ -445,7 +465,8 @@ impl Stores {
             shadows: Arc::new(store.clone()),
             jobs: Arc::new(store.clone()),
             streams: Arc::new(store.clone()),
-            retained: Arc::new(store),
+            retained: Arc::new(store.clone()),
+            sessions: Arc::new(store),
             registry: Arc::new(registry),
             postgres: None,
         })
@@ -466,6 +487,7 @@ impl Stores {
             jobs: Arc::new(pg.clone()),
             streams: Arc::new(pg.clone()),
             retained: Arc::new(pg.clone()),
+            sessions: Arc::new(pg.clone()),
             registry: Arc::new(pg.clone()),
             postgres: Some(pg),
         }

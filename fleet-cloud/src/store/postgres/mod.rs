@@ -108,6 +108,11 @@ const MIGRATIONS: &[&str] = &[
         properties BYTEA NOT NULL,
         owner TEXT NOT NULL
     );",
+    // The embedded broker's persistent sessions, one record each.
+    "CREATE TABLE broker_sessions (
+        client_id TEXT PRIMARY KEY,
+        record BYTEA NOT NULL
+    );",
 ];
 
 /// The key of the advisory lock migrations hold.

@@ -1,9 +1,10 @@
-//! The embedded broker's retained messages in PostgreSQL: one row per topic.
+//! The embedded broker's retained messages (one row per topic) and
+//! persistent sessions (one row per client id) in PostgreSQL.
 
 use async_trait::async_trait;
 
 use super::PgStore;
-use crate::store::{RetainedMessage, RetainedStore, StoreError, backend, corrupt};
+use crate::store::{RetainedMessage, RetainedStore, SessionStore, StoreError, backend, corrupt};
 
 #[async_trait]
 impl RetainedStore for PgStore {
@@ -55,6 +56,46 @@ impl RetainedStore for PgStore {
         let client = self.client().await?;
         client
             .execute("DELETE FROM retained WHERE topic = $1", &[&topic])
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SessionStore for PgStore {
+    async fn load_sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT client_id, record FROM broker_sessions ORDER BY client_id",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn put_session(&self, client_id: &str, record: &[u8]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO broker_sessions (client_id, record) VALUES ($1, $2)
+                 ON CONFLICT (client_id) DO UPDATE SET record = excluded.record",
+                &[&client_id, &record],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn delete_session(&self, client_id: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM broker_sessions WHERE client_id = $1",
+                &[&client_id],
+            )
             .await
             .map_err(backend)?;
         Ok(())

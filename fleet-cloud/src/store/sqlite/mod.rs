@@ -98,6 +98,11 @@ const MIGRATIONS: &[&str] = &[
         properties BLOB NOT NULL,
         owner TEXT NOT NULL
     ) STRICT;",
+    // The embedded broker's persistent sessions, one record each.
+    "CREATE TABLE broker_sessions (
+        client_id TEXT PRIMARY KEY,
+        record BLOB NOT NULL
+    ) STRICT;",
 ];
 
 /// The `(revision, bytes)` row one query selects, if there is one.

@@ -1,9 +1,10 @@
-//! The embedded broker's retained messages in SQLite: one row per topic.
+//! The embedded broker's retained messages (one row per topic) and
+//! persistent sessions (one row per client id) in SQLite.
 
 use async_trait::async_trait;
 
 use super::SqliteStore;
-use crate::store::{RetainedMessage, RetainedStore, StoreError, backend};
+use crate::store::{RetainedMessage, RetainedStore, SessionStore, StoreError, backend};
 
 #[async_trait]
 impl RetainedStore for SqliteStore {
@@ -53,6 +54,49 @@ impl RetainedStore for SqliteStore {
         self.write(move |c| {
             c.prepare_cached("DELETE FROM retained WHERE topic = ?1")
                 .and_then(|mut s| s.execute([&topic]))
+                .map_err(backend)?;
+            Ok(0)
+        })
+        .await
+        .map(drop)
+    }
+}
+
+#[async_trait]
+impl SessionStore for SqliteStore {
+    async fn load_sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with_conn(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT client_id, record FROM broker_sessions ORDER BY client_id")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_session(&self, client_id: &str, record: &[u8]) -> Result<(), StoreError> {
+        let (id, record) = (client_id.to_owned(), record.to_vec());
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO broker_sessions (client_id, record) VALUES (?1, ?2)
+                 ON CONFLICT (client_id) DO UPDATE SET record = excluded.record",
+            )
+            .and_then(|mut s| s.execute((&id, &record)))
+            .map_err(backend)?;
+            Ok(0)
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn delete_session(&self, client_id: &str) -> Result<(), StoreError> {
+        let id = client_id.to_owned();
+        self.write(move |c| {
+            c.prepare_cached("DELETE FROM broker_sessions WHERE client_id = ?1")
+                .and_then(|mut s| s.execute([&id]))
                 .map_err(backend)?;
             Ok(0)
         })
