@@ -77,6 +77,7 @@ pub async fn provision_by_claim(config: ClaimConfig) -> Result<Provisioned, Flee
         thing_name: config.thing_name,
         state_dir: config.state_dir.into(),
         timeout: Duration::from_millis(config.timeout_ms),
+        protocol: Default::default(),
     };
     let p = runtime::run(async move { fleet_device::provision_by_claim(&config).await }).await??;
     Ok(p.into())

@@ -314,6 +314,16 @@ impl BrokerPolicy {
             // Replies meant for one connection only (provisioning secrets)
             // go to its own response topics.
             device.push((Read, fleet_core::topic::client_namespace(&prefix, "%c")));
+            // Provisioning by claim without a response topic (MQTT 3.1.1
+            // through Mosquitto): requests and replies under the
+            // connection's own user name and client id. Anyone may write
+            // there; the service answers only a claim identity.
+            for f in Service::Provisioning.request_filters() {
+                if let Some(rest) = f.strip_prefix("claims/+/+/") {
+                    device.push((Write, format!("{p}/claims/%u/%c/{rest}")));
+                }
+            }
+            device.push((Read, format!("{p}/claims/%u/%c/#")));
         }
         device.push((Write, format!("{t}/%u/#")));
         let mut blocks = vec![RuleBlock {
@@ -332,10 +342,13 @@ impl BrokerPolicy {
             let mut rules = Vec::new();
             if let Ok(prefix) = TopicPrefix::new(p) {
                 let provisioning = Service::Provisioning;
+                // (Its own `claims/%u/%c/` namespace is a pattern above.)
+                let own = format!("{p}/claims/");
                 rules.extend(
                     provisioning
                         .filters(&prefix)
                         .into_iter()
+                        .filter(|f| !f.starts_with(&own))
                         .map(|f| (Write, f)),
                 );
                 if self.reply_routing {
@@ -522,7 +535,8 @@ mod tests {
             assert!(
                 line.contains("/things/%u/")
                     || line.contains("dt/%u/")
-                    || line.contains("/clients/%c/"),
+                    || line.contains("/clients/%c/")
+                    || line.contains("/claims/%u/%c/"),
                 "{line}"
             );
         }
@@ -564,6 +578,50 @@ mod tests {
             "$aws/certificates/create-from-csr/json/accepted",
         );
         no("claim@f1", Access::Write, "$aws/things/t1/shadow/update");
+        // Its own claim topics (MQTT 3.1.1 provisioning through Mosquitto):
+        // under its user name and client id only.
+        let claims = "$aws/claims/claim@f1/c-1";
+        for (client, topic, access, want) in [
+            (
+                "c-1",
+                "certificates/create-from-csr/json",
+                Access::Write,
+                true,
+            ),
+            (
+                "c-1",
+                "provisioning-templates/factory/json",
+                Access::Write,
+                true,
+            ),
+            ("c-1", "#", Access::Read, true),
+            (
+                "c-2",
+                "certificates/create-from-csr/json",
+                Access::Write,
+                false,
+            ),
+            ("c-2", "#", Access::Read, false),
+            (
+                "c-1",
+                "certificates/create-from-csr/json/accepted",
+                Access::Write,
+                false,
+            ),
+        ] {
+            assert_eq!(
+                p.allows("claim@f1", client, access, &format!("{claims}/{topic}")),
+                want,
+                "{client} {access:?} {topic}"
+            );
+        }
+        assert!(!p.allows("claim@f1", "c-1", Access::Read, "$aws/claims/#"));
+        assert!(!p.allows(
+            "claim@f1",
+            "c-1",
+            Access::Write,
+            "$aws/claims/other@f/c-1/certificates/create/json"
+        ));
         yes("fleet-backend", Access::Read, "$aws/things/+/shadow/+");
         yes(
             "fleet-backend",

@@ -106,6 +106,11 @@ pub struct ProvisioningService {
     /// (the embedded broker with registry admission): the CSR's subject is
     /// then free, as with AWS IoT. `true` by default.
     pub subject_names_thing: bool,
+    /// The claim identities (certificate common names) whose requests
+    /// under `claims/{identity}/{client}/` are answered
+    /// ([`ClaimTopic`](fleet_core::topic::ClaimTopic)); anyone else's are
+    /// refused with 403, in its own namespace.
+    pub claim_identities: Vec<String>,
     prefix: String,
 }
 
@@ -205,6 +210,7 @@ impl ProvisioningService {
             max_outstanding_tokens: 10_000,
             allow_create_keys: false,
             subject_names_thing: true,
+            claim_identities: Vec::new(),
             prefix: "$aws".into(),
         }
     }
@@ -239,11 +245,25 @@ impl ProvisioningService {
     ///
     /// Signing and key generation run on blocking threads.
     pub async fn handle(&self, request: &Request<'_>) -> Vec<Outgoing> {
-        let Topic::Provisioning(topic) = &request.topic else {
-            return Vec::new();
+        let (topic, claimant) = match &request.topic {
+            Topic::Provisioning(topic) => (topic, true),
+            // Through a broker without response topics: the request names
+            // its claim identity (the broker holds it to its user name).
+            Topic::Claim(c) => (
+                &c.request,
+                self.claim_identities
+                    .iter()
+                    .any(|i| c.identity.as_str() == i.as_str()),
+            ),
+            _ => return Vec::new(),
         };
         let (payload, now) = (request.payload, request.received_at);
         let result = match topic {
+            _ if !claimant => Err(ProvisioningError::new(
+                403,
+                "AccessDenied",
+                "only a claim identity may provision",
+            )),
             ProvisioningTopic::CreateCertificateFromCsr(Format::Json, _) => {
                 self.create_from_csr(payload, now).await
             }

@@ -338,6 +338,7 @@ impl FleetServer {
             // its certificate's binding, so the CSR's subject is free (as
             // with AWS IoT); another broker knows it by common name.
             service.subject_names_thing = !(embedded.is_some() && config.admit_by_registry);
+            service.claim_identities = config.claim_identities.clone();
             if let Some(changed) = changed.clone() {
                 service =
                     service.with_on_registered(Arc::new(move |_: &str, _: bool| -> HookFuture {

@@ -691,6 +691,7 @@ async fn devices_provision_by_claim_through_two_instances() {
             thing_name: format!("thing-{serial}"),
             state_dir: d.join(format!("device-{serial}")),
             timeout: Duration::from_secs(10),
+            protocol: Default::default(),
         };
         let me = provision_by_claim(&config)
             .await

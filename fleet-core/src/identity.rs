@@ -42,6 +42,8 @@ pub enum NameKind {
     TemplateName,
     /// A [`ClientToken`].
     ClientToken,
+    /// A [`ClientName`].
+    ClientName,
 }
 
 impl fmt::Display for NameKind {
@@ -53,6 +55,7 @@ impl fmt::Display for NameKind {
             Self::StreamId => "stream id",
             Self::TemplateName => "provisioning template name",
             Self::ClientToken => "client token",
+            Self::ClientName => "client name",
         })
     }
 }
@@ -131,6 +134,9 @@ enum Charset {
     /// Client tokens are free text, but they travel in payloads and logs:
     /// control characters are refused.
     Printable,
+    /// One topic level of free text: no space, control character, `/`, `+`
+    /// or `#`.
+    Level,
 }
 
 impl Charset {
@@ -139,6 +145,7 @@ impl Charset {
             Self::NameWithColon => b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'),
             Self::Id => b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'),
             Self::Printable => b >= 0x20 && b != 0x7f,
+            Self::Level => b > 0x20 && b != 0x7f && !matches!(b, b'/' | b'+' | b'#'),
         }
     }
 }
@@ -338,6 +345,13 @@ validated_name! {
     /// The `clientToken` of a request, echoed in its reply: 1–64 bytes of
     /// printable text (no control characters).
     ClientToken, NameKind::ClientToken, max = 64, allowed = Charset::Printable, example = "req-0001"
+}
+
+validated_name! {
+    /// A connection's name in a topic level: an MQTT client id, or a claim
+    /// identity (its certificate's common name, the broker's user name):
+    /// 1–128 bytes, no space, control character, `/`, `+` or `#`.
+    ClientName, NameKind::ClientName, max = 128, allowed = Charset::Level, example = "claim@factory"
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ pub mod topic;
 pub mod transmit;
 
 pub use identity::{
-    ClientToken, JobId, NameError, NameKind, NameProblem, ShadowName, StreamId, TemplateName,
-    ThingName,
+    ClientName, ClientToken, JobId, NameError, NameKind, NameProblem, ShadowName, StreamId,
+    TemplateName, ThingName,
 };
 pub use topic::{Topic, TopicError, TopicPrefix};

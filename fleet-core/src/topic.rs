@@ -35,7 +35,9 @@
 
 use core::fmt;
 
-use crate::identity::{JobId, NameError, ShadowName, StreamId, TemplateName, ThingName};
+use crate::identity::{
+    ClientName, JobId, NameError, ShadowName, StreamId, TemplateName, ThingName,
+};
 
 /// Why a topic could not be parsed or built.
 #[non_exhaustive]
@@ -322,6 +324,42 @@ pub enum ProvisioningTopic<'a> {
     RegisterThing(TemplateName<'a>, Format, Role),
 }
 
+/// A provisioning request (or its reply) made through a broker that cannot
+/// send a reply to one connection only (Mosquitto, with MQTT 3.1.1, which
+/// has no response topic): below `claims/{identity}/{client}/`, where
+/// `identity` is the claim identity (the broker's user name, Mosquitto's
+/// `%u`) and `client` the client id (`%c`). The broker's policy lets a
+/// connection write such requests, and read their replies, only under its
+/// own two names, so no other claimant sees them; the service answers only
+/// a configured claim identity.
+///
+/// `claims/{identity}/{client}/certificates/create-from-csr/{format}[/role]`,
+/// `.../certificates/create/{format}[/role]` and
+/// `.../provisioning-templates/{template}/{format}[/role]` (AWS's topics
+/// with `provision` left out, to stay within AWS's seven slashes).
+///
+/// ```
+/// use fleet_core::topic::{Role, Topic, TopicPrefix};
+/// let p = TopicPrefix::AWS;
+/// let t = Topic::parse(&p, "$aws/claims/claim@factory/c-17/certificates/create-from-csr/json")?;
+/// assert!(t.is_from_device());
+/// let reply = t.reply(Role::Accepted).unwrap();
+/// assert_eq!(
+///     reply.display(&p).to_string(),
+///     "$aws/claims/claim@factory/c-17/certificates/create-from-csr/json/accepted"
+/// );
+/// # Ok::<(), fleet_core::TopicError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClaimTopic<'a> {
+    /// The claim identity (the certificate's common name).
+    pub identity: ClientName<'a>,
+    /// The connection's client id.
+    pub client: ClientName<'a>,
+    /// The request or its reply.
+    pub request: ProvisioningTopic<'a>,
+}
+
 /// Which command topic, below `commands/things/{thing}/executions/{id}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CommandTopicKind {
@@ -359,6 +397,8 @@ pub enum Topic<'a> {
     Provisioning(ProvisioningTopic<'a>),
     /// A commands topic.
     Command(CommandTopic<'a>),
+    /// A fleet-provisioning topic in a claimant's own namespace.
+    Claim(ClaimTopic<'a>),
 }
 
 /// The most levels any topic has after the prefix
@@ -413,35 +453,12 @@ impl<'a> Topic<'a> {
                     format: Format::parse(format).ok_or(TopicError::Unknown)?,
                 }))
             }
-            ["certificates", op, format, role @ ..] if role.len() <= 1 => {
-                let format = Format::parse(format).ok_or(TopicError::Unknown)?;
-                let role = Role::from_suffix(role.first().copied()).ok_or(TopicError::Unknown)?;
-                match *op {
-                    "create" => Ok(Topic::Provisioning(
-                        ProvisioningTopic::CreateKeysAndCertificate(format, role),
-                    )),
-                    "create-from-csr" => Ok(Topic::Provisioning(
-                        ProvisioningTopic::CreateCertificateFromCsr(format, role),
-                    )),
-                    _ => Err(TopicError::Unknown),
-                }
-            }
-            [
-                "provisioning-templates",
-                template,
-                "provision",
-                format,
-                role @ ..,
-            ] if role.len() <= 1 => {
-                let format = Format::parse(format).ok_or(TopicError::Unknown)?;
-                let role = Role::from_suffix(role.first().copied()).ok_or(TopicError::Unknown)?;
-                Ok(Topic::Provisioning(ProvisioningTopic::RegisterThing(
-                    TemplateName::new(template)?,
-                    format,
-                    role,
-                )))
-            }
-            _ => Err(TopicError::Unknown),
+            ["claims", identity, client, rest @ ..] => Ok(Topic::Claim(ClaimTopic {
+                identity: ClientName::new(identity)?,
+                client: ClientName::new(client)?,
+                request: parse_provisioning(rest, false)?,
+            })),
+            rest => parse_provisioning(rest, true).map(Topic::Provisioning),
         }
     }
 
@@ -512,29 +529,12 @@ impl<'a> Topic<'a> {
                 level(t.kind.as_str())?;
                 level(t.format.as_str())?;
             }
-            Topic::Provisioning(p) => {
-                let (format, role) = match p {
-                    ProvisioningTopic::CreateKeysAndCertificate(f, r) => {
-                        level("certificates")?;
-                        level("create")?;
-                        (f, r)
-                    }
-                    ProvisioningTopic::CreateCertificateFromCsr(f, r) => {
-                        level("certificates")?;
-                        level("create-from-csr")?;
-                        (f, r)
-                    }
-                    ProvisioningTopic::RegisterThing(template, f, r) => {
-                        level("provisioning-templates")?;
-                        level(template.as_str())?;
-                        level("provision")?;
-                        (f, r)
-                    }
-                };
-                level(format.as_str())?;
-                if let Some(s) = role.suffix() {
-                    level(s)?;
-                }
+            Topic::Provisioning(p) => provisioning_pieces(p, true, &mut level)?,
+            Topic::Claim(c) => {
+                level("claims")?;
+                level(c.identity.as_str())?;
+                level(c.client.as_str())?;
+                provisioning_pieces(&c.request, false, &mut level)?;
             }
             Topic::Command(c) => {
                 level("commands")?;
@@ -605,7 +605,7 @@ impl<'a> Topic<'a> {
             Topic::Jobs(t) => Some(&t.thing),
             Topic::Stream(t) => Some(&t.thing),
             Topic::Command(t) => Some(&t.thing),
-            Topic::Provisioning(_) => None,
+            Topic::Provisioning(_) | Topic::Claim(_) => None,
         }
     }
 
@@ -615,7 +615,7 @@ impl<'a> Topic<'a> {
             Topic::Shadow(_) => Service::Shadows,
             Topic::Jobs(_) => Service::Jobs,
             Topic::Stream(_) => Service::Streams,
-            Topic::Provisioning(_) => Service::Provisioning,
+            Topic::Provisioning(_) | Topic::Claim(_) => Service::Provisioning,
             Topic::Command(_) => Service::Commands,
         }
     }
@@ -647,7 +647,14 @@ impl<'a> Topic<'a> {
                 ProvisioningTopic::CreateKeysAndCertificate(_, r)
                 | ProvisioningTopic::CreateCertificateFromCsr(_, r)
                 | ProvisioningTopic::RegisterThing(_, _, r),
-            ) => *r == Role::Request,
+            )
+            | Topic::Claim(ClaimTopic {
+                request:
+                    ProvisioningTopic::CreateKeysAndCertificate(_, r)
+                    | ProvisioningTopic::CreateCertificateFromCsr(_, r)
+                    | ProvisioningTopic::RegisterThing(_, _, r),
+                ..
+            }) => *r == Role::Request,
             Topic::Command(t) => t.kind == CommandTopicKind::Response(Role::Request),
         }
     }
@@ -684,7 +691,14 @@ impl<'a> Topic<'a> {
                 ProvisioningTopic::CreateKeysAndCertificate(_, r)
                 | ProvisioningTopic::CreateCertificateFromCsr(_, r)
                 | ProvisioningTopic::RegisterThing(_, _, r),
-            ) => r,
+            )
+            | Topic::Claim(ClaimTopic {
+                request:
+                    ProvisioningTopic::CreateKeysAndCertificate(_, r)
+                    | ProvisioningTopic::CreateCertificateFromCsr(_, r)
+                    | ProvisioningTopic::RegisterThing(_, _, r),
+                ..
+            }) => r,
             Topic::Command(CommandTopic {
                 kind: CommandTopicKind::Response(r),
                 ..
@@ -726,16 +740,11 @@ impl<'a> Topic<'a> {
                 kind: t.kind,
                 format: t.format,
             }),
-            Topic::Provisioning(p) => Topic::Provisioning(match p {
-                ProvisioningTopic::CreateKeysAndCertificate(f, r) => {
-                    ProvisioningTopic::CreateKeysAndCertificate(f, r)
-                }
-                ProvisioningTopic::CreateCertificateFromCsr(f, r) => {
-                    ProvisioningTopic::CreateCertificateFromCsr(f, r)
-                }
-                ProvisioningTopic::RegisterThing(t, f, r) => {
-                    ProvisioningTopic::RegisterThing(t.into_owned(), f, r)
-                }
+            Topic::Provisioning(p) => Topic::Provisioning(p.into_owned()),
+            Topic::Claim(c) => Topic::Claim(ClaimTopic {
+                identity: c.identity.into_owned(),
+                client: c.client.into_owned(),
+                request: c.request.into_owned(),
             }),
             Topic::Command(c) => Topic::Command(CommandTopic {
                 thing: c.thing.into_owned(),
@@ -752,6 +761,97 @@ impl<'a> Topic<'a> {
         use alloc::string::ToString;
         self.display(prefix).to_string()
     }
+}
+
+impl ProvisioningTopic<'_> {
+    /// The same topic owning its names.
+    #[cfg(feature = "alloc")]
+    pub fn into_owned(self) -> ProvisioningTopic<'static> {
+        match self {
+            Self::CreateKeysAndCertificate(f, r) => {
+                ProvisioningTopic::CreateKeysAndCertificate(f, r)
+            }
+            Self::CreateCertificateFromCsr(f, r) => {
+                ProvisioningTopic::CreateCertificateFromCsr(f, r)
+            }
+            Self::RegisterThing(t, f, r) => ProvisioningTopic::RegisterThing(t.into_owned(), f, r),
+        }
+    }
+}
+
+/// Parses the levels of a provisioning topic after the prefix (or after
+/// `claims/{identity}/{client}`, where `provision` is left out).
+fn parse_provisioning<'a>(
+    levels: &[&'a str],
+    with_provision: bool,
+) -> Result<ProvisioningTopic<'a>, TopicError> {
+    let role_of = |role: &[&str]| -> Result<Role, TopicError> {
+        if role.len() > 1 {
+            return Err(TopicError::Unknown);
+        }
+        Role::from_suffix(role.first().copied()).ok_or(TopicError::Unknown)
+    };
+    let format_of = |f: &str| Format::parse(f).ok_or(TopicError::Unknown);
+    match levels {
+        ["certificates", "create", format, role @ ..] => Ok(
+            ProvisioningTopic::CreateKeysAndCertificate(format_of(format)?, role_of(role)?),
+        ),
+        ["certificates", "create-from-csr", format, role @ ..] => Ok(
+            ProvisioningTopic::CreateCertificateFromCsr(format_of(format)?, role_of(role)?),
+        ),
+        [
+            "provisioning-templates",
+            template,
+            "provision",
+            format,
+            role @ ..,
+        ] if with_provision => Ok(ProvisioningTopic::RegisterThing(
+            TemplateName::new(template)?,
+            format_of(format)?,
+            role_of(role)?,
+        )),
+        ["provisioning-templates", template, format, role @ ..] if !with_provision => {
+            Ok(ProvisioningTopic::RegisterThing(
+                TemplateName::new(template)?,
+                format_of(format)?,
+                role_of(role)?,
+            ))
+        }
+        _ => Err(TopicError::Unknown),
+    }
+}
+
+/// The levels of a provisioning topic, one by one to `level`.
+fn provisioning_pieces<E>(
+    p: &ProvisioningTopic<'_>,
+    with_provision: bool,
+    level: &mut impl FnMut(&str) -> Result<(), E>,
+) -> Result<(), E> {
+    let (format, role) = match p {
+        ProvisioningTopic::CreateKeysAndCertificate(f, r) => {
+            level("certificates")?;
+            level("create")?;
+            (f, r)
+        }
+        ProvisioningTopic::CreateCertificateFromCsr(f, r) => {
+            level("certificates")?;
+            level("create-from-csr")?;
+            (f, r)
+        }
+        ProvisioningTopic::RegisterThing(template, f, r) => {
+            level("provisioning-templates")?;
+            level(template.as_str())?;
+            if with_provision {
+                level("provision")?;
+            }
+            (f, r)
+        }
+    };
+    level(format.as_str())?;
+    if let Some(s) = role.suffix() {
+        level(s)?;
+    }
+    Ok(())
 }
 
 /// Formats a [`Topic`] under a prefix; made by [`Topic::display`].
@@ -861,6 +961,9 @@ impl Service {
                 "certificates/create/+",
                 "certificates/create-from-csr/+",
                 "provisioning-templates/+/provision/+",
+                "claims/+/+/certificates/create/+",
+                "claims/+/+/certificates/create-from-csr/+",
+                "claims/+/+/provisioning-templates/+/+",
             ],
             Self::Commands => &["commands/things/+/executions/+/response/+"],
         }
@@ -1370,6 +1473,42 @@ mod tests {
                 // Whatever parses must print back to the same text.
                 prop_assert_eq!(topic.display(&TopicPrefix::AWS).to_string(), text);
             }
+        }
+    }
+
+    #[test]
+    fn claim_topics_round_trip_and_refuse_wildcards() {
+        let p = TopicPrefix::AWS;
+        for text in [
+            "$aws/claims/claim@factory/c-1/certificates/create-from-csr/json",
+            "$aws/claims/claim@factory/c-1/certificates/create/json/accepted",
+            "$aws/claims/claim@factory/c-1/provisioning-templates/factory/json",
+            "$aws/claims/claim@factory/c-1/provisioning-templates/factory/json/rejected",
+        ] {
+            let t = Topic::parse(&p, text).unwrap();
+            assert_eq!(t.service(), Service::Provisioning);
+            assert_eq!(t.thing(), None);
+            assert_eq!(t.display(&p).to_string(), text);
+            assert_eq!(t.clone().into_owned(), t);
+            // Within AWS's seven slashes.
+            assert!(text.matches('/').count() <= 7, "{text}");
+        }
+        let request = Topic::parse(&p, "$aws/claims/a@f/c/provisioning-templates/t/json").unwrap();
+        assert!(request.is_from_device());
+        assert!(
+            Service::Provisioning
+                .filters(&p)
+                .iter()
+                .any(|f| filter_matches(f, "$aws/claims/a@f/c/provisioning-templates/t/json"))
+        );
+        for bad in [
+            "$aws/claims/a+b/c/certificates/create/json",
+            "$aws/claims/a@f/#/certificates/create/json",
+            "$aws/claims/a@f/c/provisioning-templates/t/provision/json",
+            "$aws/claims/a@f/c/certificates/create/json/accepted/x",
+            "$aws/claims/a@f/c/things/t/shadow/update",
+        ] {
+            assert!(Topic::parse(&p, bad).is_err(), "{bad}");
         }
     }
 }

@@ -5,9 +5,17 @@
 //! locally (the private key never leaves it), asks the fleet's
 //! `create-from-csr` for a certificate, registers through a provisioning
 //! template (`RegisterThing`), and stores the certificate and key in its
-//! state directory. Replies come on the MQTT 5 response topic of each
-//! request, in the claimant's own `$aws/clients/{client id}/` namespace, so
-//! no other claimant can read them.
+//! state directory. Over MQTT 5 (the default), replies come on the
+//! response topic of each request, in the claimant's own
+//! `$aws/clients/{client id}/` namespace. MQTT 3.1.1 has no response
+//! topic, so with [`Protocol::V311`] the requests go under
+//! `$aws/claims/{claim identity}/{client id}/` and the replies come back
+//! there ([`ClaimTopic`]): a broker with the fleet's policy (the embedded
+//! broker, or Mosquitto with the generated ACL) lets only this connection
+//! write and read there. Either way no other claimant can read them.
+//! (AWS's own SDKs, over MQTT 3.1.1, use AWS's fixed reply topics: the
+//! embedded broker routes those replies to the requester alone; Mosquitto
+//! cannot, and its ACL lets no claimant read them.)
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,10 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_core::ClientName;
 use fleet_core::TemplateName;
 use fleet_core::topic::{
-    Format, ProvisioningTopic, Role, Topic, TopicPrefix, client_namespace, client_topic,
-    response_reply,
+    ClaimTopic, Format, ProvisioningTopic, Role, Topic, TopicPrefix, client_namespace,
+    client_topic, response_reply,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
@@ -27,6 +36,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use serde_json::{Value, json};
 
 use crate::AgentBuilder;
+use crate::mqtt::{self, Ev, Protocol};
 
 /// Why provisioning failed. Nothing is stored unless it succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +110,10 @@ pub struct ClaimConfig {
     pub state_dir: PathBuf,
     /// How long to wait for each answer.
     pub timeout: Duration,
+    /// MQTT 5 (the default: replies to each request's response topic) or
+    /// MQTT 3.1.1 (requests and replies under the claimant's own
+    /// `claims/{identity}/{client id}/` topics).
+    pub protocol: Protocol,
 }
 
 impl fmt::Debug for ClaimConfig {
@@ -110,6 +124,7 @@ impl fmt::Debug for ClaimConfig {
             .field("template", &self.template)
             .field("thing_name", &self.thing_name)
             .field("state_dir", &self.state_dir)
+            .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
 }
@@ -214,14 +229,10 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
         .and_then(|c| c.pem())
         .map_err(|e| ProvisionError::Key(e.to_string()))?;
 
-    let mut session = Session::connect(config).await?;
+    let mut session = Channel::connect(config).await?;
     let created = session
         .request(
-            &Topic::Provisioning(ProvisioningTopic::CreateCertificateFromCsr(
-                Format::Json,
-                Role::Request,
-            ))
-            .to_string_under(&TopicPrefix::AWS),
+            ProvisioningTopic::CreateCertificateFromCsr(Format::Json, Role::Request),
             "create-from-csr",
             &json!({ "certificateSigningRequest": csr }),
         )
@@ -238,12 +249,7 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
         .map_err(|e| ProvisionError::InvalidName(e.to_string()))?;
     let registered = session
         .request(
-            &Topic::Provisioning(ProvisioningTopic::RegisterThing(
-                template,
-                Format::Json,
-                Role::Request,
-            ))
-            .to_string_under(&TopicPrefix::AWS),
+            ProvisioningTopic::RegisterThing(template, Format::Json, Role::Request),
             "register",
             &json!({ "certificateOwnershipToken": token, "parameters": config.parameters }),
         )
@@ -262,6 +268,234 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
     Ok(provisioned)
 }
 
+/// A claimant's connection: MQTT 5 with response topics, or MQTT 3.1.1
+/// with its own claim topics.
+enum Channel {
+    V5(Box<Session>),
+    V311(Session311),
+}
+
+impl Channel {
+    async fn connect(config: &ClaimConfig) -> Result<Self, ProvisionError> {
+        match config.protocol {
+            Protocol::V311 => Ok(Self::V311(Session311::connect(config).await?)),
+            _ => Ok(Self::V5(Box::new(Session::connect(config).await?))),
+        }
+    }
+
+    /// Asks `request` (answered on its own reply topics) and returns the
+    /// accepted reply's body.
+    async fn request(
+        &mut self,
+        request: ProvisioningTopic<'_>,
+        what: &str,
+        body: &Value,
+    ) -> Result<Value, ProvisionError> {
+        match self {
+            Self::V5(s) => {
+                let topic = Topic::Provisioning(request).to_string_under(&TopicPrefix::AWS);
+                s.request(&topic, what, body).await
+            }
+            Self::V311(s) => s.request(request, body).await,
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Self::V5(s) => s.close().await,
+            Self::V311(s) => s.close().await,
+        }
+    }
+}
+
+/// The accepted body, or the rejection it carries.
+fn accepted_or_rejected(ok: bool, payload: &[u8]) -> Result<Value, ProvisionError> {
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| ProvisionError::InvalidReply(e.to_string()))?;
+    if ok {
+        Ok(v)
+    } else {
+        Err(ProvisionError::Rejected {
+            status: v["statusCode"]
+                .as_u64()
+                .and_then(|s| u16::try_from(s).ok())
+                .unwrap_or(0),
+            code: v["errorCode"].as_str().unwrap_or_default().to_string(),
+            message: v["errorMessage"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+/// A fresh client id: claimants share a certificate, not a session, and
+/// the reply namespace is per client id.
+fn claimant_client_id() -> Result<String, ProvisionError> {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| ProvisionError::Key(e.to_string()))?;
+    Ok(format!(
+        "claim-{}",
+        r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// The common name of a certificate (PEM): a claim identity's name.
+fn common_name(cert_pem: &str) -> Result<String, ProvisionError> {
+    let bad = |e: String| ProvisionError::Tls(format!("claim certificate: {e}"));
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| bad("no common name".into()))?;
+    Ok(cn.to_string())
+}
+
+/// MQTT 3.1.1: requests under `claims/{identity}/{client id}/`, replies
+/// there too.
+struct Session311 {
+    client: mqtt::Client,
+    events: mqtt::EventLoop,
+    identity: String,
+    client_id: String,
+    timeout: Duration,
+}
+
+impl Session311 {
+    async fn connect(config: &ClaimConfig) -> Result<Self, ProvisionError> {
+        let identity = common_name(&config.claim_cert_pem)?;
+        let tls = crate::tls::client_tls(
+            &config.ca_pem,
+            &config.claim_cert_pem,
+            &config.claim_key_pem,
+        )
+        .map_err(|e| ProvisionError::Tls(e.to_string()))?;
+        let client_id = claimant_client_id()?;
+        let (client, events) = mqtt::connect(
+            Protocol::V311,
+            mqtt::Options {
+                client_id: client_id.clone(),
+                host: config.host.clone(),
+                port: config.port,
+                tls,
+                keep_alive: Duration::from_secs(30),
+                max_packet: 256 * 1024,
+                capacity: 16,
+            },
+        );
+        let mut s = Self {
+            client,
+            events,
+            identity,
+            client_id,
+            timeout: config.timeout,
+        };
+        s.until(|e| matches!(e, Ev::ConnAck).then_some(())).await?;
+        let (namespace, ..) = s.topic(None)?;
+        s.client
+            .try_subscribe_many(vec![namespace])
+            .map_err(ProvisionError::Network)?;
+        s.until(|e| match e {
+            Ev::SubAck { ok } => Some(*ok),
+            _ => None,
+        })
+        .await?
+        .then_some(())
+        .ok_or_else(|| {
+            ProvisionError::Network("the broker refused the reply subscription (policy)".into())
+        })?;
+        Ok(s)
+    }
+
+    /// The claim topic of `request` (`None`: the filter of the whole
+    /// namespace), and its accepted and rejected replies.
+    fn topic(
+        &self,
+        request: Option<ProvisioningTopic<'_>>,
+    ) -> Result<(String, String, String), ProvisionError> {
+        let name = |s: &str| {
+            ClientName::new(s)
+                .map(ClientName::into_owned)
+                .map_err(|e| ProvisionError::InvalidName(e.to_string()))
+        };
+        let (identity, client) = (name(&self.identity)?, name(&self.client_id)?);
+        let p = TopicPrefix::AWS;
+        Ok(match request {
+            Some(request) => {
+                let t = Topic::Claim(ClaimTopic {
+                    identity,
+                    client,
+                    request,
+                });
+                let reply = |role| {
+                    t.reply(role)
+                        .map(|r| r.to_string_under(&p))
+                        .unwrap_or_default()
+                };
+                (
+                    t.to_string_under(&p),
+                    reply(Role::Accepted),
+                    reply(Role::Rejected),
+                )
+            }
+            None => (
+                format!("{}/claims/{identity}/{client}/#", p.as_str()),
+                String::new(),
+                String::new(),
+            ),
+        })
+    }
+
+    async fn until<T>(
+        &mut self,
+        mut want: impl FnMut(&Ev) -> Option<T>,
+    ) -> Result<T, ProvisionError> {
+        tokio::time::timeout(self.timeout, async {
+            loop {
+                match self.events.poll().await {
+                    Ev::Error { reason, .. } => return Err(ProvisionError::Network(reason)),
+                    e => {
+                        if let Some(t) = want(&e) {
+                            return Ok(t);
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|_| ProvisionError::Network("no answer in time".into()))?
+    }
+
+    async fn request(
+        &mut self,
+        request: ProvisioningTopic<'_>,
+        body: &Value,
+    ) -> Result<Value, ProvisionError> {
+        let (topic, accepted, rejected) = self.topic(Some(request))?;
+        self.client
+            .try_publish(&topic, 1, body.to_string().into_bytes())
+            .map_err(ProvisionError::Network)?;
+        let (ok, payload) = self
+            .until(|e| match e {
+                Ev::Publish { topic, payload } if *topic == accepted => {
+                    Some((true, payload.clone()))
+                }
+                Ev::Publish { topic, payload } if *topic == rejected => {
+                    Some((false, payload.clone()))
+                }
+                _ => None,
+            })
+            .await?;
+        accepted_or_rejected(ok, &payload)
+    }
+
+    async fn close(mut self) {
+        self.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.events.poll()).await;
+    }
+}
+
 struct Session {
     client: AsyncClient,
     events: EventLoop,
@@ -277,14 +511,7 @@ impl Session {
             &config.claim_key_pem,
         )
         .map_err(|e| ProvisionError::Tls(e.to_string()))?;
-        // A client id of its own: claimants share a certificate, not a
-        // session, and the reply namespace is per client id.
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).map_err(|e| ProvisionError::Key(e.to_string()))?;
-        let client_id = format!(
-            "claim-{}",
-            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let client_id = claimant_client_id()?;
         let mut options = MqttOptions::new(client_id.clone(), config.host.clone(), config.port);
         options
             .set_keep_alive(Duration::from_secs(30))
@@ -381,20 +608,7 @@ impl Session {
                 _ => None,
             })
             .await?;
-        let v: Value = serde_json::from_slice(&payload)
-            .map_err(|e| ProvisionError::InvalidReply(e.to_string()))?;
-        if ok {
-            Ok(v)
-        } else {
-            Err(ProvisionError::Rejected {
-                status: v["statusCode"]
-                    .as_u64()
-                    .and_then(|s| u16::try_from(s).ok())
-                    .unwrap_or(0),
-                code: v["errorCode"].as_str().unwrap_or_default().to_string(),
-                message: v["errorMessage"].as_str().unwrap_or_default().to_string(),
-            })
-        }
+        accepted_or_rejected(ok, &payload)
     }
 
     async fn close(mut self) {

@@ -181,6 +181,7 @@ async fn device(
         thing_name: format!("pump-{serial}"),
         state_dir: dir.join("identity"),
         timeout: Duration::from_secs(3),
+        protocol: Default::default(),
     };
     // A device asks again when nobody answered (the cloud may still be
     // starting); a refusal is final.
