@@ -453,7 +453,13 @@ async fn provisioning(allow_replace: bool) -> Provisioning {
 /// plugin (`mosquitto`), where the roster is rewritten before
 /// `RegisterThing` is answered, as `fleet serve` does.
 async fn provisioning_on(allow_replace: bool, mosquitto: bool) -> Provisioning {
-    provisioning_with(allow_replace, mosquitto, true).await
+    provisioning_with(
+        allow_replace,
+        mosquitto,
+        true,
+        Registry::in_memory().unwrap(),
+    )
+    .await
 }
 
 /// `subject_names_thing`: whether a CSR's common name must be the thing
@@ -463,8 +469,8 @@ async fn provisioning_with(
     allow_replace: bool,
     mosquitto: bool,
     subject_names_thing: bool,
+    registry: Registry,
 ) -> Provisioning {
-    let registry = Registry::in_memory().unwrap();
     let policy = BrokerPolicy {
         claim_identities: vec!["claim@f".into()],
         ..BrokerPolicy::default()
@@ -644,7 +650,21 @@ async fn a_claim_certificate_grants_nothing_until_registered_and_never_a_privile
 /// under that thing's name only, and is confined to that thing's topics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_is_its_things_whatever_its_subject() {
-    let mut p = provisioning_with(false, false, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(&dir.path().join("registry.db")).unwrap();
+    certificate_binding(provisioning_with(false, false, false, registry).await).await;
+}
+
+/// The same with the registry in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_its_things_whatever_its_subject_on_postgres() {
+    let pg = fleet_testkit::Postgres::start().unwrap();
+    let stores = fleet_cloud::Stores::postgres(&pg.url(), 4).await.unwrap();
+    let registry = Registry::new(stores.registry.clone());
+    certificate_binding(provisioning_with(false, false, false, registry).await).await;
+}
+
+async fn certificate_binding(mut p: Provisioning) {
     let (outcome, created, key) = p.create("serial-A17").await;
     assert_eq!(outcome, "accepted", "{created}");
     let cert = created["certificatePem"].as_str().unwrap().to_owned();
