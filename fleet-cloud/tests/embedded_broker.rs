@@ -685,6 +685,7 @@ async fn persistent_sessions_keep_subscriptions_and_qos1_messages() {
     );
     config.limits.max_session_messages = 3;
     config.limits.max_session_expiry = Duration::from_secs(600);
+    config.policy.claim_identities = vec!["claim@factory".into()];
     let s = Setup {
         broker: EmbeddedBroker::start(config).await.unwrap(),
         pki,
@@ -700,6 +701,16 @@ async fn persistent_sessions_keep_subscriptions_and_qos1_messages() {
         async move { b.publish(topic, qos, false, payload).await.unwrap() }
     };
     use rumqttc::v5::mqttbytes::QoS;
+
+    // A claimant keeps no session (its client ids are its own choice):
+    // granted an expiry of 0, and nothing kept.
+    let claim = s.pki.client_identity("claim@factory").unwrap();
+    let (c, ev, _, granted) = session(&s, &claim, false, Some(600)).await;
+    assert_eq!(granted, Some(0));
+    leave(c, ev).await;
+    let (c, ev, present, _) = session(&s, &claim, false, Some(600)).await;
+    assert!(!present);
+    leave(c, ev).await;
 
     // A new session: not present; an expiry past the broker's is capped.
     let (c, mut ev, present, granted) = session(&s, &dev, false, Some(100_000)).await;

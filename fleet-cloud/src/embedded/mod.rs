@@ -1501,7 +1501,13 @@ async fn connection(
     // How long the session outlives the connection: MQTT 3.1.1 without
     // Clean Session keeps it as long as the broker allows; MQTT 5 says
     // (0 when absent), capped by the broker.
-    let max_expiry = u32::try_from(shared.limits.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+    // A claimant keeps none: its client ids are its own choice, and kept
+    // sessions would let it pile them up.
+    let max_expiry = if role == Role::Claimant {
+        0
+    } else {
+        u32::try_from(shared.limits.max_session_expiry.as_secs()).unwrap_or(u32::MAX)
+    };
     let (expiry, granted_expiry) = match (version, asked_expiry) {
         (Version::V4, _) => (if clean { 0 } else { max_expiry }, None),
         (Version::V5, asked) => {
