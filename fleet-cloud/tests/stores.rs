@@ -1018,13 +1018,35 @@ fn device_client(
     client_id: &str,
     port: u16,
 ) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    rumqttc::v5::AsyncClient::new(client_options(pki, id, client_id, port), 16)
+}
+
+/// MQTT 5 options for `id` as `client_id`, trusting `pki`'s CA.
+fn client_options(
+    pki: &fleet_cloud::pki::Pki,
+    id: &fleet_cloud::pki::Identity,
+    client_id: &str,
+    port: u16,
+) -> rumqttc::v5::MqttOptions {
     let tls = fleet_testkit::client_tls_config(id, &pki.ca_pem()).unwrap();
     let mut o = rumqttc::v5::MqttOptions::new(client_id, "localhost", port);
     o.set_keep_alive(std::time::Duration::from_secs(5))
         .set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
         ));
-    rumqttc::v5::AsyncClient::new(o, 16)
+    o
+}
+
+/// An embedded broker's configuration on loopback with `pki`'s
+/// certificates.
+fn embedded_config(pki: &fleet_cloud::pki::Pki) -> fleet_cloud::EmbeddedConfig {
+    let server = pki.server_identity().unwrap();
+    fleet_cloud::EmbeddedConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.cert_pem,
+        &server.key_pem,
+        &pki.ca_pem(),
+    )
 }
 
 /// The first packet `pick` takes from `ev` (10 s at most).
@@ -1050,8 +1072,8 @@ async fn next_packet<T>(
 /// deletes, for good. The store itself first: put, replace, delete, load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_survive_a_broker_restart_on_every_store() {
+    use fleet_cloud::EmbeddedBroker;
     use fleet_cloud::store::RetainedMessage;
-    use fleet_cloud::{EmbeddedBroker, EmbeddedConfig};
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 
@@ -1083,14 +1105,8 @@ async fn retained_messages_survive_a_broker_restart_on_every_store() {
         // The broker: a device's retained messages, acknowledged once
         // stored, are there after a restart on the same store.
         let pki = fleet_cloud::pki::Pki::new("retained test CA").unwrap();
-        let server = pki.server_identity().unwrap();
         let start = |stores: &Stores| {
-            let mut config = EmbeddedConfig::new(
-                "127.0.0.1:0".parse().unwrap(),
-                &server.cert_pem,
-                &server.key_pem,
-                &pki.ca_pem(),
-            );
+            let mut config = embedded_config(&pki);
             config.retained_store = Some(stores.retained.clone());
             EmbeddedBroker::start(config)
         };
@@ -1181,14 +1197,9 @@ async fn kept_session(
     port: u16,
     clean: bool,
 ) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop, bool) {
-    let tls = fleet_testkit::client_tls_config(id, &pki.ca_pem()).unwrap();
-    let mut o = rumqttc::v5::MqttOptions::new(&id.common_name, "localhost", port);
-    o.set_keep_alive(std::time::Duration::from_secs(5))
-        .set_clean_start(clean)
-        .set_session_expiry_interval(Some(600))
-        .set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
-        ));
+    let mut o = client_options(pki, id, &id.common_name, port);
+    o.set_clean_start(clean)
+        .set_session_expiry_interval(Some(600));
     let (c, mut ev) = rumqttc::v5::AsyncClient::new(o, 16);
     let present = next_packet(&mut ev, |p| match p {
         rumqttc::v5::mqttbytes::v5::Packet::ConnAck(a) => Some(a.session_present),
@@ -1204,20 +1215,14 @@ async fn kept_session(
 /// keeps its subscriptions; a clean start begins afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_sessions_survive_a_broker_restart_on_every_store() {
-    use fleet_cloud::{EmbeddedBroker, EmbeddedConfig};
+    use fleet_cloud::EmbeddedBroker;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
 
     on_every_store(|instance| async move {
         let pki = fleet_cloud::pki::Pki::new("session test CA").unwrap();
-        let server = pki.server_identity().unwrap();
         let start = |stores: &Stores| {
-            let mut config = EmbeddedConfig::new(
-                "127.0.0.1:0".parse().unwrap(),
-                &server.cert_pem,
-                &server.key_pem,
-                &pki.ca_pem(),
-            );
+            let mut config = embedded_config(&pki);
             config.session_store = Some(stores.sessions.clone());
             EmbeddedBroker::start(config)
         };
