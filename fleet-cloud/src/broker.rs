@@ -124,8 +124,32 @@ impl Publisher {
         self.0
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
-            .map_err(|e| PublishError::new(e.to_string()))
+            .map_err(|e| PublishError::new(e.to_string()))?;
+        count_out("application", 1);
+        Ok(())
     }
+}
+
+/// An error and its causes, `: `-separated (a cause its error's message
+/// already quotes is not repeated).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Counts `n` messages published at QoS 1 for `service`.
+fn count_out(service: &'static str, n: usize) {
+    metrics::counter!("fleet_messages_out_total", "service" => service, "qos" => "1")
+        .increment(n as u64);
 }
 
 #[async_trait::async_trait]
@@ -148,16 +172,57 @@ pub struct RunningService {
 /// Whether the service's connection to the broker is up (connected and
 /// subscribed to its requests): what `/readyz` reports.
 #[derive(Debug, Clone, Default)]
-pub struct LinkState(Arc<AtomicBool>);
+pub struct LinkState(Arc<LinkInner>);
+
+#[derive(Debug, Default)]
+struct LinkInner {
+    up: AtomicBool,
+    /// Why the last attempt to connect failed.
+    error: std::sync::Mutex<Option<String>>,
+}
 
 impl LinkState {
     /// Whether the connection is up now.
     pub fn is_up(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.up.load(Ordering::SeqCst)
+    }
+
+    /// Why the connection is down: the last attempt's error (`None` while
+    /// up, or before the first attempt ended).
+    pub fn last_error(&self) -> Option<String> {
+        if self.is_up() {
+            return None;
+        }
+        self.0
+            .error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until the connection is up, `timeout` at most; whether it is.
+    pub async fn wait_up(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_up() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
     }
 
     fn set(&self, up: bool) {
-        self.0.store(up, Ordering::SeqCst);
+        self.0.up.store(up, Ordering::SeqCst);
+    }
+
+    fn failed(&self, error: String) {
+        self.set(false);
+        *self
+            .0
+            .error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
     }
 }
 
@@ -540,7 +605,10 @@ pub fn serve(
                     payload,
                     properties,
                 } => {
-                    pending_out.fetch_sub(topic.len() + payload.len(), Ordering::Relaxed);
+                    let left = pending_out
+                        .fetch_sub(topic.len() + payload.len(), Ordering::Relaxed)
+                        - (topic.len() + payload.len());
+                    metrics::gauge!("fleet_outbound_queued_bytes").set(left as f64);
                     match properties {
                         Some(p) => {
                             out_client
@@ -565,6 +633,7 @@ pub fn serve(
         let size = topic.len() + payload.len();
         if pending.fetch_add(size, Ordering::Relaxed) + size > MAX_OUTBOUND_BYTES {
             pending.fetch_sub(size, Ordering::Relaxed);
+            metrics::counter!("fleet_outbound_dropped_total").increment(1);
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
                 topic,
@@ -622,6 +691,18 @@ pub fn serve(
                                 .strip_prefix(t.as_str())
                                 .is_some_and(|r| r.starts_with('/'))
                         });
+                    let service = match routed.and_then(|id| table.get(id)) {
+                        Some(h) => h.service().as_str(),
+                        None if is_telemetry => "telemetry",
+                        None => "other",
+                    };
+                    let qos = match p.qos {
+                        QoS::AtMostOnce => "0",
+                        QoS::AtLeastOnce => "1",
+                        QoS::ExactlyOnce => "2",
+                    };
+                    metrics::counter!("fleet_messages_in_total", "service" => service, "qos" => qos)
+                        .increment(1);
                     let queued = Queued {
                         topic,
                         payload: p.payload.to_vec(),
@@ -650,7 +731,7 @@ pub fn serve(
                     return;
                 }
                 Err(e) => {
-                    link_seen.set(false);
+                    link_seen.failed(error_chain(&e));
                     tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -711,6 +792,7 @@ pub fn serve(
             for handler in ticking.handlers() {
                 match handler.tick(clock.now()).await {
                     Ok(messages) => {
+                        count_out(handler.service().as_str(), messages.len());
                         for m in messages {
                             out(m.topic, m.payload, None);
                         }
@@ -797,6 +879,9 @@ async fn handle_one(
             return true;
         }
     };
+    if let Some(h) = services.get(id) {
+        count_out(h.service().as_str(), messages.len());
+    }
     let replies = [Role::Accepted, Role::Rejected].map(|role| {
         request
             .topic

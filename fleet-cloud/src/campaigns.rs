@@ -225,6 +225,25 @@ impl JobsService {
                 (JobStatus::Failed | JobStatus::Rejected, _) => s.failed += 1,
             }
         }
+        // The campaign's progress as last read (by a watcher, the API).
+        for (state, n) in [
+            ("pending", s.pending),
+            ("queued", s.queued),
+            ("in_progress", s.in_progress),
+            ("succeeded", s.succeeded),
+            ("failed", s.failed),
+            ("rolled_back", s.rolled_back),
+            ("timed_out", s.timed_out),
+            ("canceled", s.canceled),
+            ("unverified_receipt", s.unverified_receipt),
+        ] {
+            metrics::gauge!(
+                "fleet_campaign_devices",
+                "campaign" => campaign_id.to_string(),
+                "state" => state
+            )
+            .set(n as f64);
+        }
         Ok(s)
     }
 

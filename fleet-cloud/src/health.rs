@@ -85,7 +85,10 @@ impl Readiness {
             if broker_ok {
                 "ok".into()
             } else {
-                "not connected to the broker".into()
+                match self.link.last_error() {
+                    Some(e) => format!("not connected to the broker: {e}"),
+                    None => "not connected to the broker".into(),
+                }
             },
         );
         if let Some(l) = &self.leadership {

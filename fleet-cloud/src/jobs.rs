@@ -174,6 +174,42 @@ fn ended_executions(jobs: &ThingJobs) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Counts each execution of `after` whose status is new since `before` in
+/// `fleet_job_executions_total`.
+fn count_transitions(before: &ThingJobs, after: &ThingJobs) {
+    for e in after.executions() {
+        let was = before
+            .executions()
+            .iter()
+            .find(|b| b.job_id == e.job_id && b.execution_number == e.execution_number)
+            .map(|b| b.status);
+        if was != Some(e.status) {
+            metrics::counter!("fleet_job_executions_total", "status" => e.status.as_str())
+                .increment(1);
+        }
+    }
+}
+
+/// Sets `fleet_rollout_targets{job, status}`: a rollout's things by status.
+fn rollout_progress(job_id: &str, targets: &[fleet_core::jobs::Target]) {
+    let statuses = [
+        (TargetStatus::Pending, "pending"),
+        (TargetStatus::Queued, "queued"),
+        (TargetStatus::InProgress, "in_progress"),
+        (TargetStatus::Succeeded, "succeeded"),
+        (TargetStatus::Failed, "failed"),
+        (TargetStatus::TimedOut, "timed_out"),
+        (TargetStatus::Rejected, "rejected"),
+        (TargetStatus::Canceled, "canceled"),
+        (TargetStatus::Removed, "removed"),
+    ];
+    for (status, label) in statuses {
+        let n = targets.iter().filter(|t| t.status == status).count();
+        metrics::gauge!("fleet_rollout_targets", "job" => job_id.to_string(), "status" => label)
+            .set(n as f64);
+    }
+}
+
 /// Things queued at once when a job is created.
 const QUEUE_CONCURRENCY: usize = 256;
 
@@ -238,13 +274,20 @@ impl JobsService {
         mut f: impl FnMut(&mut ThingJobs) -> R,
     ) -> Result<R, JobsError> {
         for attempt in 0..MAX_CAS_ATTEMPTS {
-            let current = self.store.load_thing(thing).await?;
+            let current = crate::metrics::timed("jobs_load", self.store.load_thing(thing)).await?;
             let mut jobs = current.value.clone();
             let r = f(&mut jobs);
             if jobs != current.value {
-                match self.store.save_thing(thing, current.revision, &jobs).await {
-                    Ok(_) => {}
+                let saved = crate::metrics::timed(
+                    "jobs_save",
+                    self.store.save_thing(thing, current.revision, &jobs),
+                )
+                .await;
+                match saved {
+                    Ok(_) => count_transitions(&current.value, &jobs),
                     Err(StoreError::Conflict) => {
+                        metrics::counter!("fleet_store_conflicts_total", "kind" => "jobs")
+                            .increment(1);
                         crate::store::after_conflict(attempt).await;
                         continue;
                     }
@@ -745,6 +788,8 @@ impl JobsService {
             }
             match self.store.save_job(&record, current.revision).await {
                 Ok(_) => {
+                    metrics::counter!("fleet_rollout_released_total")
+                        .increment((d.release.len() + d.retry.len()) as u64);
                     if !d.release.is_empty() || !d.retry.is_empty() {
                         tracing::info!(
                             job = job_id,
@@ -765,6 +810,7 @@ impl JobsService {
         let Some(rs) = &record.rollout else {
             return Ok(out);
         };
+        rollout_progress(job_id, &rs.targets);
         let spec = &record.spec;
         for (i, (thing, t)) in rs.order.iter().zip(&rs.targets).enumerate() {
             let messages = match t.status {

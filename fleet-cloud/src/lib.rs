@@ -95,6 +95,7 @@ mod commands;
 mod embedded;
 pub mod health;
 mod jobs;
+pub mod metrics;
 mod model;
 mod outgoing;
 pub mod pki;
@@ -129,7 +130,7 @@ pub use embedded::{
 pub use health::{Readiness, Report};
 pub use jobs::{ExecutionSummary, JobSnapshot, JobsError, JobsService, RolloutAction};
 pub use model::{
-    AttributeQuery, CertificateRecord, CertificateStatus, JobRecord, JobSpec, JobState,
+    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, JobRecord, JobSpec, JobState,
     PendingCertificate, RolloutState, Scope, Spent, StoredToken, TargetSelection, Thing,
     TokenRecord,
 };

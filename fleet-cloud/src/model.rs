@@ -185,6 +185,33 @@ impl Scope {
     }
 }
 
+/// One change made through the management API, as the audit log keeps
+/// it: who (the token), what (the request, and what it changed where that
+/// is small), when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    /// Its position in the log (assigned by the store, increasing).
+    pub id: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The id of the token that made it (never the token).
+    pub token_id: String,
+    /// The token's name, as it was then.
+    pub token_name: String,
+    /// The HTTP method.
+    pub method: String,
+    /// The path (no query).
+    pub path: String,
+    /// The answer's HTTP status.
+    pub status: u16,
+    /// The request's body where it is small JSON (secrets masked);
+    /// `{"bytes": n}` otherwise; `None` without a body.
+    pub request: Option<serde_json::Value>,
+    /// What it replaced, where the API read it (a thing's attributes, a
+    /// shadow's state) and it is small.
+    pub before: Option<serde_json::Value>,
+}
+
 /// A management API token's record (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {

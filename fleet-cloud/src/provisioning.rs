@@ -279,6 +279,21 @@ impl ProvisioningService {
                 "this fleet answers provisioning requests in JSON only",
             )),
         };
+        let operation = match topic {
+            ProvisioningTopic::CreateCertificateFromCsr(..) => "create_certificate_from_csr",
+            ProvisioningTopic::CreateKeysAndCertificate(..) => "create_keys_and_certificate",
+            ProvisioningTopic::RegisterThing(..) => "register_thing",
+        };
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(e) => e.error_code,
+        };
+        metrics::counter!(
+            "fleet_provisioning_total",
+            "operation" => operation,
+            "outcome" => outcome
+        )
+        .increment(1);
         let (role, body) = match result {
             Ok(v) => (Role::Accepted, v.to_string().into_bytes()),
             Err(e) => (Role::Rejected, e.payload()),

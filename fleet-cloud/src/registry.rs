@@ -244,6 +244,21 @@ impl Registry {
             .collect())
     }
 
+    /// Appends `entry` to the audit log; the id it was given.
+    pub async fn record_audit(&self, entry: &crate::AuditEntry) -> Result<u64, RegistryError> {
+        Ok(self.store.append_audit(entry).await?)
+    }
+
+    /// The audit log after entry `after` (0: from the start), oldest
+    /// first, `limit` at most.
+    pub async fn audit(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::AuditEntry>, RegistryError> {
+        Ok(self.store.audit(after, limit).await?)
+    }
+
     /// Revokes a token: it is refused from now on.
     pub async fn revoke_token(&self, id: &str) -> Result<(), RegistryError> {
         if !self.store.delete_token(id).await? {

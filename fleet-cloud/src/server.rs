@@ -469,6 +469,11 @@ impl FleetServer {
         self.running.publisher()
     }
 
+    /// The state of the backend's connection to the broker.
+    pub fn link(&self) -> crate::LinkState {
+        self.running.link()
+    }
+
     /// Where devices connect, with the embedded broker.
     pub fn broker_addr(&self) -> Option<SocketAddr> {
         self.embedded.as_ref().map(EmbeddedBroker::local_addr)

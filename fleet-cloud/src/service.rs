@@ -292,13 +292,22 @@ impl Services {
         request: &Request<'_>,
     ) -> Result<Vec<Outgoing>, HandlerError> {
         let handler = self.get(id).ok_or(HandlerError::NotARequest)?;
+        let service = handler.service().as_str();
+        let count = |outcome: &'static str| {
+            metrics::counter!("fleet_requests_total", "service" => service, "outcome" => outcome)
+                .increment(1);
+        };
         if request.topic.service() != handler.service() || !request.topic.is_from_device() {
+            count("not_a_request");
             return Err(HandlerError::NotARequest);
         }
         if !request.caller.may(&request.topic) {
+            count("forbidden");
             return Err(HandlerError::Forbidden);
         }
-        handler.handle(request).await
+        let r = handler.handle(request).await;
+        count(if r.is_ok() { "handled" } else { "failed" });
+        r
     }
 
     /// The filters a front-end subscribes with for handler `id`.

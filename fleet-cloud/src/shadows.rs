@@ -181,21 +181,31 @@ impl ShadowService {
         };
         let prefix = TopicPrefix::new(&self.prefix).map_err(|_| ServiceError::NotAShadowRequest)?;
         for attempt in 0..MAX_CAS_ATTEMPTS {
-            let current = self.store.load(&key).await.map_err(ServiceError::Store)?;
+            let current = crate::metrics::timed("shadow_load", self.store.load(&key))
+                .await
+                .map_err(ServiceError::Store)?;
             // AWS names the classic shadow by its thing, a named one by its name.
             let name = shadow.as_ref().map_or(thing.as_str(), ShadowName::as_str);
             let out = process(&current.value, name, op, payload, now, &self.limits);
             if let Some(next) = &out.shadow {
-                match self.store.save(&key, current.revision, next).await {
+                let saved = crate::metrics::timed(
+                    "shadow_save",
+                    self.store.save(&key, current.revision, next),
+                )
+                .await;
+                match saved {
                     Ok(_) => {}
                     Err(StoreError::Conflict) => {
                         // Another instance wrote it in between.
+                        metrics::counter!("fleet_store_conflicts_total", "kind" => "shadow")
+                            .increment(1);
                         crate::store::after_conflict(attempt).await;
                         continue;
                     }
                     Err(e) => return Err(ServiceError::Store(e)),
                 }
             }
+            count_outcome(op, &out.messages);
             return Ok(out
                 .messages
                 .into_iter()
@@ -212,6 +222,36 @@ impl ShadowService {
         }
         Err(ServiceError::Store(StoreError::Conflict))
     }
+}
+
+/// Counts a request's outcome in `fleet_shadow_requests_total`: accepted,
+/// or rejected with the code its rejection carries.
+fn count_outcome(op: ShadowOp, messages: &[fleet_core::shadow::ShadowMessage]) {
+    let operation = match op {
+        ShadowOp::Get => "get",
+        ShadowOp::Update => "update",
+        ShadowOp::Delete => "delete",
+    };
+    let rejected = messages
+        .iter()
+        .find(|m| matches!(m.kind, ShadowTopicKind::Op(_, Role::Rejected)));
+    let (outcome, code) = match rejected {
+        None => ("accepted", String::new()),
+        Some(m) => (
+            "rejected",
+            serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .ok()
+                .and_then(|v| v.get("code")?.as_u64())
+                .map_or_else(String::new, |c| c.to_string()),
+        ),
+    };
+    metrics::counter!(
+        "fleet_shadow_requests_total",
+        "operation" => operation,
+        "outcome" => outcome,
+        "code" => code
+    )
+    .increment(1);
 }
 
 /// A shadow request's thing, shadow and operation, read from its topic.

@@ -380,9 +380,13 @@ impl TelemetryRouter {
             }
             if ok {
                 outcome.delivered += selected.len();
+                metrics::counter!("fleet_telemetry_messages_total", "outcome" => "routed")
+                    .increment(selected.len() as u64);
                 continue;
             }
             outcome.dead_lettered += selected.len();
+            metrics::counter!("fleet_telemetry_messages_total", "outcome" => "dead_lettered")
+                .increment(selected.len() as u64);
             tracing::warn!(
                 "sink {} failed for {} messages: {last_error}; dead letters written",
                 rule.sink.name(),

@@ -138,6 +138,47 @@ pub fn server_config(
         .map_err(|e| TlsError::caused("the server certificate", e))
 }
 
+/// Why a TLS handshake failed, as a metrics label: the certificate's
+/// fault (`unknown_issuer`, `expired`, `not_yet_valid`, `revoked`,
+/// `bad_certificate`, `no_client_certificate`), the peer's (`incompatible`,
+/// `alert_received`, `protocol`), or the connection's (`closed`, `io`).
+pub(crate) fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(c)) => match c {
+            CertificateError::UnknownIssuer => "unknown_issuer",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::Revoked => "revoked",
+            _ => "bad_certificate",
+        },
+        Some(Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(Error::PeerIncompatible(_)) => "incompatible",
+        Some(Error::AlertReceived(_)) => "alert_received",
+        Some(
+            Error::InappropriateMessage { .. }
+            | Error::InappropriateHandshakeMessage { .. }
+            | Error::InvalidMessage(_)
+            | Error::PeerMisbehaved(_),
+        ) => "protocol",
+        Some(_) => "other",
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "closed",
+        None => "io",
+    }
+}
+
+/// Counts a failed TLS handshake on `listener` by its reason.
+pub(crate) fn count_handshake_failure(listener: &'static str, e: &std::io::Error) {
+    metrics::counter!(
+        "fleet_tls_handshake_failures_total",
+        "listener" => listener,
+        "reason" => handshake_failure_reason(e)
+    )
+    .increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,8 @@ struct Service {
     child: Child,
     dir: tempfile::TempDir,
     api: u16,
+    broker: u16,
+    metrics: u16,
 }
 
 impl Drop for Service {
@@ -34,9 +36,28 @@ impl Drop for Service {
 
 impl Service {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `fleet serve` (embedded broker, SQLite, the API, metrics) in a new
+    /// directory where `fleet dev-setup` wrote certificates for `things`;
+    /// its log (level info) goes to `serve.log` there.
+    fn start_with(things: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (broker, api) = (free_port(), free_port());
+        let (broker, api, metrics) = (free_port(), free_port(), free_port());
+        if !things.is_empty() {
+            let mut setup = Command::new(env!("CARGO_BIN_EXE_fleet"));
+            setup.args(["dev-setup", "--port", &broker.to_string()]);
+            setup.arg("--dir").arg(dir.path());
+            for t in things {
+                setup.args(["--thing", t]);
+            }
+            let out = setup.output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .env("RUST_LOG", "info")
             .arg("serve")
             .arg("--dir")
             .arg(dir.path())
@@ -44,24 +65,70 @@ impl Service {
             .arg(format!("127.0.0.1:{broker}"))
             .arg("--api")
             .arg(format!("127.0.0.1:{api}"))
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{metrics}"))
             .arg("--claim")
             .arg("claim@factory")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start fleet serve");
         for _ in 0..300 {
             if dir.path().join("admin.token").exists()
                 && std::net::TcpStream::connect(("127.0.0.1", api)).is_ok()
             {
-                return Self { child, dir, api };
+                return Self {
+                    child,
+                    dir,
+                    api,
+                    broker,
+                    metrics,
+                };
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = child.kill();
         let _ = child.wait();
         panic!("fleet serve did not start its API");
+    }
+
+    /// What `fleet serve` logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("serve.log")).unwrap()
+    }
+
+    /// The admin token.
+    fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.path("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// No token's secret in the log (the admin token, and `others`).
+    fn assert_no_token_logged(&self, others: &[&str]) {
+        let log = self.log();
+        let admin = self.admin_token();
+        for token in others.iter().copied().chain([admin.as_str()]) {
+            // The secret is what follows the id.
+            assert!(!log.contains(token), "a token is in the log:\n{log}");
+        }
+    }
+
+    /// The metrics endpoint's text.
+    fn scrape(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+            "{text}"
+        );
+        text
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -229,6 +296,7 @@ fn things_groups_shadows_jobs_and_tokens() {
     assert_eq!(code, 4);
     // No device answers: the command times out.
     s.fails(&["command", "send", "pump-1", "ping", "--timeout", "1"], 6);
+    s.assert_no_token_logged(&[&token]);
 }
 
 fn write(path: &Path, bytes: &[u8]) {
@@ -493,4 +561,332 @@ fn logs_are_plain_in_a_file_and_json_on_request() {
             assert!(text.lines().any(|l| l.contains(" INFO ")), "{text}");
         }
     }
+}
+
+/// The sum of the series of `name` that carry `labels` in Prometheus's
+/// text format (0 when there is none).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, r)) => (n, r.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.split(',').any(|p| p == format!("{k}=\"{v}\"")));
+            (n == name && all)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// Waits until `check` holds for a scrape (the broker counts a
+/// disconnect once it has seen it), 10 s at most; the last scrape.
+fn scrape_until(s: &Service, check: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = s.scrape();
+        if check(&text) || std::time::Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn reply(dev: &mut fleet_testkit::TestClient, topic: &str) -> Value {
+    let m = dev
+        .recv(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no reply on {topic}"));
+    assert_eq!(m.topic, topic, "{}", String::from_utf8_lossy(&m.payload));
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+/// Issue 26: the metrics endpoint is scraped during a device scenario and
+/// its counters are exactly what the scenario did; every change through
+/// the API is in the audit log with the id of the token that made it (a
+/// refused attempt too), one log line per API request names the token's
+/// id, and no token is in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_scenario_and_the_audit_log_names_the_token() {
+    let s = Service::start_with(&["dev-a"]);
+    let ca = std::fs::read_to_string(s.path("ca.pem")).unwrap();
+    let id = |name: &str| fleet_cloud::pki::Identity {
+        common_name: name.into(),
+        cert_pem: std::fs::read_to_string(s.path(&format!("things/{name}.pem"))).unwrap(),
+        key_pem: std::fs::read_to_string(s.path(&format!("things/{name}.key"))).unwrap(),
+    };
+    let before = s.scrape();
+    assert!(
+        metric(&before, "process_resident_memory_bytes", &[]) > 0.0,
+        "{before}"
+    );
+
+    // Refused: a certificate of another CA (its handshake fails), and one
+    // of the fleet's CA for a thing the registry does not know.
+    let other = fleet_cloud::pki::Pki::new("someone else").unwrap();
+    let foreign = other.client_identity("dev-a").unwrap();
+    assert!(
+        fleet_testkit::TestClient::connect_to(s.broker, &ca, &foreign, "dev-a")
+            .await
+            .is_err()
+    );
+    let pki =
+        fleet_cloud::pki::Pki::from_pem(&ca, &std::fs::read_to_string(s.path("ca.key")).unwrap())
+            .unwrap();
+    let stranger = pki.client_identity("dev-z").unwrap();
+    assert!(
+        fleet_testkit::TestClient::connect_to(s.broker, &ca, &stranger, "dev-z")
+            .await
+            .is_err()
+    );
+
+    // A device: two shadow updates accepted, one refused for its version
+    // (409), one for an invalid node (400); a job run to SUCCEEDED.
+    let mut dev = fleet_testkit::TestClient::connect_to(s.broker, &ca, &id("dev-a"), "dev-a")
+        .await
+        .unwrap();
+    for t in ["update/accepted", "update/rejected"] {
+        assert!(
+            dev.subscribe(&format!("$aws/things/dev-a/shadow/{t}"))
+                .await
+                .unwrap()
+        );
+    }
+    let update = "$aws/things/dev-a/shadow/update";
+    for (payload, answer) in [
+        (r#"{"state":{"reported":{"x":1}}}"#, "accepted"),
+        (r#"{"state":{"reported":{"x":2}}}"#, "accepted"),
+        (r#"{"state":{"reported":{"x":3}},"version":99}"#, "rejected"),
+        (r#"{"state":{"foo":{"y":1}}}"#, "rejected"),
+    ] {
+        dev.publish(update, payload).await.unwrap();
+        reply(&mut dev, &format!("{update}/{answer}")).await;
+    }
+    let during = s.scrape();
+    assert_eq!(
+        metric(
+            &during,
+            "fleet_broker_connected_clients",
+            &[("role", "device")]
+        ),
+        1.0,
+        "{during}"
+    );
+    let job = s.json(&[
+        "job",
+        "create",
+        "j1",
+        r#"{"op":"reboot"}"#,
+        "--thing",
+        "dev-a",
+    ]);
+    assert_eq!(job["state"], "IN_PROGRESS");
+    for t in ["start-next/accepted", "j1/update/accepted"] {
+        assert!(
+            dev.subscribe(&format!("$aws/things/dev-a/jobs/{t}"))
+                .await
+                .unwrap()
+        );
+    }
+    dev.publish("$aws/things/dev-a/jobs/start-next", "{}")
+        .await
+        .unwrap();
+    let next = reply(&mut dev, "$aws/things/dev-a/jobs/start-next/accepted").await;
+    assert_eq!(next["execution"]["status"], "IN_PROGRESS", "{next}");
+    dev.publish(
+        "$aws/things/dev-a/jobs/j1/update",
+        r#"{"status":"SUCCEEDED"}"#,
+    )
+    .await
+    .unwrap();
+    reply(&mut dev, "$aws/things/dev-a/jobs/j1/update/accepted").await;
+    dev.disconnect().await;
+
+    let text = scrape_until(&s, |t| {
+        metric(
+            t,
+            "fleet_broker_disconnects_total",
+            &[("reason", "client_disconnect")],
+        ) >= 1.0
+    });
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    // The backend's connection and the device's.
+    assert_eq!(
+        m("fleet_broker_connects_total", &[("outcome", "accepted")]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        m(
+            "fleet_broker_connects_total",
+            &[("outcome", "not_authorized")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        m(
+            "fleet_tls_handshake_failures_total",
+            &[("listener", "mqtt"), ("reason", "unknown_issuer")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        m(
+            "fleet_broker_disconnects_total",
+            &[("reason", "client_disconnect")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        m("fleet_broker_connected_clients", &[("role", "device")]),
+        0.0,
+        "{text}"
+    );
+    let shadow = |outcome, code| {
+        m(
+            "fleet_shadow_requests_total",
+            &[
+                ("operation", "update"),
+                ("outcome", outcome),
+                ("code", code),
+            ],
+        )
+    };
+    assert_eq!(shadow("accepted", ""), 2.0, "{text}");
+    assert_eq!(shadow("rejected", "409"), 1.0, "{text}");
+    assert_eq!(shadow("rejected", "400"), 1.0, "{text}");
+    assert_eq!(
+        m(
+            "fleet_messages_in_total",
+            &[("service", "shadows"), ("qos", "1")]
+        ),
+        4.0,
+        "{text}"
+    );
+    assert_eq!(
+        m(
+            "fleet_messages_in_total",
+            &[("service", "jobs"), ("qos", "1")]
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        m(
+            "fleet_requests_total",
+            &[("service", "shadows"), ("outcome", "handled")]
+        ),
+        4.0,
+        "{text}"
+    );
+    for status in ["QUEUED", "IN_PROGRESS", "SUCCEEDED"] {
+        assert_eq!(
+            m("fleet_job_executions_total", &[("status", status)]),
+            1.0,
+            "{status}: {text}"
+        );
+    }
+    // The device's four updates and two jobs requests, each answered.
+    assert!(
+        m("fleet_broker_messages_received_total", &[("qos", "1")]) >= 6.0,
+        "{text}"
+    );
+    assert!(
+        m(
+            "fleet_store_operation_seconds_count",
+            &[("operation", "shadow_save")]
+        ) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        m(
+            "fleet_api_requests_total",
+            &[("method", "POST"), ("status", "201")]
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // The audit log: an operator's changes with its token id, and a read
+    // token's refused attempt.
+    let ops = s.json(&["token", "create", "ops", "--scope", "operator"]);
+    let (ops_id, ops_token) = (
+        ops["id"].as_str().unwrap().to_string(),
+        ops["token"].as_str().unwrap().to_string(),
+    );
+    let reader = s.json(&["token", "create", "dashboard", "--scope", "read"]);
+    let reader_token = reader["token"].as_str().unwrap().to_string();
+    let (code, _, err) = s.run_with(
+        &ops_token,
+        &[
+            "thing",
+            "set-attributes",
+            "dev-a",
+            "--attribute",
+            "site=north",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = s.run_with(
+        &ops_token,
+        &["shadow", "update", "dev-a", r#"{"speed": 3}"#],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = s.run_with(&reader_token, &["thing", "create", "intruder"]);
+    assert_eq!(code, 4);
+    let audit = s.json(&["audit", "--limit", "1000"]);
+    let items = audit["items"].as_array().unwrap();
+    let by = |path: &str, method: &str| {
+        items
+            .iter()
+            .find(|e| e["path"] == path && e["method"] == method)
+            .unwrap_or_else(|| panic!("{method} {path} not in the audit log: {audit}"))
+    };
+    let attrs = by("/v1/things/dev-a/attributes", "PUT");
+    assert_eq!(attrs["tokenId"], ops_id.as_str(), "{attrs}");
+    assert_eq!(attrs["tokenName"], "ops");
+    assert_eq!(attrs["status"], 200);
+    assert_eq!(attrs["request"]["attributes"]["site"], "north", "{attrs}");
+    assert_eq!(
+        attrs["before"]["attributes"],
+        serde_json::json!({}),
+        "{attrs}"
+    );
+    let update = by("/v1/things/dev-a/shadow", "POST");
+    assert_eq!(update["tokenId"], ops_id.as_str());
+    assert_eq!(update["before"]["reported"]["x"], 2, "{update}");
+    assert_eq!(
+        update["request"]["state"]["desired"]["speed"], 3,
+        "{update}"
+    );
+    let refused = by("/v1/things", "POST");
+    assert_eq!(refused["status"], 403, "{refused}");
+    assert_eq!(refused["tokenId"], reader["id"], "{refused}");
+    // The token the admin made for `ops` is in the log's request, masked
+    // nowhere because it was never sent: only its name and scope were.
+    let made = by("/v1/tokens", "POST");
+    assert_eq!(made["request"]["name"], "ops", "{made}");
+    // The admin's reads are not changes.
+    assert!(items.iter().all(|e| e["method"] != "GET"), "{audit}");
+    // A read token may not read the audit log.
+    let (code, _, _) = s.run_with(&reader_token, &["audit"]);
+    assert_eq!(code, 4);
+
+    // One line per API request, with the token's id and never the token.
+    let log = s.log();
+    assert!(
+        log.lines().any(|l| l.contains("API request")
+            && l.contains("/v1/things/dev-a/attributes")
+            && l.contains(&ops_id)
+            && l.contains("status=200")),
+        "{log}"
+    );
+    s.assert_no_token_logged(&[&ops_token, &reader_token]);
 }

@@ -932,6 +932,18 @@ pub enum Service {
 }
 
 impl Service {
+    /// The service's name, lower case (`shadows`, `jobs`, `streams`,
+    /// `provisioning`, `commands`), as logs and metrics label it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shadows => "shadows",
+            Self::Jobs => "jobs",
+            Self::Streams => "streams",
+            Self::Provisioning => "provisioning",
+            Self::Commands => "commands",
+        }
+    }
+
     /// The filters (below the prefix and its `/`) that match every request
     /// of the service and its own topics only.
     ///

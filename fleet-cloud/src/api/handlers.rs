@@ -80,6 +80,7 @@ pub(super) fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(create_claim))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
+        .routes(routes!(audit_log))
 }
 
 /// The routes open to anyone.
@@ -250,12 +251,13 @@ async fn get_thing(
 async fn delete_thing(
     State(api): State<Api>,
     Path(thing): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
+    let before = thing_before(&api, &thing).await;
     api.registry.delete_thing(&thing).await?;
     if let Some(hook) = &api.on_standing_changed {
         hook(&thing, false).await;
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(with_before(before, StatusCode::NO_CONTENT))
 }
 
 /// Replaces a thing's attributes.
@@ -264,12 +266,13 @@ async fn set_attributes(
     State(api): State<Api>,
     Path(thing): Path<String>,
     ApiJson(body): ApiJson<SetAttributes>,
-) -> Result<axum::Json<ThingView>, ApiError> {
+) -> Result<Response, ApiError> {
+    let before = thing_before(&api, &thing).await;
     api.registry
         .set_attributes(&thing, &body.attributes)
         .await?;
     let t = api.registry.thing(&thing).await?;
-    Ok(axum::Json(t.into()))
+    Ok(with_before(before, axum::Json(ThingView::from(t))))
 }
 
 /// Enables or disables a thing (a disabled thing may not connect).
@@ -278,13 +281,14 @@ async fn set_enabled(
     State(api): State<Api>,
     Path(thing): Path<String>,
     ApiJson(body): ApiJson<SetEnabled>,
-) -> Result<axum::Json<ThingView>, ApiError> {
+) -> Result<Response, ApiError> {
+    let before = thing_before(&api, &thing).await;
     api.registry.set_enabled(&thing, body.enabled).await?;
     if let Some(hook) = &api.on_standing_changed {
         hook(&thing, body.enabled).await;
     }
     let t = api.registry.thing(&thing).await?;
-    Ok(axum::Json(t.into()))
+    Ok(with_before(before, axum::Json(ThingView::from(t))))
 }
 
 // ---- certificates
@@ -401,6 +405,23 @@ async fn shadow_request(
         crate::service::Caller::Operator,
         api.jobs.now(),
     );
+    // What a change replaces, for the audit log.
+    let before = if op == ShadowOp::Get {
+        None
+    } else {
+        api.shadows
+            .get(&thing, shadow.as_ref())
+            .await
+            .ok()
+            .and_then(|s| {
+                let state = s.state()?;
+                Some(serde_json::json!({
+                    "version": s.version(),
+                    "desired": state.desired(),
+                    "reported": state.reported(),
+                }))
+            })
+    };
     let out = api
         .shadows
         .handle(&request)
@@ -425,7 +446,7 @@ async fn shadow_request(
         Some(Ok(doc)) => {
             let doc: Value =
                 serde_json::from_slice(&doc).map_err(|e| ApiError::internal(e.to_string()))?;
-            Ok(axum::Json(doc).into_response())
+            Ok(with_before(before, axum::Json(doc)))
         }
         Some(Err(rejection)) => {
             let r: Value = serde_json::from_slice(&rejection).unwrap_or(Value::Null);
@@ -913,4 +934,58 @@ async fn revoke_token(
 ) -> Result<StatusCode, ApiError> {
     api.registry.revoke_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- audit
+
+/// The audit log (admin): every change made through the API, and every
+/// refused attempt at one, oldest first; `after` is an entry's id.
+#[utoipa::path(get, path = "/v1/audit", params(Page), responses((status = 200, body = AuditList), (status = 400, body = ErrorBody)))]
+async fn audit_log(
+    State(api): State<Api>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<AuditList>, ApiError> {
+    let limit = page.limit()?;
+    let after = match page.after.as_deref() {
+        None | Some("") => 0,
+        Some(a) => a
+            .parse::<u64>()
+            .map_err(|_| ApiError::invalid(format!("after {a:?}: an audit entry's id")))?,
+    };
+    let items = api.registry.audit(after, limit).await?;
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok(axum::Json(AuditList {
+        items: items
+            .into_iter()
+            .map(|e| AuditView {
+                id: e.id,
+                at_ms: e.at_ms,
+                token_id: e.token_id,
+                token_name: e.token_name,
+                method: e.method,
+                path: e.path,
+                status: e.status,
+                request: e.request,
+                before: e.before,
+            })
+            .collect(),
+        next,
+    }))
+}
+
+/// A response that tells the audit log what its change replaced.
+fn with_before<R: IntoResponse>(before: Option<Value>, r: R) -> Response {
+    let mut response = r.into_response();
+    if let Some(b) = before {
+        response.extensions_mut().insert(super::AuditBefore(b));
+    }
+    response
+}
+
+/// A thing as the audit log shows what a change replaced.
+async fn thing_before(api: &Api, thing: &str) -> Option<Value> {
+    let t = api.registry.thing(thing).await.ok()?;
+    serde_json::to_value(ThingView::from(t)).ok()
 }

@@ -397,9 +397,14 @@ pub(crate) type Api = Arc<ApiServices>;
 /// The scope a request needs: reads need `read`; certificates, claim
 /// identities and tokens need `admin`; every other change `operator`.
 fn required_scope(method: &Method, path: &str) -> Scope {
-    let admin = ["/v1/certificates", "/v1/provisioning/claims", "/v1/tokens"]
-        .iter()
-        .any(|p| path.starts_with(p));
+    let admin = [
+        "/v1/certificates",
+        "/v1/provisioning/claims",
+        "/v1/tokens",
+        "/v1/audit",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p));
     if admin {
         Scope::Admin
     } else if method == Method::GET || method == Method::HEAD {
@@ -409,6 +414,127 @@ fn required_scope(method: &Method, path: &str) -> Scope {
     }
 }
 
+/// What a handler tells the audit log its change replaced (a response
+/// extension; kept only when small).
+#[derive(Clone, Debug)]
+pub(crate) struct AuditBefore(pub(crate) serde_json::Value);
+
+/// The id of the token a request came with (a response extension, for the
+/// request log).
+#[derive(Clone, Debug)]
+struct TokenId(String);
+
+/// Bodies and `before` documents larger than this are summarized in the
+/// audit log (`{"bytes": n}`), not kept.
+const AUDIT_MAX: usize = 4096;
+
+/// Masks what looks like a secret in a JSON document for the audit log.
+fn redact(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                let secret = ["secret", "password", "private", "passphrase"]
+                    .iter()
+                    .any(|s| k.contains(s))
+                    || matches!(k.as_str(), "token" | "key" | "pin");
+                if secret {
+                    *v = serde_json::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// What the audit log keeps of a document: itself (secrets masked) when
+/// it is small JSON, its size otherwise.
+fn audit_document(bytes: &[u8]) -> serde_json::Value {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(mut v) if bytes.len() <= AUDIT_MAX => {
+            redact(&mut v);
+            v
+        }
+        _ => serde_json::json!({ "bytes": bytes.len() }),
+    }
+}
+
+/// The request's body for the audit log, and the request to run with it:
+/// read when small (and given back to the handler), summarized otherwise
+/// (a release image streams on, unread).
+async fn audit_body(req: Request) -> Result<(Request, Option<serde_json::Value>), ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match declared {
+        Some(0) => return Ok((req, None)),
+        Some(n) if n > AUDIT_MAX => return Ok((req, Some(serde_json::json!({ "bytes": n })))),
+        _ => {}
+    }
+    let (parts, body) = req.into_parts();
+    // At most the route's limit (`limit` wrapped the body), and only
+    // bodies declared small or not declared come here.
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            format!("the body could not be read: {e}"),
+        )
+    })?;
+    let document = (!bytes.is_empty()).then(|| audit_document(&bytes));
+    Ok((
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+        document,
+    ))
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One log line per request (method, path, status, duration, the token's
+/// id; never the token), and the API's metrics.
+async fn observe(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    let token = response
+        .extensions()
+        .get::<TokenId>()
+        .map_or("-", |t| t.0.as_str());
+    tracing::info!(
+        target: "fleet::api",
+        method = %method,
+        path,
+        status,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        token,
+        "API request"
+    );
+    metrics::counter!(
+        "fleet_api_requests_total",
+        "method" => method.to_string(),
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("fleet_api_request_seconds", "method" => method.to_string())
+        .record(elapsed.as_secs_f64());
+    response
+}
+
+/// Checks the token and its scope; records every change (and every
+/// refused attempt at one) in the audit log with the token's id.
 async fn authenticate(State(api): State<Api>, req: Request, next: Next) -> Response {
     let token = req
         .headers()
@@ -438,8 +564,10 @@ async fn authenticate(State(api): State<Api>, req: Request, next: Next) -> Respo
         Err(e) => return ApiError::from(e).into_response(),
     };
     let needed = required_scope(req.method(), req.uri().path());
-    if record.scope < needed {
-        return ApiError::new(
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let (mut response, request) = if record.scope < needed {
+        let refused = ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
             format!(
@@ -450,8 +578,43 @@ async fn authenticate(State(api): State<Api>, req: Request, next: Next) -> Respo
             ),
         )
         .into_response();
+        (refused, None)
+    } else if changes {
+        match audit_body(req).await {
+            Ok((req, request)) => (next.run(req).await, request),
+            Err(e) => (e.into_response(), None),
+        }
+    } else {
+        (next.run(req).await, None)
+    };
+    if changes {
+        let before = response.extensions_mut().remove::<AuditBefore>().map(|b| {
+            let bytes = serde_json::to_vec(&b.0).unwrap_or_default();
+            audit_document(&bytes)
+        });
+        let entry = crate::AuditEntry {
+            id: 0,
+            at_ms: now_ms(),
+            token_id: record.id.clone(),
+            token_name: record.name.clone(),
+            method,
+            path,
+            status: response.status().as_u16(),
+            request,
+            before,
+        };
+        // Answered once it is recorded; a log that cannot be written is
+        // an error an operator must see.
+        if let Err(e) = api.registry.record_audit(&entry).await {
+            tracing::error!(
+                token = record.id,
+                path = entry.path,
+                "the audit log could not be written: {e}"
+            );
+        }
     }
-    next.run(req).await
+    response.extensions_mut().insert(TokenId(record.id));
+    response
 }
 
 /// The router of the API (without TLS; [`serve_api`] serves it over
@@ -483,7 +646,9 @@ fn router_with(
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(limits),
             limit,
-        ));
+        ))
+        // Outermost: every request is logged and counted, the refused too.
+        .layer(axum::middleware::from_fn(observe));
     (router, doc)
 }
 
@@ -556,9 +721,22 @@ pub async fn serve_api(
                 let _permit = permit;
                 let handshake =
                     tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await;
-                let Ok(Ok(stream)) = handshake else {
-                    tracing::debug!(%peer, "API TLS handshake failed");
-                    return;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        crate::tls::count_handshake_failure("api", &e);
+                        tracing::debug!(%peer, "API TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::counter!(
+                            "fleet_tls_handshake_failures_total",
+                            "listener" => "api",
+                            "reason" => "timeout"
+                        )
+                        .increment(1);
+                        return;
+                    }
                 };
                 let service = hyper_util::service::TowerToHyperService::new(router);
                 // The header timeout also closes an idle keep-alive

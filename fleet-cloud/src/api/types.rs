@@ -31,6 +31,7 @@ macro_rules! paged {
 paged!(ThingList, ThingView);
 paged!(JobList, String);
 paged!(ExecutionList, ExecutionView);
+paged!(AuditList, AuditView);
 
 /// Whether the service is up (no token needed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -398,4 +399,41 @@ pub struct TokenView {
     /// The token itself: shown once, when created.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+}
+
+/// One change made through the API, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditView {
+    /// Its position in the log (increasing).
+    pub id: u64,
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The id of the token that made it (never the token).
+    pub token_id: String,
+    /// The token's name, as it was then.
+    pub token_name: String,
+    /// The HTTP method.
+    pub method: String,
+    /// The path.
+    pub path: String,
+    /// The answer's HTTP status (a refused attempt is kept too).
+    pub status: u16,
+    /// The request's body when it was small JSON (secrets masked), or
+    /// `{"bytes": n}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Value>,
+    /// What the change replaced, when the API read it and it was small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Value>,
+}
+
+/// A page of the audit log, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditList {
+    /// The entries.
+    pub items: Vec<AuditView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }

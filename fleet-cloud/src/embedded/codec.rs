@@ -286,6 +286,13 @@ fn read4(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
 fn read5(buf: &mut BytesMut, max: usize) -> Result<In, ReadError> {
     use rumqttc::v5::mqttbytes::Error;
     let max = u32::try_from(max).unwrap_or(u32::MAX);
+    // A DISCONNECT of Remaining Length 0 is a normal disconnection (MQTT 5
+    // 3.14.2.1: the reason code and properties may be left out), the form
+    // most clients send; rumqttc's parser refuses it.
+    if buf.starts_with(&[0xE0, 0x00]) {
+        let _ = buf.split_to(2);
+        return Ok(In::Disconnect);
+    }
     let packet = match v5::Packet::read(buf, Some(max)) {
         Ok(p) => p,
         Err(Error::InsufficientBytes(_)) => return Err(ReadError::Incomplete),
@@ -374,6 +381,19 @@ pub(super) enum ConnAckCode {
     ServerUnavailable,
     /// A limit on connections (MQTT 3.1.1: server unavailable).
     QuotaExceeded,
+}
+
+impl ConnAckCode {
+    /// The code as metrics label it.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::NotAuthorized => "not_authorized",
+            Self::BadClientId => "bad_client_id",
+            Self::ServerUnavailable => "server_unavailable",
+            Self::QuotaExceeded => "quota_exceeded",
+        }
+    }
 }
 
 /// How a QoS 1 PUBLISH is answered (MQTT 3.1.1 has no reason codes: a
@@ -626,6 +646,29 @@ mod tests {
         assert_eq!(declared_len(&head), Some(1 + 3 + n));
         assert_eq!(declared_len(&[0x30, 0x80, 0x80]), None);
         assert_eq!(declared_len(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]), None);
+    }
+
+    /// MQTT 5 3.14.2.1: a DISCONNECT without reason code and properties
+    /// (Remaining Length 0) is a normal disconnection, as is one with
+    /// reason 0; what follows it in the buffer stays.
+    #[test]
+    fn a_short_mqtt5_disconnect_is_a_disconnect() {
+        let mut b = BytesMut::from(&[0xE0, 0x00, 0xC0, 0x00][..]);
+        assert!(matches!(
+            read(Version::V5, &mut b, 1024),
+            Ok(In::Disconnect)
+        ));
+        assert_eq!(&b[..], &[0xC0, 0x00]);
+        let mut b = BytesMut::from(&[0xE0, 0x02, 0x00, 0x00][..]);
+        assert!(matches!(
+            read(Version::V5, &mut b, 1024),
+            Ok(In::Disconnect)
+        ));
+        let mut b = BytesMut::from(&[0xE0, 0x00][..]);
+        assert!(matches!(
+            read(Version::V4, &mut b, 1024),
+            Ok(In::Disconnect)
+        ));
     }
 
     /// A SUBSCRIBE with one filter and the given header flags and options.

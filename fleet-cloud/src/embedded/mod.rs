@@ -193,6 +193,24 @@ pub fn certificate_fingerprint(cert_pem: &str) -> Option<String> {
     Some(fingerprint(&der))
 }
 
+/// A QoS as metrics label it.
+fn qos_label(qos: u8) -> &'static str {
+    match qos {
+        0 => "0",
+        1 => "1",
+        _ => "2",
+    }
+}
+
+/// A role as metrics label it.
+fn role_label(role: Role) -> &'static str {
+    match role {
+        Role::Backend => "backend",
+        Role::Claimant => "claimant",
+        Role::Device => "device",
+    }
+}
+
 fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
     use std::fmt::Write as _;
@@ -654,6 +672,7 @@ impl Shared {
                     .subscriptions
                     .remove(client_id, group.as_deref(), filter);
             }
+            metrics::gauge!("fleet_broker_parked_sessions").set(router.parked.len() as f64);
         }
         let session_present = resumed.is_some();
         let (filters, waiting) = resumed.unwrap_or_default();
@@ -739,6 +758,7 @@ impl Shared {
                         session_expiry: c.session_expiry,
                     },
                 );
+                metrics::gauge!("fleet_broker_parked_sessions").set(router.parked.len() as f64);
                 self.store_session(router, client_id, None);
                 return;
             }
@@ -827,6 +847,7 @@ impl Shared {
             }
             self.store_session(router, id, None);
         }
+        metrics::gauge!("fleet_broker_parked_sessions").set(router.parked.len() as f64);
         ended.len()
     }
 
@@ -849,6 +870,7 @@ impl Shared {
     }
 
     fn note_dropped(&self, client: &str) {
+        metrics::counter!("fleet_broker_messages_dropped_total").increment(1);
         let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(
             client,
@@ -1007,6 +1029,8 @@ impl EmbeddedBroker {
                         },
                     );
                 }
+                metrics::gauge!("fleet_broker_parked_sessions").set(router.parked.len() as f64);
+
                 tokio::spawn(persist::session_writer(store.clone(), rx));
                 Some(tx)
             }
@@ -1377,10 +1401,22 @@ async fn connection(
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let deadline = shared.handshake_timeout;
-    let tls = tokio::time::timeout(deadline, acceptor.accept(tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            crate::tls::count_handshake_failure("mqtt", &e);
+            return Err(format!("TLS handshake: {e}"));
+        }
+        Err(_) => {
+            metrics::counter!(
+                "fleet_tls_handshake_failures_total",
+                "listener" => "mqtt",
+                "reason" => "timeout"
+            )
+            .increment(1);
+            return Err("TLS handshake timed out".to_string());
+        }
+    };
     let der = tls
         .get_ref()
         .1
@@ -1543,6 +1579,8 @@ async fn connection(
     } = match registered {
         Ok(r) => r,
         Err(code) => {
+            metrics::counter!("fleet_broker_connects_total", "outcome" => code.label())
+                .increment(1);
             out.connack(code, None, max_packet, None, (false, None));
             let _ = wr.write_all(&out.buf).await;
             let _ = wr.shutdown().await;
@@ -1550,6 +1588,11 @@ async fn connection(
         }
     };
     tracing::debug!(%identity, %client_id, ?version, "connected");
+    metrics::counter!("fleet_broker_connects_total", "outcome" => "accepted").increment(1);
+    let connected = metrics::gauge!("fleet_broker_connected_clients", "role" => role_label(role));
+    connected.increment(1.0);
+    // Why the connection ends, for `fleet_broker_disconnects_total`.
+    let ended = std::sync::OnceLock::<&'static str>::new();
     out.connack(
         ConnAckCode::Accepted,
         assigned,
@@ -1628,6 +1671,11 @@ async fn connection(
                     // Taken over: the newer connection is the client now, no will.
                     clean_exit = matches!(reason, DisconnectReasonCode::SessionTakenOver);
                     keep_session = !matches!(reason, DisconnectReasonCode::NotAuthorized);
+                    let _ = ended.set(match reason {
+                        DisconnectReasonCode::SessionTakenOver => "taken_over",
+                        DisconnectReasonCode::NotAuthorized => "not_authorized",
+                        _ => "server_shutdown",
+                    });
                     return Err(format!("disconnected by the broker: {reason:?}"));
                 }
                 () = session.next_settled() => {
@@ -1636,12 +1684,14 @@ async fn connection(
                         // reconnects.
                         session.out.disconnect(DisconnectReasonCode::UnspecifiedError);
                         let _ = write_out(&mut wr, &session.out.buf).await;
+                        let _ = ended.set("server_error");
                         return Err(e);
                     }
                 }
                 _ = stopped.changed() => {
                     session.out.disconnect(DisconnectReasonCode::ServerShuttingDown);
                     let _ = write_out(&mut wr, &session.out.buf).await;
+                    let _ = ended.set("server_shutdown");
                     return Err("broker shutting down".into());
                 }
                 m = rx.recv() => {
@@ -1664,8 +1714,10 @@ async fn connection(
                     };
                     tokio::time::timeout(limit, rd.read_buf(&mut buf)).await
                         .map_err(|_| if large.is_some() {
+                            let _ = ended.set("slow_packet");
                             "a large packet was not finished in time".to_string()
                         } else {
+                            let _ = ended.set("keep_alive_timeout");
                             "keep-alive timeout".to_string()
                         })
                 } => {
@@ -1677,13 +1729,17 @@ async fn connection(
                         match codec::read(version, &mut buf, shared.max_packet) {
                             Ok(In::Disconnect) => {
                                 clean_exit = true;
+                                let _ = ended.set("client_disconnect");
                                 return Ok(());
                             }
                             Ok(p) => {
                                 // The large packet (if any) is in: its share
                                 // goes back.
                                 large = None;
-                                session.handle(p)?;
+                                if let Err(e) = session.handle(p) {
+                                    let _ = ended.set("protocol_error");
+                                    return Err(e);
+                                }
                             }
                             Err(ReadError::Incomplete) => {
                                 if buf.len() >= SMALL_PACKET && large.is_none() {
@@ -1699,6 +1755,7 @@ async fn connection(
                                     let Ok(Ok(share)) = share else {
                                         session.out.disconnect(DisconnectReasonCode::ServerBusy);
                                         let _ = write_out(&mut wr, &session.out.buf).await;
+                                        let _ = ended.set("server_busy");
                                         return Err("no room for another large packet".into());
                                     };
                                     large = Some((share, tokio::time::Instant::now() + PACKET_TIMEOUT));
@@ -1713,6 +1770,7 @@ async fn connection(
                             Err(ReadError::Malformed(e)) => {
                                 session.out.disconnect(DisconnectReasonCode::MalformedPacket);
                                 let _ = write_out(&mut wr, &session.out.buf).await;
+                                let _ = ended.set("malformed_packet");
                                 return Err(format!("malformed packet: {e}"));
                             }
                         }
@@ -1731,6 +1789,8 @@ async fn connection(
 
     // Unregister (unless a newer connection took the id), then the will.
     shared.unregister(&client_id, conn, keep_session);
+    connected.decrement(1.0);
+    metrics::counter!("fleet_broker_disconnects_total", "reason" => ended.get().copied().unwrap_or("closed")).increment(1);
     if !clean_exit
         && let Some(will) = will
         && publish_refusal(&shared, &identity, role, &client_id, &will).is_none()
@@ -1878,6 +1938,8 @@ impl Session<'_> {
             );
             return None;
         }
+        metrics::counter!("fleet_broker_messages_sent_total", "qos" => qos_label(m.qos))
+            .increment(1);
         (pkid != 0).then_some(pkid)
     }
 
@@ -1894,6 +1956,8 @@ impl Session<'_> {
                     return Err(format!("invalid topic {:?}", message.topic));
                 }
                 let qos = message.qos;
+                metrics::counter!("fleet_broker_messages_received_total", "qos" => qos_label(qos))
+                    .increment(1);
                 let mut stored = None;
                 let mut code = publish_refusal(
                     self.shared,

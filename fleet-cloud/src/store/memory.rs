@@ -13,8 +13,8 @@ use super::{
     StoreError, StoredStream, StreamStore, Versioned,
 };
 use crate::model::{
-    AttributeQuery, CertificateRecord, CertificateStatus, JobRecord, PendingCertificate, Spent,
-    StoredToken, Thing,
+    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, JobRecord,
+    PendingCertificate, Spent, StoredToken, Thing,
 };
 use fleet_core::admission::Roster;
 
@@ -235,6 +235,7 @@ struct MemoryRegistry {
     tokens: BTreeMap<String, StoredToken>,
     /// The certificate and whether the token was used.
     pending: BTreeMap<String, (PendingCertificate, bool)>,
+    audit: Vec<AuditEntry>,
 }
 
 impl MemoryStore {
@@ -252,6 +253,26 @@ impl MemoryStore {
 
 #[async_trait]
 impl RegistryStore for MemoryStore {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
+        let mut r = self.registry_lock()?;
+        let id = r.audit.last().map_or(1, |e| e.id + 1);
+        r.audit.push(AuditEntry {
+            id,
+            ..entry.clone()
+        });
+        Ok(id)
+    }
+
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let r = self.registry_lock()?;
+        Ok(r.audit
+            .iter()
+            .filter(|e| e.id > after)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     async fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {
         let mut r = self.registry_lock()?;
         if r.tokens.contains_key(&token.record.id) {

@@ -54,7 +54,8 @@ use fleet_core::jobs::ThingJobs;
 use fleet_core::shadow::Shadow;
 
 use crate::model::{
-    AttributeQuery, CertificateRecord, JobRecord, PendingCertificate, Spent, StoredToken, Thing,
+    AttributeQuery, AuditEntry, CertificateRecord, JobRecord, PendingCertificate, Spent,
+    StoredToken, Thing,
 };
 use fleet_core::admission::Roster;
 
@@ -340,6 +341,14 @@ pub trait RegistryStore: Send + Sync + fmt::Debug + 'static {
     /// Spends `token` at `now`, atomically: two instances racing on one
     /// token cannot both spend it.
     async fn spend_pending(&self, token: &str, now: u64) -> Result<Spent, StoreError>;
+
+    /// Appends `entry` to the audit log (its `id` is ignored); returns the
+    /// id it was given, greater than every earlier one.
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError>;
+
+    /// The audit log's entries with an id greater than `after`, oldest
+    /// first, `limit` at most.
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 /// A retained message as the embedded broker keeps it.

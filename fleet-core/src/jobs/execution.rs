@@ -35,6 +35,25 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    /// The status as AWS IoT writes it (`IN_PROGRESS`, `SUCCEEDED`, ...).
+    ///
+    /// ```
+    /// use fleet_core::jobs::JobStatus;
+    /// assert_eq!(JobStatus::InProgress.as_str(), "IN_PROGRESS");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "QUEUED",
+            Self::InProgress => "IN_PROGRESS",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::TimedOut => "TIMED_OUT",
+            Self::Rejected => "REJECTED",
+            Self::Removed => "REMOVED",
+            Self::Canceled => "CANCELED",
+        }
+    }
+
     /// Whether the execution can no longer change.
     pub fn is_terminal(self) -> bool {
         !matches!(self, Self::Queued | Self::InProgress)

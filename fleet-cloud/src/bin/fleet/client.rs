@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 
 use fleet_cloud::api::ErrorBody;
 use fleet_cloud::api::types::{
-    CampaignView, CancelJob, CertificateView, CommandResult, CreateGroup, CreateJob, CreateThing,
-    CreateToken, ExecutionList, GroupMembers, JobList, JobView, Paged, ReleaseView, SendCommand,
-    SetAttributes, SetEnabled, StartCampaign, ThingList, ThingView, TokenView, UploadRelease,
+    AuditList, CampaignView, CancelJob, CertificateView, CommandResult, CreateGroup, CreateJob,
+    CreateThing, CreateToken, ExecutionList, GroupMembers, JobList, JobView, Paged, ReleaseView,
+    SendCommand, SetAttributes, SetEnabled, StartCampaign, ThingList, ThingView, TokenView,
+    UploadRelease,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -408,7 +409,7 @@ impl Client {
         let resp = req
             .send()
             .await
-            .map_err(|e| Failure::other(format!("{}: {e}", self.base)))?;
+            .map_err(|e| Failure::other(format!("{}: {}", self.base, crate::chain(&e))))?;
         Self::answer(path, resp).await
     }
 
@@ -457,7 +458,7 @@ impl Client {
             .body(body)
             .send()
             .await
-            .map_err(|e| Failure::other(format!("{}: {e}", self.base)))?;
+            .map_err(|e| Failure::other(format!("{}: {}", self.base, crate::chain(&e))))?;
         Self::answer(path, resp).await
     }
 
@@ -1104,5 +1105,49 @@ pub(crate) async fn token(c: &Connection, cmd: TokenCommand) -> Result<(), Failu
             api.show(&json!({"revoked": id}), |_| format!("revoked {id}"));
         }
     }
+    Ok(())
+}
+
+/// `fleet audit`: the audit log, oldest first.
+pub(crate) async fn audit(
+    c: &Connection,
+    limit: usize,
+    after: Option<String>,
+) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    let mut path = format!("/v1/audit?limit={limit}");
+    if let Some(a) = after {
+        path.push_str(&format!("&after={a}"));
+    }
+    let v: AuditList = api.get(&path).await?;
+    api.show(&v, |v| {
+        let rows = v
+            .items
+            .iter()
+            .map(|e| {
+                let at = time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(e.at_ms) * 1_000_000,
+                )
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| e.at_ms.to_string());
+                vec![
+                    e.id.to_string(),
+                    at,
+                    format!("{} ({})", e.token_id, e.token_name),
+                    format!("{} {}", e.method, e.path),
+                    e.status.to_string(),
+                ]
+            })
+            .collect();
+        let mut t = table(&["id", "at", "token", "request", "status"], rows);
+        if let Some(n) = &v.next {
+            t.push_str(&format!("\n(more: --after {n})"));
+        }
+        t
+    });
     Ok(())
 }

@@ -162,6 +162,18 @@ enum Command {
         #[command(subcommand)]
         command: client::TokenCommand,
     },
+    /// The audit log: every change made through the API, with the token
+    /// that made it, oldest first (admin).
+    Audit {
+        #[command(flatten)]
+        api: client::Connection,
+        /// Entries per page (1 to 1,000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this entry (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
 }
 
 /// `fleet certs ...`
@@ -216,8 +228,25 @@ impl Failure {
 
 impl From<Box<dyn std::error::Error>> for Failure {
     fn from(e: Box<dyn std::error::Error>) -> Self {
-        Self::other(e.to_string())
+        Self::other(chain(e.as_ref()))
     }
+}
+
+/// An error with the whole chain of its causes (`: `-separated; a cause
+/// its error's message already quotes is not repeated): a refused
+/// connection, an unknown certificate issuer, not only the top message.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        source = s.source();
+    }
+    text
 }
 
 #[derive(clap::Args)]
@@ -343,6 +372,16 @@ struct ServeArgs {
     /// at most (default 131,072).
     #[arg(long)]
     max_retained_message_bytes: Option<usize>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (plain HTTP, off
+    /// the management API: bind a loopback or private address). Off by
+    /// default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Seconds an external broker may take to accept the backend's
+    /// connection at start (default 30); past them `fleet serve` exits
+    /// with the reason (it keeps reconnecting once it has started).
+    #[arg(long, value_name = "SECONDS")]
+    start_timeout: Option<u64>,
 }
 
 /// `--store` is checked as it is read, so that a bad one is a usage error.
@@ -375,6 +414,8 @@ impl ServeArgs {
             mosquitto_roster: self.mosquitto_roster.clone(),
             max_retained_messages: self.max_retained_messages,
             max_retained_message_bytes: self.max_retained_message_bytes,
+            metrics: self.metrics,
+            start_timeout: self.start_timeout,
         }
     }
 
@@ -497,6 +538,7 @@ fn main() -> ExitCode {
             Command::Campaign { api, command } => client::campaign(&api, command).await,
             Command::Command { api, command } => client::command(&api, command).await,
             Command::Token { api, command } => client::token(&api, command).await,
+            Command::Audit { api, limit, after } => client::audit(&api, limit, after).await,
         }
     });
     match result {
@@ -657,7 +699,26 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
             std::path::Path::new(&dead),
         )
     });
+    // Metrics first, so that what starts is counted.
+    let _metrics = match args.metrics {
+        Some(addr) => Some(fleet_cloud::metrics::serve_metrics(addr).await?),
+        None => None,
+    };
     let server = FleetServer::start(config).await?;
+    if let Some(broker) = &args.broker
+        && !server.link().wait_up(args.start_timeout).await
+    {
+        let why = server
+            .link()
+            .last_error()
+            .unwrap_or_else(|| "no answer".into());
+        server.shutdown().await;
+        return Err(format!(
+            "cannot reach the broker at {broker} within {:?}: {why}",
+            args.start_timeout
+        )
+        .into());
+    }
     let registry = server.registry().clone();
     if args.mosquitto_acl.is_some() || args.mosquitto_roster.is_some() {
         let f = std::sync::Arc::new(BrokerFiles {

@@ -32,6 +32,9 @@ const KEYS: &[&str] = &[
     "broker-pid-file",
     "max-retained-messages",
     "max-retained-message-bytes",
+    "mosquitto-roster",
+    "metrics",
+    "start-timeout",
 ];
 
 /// One layer: what it sets.
@@ -76,6 +79,10 @@ pub(crate) struct Layer {
     pub max_retained_messages: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_retained_message_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_timeout: Option<u64>,
 }
 
 impl Layer {
@@ -94,28 +101,28 @@ impl Layer {
         for key in KEYS {
             let var = format!("FLEET_SERVE_{}", key.to_uppercase().replace('-', "_"));
             let Some(value) = env(&var) else { continue };
-            let value = match *key {
-                "claims" => toml::Value::Array(
-                    value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| toml::Value::String(s.into()))
-                        .collect(),
-                ),
-                "no-api" => toml::Value::Boolean(
-                    value
-                        .parse()
-                        .map_err(|_| format!("{var}: {value:?} is not true or false"))?,
-                ),
-                "max-retained-messages" | "max-retained-message-bytes" => toml::Value::Integer(
-                    value
-                        .parse::<u32>()
-                        .map(i64::from)
-                        .map_err(|_| format!("{var}: {value:?} is not a non-negative integer"))?,
-                ),
-                _ => toml::Value::String(value),
-            };
+            let value =
+                match *key {
+                    "claims" => toml::Value::Array(
+                        value
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(|s| toml::Value::String(s.into()))
+                            .collect(),
+                    ),
+                    "no-api" => toml::Value::Boolean(
+                        value
+                            .parse()
+                            .map_err(|_| format!("{var}: {value:?} is not true or false"))?,
+                    ),
+                    "max-retained-messages" | "max-retained-message-bytes" | "start-timeout" => {
+                        toml::Value::Integer(value.parse::<u32>().map(i64::from).map_err(|_| {
+                            format!("{var}: {value:?} is not a non-negative integer")
+                        })?)
+                    }
+                    _ => toml::Value::String(value),
+                };
             table.insert((*key).to_string(), value);
         }
         table
@@ -147,6 +154,8 @@ impl Layer {
             max_retained_message_bytes: over
                 .max_retained_message_bytes
                 .or(self.max_retained_message_bytes),
+            metrics: over.metrics.or(self.metrics),
+            start_timeout: over.start_timeout.or(self.start_timeout),
         }
     }
 
@@ -206,6 +215,8 @@ impl Layer {
             mosquitto_roster: self.mosquitto_roster,
             max_retained_messages: self.max_retained_messages,
             max_retained_message_bytes: self.max_retained_message_bytes,
+            metrics: self.metrics,
+            start_timeout: std::time::Duration::from_secs(self.start_timeout.unwrap_or(30)),
         })
     }
 }
@@ -235,6 +246,10 @@ pub(crate) struct ServeConfig {
     pub max_retained_messages: Option<usize>,
     /// Bytes of one retained message at most (topic and payload).
     pub max_retained_message_bytes: Option<usize>,
+    /// Where Prometheus scrapes `/metrics` (`None`: not served).
+    pub metrics: Option<SocketAddr>,
+    /// How long an external broker may take to answer at start.
+    pub start_timeout: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -264,6 +279,8 @@ impl ServeConfig {
             mosquitto_roster: self.mosquitto_roster.clone(),
             max_retained_messages: self.max_retained_messages,
             max_retained_message_bytes: self.max_retained_message_bytes,
+            metrics: self.metrics,
+            start_timeout: Some(self.start_timeout.as_secs()),
         };
         toml::to_string(&layer).unwrap_or_else(|e| format!("# cannot show: {e}\n"))
     }

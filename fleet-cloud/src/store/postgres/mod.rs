@@ -113,6 +113,18 @@ const MIGRATIONS: &[&str] = &[
         client_id TEXT PRIMARY KEY,
         record BYTEA NOT NULL
     );",
+    // The management API's audit log.
+    "CREATE TABLE audit_log (
+        id BIGSERIAL PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        token_id TEXT NOT NULL,
+        token_name TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        request TEXT,
+        before TEXT
+    );",
 ];
 
 /// The key of the advisory lock migrations hold.

@@ -9,8 +9,8 @@ use tokio_postgres::types::ToSql;
 
 use super::{PgStore, signed};
 use crate::model::{
-    AttributeQuery, CertificateRecord, CertificateStatus, PendingCertificate, Scope, Spent,
-    StoredToken, Thing, TokenRecord,
+    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, PendingCertificate, Scope,
+    Spent, StoredToken, Thing, TokenRecord,
 };
 use crate::store::{RegistryStore, StoreError, backend, corrupt};
 
@@ -98,6 +98,62 @@ impl PgStore {
 
 #[async_trait]
 impl RegistryStore for PgStore {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
+        let request = entry.request.as_ref().map(ToString::to_string);
+        let before = entry.before.as_ref().map(ToString::to_string);
+        let rows = self
+            .query(
+                "INSERT INTO audit_log (at_ms, token_id, token_name, method, path, status, request, before) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                &[
+                    &signed(entry.at_ms),
+                    &entry.token_id,
+                    &entry.token_name,
+                    &entry.method,
+                    &entry.path,
+                    &i32::from(entry.status),
+                    &request,
+                    &before,
+                ],
+            )
+            .await?;
+        let id: i64 = rows
+            .first()
+            .ok_or_else(|| StoreError::backend("INSERT ... RETURNING gave no row"))?
+            .get(0);
+        Ok(unsigned(id))
+    }
+
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT id, at_ms, token_id, token_name, method, path, status, request, before \
+                 FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&signed(after), &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let json = |s: Option<String>| {
+                    s.map(|s| serde_json::from_str(&s).map_err(corrupt))
+                        .transpose()
+                };
+                Ok(AuditEntry {
+                    id: unsigned(r.get(0)),
+                    at_ms: unsigned(r.get(1)),
+                    token_id: r.get(2),
+                    token_name: r.get(3),
+                    method: r.get(4),
+                    path: r.get(5),
+                    status: u16::try_from(r.get::<_, i32>(6)).unwrap_or(0),
+                    request: json(r.get(7))?,
+                    before: json(r.get(8))?,
+                })
+            })
+            .collect()
+    }
+
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
         let r = &t.record;
         self.execute(

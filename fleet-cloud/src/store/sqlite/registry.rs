@@ -11,15 +11,16 @@ use rusqlite::OptionalExtension as _;
 
 use super::{connect, migrate};
 use crate::model::{
-    AttributeQuery, CertificateRecord, CertificateStatus, PendingCertificate, Scope, Spent,
-    StoredToken, Thing, TokenRecord,
+    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, PendingCertificate, Scope,
+    Spent, StoredToken, Thing, TokenRecord,
 };
 use crate::store::{RegistryStore, StoreError, backend, corrupt};
 
 /// The registry's schema migrations, in order. The first adopts the tables
 /// of registries created before the schema was versioned (`IF NOT
 /// EXISTS`).
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE IF NOT EXISTS things (
     name TEXT PRIMARY KEY, attributes TEXT NOT NULL, enabled INTEGER NOT NULL
 ) STRICT;
@@ -45,7 +46,63 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL,
     secret_sha256 TEXT NOT NULL, created_at INTEGER NOT NULL
 ) STRICT;
-"];
+",
+    "
+CREATE TABLE IF NOT EXISTS audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL, token_id TEXT NOT NULL, token_name TEXT NOT NULL,
+    method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,
+    request TEXT, before TEXT
+) STRICT;
+",
+];
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        token_id: r.get(2)?,
+        token_name: r.get(3)?,
+        method: r.get(4)?,
+        path: r.get(5)?,
+        status: r.get(6)?,
+        request: r.get(7)?,
+        before: r.get(8)?,
+    })
+}
+
+/// An audit log row as SQLite gives it.
+struct AuditRow {
+    id: i64,
+    at_ms: i64,
+    token_id: String,
+    token_name: String,
+    method: String,
+    path: String,
+    status: i64,
+    request: Option<String>,
+    before: Option<String>,
+}
+
+impl AuditRow {
+    fn entry(self) -> Result<AuditEntry, StoreError> {
+        let json = |s: Option<String>| {
+            s.map(|s| serde_json::from_str(&s).map_err(corrupt))
+                .transpose()
+        };
+        Ok(AuditEntry {
+            id: unsigned(self.id),
+            at_ms: unsigned(self.at_ms),
+            token_id: self.token_id,
+            token_name: self.token_name,
+            method: self.method,
+            path: self.path,
+            status: u16::try_from(self.status).unwrap_or(0),
+            request: json(self.request)?,
+            before: json(self.before)?,
+        })
+    }
+}
 
 /// The registry in a SQLite file. Cloning shares its connection; its work
 /// runs on blocking threads.
@@ -183,6 +240,46 @@ impl SqliteRegistry {
 
 #[async_trait]
 impl RegistryStore for SqliteRegistry {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
+        let e = entry.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO audit_log (at_ms, token_id, token_name, method, path, status, request, before) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                rusqlite::params![
+                    signed(e.at_ms),
+                    e.token_id,
+                    e.token_name,
+                    e.method,
+                    e.path,
+                    i64::from(e.status),
+                    e.request.as_ref().map(ToString::to_string),
+                    e.before.as_ref().map(ToString::to_string),
+                ],
+            )
+            .map_err(backend)?;
+            Ok(unsigned(c.last_insert_rowid()))
+        })
+        .await
+    }
+
+    async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |c| {
+            rows(
+                c,
+                "SELECT id, at_ms, token_id, token_name, method, path, status, request, before \
+                 FROM audit_log WHERE id > ?1 ORDER BY id LIMIT ?2",
+                rusqlite::params![signed(after), limit],
+                audit_row,
+            )?
+            .into_iter()
+            .map(AuditRow::entry)
+            .collect()
+        })
+        .await
+    }
+
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
         let r = &t.record;
         self.execute(
