@@ -890,3 +890,59 @@ async fn metrics_count_the_scenario_and_the_audit_log_names_the_token() {
     );
     s.assert_no_token_logged(&[&ops_token, &reader_token]);
 }
+
+/// Issue 26: `fleet serve` exits non-zero, saying what is missing and why
+/// (the whole chain of causes), when a dependency it needs at start is not
+/// there: PostgreSQL, an external broker.
+#[test]
+fn a_missing_dependency_at_start_is_an_exit_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let setup = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["dev-setup", "--dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(setup.status.success(), "{setup:?}");
+    let serve = |args: &[&str]| {
+        let out = assert_cmd::Command::cargo_bin("fleet")
+            .unwrap()
+            .args(["serve", "--no-api", "--dir"])
+            .arg(&data)
+            .args(args)
+            .timeout(Duration::from_secs(60))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Nothing listens on these ports.
+    let (pg, broker) = (free_port(), free_port());
+    let (code, err) = serve(&[
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--store",
+        &format!("postgres://fleet@127.0.0.1:{pg}/fleet"),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot open the store") && err.contains("refused"),
+        "{err}"
+    );
+    let (code, err) = serve(&[
+        "--broker",
+        &format!("127.0.0.1:{broker}"),
+        "--start-timeout",
+        "1",
+        "--store",
+        "memory",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the broker at 127.0.0.1:{broker}"))
+            && err.contains("refused"),
+        "{err}"
+    );
+}

@@ -917,6 +917,43 @@ async fn registry_scenario(r: &Registry, other: &Registry) {
         r.create_token("", Scope::Admin).await,
         Err(RegistryError::InvalidName(_))
     ));
+
+    // The audit log: appended by either instance, read in order by both,
+    // paged by id; JSON documents come back as they went in.
+    let entry = |path: &str, status: u16| fleet_cloud::AuditEntry {
+        id: 0,
+        at_ms: 1_700_000_000_123,
+        token_id: record.id.clone(),
+        token_name: "dashboard".into(),
+        method: "PUT".into(),
+        path: path.into(),
+        status,
+        request: Some(serde_json::json!({"attributes": {"site": "north"}})),
+        before: None,
+    };
+    let first = r
+        .record_audit(&entry("/v1/things/pump-1/attributes", 200))
+        .await
+        .unwrap();
+    let second = other.record_audit(&entry("/v1/things", 403)).await.unwrap();
+    let third = r
+        .record_audit(&entry("/v1/things/pump-2", 204))
+        .await
+        .unwrap();
+    assert!(first < second && second < third, "{first} {second} {third}");
+    let all = other.audit(0, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [first, second, third]
+    );
+    assert_eq!(all[0].request, entry("", 0).request);
+    assert_eq!(all[0].at_ms, 1_700_000_000_123);
+    assert_eq!((all[1].status, all[1].path.as_str()), (403, "/v1/things"));
+    assert_eq!(all[2].before, None);
+    let page = r.audit(first, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, second);
+    assert!(r.audit(third, 10).await.unwrap().is_empty());
 }
 
 /// Provisioning by claim through two instances on one store: the ownership
