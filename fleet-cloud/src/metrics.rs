@@ -303,3 +303,59 @@ pub async fn serve_metrics(bind: SocketAddr) -> Result<RunningMetrics, MetricsEr
     tracing::info!("metrics on http://{addr}/metrics");
     Ok(RunningMetrics { addr, task })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The names the module's table documents.
+    fn documented() -> Vec<String> {
+        include_str!("metrics.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//! | `"))
+            .filter_map(|l| l.split('`').next())
+            .map(String::from)
+            .collect()
+    }
+
+    /// Every figure the Grafana dashboard plots is one the table documents
+    /// (a histogram by its `_bucket` series), and every documented figure
+    /// is on the dashboard.
+    #[test]
+    fn the_dashboard_plots_the_documented_figures() {
+        let names = documented();
+        assert!(names.len() > 20, "{names:?}");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../deploy/grafana-dashboard.json")).unwrap();
+        let mut plotted = std::collections::BTreeSet::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("fleet_") || word.starts_with("process_") {
+                        let name = word.trim_end_matches("_bucket");
+                        assert!(names.iter().any(|n| n == name), "{name} is not documented");
+                        plotted.insert(name.to_string());
+                    }
+                }
+            }
+        }
+        for name in &names {
+            assert!(plotted.contains(name), "{name} is not on the dashboard");
+        }
+    }
+
+    /// A second call finds the recorder the first installed.
+    #[test]
+    fn the_recorder_is_installed_once() {
+        let a = super::prometheus().unwrap();
+        let b = super::prometheus().unwrap();
+        metrics::counter!("fleet_requests_total", "service" => "test", "outcome" => "handled")
+            .increment(3);
+        let text = super::render(&b);
+        assert!(
+            text.contains(r#"fleet_requests_total{service="test",outcome="handled"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains("# HELP fleet_requests_total"), "{text}");
+        drop(a);
+    }
+}
