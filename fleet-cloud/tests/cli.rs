@@ -460,6 +460,21 @@ fn certs_init_writes_a_setup_and_usage_errors_are_code_2() {
     // The example configuration in the repository holds, and what it
     // shows reads back; a key it does not know is a usage error naming it;
     // flags and the environment override the file, passwords masked.
+    // The packaged configuration (deploy/fleet.toml, /etc/fleet/fleet.toml)
+    // holds too.
+    let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/fleet.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["serve", "--config", packaged, "--print-config"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shown.contains("metrics = \"127.0.0.1:9464\""), "{shown}");
+    assert!(shown.contains("dir = \"/var/lib/fleet\""), "{shown}");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../fleet.example.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
         .args(["serve", "--config", example, "--print-config"])

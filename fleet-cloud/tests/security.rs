@@ -923,6 +923,35 @@ async fn replies_go_only_to_the_requesters_own_namespace() {
             .await
             .is_none()
     );
+    // A device may name as its response topic one it may read itself (a
+    // request/response client such as mosquitto_rr names the shadow's
+    // `/accepted`), never another device's or another client's.
+    for (response, want) in [
+        (
+            "$aws/things/victim/shadow/update/accepted",
+            PubAckReason::Success,
+        ),
+        (
+            "$aws/things/other/shadow/update/accepted",
+            PubAckReason::NotAuthorized,
+        ),
+        ("$aws/clients/claimant/x", PubAckReason::NotAuthorized),
+    ] {
+        let props = PublishProperties {
+            response_topic: Some(response.into()),
+            ..PublishProperties::default()
+        };
+        v.publish_with_properties(
+            "$aws/things/victim/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"state":{"reported":{"a":1}}}"#,
+            props,
+        )
+        .await
+        .unwrap();
+        assert_eq!(puback(&mut ve).await, want, "{response}");
+    }
 }
 
 /// Connects with a hand-written MQTT 5 CONNECT asking for `keep_alive`

@@ -1151,3 +1151,43 @@ pub(crate) async fn audit(
     });
     Ok(())
 }
+
+/// `fleet ready`: the service's readiness (`GET /readyz`, no token), for
+/// a container's health check or a deployment script.
+pub(crate) async fn ready(api: &str, ca: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let ca_pem = std::fs::read_to_string(ca)
+        .map_err(|e| Failure::usage(format!("cannot read {}: {e}", ca.display())))?;
+    let tls = fleet_cloud::tls::client_config(&ca_pem, None)
+        .map_err(|e| Failure::usage(format!("{}: {e}", ca.display())))?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| Failure::other(e.to_string()))?;
+    let base = api.trim_end_matches('/');
+    let resp = http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map_err(|e| Failure::other(format!("{base}: {}", crate::chain(&e))))?;
+    let status = resp.status();
+    let health: fleet_cloud::api::types::Health = resp
+        .json()
+        .await
+        .map_err(|e| Failure::other(format!("{base}/readyz: {e}")))?;
+    let text = if json {
+        serde_json::to_string_pretty(&health).unwrap_or_default()
+    } else {
+        let mut t = health.status.clone();
+        for (check, state) in health.checks.iter().flatten() {
+            t.push_str(&format!("\n  {check}: {state}"));
+        }
+        t
+    };
+    println!("{text}");
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(Failure::other(format!("not ready (HTTP {status})")))
+    }
+}

@@ -162,6 +162,20 @@ enum Command {
         #[command(subcommand)]
         command: client::TokenCommand,
     },
+    /// Whether `fleet serve` is ready (`GET /readyz`; no token): exit 0
+    /// when it is, 1 with the reason of each failed check when not. For a
+    /// container's health check.
+    Ready {
+        /// The management API.
+        #[arg(long, env = "FLEET_API", default_value = "https://localhost:8443")]
+        api: String,
+        /// The CA that signed the API's certificate (PEM).
+        #[arg(long = "api-ca", env = "FLEET_CA", default_value = "fleet-data/ca.pem")]
+        ca: PathBuf,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The audit log: every change made through the API, with the token
     /// that made it, oldest first (admin).
     Audit {
@@ -539,6 +553,7 @@ fn main() -> ExitCode {
             Command::Command { api, command } => client::command(&api, command).await,
             Command::Token { api, command } => client::token(&api, command).await,
             Command::Audit { api, limit, after } => client::audit(&api, limit, after).await,
+            Command::Ready { api, ca, json } => client::ready(&api, &ca, json).await,
         }
     });
     match result {
