@@ -244,6 +244,16 @@ impl Registry {
             .collect())
     }
 
+    /// Groups by name after `after` (`None`: from the start), `limit` at
+    /// most, each with its attribute query (`None`: a static group).
+    pub async fn groups(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<AttributeQuery>)>, RegistryError> {
+        Ok(self.store.groups(after.unwrap_or(""), limit).await?)
+    }
+
     /// Appends `entry` to the audit log; the id it was given.
     pub async fn record_audit(&self, entry: &crate::AuditEntry) -> Result<u64, RegistryError> {
         Ok(self.store.append_audit(entry).await?)

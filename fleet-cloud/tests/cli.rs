@@ -225,9 +225,21 @@ fn things_groups_shadows_jobs_and_tokens() {
     s.ok(&["group", "create", "north"]);
     s.ok(&["group", "add", "north", "pump-1"]);
     let g = s.json(&["group", "members", "north"]);
-    assert_eq!(g["members"], serde_json::json!(["pump-1"]));
+    assert_eq!(g["items"], serde_json::json!(["pump-1"]));
     let g = s.json(&["group", "create", "p100s", "--match", "model=P100"]);
     assert_eq!(g["members"], serde_json::json!(["pump-1"]));
+    let groups = s.json(&["group", "list"]);
+    assert_eq!(
+        groups,
+        serde_json::json!({"items": [
+            {"name": "north"},
+            {"name": "p100s", "query": {"model": "P100"}},
+        ], "next": null})
+    );
+    let page = s.json(&["group", "list", "--limit", "1"]);
+    assert_eq!(page["next"], "north", "{page}");
+    let rest = s.json(&["group", "list", "--after", "north"]);
+    assert_eq!(rest["items"][0]["name"], "p100s", "{rest}");
 
     let out = s.ok(&["shadow", "update", "pump-1", r#"{"speed": 3}"#]);
     assert!(out.contains("version 1"), "{out}");
@@ -271,8 +283,11 @@ fn things_groups_shadows_jobs_and_tokens() {
     assert_eq!(job["state"], "IN_PROGRESS");
     assert_eq!(job["targets"], 1);
     let ex = s.json(&["job", "executions", "j1"]);
-    assert_eq!(ex[0]["status"], "QUEUED");
-    assert_eq!(s.json(&["job", "list"]), serde_json::json!(["j1"]));
+    assert_eq!(ex["items"][0]["status"], "QUEUED");
+    assert_eq!(
+        s.json(&["job", "list"]),
+        serde_json::json!({"items": ["j1"], "next": null})
+    );
     let job = s.json(&["job", "cancel", "j1"]);
     assert_eq!(job["state"], "CANCELED");
     let out = s.ok(&["job", "watch", "j1"]);
@@ -290,12 +305,91 @@ fn things_groups_shadows_jobs_and_tokens() {
     let (code, _, _) = s.run_with("fleet_0_nope", &["thing", "list"]);
     assert_eq!(code, 4);
     let tokens = s.json(&["token", "list"]);
-    assert_eq!(tokens.as_array().unwrap().len(), 2);
+    assert_eq!(tokens["items"].as_array().unwrap().len(), 2);
+    // Every list command's JSON has one shape: items and the next page.
+    for list in [
+        &["thing", "list"][..],
+        &["group", "list"],
+        &["group", "members", "north"],
+        &["job", "list"],
+        &["job", "executions", "j1"],
+        &["campaign", "list"],
+        &["token", "list"],
+        &["template", "list"],
+        &["certs", "list", "pump-1"],
+        &["thing", "certificates", "pump-1"],
+        &["audit"],
+    ] {
+        let v = s.json(list);
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["items", "next"], "{list:?}: {v}");
+        assert!(v["items"].is_array(), "{list:?}: {v}");
+    }
     s.ok(&["token", "revoke", made["id"].as_str().unwrap()]);
     let (code, _, _) = s.run_with(&token, &["thing", "list"]);
     assert_eq!(code, 4);
     // No device answers: the command times out.
     s.fails(&["command", "send", "pump-1", "ping", "--timeout", "1"], 6);
+
+    // Provisioning: the templates served, and a claim identity issued
+    // into files (the key readable by its owner only).
+    let templates = s.json(&["template", "list"]);
+    assert_eq!(templates["items"][0]["name"], "default", "{templates}");
+    let claim_dir = s.path("factory");
+    let made = s.json(&[
+        "claim",
+        "create",
+        "claim@factory",
+        "--out",
+        claim_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(made["name"], "claim@factory");
+    let cert = std::fs::read_to_string(claim_dir.join("claim@factory.pem")).unwrap();
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(claim_dir.join("claim@factory.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    // Not overwritten; an identity the broker does not admit is refused.
+    s.fails(
+        &[
+            "claim",
+            "create",
+            "claim@factory",
+            "--out",
+            claim_dir.to_str().unwrap(),
+        ],
+        2,
+    );
+    s.fails(
+        &[
+            "claim",
+            "create",
+            "stranger@x",
+            "--out",
+            s.path("x").to_str().unwrap(),
+        ],
+        5,
+    );
+
+    // Completions, man pages, and the exit codes in --help.
+    let bash = s.ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("complete") && bash.contains("fleet"),
+        "{bash}"
+    );
+    let man = s.path("man");
+    s.ok(&["man", "--out", man.to_str().unwrap()]);
+    let page = std::fs::read_to_string(man.join("fleet.1")).unwrap();
+    assert!(page.contains(".TH fleet"), "{page}");
+    assert!(man.join("fleet-serve.1").exists());
+    let help = s.ok(&["--help"]);
+    assert!(
+        help.contains("Exit codes:") && help.contains("4  not authenticated"),
+        "{help}"
+    );
     s.assert_no_token_logged(&[&token]);
 }
 
@@ -399,6 +493,20 @@ fn keys_manifests_releases_and_campaigns() {
     assert_eq!(code, 7, "{err}");
     assert!(out.contains("Aborted"), "{out}");
     s.fails(&["campaign", "status", "nope"], 3);
+    // Campaigns are listed; a plain job is not one.
+    s.ok(&[
+        "job",
+        "create",
+        "plain",
+        r#"{"op":"reboot"}"#,
+        "--thing",
+        "pump-1",
+    ]);
+    let campaigns = s.json(&["campaign", "list"]);
+    let items = campaigns["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{campaigns}");
+    assert_eq!(items[0]["campaignId"], "c1", "{campaigns}");
+    assert!(items[0]["state"].is_string(), "{campaigns}");
     s.fails(
         &[
             "campaign",
@@ -827,6 +935,19 @@ async fn metrics_count_the_scenario_and_the_audit_log_names_the_token() {
             &[("method", "POST"), ("status", "201")]
         ) >= 1.0,
         "{text}"
+    );
+
+    // A certificate revoked through the CLI: the device is refused.
+    let certs = s.json(&["certs", "list", "dev-a"]);
+    assert_eq!(certs["items"][0]["status"], "active", "{certs}");
+    let cert_id = certs["items"][0]["id"].as_str().unwrap().to_string();
+    s.ok(&["certs", "revoke", &cert_id]);
+    let certs = s.json(&["certs", "list", "dev-a"]);
+    assert_eq!(certs["items"][0]["status"], "revoked", "{certs}");
+    assert!(
+        fleet_testkit::TestClient::connect_to(s.broker, &ca, &id("dev-a"), "dev-a")
+            .await
+            .is_err()
     );
 
     // The audit log: an operator's changes with its token id, and a read

@@ -58,7 +58,7 @@ pub(super) fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(set_enabled))
         .routes(routes!(list_certificates))
         .routes(routes!(revoke_certificate))
-        .routes(routes!(create_group))
+        .routes(routes!(list_groups, create_group))
         .routes(routes!(group_members))
         .routes(routes!(add_member))
         .routes(routes!(get_shadow, update_shadow, delete_shadow))
@@ -72,7 +72,7 @@ pub(super) fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(job_executions))
         .routes(routes!(cancel_job))
         .routes(routes!(upload_release))
-        .routes(routes!(start_campaign))
+        .routes(routes!(list_campaigns, start_campaign))
         .routes(routes!(campaign_status))
         .routes(routes!(control_campaign))
         .routes(routes!(send_command))
@@ -346,6 +346,26 @@ async fn create_group(
         group: body.name,
     };
     Ok((StatusCode::CREATED, axum::Json(members)))
+}
+
+/// Lists groups by name, with each dynamic group's query.
+#[utoipa::path(get, path = "/v1/groups", params(Page), responses((status = 200, body = GroupList), (status = 400, body = ErrorBody)))]
+async fn list_groups(
+    State(api): State<Api>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<GroupList>, ApiError> {
+    let limit = page.limit()?;
+    let items = api.registry.groups(page.after.as_deref(), limit).await?;
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|(name, _)| name.clone()))
+        .flatten();
+    Ok(axum::Json(GroupList {
+        items: items
+            .into_iter()
+            .map(|(name, query)| GroupView { name, query })
+            .collect(),
+        next,
+    }))
 }
 
 /// A group's members.
@@ -725,6 +745,43 @@ async fn campaign_view(api: &Api, id: &str) -> Result<CampaignView, ApiError> {
         unverified_receipt: s.unverified_receipt,
         rollout: s.rollout.map(|r| format!("{r:?}")),
     })
+}
+
+/// Lists OTA campaigns by id (the jobs whose document is an OTA job).
+#[utoipa::path(get, path = "/v1/campaigns", params(Page), responses((status = 200, body = CampaignList), (status = 400, body = ErrorBody)))]
+async fn list_campaigns(
+    State(api): State<Api>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<CampaignList>, ApiError> {
+    let limit = page.limit()?;
+    let after = page.after.unwrap_or_default();
+    let mut items = Vec::new();
+    for id in api.jobs.job_ids().await? {
+        if id <= after {
+            continue;
+        }
+        if items.len() == limit {
+            break;
+        }
+        let record = match api.jobs.job(&id).await {
+            Ok(r) => r,
+            // Deleted meanwhile.
+            Err(crate::JobsError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if serde_json::from_value::<fleet_core::jobs::OtaJob>(record.spec.document.clone()).is_ok()
+        {
+            items.push(CampaignSummary {
+                campaign_id: id,
+                state: wire_name(&record.state),
+                created_at: record.created_at,
+            });
+        }
+    }
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|c| c.campaign_id.clone()))
+        .flatten();
+    Ok(axum::Json(CampaignList { items, next }))
 }
 
 /// Starts a campaign of a registered release.

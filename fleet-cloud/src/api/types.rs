@@ -32,6 +32,8 @@ paged!(ThingList, ThingView);
 paged!(JobList, String);
 paged!(ExecutionList, ExecutionView);
 paged!(AuditList, AuditView);
+paged!(GroupList, GroupView);
+paged!(CampaignList, CampaignSummary);
 
 /// Whether the service is up (no token needed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -433,6 +435,49 @@ pub struct AuditView {
 pub struct AuditList {
     /// The entries.
     pub items: Vec<AuditView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A thing group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroupView {
+    /// Its name.
+    pub name: String,
+    /// A dynamic group's attribute query (every pair must match); absent
+    /// for a static group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<BTreeMap<String, String>>,
+}
+
+/// A page of groups, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroupList {
+    /// The groups.
+    pub items: Vec<GroupView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A campaign in a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CampaignSummary {
+    /// The campaign's id (its job's).
+    pub campaign_id: String,
+    /// Its job's state (`IN_PROGRESS`, `COMPLETED`, `CANCELED`, ...).
+    pub state: String,
+    /// When it started, epoch seconds.
+    pub created_at: u64,
+}
+
+/// A page of campaigns, by id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CampaignList {
+    /// The campaigns.
+    pub items: Vec<CampaignSummary>,
     /// Pass as `after` for the next page; absent on the last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,

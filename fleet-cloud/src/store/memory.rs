@@ -356,6 +356,20 @@ impl RegistryStore for MemoryStore {
         Ok(())
     }
 
+    async fn groups(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError> {
+        Ok(self
+            .registry_lock()?
+            .groups
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(name, (q, _))| (name.clone(), q.clone()))
+            .collect())
+    }
+
     async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError> {
         Ok(self
             .registry_lock()?

@@ -342,6 +342,14 @@ pub trait RegistryStore: Send + Sync + fmt::Debug + 'static {
     /// token cannot both spend it.
     async fn spend_pending(&self, token: &str, now: u64) -> Result<Spent, StoreError>;
 
+    /// Groups by name after `after` (`""` from the start), `limit` at most:
+    /// each with its query (`None`: a static group).
+    async fn groups(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError>;
+
     /// Appends `entry` to the audit log (its `id` is ignored); returns the
     /// id it was given, greater than every earlier one.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError>;

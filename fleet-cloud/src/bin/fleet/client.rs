@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 
 use fleet_cloud::api::ErrorBody;
 use fleet_cloud::api::types::{
-    AuditList, CampaignView, CancelJob, CertificateView, CommandResult, CreateGroup, CreateJob,
-    CreateThing, CreateToken, ExecutionList, GroupMembers, JobList, JobView, Paged, ReleaseView,
-    SendCommand, SetAttributes, SetEnabled, StartCampaign, ThingList, ThingView, TokenView,
-    UploadRelease,
+    AuditList, CampaignList, CampaignView, CancelJob, CertificateView, ClaimIdentity,
+    CommandResult, CreateClaim, CreateGroup, CreateJob, CreateThing, CreateToken, ExecutionList,
+    GroupList, GroupMembers, JobList, JobView, Paged, ReleaseView, SendCommand, SetAttributes,
+    SetEnabled, StartCampaign, TemplateView, ThingList, ThingView, TokenView, UploadRelease,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -132,6 +132,15 @@ pub(crate) enum GroupCommand {
     Members {
         /// The group.
         group: String,
+    },
+    /// Lists groups (a dynamic group with its query).
+    List {
+        /// Items per page.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this group (the `next` of a previous page).
+        #[arg(long)]
+        after: Option<String>,
     },
 }
 
@@ -266,6 +275,15 @@ pub(crate) enum CampaignCommand {
         #[arg(long)]
         watch: bool,
     },
+    /// Lists campaigns.
+    List {
+        /// Items per page.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this campaign (the `next` of a previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
     /// Shows where a campaign stands.
     Status {
         /// Its id.
@@ -357,6 +375,20 @@ pub(crate) struct Client {
     base: String,
     token: String,
     json: bool,
+}
+
+/// What every list command prints with `--json`: its items, and where the
+/// next page starts (`null` on the last; pass it as `--after`).
+#[derive(Serialize)]
+struct Items<T> {
+    items: Vec<T>,
+    next: Option<String>,
+}
+
+impl<T> Items<T> {
+    fn all(items: Vec<T>) -> Self {
+        Self { items, next: None }
+    }
 }
 
 impl Client {
@@ -504,6 +536,23 @@ impl Client {
         }
     }
 
+    /// Prints a list: `{"items": [...], "next": ...}` as JSON, or a table
+    /// of `rows` under `headers` with a hint at the next page.
+    fn show_list<T: Serialize>(
+        &self,
+        list: &Items<T>,
+        headers: &[&str],
+        row: impl Fn(&T) -> Vec<String>,
+    ) {
+        self.show(list, |l| {
+            let mut t = table(headers, l.items.iter().map(row).collect());
+            if let Some(n) = &l.next {
+                t.push_str(&format!("\n(more: --after {n})"));
+            }
+            t
+        });
+    }
+
     /// Prints `value` as JSON, or `human` for people.
     fn show<T: Serialize + ?Sized>(&self, value: &T, human: impl FnOnce(&T) -> String) {
         let text = if self.json {
@@ -575,14 +624,11 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
                 path.push_str(&format!("&after={a}"));
             }
             let v: ThingList = api.get(&path).await?;
-            api.show(&v, |v| {
-                let rows = v.items.iter().map(thing_row).collect();
-                let mut t = table(&["thing", "enabled", "attributes"], rows);
-                if let Some(n) = &v.next {
-                    t.push_str(&format!("\n(more: --after {n})"));
-                }
-                t
-            });
+            let list = Items {
+                items: v.items,
+                next: v.next,
+            };
+            api.show_list(&list, &["thing", "enabled", "attributes"], thing_row);
         }
         ThingCommand::Create {
             name,
@@ -624,17 +670,18 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
             api.show(&json!({"deleted": name}), |_| format!("deleted {name}"));
         }
         ThingCommand::Certificates { name } => {
-            let v: Vec<CertificateView> =
-                api.get(&format!("/v1/things/{name}/certificates")).await?;
-            api.show(&v, |v| {
-                let rows = v
-                    .iter()
-                    .map(|c| vec![c.id.clone(), c.status.clone()])
-                    .collect();
-                table(&["certificate", "status"], rows)
-            });
+            certificates(&api, &name).await?;
         }
     }
+    Ok(())
+}
+
+/// Prints a thing's certificates.
+async fn certificates(api: &Client, thing: &str) -> Result<(), Failure> {
+    let v: Vec<CertificateView> = api.get(&format!("/v1/things/{thing}/certificates")).await?;
+    api.show_list(&Items::all(v), &["certificate", "status"], |c| {
+        vec![c.id.clone(), c.status.clone()]
+    });
     Ok(())
 }
 
@@ -674,7 +721,26 @@ pub(crate) async fn group(c: &Connection, cmd: GroupCommand) -> Result<(), Failu
         }
         GroupCommand::Members { group } => {
             let v: GroupMembers = api.get(&format!("/v1/groups/{group}/members")).await?;
-            api.show(&v, members);
+            api.show_list(&Items::all(v.members), &["member"], |m| vec![m.clone()]);
+        }
+        GroupCommand::List { limit, after } => {
+            let v: GroupList = api.get(&page_path("/v1/groups", limit, after)).await?;
+            let list = Items {
+                items: v.items,
+                next: v.next,
+            };
+            api.show_list(&list, &["group", "query"], |g| {
+                let query = g.query.as_ref().map_or_else(
+                    || "(static)".to_string(),
+                    |q| {
+                        q.iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                );
+                vec![g.name.clone(), query]
+            });
         }
     }
     Ok(())
@@ -783,9 +849,7 @@ pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> 
         }
         JobCommand::List => {
             let v = api.all::<JobList>("/v1/jobs").await?;
-            api.show(&v, |v| {
-                table(&["job"], v.iter().map(|j| vec![j.clone()]).collect())
-            });
+            api.show_list(&Items::all(v), &["job"], |j| vec![j.clone()]);
         }
         JobCommand::Get { id } => {
             let v: JobView = api.get(&format!("/v1/jobs/{id}")).await?;
@@ -795,18 +859,12 @@ pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> 
             let v = api
                 .all::<ExecutionList>(&format!("/v1/jobs/{id}/executions"))
                 .await?;
-            api.show(&v, |v| {
-                let rows = v
-                    .iter()
-                    .map(|e| {
-                        vec![
-                            e.thing.clone(),
-                            e.status.clone(),
-                            e.execution_number.to_string(),
-                        ]
-                    })
-                    .collect();
-                table(&["thing", "status", "execution"], rows)
+            api.show_list(&Items::all(v), &["thing", "status", "execution"], |e| {
+                vec![
+                    e.thing.clone(),
+                    e.status.clone(),
+                    e.execution_number.to_string(),
+                ]
             });
         }
         JobCommand::Cancel { id, force } => {
@@ -1028,6 +1086,16 @@ pub(crate) async fn campaign(c: &Connection, cmd: CampaignCommand) -> Result<(),
             }
             api.show(&v, campaign_table);
         }
+        CampaignCommand::List { limit, after } => {
+            let v: CampaignList = api.get(&page_path("/v1/campaigns", limit, after)).await?;
+            let list = Items {
+                items: v.items,
+                next: v.next,
+            };
+            api.show_list(&list, &["campaign", "state"], |c| {
+                vec![c.campaign_id.clone(), c.state.clone()]
+            });
+        }
         CampaignCommand::Status { id } => {
             let v: CampaignView = api.get(&format!("/v1/campaigns/{id}")).await?;
             api.show(&v, campaign_table);
@@ -1098,7 +1166,9 @@ pub(crate) async fn token(c: &Connection, cmd: TokenCommand) -> Result<(), Failu
         }
         TokenCommand::List => {
             let v: Vec<TokenView> = api.get("/v1/tokens").await?;
-            api.show(&v, |v| rows(v));
+            api.show_list(&Items::all(v), &["id", "name", "scope"], |t| {
+                vec![t.id.clone(), t.name.clone(), t.scope.clone()]
+            });
         }
         TokenCommand::Revoke { id } => {
             api.delete::<()>(&format!("/v1/tokens/{id}")).await?;
@@ -1120,34 +1190,25 @@ pub(crate) async fn audit(
         path.push_str(&format!("&after={a}"));
     }
     let v: AuditList = api.get(&path).await?;
-    api.show(&v, |v| {
-        let rows = v
-            .items
-            .iter()
-            .map(|e| {
-                let at = time::OffsetDateTime::from_unix_timestamp_nanos(
-                    i128::from(e.at_ms) * 1_000_000,
-                )
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| e.at_ms.to_string());
-                vec![
-                    e.id.to_string(),
-                    at,
-                    format!("{} ({})", e.token_id, e.token_name),
-                    format!("{} {}", e.method, e.path),
-                    e.status.to_string(),
-                ]
+    let list = Items {
+        items: v.items,
+        next: v.next,
+    };
+    api.show_list(&list, &["id", "at", "token", "request", "status"], |e| {
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(e.at_ms) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
             })
-            .collect();
-        let mut t = table(&["id", "at", "token", "request", "status"], rows);
-        if let Some(n) = &v.next {
-            t.push_str(&format!("\n(more: --after {n})"));
-        }
-        t
+            .unwrap_or_else(|| e.at_ms.to_string());
+        vec![
+            e.id.to_string(),
+            at,
+            format!("{} ({})", e.token_id, e.token_name),
+            format!("{} {}", e.method, e.path),
+            e.status.to_string(),
+        ]
     });
     Ok(())
 }
@@ -1190,4 +1251,129 @@ pub(crate) async fn ready(api: &str, ca: &std::path::Path, json: bool) -> Result
     } else {
         Err(Failure::other(format!("not ready (HTTP {status})")))
     }
+}
+
+/// A list path with its page.
+fn page_path(base: &str, limit: usize, after: Option<String>) -> String {
+    let mut path = format!("{base}?limit={limit}");
+    if let Some(a) = after {
+        path.push_str(&format!("&after={a}"));
+    }
+    path
+}
+
+/// `fleet certs ...` through the API (admin).
+#[derive(Subcommand)]
+pub(crate) enum CertCommand {
+    /// Lists a thing's certificates.
+    List {
+        /// The thing.
+        thing: String,
+    },
+    /// Revokes a certificate: its device is disconnected and refused.
+    Revoke {
+        /// The certificate's id (`fleet certs list THING`).
+        id: String,
+    },
+}
+
+pub(crate) async fn cert(c: &Connection, cmd: CertCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    match cmd {
+        CertCommand::List { thing } => certificates(&api, &thing).await?,
+        CertCommand::Revoke { id } => {
+            api.request::<Value>(
+                reqwest::Method::POST,
+                &format!("/v1/certificates/{id}/revoke"),
+                None::<&()>,
+            )
+            .await?;
+            api.show(&json!({"revoked": id}), |_| {
+                format!("revoked certificate {id}")
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `fleet claim ...`: claim identities for provisioning by claim (admin).
+#[derive(Subcommand)]
+pub(crate) enum ClaimCommand {
+    /// Issues a claim certificate and key for a factory to put on devices;
+    /// writes `{name}.pem`, `{name}.key` and `ca.pem` into `--out`.
+    Create {
+        /// One of the claim identities `fleet serve` admits (`--claim`).
+        name: String,
+        /// The directory to write into (created; files are not
+        /// overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub(crate) async fn claim(c: &Connection, cmd: ClaimCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    match cmd {
+        ClaimCommand::Create { name, out } => {
+            let files = [
+                format!("{name}.pem"),
+                format!("{name}.key"),
+                "ca.pem".into(),
+            ];
+            for f in &files {
+                if out.join(f).exists() {
+                    return Err(Failure::usage(format!(
+                        "{} exists; not overwritten",
+                        out.join(f).display()
+                    )));
+                }
+            }
+            let v: ClaimIdentity = api
+                .post(
+                    "/v1/provisioning/claims",
+                    &CreateClaim { name: name.clone() },
+                )
+                .await?;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| Failure::usage(format!("{}: {e}", out.display())))?;
+            for (file, text) in files.iter().zip([&v.cert_pem, &v.key_pem, &v.ca_pem]) {
+                crate::write_secret(&out.join(file), text)
+                    .map_err(|e| Failure::other(format!("{}: {e}", out.join(file).display())))?;
+            }
+            api.show(
+                &json!({"name": v.name, "dir": out.display().to_string(), "files": files}),
+                |_| format!("claim identity {name} written to {}", out.display()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `fleet template ...`: provisioning templates.
+#[derive(Subcommand)]
+pub(crate) enum TemplateCommand {
+    /// Lists the provisioning templates served.
+    List,
+}
+
+pub(crate) async fn template(c: &Connection, cmd: TemplateCommand) -> Result<(), Failure> {
+    let api = Client::new(c)?;
+    match cmd {
+        TemplateCommand::List => {
+            let v: Vec<TemplateView> = api.get("/v1/provisioning/templates").await?;
+            api.show_list(
+                &Items::all(v),
+                &["template", "thing name", "parameters", "groups"],
+                |t| {
+                    vec![
+                        t.name.clone(),
+                        format!("{}{{{}}}", t.thing_name_prefix, t.name_parameter),
+                        t.required_parameters.join(","),
+                        t.groups.join(","),
+                    ]
+                },
+            );
+        }
+    }
+    Ok(())
 }

@@ -44,8 +44,25 @@ use fleet_cloud::{
     Scope,
 };
 
+/// The exit codes, shown under every command's `--help`.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  done
+  1  failed: network, service, or a dependency missing at start
+  2  bad usage or input files
+  3  not found
+  4  not authenticated or not allowed
+  5  refused as invalid, existing or conflicting
+  6  the device did not answer in time
+  7  it ran but did not succeed (a campaign aborted, a job or command that failed)";
+
 #[derive(Parser)]
-#[command(name = "fleet", version, about = "The fleet backend and its tools")]
+#[command(
+    name = "fleet",
+    version,
+    about = "The fleet backend and its tools",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// How logs are written to stderr: `text` (colour only on a terminal)
     /// or `json` (one object per line, for a log collector). Also
@@ -94,9 +111,41 @@ enum Command {
     /// Write a development setup: a CA, broker, backend, device and claim
     /// certificates, and the Mosquitto configuration and ACL for them.
     DevSetup(DevSetupArgs),
-    /// Certificates for a development setup.
-    #[command(subcommand)]
-    Certs(CertsCommand),
+    /// Certificates: a development setup (`init`, no API), or a thing's
+    /// certificates through the API (`list`, `revoke`; admin).
+    Certs {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Claim identities for provisioning by claim (through the API; admin).
+    Claim {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::ClaimCommand,
+    },
+    /// Provisioning templates (through the API).
+    Template {
+        #[command(flatten)]
+        api: client::Connection,
+        #[command(subcommand)]
+        command: client::TemplateCommand,
+    },
+    /// Shell completions for `fleet`: `fleet completions bash >
+    /// /etc/bash_completion.d/fleet` (also zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Man pages for `fleet` and every subcommand, written into `--out`
+    /// (`fleet.1`, `fleet-serve.1`, ...).
+    Man {
+        /// The directory to write into (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Make an Ed25519 key for signing releases; prints its public key.
     Keygen {
         /// Where to write it (not overwritten).
@@ -196,6 +245,17 @@ enum CertsCommand {
     /// A development CA with server, backend, device and claim certificates
     /// (the same as `fleet dev-setup`).
     Init(DevSetupArgs),
+    /// Lists a thing's certificates (through the API).
+    List {
+        /// The thing.
+        thing: String,
+    },
+    /// Revokes a certificate: its device is disconnected and refused
+    /// (through the API).
+    Revoke {
+        /// The certificate's id (`fleet certs list THING`).
+        id: String,
+    },
 }
 
 /// Why a command failed, and its exit code.
@@ -539,9 +599,27 @@ fn main() -> ExitCode {
                 }
                 Ok(serve_command(config).await?)
             }
-            Command::DevSetup(args) | Command::Certs(CertsCommand::Init(args)) => {
-                Ok(dev_setup(&args).await?)
+            Command::DevSetup(args)
+            | Command::Certs {
+                command: CertsCommand::Init(args),
+                ..
+            } => Ok(dev_setup(&args).await?),
+            Command::Certs {
+                api,
+                command: CertsCommand::List { thing },
+            } => client::cert(&api, client::CertCommand::List { thing }).await,
+            Command::Certs {
+                api,
+                command: CertsCommand::Revoke { id },
+            } => client::cert(&api, client::CertCommand::Revoke { id }).await,
+            Command::Claim { api, command } => client::claim(&api, command).await,
+            Command::Template { api, command } => client::template(&api, command).await,
+            Command::Completions { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut cmd, "fleet", &mut std::io::stdout());
+                Ok(())
             }
+            Command::Man { out } => man_pages(&out),
             Command::Keygen { out } => tools::keygen(&out),
             Command::Manifest(cmd) => tools::manifest(cmd),
             Command::Thing { api, command } => client::thing(&api, command).await,
@@ -771,6 +849,16 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
     Ok(())
 }
 
+/// Writes the man pages of `fleet` and of each subcommand into `out`.
+fn man_pages(out: &std::path::Path) -> Result<(), Failure> {
+    std::fs::create_dir_all(out).map_err(|e| Failure::usage(format!("{}: {e}", out.display())))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, out)
+        .map_err(|e| Failure::other(format!("{}: {e}", out.display())))?;
+    println!("man pages written to {}", out.display());
+    Ok(())
+}
+
 /// Things provisioned by claim are named `thing-{SerialNumber}`.
 fn default_template() -> ProvisioningTemplate {
     ProvisioningTemplate {
@@ -924,7 +1012,7 @@ fn current_user() -> Option<String> {
 }
 
 /// Writes a file only its owner may read.
-fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     std::fs::write(path, text)?;
     #[cfg(unix)]
     {

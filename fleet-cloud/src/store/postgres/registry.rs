@@ -280,6 +280,29 @@ impl RegistryStore for PgStore {
         .map(drop)
     }
 
+    async fn groups(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT name, query FROM thing_groups WHERE name > $1 ORDER BY name LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let q = r
+                    .get::<_, Option<String>>(1)
+                    .map(|q| serde_json::from_str(&q).map_err(corrupt))
+                    .transpose()?;
+                Ok((r.get(0), q))
+            })
+            .collect()
+    }
+
     async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError> {
         let rows = self
             .query("SELECT query FROM thing_groups WHERE name = $1", &[&name])

@@ -429,6 +429,32 @@ impl RegistryStore for SqliteRegistry {
         .map(drop)
     }
 
+    async fn groups(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError> {
+        let (after, limit) = (after.to_owned(), i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows: Vec<(String, Option<String>)> = self
+            .with(move |c| {
+                rows(
+                    c,
+                    "SELECT name, query FROM thing_groups WHERE name > ?1 ORDER BY name LIMIT ?2",
+                    rusqlite::params![after, limit],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(name, q)| {
+                let q = q
+                    .map(|q| serde_json::from_str(&q).map_err(corrupt))
+                    .transpose()?;
+                Ok((name, q))
+            })
+            .collect()
+    }
+
     async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError> {
         let name = name.to_owned();
         let row: Option<Option<String>> = self
