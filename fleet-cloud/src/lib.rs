@@ -108,6 +108,7 @@ mod shadows;
 pub mod store;
 mod streams;
 pub mod telemetry;
+pub mod template;
 #[doc(hidden)]
 pub mod tls;
 
@@ -140,7 +141,7 @@ pub use policy::{
     MosquittoPlugin, PolicyError,
 };
 pub use provisioning::{
-    PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate,
+    PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Webhook,
 };
 pub use registry::{Registry, RegistryError};
 pub use server::{

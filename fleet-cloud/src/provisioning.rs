@@ -38,9 +38,15 @@ use crate::model::{CertificateStatus, PendingCertificate, Spent};
 use crate::pki::Pki;
 use crate::registry::{Registry, RegistryError};
 use crate::service::{Handler, HandlerError, Request};
+use crate::template::{Certificate, TemplateBody, TemplateError};
 
 /// A provisioning template: how a thing is named and what it gets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Either the simple form (a name prefix and a naming parameter, fixed
+/// attributes and groups) or, with [`body`](Self::body), an AWS IoT fleet
+/// provisioning template document ([`TemplateBody`]), which then decides
+/// the thing's name, attributes and groups.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProvisioningTemplate {
     /// The template's name (in the topic).
     pub name: String,
@@ -64,6 +70,106 @@ pub struct ProvisioningTemplate {
     /// on, the pre-provisioning hook must approve, and a disabled thing, or
     /// one with a revoked certificate, is never re-provisioned.
     pub allow_replace: bool,
+    /// An AWS-shaped template document; when set, the fields of the simple
+    /// form (prefix, naming parameter, attributes, groups) are not used.
+    pub body: Option<TemplateBody>,
+    /// The pre-provisioning hook of this template: an HTTPS webhook asked
+    /// before each registration, as AWS's pre-provisioning Lambda is.
+    pub webhook: Option<Webhook>,
+}
+
+impl ProvisioningTemplate {
+    /// A template from an AWS IoT fleet provisioning template document.
+    pub fn from_document(name: &str, document: &Value) -> Result<Self, TemplateError> {
+        let body = TemplateBody::parse(document)?;
+        Ok(Self {
+            name: name.to_string(),
+            thing_name_prefix: String::new(),
+            name_parameter: String::new(),
+            required_parameters: body.required_parameters(),
+            attributes: BTreeMap::new(),
+            groups: Vec::new(),
+            allow_replace: false,
+            body: Some(body),
+            webhook: None,
+        })
+    }
+}
+
+/// A pre-provisioning hook over HTTPS, as AWS IoT's pre-provisioning
+/// Lambda: it is POSTed `{"templateName", "certificateId",
+/// "certificatePem", "parameters"}` and answers `{"allowProvisioning":
+/// bool, "parameterOverrides": {...}}`. A refusal, an error status, a
+/// malformed answer or no answer within `timeout` refuses the registration
+/// (403), and nothing is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// `https://...`.
+    pub url: String,
+    /// The CA that signed the hook's server certificate (PEM); `None`: the
+    /// Web PKI's roots (Mozilla's, as `webpki-roots` ships them).
+    pub ca_pem: Option<String>,
+    /// How long the hook may take (AWS: 5 s).
+    pub timeout: Duration,
+}
+
+/// What a webhook answers.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HookAnswer {
+    allow_provisioning: bool,
+    #[serde(default)]
+    parameter_overrides: BTreeMap<String, String>,
+}
+
+impl Webhook {
+    /// Asks the hook about a registration: the parameters to use (the
+    /// device's, with the hook's overrides), or why not.
+    async fn decide(
+        &self,
+        template: &str,
+        certificate_id: &str,
+        certificate_pem: &str,
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, String> {
+        if !self.url.starts_with("https://") {
+            return Err(format!("{}: the hook must be https://", self.url));
+        }
+        let tls = match &self.ca_pem {
+            Some(ca) => crate::tls::client_config(ca, None).map_err(|e| e.to_string())?,
+            None => crate::tls::web_pki_client_config().map_err(|e| e.to_string())?,
+        };
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(self.timeout)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let body = json!({
+            "templateName": template,
+            "certificateId": certificate_id,
+            "certificatePem": certificate_pem,
+            "parameters": parameters,
+        });
+        let response = client
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| crate::broker::error_chain(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("the hook answered HTTP {status}"));
+        }
+        let answer: HookAnswer = response.json().await.map_err(|e| {
+            format!("the hook's answer is not {{allowProvisioning, parameterOverrides}}: {e}")
+        })?;
+        if !answer.allow_provisioning {
+            return Err("the pre-provisioning hook refused".into());
+        }
+        let mut parameters = parameters.clone();
+        parameters.extend(answer.parameter_overrides);
+        Ok(parameters)
+    }
 }
 
 /// A check the operator runs before a device is registered (an allow list,
@@ -478,59 +584,103 @@ impl ProvisioningService {
                 "expected certificateOwnershipToken and parameters",
             )
         })?;
-        for p in std::iter::once(&t.name_parameter).chain(&t.required_parameters) {
+        let invalid = |p: &str| {
+            ProvisioningError::new(
+                400,
+                "InvalidParameters",
+                format!("parameter {p} is missing or invalid"),
+            )
+        };
+        let required: Vec<&String> = match &t.body {
+            Some(_) => t.required_parameters.iter().collect(),
+            None => std::iter::once(&t.name_parameter)
+                .chain(&t.required_parameters)
+                .collect(),
+        };
+        for p in required {
             match request.parameters.get(p) {
                 Some(v) if valid_parameter(v) => {}
-                _ => {
-                    return Err(ProvisioningError::new(
-                        400,
-                        "InvalidParameters",
-                        format!("parameter {p} is missing or invalid"),
-                    ));
-                }
+                _ => return Err(invalid(p)),
             }
         }
-        let mut thing = format!(
-            "{}{}",
-            t.thing_name_prefix, request.parameters[&t.name_parameter]
-        );
+        if let Some((p, _)) = request.parameters.iter().find(|(_, v)| !valid_parameter(v)) {
+            return Err(invalid(p));
+        }
         // Check the token without spending it: a refused registration
         // leaves it usable until it expires.
-        let (certificate_id, certificate_pem) = {
-            let token = self
-                .registry
-                .pending(&request.certificate_ownership_token, now)
-                .await
-                .map_err(internal)?
-                .ok_or_else(|| {
-                    ProvisioningError::new(
-                        400,
-                        "InvalidToken",
-                        "the ownership token is unknown, used or expired",
-                    )
-                })?;
-            if token.named_by_certificate {
-                thing.clone_from(&token.common_name);
-            } else if self.subject_names_thing && token.common_name != thing {
-                return Err(ProvisioningError::new(
+        let token = self
+            .registry
+            .pending(&request.certificate_ownership_token, now)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| {
+                ProvisioningError::new(
                     400,
-                    "InvalidParameters",
-                    format!(
-                        "the template names the thing {thing}, the certificate is for {}",
-                        token.common_name
-                    ),
-                ));
-            }
-            (token.certificate_id.clone(), token.certificate_pem.clone())
+                    "InvalidToken",
+                    "the ownership token is unknown, used or expired",
+                )
+            })?;
+        let (certificate_id, certificate_pem) =
+            (token.certificate_id.clone(), token.certificate_pem.clone());
+        // The template's hook first: it may override parameters.
+        let parameters = match &t.webhook {
+            None => request.parameters.clone(),
+            Some(hook) => hook
+                .decide(
+                    template,
+                    &certificate_id,
+                    &certificate_pem,
+                    &request.parameters,
+                )
+                .await
+                .map_err(|reason| {
+                    tracing::info!(template, "provisioning refused by the hook: {reason}");
+                    ProvisioningError::new(403, "AccessDenied", reason)
+                })?,
         };
+        let (mut thing, attributes, groups) = match &t.body {
+            Some(body) => {
+                let r = body
+                    .render(
+                        &parameters,
+                        &Certificate {
+                            id: certificate_id.clone(),
+                            common_name: token.common_name.clone(),
+                        },
+                    )
+                    .map_err(|e| ProvisioningError::new(400, "InvalidParameters", e.to_string()))?;
+                (r.thing_name, r.attributes, r.groups)
+            }
+            None => {
+                let name = parameters
+                    .get(&t.name_parameter)
+                    .ok_or_else(|| invalid(&t.name_parameter))?;
+                let mut attributes = t.attributes.clone();
+                attributes.extend(parameters.clone());
+                (
+                    format!("{}{name}", t.thing_name_prefix),
+                    attributes,
+                    t.groups.clone(),
+                )
+            }
+        };
+        if token.named_by_certificate {
+            thing.clone_from(&token.common_name);
+        } else if self.subject_names_thing && token.common_name != thing {
+            return Err(ProvisioningError::new(
+                400,
+                "InvalidParameters",
+                format!(
+                    "the template names the thing {thing}, the certificate is for {}",
+                    token.common_name
+                ),
+            ));
+        }
         let replacing = self.check_replaceable(&thing, t.allow_replace).await?;
         if let Some(hook) = &self.hook {
             // A hook may ask another system: off the runtime's threads.
-            let (hook, template, parameters) = (
-                hook.clone(),
-                template.to_owned(),
-                request.parameters.clone(),
-            );
+            let (hook, template, parameters) =
+                (hook.clone(), template.to_owned(), parameters.clone());
             off_runtime(move || {
                 hook.check(&template, &parameters)
                     .map_err(|reason| ProvisioningError::new(403, "AccessDenied", reason))
@@ -559,8 +709,6 @@ impl ProvisioningService {
                 ));
             }
         }
-        let mut attributes = t.attributes.clone();
-        attributes.extend(request.parameters.clone());
         let previous = if replacing {
             self.registry
                 .set_attributes(&thing, &attributes)
@@ -594,7 +742,7 @@ impl ProvisioningService {
                 .await
                 .map_err(internal)?;
         }
-        for g in &t.groups {
+        for g in &groups {
             self.registry
                 .add_to_group(g, &thing)
                 .await
@@ -696,6 +844,8 @@ mod tests {
             required_parameters: Vec::new(),
             attributes: BTreeMap::new(),
             groups: Vec::new(),
+            body: None,
+            webhook: None,
         };
         let registry = Registry::in_memory().unwrap();
         let mut service = ProvisioningService::new(

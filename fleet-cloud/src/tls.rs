@@ -109,6 +109,20 @@ pub fn client_config(
     }
 }
 
+/// A client trusting the Web PKI's roots (Mozilla's, as `webpki-roots`
+/// ships them): for an operator's HTTPS endpoint under a public CA (a
+/// pre-provisioning webhook).
+pub fn web_pki_client_config() -> Result<rustls::ClientConfig, TlsError> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::caused("protocol versions", e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// A server presenting `cert_pem` and `key_pem`; with `client_ca_pem`,
 /// every client must present a certificate that CA signed (mutual TLS).
 pub fn server_config(

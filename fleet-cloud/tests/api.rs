@@ -100,6 +100,8 @@ impl Fixture {
                     required_parameters: Vec::new(),
                     attributes: Default::default(),
                     groups: Vec::new(),
+                    body: None,
+                    webhook: None,
                 }],
                 readiness: None,
             },

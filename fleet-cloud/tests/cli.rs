@@ -43,6 +43,11 @@ impl Service {
     /// directory where `fleet dev-setup` wrote certificates for `things`;
     /// its log (level info) goes to `serve.log` there.
     fn start_with(things: &[&str]) -> Self {
+        Self::start_with_args(things, &[])
+    }
+
+    /// [`start_with`](Self::start_with), `fleet serve` given `args` too.
+    fn start_with_args(things: &[&str], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (broker, api, metrics) = (free_port(), free_port(), free_port());
         if !things.is_empty() {
@@ -69,6 +74,7 @@ impl Service {
             .arg(format!("127.0.0.1:{metrics}"))
             .arg("--claim")
             .arg("claim@factory")
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1081,4 +1087,78 @@ fn a_missing_dependency_at_start_is_an_exit_with_the_reason() {
             && err.contains("refused"),
         "{err}"
     );
+}
+
+/// Issue 26: provisioning templates in `fleet serve`'s configuration, in
+/// AWS's template shape with a pre-provisioning hook: served and listed
+/// (document and hook) through the API; a template that does not hold is
+/// a usage error naming its file and the fault's path.
+#[test]
+fn templates_in_the_configuration_are_served_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("factory.json");
+    let document = serde_json::json!({
+        "Parameters": {"SerialNumber": {"Type": "String"}},
+        "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {
+            "ThingName": {"Fn::Join": ["", ["pump-", {"Ref": "SerialNumber"}]]},
+            "ThingGroups": ["pumps"]
+        }}}
+    });
+    write(&template, document.to_string().as_bytes());
+    let config = dir.path().join("fleet.toml");
+    let table = format!(
+        "[[template]]\nname = \"factory\"\nfile = \"{}\"\nhook-url = \"https://hooks.example.com/provision\"\nhook-timeout = 3\n",
+        template.display()
+    );
+    write(&config, table.as_bytes());
+    let s = Service::start_with_args(&[], &["--config", config.to_str().unwrap()]);
+    let list = s.json(&["template", "list"]);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(items[0]["name"], "factory");
+    assert_eq!(items[0]["document"], document);
+    assert_eq!(
+        items[0]["preProvisioningHook"],
+        "https://hooks.example.com/provision"
+    );
+    assert_eq!(
+        items[0]["requiredParameters"],
+        serde_json::json!(["SerialNumber"])
+    );
+
+    // A fault in the document: refused at start, with where.
+    let bad = serde_json::json!({"Resources": {"thing": {"Type": "AWS::IoT::Thing",
+        "Properties": {"ThingName": {"Fn::Base64": "x"}}}}});
+    write(&template, bad.to_string().as_bytes());
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "serve",
+            "--print-config",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("factory.json")
+            && err.contains("Resources.thing.Properties.ThingName.Fn::Base64"),
+        "{err}"
+    );
+    // A hook that is not HTTPS is refused too.
+    write(&template, document.to_string().as_bytes());
+    write(&config, table.replace("https://", "http://").as_bytes());
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "serve",
+            "--print-config",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("hook-url must be https://"), "{err}");
 }

@@ -441,6 +441,8 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
             required_parameters: Vec::new(),
             attributes: Default::default(),
             groups: Vec::new(),
+            body: None,
+            webhook: None,
         }],
     );
     let _service = fleet_cloud::serve(

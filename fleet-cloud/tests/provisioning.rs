@@ -48,6 +48,8 @@ fn template() -> ProvisioningTemplate {
         required_parameters: vec!["Model".into()],
         attributes: BTreeMap::from([("fleet".to_string(), "pumps".to_string())]),
         groups: vec!["new-pumps".into()],
+        body: None,
+        webhook: None,
     }
 }
 
@@ -317,4 +319,198 @@ async fn refused_registrations() {
         s.registry.things(None, 10).await.unwrap().is_empty(),
         "nothing was registered"
     );
+}
+
+/// A pre-provisioning webhook over HTTPS (the test's own CA): it records
+/// each request; it refuses serial 13 and otherwise sets `Site` to north.
+struct Hook {
+    url: String,
+    ca_pem: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn hook() -> Hook {
+    let pki = Pki::new("hook CA").unwrap();
+    let server = pki.server_identity().unwrap();
+    let tls = fleet_cloud::tls::server_config(&server.cert_pem, &server.key_pem, None).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let log = log.clone();
+            async move {
+                let deny = body["parameters"]["SerialNumber"] == "13";
+                log.lock().unwrap().push(body);
+                axum::Json(if deny {
+                    json!({"allowProvisioning": false})
+                } else {
+                    json!({"allowProvisioning": true, "parameterOverrides": {"Site": "north"}})
+                })
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Hook {
+        url: format!("https://localhost:{port}/hook"),
+        ca_pem: pki.ca_pem(),
+        seen,
+        _task: task,
+    }
+}
+
+/// Issue 26: a template given as data, in AWS's template shape (parameters
+/// with a default, `Fn::Join`, `Fn::Sub`, the certificate resource), and
+/// its pre-provisioning webhook: the device is registered with the
+/// attributes and groups the template makes from its parameters and the
+/// hook's overrides; the hook's refusal, or a hook that cannot be reached
+/// or trusted, refuses the registration and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_document_and_its_webhook_decide_the_registration() {
+    use fleet_cloud::Request;
+    use fleet_core::topic::TopicPrefix;
+    let hook = hook().await;
+    let document = json!({
+        "Parameters": {
+            "SerialNumber": {"Type": "String"},
+            "Site": {"Type": "String", "Default": "unknown"}
+        },
+        "Resources": {
+            "thing": {
+                "Type": "AWS::IoT::Thing",
+                "Properties": {
+                    "ThingName": {"Fn::Join": ["", ["pump-", {"Ref": "SerialNumber"}]]},
+                    "AttributePayload": {"serial": {"Ref": "SerialNumber"}, "site": {"Ref": "Site"}},
+                    "ThingGroups": [{"Fn::Sub": "site-${Site}"}]
+                }
+            },
+            "certificate": {
+                "Type": "AWS::IoT::Certificate",
+                "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}
+            },
+            "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "pumps"}}
+        }
+    });
+    let mut template = ProvisioningTemplate::from_document("factory", &document).unwrap();
+    template.webhook = Some(fleet_cloud::Webhook {
+        url: hook.url.clone(),
+        ca_pem: Some(hook.ca_pem.clone()),
+        timeout: Duration::from_secs(5),
+    });
+    // The same template, its hook behind a certificate it cannot trust.
+    let mut untrusted = ProvisioningTemplate::from_document("untrusted", &document).unwrap();
+    untrusted.webhook = Some(fleet_cloud::Webhook {
+        url: hook.url.clone(),
+        ca_pem: Some(Pki::new("another CA").unwrap().ca_pem()),
+        timeout: Duration::from_secs(5),
+    });
+    let registry = Registry::in_memory().unwrap();
+    registry.create_group("site-north", None).await.unwrap();
+    let mut service = ProvisioningService::new(
+        Pki::new("fleet CA").unwrap(),
+        registry.clone(),
+        vec![template, untrusted],
+    );
+    service.subject_names_thing = false;
+    let call = |topic: &str, body: Value| {
+        let (service, topic) = (service.clone(), topic.to_string());
+        async move {
+            let payload = body.to_string();
+            let request =
+                Request::from_broker(&TopicPrefix::AWS, &topic, payload.as_bytes(), 1_000).unwrap();
+            let reply = service.handle(&request).await.pop().unwrap();
+            let outcome = reply.topic.rsplit('/').next().unwrap().to_string();
+            (
+                outcome,
+                serde_json::from_slice::<Value>(&reply.payload).unwrap(),
+            )
+        }
+    };
+    let register = |template: &'static str, serial: &'static str| {
+        let call = &call;
+        async move {
+            let (csr_pem, _) = csr("any-subject");
+            let (outcome, created) =
+                call(CSR_TOPIC, json!({"certificateSigningRequest": csr_pem})).await;
+            assert_eq!(outcome, "accepted", "{created}");
+            let topic = format!("$aws/provisioning-templates/{template}/provision/json");
+            let (outcome, answer) = call(
+                &topic,
+                json!({
+                    "certificateOwnershipToken": created["certificateOwnershipToken"],
+                    "parameters": {"SerialNumber": serial}
+                }),
+            )
+            .await;
+            (outcome, answer, created)
+        }
+    };
+
+    let (outcome, answer, created) = register("factory", "7").await;
+    assert_eq!(outcome, "accepted", "{answer}");
+    assert_eq!(answer["thingName"], "pump-7");
+    let thing = registry.thing("pump-7").await.unwrap();
+    assert_eq!(
+        thing.attributes,
+        BTreeMap::from([
+            ("serial".to_string(), "7".to_string()),
+            ("site".to_string(), "north".to_string()),
+        ])
+    );
+    assert_eq!(
+        registry.group_members("site-north").await.unwrap(),
+        ["pump-7"]
+    );
+    let certs = registry.certificates("pump-7").await.unwrap();
+    assert_eq!(certs.len(), 1);
+    assert_eq!(certs[0].id, created["certificateId"].as_str().unwrap());
+    {
+        let seen = hook.seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0]["templateName"], "factory");
+        assert_eq!(seen[0]["certificateId"], created["certificateId"]);
+        assert_eq!(seen[0]["parameters"], json!({"SerialNumber": "7"}));
+    }
+
+    // Refused by the hook: nothing stored, the hook asked once more.
+    let (outcome, answer, created) = register("factory", "13").await;
+    assert_eq!(outcome, "rejected", "{answer}");
+    assert_eq!(answer["statusCode"], 403, "{answer}");
+    assert_eq!(answer["errorCode"], "AccessDenied", "{answer}");
+    assert!(registry.thing("pump-13").await.is_err());
+    assert!(
+        registry
+            .certificate(created["certificateId"].as_str().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(hook.seen.lock().unwrap().len(), 2);
+
+    // A hook whose certificate is not trusted refuses (it was never asked).
+    let (outcome, answer, _) = register("untrusted", "8").await;
+    assert_eq!(outcome, "rejected", "{answer}");
+    assert_eq!(answer["statusCode"], 403, "{answer}");
+    assert!(registry.thing("pump-8").await.is_err());
+    assert_eq!(hook.seen.lock().unwrap().len(), 2);
 }

@@ -492,6 +492,8 @@ async fn provisioning_with(
             required_parameters: Vec::new(),
             attributes: Default::default(),
             groups: Vec::new(),
+            body: None,
+            webhook: None,
         }],
     );
     service.subject_names_thing = subject_names_thing;

@@ -987,6 +987,8 @@ async fn an_ownership_token_is_good_at_every_instance_once() {
         required_parameters: Vec::new(),
         attributes: BTreeMap::new(),
         groups: Vec::new(),
+        body: None,
+        webhook: None,
     };
     let csr = {
         let key = rcgen::KeyPair::generate().unwrap();

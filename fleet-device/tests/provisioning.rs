@@ -46,6 +46,8 @@ fn cloud(broker: &Broker, registry: &Registry) -> RunningService {
             required_parameters: Vec::new(),
             attributes: BTreeMap::new(),
             groups: Vec::new(),
+            body: None,
+            webhook: None,
         }],
     )
     .with_hook(DenySerial13);

@@ -126,6 +126,8 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
             required_parameters: Vec::new(),
             attributes: BTreeMap::from([("model".to_string(), "P100".to_string())]),
             groups: Vec::new(),
+            body: None,
+            webhook: None,
         }],
     });
     let telemetry_file = dir.join("telemetry.jsonl");

@@ -900,6 +900,8 @@ async fn list_templates(State(api): State<Api>) -> axum::Json<Vec<TemplateView>>
                 required_parameters: t.required_parameters.clone(),
                 attributes: t.attributes.clone(),
                 groups: t.groups.clone(),
+                document: t.body.as_ref().map(|b| b.document().clone()),
+                pre_provisioning_hook: t.webhook.as_ref().map(|w| w.url.clone()),
             })
             .collect(),
     )

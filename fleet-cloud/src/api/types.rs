@@ -352,6 +352,14 @@ pub struct TemplateView {
     pub attributes: BTreeMap<String, String>,
     /// Groups the thing joins.
     pub groups: Vec<String>,
+    /// The AWS-shaped template document, for a template given as one
+    /// (which then names the thing; the fields above are empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub document: Option<Value>,
+    /// The pre-provisioning hook's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_provisioning_hook: Option<String>,
 }
 
 /// A claim identity to issue.

@@ -490,6 +490,7 @@ impl ServeArgs {
             max_retained_message_bytes: self.max_retained_message_bytes,
             metrics: self.metrics,
             start_timeout: self.start_timeout,
+            template: None,
         }
     }
 
@@ -745,7 +746,22 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         // Its ownership tokens are kept in the registry: with PostgreSQL, a
         // device's registration may reach another instance than its
         // certificate request did.
-        tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
+        let templates = if args.templates.is_empty() {
+            tracing::info!("provisioning by claim: template `default` (parameter SerialNumber)");
+            vec![default_template()]
+        } else {
+            let mut loaded = Vec::new();
+            for t in &args.templates {
+                loaded.push(t.load()?);
+                tracing::info!(
+                    template = t.name,
+                    file = %t.file.display(),
+                    hook = t.hook_url.as_deref().unwrap_or("-"),
+                    "provisioning template"
+                );
+            }
+            loaded
+        };
         if !embedded {
             tracing::info!(
                 "provisioning with an external broker: replies go only to an MQTT 5 response topic"
@@ -753,7 +769,7 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         }
         config.provisioning = Some(ProvisioningSetup {
             ca: Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
-            templates: vec![default_template()],
+            templates,
         });
     }
     // An external broker's ACL and roster follow the registry: rewritten
@@ -869,6 +885,8 @@ fn default_template() -> ProvisioningTemplate {
         required_parameters: Vec::new(),
         attributes: Default::default(),
         groups: Vec::new(),
+        body: None,
+        webhook: None,
     }
 }
 

@@ -83,6 +83,68 @@ pub(crate) struct Layer {
     pub metrics: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start_timeout: Option<u64>,
+    /// Provisioning templates (`[[template]]` tables); they replace the
+    /// built-in `default` template.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<Vec<TemplateConfig>>,
+}
+
+/// A `[[template]]` table: an AWS IoT fleet provisioning template document
+/// and its pre-provisioning hook.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct TemplateConfig {
+    /// Its name, as devices give it in `RegisterThing`'s topic.
+    pub name: String,
+    /// The template document (JSON, AWS's shape).
+    pub file: PathBuf,
+    /// Whether a claimant may provision onto an existing thing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_replace: bool,
+    /// The pre-provisioning hook: an HTTPS URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_url: Option<String>,
+    /// The CA of the hook's certificate (default: the Web PKI's roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_ca: Option<PathBuf>,
+    /// Seconds the hook may take (default 5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_timeout: Option<u64>,
+}
+
+impl TemplateConfig {
+    /// The template it describes, its files read and checked.
+    pub(crate) fn load(&self) -> Result<fleet_cloud::ProvisioningTemplate, String> {
+        let at = format!("template {:?}", self.name);
+        let text = std::fs::read_to_string(&self.file)
+            .map_err(|e| format!("{at}: cannot read {}: {e}", self.file.display()))?;
+        let document: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{at}: {}: not JSON: {e}", self.file.display()))?;
+        let mut t = fleet_cloud::ProvisioningTemplate::from_document(&self.name, &document)
+            .map_err(|e| format!("{at}: {}: {e}", self.file.display()))?;
+        t.allow_replace = self.allow_replace;
+        if let Some(url) = &self.hook_url {
+            if !url.starts_with("https://") {
+                return Err(format!("{at}: hook-url must be https://"));
+            }
+            let ca_pem = self
+                .hook_ca
+                .as_ref()
+                .map(|p| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| format!("{at}: cannot read {}: {e}", p.display()))
+                })
+                .transpose()?;
+            t.webhook = Some(fleet_cloud::Webhook {
+                url: url.clone(),
+                ca_pem,
+                timeout: std::time::Duration::from_secs(self.hook_timeout.unwrap_or(5)),
+            });
+        } else if self.hook_ca.is_some() || self.hook_timeout.is_some() {
+            return Err(format!("{at}: hook-ca and hook-timeout need hook-url"));
+        }
+        Ok(t)
+    }
 }
 
 impl Layer {
@@ -156,6 +218,7 @@ impl Layer {
                 .or(self.max_retained_message_bytes),
             metrics: over.metrics.or(self.metrics),
             start_timeout: over.start_timeout.or(self.start_timeout),
+            template: over.template.or(self.template),
         }
     }
 
@@ -189,6 +252,16 @@ impl Layer {
         if self.broker_pid_file.is_some() && self.mosquitto_acl.is_none() {
             return Err("broker-pid-file: needs mosquitto-acl".into());
         }
+        let templates = self.template.unwrap_or_default();
+        // Read and checked now: a template that does not hold is a usage
+        // error, with its file and the path of the fault.
+        let mut names = std::collections::BTreeSet::new();
+        for t in &templates {
+            if !names.insert(t.name.clone()) {
+                return Err(format!("template {:?}: defined twice", t.name));
+            }
+            t.load()?;
+        }
         if let Some(b) = &self.broker
             && b.rsplit_once(':')
                 .is_none_or(|(_, p)| p.parse::<u16>().is_err())
@@ -217,6 +290,7 @@ impl Layer {
             max_retained_message_bytes: self.max_retained_message_bytes,
             metrics: self.metrics,
             start_timeout: std::time::Duration::from_secs(self.start_timeout.unwrap_or(30)),
+            templates,
         })
     }
 }
@@ -250,6 +324,8 @@ pub(crate) struct ServeConfig {
     pub metrics: Option<SocketAddr>,
     /// How long an external broker may take to answer at start.
     pub start_timeout: std::time::Duration,
+    /// Provisioning templates (none: the built-in `default`).
+    pub templates: Vec<TemplateConfig>,
 }
 
 impl ServeConfig {
@@ -281,6 +357,7 @@ impl ServeConfig {
             max_retained_message_bytes: self.max_retained_message_bytes,
             metrics: self.metrics,
             start_timeout: Some(self.start_timeout.as_secs()),
+            template: (!self.templates.is_empty()).then(|| self.templates.clone()),
         };
         toml::to_string(&layer).unwrap_or_else(|e| format!("# cannot show: {e}\n"))
     }
