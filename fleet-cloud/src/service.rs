@@ -305,7 +305,9 @@ impl Services {
             count("forbidden");
             return Err(HandlerError::Forbidden);
         }
-        let r = handler.handle(request).await;
+        use tracing::Instrument as _;
+        let span = tracing::info_span!("device_request", service, topic = ?request.topic);
+        let r = handler.handle(request).instrument(span).await;
         count(if r.is_ok() { "handled" } else { "failed" });
         r
     }

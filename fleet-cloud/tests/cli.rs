@@ -1162,3 +1162,137 @@ fn templates_in_the_configuration_are_served_and_checked() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("hook-url must be https://"), "{err}");
 }
+
+/// `fleet serve` with an OTLP endpoint set in the environment, its log in
+/// `dir/serve.log`, the API on `api`.
+fn serve_with_otlp(dir: &Path, endpoint: &str, api: u16) -> Child {
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .env("RUST_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .args(["serve", "--store", "memory", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--api")
+        .arg(format!("127.0.0.1:{api}"))
+        .arg("--dir")
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `fleet serve`'s API, then asks `/readyz` through `fleet
+/// ready` (an API request, so a span).
+fn ready(dir: &Path, api: u16) {
+    for _ in 0..300 {
+        if dir.join("data/admin.token").exists()
+            && std::net::TcpStream::connect(("127.0.0.1", api)).is_ok()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "ready",
+            "--api",
+            &format!("https://localhost:{api}"),
+            "--api-ca",
+        ])
+        .arg(dir.join("data/ca.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Issue 26, built with `--features otlp`: spans of API requests reach an
+/// OTLP/HTTP collector (here one that records what is POSTed to
+/// `/v1/traces`), as protobuf, named `api_request`, from service `fleet`.
+#[cfg(feature = "otlp")]
+#[test]
+fn traces_reach_an_otlp_collector() {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String, Vec<u8>)>();
+    std::thread::spawn(move || {
+        for stream in collector.incoming() {
+            let Ok(stream) = stream else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let (mut length, mut kind) = (0usize, String::new());
+                    loop {
+                        let mut h = String::new();
+                        reader.read_line(&mut h).unwrap();
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').unwrap();
+                        match k.to_ascii_lowercase().as_str() {
+                            "content-length" => length = v.trim().parse().unwrap(),
+                            "content-type" => kind = v.trim().to_string(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let _ = tx.send((path, kind, body));
+                    writer
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n")
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let mut child = serve_with_otlp(dir.path(), &endpoint, api);
+    ready(dir.path(), api);
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline {
+        let Ok((path, kind, body)) = rx.recv_timeout(Duration::from_millis(500)) else {
+            continue;
+        };
+        assert_eq!(path, "/v1/traces");
+        assert_eq!(kind, "application/x-protobuf");
+        if contains(&body, b"api_request") && contains(&body, b"/readyz") {
+            assert!(contains(&body, b"fleet"), "no service name");
+            seen = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(seen, "no api_request span reached the collector: {log}");
+    assert!(log.contains("traces exported over OTLP"), "{log}");
+}
+
+/// Without the `otlp` feature, an OTLP endpoint in the environment is not
+/// ignored silently: `fleet serve` says that no traces are exported.
+#[cfg(not(feature = "otlp"))]
+#[test]
+fn without_the_otlp_feature_an_otlp_endpoint_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let mut child = serve_with_otlp(dir.path(), "http://127.0.0.1:4318", api);
+    ready(dir.path(), api);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(log.contains("built without the `otlp` feature"), "{log}");
+}

@@ -503,12 +503,21 @@ fn now_ms() -> u64 {
 /// One log line per request (method, path, status, duration, the token's
 /// id; never the token), and the API's metrics.
 async fn observe(req: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let response = next.run(req).await;
+    // One span per request (exported as a trace with the `otlp` feature).
+    let span = tracing::info_span!(
+        "api_request",
+        http.request.method = %method,
+        url.path = path,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
     let token = response
         .extensions()
         .get::<TokenId>()

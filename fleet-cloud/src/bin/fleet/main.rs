@@ -88,17 +88,94 @@ enum LogFormat {
     Json,
 }
 
-/// Starts logging to stderr in `format`.
-fn init_logging(format: LogFormat) {
+/// Starts logging to stderr in `format`; with the `otlp` feature and
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) set, spans are
+/// exported over OTLP too. What it returns flushes the export when
+/// dropped.
+fn init_logging(format: LogFormat) -> Option<Tracing> {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().with_current_span(false).boxed(),
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+    };
+    let otlp_asked = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some());
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    #[cfg(feature = "otlp")]
+    if otlp_asked {
+        match otlp::layer() {
+            Ok((layer, provider)) => {
+                registry.with(layer).init();
+                tracing::info!("traces exported over OTLP");
+                return Some(Tracing(provider));
+            }
+            Err(e) => {
+                registry.init();
+                tracing::error!("OTLP trace export not started: {e}");
+                return None;
+            }
+        }
+    }
+    registry.init();
+    if otlp_asked && !cfg!(feature = "otlp") {
+        tracing::warn!(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set, but this fleet was built without the `otlp` feature: no traces are exported (cargo install fleet-cloud --features otlp)"
+        );
+    }
+    None
+}
+
+/// The OTLP export, flushed and stopped when dropped.
+struct Tracing(#[cfg(feature = "otlp")] opentelemetry_sdk::trace::SdkTracerProvider);
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Err(e) = self.0.shutdown() {
+            eprintln!("fleet: flushing OTLP traces: {e}");
+        }
+    }
+}
+
+#[cfg(feature = "otlp")]
+mod otlp {
+    use opentelemetry::trace::TracerProvider as _;
+
+    /// The layer that turns spans into OTLP spans, batched to the endpoint
+    /// the standard `OTEL_EXPORTER_OTLP_*` variables name.
+    pub(crate) fn layer<S>() -> Result<
+        (
+            impl tracing_subscriber::Layer<S>,
+            opentelemetry_sdk::trace::SdkTracerProvider,
+        ),
+        Box<dyn std::error::Error>,
+    >
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()?;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name("fleet")
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("fleet");
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
     }
 }
 
@@ -581,7 +658,7 @@ impl BrokerFiles {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let tracing = init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -635,6 +712,8 @@ fn main() -> ExitCode {
             Command::Ready { api, ca, json } => client::ready(&api, &ca, json).await,
         }
     });
+    drop(runtime);
+    drop(tracing);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
