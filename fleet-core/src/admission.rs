@@ -157,6 +157,27 @@ pub fn is_own_response_topic(prefix: &str, client_id: &str, topic: &str) -> bool
         .is_some_and(|rest| !rest.is_empty() && !rest.contains(['+', '#', '\0']))
 }
 
+/// Whether `topic`, given as an MQTT 5 response topic by the thing
+/// `thing`, is one of that thing's own reply or notice topics (its shadow's
+/// `/update/accepted`, its jobs' `/notify`, ...): where the services answer
+/// it anyway, so naming it makes nobody publish anywhere new. A
+/// request/response client (Mosquitto's `mosquitto_rr`) names these.
+///
+/// ```
+/// use fleet_core::admission::is_own_reply_topic;
+/// assert!(is_own_reply_topic("$aws", "pump-1", "$aws/things/pump-1/shadow/update/accepted"));
+/// assert!(!is_own_reply_topic("$aws", "pump-1", "$aws/things/pump-2/shadow/update/accepted"));
+/// // A request is not a reply.
+/// assert!(!is_own_reply_topic("$aws", "pump-1", "$aws/things/pump-1/shadow/update"));
+/// ```
+pub fn is_own_reply_topic(prefix: &str, thing: &str, topic: &str) -> bool {
+    let Ok(prefix) = crate::topic::TopicPrefix::new(prefix) else {
+        return false;
+    };
+    crate::topic::Topic::parse(&prefix, topic)
+        .is_ok_and(|t| !t.is_from_device() && t.thing().is_some_and(|n| n.as_str() == thing))
+}
+
 /// What the registry says of a device connecting with a certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Standing {

@@ -405,7 +405,7 @@ impl Gate {
     /// Whether the client holding `client_id` may publish on `topic` with
     /// these retain flag and response topic. Backends may do anything;
     /// others give response topics only under `{prefix}/clients/{client
-    /// id}/`, and retain nothing on a reserved topic (it would be replayed
+    /// id}/` (a device also its own thing's reply topics), and retain nothing on a reserved topic (it would be replayed
     /// to the services at each of their reconnections).
     pub fn may_publish(
         &self,
@@ -425,7 +425,11 @@ impl Gate {
         {
             return false;
         }
-        response_topic.is_none_or(|r| admission::is_own_response_topic(prefix, client_id, r))
+        let device = self.role_of(client_id) == Some(Role::Device);
+        response_topic.is_none_or(|r| {
+            admission::is_own_response_topic(prefix, client_id, r)
+                || (device && admission::is_own_reply_topic(prefix, client_id, r))
+        })
     }
 }
 
@@ -619,6 +623,25 @@ certificate cc p2 active
         assert!(!g.may_publish("c1", csr, true, None), "retained request");
         assert!(g.may_publish("c1", "dt/c1/x", true, None));
         assert!(g.may_publish("b", "$aws/things/p1/shadow/get/accepted", true, Some("x")));
+        // A device may also name its own thing's reply topics (a
+        // request/response client), never another's, nor a request.
+        g.admit(3, &cert("p1", false, "aa"), "p1").unwrap();
+        let update = "$aws/things/p1/shadow/update";
+        assert!(g.may_publish(
+            "p1",
+            update,
+            false,
+            Some("$aws/things/p1/shadow/update/accepted")
+        ));
+        for bad in [
+            "$aws/things/p2/shadow/update/accepted",
+            "$aws/things/p1/shadow/update",
+            "dt/p1/x",
+        ] {
+            assert!(!g.may_publish("p1", update, false, Some(bad)), "{bad}");
+        }
+        // A claimant may not, even one naming a thing's topic.
+        assert!(!g.may_publish("c1", csr, false, Some("$aws/things/c1/shadow/get/accepted")));
     }
 
     #[test]

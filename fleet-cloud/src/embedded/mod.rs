@@ -1268,8 +1268,8 @@ fn routed_reply<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, u64, &'t s
 /// Why a publish is refused, if it is: the broker policy, the topic
 /// limits, the retain flag on a reserved topic, or an MQTT 5 response
 /// topic outside the publisher's own `{prefix}/clients/{client id}/`
-/// namespace that it may not read either (the service would otherwise
-/// answer onto someone else's topics).
+/// namespace that is not a reply topic of its own thing (the service would
+/// otherwise answer onto someone else's topics).
 fn publish_refusal(
     shared: &Shared,
     identity: &str,
@@ -1304,11 +1304,13 @@ fn publish_refusal(
             .as_ref()
             .and_then(|p| p.response_topic.as_deref())
     {
-        // Its own `clients/{client id}/` namespace, or a topic it may read
-        // itself (a request/response client such as `mosquitto_rr` names
-        // the shadow's `/accepted` topic): nothing it could not read.
+        // Its own `clients/{client id}/` namespace, or a reply topic of its
+        // own thing (a request/response client such as `mosquitto_rr` names
+        // the shadow's `/accepted` topic), which it may read.
         let own = fleet_core::admission::is_own_response_topic(&policy.prefix, client_id, response)
-            || compiled.allows(identity, client_id, Access::Read, response);
+            || (role == Role::Device
+                && fleet_core::admission::is_own_reply_topic(&policy.prefix, identity, response)
+                && compiled.allows(identity, client_id, Access::Read, response));
         let fits = own
             && !response.split('/').any(|l| l == ROUTED)
             && router::valid_topic(response)
