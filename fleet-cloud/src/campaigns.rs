@@ -40,6 +40,10 @@ pub struct CampaignSpec {
     pub timeouts: TimeoutConfig,
 }
 
+/// The description of a release's stream (file 0 the image, file 1 the
+/// signed manifest envelope).
+pub(crate) const RELEASE_DESCRIPTION: &str = "OTA release";
+
 /// Where a campaign stands: a count per outcome.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CampaignStatus {
@@ -116,7 +120,11 @@ impl JobsService {
             ));
         }
         streams
-            .save(release_id, "OTA release", vec![image, envelope.to_vec()])
+            .save(
+                release_id,
+                RELEASE_DESCRIPTION,
+                vec![image, envelope.to_vec()],
+            )
             .await
             .map_err(|e| JobsError::Invalid(e.to_string()))?;
         Ok(())

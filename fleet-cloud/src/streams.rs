@@ -143,6 +143,16 @@ impl StreamService {
             .map(|s| s.version)
     }
 
+    /// The streams in the store (every instance's), by id after `after`,
+    /// `limit` at most, without their files.
+    pub async fn list(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::store::StreamSummary>, StreamStoreError> {
+        Ok(self.store.list_streams(after, limit).await?)
+    }
+
     /// Stores `files` (file id = index) as stream `id` and serves them;
     /// replacing a stream raises its version, so a device reading the old
     /// one is told. Returns the version. A stream that cannot be stored is

@@ -320,6 +320,7 @@ fn things_groups_shadows_jobs_and_tokens() {
         &["job", "list"],
         &["job", "executions", "j1"],
         &["campaign", "list"],
+        &["release", "list"],
         &["token", "list"],
         &["template", "list"],
         &["certs", "list", "pump-1"],
@@ -480,6 +481,10 @@ fn keys_manifests_releases_and_campaigns() {
         image.to_str().unwrap(),
     ]);
     assert_eq!(r["size"], 50_000);
+    assert_eq!(
+        s.json(&["release", "list"]),
+        serde_json::json!({"items": [{"releaseId": "r1", "size": 50_000}], "next": null})
+    );
     let c = s.json(&[
         "campaign",
         "start",

@@ -658,6 +658,29 @@ async fn stream_store_on_every_store() {
             "{name}"
         );
         assert_eq!(s.stream_version("fw").await.unwrap(), Some(2), "{name}");
+        // Listed without their files: version, description, file 0's size.
+        let listed = s.list_streams("", 10).await.unwrap();
+        let summary =
+            |id: &str, version, description: &str, size| fleet_cloud::store::StreamSummary {
+                id: id.into(),
+                version,
+                description: description.into(),
+                size,
+            };
+        assert_eq!(
+            listed,
+            [
+                summary("cfg", 1, "config", 1),
+                summary("fw", 2, "firmware 2", 7)
+            ],
+            "{name}"
+        );
+        assert_eq!(s.list_streams("", 1).await.unwrap()[0].id, "cfg", "{name}");
+        assert_eq!(
+            s.list_streams("cfg", 10).await.unwrap()[0].id,
+            "fw",
+            "{name}"
+        );
         // Another handle (a restarted instance) sees the same.
         let b = open().await;
         assert_eq!(

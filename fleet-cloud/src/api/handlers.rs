@@ -71,7 +71,7 @@ pub(super) fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(get_job))
         .routes(routes!(job_executions))
         .routes(routes!(cancel_job))
-        .routes(routes!(upload_release))
+        .routes(routes!(list_releases, upload_release))
         .routes(routes!(list_campaigns, start_campaign))
         .routes(routes!(campaign_status))
         .routes(routes!(control_campaign))
@@ -727,6 +727,34 @@ async fn upload_release(
             size,
         }),
     ))
+}
+
+/// Lists registered releases by id, with their image's size.
+#[utoipa::path(get, path = "/v1/releases", params(Page), responses((status = 200, body = ReleaseList), (status = 400, body = ErrorBody)))]
+async fn list_releases(
+    State(api): State<Api>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<ReleaseList>, ApiError> {
+    let limit = page.limit()?;
+    let streams = api
+        .streams
+        .list(page.after.as_deref().unwrap_or(""), limit)
+        .await
+        .map_err(|e| ApiError::internal(crate::broker::error_chain(&e)))?;
+    let next = (streams.len() == limit)
+        .then(|| streams.last().map(|s| s.id.clone()))
+        .flatten();
+    Ok(axum::Json(ReleaseList {
+        items: streams
+            .into_iter()
+            .filter(|s| s.description == crate::campaigns::RELEASE_DESCRIPTION)
+            .map(|s| ReleaseView {
+                release_id: s.id,
+                size: s.size,
+            })
+            .collect(),
+        next,
+    }))
 }
 
 async fn campaign_view(api: &Api, id: &str) -> Result<CampaignView, ApiError> {

@@ -34,6 +34,7 @@ paged!(ExecutionList, ExecutionView);
 paged!(AuditList, AuditView);
 paged!(GroupList, GroupView);
 paged!(CampaignList, CampaignSummary);
+paged!(ReleaseList, ReleaseView);
 
 /// Whether the service is up (no token needed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -486,6 +487,16 @@ pub struct CampaignSummary {
 pub struct CampaignList {
     /// The campaigns.
     pub items: Vec<CampaignSummary>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A page of releases, by id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReleaseList {
+    /// The releases (id and image size).
+    pub items: Vec<ReleaseView>,
     /// Pass as `after` for the next page; absent on the last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,

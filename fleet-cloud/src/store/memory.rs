@@ -196,6 +196,24 @@ impl StreamStore for MemoryStore {
             .collect())
     }
 
+    async fn list_streams(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<super::StreamSummary>, StoreError> {
+        Ok(self
+            .streams_lock()?
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(id, s)| super::StreamSummary {
+                id: id.clone(),
+                version: s.version,
+                description: s.description.clone(),
+                size: s.files.first().map_or(0, |f| f.len() as u64),
+            })
+            .collect())
+    }
+
     async fn stream_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
         Ok(self.streams_lock()?.get(id).map(|s| s.version))
     }

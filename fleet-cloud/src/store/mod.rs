@@ -217,6 +217,19 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
     async fn due_things(&self, now: u64) -> Result<Vec<String>, StoreError>;
 }
 
+/// A stream as a list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// Its id.
+    pub id: String,
+    /// Its version.
+    pub version: u32,
+    /// What the stream is.
+    pub description: String,
+    /// Bytes of file 0 (a release's image).
+    pub size: u64,
+}
+
 /// A file stream as stored: its version, description and files in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredStream {
@@ -236,6 +249,14 @@ pub trait StreamStore: Send + Sync + fmt::Debug + 'static {
         &self,
         only: Option<&str>,
     ) -> Result<Vec<(String, StoredStream)>, StoreError>;
+    /// Streams by id after `after` (`""`: from the start), `limit` at
+    /// most, without their files: id, version, description and the size of
+    /// file 0 (a release's image).
+    async fn list_streams(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<StreamSummary>, StoreError>;
     /// The stored version of stream `id` (`None`: no such stream).
     async fn stream_version(&self, id: &str) -> Result<Option<u32>, StoreError>;
     /// Replaces stream `id` atomically (one writer at a time per stream);

@@ -14,8 +14,9 @@ use fleet_cloud::api::ErrorBody;
 use fleet_cloud::api::types::{
     AuditList, CampaignList, CampaignView, CancelJob, CertificateView, ClaimIdentity,
     CommandResult, CreateClaim, CreateGroup, CreateJob, CreateThing, CreateToken, ExecutionList,
-    GroupList, GroupMembers, JobList, JobView, Paged, ReleaseView, SendCommand, SetAttributes,
-    SetEnabled, StartCampaign, TemplateView, ThingList, ThingView, TokenView, UploadRelease,
+    GroupList, GroupMembers, JobList, JobView, Paged, ReleaseList, ReleaseView, SendCommand,
+    SetAttributes, SetEnabled, StartCampaign, TemplateView, ThingList, ThingView, TokenView,
+    UploadRelease,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -248,6 +249,15 @@ pub(crate) enum ReleaseCommand {
         /// The image.
         #[arg(long)]
         image: PathBuf,
+    },
+    /// Lists releases.
+    List {
+        /// Items per page.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this release (the `next` of a previous page).
+        #[arg(long)]
+        after: Option<String>,
     },
 }
 
@@ -910,11 +920,24 @@ pub(crate) async fn job(c: &Connection, cmd: JobCommand) -> Result<(), Failure> 
 
 pub(crate) async fn release(c: &Connection, cmd: ReleaseCommand) -> Result<(), Failure> {
     let api = Client::new(c)?;
-    let ReleaseCommand::Upload {
-        id,
-        envelope,
-        image,
-    } = cmd;
+    let (id, envelope, image) = match cmd {
+        ReleaseCommand::Upload {
+            id,
+            envelope,
+            image,
+        } => (id, envelope, image),
+        ReleaseCommand::List { limit, after } => {
+            let v: ReleaseList = api.get(&page_path("/v1/releases", limit, after)).await?;
+            let list = Items {
+                items: v.items,
+                next: v.next,
+            };
+            api.show_list(&list, &["release", "bytes"], |r| {
+                vec![r.release_id.clone(), r.size.to_string()]
+            });
+            return Ok(());
+        }
+    };
     let read = |p: &PathBuf| {
         std::fs::read(p).map_err(|e| Failure::usage(format!("cannot read {}: {e}", p.display())))
     };

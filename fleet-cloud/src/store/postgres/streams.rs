@@ -40,6 +40,32 @@ impl StreamStore for PgStore {
         Ok(out)
     }
 
+    async fn list_streams(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::store::StreamSummary>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT stream, version, description, octet_length(data)::BIGINT FROM stream_files
+                 WHERE file = 0 AND stream > $1 ORDER BY stream LIMIT $2",
+                &[&after, &limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::store::StreamSummary {
+                id: r.get(0),
+                version: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
+                description: r.get(2),
+                size: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+            })
+            .collect())
+    }
+
     async fn stream_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
         let client = self.client().await?;
         let row = client

@@ -49,6 +49,34 @@ impl StreamStore for SqliteStore {
         .await
     }
 
+    async fn list_streams(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::store::StreamSummary>, StoreError> {
+        let (after, limit) = (after.to_owned(), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.with_conn(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT stream, version, description, length(data) FROM stream_files
+                     WHERE file = 0 AND stream > ?1 ORDER BY stream LIMIT ?2",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params![after, limit], |r| {
+                    Ok(crate::store::StreamSummary {
+                        id: r.get(0)?,
+                        version: r.get(1)?,
+                        description: r.get(2)?,
+                        size: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
     async fn stream_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
         let id = id.to_owned();
         self.with_conn(move |c| {
