@@ -202,15 +202,6 @@ fn qos_label(qos: u8) -> &'static str {
     }
 }
 
-/// A role as metrics label it.
-fn role_label(role: Role) -> &'static str {
-    match role {
-        Role::Backend => "backend",
-        Role::Claimant => "claimant",
-        Role::Device => "device",
-    }
-}
-
 fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
     use std::fmt::Write as _;
@@ -1595,7 +1586,7 @@ async fn connection(
     };
     tracing::debug!(%identity, %client_id, ?version, "connected");
     metrics::counter!("fleet_broker_connects_total", "outcome" => "accepted").increment(1);
-    let connected = metrics::gauge!("fleet_broker_connected_clients", "role" => role_label(role));
+    let connected = metrics::gauge!("fleet_broker_connected_clients", "role" => role_name(role));
     connected.increment(1.0);
     // Why the connection ends, for `fleet_broker_disconnects_total`.
     let ended = std::sync::OnceLock::<&'static str>::new();
