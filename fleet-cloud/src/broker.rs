@@ -130,9 +130,28 @@ impl Publisher {
     }
 }
 
-/// An error and its causes, `: `-separated (a cause its error's message
-/// already quotes is not repeated).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes on one line, `: `-separated (a cause its
+/// error's message already quotes is not repeated): what a log line or a
+/// command's failure shows, the refused connection or the unknown
+/// certificate issuer included, not only the top message.
+///
+/// ```
+/// #[derive(Debug)]
+/// struct Unreachable(std::io::Error);
+/// impl std::fmt::Display for Unreachable {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str("cannot reach the broker")
+///     }
+/// }
+/// impl std::error::Error for Unreachable {
+///     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+///         Some(&self.0)
+///     }
+/// }
+/// let e = Unreachable(std::io::Error::other("connection refused"));
+/// assert_eq!(fleet_cloud::error_chain(&e), "cannot reach the broker: connection refused");
+/// ```
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

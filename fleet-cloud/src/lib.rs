@@ -114,7 +114,7 @@ pub mod tls;
 
 pub use broker::{
     BrokerConfig, LinkState, PublishError, Publisher, RunningService, ServeOptions, StartError,
-    serve, serve_shadows,
+    error_chain, serve, serve_shadows,
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use clock::Clock;

@@ -1131,21 +1131,23 @@ fn templates_in_the_configuration_are_served_and_checked() {
         serde_json::json!(["SerialNumber"])
     );
 
+    // `fleet serve --print-config` refuses the configuration: a usage
+    // error (2); what it says.
+    let refused = |config: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args(["serve", "--print-config", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        err
+    };
     // A fault in the document: refused at start, with where.
     let bad = serde_json::json!({"Resources": {"thing": {"Type": "AWS::IoT::Thing",
         "Properties": {"ThingName": {"Fn::Base64": "x"}}}}});
     write(&template, bad.to_string().as_bytes());
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
-        .args([
-            "serve",
-            "--print-config",
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused(&config);
     assert!(
         err.contains("factory.json")
             && err.contains("Resources.thing.Properties.ThingName.Fn::Base64"),
@@ -1154,17 +1156,7 @@ fn templates_in_the_configuration_are_served_and_checked() {
     // A hook that is not HTTPS is refused too.
     write(&template, document.to_string().as_bytes());
     write(&config, table.replace("https://", "http://").as_bytes());
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
-        .args([
-            "serve",
-            "--print-config",
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused(&config);
     assert!(err.contains("hook-url must be https://"), "{err}");
 }
 

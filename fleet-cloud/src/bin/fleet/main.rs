@@ -383,21 +383,9 @@ impl From<Box<dyn std::error::Error>> for Failure {
     }
 }
 
-/// An error with the whole chain of its causes (`: `-separated; a cause
-/// its error's message already quotes is not repeated): a refused
-/// connection, an unknown certificate issuer, not only the top message.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        source = s.source();
-    }
-    text
+/// An error with the whole chain of its causes.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    fleet_cloud::error_chain(e)
 }
 
 #[derive(clap::Args)]
