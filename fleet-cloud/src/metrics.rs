@@ -21,7 +21,7 @@
 //! |---|---|---|
 //! | `fleet_broker_connected_clients` | gauge | `role` (device, backend, claimant) |
 //! | `fleet_broker_connects_total` | counter | `outcome` (accepted, or the CONNACK refusal) |
-//! | `fleet_broker_disconnects_total` | counter | `reason` (client_disconnect, keep_alive_timeout, taken_over, not_authorized, closed, malformed_packet, protocol_error, server_busy, server_shutdown) |
+//! | `fleet_broker_disconnects_total` | counter | `reason`, AWS IoT's lifecycle reasons in lower case (client_initiated_disconnect, mqtt_keep_alive_timeout, duplicate_clientid, auth_error, connection_lost, client_error, throttled, server_initiated_disconnect, server_error) |
 //! | `fleet_broker_messages_received_total` | counter | `qos` |
 //! | `fleet_broker_messages_sent_total` | counter | `qos` |
 //! | `fleet_broker_messages_dropped_total` | counter | |

@@ -845,7 +845,7 @@ async fn metrics_count_the_scenario_and_the_audit_log_names_the_token() {
         metric(
             t,
             "fleet_broker_disconnects_total",
-            &[("reason", "client_disconnect")],
+            &[("reason", "client_initiated_disconnect")],
         ) >= 1.0
     });
     let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
@@ -874,7 +874,7 @@ async fn metrics_count_the_scenario_and_the_audit_log_names_the_token() {
     assert_eq!(
         m(
             "fleet_broker_disconnects_total",
-            &[("reason", "client_disconnect")]
+            &[("reason", "client_initiated_disconnect")]
         ),
         1.0,
         "{text}"

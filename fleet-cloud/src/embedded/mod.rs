@@ -1669,9 +1669,9 @@ async fn connection(
                     clean_exit = matches!(reason, DisconnectReasonCode::SessionTakenOver);
                     keep_session = !matches!(reason, DisconnectReasonCode::NotAuthorized);
                     let _ = ended.set(match reason {
-                        DisconnectReasonCode::SessionTakenOver => "taken_over",
-                        DisconnectReasonCode::NotAuthorized => "not_authorized",
-                        _ => "server_shutdown",
+                        DisconnectReasonCode::SessionTakenOver => "duplicate_clientid",
+                        DisconnectReasonCode::NotAuthorized => "auth_error",
+                        _ => "server_initiated_disconnect",
                     });
                     return Err(format!("disconnected by the broker: {reason:?}"));
                 }
@@ -1688,7 +1688,7 @@ async fn connection(
                 _ = stopped.changed() => {
                     session.out.disconnect(DisconnectReasonCode::ServerShuttingDown);
                     let _ = write_out(&mut wr, &session.out.buf).await;
-                    let _ = ended.set("server_shutdown");
+                    let _ = ended.set("server_initiated_disconnect");
                     return Err("broker shutting down".into());
                 }
                 m = rx.recv() => {
@@ -1711,10 +1711,10 @@ async fn connection(
                     };
                     tokio::time::timeout(limit, rd.read_buf(&mut buf)).await
                         .map_err(|_| if large.is_some() {
-                            let _ = ended.set("slow_packet");
+                            let _ = ended.set("client_error");
                             "a large packet was not finished in time".to_string()
                         } else {
-                            let _ = ended.set("keep_alive_timeout");
+                            let _ = ended.set("mqtt_keep_alive_timeout");
                             "keep-alive timeout".to_string()
                         })
                 } => {
@@ -1726,7 +1726,7 @@ async fn connection(
                         match codec::read(version, &mut buf, shared.max_packet) {
                             Ok(In::Disconnect) => {
                                 clean_exit = true;
-                                let _ = ended.set("client_disconnect");
+                                let _ = ended.set("client_initiated_disconnect");
                                 return Ok(());
                             }
                             Ok(p) => {
@@ -1734,7 +1734,7 @@ async fn connection(
                                 // goes back.
                                 large = None;
                                 if let Err(e) = session.handle(p) {
-                                    let _ = ended.set("protocol_error");
+                                    let _ = ended.set("client_error");
                                     return Err(e);
                                 }
                             }
@@ -1752,7 +1752,7 @@ async fn connection(
                                     let Ok(Ok(share)) = share else {
                                         session.out.disconnect(DisconnectReasonCode::ServerBusy);
                                         let _ = write_out(&mut wr, &session.out.buf).await;
-                                        let _ = ended.set("server_busy");
+                                        let _ = ended.set("throttled");
                                         return Err("no room for another large packet".into());
                                     };
                                     large = Some((share, tokio::time::Instant::now() + PACKET_TIMEOUT));
@@ -1767,7 +1767,7 @@ async fn connection(
                             Err(ReadError::Malformed(e)) => {
                                 session.out.disconnect(DisconnectReasonCode::MalformedPacket);
                                 let _ = write_out(&mut wr, &session.out.buf).await;
-                                let _ = ended.set("malformed_packet");
+                                let _ = ended.set("client_error");
                                 return Err(format!("malformed packet: {e}"));
                             }
                         }
@@ -1787,7 +1787,7 @@ async fn connection(
     // Unregister (unless a newer connection took the id), then the will.
     shared.unregister(&client_id, conn, keep_session);
     connected.decrement(1.0);
-    metrics::counter!("fleet_broker_disconnects_total", "reason" => ended.get().copied().unwrap_or("closed")).increment(1);
+    metrics::counter!("fleet_broker_disconnects_total", "reason" => ended.get().copied().unwrap_or("connection_lost")).increment(1);
     if !clean_exit
         && let Some(will) = will
         && publish_refusal(&shared, &identity, role, &client_id, &will).is_none()
