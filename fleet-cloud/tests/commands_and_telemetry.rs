@@ -34,6 +34,9 @@ async fn a_command_is_answered_once_and_a_silent_device_times_out(kind: BrokerKi
         fleet_cloud::ServeOptions::default(),
     )
     .unwrap();
+    // Subscribed to the answers before the command goes out (on a busy
+    // machine the connection takes a while).
+    assert!(cloud.link().wait_up(Duration::from_secs(10)).await);
     let id = broker.device_identity("dev-a").unwrap();
     let mut dev = TestClient::connect(&broker, &id, "dev-a").await.unwrap();
     assert!(

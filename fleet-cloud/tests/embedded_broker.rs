@@ -877,3 +877,101 @@ async fn a_kept_session_ends_at_its_expiry() {
             .is_empty()
     );
 }
+
+/// The next lifecycle event `ev` receives: its topic and JSON.
+async fn presence_event(ev: &mut EventLoop) -> (String, serde_json::Value) {
+    until(ev, |p| match p {
+        Ok(Packet::Publish(p)) => Some((
+            String::from_utf8_lossy(&p.topic).into_owned(),
+            serde_json::from_slice(&p.payload).unwrap(),
+        )),
+        _ => None,
+    })
+    .await
+}
+
+/// Issue 27: the embedded broker publishes AWS IoT's lifecycle events
+/// (`$aws/events/presence/connected|disconnected/{clientId}`, AWS's JSON:
+/// clientId, timestamp, eventType, sessionIdentifier, principalIdentifier,
+/// ipAddress, versionNumber; clientInitiatedDisconnect and disconnectReason
+/// on a disconnect) to a backend; a device may not subscribe to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_reach_a_backend_and_not_a_device() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    let s = setup(BrokerPolicy::default(), Duration::from_secs(10)).await;
+    let backend = s.pki.client_identity("fleet-backend").unwrap();
+    let (watcher, mut we) = v5(&s, &backend, "watcher");
+    connected(&mut we).await;
+    watcher
+        .subscribe("$aws/events/presence/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut we, |p| {
+        matches!(p, Ok(Packet::SubAck(_))).then_some(())
+    })
+    .await;
+
+    let dev = s.pki.client_identity("dev-a").unwrap();
+    let (d, mut de) = v5(&s, &dev, "dev-a");
+    connected(&mut de).await;
+    let (topic, up) = presence_event(&mut we).await;
+    assert_eq!(topic, "$aws/events/presence/connected/dev-a");
+    assert_eq!(up["clientId"], "dev-a");
+    assert_eq!(up["eventType"], "connected");
+    assert_eq!(up["ipAddress"], "127.0.0.1");
+    assert_eq!(
+        up["principalIdentifier"],
+        certificate_fingerprint(&dev.cert_pem).unwrap().as_str()
+    );
+    let session = up["sessionIdentifier"].as_str().unwrap().to_string();
+    assert_eq!(session.len(), 36, "a UUID: {session}");
+    assert!(
+        up["timestamp"].as_u64().unwrap() > 1_700_000_000_000,
+        "{up}"
+    );
+    assert!(up.get("disconnectReason").is_none(), "{up}");
+
+    // A device may not listen to the fleet's presence.
+    d.subscribe("$aws/events/presence/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let codes = until(&mut de, |p| match p {
+        Ok(Packet::SubAck(a)) => Some(a.return_codes.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        !matches!(codes[0], SubscribeReasonCode::Success(_)),
+        "{codes:?}"
+    );
+
+    // A clean disconnect, with the same session identifier.
+    leave(d, de).await;
+    let (topic, down) = presence_event(&mut we).await;
+    assert_eq!(topic, "$aws/events/presence/disconnected/dev-a");
+    assert_eq!(down["eventType"], "disconnected");
+    assert_eq!(down["clientInitiatedDisconnect"], true);
+    assert_eq!(down["disconnectReason"], "CLIENT_INITIATED_DISCONNECT");
+    assert_eq!(down["sessionIdentifier"], session.as_str());
+    assert_eq!(down["versionNumber"], up["versionNumber"]);
+
+    // Taken over: the first connection ends DUPLICATE_CLIENTID; each has
+    // its own session and a higher version.
+    let (_c1, mut e1) = v5(&s, &dev, "dev-a");
+    connected(&mut e1).await;
+    let (_, first) = presence_event(&mut we).await;
+    assert!(first["versionNumber"].as_u64() > up["versionNumber"].as_u64());
+    let (_c2, mut e2) = v5(&s, &dev, "dev-a");
+    connected(&mut e2).await;
+    let mut events = [presence_event(&mut we).await, presence_event(&mut we).await];
+    events.sort_by(|a, b| a.0.cmp(&b.0));
+    let (topic, second) = &events[0];
+    assert_eq!(topic, "$aws/events/presence/connected/dev-a");
+    assert_ne!(second["sessionIdentifier"], first["sessionIdentifier"]);
+    let (topic, taken) = &events[1];
+    assert_eq!(topic, "$aws/events/presence/disconnected/dev-a");
+    assert_eq!(taken["disconnectReason"], "DUPLICATE_CLIENTID");
+    assert_eq!(taken["clientInitiatedDisconnect"], false);
+    assert_eq!(taken["sessionIdentifier"], first["sessionIdentifier"]);
+}

@@ -193,6 +193,86 @@ pub fn certificate_fingerprint(cert_pem: &str) -> Option<String> {
     Some(fingerprint(&der))
 }
 
+/// A connection as AWS IoT's lifecycle events describe it.
+struct Presence {
+    client_id: String,
+    /// A UUID shared by the connection's two events.
+    session: String,
+    /// The certificate's id (its SHA-256, hex).
+    principal: String,
+    ip: String,
+    /// Increases with every connection.
+    version: u64,
+}
+
+impl Presence {
+    /// Publishes `{prefix}/events/presence/connected/{client id}`, or with
+    /// the disconnect `reason` (the metrics' label, AWS's reason in lower
+    /// case) `.../disconnected/{client id}`, in AWS IoT's JSON, to whoever
+    /// may read it (a backend; no device's policy lets it subscribe
+    /// there). Client ids holding `#` or `+` get none, as with AWS.
+    fn publish(&self, shared: &Shared, reason: Option<&str>) {
+        if self.client_id.contains(['#', '+']) {
+            return;
+        }
+        let prefix = shared.policy().policy().prefix.clone();
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut body = serde_json::json!({
+            "clientId": self.client_id,
+            "timestamp": timestamp,
+            "eventType": if reason.is_some() { "disconnected" } else { "connected" },
+            "sessionIdentifier": self.session,
+            "principalIdentifier": self.principal,
+            "ipAddress": self.ip,
+            "versionNumber": self.version,
+        });
+        if let Some(reason) = reason {
+            body["clientInitiatedDisconnect"] = (reason == "client_initiated_disconnect").into();
+            body["disconnectReason"] = reason.to_ascii_uppercase().into();
+        }
+        let kind = if reason.is_some() {
+            "disconnected"
+        } else {
+            "connected"
+        };
+        let message = Message {
+            topic: format!("{prefix}/events/presence/{kind}/{}", self.client_id),
+            payload: bytes::Bytes::from(body.to_string()),
+            qos: 1,
+            retain: false,
+            properties: None,
+            receipt: None,
+        };
+        // Nobody waits on these: a full queue drops one for its client.
+        if let Ok(blocked) = shared.route(&message, "", Role::Backend, None) {
+            for (_, m) in blocked {
+                shared.note_dropped(&m.topic);
+            }
+        }
+    }
+}
+
+/// A random UUID (version 4), as AWS's session identifiers are.
+fn session_identifier() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        return String::new();
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// A QoS as metrics label it.
 fn qos_label(qos: u8) -> &'static str {
     match qos {
@@ -1398,6 +1478,10 @@ async fn connection(
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let deadline = shared.handshake_timeout;
+    let peer_ip = tcp
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -1423,6 +1507,7 @@ async fn connection(
         .ok_or("no client certificate")?;
     let common_name = common_name(&der);
     let fingerprint = fingerprint(&der);
+    let principal = fingerprint.clone();
     let (mut rd, mut wr) = tokio::io::split(tls);
 
     // CONNECT, within the same deadline.
@@ -1585,6 +1670,15 @@ async fn connection(
         }
     };
     tracing::debug!(%identity, %client_id, ?version, "connected");
+    // AWS IoT's lifecycle event, one session identifier for its pair.
+    let presence = Presence {
+        client_id: client_id.clone(),
+        session: session_identifier(),
+        principal,
+        ip: peer_ip,
+        version: conn,
+    };
+    presence.publish(&shared, None);
     metrics::counter!("fleet_broker_connects_total", "outcome" => "accepted").increment(1);
     let connected = metrics::gauge!("fleet_broker_connected_clients", "role" => role_name(role));
     connected.increment(1.0);
@@ -1801,6 +1895,10 @@ async fn connection(
         }
     }
     tracing::debug!(%identity, %client_id, "disconnected");
+    presence.publish(
+        &shared,
+        Some(ended.get().copied().unwrap_or("connection_lost")),
+    );
     result
 }
 
