@@ -581,32 +581,27 @@ fn certs_init_writes_a_setup_and_usage_errors_are_code_2() {
     // flags and the environment override the file, passwords masked.
     // The packaged configuration (deploy/fleet.toml, /etc/fleet/fleet.toml)
     // holds too.
+    // `fleet serve --config FILE --print-config ARGS`, which must hold.
+    let print_config = |config: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args(["serve", "--config", config, "--print-config"])
+            .env("FLEET_SERVE_STORE", "postgres://fleet:secret@db/fleet")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/fleet.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
-        .args(["serve", "--config", packaged, "--print-config"])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let shown = print_config(packaged, &[]);
     assert!(shown.contains("metrics = \"127.0.0.1:9464\""), "{shown}");
     assert!(shown.contains("dir = \"/var/lib/fleet\""), "{shown}");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../fleet.example.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet"))
-        .args(["serve", "--config", example, "--print-config"])
-        .env("FLEET_SERVE_STORE", "postgres://fleet:secret@db/fleet")
-        .args(["--client-id", "from-flag"])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let shown = print_config(example, &["--client-id", "from-flag"]);
     assert!(shown.contains("client-id = \"from-flag\""), "{shown}");
     assert!(shown.contains("claims = [\"claim@factory\"]"), "{shown}");
     assert!(shown.contains("postgres://fleet:***@db/fleet"), "{shown}");

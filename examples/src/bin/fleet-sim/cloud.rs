@@ -109,6 +109,12 @@ pub(crate) async fn run(args: CloudArgs) -> Result<(), BoxError> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    // FLEET_SIM_METRICS=1: the cloud records its metrics as `fleet serve
+    // --metrics` does (the Prometheus recorder installed, nobody
+    // scraping), to measure what recording costs.
+    if std::env::var_os("FLEET_SIM_METRICS").is_some() {
+        fleet_cloud::metrics::prometheus()?;
+    }
     let read = |name: &str| {
         std::fs::read_to_string(args.dir.join(name)).map_err(|e| format!("cannot read {name}: {e}"))
     };
