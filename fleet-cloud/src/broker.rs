@@ -125,7 +125,8 @@ impl Publisher {
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
             .map_err(|e| PublishError::new(e.to_string()))?;
-        count_out("application", 1);
+        metrics::counter!("fleet_messages_out_total", "service" => "application", "qos" => "1")
+            .increment(1);
         Ok(())
     }
 }
@@ -163,12 +164,6 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     text
-}
-
-/// Counts `n` messages published at QoS 1 for `service`.
-fn count_out(service: &'static str, n: usize) {
-    metrics::counter!("fleet_messages_out_total", "service" => service, "qos" => "1")
-        .increment(n as u64);
 }
 
 #[async_trait::async_trait]
@@ -681,6 +676,9 @@ pub fn serve(
     let sub_client = client.clone();
     let ack_now = acker.clone();
     let table = services.clone();
+    let telemetry_in =
+        crate::metrics::per_qos("fleet_messages_in_total", &[("service", "telemetry")]);
+    let other_in = crate::metrics::per_qos("fleet_messages_in_total", &[("service", "other")]);
     let network = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -710,18 +708,17 @@ pub fn serve(
                                 .strip_prefix(t.as_str())
                                 .is_some_and(|r| r.starts_with('/'))
                         });
-                    let service = match routed.and_then(|id| table.get(id)) {
-                        Some(h) => h.service().as_str(),
-                        None if is_telemetry => "telemetry",
-                        None => "other",
-                    };
                     let qos = match p.qos {
-                        QoS::AtMostOnce => "0",
-                        QoS::AtLeastOnce => "1",
-                        QoS::ExactlyOnce => "2",
+                        QoS::AtMostOnce => 0,
+                        QoS::AtLeastOnce => 1,
+                        QoS::ExactlyOnce => 2,
                     };
-                    metrics::counter!("fleet_messages_in_total", "service" => service, "qos" => qos)
-                        .increment(1);
+                    let received = match routed.and_then(|id| table.meters(id)) {
+                        Some(m) => &m.received,
+                        None if is_telemetry => &telemetry_in,
+                        None => &other_in,
+                    };
+                    received[qos].increment(1);
                     let queued = Queued {
                         topic,
                         payload: p.payload.to_vec(),
@@ -808,10 +805,12 @@ pub fn serve(
             {
                 continue;
             }
-            for handler in ticking.handlers() {
+            for (handler, id) in ticking.handlers().iter().zip(ticking.ids()) {
                 match handler.tick(clock.now()).await {
                     Ok(messages) => {
-                        count_out(handler.service().as_str(), messages.len());
+                        if let Some(m) = ticking.meters(id) {
+                            m.sent.increment(messages.len() as u64);
+                        }
                         for m in messages {
                             out(m.topic, m.payload, None);
                         }
@@ -898,8 +897,8 @@ async fn handle_one(
             return true;
         }
     };
-    if let Some(h) = services.get(id) {
-        count_out(h.service().as_str(), messages.len());
+    if let Some(m) = services.meters(id) {
+        m.sent.increment(messages.len() as u64);
     }
     let replies = [Role::Accepted, Role::Rejected].map(|role| {
         request

@@ -9,6 +9,10 @@
 //! management API (`fleet serve --metrics 127.0.0.1:9464`). The Grafana
 //! dashboard in `deploy/grafana-dashboard.json` shows these figures.
 //!
+//! Install the recorder before starting the broker and the services: the
+//! hot paths (every message, every shadow update) register their counters
+//! once, when they start, and count into them without a lookup.
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! let metrics = fleet_cloud::metrics::serve_metrics("127.0.0.1:9464".parse()?).await?;
@@ -217,6 +221,22 @@ fn describe() {
         "Resident memory of the process"
     );
     describe_gauge!("process_open_fds", "Open file descriptors of the process");
+}
+
+/// One counter per QoS (0, 1, 2) of `name` with `labels`: registered
+/// once, where a hot path counts every message.
+pub(crate) fn per_qos(
+    name: &'static str,
+    labels: &[(&'static str, &'static str)],
+) -> [metrics::Counter; 3] {
+    ["0", "1", "2"].map(|qos| {
+        let mut all: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, *v))
+            .collect();
+        all.push(metrics::Label::new("qos", qos));
+        metrics::counter!(name, all)
+    })
 }
 
 /// Times a store operation into `fleet_store_operation_seconds`.

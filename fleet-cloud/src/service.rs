@@ -243,6 +243,36 @@ impl HandlerId {
 #[derive(Debug, Clone, Default)]
 pub struct Services {
     handlers: Vec<Arc<dyn Handler>>,
+    /// Each handler's counters, registered when it is added.
+    meters: Vec<Arc<Meters>>,
+}
+
+/// What is counted of one service's requests, registered once.
+#[derive(Debug)]
+pub(crate) struct Meters {
+    handled: metrics::Counter,
+    failed: metrics::Counter,
+    forbidden: metrics::Counter,
+    not_a_request: metrics::Counter,
+    /// Requests in from the transport, by QoS.
+    pub(crate) received: [metrics::Counter; 3],
+    /// Messages the service sent (QoS 1).
+    pub(crate) sent: metrics::Counter,
+}
+
+impl Meters {
+    fn new(service: Service) -> Self {
+        let service = service.as_str();
+        let requests = |outcome: &'static str| metrics::counter!("fleet_requests_total", "service" => service, "outcome" => outcome);
+        Self {
+            handled: requests("handled"),
+            failed: requests("failed"),
+            forbidden: requests("forbidden"),
+            not_a_request: requests("not_a_request"),
+            received: crate::metrics::per_qos("fleet_messages_in_total", &[("service", service)]),
+            sent: metrics::counter!("fleet_messages_out_total", "service" => service, "qos" => "1"),
+        }
+    }
 }
 
 impl Services {
@@ -253,13 +283,19 @@ impl Services {
 
     /// The same table with `handler` added.
     pub fn with(mut self, handler: impl Handler + 'static) -> Self {
-        self.handlers.push(Arc::new(handler));
+        self.add(Arc::new(handler));
         self
     }
 
     /// Adds a handler shared with others.
     pub fn add(&mut self, handler: Arc<dyn Handler>) {
+        self.meters.push(Arc::new(Meters::new(handler.service())));
         self.handlers.push(handler);
+    }
+
+    /// A handler's counters.
+    pub(crate) fn meters(&self, id: HandlerId) -> Option<&Meters> {
+        self.meters.get(id.0).map(Arc::as_ref)
     }
 
     /// The handlers, in the order added.
@@ -291,24 +327,30 @@ impl Services {
         id: HandlerId,
         request: &Request<'_>,
     ) -> Result<Vec<Outgoing>, HandlerError> {
-        let handler = self.get(id).ok_or(HandlerError::NotARequest)?;
-        let service = handler.service().as_str();
-        let count = |outcome: &'static str| {
-            metrics::counter!("fleet_requests_total", "service" => service, "outcome" => outcome)
-                .increment(1);
+        let (handler, meters) = match (self.get(id), self.meters(id)) {
+            (Some(h), Some(m)) => (h, m),
+            _ => return Err(HandlerError::NotARequest),
         };
         if request.topic.service() != handler.service() || !request.topic.is_from_device() {
-            count("not_a_request");
+            meters.not_a_request.increment(1);
             return Err(HandlerError::NotARequest);
         }
         if !request.caller.may(&request.topic) {
-            count("forbidden");
+            meters.forbidden.increment(1);
             return Err(HandlerError::Forbidden);
         }
         use tracing::Instrument as _;
-        let span = tracing::info_span!("device_request", service, topic = ?request.topic);
+        let span = tracing::info_span!(
+            "device_request",
+            service = handler.service().as_str(),
+            topic = ?request.topic
+        );
         let r = handler.handle(request).instrument(span).await;
-        count(if r.is_ok() { "handled" } else { "failed" });
+        if r.is_ok() {
+            meters.handled.increment(1);
+        } else {
+            meters.failed.increment(1);
+        }
         r
     }
 

@@ -57,6 +57,34 @@ pub struct ShadowService {
     store: Arc<dyn ShadowStore>,
     limits: ShadowLimits,
     prefix: String,
+    meters: Arc<Meters>,
+}
+
+/// What the service counts on every request, registered once.
+#[derive(Debug)]
+struct Meters {
+    load: metrics::Histogram,
+    save: metrics::Histogram,
+    /// Accepted requests: get, update, delete.
+    accepted: [metrics::Counter; 3],
+}
+
+impl Meters {
+    fn new() -> Self {
+        let seconds = |operation: &'static str| metrics::histogram!("fleet_store_operation_seconds", "operation" => operation);
+        Self {
+            load: seconds("shadow_load"),
+            save: seconds("shadow_save"),
+            accepted: ["get", "update", "delete"].map(|operation| {
+                metrics::counter!(
+                    "fleet_shadow_requests_total",
+                    "operation" => operation,
+                    "outcome" => "accepted",
+                    "code" => ""
+                )
+            }),
+        }
+    }
 }
 
 impl ShadowService {
@@ -71,6 +99,7 @@ impl ShadowService {
             store,
             limits: ShadowLimits::default(),
             prefix: "$aws".into(),
+            meters: Arc::new(Meters::new()),
         }
     }
 
@@ -181,18 +210,16 @@ impl ShadowService {
         };
         let prefix = TopicPrefix::new(&self.prefix).map_err(|_| ServiceError::NotAShadowRequest)?;
         for attempt in 0..MAX_CAS_ATTEMPTS {
-            let current = crate::metrics::timed("shadow_load", self.store.load(&key))
-                .await
-                .map_err(ServiceError::Store)?;
+            let started = std::time::Instant::now();
+            let current = self.store.load(&key).await.map_err(ServiceError::Store)?;
+            self.meters.load.record(started.elapsed().as_secs_f64());
             // AWS names the classic shadow by its thing, a named one by its name.
             let name = shadow.as_ref().map_or(thing.as_str(), ShadowName::as_str);
             let out = process(&current.value, name, op, payload, now, &self.limits);
             if let Some(next) = &out.shadow {
-                let saved = crate::metrics::timed(
-                    "shadow_save",
-                    self.store.save(&key, current.revision, next),
-                )
-                .await;
+                let started = std::time::Instant::now();
+                let saved = self.store.save(&key, current.revision, next).await;
+                self.meters.save.record(started.elapsed().as_secs_f64());
                 match saved {
                     Ok(_) => {}
                     Err(StoreError::Conflict) => {
@@ -205,7 +232,7 @@ impl ShadowService {
                     Err(e) => return Err(ServiceError::Store(e)),
                 }
             }
-            count_outcome(op, &out.messages);
+            self.count_outcome(op, &out.messages);
             return Ok(out
                 .messages
                 .into_iter()
@@ -224,34 +251,34 @@ impl ShadowService {
     }
 }
 
-/// Counts a request's outcome in `fleet_shadow_requests_total`: accepted,
-/// or rejected with the code its rejection carries.
-fn count_outcome(op: ShadowOp, messages: &[fleet_core::shadow::ShadowMessage]) {
-    let operation = match op {
-        ShadowOp::Get => "get",
-        ShadowOp::Update => "update",
-        ShadowOp::Delete => "delete",
-    };
-    let rejected = messages
-        .iter()
-        .find(|m| matches!(m.kind, ShadowTopicKind::Op(_, Role::Rejected)));
-    let (outcome, code) = match rejected {
-        None => ("accepted", String::new()),
-        Some(m) => (
-            "rejected",
-            serde_json::from_slice::<serde_json::Value>(&m.payload)
-                .ok()
-                .and_then(|v| v.get("code")?.as_u64())
-                .map_or_else(String::new, |c| c.to_string()),
-        ),
-    };
-    metrics::counter!(
-        "fleet_shadow_requests_total",
-        "operation" => operation,
-        "outcome" => outcome,
-        "code" => code
-    )
-    .increment(1);
+impl ShadowService {
+    /// Counts a request's outcome in `fleet_shadow_requests_total`:
+    /// accepted, or rejected with the code its rejection carries.
+    fn count_outcome(&self, op: ShadowOp, messages: &[fleet_core::shadow::ShadowMessage]) {
+        let (index, operation) = match op {
+            ShadowOp::Get => (0, "get"),
+            ShadowOp::Update => (1, "update"),
+            ShadowOp::Delete => (2, "delete"),
+        };
+        let rejected = messages
+            .iter()
+            .find(|m| matches!(m.kind, ShadowTopicKind::Op(_, Role::Rejected)));
+        let Some(m) = rejected else {
+            self.meters.accepted[index].increment(1);
+            return;
+        };
+        let code = serde_json::from_slice::<serde_json::Value>(&m.payload)
+            .ok()
+            .and_then(|v| v.get("code")?.as_u64())
+            .map_or_else(String::new, |c| c.to_string());
+        metrics::counter!(
+            "fleet_shadow_requests_total",
+            "operation" => operation,
+            "outcome" => "rejected",
+            "code" => code
+        )
+        .increment(1);
+    }
 }
 
 /// A shadow request's thing, shadow and operation, read from its topic.

@@ -109,6 +109,8 @@ impl Harness {
             ..ClientLimits::default()
         };
         let shared = Arc::new(Shared {
+            received: crate::metrics::per_qos("fleet_broker_messages_received_total", &[]),
+            sent: crate::metrics::per_qos("fleet_broker_messages_sent_total", &[]),
             policy: RwLock::new(Arc::new(policy.compile())),
             revoked: RwLock::new(Default::default()),
             router: Mutex::new(Router::default()),

@@ -273,15 +273,6 @@ fn session_identifier() -> String {
     )
 }
 
-/// A QoS as metrics label it.
-fn qos_label(qos: u8) -> &'static str {
-    match qos {
-        0 => "0",
-        1 => "1",
-        _ => "2",
-    }
-}
-
 fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
     use std::fmt::Write as _;
@@ -471,6 +462,9 @@ impl Router {
 }
 
 struct Shared {
+    /// PUBLISH packets received and sent, by QoS.
+    received: [metrics::Counter; 3],
+    sent: [metrics::Counter; 3],
     policy: RwLock<Arc<CompiledPolicy>>,
     revoked: RwLock<HashSet<String>>,
     router: Mutex<Router>,
@@ -1108,6 +1102,8 @@ impl EmbeddedBroker {
             None => None,
         };
         let shared = Arc::new(Shared {
+            received: crate::metrics::per_qos("fleet_broker_messages_received_total", &[]),
+            sent: crate::metrics::per_qos("fleet_broker_messages_sent_total", &[]),
             policy: RwLock::new(Arc::new(config.policy.compile())),
             revoked: RwLock::new(HashSet::new()),
             router: Mutex::new(router),
@@ -2033,8 +2029,7 @@ impl Session<'_> {
             );
             return None;
         }
-        metrics::counter!("fleet_broker_messages_sent_total", "qos" => qos_label(m.qos))
-            .increment(1);
+        self.shared.sent[usize::from(m.qos.min(2))].increment(1);
         (pkid != 0).then_some(pkid)
     }
 
@@ -2051,8 +2046,7 @@ impl Session<'_> {
                     return Err(format!("invalid topic {:?}", message.topic));
                 }
                 let qos = message.qos;
-                metrics::counter!("fleet_broker_messages_received_total", "qos" => qos_label(qos))
-                    .increment(1);
+                self.shared.received[usize::from(qos.min(2))].increment(1);
                 let mut stored = None;
                 let mut code = publish_refusal(
                     self.shared,
