@@ -101,6 +101,7 @@ mod outgoing;
 pub mod pki;
 mod policy;
 mod provisioning;
+pub mod query;
 mod registry;
 mod server;
 pub mod service;

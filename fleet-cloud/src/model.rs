@@ -262,3 +262,104 @@ pub enum Spent {
     /// Unknown or expired.
     Unknown,
 }
+
+/// A thing's connection, as the fleet index keeps it (AWS IoT's
+/// connectivity fields, and when it was last heard from).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connectivity {
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// When it last connected or disconnected (ms since the Unix epoch).
+    pub timestamp: u64,
+    /// When its current (or last) connection began.
+    pub connected_since: Option<u64>,
+    /// When its last connection ended.
+    pub disconnected_at: Option<u64>,
+    /// Why its last connection ended, in AWS IoT's words
+    /// (`CLIENT_INITIATED_DISCONNECT`, `MQTT_KEEP_ALIVE_TIMEOUT`,
+    /// `DUPLICATE_CLIENTID`, `CONNECTION_LOST`, `SERVER_INITIATED_DISCONNECT`,
+    /// ...).
+    pub disconnect_reason: Option<String>,
+    /// When it last sent anything (ms; as often as the broker reports it).
+    pub last_seen: u64,
+    /// The session identifier of its current (or last) connection.
+    pub session: String,
+}
+
+/// Something a broker saw of a thing's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectivityEvent {
+    /// It connected: `session` identifies the connection.
+    Connected {
+        /// The thing.
+        thing: String,
+        /// When (ms since the Unix epoch).
+        at: u64,
+        /// The connection's session identifier.
+        session: String,
+    },
+    /// Its connection `session` ended, for `reason`.
+    Disconnected {
+        /// The thing.
+        thing: String,
+        /// When (ms).
+        at: u64,
+        /// The connection that ended.
+        session: String,
+        /// Why (AWS IoT's disconnect reason).
+        reason: String,
+    },
+    /// It sent something.
+    Seen {
+        /// The thing.
+        thing: String,
+        /// When (ms).
+        at: u64,
+    },
+}
+
+impl ConnectivityEvent {
+    /// The thing it is about.
+    pub fn thing(&self) -> &str {
+        match self {
+            Self::Connected { thing, .. }
+            | Self::Disconnected { thing, .. }
+            | Self::Seen { thing, .. } => thing,
+        }
+    }
+}
+
+impl Connectivity {
+    /// Applies `event` (events are applied in the order the broker saw
+    /// them): a connect always; a disconnect only of the current
+    /// connection (the end of a connection that another took over leaves
+    /// the thing connected); "seen" moves `last_seen` forward only.
+    pub fn apply(&mut self, event: &ConnectivityEvent) {
+        match event {
+            ConnectivityEvent::Connected { at, session, .. } => {
+                self.connected = true;
+                self.timestamp = *at;
+                self.connected_since = Some(*at);
+                self.session = session.clone();
+                self.last_seen = self.last_seen.max(*at);
+            }
+            ConnectivityEvent::Disconnected {
+                at,
+                session,
+                reason,
+                ..
+            } => {
+                self.last_seen = self.last_seen.max(*at);
+                if *session != self.session && (self.connected || *at < self.timestamp) {
+                    return;
+                }
+                self.connected = false;
+                self.timestamp = *at;
+                self.disconnected_at = Some(*at);
+                self.disconnect_reason = Some(reason.clone());
+            }
+            ConnectivityEvent::Seen { at, .. } => self.last_seen = self.last_seen.max(*at),
+        }
+    }
+}

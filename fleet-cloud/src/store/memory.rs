@@ -8,14 +8,17 @@ use async_trait::async_trait;
 use fleet_core::jobs::ThingJobs;
 use fleet_core::shadow::Shadow;
 
+use super::index::{self, IndexConfig, IndexStore, NumericStats};
 use super::{
     JobStore, RegistryStore, RetainedMessage, RetainedStore, SessionStore, ShadowKey, ShadowStore,
     StoreError, StoredStream, StreamStore, Versioned,
 };
 use crate::model::{
-    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, JobRecord,
+    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, Connectivity,
+    ConnectivityEvent, JobRecord,
     PendingCertificate, Spent, StoredToken, Thing,
 };
+use crate::query::{Entry, Query};
 use fleet_core::admission::Roster;
 
 type ShadowMap = HashMap<ShadowKey, (Shadow, u64)>;
@@ -29,6 +32,34 @@ pub struct MemoryStore {
     registry: Arc<Mutex<MemoryRegistry>>,
     retained: Arc<Mutex<BTreeMap<String, RetainedMessage>>>,
     sessions: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    index: Arc<Mutex<MemoryIndex>>,
+}
+
+/// The fleet index side of [`MemoryStore`]: rows by thing and source.
+#[derive(Debug, Default)]
+struct MemoryIndex {
+    rows: BTreeMap<String, BTreeMap<String, Vec<Entry>>>,
+    connectivity: HashMap<String, Connectivity>,
+    config: IndexConfig,
+}
+
+impl MemoryIndex {
+    fn replace(&mut self, thing: &str, source: &str, entries: Vec<Entry>) {
+        let sources = self.rows.entry(thing.to_string()).or_default();
+        if entries.is_empty() {
+            sources.remove(source);
+        } else {
+            sources.insert(source.to_string(), entries);
+        }
+    }
+
+    /// Each thing with every row of it.
+    fn things(&self) -> Vec<(&str, Vec<Entry>)> {
+        self.rows
+            .iter()
+            .map(|(t, sources)| (t.as_str(), sources.values().flatten().cloned().collect()))
+            .collect()
+    }
 }
 
 impl MemoryStore {
@@ -71,6 +102,9 @@ impl ShadowStore for MemoryStore {
             return Err(StoreError::Conflict);
         }
         map.insert(key.clone(), (shadow.clone(), current + 1));
+        let mut index = self.index_lock()?;
+        let entries = index::shadow_entries(key, shadow, &index.config);
+        index.replace(&key.thing, &index::shadow_source(key), entries);
         Ok(current + 1)
     }
 }
@@ -156,6 +190,8 @@ impl JobStore for MemoryStore {
             return Err(StoreError::Conflict);
         }
         m.things.insert(thing.into(), (jobs.clone(), current + 1));
+        self.index_lock()?
+            .replace(thing, index::JOBS, index::job_entries(jobs));
         Ok(current + 1)
     }
 
@@ -585,5 +621,182 @@ impl SessionStore for MemoryStore {
             .map_err(|_| StoreError::backend("a writer panicked"))?
             .remove(client_id);
         Ok(())
+    }
+}
+
+impl MemoryStore {
+    fn index_lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryIndex>, StoreError> {
+        self.index
+            .lock()
+            .map_err(|_| StoreError::backend("a writer panicked"))
+    }
+
+    fn matching(&self, query: &Query) -> Result<Vec<(String, Vec<Entry>)>, StoreError> {
+        let index = self.index_lock()?;
+        Ok(index
+            .things()
+            .into_iter()
+            .filter(|(_, e)| query.matches(e))
+            .map(|(t, e)| (t.to_string(), e))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl IndexStore for MemoryStore {
+    async fn configure(&self, config: IndexConfig) -> Result<bool, StoreError> {
+        let shadows: Vec<(ShadowKey, Shadow)> = self
+            .lock()?
+            .iter()
+            .map(|(k, (s, _))| (k.clone(), s.clone()))
+            .collect();
+        let mut index = self.index_lock()?;
+        if index.config == config {
+            return Ok(false);
+        }
+        for (key, shadow) in shadows {
+            let entries = index::shadow_entries(&key, &shadow, &config);
+            index.replace(&key.thing, &index::shadow_source(&key), entries);
+        }
+        index.config = config;
+        Ok(true)
+    }
+
+    async fn index_registry(
+        &self,
+        things: Vec<(String, Option<Vec<Entry>>)>,
+    ) -> Result<(), StoreError> {
+        let mut index = self.index_lock()?;
+        for (thing, entries) in things {
+            match entries {
+                Some(e) => index.replace(&thing, index::REGISTRY, e),
+                None => {
+                    index.rows.remove(&thing);
+                    index.connectivity.remove(&thing);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_connectivity(
+        &self,
+        events: Vec<ConnectivityEvent>,
+    ) -> Result<(), StoreError> {
+        let mut index = self.index_lock()?;
+        for e in &events {
+            let record = index.connectivity.entry(e.thing().to_string()).or_default();
+            record.apply(e);
+            let entries = index::connectivity_entries(record);
+            index.replace(e.thing(), index::CONNECTIVITY, entries);
+        }
+        Ok(())
+    }
+
+    async fn connectivity(&self, thing: &str) -> Result<Option<Connectivity>, StoreError> {
+        Ok(self.index_lock()?.connectivity.get(thing).cloned())
+    }
+
+    async fn end_connections(&self, reason: &str) -> Result<usize, StoreError> {
+        let mut index = self.index_lock()?;
+        let connected: Vec<String> = index
+            .connectivity
+            .iter()
+            .filter(|(_, c)| c.connected)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for thing in &connected {
+            let Some(record) = index.connectivity.get_mut(thing) else {
+                continue;
+            };
+            let event = ConnectivityEvent::Disconnected {
+                thing: thing.clone(),
+                at: record.last_seen.max(record.timestamp),
+                session: record.session.clone(),
+                reason: reason.to_string(),
+            };
+            record.apply(&event);
+            let entries = index::connectivity_entries(record);
+            index.replace(thing, index::CONNECTIVITY, entries);
+        }
+        Ok(connected.len())
+    }
+
+    async fn search(
+        &self,
+        query: &Query,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.scan(query, after, limit).await
+    }
+
+    async fn count(&self, query: &Query) -> Result<u64, StoreError> {
+        Ok(self.matching(query)?.len() as u64)
+    }
+
+    async fn count_by(
+        &self,
+        query: &Query,
+        field: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, entries) in self.matching(query)? {
+            let values: BTreeSet<String> = entries
+                .iter()
+                .filter(|e| e.field == field)
+                .map(|e| e.value.text())
+                .collect();
+            for v in values {
+                *counts.entry(v).or_default() += 1;
+            }
+        }
+        let mut out: Vec<(String, u64)> = counts.into_iter().collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn numeric_stats(&self, query: &Query, field: &str) -> Result<NumericStats, StoreError> {
+        let values: Vec<f64> = self
+            .matching(query)?
+            .iter()
+            .flat_map(|(_, e)| e.iter())
+            .filter(|e| e.field == field)
+            .filter_map(|e| e.value.number())
+            .collect();
+        let count = values.len() as u64;
+        Ok(NumericStats {
+            count,
+            min: values.iter().copied().reduce(f64::min),
+            max: values.iter().copied().reduce(f64::max),
+            avg: (count > 0).then(|| values.iter().sum::<f64>() / count as f64),
+        })
+    }
+
+    async fn entries(&self, thing: &str) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .index_lock()?
+            .rows
+            .get(thing)
+            .map(|s| s.values().flatten().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn scan(
+        &self,
+        query: &Query,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let index = self.index_lock()?;
+        let things = index.things();
+        Ok(index::filter_rows(
+            things.iter().map(|(t, e)| (*t, e.as_slice())),
+            query,
+            after,
+            limit,
+        ))
     }
 }

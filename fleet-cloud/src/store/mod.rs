@@ -9,6 +9,7 @@
 //! | [`RegistryStore`] | things, groups, certificates, API tokens, ownership tokens |
 //! | [`RetainedStore`] | the embedded broker's retained messages |
 //! | [`SessionStore`] | the embedded broker's persistent sessions |
+//! | [`IndexStore`] | the fleet index: each thing's searchable fields, its connectivity |
 //! | [`Leadership`] | which instance drives rollouts and sweeps timeouts |
 //!
 //! The backends are one module each: [`MemoryStore`] (tests, simulations,
@@ -59,12 +60,14 @@ use crate::model::{
 };
 use fleet_core::admission::Roster;
 
+pub mod index;
 mod location;
 mod memory;
 mod postgres;
 mod sql;
 mod sqlite;
 
+pub use index::{IndexConfig, IndexStore, NumericStats};
 pub use location::{StoreLocation, StoreLocationError};
 pub use memory::MemoryStore;
 pub use postgres::{PgLease, PgStore};
@@ -465,6 +468,8 @@ pub struct Stores {
     pub retained: Arc<dyn RetainedStore>,
     /// The embedded broker's persistent sessions.
     pub sessions: Arc<dyn SessionStore>,
+    /// The fleet index (in the database of the shadows and jobs).
+    pub index: Arc<dyn IndexStore>,
     /// The PostgreSQL store, when that is where they are (for its lease).
     postgres: Option<PgStore>,
 }
@@ -479,6 +484,7 @@ impl Stores {
             streams: Arc::new(m.clone()),
             retained: Arc::new(m.clone()),
             sessions: Arc::new(m.clone()),
+            index: Arc::new(m.clone()),
             registry: Arc::new(m),
             postgres: None,
         }
@@ -504,6 +510,7 @@ impl Stores {
             jobs: Arc::new(store.clone()),
             streams: Arc::new(store.clone()),
             retained: Arc::new(store.clone()),
+            index: Arc::new(store.clone()),
             sessions: Arc::new(store),
             registry: Arc::new(registry),
             postgres: None,
@@ -526,6 +533,7 @@ impl Stores {
             streams: Arc::new(pg.clone()),
             retained: Arc::new(pg.clone()),
             sessions: Arc::new(pg.clone()),
+            index: Arc::new(pg.clone()),
             registry: Arc::new(pg.clone()),
             postgres: Some(pg),
         }

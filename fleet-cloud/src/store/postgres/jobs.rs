@@ -97,7 +97,8 @@ impl JobStore for PgStore {
         let bytes = serde_json::to_vec(jobs).map_err(backend)?;
         let deadline = jobs.next_deadline().map(signed);
         let expected_db = signed(expected);
-        self.cas(
+        let entries = crate::store::index::job_entries(jobs);
+        self.cas_indexed(
             expected,
             (
                 "INSERT INTO thing_jobs (thing, revision, next_deadline, document) VALUES ($1, 1, $2, $3)
@@ -109,6 +110,7 @@ impl JobStore for PgStore {
                  WHERE thing = $1 AND revision = $4",
                 &[&thing, &deadline, &bytes, &expected_db],
             ),
+            (thing, crate::store::index::JOBS, &entries),
         )
         .await
     }

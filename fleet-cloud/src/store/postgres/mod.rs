@@ -16,6 +16,7 @@ use tokio_postgres::NoTls;
 
 use super::{StoreError, backend};
 
+mod index;
 mod jobs;
 mod lease;
 mod registry;
@@ -125,6 +126,27 @@ const MIGRATIONS: &[&str] = &[
         request TEXT,
         before TEXT
     );",
+    // The fleet index (store/index.rs): each thing's searchable fields
+    // (text compared byte by byte, as SQLite and the query language do),
+    // and its connectivity record.
+    "CREATE TABLE fleet_index (
+        thing TEXT COLLATE \"C\" NOT NULL,
+        source TEXT COLLATE \"C\" NOT NULL,
+        field TEXT COLLATE \"C\" NOT NULL,
+        txt TEXT COLLATE \"C\" NOT NULL,
+        num DOUBLE PRECISION
+    );
+    CREATE INDEX fleet_index_thing ON fleet_index (thing, source);
+    CREATE INDEX fleet_index_txt ON fleet_index (field, txt, thing);
+    CREATE INDEX fleet_index_num ON fleet_index (field, num, thing);
+    CREATE TABLE connectivity (
+        thing TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    );
+    CREATE TABLE fleet_index_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );",
 ];
 
 /// The key of the advisory lock migrations hold.
@@ -134,6 +156,8 @@ const MIGRATION_LOCK: i64 = 0x666c_6565_7401;
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Which shadow fields the fleet index keeps.
+    index: std::sync::Arc<std::sync::RwLock<crate::store::IndexConfig>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -291,7 +315,10 @@ impl PgStore {
             .max_size(max_connections.max(1))
             .build()
             .map_err(backend)?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            index: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }

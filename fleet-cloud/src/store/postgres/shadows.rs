@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use fleet_core::shadow::Shadow;
 
 use super::{PgStore, signed};
-use crate::store::{ShadowKey, ShadowStore, StoreError, Versioned, corrupt};
+use crate::store::{ShadowKey, ShadowStore, StoreError, Versioned, corrupt, index};
 
 #[async_trait]
 impl ShadowStore for PgStore {
@@ -37,7 +37,9 @@ impl ShadowStore for PgStore {
         let name = key.shadow.clone().unwrap_or_default();
         let doc = shadow.to_stored_json();
         let expected_db = signed(expected);
-        self.cas(
+        let entries = index::shadow_entries(key, shadow, &self.index_config());
+        let source = index::shadow_source(key);
+        self.cas_indexed(
             expected,
             (
                 "INSERT INTO shadows (thing, name, revision, document) VALUES ($1, $2, 1, $3)
@@ -49,6 +51,7 @@ impl ShadowStore for PgStore {
                  WHERE thing = $1 AND name = $2 AND revision = $4",
                 &[&key.thing, &name, &doc, &expected_db],
             ),
+            (&key.thing, &source, &entries),
         )
         .await
     }

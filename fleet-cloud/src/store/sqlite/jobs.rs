@@ -113,8 +113,9 @@ impl JobStore for SqliteStore {
             .next_deadline()
             .map(|d| i64::try_from(d).unwrap_or(i64::MAX));
         let thing = thing.to_string();
+        let entries = crate::store::index::job_entries(jobs);
         self.write(move |c| {
-            cas_write(
+            let revision = cas_write(
                 c,
                 expected,
                 (
@@ -127,7 +128,9 @@ impl JobStore for SqliteStore {
                      WHERE thing = ?1 AND revision = ?4",
                     (&thing, deadline, &bytes, expected),
                 ),
-            )
+            )?;
+            super::index::replace_rows(c, &thing, crate::store::index::JOBS, &entries)?;
+            Ok(revision)
         })
         .await
     }

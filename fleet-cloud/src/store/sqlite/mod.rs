@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{StoreError, backend};
 
+mod index;
 mod jobs;
 mod registry;
 mod retained;
@@ -28,6 +29,8 @@ pub use registry::SqliteRegistry;
 pub struct SqliteStore {
     readers: Arc<Readers>,
     writer: std::sync::mpsc::Sender<Write>,
+    /// Which shadow fields the fleet index keeps.
+    index: Arc<std::sync::RwLock<crate::store::IndexConfig>>,
 }
 
 /// Read connections, used in turn (WAL lets them read while the writer
@@ -102,6 +105,26 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE broker_sessions (
         client_id TEXT PRIMARY KEY,
         record BLOB NOT NULL
+    ) STRICT;",
+    // The fleet index (store/index.rs): each thing's searchable fields,
+    // and its connectivity record.
+    "CREATE TABLE fleet_index (
+        thing TEXT NOT NULL,
+        source TEXT NOT NULL,
+        field TEXT NOT NULL,
+        txt TEXT NOT NULL,
+        num REAL
+    ) STRICT;
+    CREATE INDEX fleet_index_thing ON fleet_index (thing, source);
+    CREATE INDEX fleet_index_txt ON fleet_index (field, txt, thing);
+    CREATE INDEX fleet_index_num ON fleet_index (field, num, thing) WHERE num IS NOT NULL;
+    CREATE TABLE connectivity (
+        thing TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE fleet_index_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
     ) STRICT;",
 ];
 
@@ -258,6 +281,7 @@ impl SqliteStore {
                 next: std::sync::atomic::AtomicUsize::new(0),
             }),
             writer: tx,
+            index: Arc::default(),
         })
     }
 

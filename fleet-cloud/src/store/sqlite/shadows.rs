@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use fleet_core::shadow::Shadow;
 
 use super::{SqliteStore, cas_write, versioned_row};
-use crate::store::{ShadowKey, ShadowStore, StoreError, Versioned};
+use crate::store::{ShadowKey, ShadowStore, StoreError, Versioned, index};
 
 #[async_trait]
 impl ShadowStore for SqliteStore {
@@ -39,8 +39,10 @@ impl ShadowStore for SqliteStore {
     ) -> Result<u64, StoreError> {
         let (thing, name) = (key.thing.clone(), key.name_column().to_string());
         let doc = shadow.to_stored_json();
+        let entries = index::shadow_entries(key, shadow, &self.index_config());
+        let source = index::shadow_source(key);
         self.write(move |c| {
-            cas_write(
+            let revision = cas_write(
                 c,
                 expected,
                 (
@@ -53,7 +55,9 @@ impl ShadowStore for SqliteStore {
                      WHERE thing = ?1 AND name = ?2 AND revision = ?4",
                     (&thing, &name, &doc, expected),
                 ),
-            )
+            )?;
+            super::index::replace_rows(c, &thing, &source, &entries)?;
+            Ok(revision)
         })
         .await
     }
