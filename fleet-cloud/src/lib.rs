@@ -94,6 +94,7 @@ mod clock;
 mod commands;
 mod embedded;
 pub mod health;
+mod inventory;
 mod jobs;
 pub mod metrics;
 mod model;
@@ -127,14 +128,16 @@ pub use commands::{CommandCenter, CommandFailure};
 pub use embedded::fuzzing;
 pub use embedded::{
     ClientLimits, Directory, DirectoryError, EmbeddedBroker, EmbeddedConfig, EmbeddedError,
-    PROVISIONED_UNIT, Revoker, Standing, StandingFuture, certificate_fingerprint, is_provisioned,
+    PROVISIONED_UNIT, PresenceSink, Revoker, Standing, StandingFuture, certificate_fingerprint,
+    is_provisioned,
 };
 pub use health::{Readiness, Report};
+pub use inventory::{ConnectivityRecorder, Inventory, InventoryError};
 pub use jobs::{ExecutionSummary, JobSnapshot, JobsError, JobsService, RolloutAction};
 pub use model::{
-    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, JobRecord, JobSpec, JobState,
-    PendingCertificate, RolloutState, Scope, Spent, StoredToken, TargetSelection, Thing,
-    TokenRecord,
+    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, Connectivity,
+    ConnectivityEvent, JobRecord, JobSpec, JobState, PendingCertificate, RolloutState, Scope,
+    Spent, StoredToken, TargetSelection, Thing, TokenRecord,
 };
 pub use outgoing::Outgoing;
 pub use policy::{

@@ -210,13 +210,17 @@ impl Test {
             Self::Pattern(p) => glob_matches(p, text),
             Self::Exists => true,
             Self::Number(lo, hi) => number.is_some_and(|n| within(&n, lo, hi)),
-            Self::Text(lo, hi) => within(&text, &lo.as_ref().map(|b| Bound {
-                value: b.value.as_str(),
-                inclusive: b.inclusive,
-            }), &hi.as_ref().map(|b| Bound {
-                value: b.value.as_str(),
-                inclusive: b.inclusive,
-            })),
+            Self::Text(lo, hi) => within(
+                &text,
+                &lo.as_ref().map(|b| Bound {
+                    value: b.value.as_str(),
+                    inclusive: b.inclusive,
+                }),
+                &hi.as_ref().map(|b| Bound {
+                    value: b.value.as_str(),
+                    inclusive: b.inclusive,
+                }),
+            ),
         }
     }
 }
@@ -331,9 +335,9 @@ impl Query {
     fn eval(&self, entries: &[Entry]) -> bool {
         match self {
             Self::All => true,
-            Self::Term(t) => entries.iter().any(|e| {
-                e.field == t.field && t.test.accepts(&e.value.text(), e.value.number())
-            }),
+            Self::Term(t) => entries
+                .iter()
+                .any(|e| e.field == t.field && t.test.accepts(&e.value.text(), e.value.number())),
             Self::And(v) => v.iter().all(|q| q.eval(entries)),
             Self::Or(v) => v.iter().any(|q| q.eval(entries)),
             Self::Not(q) => !q.eval(entries),
@@ -390,7 +394,11 @@ pub fn check_field(field: &str) -> Result<(), String> {
                     }
                     rest
                 }
-                _ => return Err(format!("`{field}`: expected shadow.name.{{shadow}}.reported.{{path}}")),
+                _ => {
+                    return Err(format!(
+                        "`{field}`: expected shadow.name.{{shadow}}.reported.{{path}}"
+                    ));
+                }
             },
             None => rest,
         };
@@ -423,7 +431,9 @@ fn expected(what: &'static str) -> StrContext {
 /// `k` as a whole word.
 fn keyword(k: &'static str) -> impl FnMut(&mut &str) -> ModalResult<()> {
     move |i: &mut &str| {
-        let rest = i.strip_prefix(k).ok_or_else(|| ErrMode::Backtrack(ContextError::new()))?;
+        let rest = i
+            .strip_prefix(k)
+            .ok_or_else(|| ErrMode::Backtrack(ContextError::new()))?;
         match rest.chars().next() {
             None => {
                 *i = rest;
@@ -507,7 +517,9 @@ fn primary(i: &mut &str) -> ModalResult<Query> {
 
 /// `*` alone: every thing.
 fn all(i: &mut &str) -> ModalResult<Query> {
-    let rest = i.strip_prefix('*').ok_or_else(|| ErrMode::Backtrack(ContextError::new()))?;
+    let rest = i
+        .strip_prefix('*')
+        .ok_or_else(|| ErrMode::Backtrack(ContextError::new()))?;
     match rest.chars().next() {
         None | Some(')') => {}
         Some(c) if c.is_whitespace() => {}
@@ -525,10 +537,7 @@ fn term(i: &mut &str) -> ModalResult<Query> {
     let start = *i;
     let field: String = repeat(
         1..,
-        alt((
-            preceded('\\', any),
-            one_of(|c: char| is_field_char(c)),
-        )),
+        alt((preceded('\\', any), one_of(|c: char| is_field_char(c)))),
     )
     .fold(String::new, |mut s, c| {
         s.push(c);
@@ -549,9 +558,14 @@ fn term(i: &mut &str) -> ModalResult<Query> {
     ws(i)?;
     let test = cut_err(alt((
         comparison,
-        preceded((':', ws), cut_err(value).context(expected("a value after `:`"))),
+        preceded(
+            (':', ws),
+            cut_err(value).context(expected("a value after `:`")),
+        ),
     )))
-    .context(expected("`:` or a comparison (`>`, `>=`, `<`, `<=`) after the field name"))
+    .context(expected(
+        "`:` or a comparison (`>`, `>=`, `<`, `<=`) after the field name",
+    ))
     .parse_next(i)?;
     Ok(Query::Term(Term { field, test }))
 }
@@ -571,12 +585,19 @@ impl std::error::Error for FieldError {}
 fn comparison(i: &mut &str) -> ModalResult<Test> {
     let op = alt((">=", "<=", ">", "<")).parse_next(i)?;
     ws(i)?;
-    let n = cut_err(number).context(expected("a number")).parse_next(i)?;
+    let n = cut_err(number)
+        .context(expected("a number"))
+        .parse_next(i)?;
     Ok(compare(op, n))
 }
 
 fn compare(op: &str, n: f64) -> Test {
-    let b = |inclusive| Some(Bound { value: n, inclusive });
+    let b = |inclusive| {
+        Some(Bound {
+            value: n,
+            inclusive,
+        })
+    };
     match op {
         ">=" => Test::Number(b(true), None),
         ">" => Test::Number(b(false), None),
@@ -770,9 +791,8 @@ impl fmt::Display for Test {
                 write!(f, "{} TO {}", b(true, n(lo)), b(false, n(hi)))
             }
             Self::Text(lo, hi) => {
-                let t = |x: &Option<Bound<String>>| {
-                    x.as_ref().map(|x| (quote(&x.value), x.inclusive))
-                };
+                let t =
+                    |x: &Option<Bound<String>>| x.as_ref().map(|x| (quote(&x.value), x.inclusive));
                 write!(f, "{} TO {}", b(true, t(lo)), b(false, t(hi)))
             }
         }
@@ -796,19 +816,42 @@ mod tests {
 
     #[test]
     fn the_forms_of_the_table_parse() {
-        assert_eq!(p("thingName:pump-1"), term("thingName", Test::Equals("pump-1".into())));
-        assert_eq!(p("thingName:pump-*"), term("thingName", Test::Prefix("pump-".into())));
-        assert_eq!(p("attributes.site:*"), term("attributes.site", Test::Exists));
+        assert_eq!(
+            p("thingName:pump-1"),
+            term("thingName", Test::Equals("pump-1".into()))
+        );
+        assert_eq!(
+            p("thingName:pump-*"),
+            term("thingName", Test::Prefix("pump-".into()))
+        );
+        assert_eq!(
+            p("attributes.site:*"),
+            term("attributes.site", Test::Exists)
+        );
         assert_eq!(
             p("thingName:*ump?1"),
             term(
                 "thingName",
-                Test::Pattern(vec![Glob::Any, Glob::Literal("ump".into()), Glob::One, Glob::Literal("1".into())])
+                Test::Pattern(vec![
+                    Glob::Any,
+                    Glob::Literal("ump".into()),
+                    Glob::One,
+                    Glob::Literal("1".into())
+                ])
             )
         );
         assert_eq!(
             p("shadow.reported.temp > 80"),
-            term("shadow.reported.temp", Test::Number(Some(Bound { value: 80.0, inclusive: false }), None))
+            term(
+                "shadow.reported.temp",
+                Test::Number(
+                    Some(Bound {
+                        value: 80.0,
+                        inclusive: false
+                    }),
+                    None
+                )
+            )
         );
         assert_eq!(p("shadow.reported.temp:>80"), p("shadow.reported.temp>80"));
         assert_eq!(
@@ -816,16 +859,34 @@ mod tests {
             term(
                 "attributes.n",
                 Test::Number(
-                    Some(Bound { value: 75.0, inclusive: true }),
-                    Some(Bound { value: 80.0, inclusive: false })
+                    Some(Bound {
+                        value: 75.0,
+                        inclusive: true
+                    }),
+                    Some(Bound {
+                        value: 80.0,
+                        inclusive: false
+                    })
                 )
             )
         );
         assert_eq!(
             p(r#"attributes.s:["abcd" TO *]"#),
-            term("attributes.s", Test::Text(Some(Bound { value: "abcd".into(), inclusive: true }), None))
+            term(
+                "attributes.s",
+                Test::Text(
+                    Some(Bound {
+                        value: "abcd".into(),
+                        inclusive: true
+                    }),
+                    None
+                )
+            )
         );
-        assert_eq!(p(r#"attributes.s:"a b\"c""#), term("attributes.s", Test::Equals("a b\"c".into())));
+        assert_eq!(
+            p(r#"attributes.s:"a b\"c""#),
+            term("attributes.s", Test::Equals("a b\"c".into()))
+        );
         assert_eq!(p("*"), Query::All);
     }
 

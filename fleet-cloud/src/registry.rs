@@ -106,6 +106,8 @@ pub struct Registry {
     reserved: Arc<[String]>,
     /// When tokens are created.
     clock: Clock,
+    /// The fleet index, given each thing's registry fields as they change.
+    index: Option<Arc<dyn crate::store::IndexStore>>,
 }
 
 fn default_reserved() -> Arc<[String]> {
@@ -144,6 +146,7 @@ impl Registry {
             store,
             reserved: default_reserved(),
             clock: Clock::system(),
+            index: None,
         }
     }
 
@@ -295,6 +298,7 @@ impl Registry {
             enabled: true,
         };
         self.store.insert_thing(&thing).await?;
+        self.reindex(name, Some(Vec::new())).await?;
         Ok(thing)
     }
 
@@ -321,18 +325,24 @@ impl Registry {
         name: &str,
         attributes: &BTreeMap<String, String>,
     ) -> Result<(), RegistryError> {
-        found(self.store.set_attributes(name, attributes).await?, name)
+        found(self.store.set_attributes(name, attributes).await?, name)?;
+        self.reindex(name, None).await
     }
 
     /// Enables or disables a thing. A disabled thing's identity is denied
     /// by the broker policy (see [`denied_identities`](Self::denied_identities)).
     pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
-        found(self.store.set_enabled(name, enabled).await?, name)
+        found(self.store.set_enabled(name, enabled).await?, name)?;
+        self.reindex(name, None).await
     }
 
     /// Deletes a thing, its group memberships and its certificates.
     pub async fn delete_thing(&self, name: &str) -> Result<(), RegistryError> {
-        found(self.store.delete_thing(name).await?, name)
+        found(self.store.delete_thing(name).await?, name)?;
+        if let Some(index) = &self.index {
+            index.index_registry(vec![(name.to_string(), None)]).await?;
+        }
+        Ok(())
     }
 
     /// Creates a static group (`query: None`) or a dynamic group whose
@@ -361,7 +371,119 @@ impl Registry {
                 "{group} is a dynamic group"
             )));
         }
-        Ok(self.store.add_member(group, thing).await?)
+        self.store.add_member(group, thing).await?;
+        let mut groups = self.indexed_groups(thing).await?;
+        if !groups.iter().any(|g| g == group) {
+            groups.push(group.to_string());
+            groups.sort();
+        }
+        self.reindex(thing, Some(groups)).await
+    }
+
+    /// Uses `index` as the fleet index: every change of a thing's
+    /// registry fields is written there after the registry.
+    pub fn with_index(mut self, index: Arc<dyn crate::store::IndexStore>) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    /// A thing's static groups as the fleet index has them.
+    async fn indexed_groups(&self, name: &str) -> Result<Vec<String>, RegistryError> {
+        let Some(index) = &self.index else {
+            return Ok(Vec::new());
+        };
+        let mut g: Vec<String> = index
+            .entries(name)
+            .await?
+            .into_iter()
+            .filter(|e| e.field == "thingGroupNames")
+            .map(|e| e.value.text())
+            .collect();
+        g.sort();
+        Ok(g)
+    }
+
+    /// Rewrites a thing's registry rows in the fleet index, with its
+    /// static groups (`None`: as the index has them).
+    async fn reindex(&self, name: &str, groups: Option<Vec<String>>) -> Result<(), RegistryError> {
+        let Some(index) = &self.index else {
+            return Ok(());
+        };
+        let Some(thing) = self.store.thing(name).await? else {
+            return Ok(());
+        };
+        let groups = match groups {
+            Some(g) => g,
+            None => self.indexed_groups(name).await?,
+        };
+        index
+            .index_registry(vec![(
+                name.to_string(),
+                Some(crate::store::index::registry_entries(&thing, &groups)),
+            )])
+            .await?;
+        Ok(())
+    }
+
+    /// Rewrites every thing's registry rows in the fleet index from the
+    /// registry (at start: a change the index missed, say because the
+    /// process stopped between the two writes, is repaired), and removes
+    /// those of things no longer registered. Returns how many things.
+    pub async fn sync_index(&self) -> Result<usize, RegistryError> {
+        let Some(index) = &self.index else {
+            return Ok(0);
+        };
+        let mut groups_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut after = String::new();
+        loop {
+            let page = self.store.groups(&after, 500).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = last.clone();
+            for (group, query) in page {
+                if query.is_none() {
+                    for m in self.store.members(&group).await? {
+                        groups_of.entry(m).or_default().push(group.clone());
+                    }
+                }
+            }
+        }
+        let mut registered = std::collections::BTreeSet::new();
+        let mut after = String::new();
+        loop {
+            let page = self.store.things(&after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.name.clone();
+            let batch = page
+                .iter()
+                .map(|t| {
+                    registered.insert(t.name.clone());
+                    let groups = groups_of.remove(&t.name).unwrap_or_default();
+                    (
+                        t.name.clone(),
+                        Some(crate::store::index::registry_entries(t, &groups)),
+                    )
+                })
+                .collect();
+            index.index_registry(batch).await?;
+        }
+        let mut gone = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = index
+                .search(&crate::query::Query::All, &after, 10_000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.clone();
+            gone.extend(
+                page.into_iter()
+                    .filter(|t| !registered.contains(t))
+                    .map(|t| (t, None)),
+            );
+        }
+        if !gone.is_empty() {
+            index.index_registry(gone).await?;
+        }
+        Ok(registered.len())
     }
 
     /// The members of a group, in name order.

@@ -36,12 +36,12 @@ use std::time::Duration;
 
 use crate::api::{ApiConfig, ApiServices, HookFuture, RunningApi, serve_api};
 use crate::pki::Pki;
-use crate::store::{StoreError, StoreLocation};
+use crate::store::{IndexConfig, StoreError, StoreLocation};
 use crate::telemetry::TelemetryRouter;
 use crate::{
-    BrokerConfig, Clock, CommandCenter, EmbeddedBroker, EmbeddedConfig, JobsService, Leadership,
-    ProvisioningService, ProvisioningTemplate, Publisher, Registry, RunningService, ServeOptions,
-    Services, ShadowService, Stores, StreamService,
+    BrokerConfig, Clock, CommandCenter, ConnectivityRecorder, EmbeddedBroker, EmbeddedConfig,
+    Inventory, JobsService, Leadership, ProvisioningService, ProvisioningTemplate, Publisher,
+    Registry, RunningService, ServeOptions, Services, ShadowService, Stores, StreamService,
 };
 
 /// Where the backend's MQTT traffic goes.
@@ -153,6 +153,11 @@ pub struct FleetConfig {
     /// certificate to an enabled thing (the default); `false`: any
     /// certificate of the CA (a load tool's simulated devices).
     pub admit_by_registry: bool,
+    /// Which shadow fields the fleet index keeps (every one by default).
+    pub index: IndexConfig,
+    /// How often the embedded broker reports a connected device's
+    /// activity (`connectivity.lastSeen`); 10 s by default.
+    pub seen_interval: Duration,
 }
 
 impl FleetConfig {
@@ -178,6 +183,8 @@ impl FleetConfig {
             instance,
             clock: Clock::system(),
             admit_by_registry: true,
+            index: IndexConfig::default(),
+            seen_interval: Duration::from_secs(10),
         }
     }
 }
@@ -247,6 +254,7 @@ impl std::error::Error for ServerError {
 /// A running fleet backend; stop it with [`shutdown`](Self::shutdown).
 pub struct FleetServer {
     stores: Stores,
+    inventory: Inventory,
     registry: Registry,
     shadows: ShadowService,
     jobs: JobsService,
@@ -275,7 +283,22 @@ impl FleetServer {
             Stores::open_with_registry(&config.store, config.pool_size, config.registry.as_deref())
                 .await
                 .map_err(ServerError::Store)?;
-        let registry = Registry::new(stores.registry.clone()).with_clock(config.clock.clone());
+        // The fleet index: built for what is indexed, its registry rows
+        // repaired from the registry.
+        let rebuilt = stores
+            .index
+            .configure(config.index.clone())
+            .await
+            .map_err(ServerError::Store)?;
+        if rebuilt {
+            tracing::info!("fleet index rebuilt for the indexed fields configured");
+        }
+        let registry = Registry::new(stores.registry.clone())
+            .with_clock(config.clock.clone())
+            .with_index(stores.index.clone());
+        let indexed = registry.sync_index().await.map_err(ServerError::Registry)?;
+        tracing::debug!(things = indexed, "fleet index holds the registry");
+        let inventory = Inventory::new(stores.index.clone(), config.index.clone());
 
         // The broker: the embedded one asks the registry at each CONNECT.
         let (host, port, embedded) = match config.broker {
@@ -290,6 +313,24 @@ impl FleetServer {
                 // And persistent sessions.
                 if broker.session_store.is_none() {
                     broker.session_store = Some(stores.sessions.clone());
+                }
+                // Devices recorded as connected were connected to a broker
+                // that is gone; then each connection is recorded.
+                let ended = stores
+                    .index
+                    .end_connections("SERVER_INITIATED_DISCONNECT")
+                    .await
+                    .map_err(ServerError::Store)?;
+                if ended > 0 {
+                    tracing::info!(
+                        devices = ended,
+                        "devices connected to the last broker recorded as disconnected"
+                    );
+                }
+                if broker.presence.is_none() {
+                    broker.presence =
+                        Some(Arc::new(ConnectivityRecorder::start(stores.index.clone())));
+                    broker.seen_interval = config.seen_interval;
                 }
                 let b = EmbeddedBroker::start(broker)
                     .await
@@ -411,6 +452,7 @@ impl FleetServer {
                     on_revoke,
                     on_standing_changed,
                     templates,
+                    inventory: Some(inventory.clone()),
                     readiness: Some(crate::Readiness::new(
                         stores.clone(),
                         running.link(),
@@ -422,6 +464,7 @@ impl FleetServer {
         };
         Ok(Self {
             stores,
+            inventory,
             registry,
             shadows,
             jobs,
@@ -436,6 +479,11 @@ impl FleetServer {
     /// The stores.
     pub fn stores(&self) -> &Stores {
         &self.stores
+    }
+
+    /// Search and aggregation over the fleet index; connectivity.
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
     }
 
     /// Things, groups, certificates, API tokens.

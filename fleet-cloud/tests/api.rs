@@ -53,7 +53,10 @@ impl Fixture {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
-        let registry = Registry::open(&dir.path().join("registry.db")).unwrap();
+        let index: Arc<dyn fleet_cloud::store::IndexStore> = Arc::new(store.clone());
+        let registry = Registry::open(&dir.path().join("registry.db"))
+            .unwrap()
+            .with_index(index.clone());
         let streams = StreamService::new();
         let jobs = JobsService::new(store.clone());
         let shadows = ShadowService::new(store);
@@ -104,6 +107,7 @@ impl Fixture {
                     webhook: None,
                 }],
                 readiness: None,
+                inventory: Some(fleet_cloud::Inventory::new(index, Default::default())),
             },
         )
         .await

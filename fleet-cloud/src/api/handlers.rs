@@ -53,6 +53,7 @@ pub(super) fn routes() -> OpenApiRouter<Api> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(openapi_document))
         .routes(routes!(list_things, create_thing))
+        .routes(routes!(statistics))
         .routes(routes!(get_thing, delete_thing))
         .routes(routes!(set_attributes))
         .routes(routes!(set_enabled))
@@ -200,24 +201,146 @@ impl From<crate::Thing> for ThingView {
             name: t.name,
             attributes: t.attributes,
             enabled: t.enabled,
+            connectivity: None,
         }
     }
 }
 
-/// Lists things by name.
-#[utoipa::path(get, path = "/v1/things", params(Page), responses((status = 200, body = ThingList), (status = 400, body = ErrorBody)))]
+/// A page of things, found by a query or not.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(crate) struct ThingSearch {
+    /// A query in AWS IoT fleet indexing's syntax
+    /// (`thingName:pump-* AND shadow.reported.temp > 80`); absent: every
+    /// thing.
+    q: Option<String>,
+    /// The last item of the previous page (the `next` it gave).
+    after: Option<String>,
+    /// Items per page (default 100, at most 1,000).
+    limit: Option<usize>,
+}
+
+impl From<crate::InventoryError> for ApiError {
+    fn from(e: crate::InventoryError) -> Self {
+        match e {
+            crate::InventoryError::Store(_) => Self::internal(e.to_string()),
+            _ => Self::invalid(e.to_string()),
+        }
+    }
+}
+
+fn inventory(api: &Api) -> Result<&crate::Inventory, ApiError> {
+    api.inventory
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("this server keeps no fleet index"))
+}
+
+/// A thing with its connectivity.
+async fn thing_view(api: &Api, t: crate::Thing) -> Result<ThingView, ApiError> {
+    let mut view = ThingView::from(t);
+    if let Some(inventory) = &api.inventory {
+        view.connectivity = inventory
+            .connectivity(&view.name)
+            .await?
+            .map(ConnectivityView::from);
+    }
+    Ok(view)
+}
+
+/// Lists things by name: every one, or those a query finds (`q`).
+#[utoipa::path(get, path = "/v1/things", params(ThingSearch), responses((status = 200, body = ThingList), (status = 400, body = ErrorBody)))]
 async fn list_things(
     State(api): State<Api>,
-    Query(page): Query<Page>,
+    Query(search): Query<ThingSearch>,
 ) -> Result<axum::Json<ThingList>, ApiError> {
+    let page = Page {
+        after: search.after,
+        limit: search.limit,
+    };
     let limit = page.limit()?;
-    let items = api.registry.things(page.after.as_deref(), limit).await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|t| t.name.clone()))
+    let things = match &search.q {
+        None => api.registry.things(page.after.as_deref(), limit).await?,
+        Some(q) => {
+            let names = inventory(&api)?
+                .search(q, page.after.as_deref().unwrap_or(""), limit)
+                .await?;
+            let mut things = Vec::with_capacity(names.len());
+            for name in names {
+                match api.registry.thing(&name).await {
+                    Ok(t) => things.push(t),
+                    // Deleted since: not listed.
+                    Err(crate::RegistryError::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            things
+        }
+    };
+    let next = (things.len() == limit)
+        .then(|| things.last().map(|t| t.name.clone()))
         .flatten();
-    Ok(axum::Json(ThingList {
-        items: items.into_iter().map(ThingView::from).collect(),
-        next,
+    let mut items = Vec::with_capacity(things.len());
+    for t in things {
+        items.push(thing_view(&api, t).await?);
+    }
+    Ok(axum::Json(ThingList { items, next }))
+}
+
+/// What to count.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct StatisticsQuery {
+    /// The things counted: a query (`*`: every thing).
+    q: String,
+    /// Also count the things per value of this field
+    /// (`shadow.reported.firmware`).
+    group_by: Option<String>,
+    /// Also the min, max and mean of this numeric field.
+    field: Option<String>,
+    /// Values of `groupBy` listed at most (default 100, at most 1,000).
+    limit: Option<usize>,
+}
+
+/// Counts the things a query finds, per value of a field, and the
+/// statistics of a numeric field over them.
+#[utoipa::path(get, path = "/v1/statistics", params(StatisticsQuery), responses((status = 200, body = Statistics), (status = 400, body = ErrorBody)))]
+async fn statistics(
+    State(api): State<Api>,
+    Query(s): Query<StatisticsQuery>,
+) -> Result<axum::Json<Statistics>, ApiError> {
+    let inventory = inventory(&api)?;
+    let limit = Page {
+        after: None,
+        limit: s.limit,
+    }
+    .limit()?;
+    let count = inventory.count(&s.q).await?;
+    let groups = match &s.group_by {
+        None => None,
+        Some(field) => Some(
+            inventory
+                .count_by(&s.q, field, limit)
+                .await?
+                .into_iter()
+                .map(|(value, count)| Bucket { value, count })
+                .collect(),
+        ),
+    };
+    let field = match &s.field {
+        None => None,
+        Some(field) => {
+            let st = inventory.stats(&s.q, field).await?;
+            Some(FieldStatistics {
+                count: st.count,
+                min: st.min,
+                max: st.max,
+                avg: st.avg,
+            })
+        }
+    };
+    Ok(axum::Json(Statistics {
+        count,
+        groups,
+        field,
     }))
 }
 
@@ -243,7 +366,8 @@ async fn get_thing(
     State(api): State<Api>,
     Path(thing): Path<String>,
 ) -> Result<axum::Json<ThingView>, ApiError> {
-    Ok(axum::Json(api.registry.thing(&thing).await?.into()))
+    let t = api.registry.thing(&thing).await?;
+    Ok(axum::Json(thing_view(&api, t).await?))
 }
 
 /// Deletes a thing (its certificates and group memberships with it).

@@ -103,6 +103,9 @@ pub struct ApiServices {
     /// What `GET /readyz` checks (`None`: it answers ready whenever the
     /// API answers).
     pub readiness: Option<crate::Readiness>,
+    /// Search over the fleet index (`None`: `GET /v1/things?q=` and the
+    /// statistics are not served).
+    pub inventory: Option<crate::Inventory>,
 }
 
 impl fmt::Debug for ApiServices {

@@ -55,6 +55,88 @@ pub struct ThingView {
     pub attributes: BTreeMap<String, String>,
     /// Whether it may connect.
     pub enabled: bool,
+    /// Its connection, as the broker last reported it (absent: never
+    /// connected, or no fleet index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connectivity: Option<ConnectivityView>,
+}
+
+/// A thing's connection (AWS IoT fleet indexing's connectivity fields, and
+/// more).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectivityView {
+    /// Whether it is connected.
+    pub connected: bool,
+    /// When it last connected or disconnected (ms since the Unix epoch).
+    pub timestamp: u64,
+    /// When its current (or last) connection began (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<u64>,
+    /// When its last connection ended (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnected_at: Option<u64>,
+    /// Why its last connection ended (`CLIENT_INITIATED_DISCONNECT`,
+    /// `MQTT_KEEP_ALIVE_TIMEOUT`, `DUPLICATE_CLIENTID`, ...), while it is
+    /// disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnect_reason: Option<String>,
+    /// When it last sent anything (ms).
+    pub last_seen: u64,
+}
+
+impl From<crate::Connectivity> for ConnectivityView {
+    fn from(c: crate::Connectivity) -> Self {
+        Self {
+            connected: c.connected,
+            timestamp: c.timestamp,
+            connected_since: c.connected_since,
+            disconnected_at: c.disconnected_at,
+            disconnect_reason: if c.connected {
+                None
+            } else {
+                c.disconnect_reason
+            },
+            last_seen: c.last_seen,
+        }
+    }
+}
+
+/// Counts and statistics over the things a query matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Statistics {
+    /// Things matching.
+    pub count: u64,
+    /// With `groupBy`: how many of them have each value of the field, most
+    /// first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<Bucket>>,
+    /// With `field`: its numeric values' statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<FieldStatistics>,
+}
+
+/// Things with one value of a field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Bucket {
+    /// The value.
+    pub value: String,
+    /// How many things have it.
+    pub count: u64,
+}
+
+/// A numeric field's values over the things matching.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FieldStatistics {
+    /// Values counted.
+    pub count: u64,
+    /// The least.
+    pub min: Option<f64>,
+    /// The greatest.
+    pub max: Option<f64>,
+    /// The mean.
+    pub avg: Option<f64>,
 }
 
 /// A page of things.

@@ -119,6 +119,21 @@ pub struct EmbeddedConfig {
     /// in order, and a device's QoS 1 message kept for a client that is
     /// away is acknowledged once stored.
     pub session_store: Option<Arc<dyn crate::store::SessionStore>>,
+    /// Told each device's connects and disconnects, and at most once per
+    /// [`seen_interval`](Self::seen_interval) that it sent something (the
+    /// fleet index's connectivity).
+    pub presence: Option<Arc<dyn PresenceSink>>,
+    /// How often a connected device's activity is reported to
+    /// [`presence`](Self::presence) (10 s by default).
+    pub seen_interval: Duration,
+}
+
+/// Where the embedded broker reports devices' connections:
+/// [`ConnectivityRecorder`](crate::ConnectivityRecorder) keeps them in the
+/// fleet index. Called on the connection's task: it must not block.
+pub trait PresenceSink: Send + Sync + 'static {
+    /// A device connected, disconnected, or was heard from.
+    fn record(&self, event: crate::ConnectivityEvent);
 }
 
 impl EmbeddedConfig {
@@ -139,6 +154,8 @@ impl EmbeddedConfig {
             directory: None,
             retained_store: None,
             session_store: None,
+            presence: None,
+            seen_interval: Duration::from_secs(10),
         }
     }
 }
@@ -203,6 +220,16 @@ struct Presence {
     ip: String,
     /// Increases with every connection.
     version: u64,
+    /// Whether it is a device's (its connectivity is recorded).
+    device: bool,
+    /// When its activity was last reported (ms since the Unix epoch).
+    reported: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Presence {
@@ -216,9 +243,23 @@ impl Presence {
             return;
         }
         let prefix = shared.policy().policy().prefix.clone();
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let timestamp = now_ms();
+        if let (true, Some(sink)) = (self.device, &shared.presence) {
+            self.reported.store(timestamp, Ordering::Relaxed);
+            sink.record(match reason {
+                None => crate::ConnectivityEvent::Connected {
+                    thing: self.client_id.clone(),
+                    at: timestamp,
+                    session: self.session.clone(),
+                },
+                Some(r) => crate::ConnectivityEvent::Disconnected {
+                    thing: self.client_id.clone(),
+                    at: timestamp,
+                    session: self.session.clone(),
+                    reason: r.to_ascii_uppercase(),
+                },
+            });
+        }
         let mut body = serde_json::json!({
             "clientId": self.client_id,
             "timestamp": timestamp,
@@ -249,6 +290,23 @@ impl Presence {
         if let Ok(blocked) = shared.route(&message, "", Role::Backend, None) {
             for (_, m) in blocked {
                 shared.note_dropped(&m.topic);
+            }
+        }
+    }
+}
+
+impl Presence {
+    /// The device sent something: reported at most once per interval.
+    fn seen(&self, shared: &Shared) {
+        if let (true, Some(sink)) = (self.device, &shared.presence) {
+            let now = now_ms();
+            let last = self.reported.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= shared.seen_interval_ms {
+                self.reported.store(now, Ordering::Relaxed);
+                sink.record(crate::ConnectivityEvent::Seen {
+                    thing: self.client_id.clone(),
+                    at: now,
+                });
             }
         }
     }
@@ -483,6 +541,10 @@ struct Shared {
     retained_writes: Option<mpsc::UnboundedSender<persist::Write>>,
     /// Changes to the persistent sessions, to the writer that stores them.
     session_writes: Option<mpsc::UnboundedSender<persist::SessionWrite>>,
+    /// Where devices' connections are reported.
+    presence: Option<Arc<dyn PresenceSink>>,
+    /// How often a device's activity is reported there, in ms.
+    seen_interval_ms: u64,
 }
 
 impl Shared {
@@ -1124,6 +1186,8 @@ impl EmbeddedBroker {
             )),
             retained_writes,
             session_writes,
+            presence: config.presence.clone(),
+            seen_interval_ms: u64::try_from(config.seen_interval.as_millis()).unwrap_or(u64::MAX),
         });
         let (stop, stopped) = watch::channel(false);
         // Kept sessions that expire are ended (their subscriptions and
@@ -1673,6 +1737,8 @@ async fn connection(
         principal,
         ip: peer_ip,
         version: conn,
+        device: role == Role::Device,
+        reported: AtomicU64::new(0),
     };
     presence.publish(&shared, None);
     metrics::counter!("fleet_broker_connects_total", "outcome" => "accepted").increment(1);
@@ -1812,6 +1878,7 @@ async fn connection(
                     if n == 0 {
                         return Err("connection closed without DISCONNECT".into());
                     }
+                    presence.seen(&shared);
                     loop {
                         match codec::read(version, &mut buf, shared.max_packet) {
                             Ok(In::Disconnect) => {

@@ -226,8 +226,7 @@ pub trait IndexStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
 
     /// Applies connectivity events in order (each thing's record and rows).
-    async fn record_connectivity(&self, events: Vec<ConnectivityEvent>)
-    -> Result<(), StoreError>;
+    async fn record_connectivity(&self, events: Vec<ConnectivityEvent>) -> Result<(), StoreError>;
 
     /// A thing's connectivity (`None`: never connected).
     async fn connectivity(&self, thing: &str) -> Result<Option<Connectivity>, StoreError>;
@@ -266,8 +265,12 @@ pub trait IndexStore: Send + Sync + std::fmt::Debug + 'static {
     /// [`search`](Self::search) without the index: reads every row of
     /// every thing and evaluates the query on each (the baseline the
     /// benchmarks compare with).
-    async fn scan(&self, query: &Query, after: &str, limit: usize)
-    -> Result<Vec<String>, StoreError>;
+    async fn scan(
+        &self,
+        query: &Query,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
 }
 
 /// SQL flavour of a compiled query.
@@ -325,7 +328,9 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
                 );
                 // Two ranges of the index, each used on its own.
                 let f = sql.bind(d, Param::Text(field.into()));
-                w = format!("{w} AND txt = {a} UNION SELECT thing FROM fleet_index WHERE field = {f} AND num = {b}");
+                w = format!(
+                    "{w} AND txt = {a} UNION SELECT thing FROM fleet_index WHERE field = {f} AND num = {b}"
+                );
             }
             None => bound(&mut w, "txt", "=", Param::Text(v.clone())),
         },
@@ -383,10 +388,20 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
         }
         Test::Number(lo, hi) => {
             if let Some(b) = lo {
-                bound(&mut w, "num", if b.inclusive { ">=" } else { ">" }, Param::Number(b.value));
+                bound(
+                    &mut w,
+                    "num",
+                    if b.inclusive { ">=" } else { ">" },
+                    Param::Number(b.value),
+                );
             }
             if let Some(b) = hi {
-                bound(&mut w, "num", if b.inclusive { "<=" } else { "<" }, Param::Number(b.value));
+                bound(
+                    &mut w,
+                    "num",
+                    if b.inclusive { "<=" } else { "<" },
+                    Param::Number(b.value),
+                );
             }
             if lo.is_none() && hi.is_none() {
                 w.push_str(" AND num IS NOT NULL");
@@ -394,10 +409,20 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
         }
         Test::Text(lo, hi) => {
             if let Some(b) = lo {
-                bound(&mut w, "txt", if b.inclusive { ">=" } else { ">" }, Param::Text(b.value.clone()));
+                bound(
+                    &mut w,
+                    "txt",
+                    if b.inclusive { ">=" } else { ">" },
+                    Param::Text(b.value.clone()),
+                );
             }
             if let Some(b) = hi {
-                bound(&mut w, "txt", if b.inclusive { "<=" } else { "<" }, Param::Text(b.value.clone()));
+                bound(
+                    &mut w,
+                    "txt",
+                    if b.inclusive { "<=" } else { "<" },
+                    Param::Text(b.value.clone()),
+                );
             }
         }
     }
@@ -486,7 +511,9 @@ pub(crate) fn compile(d: Dialect, q: &Query, out: Output<'_>) -> Sql {
         Output::Page(after, limit) => {
             let a = sql.bind(d, Param::Text(after.into()));
             let l = sql.bind(d, Param::Count(i64::try_from(limit).unwrap_or(i64::MAX)));
-            format!("SELECT DISTINCT thing FROM ({matched}) AS m WHERE thing > {a} ORDER BY thing LIMIT {l}")
+            format!(
+                "SELECT DISTINCT thing FROM ({matched}) AS m WHERE thing > {a} ORDER BY thing LIMIT {l}"
+            )
         }
         Output::Count => format!("SELECT COUNT(DISTINCT thing) FROM ({matched}) AS m"),
         Output::CountBy(field, limit) => {
@@ -526,7 +553,10 @@ pub(crate) fn filter_rows<'a>(
 /// number matches the same either way).
 pub(crate) fn value_of(txt: String, num: Option<f64>) -> FieldValue {
     match num {
-        Some(n) if crate::query::parse_number(&txt) == Some(n) && txt == crate::query::number_text(n) => {
+        Some(n)
+            if crate::query::parse_number(&txt) == Some(n)
+                && txt == crate::query::number_text(n) =>
+        {
             FieldValue::Number(n)
         }
         _ if txt == "true" => FieldValue::Bool(true),
@@ -580,7 +610,11 @@ mod tests {
             thing: "t".into(),
             shadow: Some("cfg".into()),
         };
-        assert_eq!(shadow_entries(&named, &s, &only).len(), 1, "only the version");
+        assert_eq!(
+            shadow_entries(&named, &s, &only).len(),
+            1,
+            "only the version"
+        );
         assert_eq!(shadow_entries(&key, &s, &only).len(), 2);
     }
 
@@ -589,7 +623,11 @@ mod tests {
         let q = Query::parse("thingName:p* AND NOT connectivity.connected:true OR attributes.n:5")
             .unwrap();
         let sql = compile(Dialect::Postgres, &q, Output::Page("", 10));
-        assert!(sql.text.contains("EXCEPT") && sql.text.contains("UNION"), "{}", sql.text);
+        assert!(
+            sql.text.contains("EXCEPT") && sql.text.contains("UNION"),
+            "{}",
+            sql.text
+        );
         assert_eq!(sql.text.matches('$').count(), sql.params.len());
     }
 }

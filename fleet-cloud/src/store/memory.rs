@@ -15,8 +15,7 @@ use super::{
 };
 use crate::model::{
     AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, Connectivity,
-    ConnectivityEvent, JobRecord,
-    PendingCertificate, Spent, StoredToken, Thing,
+    ConnectivityEvent, JobRecord, PendingCertificate, Spent, StoredToken, Thing,
 };
 use crate::query::{Entry, Query};
 use fleet_core::admission::Roster;
@@ -679,10 +678,7 @@ impl IndexStore for MemoryStore {
         Ok(())
     }
 
-    async fn record_connectivity(
-        &self,
-        events: Vec<ConnectivityEvent>,
-    ) -> Result<(), StoreError> {
+    async fn record_connectivity(&self, events: Vec<ConnectivityEvent>) -> Result<(), StoreError> {
         let mut index = self.index_lock()?;
         for e in &events {
             let record = index.connectivity.entry(e.thing().to_string()).or_default();

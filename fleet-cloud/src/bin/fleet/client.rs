@@ -15,8 +15,8 @@ use fleet_cloud::api::types::{
     AuditList, CampaignList, CampaignView, CancelJob, CertificateView, ClaimIdentity,
     CommandResult, CreateClaim, CreateGroup, CreateJob, CreateThing, CreateToken, ExecutionList,
     GroupList, GroupMembers, JobList, JobView, Paged, ReleaseList, ReleaseView, SendCommand,
-    SetAttributes, SetEnabled, StartCampaign, TemplateView, ThingList, ThingView, TokenView,
-    UploadRelease,
+    SetAttributes, SetEnabled, StartCampaign, Statistics, TemplateView, ThingList, ThingView,
+    TokenView, UploadRelease,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -108,6 +108,64 @@ pub(crate) enum ThingCommand {
         /// Its name.
         name: String,
     },
+    /// Finds things with a query in AWS IoT fleet indexing's syntax:
+    /// `thingName:pump-* AND shadow.reported.temp > 80 AND
+    /// connectivity.connected:false` (fields: thingName, thingGroupNames,
+    /// enabled, attributes.*, shadow.reported.*, shadow.desired.*,
+    /// shadow.name.{shadow}.*, connectivity.*, jobs.{jobId}).
+    Search {
+        /// The query (`*`: every thing).
+        query: String,
+        /// Items per page.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this thing (the `next` of a previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Counts the things a query finds; per value of a field with
+    /// `--group-by`, and a numeric field's min/max/mean with `--field`.
+    Stats {
+        /// The query (`*`: every thing).
+        query: String,
+        /// Count per value of this field (`shadow.reported.firmware`).
+        #[arg(long)]
+        group_by: Option<String>,
+        /// Min, max and mean of this numeric field.
+        #[arg(long)]
+        field: Option<String>,
+        /// Values of --group-by shown at most.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// `text` with everything but unreserved characters percent-encoded (for
+/// a URL's query).
+fn encode(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Milliseconds since the epoch as an RFC 3339 time (UTC).
+fn time_ms(ms: u64) -> String {
+    i128::from(ms)
+        .checked_mul(1_000_000)
+        .and_then(|ns| time::OffsetDateTime::from_unix_timestamp_nanos(ns).ok())
+        .and_then(|t| {
+            t.replace_nanosecond(0)
+                .ok()?
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
 
 /// `fleet group ...`
@@ -613,12 +671,28 @@ fn thing_row(t: &ThingView) -> Vec<String> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
+    let (connected, seen) = match &t.connectivity {
+        None => ("-".to_string(), "-".to_string()),
+        Some(c) if c.connected => ("yes".to_string(), time_ms(c.last_seen)),
+        Some(c) => (
+            format!(
+                "no ({})",
+                c.disconnect_reason.as_deref().unwrap_or("?").to_lowercase()
+            ),
+            time_ms(c.last_seen),
+        ),
+    };
     vec![
         t.name.clone(),
         if t.enabled { "yes".into() } else { "no".into() },
+        connected,
+        seen,
         attrs,
     ]
 }
+
+/// The columns of [`thing_row`].
+const THING_COLUMNS: &[&str] = &["thing", "enabled", "connected", "last seen", "attributes"];
 
 fn attributes(list: &[(String, String)]) -> BTreeMap<String, String> {
     list.iter().cloned().collect()
@@ -626,7 +700,7 @@ fn attributes(list: &[(String, String)]) -> BTreeMap<String, String> {
 
 pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failure> {
     let api = Client::new(c)?;
-    let one = |v: &ThingView| table(&["thing", "enabled", "attributes"], vec![thing_row(v)]);
+    let one = |v: &ThingView| table(THING_COLUMNS, vec![thing_row(v)]);
     match cmd {
         ThingCommand::List { limit, after } => {
             let mut path = format!("/v1/things?limit={limit}");
@@ -638,7 +712,62 @@ pub(crate) async fn thing(c: &Connection, cmd: ThingCommand) -> Result<(), Failu
                 items: v.items,
                 next: v.next,
             };
-            api.show_list(&list, &["thing", "enabled", "attributes"], thing_row);
+            api.show_list(&list, THING_COLUMNS, thing_row);
+        }
+        ThingCommand::Search {
+            query,
+            limit,
+            after,
+        } => {
+            let mut path = format!("/v1/things?q={}&limit={limit}", encode(&query));
+            if let Some(a) = after {
+                path.push_str(&format!("&after={}", encode(&a)));
+            }
+            let v: ThingList = api.get(&path).await?;
+            let list = Items {
+                items: v.items,
+                next: v.next,
+            };
+            api.show_list(&list, THING_COLUMNS, thing_row);
+        }
+        ThingCommand::Stats {
+            query,
+            group_by,
+            field,
+            limit,
+        } => {
+            let mut path = format!("/v1/statistics?q={}&limit={limit}", encode(&query));
+            if let Some(g) = &group_by {
+                path.push_str(&format!("&groupBy={}", encode(g)));
+            }
+            if let Some(f) = &field {
+                path.push_str(&format!("&field={}", encode(f)));
+            }
+            let v: Statistics = api.get(&path).await?;
+            api.show(&v, |v| {
+                let mut out = format!("{} things", v.count);
+                if let (Some(g), Some(groups)) = (&group_by, &v.groups) {
+                    out.push_str("\n\n");
+                    out.push_str(&table(
+                        &[g.as_str(), "things"],
+                        groups
+                            .iter()
+                            .map(|b| vec![b.value.clone(), b.count.to_string()])
+                            .collect(),
+                    ));
+                }
+                if let (Some(f), Some(st)) = (&field, &v.field) {
+                    let n = |x: Option<f64>| x.map_or("-".to_string(), |x| x.to_string());
+                    out.push_str(&format!(
+                        "\n\n{f}: count {}, min {}, max {}, mean {}",
+                        st.count,
+                        n(st.min),
+                        n(st.max),
+                        n(st.avg)
+                    ));
+                }
+                out
+            });
         }
         ThingCommand::Create {
             name,

@@ -49,7 +49,9 @@ fn replace_params(thing: &str, source: &str, entries: &[Entry]) -> Params {
 }
 
 fn refs(p: &Params) -> Vec<&(dyn ToSql + Sync)> {
-    p.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect()
+    p.iter()
+        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 impl PgStore {
@@ -78,11 +80,7 @@ impl PgStore {
         all.extend(refs(&extra));
         let client = self.client().await?;
         let stmt = client.prepare_cached(&text).await.map_err(backend)?;
-        let changed: i64 = client
-            .query_one(&stmt, &all)
-            .await
-            .map_err(backend)?
-            .get(0);
+        let changed: i64 = client.query_one(&stmt, &all).await.map_err(backend)?.get(0);
         if changed != 1 {
             return Err(StoreError::Conflict);
         }
@@ -131,7 +129,10 @@ async fn load_connectivity(
     thing: &str,
 ) -> Result<Option<Connectivity>, StoreError> {
     let row = client
-        .query_opt("SELECT record FROM connectivity WHERE thing = $1", &[&thing])
+        .query_opt(
+            "SELECT record FROM connectivity WHERE thing = $1",
+            &[&thing],
+        )
         .await
         .map_err(backend)?;
     row.map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(corrupt))
@@ -152,7 +153,13 @@ async fn save_connectivity(
         )
         .await
         .map_err(backend)?;
-    PgStore::replace_rows(client, thing, CONNECTIVITY, &index::connectivity_entries(record)).await
+    PgStore::replace_rows(
+        client,
+        thing,
+        CONNECTIVITY,
+        &index::connectivity_entries(record),
+    )
+    .await
 }
 
 fn count(n: i64) -> u64 {
@@ -168,11 +175,17 @@ impl IndexStore for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;
         // One instance rebuilds; the others wait and find it done.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::MIGRATION_LOCK])
-            .await
-            .map_err(backend)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&super::MIGRATION_LOCK],
+        )
+        .await
+        .map_err(backend)?;
         let stored = tx
-            .query_opt("SELECT value FROM fleet_index_meta WHERE key = 'config'", &[])
+            .query_opt(
+                "SELECT value FROM fleet_index_meta WHERE key = 'config'",
+                &[],
+            )
             .await
             .map_err(backend)?
             .map(|r| r.get::<_, String>(0));
@@ -196,8 +209,8 @@ impl IndexStore for PgStore {
                 thing: r.get(0),
                 shadow: (!name.is_empty()).then_some(name),
             };
-            let shadow =
-                fleet_core::shadow::Shadow::from_stored_json(r.get::<_, &[u8]>(2)).map_err(corrupt)?;
+            let shadow = fleet_core::shadow::Shadow::from_stored_json(r.get::<_, &[u8]>(2))
+                .map_err(corrupt)?;
             let entries = index::shadow_entries(&key, &shadow, &config);
             Self::replace_rows(&tx, &key.thing, &index::shadow_source(&key), &entries).await?;
         }
@@ -244,10 +257,7 @@ impl IndexStore for PgStore {
         tx.commit().await.map_err(backend)
     }
 
-    async fn record_connectivity(
-        &self,
-        events: Vec<ConnectivityEvent>,
-    ) -> Result<(), StoreError> {
+    async fn record_connectivity(&self, events: Vec<ConnectivityEvent>) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;
         let mut records: std::collections::BTreeMap<String, Connectivity> = Default::default();
@@ -263,7 +273,10 @@ impl IndexStore for PgStore {
                 .await
                 .map_err(backend)?;
                 let row = tx
-                    .query_one("SELECT record FROM connectivity WHERE thing = $1 FOR UPDATE", &[&thing])
+                    .query_one(
+                        "SELECT record FROM connectivity WHERE thing = $1 FOR UPDATE",
+                        &[&thing],
+                    )
                     .await
                     .map_err(backend)?;
                 let r: Connectivity = match row.get::<_, &str>(0) {
@@ -382,7 +395,10 @@ impl IndexStore for PgStore {
     ) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
         let rows = client
-            .query("SELECT thing, field, txt, num FROM fleet_index ORDER BY thing", &[])
+            .query(
+                "SELECT thing, field, txt, num FROM fleet_index ORDER BY thing",
+                &[],
+            )
             .await
             .map_err(backend)?;
         let mut found = Vec::new();

@@ -90,8 +90,11 @@ fn rebuild(c: &rusqlite::Connection, config: &IndexConfig) -> Result<(), StoreEr
         .map_err(backend)?;
     let mut rows = shadows.query(()).map_err(backend)?;
     while let Some(r) = rows.next().map_err(backend)? {
-        let (thing, name, doc): (String, String, Vec<u8>) =
-            (r.get(0).map_err(backend)?, r.get(1).map_err(backend)?, r.get(2).map_err(backend)?);
+        let (thing, name, doc): (String, String, Vec<u8>) = (
+            r.get(0).map_err(backend)?,
+            r.get(1).map_err(backend)?,
+            r.get(2).map_err(backend)?,
+        );
         let key = ShadowKey {
             thing,
             shadow: (!name.is_empty()).then_some(name),
@@ -105,7 +108,8 @@ fn rebuild(c: &rusqlite::Connection, config: &IndexConfig) -> Result<(), StoreEr
         .map_err(backend)?;
     let mut rows = jobs.query(()).map_err(backend)?;
     while let Some(r) = rows.next().map_err(backend)? {
-        let (thing, doc): (String, Vec<u8>) = (r.get(0).map_err(backend)?, r.get(1).map_err(backend)?);
+        let (thing, doc): (String, Vec<u8>) =
+            (r.get(0).map_err(backend)?, r.get(1).map_err(backend)?);
         let jobs: fleet_core::jobs::ThingJobs = serde_json::from_slice(&doc).map_err(corrupt)?;
         replace_rows(c, &thing, index::JOBS, &index::job_entries(&jobs))?;
     }
@@ -121,10 +125,7 @@ fn rebuild(c: &rusqlite::Connection, config: &IndexConfig) -> Result<(), StoreEr
 impl SqliteStore {
     /// The index configuration in force.
     pub(super) fn index_config(&self) -> IndexConfig {
-        self.index
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_default()
+        self.index.read().map(|c| c.clone()).unwrap_or_default()
     }
 
     async fn query_rows<T: Send + 'static>(
@@ -201,10 +202,7 @@ impl IndexStore for SqliteStore {
         .map(drop)
     }
 
-    async fn record_connectivity(
-        &self,
-        events: Vec<ConnectivityEvent>,
-    ) -> Result<(), StoreError> {
+    async fn record_connectivity(&self, events: Vec<ConnectivityEvent>) -> Result<(), StoreError> {
         self.write(move |c| {
             let mut records: std::collections::BTreeMap<String, Connectivity> = Default::default();
             for e in &events {
@@ -288,9 +286,7 @@ impl IndexStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<(String, u64)>, StoreError> {
         let sql = index::compile(Dialect::Sqlite, query, Output::CountBy(field, limit));
-        let rows: Vec<(String, i64)> = self
-            .query_rows(sql, |r| Ok((r.get(0)?, r.get(1)?)))
-            .await?;
+        let rows: Vec<(String, i64)> = self.query_rows(sql, |r| Ok((r.get(0)?, r.get(1)?))).await?;
         Ok(rows.into_iter().map(|(v, n)| (v, count(n))).collect())
     }
 
