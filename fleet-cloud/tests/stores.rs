@@ -1364,3 +1364,339 @@ async fn persistent_sessions_survive_a_broker_restart_on_every_store() {
     })
     .await;
 }
+
+// ---- the fleet index ----
+
+/// A thing of the generated fleet, as the independent filter sees it.
+#[derive(Debug, Clone)]
+struct Model {
+    name: String,
+    site: &'static str,
+    model: String,
+    rev: u32,
+    critical: bool,
+    temp: f64,
+    target: u32,
+    firmware: String,
+    on: bool,
+    mode: Option<&'static str>,
+    connected: bool,
+    reason: &'static str,
+}
+
+/// The fleet: `n` things from a fixed seed.
+fn fleet(n: usize) -> Vec<Model> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let r = next();
+            Model {
+                name: format!("{}-{i:06}", ["pump", "fan", "valve"][(r % 3) as usize]),
+                site: ["north", "south", "east", "west"][(r >> 8) as usize % 4],
+                model: format!("m{}", (r >> 12) % 25),
+                rev: ((r >> 20) % 20) as u32 + 1,
+                critical: (r >> 28) % 20 == 0,
+                temp: ((next() % 1200) as f64) / 10.0,
+                target: 60 + (next() % 20) as u32,
+                firmware: format!("1.{}", (r >> 32) % 5),
+                on: (r >> 36) % 2 == 0,
+                mode: match (r >> 40) % 20 {
+                    0 => Some("eco"),
+                    1 => Some("boost"),
+                    _ => None,
+                },
+                connected: (r >> 44) % 2 == 0,
+                reason: [
+                    "CLIENT_INITIATED_DISCONNECT",
+                    "MQTT_KEEP_ALIVE_TIMEOUT",
+                    "DUPLICATE_CLIENTID",
+                ][(r >> 48) as usize % 3],
+            }
+        })
+        .collect()
+}
+
+type Predicate = fn(&Model) -> bool;
+
+/// The table of queries, each with the filter that says what it must find.
+const ATOMS: &[(&str, Predicate)] = &[
+    ("thingName:pump-*", |t| t.name.starts_with("pump-")),
+    ("thingName:fan-0001??", |t| {
+        t.name.starts_with("fan-0001") && t.name.len() == 10
+    }),
+    ("thingName:*-00004*", |t| t.name.contains("-00004")),
+    ("attributes.site:north", |t| t.site == "north"),
+    ("attributes.model:m1*", |t| t.model.starts_with("m1")),
+    ("attributes.rev:[5 TO 10]", |t| (5..=10).contains(&t.rev)),
+    ("shadow.reported.temp > 80", |t| t.temp > 80.0),
+    ("shadow.reported.temp:[20 TO 30}", |t| {
+        t.temp >= 20.0 && t.temp < 30.0
+    }),
+    ("shadow.reported.temp <= 0.5", |t| t.temp <= 0.5),
+    ("shadow.reported.firmware:1.2", |t| t.firmware == "1.2"),
+    ("shadow.reported.on:true", |t| t.on),
+    ("shadow.desired.temp >= 75", |t| t.target >= 75),
+    ("shadow.name.cfg.reported.mode:eco", |t| {
+        t.mode == Some("eco")
+    }),
+    ("shadow.name.cfg.reported.mode:*", |t| t.mode.is_some()),
+    ("connectivity.connected:true", |t| t.connected),
+    (
+        "connectivity.disconnectReason:MQTT_KEEP_ALIVE_TIMEOUT",
+        |t| !t.connected && t.reason == "MQTT_KEEP_ALIVE_TIMEOUT",
+    ),
+    ("thingGroupNames:critical", |t| t.critical),
+];
+
+/// A query built from the table's atoms, and its filter.
+#[derive(Debug, Clone)]
+enum Combo {
+    Atom(usize),
+    And(Box<Combo>, Box<Combo>),
+    Or(Box<Combo>, Box<Combo>),
+    Not(Box<Combo>),
+}
+
+impl Combo {
+    fn text(&self) -> String {
+        match self {
+            Self::Atom(i) => ATOMS[*i].0.to_string(),
+            Self::And(a, b) => format!("({} AND {})", a.text(), b.text()),
+            Self::Or(a, b) => format!("({} OR {})", a.text(), b.text()),
+            Self::Not(a) => format!("NOT {}", a.text()),
+        }
+    }
+
+    fn test(&self, t: &Model) -> bool {
+        match self {
+            Self::Atom(i) => (ATOMS[*i].1)(t),
+            Self::And(a, b) => a.test(t) && b.test(t),
+            Self::Or(a, b) => a.test(t) || b.test(t),
+            Self::Not(a) => !a.test(t),
+        }
+    }
+}
+
+fn combos() -> impl proptest::strategy::Strategy<Value = Combo> {
+    use proptest::prelude::*;
+    let leaf = (0..ATOMS.len()).prop_map(Combo::Atom);
+    leaf.prop_recursive(3, 8, 2, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| Combo::And(Box::new(a), Box::new(b))),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| Combo::Or(Box::new(a), Box::new(b))),
+            inner.prop_map(|a| Combo::Not(Box::new(a))),
+        ]
+    })
+}
+
+/// Writes the fleet into the stores as the services would: registry rows,
+/// shadows (classic and named), connectivity.
+async fn load_fleet(stores: &Stores, fleet: &[Model]) {
+    use fleet_cloud::store::index::registry_entries;
+    for chunk in fleet.chunks(2000) {
+        let batch = chunk
+            .iter()
+            .map(|t| {
+                let thing = fleet_cloud::Thing {
+                    name: t.name.clone(),
+                    attributes: attrs(&[
+                        ("site", t.site),
+                        ("model", &t.model),
+                        ("rev", &t.rev.to_string()),
+                    ]),
+                    enabled: true,
+                };
+                let groups = if t.critical {
+                    vec!["critical".to_string()]
+                } else {
+                    vec![]
+                };
+                (t.name.clone(), Some(registry_entries(&thing, &groups)))
+            })
+            .collect();
+        stores.index.index_registry(batch).await.unwrap();
+        let events = chunk
+            .iter()
+            .flat_map(|t| {
+                let connected = fleet_cloud::ConnectivityEvent::Connected {
+                    thing: t.name.clone(),
+                    at: 1_000,
+                    session: "s1".into(),
+                };
+                let gone = fleet_cloud::ConnectivityEvent::Disconnected {
+                    thing: t.name.clone(),
+                    at: 2_000,
+                    session: "s1".into(),
+                    reason: t.reason.into(),
+                };
+                if t.connected {
+                    vec![connected]
+                } else {
+                    vec![connected, gone]
+                }
+            })
+            .collect();
+        stores.index.record_connectivity(events).await.unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for t in chunk {
+            let (stores, t) = (stores.clone(), t.clone());
+            writes.spawn(async move {
+                let body = json!({"state": {
+                    "reported": {"temp": t.temp, "firmware": t.firmware, "on": t.on},
+                    "desired": {"temp": t.target},
+                }});
+                let s = updated(&Shadow::new(), &body.to_string());
+                stores
+                    .shadows
+                    .save(&key(&t.name, None), 0, &s)
+                    .await
+                    .unwrap();
+                if let Some(mode) = t.mode {
+                    let body = json!({"state": {"reported": {"mode": mode}}});
+                    let s = updated(&Shadow::new(), &body.to_string());
+                    stores
+                        .shadows
+                        .save(&key(&t.name, Some("cfg")), 0, &s)
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+        while let Some(r) = writes.join_next().await {
+            r.unwrap();
+        }
+    }
+}
+
+/// Every page of a search.
+async fn search_all(stores: &Stores, q: &fleet_cloud::query::Query) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        let page = stores
+            .index
+            .search(q, out.last().map_or("", String::as_str), 20_000)
+            .await
+            .unwrap();
+        let done = page.len() < 20_000;
+        out.extend(page);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// Things in the fleet index, searched by the query table and by random
+/// combinations of it (AND, OR, NOT), find exactly what an independent
+/// filter over the same data finds, on every store; counts, counts by
+/// value and numeric statistics agree too; an update is visible once
+/// acknowledged; a deleted thing is found no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_index_finds_what_an_independent_filter_finds_on_every_store() {
+    use fleet_cloud::query::Query;
+    use proptest::strategy::{Strategy, ValueTree};
+    let n: usize = std::env::var("FLEET_INDEX_TEST_THINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let fleet = fleet(n);
+    on_every_store(|open| {
+        let fleet = fleet.clone();
+        async move {
+            let a = open().await;
+            let b = open().await;
+            let started = std::time::Instant::now();
+            load_fleet(&a.stores, &fleet).await;
+            println!("{}: {n} things loaded in {:?}", a.name(), started.elapsed());
+            let mut cases: Vec<Combo> = (0..ATOMS.len()).map(Combo::Atom).collect();
+            let mut runner = proptest::test_runner::TestRunner::deterministic();
+            let strategy = combos();
+            cases.extend((0..24).map(|_| strategy.new_tree(&mut runner).unwrap().current()));
+            let started = std::time::Instant::now();
+            for c in &cases {
+                let text = c.text();
+                let q = Query::parse(&text).unwrap();
+                let want: Vec<String> = {
+                    let mut v: Vec<String> = fleet
+                        .iter()
+                        .filter(|t| c.test(t))
+                        .map(|t| t.name.clone())
+                        .collect();
+                    v.sort();
+                    v
+                };
+                // Read through the other handle: what one instance wrote.
+                let got = search_all(&b.stores, &q).await;
+                assert_eq!(got.len(), want.len(), "{}: {text}", a.name());
+                assert!(got == want, "{}: {text}: results differ", a.name());
+                assert_eq!(
+                    b.stores.index.count(&q).await.unwrap(),
+                    want.len() as u64,
+                    "{text}"
+                );
+            }
+            println!(
+                "{}: {} queries in {:?}",
+                a.name(),
+                cases.len(),
+                started.elapsed()
+            );
+            // Aggregations.
+            let north = Query::parse("attributes.site:north").unwrap();
+            let by_fw = b
+                .stores
+                .index
+                .count_by(&north, "shadow.reported.firmware", 10)
+                .await
+                .unwrap();
+            let mut want: BTreeMap<String, u64> = BTreeMap::new();
+            for t in fleet.iter().filter(|t| t.site == "north") {
+                *want.entry(t.firmware.clone()).or_default() += 1;
+            }
+            let got: BTreeMap<String, u64> = by_fw.into_iter().collect();
+            assert_eq!(got, want, "{}", a.name());
+            let stats = b
+                .stores
+                .index
+                .numeric_stats(&north, "shadow.reported.temp")
+                .await
+                .unwrap();
+            let temps: Vec<f64> = fleet
+                .iter()
+                .filter(|t| t.site == "north")
+                .map(|t| t.temp)
+                .collect();
+            assert_eq!(stats.count, temps.len() as u64);
+            assert_eq!(stats.min, temps.iter().copied().reduce(f64::min));
+            assert_eq!(stats.max, temps.iter().copied().reduce(f64::max));
+            let mean = temps.iter().sum::<f64>() / temps.len() as f64;
+            assert!((stats.avg.unwrap() - mean).abs() < 1e-6, "{stats:?} {mean}");
+            // An acknowledged update is found at once, by the other instance.
+            let first = &fleet[0];
+            let hot = Query::parse("shadow.reported.temp > 1000").unwrap();
+            assert!(search_all(&b.stores, &hot).await.is_empty());
+            let k = key(&first.name, None);
+            let read = a.stores.shadows.load(&k).await.unwrap();
+            let s = updated(&read.value, r#"{"state":{"reported":{"temp":1500}}}"#);
+            a.stores.shadows.save(&k, read.revision, &s).await.unwrap();
+            assert_eq!(search_all(&b.stores, &hot).await, [first.name.clone()]);
+            // A thing gone from the registry is found no more.
+            a.stores
+                .index
+                .index_registry(vec![(first.name.clone(), None)])
+                .await
+                .unwrap();
+            assert!(search_all(&b.stores, &hot).await.is_empty());
+            assert_eq!(
+                b.stores.index.count(&Query::All).await.unwrap(),
+                n as u64 - 1
+            );
+        }
+    })
+    .await;
+}

@@ -504,9 +504,16 @@ pub(crate) fn compile(d: Dialect, q: &Query, out: Output<'_>) -> Sql {
     let mut sql = Sql::default();
     let mut n = 0;
     let set = set_sql(d, q, &mut sql, &mut n);
+    // Registered things only: a semi-join, the set read once.
     let matched = format!(
-        "SELECT r.thing FROM ({set}) AS r JOIN fleet_index u ON u.thing = r.thing AND u.source = 'registry' AND u.field = 'thingName'"
+        "SELECT r.thing FROM ({set}) AS r WHERE EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = r.thing AND u.source = 'registry' AND u.field = 'thingName')"
     );
+    // The matched things first, each one's rows looked up (SQLite's CROSS
+    // JOIN keeps that order).
+    let join = match d {
+        Dialect::Sqlite => "CROSS JOIN",
+        Dialect::Postgres => ",",
+    };
     sql.text = match out {
         Output::Page(after, limit) => {
             let a = sql.bind(d, Param::Text(after.into()));
@@ -520,15 +527,15 @@ pub(crate) fn compile(d: Dialect, q: &Query, out: Output<'_>) -> Sql {
             let f = sql.bind(d, Param::Text(field.into()));
             let l = sql.bind(d, Param::Count(i64::try_from(limit).unwrap_or(i64::MAX)));
             format!(
-                "SELECT i.txt, COUNT(DISTINCT i.thing) FROM fleet_index i JOIN (SELECT DISTINCT thing FROM ({matched}) AS m0) AS m ON i.thing = m.thing
-                 WHERE i.field = {f} GROUP BY i.txt ORDER BY 2 DESC, 1 LIMIT {l}"
+                "SELECT i.txt, COUNT(DISTINCT i.thing) FROM (SELECT DISTINCT thing FROM ({matched}) AS m0) AS m {join} fleet_index i
+                 WHERE i.thing = m.thing AND i.field = {f} GROUP BY i.txt ORDER BY 2 DESC, 1 LIMIT {l}"
             )
         }
         Output::Stats(field) => {
             let f = sql.bind(d, Param::Text(field.into()));
             format!(
-                "SELECT COUNT(i.num), MIN(i.num), MAX(i.num), AVG(i.num) FROM fleet_index i JOIN (SELECT DISTINCT thing FROM ({matched}) AS m0) AS m ON i.thing = m.thing
-                 WHERE i.field = {f} AND i.num IS NOT NULL"
+                "SELECT COUNT(i.num), MIN(i.num), MAX(i.num), AVG(i.num) FROM (SELECT DISTINCT thing FROM ({matched}) AS m0) AS m {join} fleet_index i
+                 WHERE i.thing = m.thing AND i.field = {f} AND i.num IS NOT NULL"
             )
         }
     };

@@ -99,6 +99,35 @@ impl PgStore {
         Ok(())
     }
 
+    /// Replaces the rows of `source` of many things in one statement.
+    async fn replace_many(
+        client: &impl deadpool_postgres::GenericClient,
+        source: &str,
+        things: &[(String, Vec<Entry>)],
+    ) -> Result<(), StoreError> {
+        let names: Vec<&str> = things.iter().map(|(t, _)| t.as_str()).collect();
+        let (mut t, mut f, mut x, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (thing, entries) in things {
+            for e in entries {
+                t.push(thing.as_str());
+                f.push(e.field.as_str());
+                x.push(e.value.text());
+                n.push(e.value.number());
+            }
+        }
+        client
+            .query(
+                "WITH d AS (DELETE FROM fleet_index WHERE source = $1 AND thing = ANY($2::text[])),
+                      i AS (INSERT INTO fleet_index (thing, source, field, txt, num)
+                            SELECT t, $1, f, x, n FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[]) AS r(t, f, x, n))
+                 SELECT 1",
+                &[&source, &names, &t, &f, &x, &n],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
     async fn rows<T>(
         &self,
         sql: index::Sql,
@@ -139,27 +168,27 @@ async fn load_connectivity(
         .transpose()
 }
 
-async fn save_connectivity(
+async fn save_connectivity_many(
     client: &impl deadpool_postgres::GenericClient,
-    thing: &str,
-    record: &Connectivity,
+    records: &std::collections::BTreeMap<String, Connectivity>,
 ) -> Result<(), StoreError> {
-    let text = serde_json::to_string(record).map_err(corrupt)?;
+    let mut names = Vec::new();
+    let mut texts = Vec::new();
+    let mut rows = Vec::new();
+    for (thing, record) in records {
+        names.push(thing.as_str());
+        texts.push(serde_json::to_string(record).map_err(corrupt)?);
+        rows.push((thing.clone(), index::connectivity_entries(record)));
+    }
     client
         .execute(
-            "INSERT INTO connectivity (thing, record) VALUES ($1, $2)
+            "INSERT INTO connectivity (thing, record) SELECT t, r FROM unnest($1::text[], $2::text[]) AS x(t, r)
              ON CONFLICT (thing) DO UPDATE SET record = excluded.record",
-            &[&thing, &text],
+            &[&names, &texts],
         )
         .await
         .map_err(backend)?;
-    PgStore::replace_rows(
-        client,
-        thing,
-        CONNECTIVITY,
-        &index::connectivity_entries(record),
-    )
-    .await
+    PgStore::replace_many(client, CONNECTIVITY, &rows).await
 }
 
 fn count(n: i64) -> u64 {
@@ -241,57 +270,70 @@ impl IndexStore for PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;
-        for (thing, entries) in &things {
-            match entries {
-                Some(e) => Self::replace_rows(&tx, thing, REGISTRY, e).await?,
-                None => {
-                    tx.execute("DELETE FROM fleet_index WHERE thing = $1", &[thing])
-                        .await
-                        .map_err(backend)?;
-                    tx.execute("DELETE FROM connectivity WHERE thing = $1", &[thing])
-                        .await
-                        .map_err(backend)?;
-                }
-            }
+        let gone: Vec<&str> = things
+            .iter()
+            .filter(|(_, e)| e.is_none())
+            .map(|(t, _)| t.as_str())
+            .collect();
+        if !gone.is_empty() {
+            tx.execute(
+                "DELETE FROM fleet_index WHERE thing = ANY($1::text[])",
+                &[&gone],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM connectivity WHERE thing = ANY($1::text[])",
+                &[&gone],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        let kept: Vec<(String, Vec<Entry>)> = things
+            .into_iter()
+            .filter_map(|(t, e)| e.map(|e| (t, e)))
+            .collect();
+        if !kept.is_empty() {
+            Self::replace_many(&tx, REGISTRY, &kept).await?;
         }
         tx.commit().await.map_err(backend)
     }
 
     async fn record_connectivity(&self, events: Vec<ConnectivityEvent>) -> Result<(), StoreError> {
+        let mut names: Vec<&str> = events.iter().map(ConnectivityEvent::thing).collect();
+        names.sort_unstable();
+        names.dedup();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;
+        // Locked for the transaction, in name order: two instances
+        // recording at once apply their events one after the other.
+        tx.execute(
+            "INSERT INTO connectivity (thing, record) SELECT t, '{}' FROM unnest($1::text[]) AS r(t) ON CONFLICT DO NOTHING",
+            &[&names],
+        )
+        .await
+        .map_err(backend)?;
+        let rows = tx
+            .query(
+                "SELECT thing, record FROM connectivity WHERE thing = ANY($1::text[]) ORDER BY thing FOR UPDATE",
+                &[&names],
+            )
+            .await
+            .map_err(backend)?;
         let mut records: std::collections::BTreeMap<String, Connectivity> = Default::default();
+        for r in rows {
+            let record = match r.get::<_, &str>(1) {
+                "{}" => Connectivity::default(),
+                text => serde_json::from_str(text).map_err(corrupt)?,
+            };
+            records.insert(r.get(0), record);
+        }
         for e in &events {
-            let thing = e.thing();
-            if !records.contains_key(thing) {
-                // Locked for the transaction: two instances recording at
-                // once apply their events one after the other.
-                tx.execute(
-                    "INSERT INTO connectivity (thing, record) VALUES ($1, '{}') ON CONFLICT DO NOTHING",
-                    &[&thing],
-                )
-                .await
-                .map_err(backend)?;
-                let row = tx
-                    .query_one(
-                        "SELECT record FROM connectivity WHERE thing = $1 FOR UPDATE",
-                        &[&thing],
-                    )
-                    .await
-                    .map_err(backend)?;
-                let r: Connectivity = match row.get::<_, &str>(0) {
-                    "{}" => Connectivity::default(),
-                    text => serde_json::from_str(text).map_err(corrupt)?,
-                };
-                records.insert(thing.to_string(), r);
-            }
-            if let Some(r) = records.get_mut(thing) {
+            if let Some(r) = records.get_mut(e.thing()) {
                 r.apply(e);
             }
         }
-        for (thing, r) in &records {
-            save_connectivity(&tx, thing, r).await?;
-        }
+        save_connectivity_many(&tx, &records).await?;
         tx.commit().await.map_err(backend)
     }
 
@@ -304,10 +346,13 @@ impl IndexStore for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;
         let rows = tx
-            .query("SELECT thing, record FROM connectivity FOR UPDATE", &[])
+            .query(
+                "SELECT thing, record FROM connectivity ORDER BY thing FOR UPDATE",
+                &[],
+            )
             .await
             .map_err(backend)?;
-        let mut ended = 0;
+        let mut ended = std::collections::BTreeMap::new();
         for row in rows {
             let thing: String = row.get(0);
             let Ok(mut r) = serde_json::from_str::<Connectivity>(row.get::<_, &str>(1)) else {
@@ -323,11 +368,13 @@ impl IndexStore for PgStore {
                 session: r.session.clone(),
                 reason: reason.to_string(),
             });
-            save_connectivity(&tx, &thing, &r).await?;
-            ended += 1;
+            ended.insert(thing, r);
+        }
+        if !ended.is_empty() {
+            save_connectivity_many(&tx, &ended).await?;
         }
         tx.commit().await.map_err(backend)?;
-        Ok(ended)
+        Ok(ended.len())
     }
 
     async fn search(
