@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -25,6 +25,7 @@ struct Service {
     api: u16,
     broker: u16,
     metrics: u16,
+    args: Vec<String>,
 }
 
 impl Drop for Service {
@@ -60,43 +61,33 @@ impl Service {
             let out = setup.output().unwrap();
             assert!(out.status.success(), "{out:?}");
         }
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
-            .env("RUST_LOG", "info")
-            .arg("serve")
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{broker}"))
-            .arg("--api")
-            .arg(format!("127.0.0.1:{api}"))
-            .arg("--metrics")
-            .arg(format!("127.0.0.1:{metrics}"))
-            .arg("--claim")
-            .arg("claim@factory")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start fleet serve");
-        for _ in 0..300 {
-            if dir.path().join("admin.token").exists()
-                && std::net::TcpStream::connect(("127.0.0.1", api)).is_ok()
-            {
-                return Self {
-                    child,
-                    dir,
-                    api,
-                    broker,
-                    metrics,
-                };
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_serve(dir.path(), (broker, api, metrics), &args);
+        Self {
+            child,
+            dir,
+            api,
+            broker,
+            metrics,
+            args,
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("fleet serve did not start its API");
+    }
+
+    /// Stops `fleet serve` with `signal` (`TERM`, `KILL`) and starts it
+    /// again on the same directory and ports.
+    fn restart(&mut self, signal: &str) {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(signal != "TERM" || status.success(), "{status}");
+        self.child = spawn_serve(
+            self.dir.path(),
+            (self.broker, self.api, self.metrics),
+            &self.args,
+        );
     }
 
     /// What `fleet serve` logged so far.
@@ -192,6 +183,46 @@ impl Service {
         assert_eq!(code, expected, "fleet {args:?}: {err}");
         err
     }
+}
+
+/// Starts `fleet serve` on `dir` and `ports` (broker, API, metrics) with
+/// `args` too, and waits for its API.
+fn spawn_serve(dir: &Path, (broker, api, metrics): (u16, u16, u16), args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("serve.log"))
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .env("RUST_LOG", "info")
+        .arg("serve")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{broker}"))
+        .arg("--api")
+        .arg(format!("127.0.0.1:{api}"))
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{metrics}"))
+        .arg("--claim")
+        .arg("claim@factory")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start fleet serve");
+    for _ in 0..300 {
+        if dir.join("admin.token").exists()
+            && std::net::TcpStream::connect(("127.0.0.1", api)).is_ok()
+        {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("fleet serve did not start its API");
 }
 
 #[test]
@@ -1287,4 +1318,227 @@ fn without_the_otlp_feature_an_otlp_endpoint_is_warned_about() {
     let _ = child.wait();
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
     assert!(log.contains("built without the `otlp` feature"), "{log}");
+}
+
+/// `fleet --json thing get {thing}`'s connectivity, once `check` holds of
+/// it (within 10 s).
+fn connectivity_when(s: &Service, thing: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = s.json(&["thing", "get", thing])["connectivity"].clone();
+        if check(&last) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{thing}: connectivity stayed {last}");
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A device's connections as the embedded broker saw them, in the fleet
+/// index: a clean disconnect, a device killed (keep-alive timeout), a
+/// connection taken over; activity moves lastSeen; search and statistics
+/// through `fleet thing search/stats`; after a restart of `fleet serve`
+/// the device that was connected is recorded as disconnected by the
+/// server, then connected again when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectivity_search_and_statistics_through_the_cli() {
+    let mut s =
+        Service::start_with_args(&["dev-a", "dev-b", "dev-c"], &["--seen-interval-ms", "100"]);
+    let ca = std::fs::read_to_string(s.path("ca.pem")).unwrap();
+    let id = |name: &str| fleet_cloud::pki::Identity {
+        common_name: name.into(),
+        cert_pem: std::fs::read_to_string(s.path(&format!("things/{name}.pem"))).unwrap(),
+        key_pem: std::fs::read_to_string(s.path(&format!("things/{name}.key"))).unwrap(),
+    };
+    // Never connected: no connectivity.
+    assert!(
+        s.json(&["thing", "get", "dev-a"])
+            .get("connectivity")
+            .is_none()
+    );
+
+    // dev-a connects, then disconnects cleanly.
+    let a = fleet_testkit::TestClient::connect_to(s.broker, &ca, &id("dev-a"), "dev-a")
+        .await
+        .unwrap();
+    let up = connectivity_when(&s, "dev-a", |c| c["connected"] == true);
+    assert!(
+        up["connectedSince"].as_u64().unwrap() > 1_700_000_000_000,
+        "{up}"
+    );
+    a.disconnect().await;
+    let down = connectivity_when(&s, "dev-a", |c| c["connected"] == false);
+    assert_eq!(
+        down["disconnectReason"], "CLIENT_INITIATED_DISCONNECT",
+        "{down}"
+    );
+    assert!(down["disconnectedAt"].as_u64().unwrap() >= up["connectedSince"].as_u64().unwrap());
+
+    // dev-b is killed: connected, then silent (keep-alive 1 s, no PINGREQ).
+    let tls = fleet_testkit::client_tls_config(&id("dev-b"), &ca).unwrap();
+    let mut o = rumqttc::MqttOptions::new("dev-b", "localhost", s.broker);
+    o.set_keep_alive(Duration::from_secs(1))
+        .set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+        ));
+    let (_b, mut b_loop) = rumqttc::AsyncClient::new(o, 10);
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) = b_loop.poll().await.unwrap()
+        {
+            break;
+        }
+    }
+    // (The event loop is not polled again: the socket stays open, silent.)
+    let killed = connectivity_when(&s, "dev-b", |c| c["connected"] == false);
+    assert_eq!(
+        killed["disconnectReason"], "MQTT_KEEP_ALIVE_TIMEOUT",
+        "{killed}"
+    );
+
+    // dev-c connects twice: the second connection takes over, and dev-c
+    // stays connected (the first's end is not the thing's).
+    let c1 = fleet_testkit::TestClient::connect_to(s.broker, &ca, &id("dev-c"), "dev-c")
+        .await
+        .unwrap();
+    let first = connectivity_when(&s, "dev-c", |c| c["connected"] == true);
+    let mut c2 = fleet_testkit::TestClient::connect_to(s.broker, &ca, &id("dev-c"), "dev-c")
+        .await
+        .unwrap();
+    drop(c1);
+    let second = connectivity_when(&s, "dev-c", |c| {
+        c["connectedSince"] != first["connectedSince"]
+    });
+    assert_eq!(second["connected"], true, "{second}");
+    // Its activity moves lastSeen; a reported firmware is found once the
+    // update is acknowledged.
+    for t in ["update/accepted"] {
+        assert!(
+            c2.subscribe(&format!("$aws/things/dev-c/shadow/{t}"))
+                .await
+                .unwrap()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c2.publish(
+        "$aws/things/dev-c/shadow/update",
+        r#"{"state":{"reported":{"firmware":"1.2","temp":81.5}}}"#,
+    )
+    .await
+    .unwrap();
+    reply(&mut c2, "$aws/things/dev-c/shadow/update/accepted").await;
+    let seen = connectivity_when(&s, "dev-c", |c| {
+        c["lastSeen"].as_u64() > second["lastSeen"].as_u64()
+    });
+    assert_eq!(seen["connected"], true);
+    assert_eq!(
+        names(&s.json(&[
+            "thing",
+            "search",
+            "shadow.reported.firmware:1.2 AND shadow.reported.temp > 80"
+        ])),
+        ["dev-c"]
+    );
+
+    // Search and statistics.
+    assert_eq!(
+        names(&s.json(&["thing", "search", "connectivity.connected:true"])),
+        ["dev-c"]
+    );
+    assert_eq!(
+        names(&s.json(&["thing", "search", "NOT connectivity.connected:true"])),
+        ["dev-a", "dev-b"]
+    );
+    assert_eq!(
+        names(&s.json(&[
+            "thing",
+            "search",
+            "connectivity.disconnectReason:MQTT_KEEP_ALIVE_TIMEOUT"
+        ])),
+        ["dev-b"]
+    );
+    let stats = s.json(&[
+        "thing",
+        "stats",
+        "thingName:dev-*",
+        "--group-by",
+        "connectivity.connected",
+        "--field",
+        "shadow.reported.temp",
+    ]);
+    assert_eq!(stats["count"], 3, "{stats}");
+    assert_eq!(
+        stats["groups"],
+        json!([{"value": "false", "count": 2}, {"value": "true", "count": 1}])
+    );
+    assert_eq!(stats["field"]["max"], 81.5);
+    let table = s.ok(&["thing", "search", "thingName:dev-*"]);
+    assert!(
+        table.contains("CONNECTED") && table.contains("no (mqtt_keep_alive_timeout)"),
+        "{table}"
+    );
+    // A malformed query: a usage error saying where.
+    let (code, _, err) = s.run(&[
+        "thing",
+        "search",
+        "thingName:dev-* AND (connectivity.connected:true",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("position 48") && err.contains("`)`"), "{err}");
+
+    // dev-a connects again and stays, silent (keep-alive 60 s, not
+    // polled: it will not reconnect); then fleet serve is killed.
+    let silent = |thing: &str| {
+        let tls = fleet_testkit::client_tls_config(&id(thing), &ca).unwrap();
+        let mut o = rumqttc::MqttOptions::new(thing, "localhost", s.broker);
+        o.set_keep_alive(Duration::from_secs(60)).set_transport(
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                std::sync::Arc::new(tls),
+            )),
+        );
+        rumqttc::AsyncClient::new(o, 10)
+    };
+    let (_a2, mut a_loop) = silent("dev-a");
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) = a_loop.poll().await.unwrap()
+        {
+            break;
+        }
+    }
+    let a_up = connectivity_when(&s, "dev-a", |c| c["connected"] == true);
+    let b_before = s.json(&["thing", "get", "dev-b"])["connectivity"].clone();
+    s.restart("KILL");
+    // The broker died with its connections: dev-a is recorded as
+    // disconnected by the server, when it was last heard from.
+    let a_after = s.json(&["thing", "get", "dev-a"])["connectivity"].clone();
+    assert_eq!(a_after["connected"], false, "{a_after}");
+    assert_eq!(
+        a_after["disconnectReason"], "SERVER_INITIATED_DISCONNECT",
+        "{a_after}"
+    );
+    assert!(
+        a_after["disconnectedAt"].as_u64() >= a_up["connectedSince"].as_u64(),
+        "{a_after}"
+    );
+    // A thing disconnected before stays as it was.
+    assert_eq!(s.json(&["thing", "get", "dev-b"])["connectivity"], b_before);
+    // dev-c (which reconnects by itself) is connected again.
+    c2.wait_connected(Duration::from_secs(10)).await.unwrap();
+    connectivity_when(&s, "dev-c", |c| {
+        c["connected"] == true && c["connectedSince"] != second["connectedSince"]
+    });
+    // A clean restart: the search still finds what was indexed.
+    s.restart("TERM");
+    assert_eq!(
+        names(&s.json(&["thing", "search", "shadow.reported.firmware:1.2"])),
+        ["dev-c"]
+    );
 }

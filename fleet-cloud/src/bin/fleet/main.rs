@@ -521,6 +521,15 @@ struct ServeArgs {
     /// with the reason (it keeps reconnecting once it has started).
     #[arg(long, value_name = "SECONDS")]
     start_timeout: Option<u64>,
+    /// A shadow field the fleet index keeps (`shadow.reported.firmware`),
+    /// or a prefix of them (`shadow.reported.*`); repeatable. Default:
+    /// every field of every shadow. Queries on others are refused.
+    #[arg(long = "index-shadow-field", value_name = "FIELD")]
+    index_shadow_fields: Vec<String>,
+    /// Embedded broker: how often a connected device's activity is
+    /// recorded as `connectivity.lastSeen` (default 10,000 ms).
+    #[arg(long, value_name = "MS")]
+    seen_interval_ms: Option<u64>,
 }
 
 /// `--store` is checked as it is read, so that a bad one is a usage error.
@@ -555,6 +564,9 @@ impl ServeArgs {
             max_retained_message_bytes: self.max_retained_message_bytes,
             metrics: self.metrics,
             start_timeout: self.start_timeout,
+            index_shadow_fields: (!self.index_shadow_fields.is_empty())
+                .then(|| self.index_shadow_fields.clone()),
+            seen_interval_ms: self.seen_interval_ms,
             template: None,
         }
     }
@@ -794,6 +806,11 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
     config.prefix = args.prefix.clone();
     config.share_group = args.share_group.clone();
     config.claim_identities = args.claims.clone();
+    config.index = fleet_cloud::store::IndexConfig {
+        shadow_fields: args.index_shadow_fields.clone(),
+        ..Default::default()
+    };
+    config.seen_interval = args.seen_interval;
     // With PostgreSQL, the registry (things, groups, certificates, API
     // tokens) is shared by every instance on the database too; a single
     // instance keeps it in `registry.db` in --dir, where `fleet dev-setup`

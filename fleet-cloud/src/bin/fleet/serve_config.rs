@@ -35,6 +35,8 @@ const KEYS: &[&str] = &[
     "mosquitto-roster",
     "metrics",
     "start-timeout",
+    "index-shadow-fields",
+    "seen-interval-ms",
 ];
 
 /// One layer: what it sets.
@@ -83,6 +85,13 @@ pub(crate) struct Layer {
     pub metrics: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start_timeout: Option<u64>,
+    /// Shadow fields the fleet index keeps (`shadow.reported.*`); absent:
+    /// every one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_shadow_fields: Option<Vec<String>>,
+    /// How often a connected device's activity is recorded (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_interval_ms: Option<u64>,
     /// Provisioning templates (`[[template]]` tables); they replace the
     /// built-in `default` template.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,28 +172,31 @@ impl Layer {
         for key in KEYS {
             let var = format!("FLEET_SERVE_{}", key.to_uppercase().replace('-', "_"));
             let Some(value) = env(&var) else { continue };
-            let value =
-                match *key {
-                    "claims" => toml::Value::Array(
-                        value
-                            .split(',')
-                            .map(str::trim)
-                            .filter(|s| !s.is_empty())
-                            .map(|s| toml::Value::String(s.into()))
-                            .collect(),
-                    ),
-                    "no-api" => toml::Value::Boolean(
-                        value
-                            .parse()
-                            .map_err(|_| format!("{var}: {value:?} is not true or false"))?,
-                    ),
-                    "max-retained-messages" | "max-retained-message-bytes" | "start-timeout" => {
-                        toml::Value::Integer(value.parse::<u32>().map(i64::from).map_err(|_| {
-                            format!("{var}: {value:?} is not a non-negative integer")
-                        })?)
-                    }
-                    _ => toml::Value::String(value),
-                };
+            let value = match *key {
+                "claims" | "index-shadow-fields" => toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| toml::Value::String(s.into()))
+                        .collect(),
+                ),
+                "no-api" => toml::Value::Boolean(
+                    value
+                        .parse()
+                        .map_err(|_| format!("{var}: {value:?} is not true or false"))?,
+                ),
+                "max-retained-messages"
+                | "max-retained-message-bytes"
+                | "start-timeout"
+                | "seen-interval-ms" => toml::Value::Integer(
+                    value
+                        .parse::<u32>()
+                        .map(i64::from)
+                        .map_err(|_| format!("{var}: {value:?} is not a non-negative integer"))?,
+                ),
+                _ => toml::Value::String(value),
+            };
             table.insert((*key).to_string(), value);
         }
         table
@@ -218,6 +230,8 @@ impl Layer {
                 .or(self.max_retained_message_bytes),
             metrics: over.metrics.or(self.metrics),
             start_timeout: over.start_timeout.or(self.start_timeout),
+            index_shadow_fields: over.index_shadow_fields.or(self.index_shadow_fields),
+            seen_interval_ms: over.seen_interval_ms.or(self.seen_interval_ms),
             template: over.template.or(self.template),
         }
     }
@@ -251,6 +265,17 @@ impl Layer {
         }
         if self.broker_pid_file.is_some() && self.mosquitto_acl.is_none() {
             return Err("broker-pid-file: needs mosquitto-acl".into());
+        }
+        for f in self.index_shadow_fields.iter().flatten() {
+            let field = f.strip_suffix('*').unwrap_or(f);
+            if !field.starts_with("shadow.") {
+                return Err(format!(
+                    "index-shadow-fields: {f:?} is not a shadow field (shadow.reported.*, shadow.name.cfg.*)"
+                ));
+            }
+        }
+        if self.seen_interval_ms == Some(0) {
+            return Err("seen-interval-ms: must be at least 1".into());
         }
         let templates = self.template.unwrap_or_default();
         // Read and checked now: a template that does not hold is a usage
@@ -290,6 +315,10 @@ impl Layer {
             max_retained_message_bytes: self.max_retained_message_bytes,
             metrics: self.metrics,
             start_timeout: std::time::Duration::from_secs(self.start_timeout.unwrap_or(30)),
+            index_shadow_fields: self.index_shadow_fields,
+            seen_interval: std::time::Duration::from_millis(
+                self.seen_interval_ms.unwrap_or(10_000),
+            ),
             templates,
         })
     }
@@ -324,6 +353,10 @@ pub(crate) struct ServeConfig {
     pub metrics: Option<SocketAddr>,
     /// How long an external broker may take to answer at start.
     pub start_timeout: std::time::Duration,
+    /// Shadow fields the fleet index keeps (`None`: every one).
+    pub index_shadow_fields: Option<Vec<String>>,
+    /// How often a connected device's activity is recorded.
+    pub seen_interval: std::time::Duration,
     /// Provisioning templates (none: the built-in `default`).
     pub templates: Vec<TemplateConfig>,
 }
@@ -357,6 +390,10 @@ impl ServeConfig {
             max_retained_message_bytes: self.max_retained_message_bytes,
             metrics: self.metrics,
             start_timeout: Some(self.start_timeout.as_secs()),
+            index_shadow_fields: self.index_shadow_fields.clone(),
+            seen_interval_ms: Some(
+                u64::try_from(self.seen_interval.as_millis()).unwrap_or(u64::MAX),
+            ),
             template: (!self.templates.is_empty()).then(|| self.templates.clone()),
         };
         toml::to_string(&layer).unwrap_or_else(|e| format!("# cannot show: {e}\n"))
