@@ -151,7 +151,15 @@ pub struct JobsService {
     store: Arc<dyn JobStore>,
     prefix: String,
     clock: Clock,
+    /// Where continuous jobs' groups are resolved in `tick` (`None`: only
+    /// by [`sync_continuous`](JobsService::sync_continuous)).
+    registry: Option<Registry>,
+    /// When continuous jobs were last synced (seconds).
+    synced: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Seconds between two syncs of continuous jobs in `tick`.
+const CONTINUOUS_EVERY: u64 = 5;
 
 impl fmt::Debug for JobsService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -225,6 +233,8 @@ impl JobsService {
             store,
             prefix: "$aws".into(),
             clock: Clock::system(),
+            registry: None,
+            synced: Arc::default(),
         }
     }
 
@@ -233,6 +243,15 @@ impl JobsService {
     /// [`now`](Self::now)): for tests, and for simulations.
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Resolves continuous jobs' groups in `registry` from
+    /// [`tick`](Self::tick), every few seconds: a thing that joins a
+    /// target group (a static one, or one defined by a query it comes to
+    /// match) gets the job.
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
         self
     }
 
@@ -933,6 +952,14 @@ impl JobsService {
     pub async fn tick(&self, now: u64) -> Result<Vec<Outgoing>, JobsError> {
         let mut out = self.handle_timeouts(now).await?;
         out.extend(self.drive_rollouts(now).await?);
+        if let Some(registry) = &self.registry {
+            use std::sync::atomic::Ordering;
+            let last = self.synced.load(Ordering::Relaxed);
+            if now >= last.saturating_add(CONTINUOUS_EVERY) || now < last {
+                self.synced.store(now, Ordering::Relaxed);
+                out.extend(self.sync_continuous(registry, now).await?);
+            }
+        }
         Ok(out)
     }
 

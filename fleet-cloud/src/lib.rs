@@ -136,8 +136,8 @@ pub use inventory::{ConnectivityRecorder, Inventory, InventoryError};
 pub use jobs::{ExecutionSummary, JobSnapshot, JobsError, JobsService, RolloutAction};
 pub use model::{
     AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, Connectivity,
-    ConnectivityEvent, JobRecord, JobSpec, JobState, PendingCertificate, RolloutState, Scope,
-    Spent, StoredToken, TargetSelection, Thing, TokenRecord,
+    ConnectivityEvent, GroupQuery, JobRecord, JobSpec, JobState, PendingCertificate, RolloutState,
+    Scope, Spent, StoredToken, TargetSelection, Thing, TokenRecord,
 };
 pub use outgoing::Outgoing;
 pub use policy::{

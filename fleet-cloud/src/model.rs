@@ -131,6 +131,25 @@ pub struct CertificateRecord {
 /// have the value given.
 pub type AttributeQuery = BTreeMap<String, String>;
 
+/// How a dynamic group chooses its members (stored as JSON: a string for a
+/// search, an object for attributes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GroupQuery {
+    /// A fleet query (`shadow.reported.firmware:1.2 AND
+    /// attributes.site:north`): the things the fleet index finds, as they
+    /// change.
+    Search(String),
+    /// Things whose attributes have every value given.
+    Attributes(AttributeQuery),
+}
+
+impl From<AttributeQuery> for GroupQuery {
+    fn from(a: AttributeQuery) -> Self {
+        Self::Attributes(a)
+    }
+}
+
 impl CertificateStatus {
     /// Its stored name: `ACTIVE` or `REVOKED`.
     pub fn as_str(self) -> &'static str {

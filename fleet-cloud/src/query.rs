@@ -329,10 +329,16 @@ impl Query {
     /// Whether a thing with these entries matches (a thing that has no
     /// `thingName` entry is not registered and matches nothing).
     pub fn matches(&self, entries: &[Entry]) -> bool {
+        let refs: Vec<&Entry> = entries.iter().collect();
+        self.matches_refs(&refs)
+    }
+
+    /// [`matches`](Self::matches), over borrowed entries.
+    pub fn matches_refs(&self, entries: &[&Entry]) -> bool {
         entries.iter().any(|e| e.field == "thingName") && self.eval(entries)
     }
 
-    fn eval(&self, entries: &[Entry]) -> bool {
+    fn eval(&self, entries: &[&Entry]) -> bool {
         match self {
             Self::All => true,
             Self::Term(t) => entries

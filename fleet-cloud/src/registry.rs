@@ -14,8 +14,8 @@ use fleet_core::ThingName;
 
 use crate::clock::Clock;
 use crate::model::{
-    AttributeQuery, CertificateRecord, CertificateStatus, PendingCertificate, Scope, Spent,
-    StoredToken, Thing, TokenRecord,
+    AttributeQuery, CertificateRecord, CertificateStatus, GroupQuery, PendingCertificate, Scope,
+    Spent, StoredToken, Thing, TokenRecord,
 };
 use crate::store::{MemoryStore, PgStore, RegistryStore, SqliteRegistry, StoreError};
 
@@ -29,6 +29,8 @@ pub enum RegistryError {
     NotFound(String),
     /// The name is not valid.
     InvalidName(String),
+    /// A group's query is not valid, or cannot be served (no fleet index).
+    InvalidQuery(String),
     /// The store failed; the cause is the
     /// [`source`](std::error::Error::source).
     Backend(Box<dyn std::error::Error + Send + Sync>),
@@ -47,6 +49,7 @@ impl fmt::Display for RegistryError {
             Self::AlreadyExists(n) => write!(f, "{n} already exists"),
             Self::NotFound(n) => write!(f, "{n} not found"),
             Self::InvalidName(e) => write!(f, "invalid name: {e}"),
+            Self::InvalidQuery(e) => write!(f, "invalid group query: {e}"),
             Self::Backend(e) => write!(f, "registry store failure: {e}"),
         }
     }
@@ -248,12 +251,12 @@ impl Registry {
     }
 
     /// Groups by name after `after` (`None`: from the start), `limit` at
-    /// most, each with its attribute query (`None`: a static group).
+    /// most, each with its query (`None`: a static group).
     pub async fn groups(
         &self,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(String, Option<AttributeQuery>)>, RegistryError> {
+    ) -> Result<Vec<(String, Option<GroupQuery>)>, RegistryError> {
         Ok(self.store.groups(after.unwrap_or(""), limit).await?)
     }
 
@@ -345,19 +348,29 @@ impl Registry {
         Ok(())
     }
 
-    /// Creates a static group (`query: None`) or a dynamic group whose
-    /// members are the things whose attributes match `query`.
+    /// Creates a static group (`query: None`) or a dynamic group: the
+    /// things a fleet query finds (it needs the fleet index,
+    /// [`with_index`](Self::with_index)), or those whose attributes match.
     pub async fn create_group(
         &self,
         name: &str,
-        query: Option<&AttributeQuery>,
+        query: Option<&GroupQuery>,
     ) -> Result<(), RegistryError> {
         ThingName::new(name).map_err(|e| RegistryError::InvalidName(e.to_string()))?;
+        if let Some(GroupQuery::Search(text)) = query {
+            if self.index.is_none() {
+                return Err(RegistryError::InvalidQuery(
+                    "a group defined by a search needs the fleet index".into(),
+                ));
+            }
+            crate::query::Query::parse(text)
+                .map_err(|e| RegistryError::InvalidQuery(format!("group {name}: {e}")))?;
+        }
         Ok(self.store.insert_group(name, query).await?)
     }
 
-    /// A group's attribute query (`None`: a static group).
-    async fn group_query(&self, group: &str) -> Result<Option<AttributeQuery>, RegistryError> {
+    /// A group's query (`None`: a static group).
+    async fn group_query(&self, group: &str) -> Result<Option<GroupQuery>, RegistryError> {
         self.store
             .group(group)
             .await?
@@ -490,7 +503,26 @@ impl Registry {
     pub async fn group_members(&self, group: &str) -> Result<Vec<String>, RegistryError> {
         match self.group_query(group).await? {
             None => Ok(self.store.members(group).await?),
-            Some(query) => {
+            Some(GroupQuery::Search(text)) => {
+                let Some(index) = &self.index else {
+                    return Err(RegistryError::InvalidQuery(format!(
+                        "group {group} is defined by a search, and there is no fleet index"
+                    )));
+                };
+                let query = crate::query::Query::parse(&text)
+                    .map_err(|e| RegistryError::InvalidQuery(format!("group {group}: {e}")))?;
+                let mut members: Vec<String> = Vec::new();
+                loop {
+                    let after = members.last().map_or("", String::as_str);
+                    let page = index.search(&query, after, 10_000).await?;
+                    let done = page.len() < 10_000;
+                    members.extend(page);
+                    if done {
+                        return Ok(members);
+                    }
+                }
+            }
+            Some(GroupQuery::Attributes(query)) => {
                 let mut members = Vec::new();
                 let mut after: Option<String> = None;
                 loop {

@@ -355,7 +355,9 @@ impl FleetServer {
         let shadows = ShadowService::shared(stores.shadows.clone())
             .with_prefix(prefix)
             .map_err(|e| bad_prefix(&e))?;
-        let jobs = JobsService::shared(stores.jobs.clone()).with_clock(config.clock.clone());
+        let jobs = JobsService::shared(stores.jobs.clone())
+            .with_clock(config.clock.clone())
+            .with_registry(registry.clone());
         let streams = StreamService::load(stores.streams.clone())
             .await
             .map_err(ServerError::Streams)?

@@ -1542,3 +1542,93 @@ async fn connectivity_search_and_statistics_through_the_cli() {
         ["dev-c"]
     );
 }
+
+/// A group defined by a fleet query, targeted by a continuous job: a
+/// device that comes to match (its reported firmware) gets the job; the
+/// group's members follow the fleet; a malformed group query is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuous_job_on_a_query_group_reaches_a_device_that_comes_to_match() {
+    let s = Service::start_with(&["dev-a", "dev-b"]);
+    let ca = std::fs::read_to_string(s.path("ca.pem")).unwrap();
+    let id = |name: &str| fleet_cloud::pki::Identity {
+        common_name: name.into(),
+        cert_pem: std::fs::read_to_string(s.path(&format!("things/{name}.pem"))).unwrap(),
+        key_pem: std::fs::read_to_string(s.path(&format!("things/{name}.key"))).unwrap(),
+    };
+    let g = s.json(&[
+        "group",
+        "create",
+        "on-1-2",
+        "--query",
+        "shadow.reported.firmware:1.2",
+    ]);
+    assert_eq!(g["members"], json!([]), "{g}");
+    let err = s.fails(
+        &[
+            "group",
+            "create",
+            "bad",
+            "--query",
+            "shadow.reported.firmware:(1.2",
+        ],
+        5,
+    );
+    assert!(err.contains("position"), "{err}");
+    s.ok(&[
+        "job",
+        "create",
+        "fw-fix",
+        r#"{"operation":"fix"}"#,
+        "--group",
+        "on-1-2",
+        "--continuous",
+    ]);
+
+    let mut dev = fleet_testkit::TestClient::connect_to(s.broker, &ca, &id("dev-a"), "dev-a")
+        .await
+        .unwrap();
+    for t in ["jobs/notify-next", "shadow/update/accepted"] {
+        assert!(
+            dev.subscribe(&format!("$aws/things/dev-a/{t}"))
+                .await
+                .unwrap()
+        );
+    }
+    dev.publish(
+        "$aws/things/dev-a/shadow/update",
+        r#"{"state":{"reported":{"firmware":"1.2"}}}"#,
+    )
+    .await
+    .unwrap();
+    reply(&mut dev, "$aws/things/dev-a/shadow/update/accepted").await;
+    assert_eq!(
+        s.json(&["group", "members", "on-1-2"])["items"],
+        json!(["dev-a"])
+    );
+    // Within a few seconds (continuous jobs are synced every 5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = dev.recv(Duration::from_secs(1)).await;
+        if let Some(m) = m
+            && m.topic == "$aws/things/dev-a/jobs/notify-next"
+        {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(v["execution"]["jobId"], "fw-fix", "{v}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never reached dev-a"
+        );
+    }
+    let ex = s.json(&["job", "executions", "fw-fix"]);
+    assert!(
+        ex.to_string().contains("dev-a") && !ex.to_string().contains("dev-b"),
+        "{ex}"
+    );
+    let groups = s.json(&["group", "list"]);
+    assert_eq!(
+        groups["items"][0]["query"], "shadow.reported.firmware:1.2",
+        "{groups}"
+    );
+}

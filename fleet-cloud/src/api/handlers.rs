@@ -463,7 +463,7 @@ async fn create_group(
     ApiJson(body): ApiJson<CreateGroup>,
 ) -> Result<(StatusCode, axum::Json<GroupMembers>), ApiError> {
     api.registry
-        .create_group(&body.name, body.query.as_ref())
+        .create_group(&body.name, body.query.clone().map(Into::into).as_ref())
         .await?;
     let members = GroupMembers {
         members: api.registry.group_members(&body.name).await?,
@@ -486,7 +486,10 @@ async fn list_groups(
     Ok(axum::Json(GroupList {
         items: items
             .into_iter()
-            .map(|(name, query)| GroupView { name, query })
+            .map(|(name, query)| GroupView {
+                name,
+                query: query.map(Into::into),
+            })
             .collect(),
         next,
     }))

@@ -351,7 +351,9 @@ impl From<RegistryError> for ApiError {
                 ErrorCode::AlreadyExists,
                 e.to_string(),
             ),
-            RegistryError::InvalidName(_) => Self::invalid(e.to_string()),
+            RegistryError::InvalidName(_) | RegistryError::InvalidQuery(_) => {
+                Self::invalid(e.to_string())
+            }
             _ => Self::internal(e.to_string()),
         }
     }

@@ -195,9 +195,11 @@ pub struct CertificateView {
 pub struct CreateGroup {
     /// Its name.
     pub name: String,
-    /// A dynamic group: every thing whose attributes have these values.
+    /// A dynamic group: the things a fleet query finds (a string, as
+    /// `GET /v1/things?q=` takes), or every thing whose attributes have
+    /// these values (an object).
     #[serde(default)]
-    pub query: Option<BTreeMap<String, String>>,
+    pub query: Option<GroupQueryView>,
 }
 
 /// A group's members.
@@ -536,10 +538,39 @@ pub struct AuditList {
 pub struct GroupView {
     /// Its name.
     pub name: String,
-    /// A dynamic group's attribute query (every pair must match); absent
-    /// for a static group.
+    /// A dynamic group's query: a fleet query (a string), or attributes
+    /// that must all match (an object); absent for a static group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query: Option<BTreeMap<String, String>>,
+    pub query: Option<GroupQueryView>,
+}
+
+/// A dynamic group's query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum GroupQueryView {
+    /// A fleet query, as `GET /v1/things?q=` takes: the group's members
+    /// change as the things do.
+    Search(String),
+    /// Attributes: every pair must match.
+    Attributes(BTreeMap<String, String>),
+}
+
+impl From<GroupQueryView> for crate::GroupQuery {
+    fn from(v: GroupQueryView) -> Self {
+        match v {
+            GroupQueryView::Search(s) => Self::Search(s),
+            GroupQueryView::Attributes(a) => Self::Attributes(a),
+        }
+    }
+}
+
+impl From<crate::GroupQuery> for GroupQueryView {
+    fn from(v: crate::GroupQuery) -> Self {
+        match v {
+            crate::GroupQuery::Search(s) => Self::Search(s),
+            crate::GroupQuery::Attributes(a) => Self::Attributes(a),
+        }
+    }
 }
 
 /// A page of groups, by name.

@@ -14,8 +14,8 @@ use super::{
     StoreError, StoredStream, StreamStore, Versioned,
 };
 use crate::model::{
-    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, Connectivity,
-    ConnectivityEvent, JobRecord, PendingCertificate, Spent, StoredToken, Thing,
+    AuditEntry, CertificateRecord, CertificateStatus, Connectivity, ConnectivityEvent, GroupQuery,
+    JobRecord, PendingCertificate, Spent, StoredToken, Thing,
 };
 use crate::query::{Entry, Query};
 use fleet_core::admission::Roster;
@@ -52,12 +52,12 @@ impl MemoryIndex {
         }
     }
 
-    /// Each thing with every row of it.
-    fn things(&self) -> Vec<(&str, Vec<Entry>)> {
-        self.rows
-            .iter()
-            .map(|(t, sources)| (t.as_str(), sources.values().flatten().cloned().collect()))
-            .collect()
+    /// The things `query` matches, with every row of each, in name order.
+    fn matching<'a>(&'a self, query: &'a Query) -> impl Iterator<Item = (&'a str, Vec<&'a Entry>)> {
+        self.rows.iter().filter_map(move |(t, sources)| {
+            let rows: Vec<&Entry> = sources.values().flatten().collect();
+            query.matches_refs(&rows).then_some((t.as_str(), rows))
+        })
     }
 }
 
@@ -283,7 +283,7 @@ impl StreamStore for MemoryStore {
 struct MemoryRegistry {
     things: BTreeMap<String, Thing>,
     /// Query (`None`: static) and static members.
-    groups: BTreeMap<String, (Option<AttributeQuery>, BTreeSet<String>)>,
+    groups: BTreeMap<String, (Option<GroupQuery>, BTreeSet<String>)>,
     certificates: BTreeMap<String, CertificateRecord>,
     tokens: BTreeMap<String, StoredToken>,
     /// The certificate and whether the token was used.
@@ -395,11 +395,7 @@ impl RegistryStore for MemoryStore {
         Ok(true)
     }
 
-    async fn insert_group(
-        &self,
-        name: &str,
-        query: Option<&AttributeQuery>,
-    ) -> Result<(), StoreError> {
+    async fn insert_group(&self, name: &str, query: Option<&GroupQuery>) -> Result<(), StoreError> {
         let mut r = self.registry_lock()?;
         if r.groups.contains_key(name) {
             return Err(StoreError::AlreadyExists(name.into()));
@@ -413,7 +409,7 @@ impl RegistryStore for MemoryStore {
         &self,
         after: &str,
         limit: usize,
-    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError> {
+    ) -> Result<Vec<(String, Option<GroupQuery>)>, StoreError> {
         Ok(self
             .registry_lock()?
             .groups
@@ -423,7 +419,7 @@ impl RegistryStore for MemoryStore {
             .collect())
     }
 
-    async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError> {
+    async fn group(&self, name: &str) -> Result<Option<Option<GroupQuery>>, StoreError> {
         Ok(self
             .registry_lock()?
             .groups
@@ -633,10 +629,8 @@ impl MemoryStore {
     fn matching(&self, query: &Query) -> Result<Vec<(String, Vec<Entry>)>, StoreError> {
         let index = self.index_lock()?;
         Ok(index
-            .things()
-            .into_iter()
-            .filter(|(_, e)| query.matches(e))
-            .map(|(t, e)| (t.to_string(), e))
+            .matching(query)
+            .map(|(t, e)| (t.to_string(), e.into_iter().cloned().collect()))
             .collect())
     }
 }
@@ -728,7 +722,7 @@ impl IndexStore for MemoryStore {
     }
 
     async fn count(&self, query: &Query) -> Result<u64, StoreError> {
-        Ok(self.matching(query)?.len() as u64)
+        Ok(self.index_lock()?.matching(query).count() as u64)
     }
 
     async fn count_by(
@@ -787,12 +781,11 @@ impl IndexStore for MemoryStore {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let index = self.index_lock()?;
-        let things = index.things();
-        Ok(index::filter_rows(
-            things.iter().map(|(t, e)| (*t, e.as_slice())),
-            query,
-            after,
-            limit,
-        ))
+        Ok(index
+            .matching(query)
+            .filter(|(t, _)| *t > after)
+            .take(limit)
+            .map(|(t, _)| t.to_string())
+            .collect())
     }
 }

@@ -55,8 +55,8 @@ use fleet_core::jobs::ThingJobs;
 use fleet_core::shadow::Shadow;
 
 use crate::model::{
-    AttributeQuery, AuditEntry, CertificateRecord, JobRecord, PendingCertificate, Spent,
-    StoredToken, Thing,
+    AuditEntry, CertificateRecord, GroupQuery, JobRecord, PendingCertificate, Spent, StoredToken,
+    Thing,
 };
 use fleet_core::admission::Roster;
 
@@ -315,14 +315,10 @@ pub trait RegistryStore: Send + Sync + fmt::Debug + 'static {
 
     /// Adds a group, static (`None`) or dynamic (`AlreadyExists` for a
     /// taken name).
-    async fn insert_group(
-        &self,
-        name: &str,
-        query: Option<&AttributeQuery>,
-    ) -> Result<(), StoreError>;
+    async fn insert_group(&self, name: &str, query: Option<&GroupQuery>) -> Result<(), StoreError>;
     /// A group's query: `None` for no such group, `Some(None)` for a
     /// static one.
-    async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError>;
+    async fn group(&self, name: &str) -> Result<Option<Option<GroupQuery>>, StoreError>;
     /// Adds a thing to a static group (again: nothing happens);
     /// `NotFound` for an unknown thing or group.
     async fn add_member(&self, group: &str, thing: &str) -> Result<(), StoreError>;
@@ -372,7 +368,7 @@ pub trait RegistryStore: Send + Sync + fmt::Debug + 'static {
         &self,
         after: &str,
         limit: usize,
-    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError>;
+    ) -> Result<Vec<(String, Option<GroupQuery>)>, StoreError>;
 
     /// Appends `entry` to the audit log (its `id` is ignored); returns the
     /// id it was given, greater than every earlier one.

@@ -14,9 +14,9 @@ use fleet_cloud::api::ErrorBody;
 use fleet_cloud::api::types::{
     AuditList, CampaignList, CampaignView, CancelJob, CertificateView, ClaimIdentity,
     CommandResult, CreateClaim, CreateGroup, CreateJob, CreateThing, CreateToken, ExecutionList,
-    GroupList, GroupMembers, JobList, JobView, Paged, ReleaseList, ReleaseView, SendCommand,
-    SetAttributes, SetEnabled, StartCampaign, Statistics, TemplateView, ThingList, ThingView,
-    TokenView, UploadRelease,
+    GroupList, GroupMembers, GroupQueryView, JobList, JobView, Paged, ReleaseList, ReleaseView,
+    SendCommand, SetAttributes, SetEnabled, StartCampaign, Statistics, TemplateView, ThingList,
+    ThingView, TokenView, UploadRelease,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -171,7 +171,7 @@ fn time_ms(ms: u64) -> String {
 /// `fleet group ...`
 #[derive(Subcommand)]
 pub(crate) enum GroupCommand {
-    /// Creates a group (static; dynamic with `--match`).
+    /// Creates a group (static; dynamic with `--query` or `--match`).
     Create {
         /// Its name.
         name: String,
@@ -179,6 +179,12 @@ pub(crate) enum GroupCommand {
         /// repeatable.
         #[arg(long = "match", value_parser = key_value)]
         matches: Vec<(String, String)>,
+        /// Dynamic: members are the things this fleet query finds, as they
+        /// change (`shadow.reported.firmware:1.2 AND attributes.site:north`);
+        /// jobs and campaigns that target the group reach things that come
+        /// to match, when continuous.
+        #[arg(long, conflicts_with = "matches")]
+        query: Option<String>,
     },
     /// Adds a thing to a static group.
     Add {
@@ -839,11 +845,20 @@ pub(crate) async fn group(c: &Connection, cmd: GroupCommand) -> Result<(), Failu
         table(&["member"], rows)
     };
     match cmd {
-        GroupCommand::Create { name, matches } => {
-            let body = CreateGroup {
-                name,
-                query: (!matches.is_empty()).then(|| attributes(&matches)),
+        GroupCommand::Create {
+            name,
+            matches,
+            query,
+        } => {
+            let query = match (query, matches.is_empty()) {
+                (Some(q), true) => Some(GroupQueryView::Search(q)),
+                (None, false) => Some(GroupQueryView::Attributes(attributes(&matches))),
+                (None, true) => None,
+                (Some(_), false) => {
+                    return Err(Failure::usage("--query and --match: one or the other"));
+                }
             };
+            let body = CreateGroup { name, query };
             let v: GroupMembers = api.post("/v1/groups", &body).await?;
             api.show(&v, members);
         }
@@ -871,11 +886,13 @@ pub(crate) async fn group(c: &Connection, cmd: GroupCommand) -> Result<(), Failu
             api.show_list(&list, &["group", "query"], |g| {
                 let query = g.query.as_ref().map_or_else(
                     || "(static)".to_string(),
-                    |q| {
-                        q.iter()
+                    |q| match q {
+                        GroupQueryView::Search(s) => s.clone(),
+                        GroupQueryView::Attributes(a) => a
+                            .iter()
                             .map(|(k, v)| format!("{k}={v}"))
                             .collect::<Vec<_>>()
-                            .join(",")
+                            .join(","),
                     },
                 );
                 vec![g.name.clone(), query]

@@ -9,8 +9,8 @@ use tokio_postgres::types::ToSql;
 
 use super::{PgStore, signed};
 use crate::model::{
-    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, PendingCertificate, Scope,
-    Spent, StoredToken, Thing, TokenRecord,
+    AuditEntry, CertificateRecord, CertificateStatus, GroupQuery, PendingCertificate, Scope, Spent,
+    StoredToken, Thing, TokenRecord,
 };
 use crate::store::{RegistryStore, StoreError, backend, corrupt};
 
@@ -262,11 +262,7 @@ impl RegistryStore for PgStore {
         Ok(n > 0)
     }
 
-    async fn insert_group(
-        &self,
-        name: &str,
-        query: Option<&AttributeQuery>,
-    ) -> Result<(), StoreError> {
+    async fn insert_group(&self, name: &str, query: Option<&GroupQuery>) -> Result<(), StoreError> {
         let query = query
             .map(serde_json::to_string)
             .transpose()
@@ -284,7 +280,7 @@ impl RegistryStore for PgStore {
         &self,
         after: &str,
         limit: usize,
-    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError> {
+    ) -> Result<Vec<(String, Option<GroupQuery>)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
@@ -303,7 +299,7 @@ impl RegistryStore for PgStore {
             .collect()
     }
 
-    async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError> {
+    async fn group(&self, name: &str) -> Result<Option<Option<GroupQuery>>, StoreError> {
         let rows = self
             .query("SELECT query FROM thing_groups WHERE name = $1", &[&name])
             .await?;

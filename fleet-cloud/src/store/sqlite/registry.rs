@@ -11,8 +11,8 @@ use rusqlite::OptionalExtension as _;
 
 use super::{connect, migrate};
 use crate::model::{
-    AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, PendingCertificate, Scope,
-    Spent, StoredToken, Thing, TokenRecord,
+    AuditEntry, CertificateRecord, CertificateStatus, GroupQuery, PendingCertificate, Scope, Spent,
+    StoredToken, Thing, TokenRecord,
 };
 use crate::store::{RegistryStore, StoreError, backend, corrupt};
 
@@ -411,11 +411,7 @@ impl RegistryStore for SqliteRegistry {
         Ok(n > 0)
     }
 
-    async fn insert_group(
-        &self,
-        name: &str,
-        query: Option<&AttributeQuery>,
-    ) -> Result<(), StoreError> {
+    async fn insert_group(&self, name: &str, query: Option<&GroupQuery>) -> Result<(), StoreError> {
         let query = query
             .map(serde_json::to_string)
             .transpose()
@@ -433,7 +429,7 @@ impl RegistryStore for SqliteRegistry {
         &self,
         after: &str,
         limit: usize,
-    ) -> Result<Vec<(String, Option<AttributeQuery>)>, StoreError> {
+    ) -> Result<Vec<(String, Option<GroupQuery>)>, StoreError> {
         let (after, limit) = (after.to_owned(), i64::try_from(limit).unwrap_or(i64::MAX));
         let rows: Vec<(String, Option<String>)> = self
             .with(move |c| {
@@ -455,7 +451,7 @@ impl RegistryStore for SqliteRegistry {
             .collect()
     }
 
-    async fn group(&self, name: &str) -> Result<Option<Option<AttributeQuery>>, StoreError> {
+    async fn group(&self, name: &str) -> Result<Option<Option<GroupQuery>>, StoreError> {
         let name = name.to_owned();
         let row: Option<Option<String>> = self
             .with(move |c| {
