@@ -30,8 +30,11 @@
 //! disconnect), `connectivity.disconnectReason` (AWS's reasons:
 //! `CLIENT_INITIATED_DISCONNECT`, `MQTT_KEEP_ALIVE_TIMEOUT`,
 //! `DUPLICATE_CLIENTID`, ...), `connectivity.lastSeen` (milliseconds),
-//! and `jobs.{jobId}` (the thing's execution status: `QUEUED`,
-//! `IN_PROGRESS`, `SUCCEEDED`, ...). A path is the JSON keys joined by `.`;
+//! `jobs.{jobId}` (the thing's execution status: `QUEUED`,
+//! `IN_PROGRESS`, `SUCCEEDED`, ...), and `inventory.{path}` (what the
+//! device agent reports it runs: `inventory.components.firmware`,
+//! `inventory.hardwareId`, `inventory.agent.version`,
+//! `inventory.agent.protocol`). A path is the JSON keys joined by `.`;
 //! an array's elements are each a value of the field.
 //!
 //! Unlike AWS, values match case-sensitively, and a term needs a field (no
@@ -387,6 +390,10 @@ pub fn check_field(field: &str) -> Result<(), String> {
         if !rest.is_empty() {
             return Ok(());
         }
+    } else if let Some(rest) = field.strip_prefix("inventory.") {
+        if nonempty(rest) {
+            return Ok(());
+        }
     } else if let Some(rest) = field.strip_prefix("jobs.") {
         if !rest.is_empty() && !rest.contains('.') {
             return Ok(());
@@ -409,10 +416,8 @@ pub fn check_field(field: &str) -> Result<(), String> {
             None => rest,
         };
         for section in ["reported.", "desired."] {
-            if let Some(path) = rest.strip_prefix(section) {
-                if nonempty(path) {
-                    return Ok(());
-                }
+            if rest.strip_prefix(section).is_some_and(nonempty) {
+                return Ok(());
             }
         }
         return Err(format!(
@@ -420,7 +425,7 @@ pub fn check_field(field: &str) -> Result<(), String> {
         ));
     }
     Err(format!(
-        "unknown field `{field}` (fields: thingName, thingGroupNames, enabled, attributes.*, shadow.*, connectivity.*, jobs.*)"
+        "unknown field `{field}` (fields: thingName, thingGroupNames, enabled, attributes.*, shadow.*, connectivity.*, inventory.*, jobs.*)"
     ))
 }
 

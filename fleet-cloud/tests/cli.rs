@@ -1621,6 +1621,45 @@ async fn a_continuous_job_on_a_query_group_reaches_a_device_that_comes_to_match(
             "the job never reached dev-a"
         );
     }
+    // dev-b runs the fleet device agent, which reports its inventory:
+    // found by component version, hardware id and protocol.
+    let agent = fleet_device::AgentBuilder::from_files(
+        "localhost",
+        s.broker,
+        "dev-b",
+        s.path("things/dev-b.pem"),
+        s.path("things/dev-b.key"),
+        s.path("ca.pem"),
+    )
+    .unwrap()
+    .inventory(fleet_device::Inventory {
+        hardware_id: Some("board-b".into()),
+        components: [("firmware".to_string(), "2.4.1".to_string())].into(),
+    })
+    .start()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let query = "inventory.components.firmware:2.4* AND inventory.hardwareId:board-b AND inventory.agent.protocol:mqtt5";
+    while names(&s.json(&["thing", "search", query])) != ["dev-b"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the inventory never reached the index"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let by_version = s.json(&[
+        "thing",
+        "stats",
+        "*",
+        "--group-by",
+        "inventory.components.firmware",
+    ]);
+    assert_eq!(
+        by_version["groups"],
+        json!([{"value": "2.4.1", "count": 1}]),
+        "{by_version}"
+    );
+    agent.shutdown().await;
     let ex = s.json(&["job", "executions", "fw-fix"]);
     assert!(
         ex.to_string().contains("dev-a") && !ex.to_string().contains("dev-b"),

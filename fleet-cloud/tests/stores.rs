@@ -849,7 +849,7 @@ async fn registry_scenario(r: &Registry, other: &Registry) {
     ));
     r.create_group(
         "gdansk-p7",
-        Some(&attrs(&[("site", "gdansk"), ("model", "p7")])),
+        Some(&attrs(&[("site", "gdansk"), ("model", "p7")]).into()),
     )
     .await
     .unwrap();
@@ -1604,12 +1604,20 @@ async fn the_fleet_index_finds_what_an_independent_filter_finds_on_every_store()
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let fleet = fleet(n);
+    let whole = fleet(n);
     on_every_store(|open| {
-        let fleet = fleet.clone();
+        let whole = whole.clone();
         async move {
             let a = open().await;
             let b = open().await;
+            // The memory store scans (it is the tests' store, not a
+            // database): 10,000 things are enough to check it.
+            let fleet = if a.name() == "memory" {
+                whole[..whole.len().min(10_000)].to_vec()
+            } else {
+                whole
+            };
+            let n = fleet.len();
             let started = std::time::Instant::now();
             load_fleet(&a.stores, &fleet).await;
             println!("{}: {n} things loaded in {:?}", a.name(), started.elapsed());
@@ -1684,7 +1692,10 @@ async fn the_fleet_index_finds_what_an_independent_filter_finds_on_every_store()
             let read = a.stores.shadows.load(&k).await.unwrap();
             let s = updated(&read.value, r#"{"state":{"reported":{"temp":1500}}}"#);
             a.stores.shadows.save(&k, read.revision, &s).await.unwrap();
-            assert_eq!(search_all(&b.stores, &hot).await, [first.name.clone()]);
+            assert_eq!(
+                search_all(&b.stores, &hot).await,
+                std::slice::from_ref(&first.name)
+            );
             // A thing gone from the registry is found no more.
             a.stores
                 .index

@@ -61,7 +61,7 @@ pub mod provision;
 mod tls;
 
 pub use agent::{
-    Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Qos, ShadowSnapshot,
+    Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Inventory, Qos, ShadowSnapshot,
 };
 pub use fleet_core::{NameError, ThingName};
 pub use key::{DeviceKey, KeyAlgorithm, KeyError};

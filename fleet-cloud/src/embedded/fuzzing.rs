@@ -125,6 +125,8 @@ impl Harness {
             partial_budget: Arc::new(tokio::sync::Semaphore::new(1024)),
             retained_writes: None,
             session_writes: None,
+            presence: None,
+            seen_interval_ms: 10_000,
         });
         Self {
             shared,

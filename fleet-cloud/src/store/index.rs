@@ -127,14 +127,28 @@ pub fn shadow_entries(key: &ShadowKey, shadow: &Shadow, config: &IndexConfig) ->
     let Some(state) = shadow.state() else {
         return Vec::new();
     };
+    // What the device agent reports it runs: `inventory.*`, whatever the
+    // shadow fields configured.
+    if key.shadow.as_deref() == Some(fleet_core::shadow::INVENTORY_SHADOW) {
+        let mut out = Vec::new();
+        let all = IndexConfig::default();
+        for (k, v) in state.reported() {
+            leaves(&format!("inventory.{k}"), v, &mut out, &all);
+        }
+        return out;
+    }
     let base = match &key.shadow {
         None => "shadow".to_string(),
         Some(n) => format!("shadow.name.{n}"),
     };
-    let mut out = vec![Entry::new(
-        format!("{base}.version"),
-        FieldValue::Number(shadow.version() as f64),
-    )];
+    let mut out = Vec::new();
+    let version = format!("{base}.version");
+    if config.indexes(&version) {
+        out.push(Entry::new(
+            version,
+            FieldValue::Number(shadow.version() as f64),
+        ));
+    }
     for (section, object) in [("reported", state.reported()), ("desired", state.desired())] {
         for (k, v) in object {
             leaves(&format!("{base}.{section}.{k}"), v, &mut out, config);

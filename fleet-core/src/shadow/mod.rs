@@ -52,6 +52,12 @@ mod sync;
 mod tests;
 
 pub use document::{Shadow, ShadowState, UpdateRequest};
+
+/// The named shadow a device reports what it runs to (its agent, hardware
+/// id and each component's version, in `reported`): the fleet device
+/// agent writes it at each connection and after an update is installed,
+/// and the fleet index keeps its reported fields as `inventory.*`.
+pub const INVENTORY_SHADOW: &str = "fleet-inventory";
 pub use error::ShadowError;
 pub use json::Object;
 pub use process::{Deleted, Processed, Rejection, ShadowLimits, ShadowMessage, Updated, process};

@@ -30,6 +30,7 @@ pub struct AgentBuilder {
     telemetry_prefix: String,
     keep_alive: Duration,
     ota: Option<OtaSettings>,
+    inventory: Option<super::types::Inventory>,
 }
 
 impl fmt::Debug for AgentBuilder {
@@ -75,6 +76,7 @@ impl AgentBuilder {
             telemetry_prefix: "dt".into(),
             keep_alive: Duration::from_secs(30),
             ota: None,
+            inventory: None,
         }
     }
 
@@ -173,6 +175,16 @@ impl AgentBuilder {
         self
     }
 
+    /// Reports what the device runs ([`Inventory`](super::types::Inventory):
+    /// hardware id, component versions) with the agent's version and
+    /// protocol, to the named shadow `fleet-inventory`, at each connection
+    /// and after an update is installed; the fleet index keeps it as
+    /// `inventory.*`. Off by default.
+    pub fn inventory(mut self, inventory: super::types::Inventory) -> Self {
+        self.inventory = Some(inventory);
+        self
+    }
+
     /// MQTT keep-alive (default 30 s).
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
         self.keep_alive = keep_alive;
@@ -254,6 +266,7 @@ impl AgentBuilder {
                     settings: settings.clone(),
                     state_dir: dir.clone(),
                     run: None,
+                    installed: None,
                 })
             }
         };
@@ -285,6 +298,7 @@ impl AgentBuilder {
             connected: false,
             taken_over: 0,
             stopping: false,
+            inventory: self.inventory.map(|i| (i, self.protocol)),
         };
         let mut pump = pump;
         pump.ota_resume();

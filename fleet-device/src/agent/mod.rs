@@ -51,4 +51,4 @@ pub(crate) use builder::KeySource;
 pub use handle::Agent;
 use handle::Command;
 use pump::Pump;
-pub use types::{AgentError, AgentEvent, Backoff, Delivery, Qos, ShadowSnapshot};
+pub use types::{AgentError, AgentEvent, Backoff, Delivery, Inventory, Qos, ShadowSnapshot};

@@ -48,6 +48,9 @@ struct Link {
 
 pub(super) struct Pump {
     pub(in crate::agent) ota: Option<OtaState>,
+    /// What the device runs, reported to the `fleet-inventory` shadow, and
+    /// the protocol the agent speaks.
+    pub(in crate::agent) inventory: Option<(super::types::Inventory, crate::Protocol)>,
     /// The thing this agent is (topics are under `$aws`).
     pub(in crate::agent) thing: ThingName<'static>,
     pub(in crate::agent) client: Client,
@@ -233,7 +236,9 @@ impl Pump {
                 }
             }
             self.drain().await;
-            for event in self.ota_drive() {
+            let driven = self.ota_drive();
+            self.note_installed();
+            for event in driven {
                 self.emit(event).await;
             }
         }
@@ -315,7 +320,62 @@ impl Pump {
             Err(e) => tracing::warn!("cannot subscribe to commands: {e}"),
         }
         self.pump_outbox();
+        self.report_inventory();
         self.emit(AgentEvent::Connected).await;
+    }
+
+    /// Reports the inventory (if the agent has one) to the named shadow
+    /// `fleet-inventory`: the agent's name, version and protocol, the
+    /// hardware id, each component's version, the installed OTA sequence.
+    fn report_inventory(&mut self) {
+        let Some((inventory, protocol)) = &self.inventory else {
+            return;
+        };
+        let mut reported = serde_json::json!({
+            "agent": {
+                "name": "fleet-device",
+                "version": env!("CARGO_PKG_VERSION"),
+                "protocol": match protocol {
+                    crate::Protocol::V5 => "mqtt5",
+                    crate::Protocol::V311 => "mqtt3.1.1",
+                },
+            },
+            "components": inventory.components,
+        });
+        let hardware = inventory
+            .hardware_id
+            .clone()
+            .or_else(|| self.ota.as_ref().map(|o| o.settings.hardware_id.clone()));
+        if let Some(h) = hardware {
+            reported["hardwareId"] = h.into();
+        }
+        if let Some(o) = &self.ota {
+            let slots = o.settings.slots.lock().unwrap_or_else(|p| p.into_inner());
+            reported["installedSequence"] = slots.installed_sequence().into();
+        }
+        let topic = format!(
+            "$aws/things/{}/shadow/name/{}/update",
+            self.thing.as_str(),
+            fleet_core::shadow::INVENTORY_SHADOW
+        );
+        let body = serde_json::json!({"state": {"reported": reported}});
+        if let Err(e) = self.send_raw(&topic, 1, body.to_string().into_bytes()) {
+            tracing::warn!("cannot report the inventory: {e}");
+        }
+    }
+
+    /// An update was installed: its component's version goes into the
+    /// inventory, reported again.
+    fn note_installed(&mut self) {
+        let Some((component, version)) = self.ota.as_mut().and_then(|o| o.installed.take()) else {
+            return;
+        };
+        if let Some((inventory, _)) = &mut self.inventory {
+            inventory.components.insert(component, version);
+            if self.connected {
+                self.report_inventory();
+            }
+        }
     }
 
     /// A subscription was answered.
@@ -614,6 +674,7 @@ impl Pump {
                     self.drain().await;
                     // An update's final report goes once the job is current.
                     let _ = self.ota_drive();
+                    self.note_installed();
                     self.drain().await;
                 }
                 Ok(Ev::OutgoingPublish(pkid)) => {

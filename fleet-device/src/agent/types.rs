@@ -295,3 +295,18 @@ mod tests {
         assert!(b.delay(40, u64::MAX) <= Duration::from_secs(2));
     }
 }
+
+/// What a device runs, reported by the agent at each connection to the
+/// named shadow [`INVENTORY_SHADOW`](fleet_core::shadow::INVENTORY_SHADOW)
+/// (with the agent's own version and protocol), and again after an update
+/// is installed (the manifest's component and version). The fleet index
+/// keeps it as `inventory.*` fields of the thing:
+/// `inventory.components.firmware:2.4*`, `inventory.hardwareId:board-b`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// The hardware id (as OTA manifests name it; default: the OTA
+    /// settings').
+    pub hardware_id: Option<String>,
+    /// Each component's version (`firmware` = `2.4.1`).
+    pub components: std::collections::BTreeMap<String, String>,
+}

@@ -24,6 +24,7 @@
 
 mod agents;
 mod cloud;
+mod index;
 mod raw;
 mod stats;
 
@@ -63,6 +64,9 @@ enum Command {
     /// The cloud side of a run (started by fleet-sim itself).
     #[command(hide = true)]
     Cloud(cloud::CloudArgs),
+    /// The fleet index: query latency against a full scan, and what the
+    /// index costs a shadow update.
+    Index(index::IndexArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Cloud(args)) => cloud::run(args).await,
+            Some(Command::Index(args)) => index::run(args).await,
             None => run(cli.run).await,
         }
     });

@@ -136,7 +136,7 @@ const MIGRATIONS: &[&str] = &[
         txt TEXT COLLATE \"C\" NOT NULL,
         num DOUBLE PRECISION
     );
-    CREATE INDEX fleet_index_thing ON fleet_index (thing, source);
+    CREATE INDEX fleet_index_thing ON fleet_index (thing, field, source);
     CREATE INDEX fleet_index_txt ON fleet_index (field, txt, thing);
     CREATE INDEX fleet_index_num ON fleet_index (field, num, thing);
     CREATE TABLE connectivity (

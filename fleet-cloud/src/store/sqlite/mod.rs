@@ -115,7 +115,7 @@ const MIGRATIONS: &[&str] = &[
         txt TEXT NOT NULL,
         num REAL
     ) STRICT;
-    CREATE INDEX fleet_index_thing ON fleet_index (thing, source);
+    CREATE INDEX fleet_index_thing ON fleet_index (thing, field, source);
     CREATE INDEX fleet_index_txt ON fleet_index (field, txt, thing);
     CREATE INDEX fleet_index_num ON fleet_index (field, num, thing) WHERE num IS NOT NULL;
     CREATE TABLE connectivity (

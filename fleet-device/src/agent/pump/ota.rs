@@ -21,12 +21,17 @@ pub(crate) struct OtaRun {
     report: Option<(JobStatus, BTreeMap<String, String>)>,
     /// The job's in-progress report is still to be sent.
     started: bool,
+    /// The manifest's component and version (empty when resumed from an
+    /// older record).
+    component: (String, String),
 }
 
 pub(crate) struct OtaState {
     pub(in crate::agent) settings: OtaSettings,
     pub(in crate::agent) state_dir: PathBuf,
     pub(in crate::agent) run: Option<OtaRun>,
+    /// A component and version just installed, for the inventory.
+    pub(in crate::agent) installed: Option<(String, String)>,
 }
 
 /// The job an update belongs to, kept beside the slots' progress record so
@@ -105,6 +110,15 @@ impl Pump {
                 j["sequence"].as_u64()?,
             ))
         });
+        let component = job
+            .as_ref()
+            .map(|j| {
+                (
+                    j["component"].as_str().unwrap_or_default().to_string(),
+                    j["version"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .unwrap_or_default();
         // An update that ended before the restart, its report not yet
         // handed to the jobs engine: send it now.
         let stored_report: Option<(JobStatus, BTreeMap<String, String>)> = job
@@ -132,6 +146,7 @@ impl Pump {
                     paused: false,
                     report: stored_report,
                     started: false,
+                    component,
                 });
             }
             (_, _, result) => {
@@ -317,6 +332,8 @@ impl Pump {
             "stream": stream,
             "nonce": b64().encode(&nonce),
             "sequence": manifest.sequence,
+            "component": manifest.component,
+            "version": manifest.version,
         });
         if let Err(e) = std::fs::write(o.state_dir.join(OTA_JOB_FILE), sidecar.to_string()) {
             return refuse(self, format!("cannot store the job: {e}"));
@@ -343,6 +360,7 @@ impl Pump {
             paused: false,
             report: None,
             started: true,
+            component: (manifest.component.to_string(), manifest.version.to_string()),
         });
         None
     }
@@ -439,6 +457,9 @@ impl Pump {
                             }
                         }
                         let committed = outcome == InstallOutcome::Committed;
+                        if committed && !run.component.0.is_empty() {
+                            o.installed = Some(run.component.clone());
+                        }
                         details.insert(
                             "outcome".to_string(),
                             if committed {
