@@ -522,12 +522,6 @@ pub(crate) fn compile(d: Dialect, q: &Query, out: Output<'_>) -> Sql {
     let matched = format!(
         "SELECT r.thing FROM ({set}) AS r WHERE EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = r.thing AND u.source = 'registry' AND u.field = 'thingName')"
     );
-    // The matched things first, each one's rows looked up (SQLite's CROSS
-    // JOIN keeps that order).
-    let join = match d {
-        Dialect::Sqlite => "CROSS JOIN",
-        Dialect::Postgres => ",",
-    };
     sql.text = match out {
         Output::Page(after, limit) => {
             let a = sql.bind(d, Param::Text(after.into()));
@@ -540,16 +534,19 @@ pub(crate) fn compile(d: Dialect, q: &Query, out: Output<'_>) -> Sql {
         Output::CountBy(field, limit) => {
             let f = sql.bind(d, Param::Text(field.into()));
             let l = sql.bind(d, Param::Count(i64::try_from(limit).unwrap_or(i64::MAX)));
+            // The field's rows, kept when their thing is in the matched set
+            // (built once: a semi-join, not a lookup per thing).
             format!(
-                "SELECT i.txt, COUNT(DISTINCT i.thing) FROM (SELECT DISTINCT thing FROM ({matched}) AS m0) AS m {join} fleet_index i
-                 WHERE i.thing = m.thing AND i.field = {f} GROUP BY i.txt ORDER BY 2 DESC, 1 LIMIT {l}"
+                "SELECT i.txt, COUNT(DISTINCT i.thing) FROM fleet_index i
+                 WHERE i.field = {f} AND i.thing IN (SELECT thing FROM ({matched}) AS m)
+                 GROUP BY i.txt ORDER BY 2 DESC, 1 LIMIT {l}"
             )
         }
         Output::Stats(field) => {
             let f = sql.bind(d, Param::Text(field.into()));
             format!(
-                "SELECT COUNT(i.num), MIN(i.num), MAX(i.num), AVG(i.num) FROM (SELECT DISTINCT thing FROM ({matched}) AS m0) AS m {join} fleet_index i
-                 WHERE i.thing = m.thing AND i.field = {f} AND i.num IS NOT NULL"
+                "SELECT COUNT(i.num), MIN(i.num), MAX(i.num), AVG(i.num) FROM fleet_index i
+                 WHERE i.field = {f} AND i.num IS NOT NULL AND i.thing IN (SELECT thing FROM ({matched}) AS m)"
             )
         }
     };
