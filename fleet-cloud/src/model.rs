@@ -285,7 +285,7 @@ pub enum Spent {
 /// A thing's connection, as the fleet index keeps it (AWS IoT's
 /// connectivity fields, and when it was last heard from).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Connectivity {
     /// Whether it is connected now.
     pub connected: bool,
@@ -350,6 +350,21 @@ impl ConnectivityEvent {
 }
 
 impl Connectivity {
+    /// The broker it was connected to is gone without saying so: its
+    /// connection is recorded as ended for `reason`, when it was last heard
+    /// from. Whether it was connected.
+    pub fn end(&mut self, reason: &str) -> bool {
+        if !self.connected {
+            return false;
+        }
+        let at = self.last_seen.max(self.timestamp);
+        self.connected = false;
+        self.timestamp = at;
+        self.disconnected_at = Some(at);
+        self.disconnect_reason = Some(reason.to_string());
+        true
+    }
+
     /// Applies `event` (events are applied in the order the broker saw
     /// them): a connect always; a disconnect only of the current
     /// connection (the end of a connection that another took over leaves

@@ -6,7 +6,7 @@
 //! let q = Query::parse("thingName:pump-* AND shadow.reported.temp > 80 AND connectivity.connected:false")?;
 //! assert_eq!(q.to_string(), "(thingName:pump-* AND shadow.reported.temp:{80 TO *] AND connectivity.connected:false)");
 //! let e = Query::parse("thingName:pump-* AND (attributes.site:north").unwrap_err();
-//! assert_eq!(e.position, 41);
+//! assert_eq!(e.position, 43); // the end: a `)` is missing
 //! # Ok::<(), fleet_cloud::query::QueryError>(())
 //! ```
 //!

@@ -934,6 +934,7 @@ async fn the_openapi_document_holds_every_route_and_resolves() {
         "POST /v1/campaigns",
         "GET /v1/campaigns",
         "GET /v1/releases",
+        "GET /v1/statistics",
         "GET /v1/campaigns/{campaign}",
         "GET /v1/audit",
         "POST /v1/campaigns/{campaign}/{action}",

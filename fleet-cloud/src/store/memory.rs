@@ -699,13 +699,7 @@ impl IndexStore for MemoryStore {
             let Some(record) = index.connectivity.get_mut(thing) else {
                 continue;
             };
-            let event = ConnectivityEvent::Disconnected {
-                thing: thing.clone(),
-                at: record.last_seen.max(record.timestamp),
-                session: record.session.clone(),
-                reason: reason.to_string(),
-            };
-            record.apply(&event);
+            record.end(reason);
             let entries = index::connectivity_entries(record);
             index.replace(thing, index::CONNECTIVITY, entries);
         }

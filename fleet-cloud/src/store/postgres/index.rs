@@ -355,20 +355,11 @@ impl IndexStore for PgStore {
         let mut ended = std::collections::BTreeMap::new();
         for row in rows {
             let thing: String = row.get(0);
-            let Ok(mut r) = serde_json::from_str::<Connectivity>(row.get::<_, &str>(1)) else {
-                continue;
-            };
-            if !r.connected {
-                continue;
+            let mut r: Connectivity =
+                serde_json::from_str(row.get::<_, &str>(1)).map_err(corrupt)?;
+            if r.end(reason) {
+                ended.insert(thing, r);
             }
-            let at = r.last_seen.max(r.timestamp);
-            r.apply(&ConnectivityEvent::Disconnected {
-                thing: thing.clone(),
-                at,
-                session: r.session.clone(),
-                reason: reason.to_string(),
-            });
-            ended.insert(thing, r);
         }
         if !ended.is_empty() {
             save_connectivity_many(&tx, &ended).await?;

@@ -244,18 +244,10 @@ impl IndexStore for SqliteStore {
             let mut ended = 0;
             for (thing, record) in connected {
                 let mut r: Connectivity = serde_json::from_str(&record).map_err(corrupt)?;
-                if !r.connected {
-                    continue;
+                if r.end(&reason) {
+                    save_connectivity(c, &thing, &r)?;
+                    ended += 1;
                 }
-                let at = r.last_seen.max(r.timestamp);
-                r.apply(&ConnectivityEvent::Disconnected {
-                    thing: thing.clone(),
-                    at,
-                    session: r.session.clone(),
-                    reason: reason.clone(),
-                });
-                save_connectivity(c, &thing, &r)?;
-                ended += 1;
             }
             Ok(ended)
         })
