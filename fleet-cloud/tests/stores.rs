@@ -1690,8 +1690,25 @@ async fn the_fleet_index_finds_what_an_independent_filter_finds_on_every_store()
             assert!(search_all(&b.stores, &hot).await.is_empty());
             let k = key(&first.name, None);
             let read = a.stores.shadows.load(&k).await.unwrap();
-            let s = updated(&read.value, r#"{"state":{"reported":{"temp":1500}}}"#);
+            let s = updated(
+                &read.value,
+                r#"{"state":{"reported":{"temp":1500,"on":null}}}"#,
+            );
             a.stores.shadows.save(&k, read.revision, &s).await.unwrap();
+            // Its old value and its removed field are gone from the index.
+            let old = Query::parse(&format!(
+                "thingName:{} AND (shadow.reported.temp:{} OR shadow.reported.on:*)",
+                first.name,
+                fleet_cloud::query::number_text(first.temp)
+            ))
+            .unwrap();
+            assert!(search_all(&b.stores, &old).await.is_empty(), "{}", a.name());
+            let kept = Query::parse(&format!(
+                "thingName:{} AND shadow.reported.firmware:{}",
+                first.name, first.firmware
+            ))
+            .unwrap();
+            assert_eq!(search_all(&b.stores, &kept).await.len(), 1, "{}", a.name());
             assert_eq!(
                 search_all(&b.stores, &hot).await,
                 std::slice::from_ref(&first.name)

@@ -29,14 +29,23 @@ fn columns(entries: &[Entry]) -> (Vec<String>, Vec<String>, Vec<Option<f64>>) {
 /// parameters from `$first`: thing, source, fields, texts, numbers.
 fn replace_sql(first: usize, when: &str) -> String {
     let (t, s, f, x, n) = (first, first + 1, first + 2, first + 3, first + 4);
+    // Only what changed is written: rows no longer wanted are deleted,
+    // wanted rows not there yet inserted (both against the rows as they
+    // were before the statement).
+    let wanted = format!("unnest(${f}::text[], ${x}::text[], ${n}::float8[]) AS r(f, x, n)");
     format!(
-        "d AS (DELETE FROM fleet_index WHERE thing = ${t}::text AND source = ${s}::text {when}),
+        "d AS (DELETE FROM fleet_index o WHERE o.thing = ${t}::text AND o.source = ${s}::text {when}
+               AND NOT EXISTS (SELECT 1 FROM {wanted}
+                               WHERE r.f = o.field AND r.x = o.txt AND r.n IS NOT DISTINCT FROM o.num)),
          i AS (INSERT INTO fleet_index (thing, source, field, txt, num)
-               SELECT ${t}::text, ${s}::text, f, x, n FROM unnest(${f}::text[], ${x}::text[], ${n}::float8[]) AS r(f, x, n) {where_})",
-        where_ = when.replacen("AND", "WHERE", 1),
+               SELECT ${t}::text, ${s}::text, f, x, n FROM (SELECT DISTINCT f, x, n FROM {wanted}) AS r
+               WHERE NOT EXISTS (SELECT 1 FROM fleet_index o
+                                 WHERE o.thing = ${t}::text AND o.source = ${s}::text AND o.field = r.f
+                                   AND o.txt = r.x AND o.num IS NOT DISTINCT FROM r.n) {when})"
     )
 }
 
+/// The parameters of [`replace_sql`].
 fn replace_params(thing: &str, source: &str, entries: &[Entry]) -> Params {
     let (f, x, n) = columns(entries);
     vec![

@@ -22,24 +22,57 @@ impl ToSql for Param {
     }
 }
 
-/// Replaces a thing's rows of one source (inside a write).
+/// Replaces a thing's rows of one source (inside a write), writing only
+/// what changed: a shadow update that changes two fields rewrites two rows,
+/// not every row of the shadow.
 pub(super) fn replace_rows(
     c: &rusqlite::Connection,
     thing: &str,
     source: &str,
     entries: &[Entry],
 ) -> Result<(), StoreError> {
-    c.prepare_cached("DELETE FROM fleet_index WHERE thing = ?1 AND source = ?2")
-        .and_then(|mut s| s.execute((thing, source)))
+    let mut wanted: Vec<(String, String, Option<f64>)> = entries
+        .iter()
+        .map(|e| (e.field.clone(), e.value.text(), e.value.number()))
+        .collect();
+    let old: Vec<(i64, String, String, Option<f64>)> = {
+        let mut stmt = c
+            .prepare_cached(
+                "SELECT rowid, field, txt, num FROM fleet_index WHERE thing = ?1 AND source = ?2",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map((thing, source), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)?
+    };
+    let mut delete = c
+        .prepare_cached("DELETE FROM fleet_index WHERE rowid = ?1")
         .map_err(backend)?;
+    for (rowid, field, txt, num) in old {
+        // Kept: one wanted row like it is crossed off.
+        match wanted
+            .iter()
+            .position(|(f, t, n)| *f == field && *t == txt && *n == num)
+        {
+            Some(i) => {
+                wanted.swap_remove(i);
+            }
+            None => {
+                delete.execute([rowid]).map_err(backend)?;
+            }
+        }
+    }
     let mut insert = c
         .prepare_cached(
             "INSERT INTO fleet_index (thing, source, field, txt, num) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .map_err(backend)?;
-    for e in entries {
+    for (field, txt, num) in wanted {
         insert
-            .execute((thing, source, &e.field, e.value.text(), e.value.number()))
+            .execute((thing, source, field, txt, num))
             .map_err(backend)?;
     }
     Ok(())
