@@ -31,37 +31,38 @@ pub(super) fn replace_rows(
     source: &str,
     entries: &[Entry],
 ) -> Result<(), StoreError> {
-    let mut wanted: Vec<(String, String, Option<f64>)> = entries
-        .iter()
-        .map(|e| (e.field.clone(), e.value.text(), e.value.number()))
-        .collect();
-    let old: Vec<(i64, String, String, Option<f64>)> = {
+    // A field's value once (an array may hold it twice).
+    let mut wanted: Vec<(String, String, Option<f64>)> = Vec::with_capacity(entries.len());
+    for e in entries {
+        let text = e.value.text();
+        if !wanted.iter().any(|(f, t, _)| *f == e.field && *t == text) {
+            wanted.push((e.field.clone(), text, e.value.number()));
+        }
+    }
+    let old: Vec<(String, String)> = {
         let mut stmt = c
-            .prepare_cached(
-                "SELECT rowid, field, txt, num FROM fleet_index WHERE thing = ?1 AND source = ?2",
-            )
+            .prepare_cached("SELECT field, txt FROM fleet_index WHERE thing = ?1 AND source = ?2")
             .map_err(backend)?;
         let rows = stmt
-            .query_map((thing, source), |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
+            .query_map((thing, source), |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(backend)?;
         rows.collect::<Result<_, _>>().map_err(backend)?
     };
     let mut delete = c
-        .prepare_cached("DELETE FROM fleet_index WHERE rowid = ?1")
+        .prepare_cached(
+            "DELETE FROM fleet_index WHERE thing = ?1 AND field = ?2 AND source = ?3 AND txt = ?4",
+        )
         .map_err(backend)?;
-    for (rowid, field, txt, num) in old {
-        // Kept: one wanted row like it is crossed off.
-        match wanted
-            .iter()
-            .position(|(f, t, n)| *f == field && *t == txt && *n == num)
-        {
+    for (field, txt) in old {
+        // Kept (the text gives the number): crossed off what is to insert.
+        match wanted.iter().position(|(f, t, _)| *f == field && *t == txt) {
             Some(i) => {
                 wanted.swap_remove(i);
             }
             None => {
-                delete.execute([rowid]).map_err(backend)?;
+                delete
+                    .execute((thing, &field, source, &txt))
+                    .map_err(backend)?;
             }
         }
     }

@@ -106,18 +106,20 @@ const MIGRATIONS: &[&str] = &[
         client_id TEXT PRIMARY KEY,
         record BLOB NOT NULL
     ) STRICT;",
-    // The fleet index (store/index.rs): each thing's searchable fields,
-    // and its connectivity record.
+    // The fleet index (store/index.rs): each thing's searchable fields
+    // (clustered by thing; the secondary indexes hold the key, so a range
+    // of a field gives its things without a lookup), and its connectivity
+    // record.
     "CREATE TABLE fleet_index (
         thing TEXT NOT NULL,
         source TEXT NOT NULL,
         field TEXT NOT NULL,
         txt TEXT NOT NULL,
-        num REAL
-    ) STRICT;
-    CREATE INDEX fleet_index_thing ON fleet_index (thing, field, source);
-    CREATE INDEX fleet_index_txt ON fleet_index (field, txt, thing);
-    CREATE INDEX fleet_index_num ON fleet_index (field, num, thing) WHERE num IS NOT NULL;
+        num REAL,
+        PRIMARY KEY (thing, field, source, txt)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX fleet_index_txt ON fleet_index (field, txt);
+    CREATE INDEX fleet_index_num ON fleet_index (field, num) WHERE num IS NOT NULL;
     CREATE TABLE connectivity (
         thing TEXT PRIMARY KEY,
         record TEXT NOT NULL
