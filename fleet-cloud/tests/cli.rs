@@ -128,6 +128,15 @@ impl Service {
         text
     }
 
+    /// The certificate and key `fleet dev-setup` wrote for `thing`.
+    fn identity(&self, thing: &str) -> fleet_cloud::pki::Identity {
+        fleet_cloud::pki::Identity {
+            common_name: thing.into(),
+            cert_pem: std::fs::read_to_string(self.path(&format!("things/{thing}.pem"))).unwrap(),
+            key_pem: std::fs::read_to_string(self.path(&format!("things/{thing}.key"))).unwrap(),
+        }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -775,11 +784,7 @@ async fn reply(dev: &mut fleet_testkit::TestClient, topic: &str) -> Value {
 async fn metrics_count_the_scenario_and_the_audit_log_names_the_token() {
     let s = Service::start_with(&["dev-a"]);
     let ca = std::fs::read_to_string(s.path("ca.pem")).unwrap();
-    let id = |name: &str| fleet_cloud::pki::Identity {
-        common_name: name.into(),
-        cert_pem: std::fs::read_to_string(s.path(&format!("things/{name}.pem"))).unwrap(),
-        key_pem: std::fs::read_to_string(s.path(&format!("things/{name}.key"))).unwrap(),
-    };
+    let id = |name: &str| s.identity(name);
     let before = s.scrape();
     assert!(
         metric(&before, "process_resident_memory_bytes", &[]) > 0.0,
@@ -1354,11 +1359,7 @@ async fn connectivity_search_and_statistics_through_the_cli() {
     let mut s =
         Service::start_with_args(&["dev-a", "dev-b", "dev-c"], &["--seen-interval-ms", "100"]);
     let ca = std::fs::read_to_string(s.path("ca.pem")).unwrap();
-    let id = |name: &str| fleet_cloud::pki::Identity {
-        common_name: name.into(),
-        cert_pem: std::fs::read_to_string(s.path(&format!("things/{name}.pem"))).unwrap(),
-        key_pem: std::fs::read_to_string(s.path(&format!("things/{name}.key"))).unwrap(),
-    };
+    let id = |name: &str| s.identity(name);
     // Never connected: no connectivity.
     assert!(
         s.json(&["thing", "get", "dev-a"])
@@ -1550,11 +1551,7 @@ async fn connectivity_search_and_statistics_through_the_cli() {
 async fn a_continuous_job_on_a_query_group_reaches_a_device_that_comes_to_match() {
     let s = Service::start_with(&["dev-a", "dev-b"]);
     let ca = std::fs::read_to_string(s.path("ca.pem")).unwrap();
-    let id = |name: &str| fleet_cloud::pki::Identity {
-        common_name: name.into(),
-        cert_pem: std::fs::read_to_string(s.path(&format!("things/{name}.pem"))).unwrap(),
-        key_pem: std::fs::read_to_string(s.path(&format!("things/{name}.key"))).unwrap(),
-    };
+    let id = |name: &str| s.identity(name);
     let g = s.json(&[
         "group",
         "create",
