@@ -724,6 +724,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
+    // Registered before anything listens: a SIGTERM while the server
+    // starts is a clean stop, not the default action (which kills).
+    let shutdown = shutdown_signal();
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };
@@ -942,7 +945,7 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         }
         tracing::info!("management API on https://{addr}");
     }
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down");
     // A clean stop hands the lease over at once, not when it runs out.
     server.shutdown().await;
@@ -1124,24 +1127,32 @@ pub(crate) fn write_secret(path: &std::path::Path, text: &str) -> std::io::Resul
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Registers for SIGTERM and SIGINT (Ctrl-C) at once, and returns what
+/// waits for either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
