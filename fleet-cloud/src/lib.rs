@@ -137,7 +137,7 @@ pub use jobs::{ExecutionSummary, JobSnapshot, JobsError, JobsService, RolloutAct
 pub use model::{
     AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, Connectivity,
     ConnectivityEvent, GroupQuery, JobRecord, JobSpec, JobState, PendingCertificate, RolloutState,
-    Scope, Spent, StoredToken, TargetSelection, Thing, TokenRecord,
+    Scope, Spent, StoredHook, StoredTemplate, StoredToken, TargetSelection, Thing, TokenRecord,
 };
 pub use outgoing::Outgoing;
 pub use policy::{
@@ -145,7 +145,8 @@ pub use policy::{
     MosquittoPlugin, PolicyError,
 };
 pub use provisioning::{
-    PreProvisioningHook, ProvisioningError, ProvisioningService, ProvisioningTemplate, Webhook,
+    MAX_HOOK_TIMEOUT_MS, PreProvisioningHook, ProvisioningError, ProvisioningService,
+    ProvisioningTemplate, Webhook,
 };
 pub use registry::{Registry, RegistryError};
 pub use server::{

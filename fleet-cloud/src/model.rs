@@ -231,6 +231,48 @@ pub struct AuditEntry {
     pub before: Option<serde_json::Value>,
 }
 
+/// A provisioning template created through the management API, as the
+/// store keeps it (templates from the configuration file are not stored).
+/// Every instance sharing the store serves it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredTemplate {
+    /// Its name, as devices give it in `RegisterThing`'s topic.
+    pub name: String,
+    /// For people.
+    #[serde(default)]
+    pub description: String,
+    /// A disabled template refuses registrations (as AWS's `enabled`).
+    pub enabled: bool,
+    /// The AWS IoT fleet provisioning template document (`templateBody`).
+    pub document: serde_json::Value,
+    /// Whether a claimant may provision onto an existing thing.
+    #[serde(default)]
+    pub allow_replace: bool,
+    /// The pre-provisioning hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<StoredHook>,
+    /// Increased by one at each replacement (1 when created).
+    pub version: u64,
+    /// When it was created, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// When it was last replaced, ms since the Unix epoch.
+    pub updated_ms: u64,
+}
+
+/// A stored template's pre-provisioning hook.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredHook {
+    /// `https://...`.
+    pub url: String,
+    /// The CA of the hook's certificate, PEM (`None`: the Web PKI's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// How long the hook may take, ms.
+    pub timeout_ms: u64,
+}
+
 /// A management API token's record (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {

@@ -94,7 +94,48 @@ impl ProvisioningTemplate {
             webhook: None,
         })
     }
+
+    /// A template created through the API, checked: its document, and its
+    /// hook's URL (`https://`) and CA (PEM certificates). A disabled
+    /// template is read all the same (the service refuses registrations
+    /// by it).
+    pub fn from_stored(stored: &crate::model::StoredTemplate) -> Result<Self, TemplateError> {
+        let mut t = Self::from_document(&stored.name, &stored.document)?;
+        t.allow_replace = stored.allow_replace;
+        if let Some(h) = &stored.hook {
+            if !h.url.starts_with("https://") || h.url.len() <= "https://".len() {
+                return Err(TemplateError::new(
+                    "preProvisioningHook.url",
+                    format!("{:?} is not an https:// URL", h.url),
+                ));
+            }
+            if let Some(ca) = &h.ca_pem {
+                crate::tls::client_config(ca, None).map_err(|e| {
+                    TemplateError::new(
+                        "preProvisioningHook.caPem",
+                        format!("not a PEM CA certificate: {e}"),
+                    )
+                })?;
+            }
+            if h.timeout_ms == 0 || h.timeout_ms > MAX_HOOK_TIMEOUT_MS {
+                return Err(TemplateError::new(
+                    "preProvisioningHook.timeoutMs",
+                    format!("must be 1 to {MAX_HOOK_TIMEOUT_MS} ms"),
+                ));
+            }
+            t.webhook = Some(Webhook {
+                url: h.url.clone(),
+                ca_pem: h.ca_pem.clone(),
+                timeout: Duration::from_millis(h.timeout_ms),
+            });
+        }
+        Ok(t)
+    }
 }
+
+/// The longest a pre-provisioning hook may be given (a device waits for it
+/// while its claim connection is open).
+pub const MAX_HOOK_TIMEOUT_MS: u64 = 30_000;
 
 /// A pre-provisioning hook over HTTPS, as AWS IoT's pre-provisioning
 /// Lambda: it is POSTed `{"templateName", "certificateId",
@@ -184,7 +225,7 @@ pub trait PreProvisioningHook: Send + Sync + 'static {
 pub struct ProvisioningService {
     ca: Arc<Pki>,
     registry: Registry,
-    templates: Arc<HashMap<String, ProvisioningTemplate>>,
+    templates: Arc<HashMap<String, Arc<ProvisioningTemplate>>>,
     hook: Option<Arc<dyn PreProvisioningHook>>,
     on_registered: Option<crate::api::ThingHook>,
     /// How long an ownership token is good for.
@@ -308,7 +349,12 @@ impl ProvisioningService {
         Self {
             ca: Arc::new(ca),
             registry,
-            templates: Arc::new(templates.into_iter().map(|t| (t.name.clone(), t)).collect()),
+            templates: Arc::new(
+                templates
+                    .into_iter()
+                    .map(|t| (t.name.clone(), Arc::new(t)))
+                    .collect(),
+            ),
             hook: None,
             on_registered: None,
             token_lifetime: Duration::from_secs(3600),
@@ -446,7 +492,14 @@ impl ProvisioningService {
             // A certificate for an existing thing only where a template may
             // replace it (a broker that knows devices by common name alone,
             // such as Mosquitto, would otherwise take it for that thing).
-            let may_replace = self.templates.values().any(|t| t.allow_replace);
+            let may_replace = self.templates.values().any(|t| t.allow_replace)
+                || self
+                    .registry
+                    .stored_templates()
+                    .await
+                    .map_err(|e| ProvisioningError::new(500, "InternalFailure", e.to_string()))?
+                    .iter()
+                    .any(|t| t.enabled && t.allow_replace);
             self.check_replaceable(&common_name, may_replace).await?;
         }
         // Otherwise the subject names nothing: the certificate (marked as
@@ -568,15 +621,46 @@ impl ProvisioningService {
         Ok((token, certificate_id))
     }
 
+    /// The template devices name: one from the configuration, else one
+    /// created through the API (read at each registration, so every
+    /// instance sharing the store serves the same).
+    async fn template(&self, name: &str) -> Result<Arc<ProvisioningTemplate>, ProvisioningError> {
+        if let Some(t) = self.templates.get(name) {
+            return Ok(Arc::clone(t));
+        }
+        let not_found = || ProvisioningError::new(404, "NotFound", format!("no template {name}"));
+        let stored = self
+            .registry
+            .stored_template(name)
+            .await
+            .map_err(|e| ProvisioningError::new(500, "InternalFailure", e.to_string()))?
+            .ok_or_else(not_found)?;
+        if !stored.enabled {
+            return Err(ProvisioningError::new(
+                403,
+                "Forbidden",
+                format!("template {name} is disabled"),
+            ));
+        }
+        let t = ProvisioningTemplate::from_stored(&stored).map_err(|e| {
+            tracing::error!("provisioning: stored template {name}: {e}");
+            ProvisioningError::new(
+                500,
+                "InternalFailure",
+                format!("template {name} is unusable"),
+            )
+        })?;
+        Ok(Arc::new(t))
+    }
+
     async fn register_thing(
         &self,
         template: &str,
         payload: &[u8],
         now: u64,
     ) -> Result<Value, ProvisioningError> {
-        let t = self.templates.get(template).ok_or_else(|| {
-            ProvisioningError::new(404, "NotFound", format!("no template {template}"))
-        })?;
+        let t = self.template(template).await?;
+        let t = &*t;
         let request: RegisterRequest = serde_json::from_slice(payload).map_err(|_| {
             ProvisioningError::new(
                 400,

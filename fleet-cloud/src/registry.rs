@@ -275,6 +275,37 @@ impl Registry {
         Ok(self.store.audit(after, limit).await?)
     }
 
+    /// Creates or replaces a provisioning template kept in the store (the
+    /// caller checks it: [`ProvisioningTemplate::from_stored`](crate::ProvisioningTemplate::from_stored)).
+    pub async fn put_template(
+        &self,
+        template: &crate::StoredTemplate,
+    ) -> Result<(), RegistryError> {
+        Ok(self.store.put_template(template).await?)
+    }
+
+    /// The stored provisioning template with this name.
+    pub async fn stored_template(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::StoredTemplate>, RegistryError> {
+        Ok(self.store.template(name).await?)
+    }
+
+    /// Every stored provisioning template, by name.
+    pub async fn stored_templates(&self) -> Result<Vec<crate::StoredTemplate>, RegistryError> {
+        Ok(self.store.templates().await?)
+    }
+
+    /// Forgets a stored provisioning template (`NotFound` when there is
+    /// none): registrations by it are refused from now on.
+    pub async fn delete_template(&self, name: &str) -> Result<(), RegistryError> {
+        if !self.store.delete_template(name).await? {
+            return Err(RegistryError::NotFound(format!("template {name}")));
+        }
+        Ok(())
+    }
+
     /// Revokes a token: it is refused from now on.
     pub async fn revoke_token(&self, id: &str) -> Result<(), RegistryError> {
         if !self.store.delete_token(id).await? {

@@ -65,7 +65,7 @@ pub struct TemplateError {
 }
 
 impl TemplateError {
-    fn new(path: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: &str, message: impl Into<String>) -> Self {
         Self {
             path: path.to_string(),
             message: message.into(),

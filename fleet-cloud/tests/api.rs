@@ -879,6 +879,150 @@ async fn releases_campaigns_and_provisioning() {
     );
 }
 
+/// Issue 26: provisioning templates through the API: made and replaced
+/// by an admin (versions counted), read by anyone with a token, refused
+/// with the fault's path when they do not hold (nothing kept), the
+/// configuration's own not changed here, deleted once; each change in the
+/// audit log with the admin token's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_templates_through_the_api() {
+    let f = Fixture::start().await;
+    let (admin, reader) = (f.admin.clone(), f.reader.clone());
+    let path = "/v1/provisioning/templates/valves";
+    let document = json!({
+        "Parameters": {"SerialNumber": {"Type": "String"}},
+        "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {
+            "ThingName": {"Fn::Join": ["", ["valve-", {"Ref": "SerialNumber"}]]}
+        }}}
+    });
+    // AWS's templateBody is a string holding the document; an object is
+    // taken too.
+    let body = json!({
+        "templateBody": document.to_string(),
+        "description": "valves",
+        "preProvisioningHook": {"url": "https://hooks.example.com/v", "timeoutMs": 2000}
+    });
+    let (s, b) = f.op(Method::PUT, path, Some(body.clone())).await;
+    assert_eq!((s, code(&b)), (StatusCode::FORBIDDEN, "forbidden"), "{b}");
+    let (s, made) = f
+        .call(Method::PUT, path, Some(&admin), Some(body.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    assert_eq!(
+        (&made["source"], &made["version"], &made["enabled"]),
+        (&json!("api"), &json!(1), &json!(true))
+    );
+    assert_eq!(made["document"], document);
+    assert_eq!(made["requiredParameters"], json!(["SerialNumber"]));
+    assert_eq!(made["preProvisioningHook"], "https://hooks.example.com/v");
+    let (s, got) = f.call(Method::GET, path, Some(&reader), None).await;
+    assert_eq!((s, &got), (StatusCode::OK, &made));
+    let mut replaced = body.clone();
+    replaced["templateBody"] = document.clone();
+    replaced["enabled"] = json!(false);
+    let (s, again) = f
+        .call(Method::PUT, path, Some(&admin), Some(replaced))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(
+        (&again["version"], &again["enabled"]),
+        (&json!(2), &json!(false))
+    );
+    let (s, list) = f
+        .call(
+            Method::GET,
+            "/v1/provisioning/templates",
+            Some(&reader),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("default", "configuration"), ("valves", "api")]);
+
+    // Refused, nothing kept: a document that does not hold (with where), a
+    // hook that is not HTTPS, a body that is not a document, an unknown
+    // field, a name that cannot be a topic segment.
+    let refused = [
+        (
+            json!({"templateBody": {"Resources": {"thing": {"Type": "AWS::IoT::Thing",
+                "Properties": {"ThingName": {"Fn::Base64": "x"}}}}}}),
+            "Resources.thing.Properties.ThingName.Fn::Base64",
+        ),
+        (
+            json!({"templateBody": document, "preProvisioningHook": {"url": "http://h/v"}}),
+            "preProvisioningHook.url",
+        ),
+        (json!({"templateBody": "{not json"}), "templateBody"),
+        (json!({"templateBody": document, "owner": "x"}), "owner"),
+    ];
+    for (body, says) in refused {
+        let (s, b) = f.call(Method::PUT, path, Some(&admin), Some(body)).await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{b}"
+        );
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains(says),
+            "{b}"
+        );
+    }
+    let (s, b) = f
+        .call(
+            Method::PUT,
+            "/v1/provisioning/templates/bad.name",
+            Some(&admin),
+            Some(json!({"templateBody": document})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (_, kept) = f.call(Method::GET, path, Some(&reader), None).await;
+    assert_eq!(kept, again);
+    // The configuration's template is changed in the configuration.
+    for method in [Method::PUT, Method::DELETE] {
+        let (s, b) = f
+            .call(
+                method,
+                "/v1/provisioning/templates/default",
+                Some(&admin),
+                Some(json!({"templateBody": document})),
+            )
+            .await;
+        assert_eq!((s, code(&b)), (StatusCode::CONFLICT, "conflict"), "{b}");
+    }
+
+    // Deleted once.
+    let (s, _) = f.call(Method::DELETE, path, Some(&admin), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    for method in [Method::GET, Method::DELETE] {
+        let (s, b) = f.call(method, path, Some(&admin), None).await;
+        assert_eq!((s, code(&b)), (StatusCode::NOT_FOUND, "not_found"), "{b}");
+    }
+
+    // The audit log: who made each change, and what it replaced.
+    let (_, audit) = f
+        .call(Method::GET, "/v1/audit?limit=1000", Some(&admin), None)
+        .await;
+    let changes: Vec<&Value> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"] == path && e["status"].as_u64().unwrap() < 300)
+        .collect();
+    assert_eq!(changes.len(), 3, "{audit}");
+    // A token is `fleet_{id}_{secret}`.
+    let admin_id = admin.split('_').nth(1).unwrap();
+    assert!(changes.iter().all(|e| e["tokenId"] == admin_id), "{audit}");
+    assert_eq!(changes[1]["before"]["version"], 1, "{audit}");
+    assert_eq!(changes[2]["before"]["version"], 2, "{audit}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_holds_every_route_and_resolves() {
     let f = Fixture::start().await;
@@ -940,6 +1084,9 @@ async fn the_openapi_document_holds_every_route_and_resolves() {
         "POST /v1/campaigns/{campaign}/{action}",
         "POST /v1/things/{thing}/commands",
         "GET /v1/provisioning/templates",
+        "GET /v1/provisioning/templates/{name}",
+        "PUT /v1/provisioning/templates/{name}",
+        "DELETE /v1/provisioning/templates/{name}",
         "POST /v1/provisioning/claims",
         "GET /v1/tokens",
         "POST /v1/tokens",

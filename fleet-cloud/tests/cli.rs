@@ -1162,6 +1162,62 @@ fn templates_in_the_configuration_are_served_and_checked() {
         serde_json::json!(["SerialNumber"])
     );
 
+    // Through the API (`fleet template put/show/delete`): made, shown,
+    // listed after the configuration's; the configuration's own is not
+    // replaced here (5); a document that does not hold is refused with
+    // where (5); deleted, then unknown (3).
+    let valves = dir.path().join("valves.json");
+    write(&valves, document.to_string().as_bytes());
+    let made = s.json(&[
+        "template",
+        "put",
+        "valves",
+        valves.to_str().unwrap(),
+        "--description",
+        "valves",
+        "--hook-url",
+        "https://hooks.example.com/v",
+    ]);
+    assert_eq!(
+        (&made["source"], &made["version"], &made["enabled"]),
+        (
+            &serde_json::json!("api"),
+            &serde_json::json!(1),
+            &serde_json::json!(true)
+        ),
+        "{made}"
+    );
+    assert_eq!(s.json(&["template", "show", "valves"]), made);
+    let shown = s.ok(&["template", "show", "valves"]);
+    assert!(
+        shown.contains("template valves (api, enabled, version 1)")
+            && shown.contains("pre-provisioning hook: https://hooks.example.com/v"),
+        "{shown}"
+    );
+    let list = s.json(&["template", "list"]);
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["factory", "valves"]);
+    let err = s.fails(&["template", "put", "factory", valves.to_str().unwrap()], 5);
+    assert!(err.contains("configuration"), "{err}");
+    let broken = dir.path().join("broken.json");
+    write(
+        &broken,
+        br#"{"Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": {"Fn::Base64": "x"}}}}}"#,
+    );
+    let err = s.fails(&["template", "put", "valves", broken.to_str().unwrap()], 5);
+    assert!(
+        err.contains("Resources.thing.Properties.ThingName.Fn::Base64"),
+        "{err}"
+    );
+    assert_eq!(s.json(&["template", "show", "valves"]), made);
+    s.ok(&["template", "delete", "valves"]);
+    s.fails(&["template", "show", "valves"], 3);
+
     // `fleet serve --print-config` refuses the configuration: a usage
     // error (2); what it says.
     let refused = |config: &Path| {

@@ -379,6 +379,202 @@ async fn hook() -> Hook {
     }
 }
 
+/// Asks `service` over its MQTT API: the outcome (`accepted`,
+/// `rejected`) and the answer.
+async fn call(service: &ProvisioningService, topic: &str, body: Value) -> (String, Value) {
+    use fleet_core::topic::TopicPrefix;
+    let payload = body.to_string();
+    let request =
+        fleet_cloud::Request::from_broker(&TopicPrefix::AWS, topic, payload.as_bytes(), 1_000)
+            .unwrap();
+    let reply = service.handle(&request).await.pop().unwrap();
+    let outcome = reply.topic.rsplit('/').next().unwrap().to_string();
+    (
+        outcome,
+        serde_json::from_slice::<Value>(&reply.payload).unwrap(),
+    )
+}
+
+/// A claimant's CreateCertificateFromCsr then RegisterThing by
+/// `template` with `SerialNumber = serial`: the outcome, the answer, and
+/// what CreateCertificateFromCsr answered.
+async fn register(
+    service: &ProvisioningService,
+    template: &str,
+    serial: &str,
+) -> (String, Value, Value) {
+    let (csr_pem, _) = csr("any-subject");
+    let (outcome, created) = call(
+        service,
+        CSR_TOPIC,
+        json!({"certificateSigningRequest": csr_pem}),
+    )
+    .await;
+    assert_eq!(outcome, "accepted", "{created}");
+    let topic = format!("$aws/provisioning-templates/{template}/provision/json");
+    let (outcome, answer) = call(
+        service,
+        &topic,
+        json!({
+            "certificateOwnershipToken": created["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": serial}
+        }),
+    )
+    .await;
+    (outcome, answer, created)
+}
+
+/// Issue 26: a template made through the API is kept in the store and
+/// served by every instance sharing it (two registries on one SQLite
+/// file, as two `fleet serve` on one PostgreSQL): created, its hook asked,
+/// replaced, disabled and deleted, each seen by the other instance's
+/// provisioning at its next registration; a template that does not hold
+/// is refused with its path and nothing is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_made_through_the_api_is_served_by_every_instance() {
+    let hook = hook().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("registry.db");
+    // Instance A takes the API's changes; instance B provisions.
+    let a = Registry::open(&db).unwrap();
+    let b = Registry::open(&db).unwrap();
+    b.create_group("site-north", None).await.unwrap();
+    let mut service = ProvisioningService::new(Pki::new("fleet CA").unwrap(), b.clone(), vec![]);
+    service.subject_names_thing = false;
+    let document = |group: &str| {
+        json!({
+            "Parameters": {
+                "SerialNumber": {"Type": "String"},
+                "Site": {"Type": "String", "Default": "unknown"}
+            },
+            "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                "ThingName": {"Fn::Join": ["", ["valve-", {"Ref": "SerialNumber"}]]},
+                "AttributePayload": {"site": {"Ref": "Site"}},
+                "ThingGroups": [{"Fn::Sub": group}]
+            }}}
+        })
+    };
+    let mut stored = fleet_cloud::StoredTemplate {
+        name: "valves".into(),
+        description: "valves from the north line".into(),
+        enabled: true,
+        document: document("site-${Site}"),
+        allow_replace: false,
+        hook: Some(fleet_cloud::StoredHook {
+            url: hook.url.clone(),
+            ca_pem: Some(hook.ca_pem.clone()),
+            timeout_ms: 5_000,
+        }),
+        version: 1,
+        created_ms: 1,
+        updated_ms: 1,
+    };
+    let put = |t: &fleet_cloud::StoredTemplate| {
+        let (a, t) = (a.clone(), t.clone());
+        async move {
+            ProvisioningTemplate::from_stored(&t)?;
+            a.put_template(&t).await.unwrap();
+            Ok::<(), fleet_cloud::template::TemplateError>(())
+        }
+    };
+
+    // Not there yet: 404.
+    let (outcome, answer, _) = register(&service, "valves", "1").await;
+    assert_eq!(
+        (outcome.as_str(), &answer["statusCode"]),
+        ("rejected", &json!(404)),
+        "{answer}"
+    );
+
+    // Created on A, served by B: the hook's override (Site = north) names
+    // the group and the attribute.
+    put(&stored).await.unwrap();
+    let (outcome, answer, _) = register(&service, "valves", "1").await;
+    assert_eq!(outcome, "accepted", "{answer}");
+    assert_eq!(answer["thingName"], "valve-1");
+    assert_eq!(
+        b.thing("valve-1").await.unwrap().attributes,
+        BTreeMap::from([("site".to_string(), "north".to_string())])
+    );
+    assert_eq!(b.group_members("site-north").await.unwrap(), ["valve-1"]);
+    assert_eq!(hook.seen.lock().unwrap().len(), 1);
+    assert_eq!(hook.seen.lock().unwrap()[0]["templateName"], "valves");
+    // The hook's refusal stores nothing.
+    let (outcome, answer, created) = register(&service, "valves", "13").await;
+    assert_eq!(
+        (outcome.as_str(), &answer["statusCode"]),
+        ("rejected", &json!(403)),
+        "{answer}"
+    );
+    assert!(b.thing("valve-13").await.is_err());
+    assert!(
+        b.certificate(created["certificateId"].as_str().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Replaced on A: B's next registration uses the new document.
+    b.create_group("valves-v2", None).await.unwrap();
+    stored.document = document("valves-v2");
+    stored.version = 2;
+    put(&stored).await.unwrap();
+    let (outcome, answer, _) = register(&service, "valves", "2").await;
+    assert_eq!(outcome, "accepted", "{answer}");
+    assert_eq!(b.group_members("valves-v2").await.unwrap(), ["valve-2"]);
+
+    // A document that does not hold is refused with where, and the kept
+    // one stays.
+    let mut bad = stored.clone();
+    bad.document["Resources"]["thing"]["Properties"]["ThingName"] = json!({"Fn::Base64": "x"});
+    let e = put(&bad).await.unwrap_err();
+    assert_eq!(
+        e.path, "Resources.thing.Properties.ThingName.Fn::Base64",
+        "{e}"
+    );
+    let mut insecure = stored.clone();
+    insecure.hook.as_mut().unwrap().url = "http://localhost/hook".into();
+    let e = put(&insecure).await.unwrap_err();
+    assert_eq!(e.path, "preProvisioningHook.url", "{e}");
+    assert_eq!(
+        b.stored_template("valves").await.unwrap(),
+        Some(stored.clone())
+    );
+
+    // Disabled: refused, nothing stored, the hook not asked.
+    stored.enabled = false;
+    put(&stored).await.unwrap();
+    let asked = hook.seen.lock().unwrap().len();
+    let (outcome, answer, created) = register(&service, "valves", "3").await;
+    assert_eq!(
+        (outcome.as_str(), &answer["statusCode"]),
+        ("rejected", &json!(403)),
+        "{answer}"
+    );
+    assert!(b.thing("valve-3").await.is_err());
+    assert!(
+        b.certificate(created["certificateId"].as_str().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(hook.seen.lock().unwrap().len(), asked);
+
+    // Deleted on A: B refuses it; the things it made stay.
+    a.delete_template("valves").await.unwrap();
+    let (outcome, answer, _) = register(&service, "valves", "4").await;
+    assert_eq!(
+        (outcome.as_str(), &answer["statusCode"]),
+        ("rejected", &json!(404)),
+        "{answer}"
+    );
+    assert!(b.thing("valve-1").await.is_ok());
+    assert!(matches!(
+        a.delete_template("valves").await,
+        Err(fleet_cloud::RegistryError::NotFound(_))
+    ));
+}
+
 /// Issue 26: a template given as data, in AWS's template shape (parameters
 /// with a default, `Fn::Join`, `Fn::Sub`, the certificate resource), and
 /// its pre-provisioning webhook: the device is registered with the
@@ -387,8 +583,6 @@ async fn hook() -> Hook {
 /// or trusted, refuses the registration and stores nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_document_and_its_webhook_decide_the_registration() {
-    use fleet_cloud::Request;
-    use fleet_core::topic::TopicPrefix;
     let hook = hook().await;
     let document = json!({
         "Parameters": {
@@ -432,39 +626,8 @@ async fn a_template_document_and_its_webhook_decide_the_registration() {
         vec![template, untrusted],
     );
     service.subject_names_thing = false;
-    let call = |topic: &str, body: Value| {
-        let (service, topic) = (service.clone(), topic.to_string());
-        async move {
-            let payload = body.to_string();
-            let request =
-                Request::from_broker(&TopicPrefix::AWS, &topic, payload.as_bytes(), 1_000).unwrap();
-            let reply = service.handle(&request).await.pop().unwrap();
-            let outcome = reply.topic.rsplit('/').next().unwrap().to_string();
-            (
-                outcome,
-                serde_json::from_slice::<Value>(&reply.payload).unwrap(),
-            )
-        }
-    };
-    let register = |template: &'static str, serial: &'static str| {
-        let call = &call;
-        async move {
-            let (csr_pem, _) = csr("any-subject");
-            let (outcome, created) =
-                call(CSR_TOPIC, json!({"certificateSigningRequest": csr_pem})).await;
-            assert_eq!(outcome, "accepted", "{created}");
-            let topic = format!("$aws/provisioning-templates/{template}/provision/json");
-            let (outcome, answer) = call(
-                &topic,
-                json!({
-                    "certificateOwnershipToken": created["certificateOwnershipToken"],
-                    "parameters": {"SerialNumber": serial}
-                }),
-            )
-            .await;
-            (outcome, answer, created)
-        }
-    };
+    let register =
+        |template: &'static str, serial: &'static str| register(&service, template, serial);
 
     let (outcome, answer, created) = register("factory", "7").await;
     assert_eq!(outcome, "accepted", "{answer}");

@@ -977,6 +977,49 @@ async fn registry_scenario(r: &Registry, other: &Registry) {
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].id, second);
     assert!(r.audit(third, 10).await.unwrap().is_empty());
+
+    // Provisioning templates made through the API: kept by one instance,
+    // read by the other, the document as it went in, replaced whole,
+    // listed by name, deleted once.
+    let document: serde_json::Value = serde_json::from_str(
+        r#"{"Resources":{"thing":{"Type":"AWS::IoT::Thing","Properties":{"ThingName":{"Ref":"SerialNumber"}}}},"Parameters":{"SerialNumber":{"Type":"String","Default":"0.50"}}}"#,
+    )
+    .unwrap();
+    let template = |name: &str, version: u64| fleet_cloud::StoredTemplate {
+        name: name.into(),
+        description: "pumps".into(),
+        enabled: true,
+        document: document.clone(),
+        allow_replace: version > 1,
+        hook: Some(fleet_cloud::StoredHook {
+            url: "https://hooks.example.com/p".into(),
+            ca_pem: None,
+            timeout_ms: 2_500,
+        }),
+        version,
+        created_ms: 1_700_000_000_000,
+        updated_ms: 1_700_000_000_000 + version,
+    };
+    assert_eq!(other.stored_template("pumps").await.unwrap(), None);
+    r.put_template(&template("pumps", 1)).await.unwrap();
+    r.put_template(&template("fans", 1)).await.unwrap();
+    assert_eq!(
+        other.stored_template("pumps").await.unwrap(),
+        Some(template("pumps", 1))
+    );
+    other.put_template(&template("pumps", 2)).await.unwrap();
+    let all = r.stored_templates().await.unwrap();
+    assert_eq!(all, [template("fans", 1), template("pumps", 2)]);
+    assert_eq!(
+        serde_json::to_string(&all[1].document).unwrap(),
+        serde_json::to_string(&document).unwrap()
+    );
+    other.delete_template("fans").await.unwrap();
+    assert!(matches!(
+        r.delete_template("fans").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert_eq!(r.stored_templates().await.unwrap().len(), 1);
 }
 
 /// Provisioning by claim through two instances on one store: the ownership

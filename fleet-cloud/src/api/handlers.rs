@@ -78,6 +78,7 @@ pub(super) fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(control_campaign))
         .routes(routes!(send_command))
         .routes(routes!(list_templates))
+        .routes(routes!(get_template, put_template, delete_template))
         .routes(routes!(create_claim))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
@@ -1042,24 +1043,171 @@ async fn send_command(
 
 // ---- provisioning
 
-/// The provisioning templates devices may provision by.
+/// A configured template as the API shows it.
+fn configured_view(t: &crate::ProvisioningTemplate) -> TemplateView {
+    TemplateView {
+        name: t.name.clone(),
+        thing_name_prefix: t.thing_name_prefix.clone(),
+        name_parameter: t.name_parameter.clone(),
+        required_parameters: t.required_parameters.clone(),
+        attributes: t.attributes.clone(),
+        groups: t.groups.clone(),
+        document: t.body.as_ref().map(|b| b.document().clone()),
+        pre_provisioning_hook: t.webhook.as_ref().map(|w| w.url.clone()),
+        source: "configuration".into(),
+        enabled: true,
+        allow_replace: t.allow_replace,
+        description: String::new(),
+        version: None,
+    }
+}
+
+/// A template created through the API as the API shows it.
+fn stored_view(t: &crate::StoredTemplate) -> TemplateView {
+    let required = crate::ProvisioningTemplate::from_stored(t)
+        .map(|p| p.required_parameters)
+        .unwrap_or_default();
+    TemplateView {
+        name: t.name.clone(),
+        thing_name_prefix: String::new(),
+        name_parameter: String::new(),
+        required_parameters: required,
+        attributes: Default::default(),
+        groups: Vec::new(),
+        document: Some(t.document.clone()),
+        pre_provisioning_hook: t.hook.as_ref().map(|h| h.url.clone()),
+        source: "api".into(),
+        enabled: t.enabled,
+        allow_replace: t.allow_replace,
+        description: t.description.clone(),
+        version: Some(t.version),
+    }
+}
+
+/// The provisioning templates devices may provision by: those of the
+/// configuration, then those created through the API, by name.
 #[utoipa::path(get, path = "/v1/provisioning/templates", responses((status = 200, body = Vec<TemplateView>)))]
-async fn list_templates(State(api): State<Api>) -> axum::Json<Vec<TemplateView>> {
-    axum::Json(
-        api.templates
+async fn list_templates(State(api): State<Api>) -> Result<axum::Json<Vec<TemplateView>>, ApiError> {
+    let mut views: Vec<TemplateView> = api.templates.iter().map(configured_view).collect();
+    views.extend(
+        api.registry
+            .stored_templates()
+            .await?
             .iter()
-            .map(|t| TemplateView {
-                name: t.name.clone(),
-                thing_name_prefix: t.thing_name_prefix.clone(),
-                name_parameter: t.name_parameter.clone(),
-                required_parameters: t.required_parameters.clone(),
-                attributes: t.attributes.clone(),
-                groups: t.groups.clone(),
-                document: t.body.as_ref().map(|b| b.document().clone()),
-                pre_provisioning_hook: t.webhook.as_ref().map(|w| w.url.clone()),
-            })
-            .collect(),
-    )
+            .filter(|t| !api.templates.iter().any(|c| c.name == t.name))
+            .map(stored_view),
+    );
+    Ok(axum::Json(views))
+}
+
+/// A template name as AWS allows it: 1–36 of `[0-9A-Za-z_-]` (it is a
+/// topic segment).
+fn template_name(name: &str) -> Result<(), ApiError> {
+    if (1..=36).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "template name {name:?}: 1 to 36 of A-Z a-z 0-9 _ -"
+        )))
+    }
+}
+
+/// One provisioning template.
+#[utoipa::path(get, path = "/v1/provisioning/templates/{name}", params(("name" = String, Path, description = "The template")), responses((status = 200, body = TemplateView), (status = 404, body = ErrorBody)))]
+async fn get_template(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<TemplateView>, ApiError> {
+    if let Some(t) = api.templates.iter().find(|t| t.name == name) {
+        return Ok(axum::Json(configured_view(t)));
+    }
+    match api.registry.stored_template(&name).await? {
+        Some(t) => Ok(axum::Json(stored_view(&t))),
+        None => Err(ApiError::not_found(format!("no template {name}"))),
+    }
+}
+
+/// Creates or replaces a provisioning template (admin): an AWS IoT fleet
+/// provisioning template document, checked before it is kept (a fault is
+/// refused with its path and nothing is stored). Every instance sharing
+/// the store serves it from the next registration on. Templates of the
+/// configuration file cannot be replaced here (409).
+#[utoipa::path(put, path = "/v1/provisioning/templates/{name}", params(("name" = String, Path, description = "The template")), request_body = PutTemplate, responses((status = 201, body = TemplateView), (status = 200, body = TemplateView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn put_template(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<PutTemplate>,
+) -> Result<Response, ApiError> {
+    template_name(&name)?;
+    if api.templates.iter().any(|t| t.name == name) {
+        return Err(ApiError::conflict(format!(
+            "template {name} is defined in fleet serve's configuration; change it there"
+        )));
+    }
+    let document = match body.template_body {
+        Value::String(s) => serde_json::from_str(&s)
+            .map_err(|e| ApiError::invalid(format!("templateBody: not JSON: {e}")))?,
+        v @ Value::Object(_) => v,
+        _ => {
+            return Err(ApiError::invalid(
+                "templateBody: a JSON object, or a string holding one",
+            ));
+        }
+    };
+    let before = api.registry.stored_template(&name).await?;
+    let now = super::now_ms();
+    let stored = crate::StoredTemplate {
+        name: name.clone(),
+        description: body.description,
+        enabled: body.enabled,
+        document,
+        allow_replace: body.allow_replace,
+        hook: body.pre_provisioning_hook.map(|h| crate::StoredHook {
+            url: h.url,
+            ca_pem: h.ca_pem,
+            timeout_ms: h.timeout_ms.unwrap_or(5_000),
+        }),
+        version: before.as_ref().map_or(1, |b| b.version + 1),
+        created_ms: before.as_ref().map_or(now, |b| b.created_ms),
+        updated_ms: now,
+    };
+    crate::ProvisioningTemplate::from_stored(&stored)
+        .map_err(|e| ApiError::invalid(format!("template {name}: {e}")))?;
+    api.registry.put_template(&stored).await?;
+    let status = match before {
+        Some(_) => StatusCode::OK,
+        None => StatusCode::CREATED,
+    };
+    let before = before.and_then(|b| serde_json::to_value(stored_view(&b)).ok());
+    Ok(with_before(
+        before,
+        (status, axum::Json(stored_view(&stored))),
+    ))
+}
+
+/// Deletes a provisioning template created through the API (admin):
+/// registrations by it are refused from then on; things it made stay.
+#[utoipa::path(delete, path = "/v1/provisioning/templates/{name}", params(("name" = String, Path, description = "The template")), responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_template(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    if api.templates.iter().any(|t| t.name == name) {
+        return Err(ApiError::conflict(format!(
+            "template {name} is defined in fleet serve's configuration; remove it there"
+        )));
+    }
+    let before = api
+        .registry
+        .stored_template(&name)
+        .await?
+        .and_then(|b| serde_json::to_value(stored_view(&b)).ok());
+    api.registry.delete_template(&name).await?;
+    Ok(with_before(before, StatusCode::NO_CONTENT))
 }
 
 /// Issues a certificate and key for a claim identity (admin).

@@ -400,8 +400,14 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 pub(crate) type Api = Arc<ApiServices>;
 
 /// The scope a request needs: reads need `read`; certificates, claim
-/// identities and tokens need `admin`; every other change `operator`.
+/// identities and tokens need `admin`, and so do changes to provisioning
+/// templates (a template decides what a claimant becomes); every other
+/// change `operator`.
 fn required_scope(method: &Method, path: &str) -> Scope {
+    let reads = method == Method::GET || method == Method::HEAD;
+    if !reads && path.starts_with("/v1/provisioning/templates") {
+        return Scope::Admin;
+    }
     let admin = [
         "/v1/certificates",
         "/v1/provisioning/claims",

@@ -445,6 +445,65 @@ pub struct TemplateView {
     /// The pre-provisioning hook's URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_provisioning_hook: Option<String>,
+    /// Where it is defined: `configuration` (the file `fleet serve` read;
+    /// not changed through the API) or `api` (kept in the store, shared by
+    /// every instance).
+    pub source: String,
+    /// Whether devices may register by it.
+    pub enabled: bool,
+    /// Whether a claimant may provision onto an existing thing.
+    pub allow_replace: bool,
+    /// For people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Its version (templates from the API: 1 when created, one more at
+    /// each replacement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// A provisioning template to create or replace (admin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PutTemplate {
+    /// The AWS IoT fleet provisioning template document (`Parameters`,
+    /// `Mappings`, `Resources`): a JSON object, or a string holding one
+    /// as AWS's `templateBody` does.
+    #[schema(value_type = Object)]
+    pub template_body: Value,
+    /// For people.
+    #[serde(default)]
+    pub description: String,
+    /// Whether devices may register by it (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Whether a claimant may provision onto an existing thing (default
+    /// false).
+    #[serde(default)]
+    pub allow_replace: bool,
+    /// The pre-provisioning hook, asked before each registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_provisioning_hook: Option<HookSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A pre-provisioning hook: an HTTPS webhook with AWS's pre-provisioning
+/// Lambda contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HookSpec {
+    /// `https://...`.
+    pub url: String,
+    /// The CA of the hook's server certificate, PEM (default: the Web
+    /// PKI's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// How long it may take, ms (default 5,000; at most 30,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A claim identity to issue.

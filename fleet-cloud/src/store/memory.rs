@@ -15,7 +15,7 @@ use super::{
 };
 use crate::model::{
     AuditEntry, CertificateRecord, CertificateStatus, Connectivity, ConnectivityEvent, GroupQuery,
-    JobRecord, PendingCertificate, Spent, StoredToken, Thing,
+    JobRecord, PendingCertificate, Spent, StoredTemplate, StoredToken, Thing,
 };
 use crate::query::{Entry, Query};
 use fleet_core::admission::Roster;
@@ -289,6 +289,7 @@ struct MemoryRegistry {
     /// The certificate and whether the token was used.
     pending: BTreeMap<String, (PendingCertificate, bool)>,
     audit: Vec<AuditEntry>,
+    templates: BTreeMap<String, StoredTemplate>,
 }
 
 impl MemoryStore {
@@ -324,6 +325,25 @@ impl RegistryStore for MemoryStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn put_template(&self, template: &StoredTemplate) -> Result<(), StoreError> {
+        self.registry_lock()?
+            .templates
+            .insert(template.name.clone(), template.clone());
+        Ok(())
+    }
+
+    async fn template(&self, name: &str) -> Result<Option<StoredTemplate>, StoreError> {
+        Ok(self.registry_lock()?.templates.get(name).cloned())
+    }
+
+    async fn templates(&self) -> Result<Vec<StoredTemplate>, StoreError> {
+        Ok(self.registry_lock()?.templates.values().cloned().collect())
+    }
+
+    async fn delete_template(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.registry_lock()?.templates.remove(name).is_some())
     }
 
     async fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {

@@ -55,8 +55,8 @@ use fleet_core::jobs::ThingJobs;
 use fleet_core::shadow::Shadow;
 
 use crate::model::{
-    AuditEntry, CertificateRecord, GroupQuery, JobRecord, PendingCertificate, Spent, StoredToken,
-    Thing,
+    AuditEntry, CertificateRecord, GroupQuery, JobRecord, PendingCertificate, Spent,
+    StoredTemplate, StoredToken, Thing,
 };
 use fleet_core::admission::Roster;
 
@@ -377,6 +377,15 @@ pub trait RegistryStore: Send + Sync + fmt::Debug + 'static {
     /// The audit log's entries with an id greater than `after`, oldest
     /// first, `limit` at most.
     async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Creates or replaces the provisioning template `template.name`.
+    async fn put_template(&self, template: &StoredTemplate) -> Result<(), StoreError>;
+    /// The provisioning template with this name.
+    async fn template(&self, name: &str) -> Result<Option<StoredTemplate>, StoreError>;
+    /// Every stored provisioning template, by name.
+    async fn templates(&self) -> Result<Vec<StoredTemplate>, StoreError>;
+    /// Forgets a provisioning template; whether there was one.
+    async fn delete_template(&self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// A retained message as the embedded broker keeps it.

@@ -14,9 +14,9 @@ use fleet_cloud::api::ErrorBody;
 use fleet_cloud::api::types::{
     AuditList, CampaignList, CampaignView, CancelJob, CertificateView, ClaimIdentity,
     CommandResult, CreateClaim, CreateGroup, CreateJob, CreateThing, CreateToken, ExecutionList,
-    GroupList, GroupMembers, GroupQueryView, JobList, JobView, Paged, ReleaseList, ReleaseView,
-    SendCommand, SetAttributes, SetEnabled, StartCampaign, Statistics, TemplateView, ThingList,
-    ThingView, TokenView, UploadRelease,
+    GroupList, GroupMembers, GroupQueryView, HookSpec, JobList, JobView, Paged, PutTemplate,
+    ReleaseList, ReleaseView, SendCommand, SetAttributes, SetEnabled, StartCampaign, Statistics,
+    TemplateView, ThingList, ThingView, TokenView, UploadRelease,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -1523,6 +1523,85 @@ pub(crate) async fn claim(c: &Connection, cmd: ClaimCommand) -> Result<(), Failu
 pub(crate) enum TemplateCommand {
     /// Lists the provisioning templates served.
     List,
+    /// Shows one template, its document included.
+    Show {
+        /// The template's name.
+        name: String,
+    },
+    /// Creates or replaces a template (admin) from an AWS IoT fleet
+    /// provisioning template document; every instance serves it from the
+    /// next registration on. Templates of `fleet serve`'s configuration
+    /// are changed there, not here.
+    Put {
+        /// The template's name (1-36 of A-Z a-z 0-9 _ -), as devices give
+        /// it in RegisterThing's topic.
+        name: String,
+        /// The template document (JSON, AWS's shape).
+        file: PathBuf,
+        /// For people.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Refuse registrations by it (it is kept).
+        #[arg(long)]
+        disabled: bool,
+        /// Let a claimant provision onto an existing thing.
+        #[arg(long)]
+        allow_replace: bool,
+        /// The pre-provisioning hook: an https:// URL asked before each
+        /// registration.
+        #[arg(long)]
+        hook_url: Option<String>,
+        /// The CA of the hook's certificate, PEM (default: the Web PKI's
+        /// roots).
+        #[arg(long, requires = "hook_url")]
+        hook_ca: Option<PathBuf>,
+        /// How long the hook may take, ms (default 5000).
+        #[arg(long, requires = "hook_url")]
+        hook_timeout_ms: Option<u64>,
+    },
+    /// Deletes a template created through the API; the things it made
+    /// stay.
+    Delete {
+        /// The template's name.
+        name: String,
+    },
+}
+
+fn read_text(path: &std::path::Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))
+}
+
+fn template_human(t: &TemplateView) -> String {
+    let mut out = format!(
+        "template {} ({}, {}{})",
+        t.name,
+        t.source,
+        if t.enabled { "enabled" } else { "disabled" },
+        t.version
+            .map(|v| format!(", version {v}"))
+            .unwrap_or_default()
+    );
+    if !t.description.is_empty() {
+        out.push_str(&format!("\n  {}", t.description));
+    }
+    out.push_str(&format!(
+        "\n  parameters: {}",
+        t.required_parameters.join(", ")
+    ));
+    if let Some(h) = &t.pre_provisioning_hook {
+        out.push_str(&format!("\n  pre-provisioning hook: {h}"));
+    }
+    if t.allow_replace {
+        out.push_str("\n  may provision onto an existing thing");
+    }
+    if let Some(d) = &t.document {
+        out.push_str(&format!(
+            "\n{}",
+            serde_json::to_string_pretty(d).unwrap_or_default()
+        ));
+    }
+    out
 }
 
 pub(crate) async fn template(c: &Connection, cmd: TemplateCommand) -> Result<(), Failure> {
@@ -1532,16 +1611,74 @@ pub(crate) async fn template(c: &Connection, cmd: TemplateCommand) -> Result<(),
             let v: Vec<TemplateView> = api.get("/v1/provisioning/templates").await?;
             api.show_list(
                 &Items::all(v),
-                &["template", "thing name", "parameters", "groups"],
+                &[
+                    "template",
+                    "source",
+                    "enabled",
+                    "thing name",
+                    "parameters",
+                    "hook",
+                ],
                 |t| {
                     vec![
                         t.name.clone(),
-                        format!("{}{{{}}}", t.thing_name_prefix, t.name_parameter),
+                        t.source.clone(),
+                        t.enabled.to_string(),
+                        match &t.document {
+                            Some(_) => "(document)".into(),
+                            None => format!("{}{{{}}}", t.thing_name_prefix, t.name_parameter),
+                        },
                         t.required_parameters.join(","),
-                        t.groups.join(","),
+                        t.pre_provisioning_hook.clone().unwrap_or_default(),
                     ]
                 },
             );
+        }
+        TemplateCommand::Show { name } => {
+            let t: TemplateView = api
+                .get(&format!("/v1/provisioning/templates/{name}"))
+                .await?;
+            api.show(&t, template_human);
+        }
+        TemplateCommand::Put {
+            name,
+            file,
+            description,
+            disabled,
+            allow_replace,
+            hook_url,
+            hook_ca,
+            hook_timeout_ms,
+        } => {
+            let text = read_text(&file)?;
+            let document: Value = serde_json::from_str(&text)
+                .map_err(|e| Failure::usage(format!("{}: not JSON: {e}", file.display())))?;
+            let hook = match hook_url {
+                Some(url) => Some(HookSpec {
+                    url,
+                    ca_pem: hook_ca.as_deref().map(read_text).transpose()?,
+                    timeout_ms: hook_timeout_ms,
+                }),
+                None => None,
+            };
+            let body = PutTemplate {
+                template_body: document,
+                description,
+                enabled: !disabled,
+                allow_replace,
+                pre_provisioning_hook: hook,
+            };
+            let t: TemplateView = api
+                .put(&format!("/v1/provisioning/templates/{name}"), &body)
+                .await?;
+            api.show(&t, template_human);
+        }
+        TemplateCommand::Delete { name } => {
+            api.delete::<()>(&format!("/v1/provisioning/templates/{name}"))
+                .await?;
+            api.show(&json!({"deleted": name}), |_| {
+                format!("deleted template {name}")
+            });
         }
     }
     Ok(())

@@ -147,6 +147,12 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // Provisioning templates created through the API (the document as
+    // given, byte for byte).
+    "CREATE TABLE provisioning_templates (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL
+    );",
 ];
 
 /// The key of the advisory lock migrations hold.

@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use super::{PgStore, signed};
 use crate::model::{
     AuditEntry, CertificateRecord, CertificateStatus, GroupQuery, PendingCertificate, Scope, Spent,
-    StoredToken, Thing, TokenRecord,
+    StoredTemplate, StoredToken, Thing, TokenRecord,
 };
 use crate::store::{RegistryStore, StoreError, backend, corrupt};
 
@@ -152,6 +152,48 @@ impl RegistryStore for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn put_template(&self, t: &StoredTemplate) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(t).map_err(backend)?;
+        self.execute(
+            "INSERT INTO provisioning_templates (name, spec) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+            &[&t.name, &spec],
+            &t.name,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn template(&self, name: &str) -> Result<Option<StoredTemplate>, StoreError> {
+        self.query(
+            "SELECT spec FROM provisioning_templates WHERE name = $1",
+            &[&name],
+        )
+        .await?
+        .first()
+        .map(|r| serde_json::from_str(&r.get::<_, String>(0)).map_err(corrupt))
+        .transpose()
+    }
+
+    async fn templates(&self) -> Result<Vec<StoredTemplate>, StoreError> {
+        self.query("SELECT spec FROM provisioning_templates ORDER BY name", &[])
+            .await?
+            .iter()
+            .map(|r| serde_json::from_str(&r.get::<_, String>(0)).map_err(corrupt))
+            .collect()
+    }
+
+    async fn delete_template(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                "DELETE FROM provisioning_templates WHERE name = $1",
+                &[&name],
+                name,
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {

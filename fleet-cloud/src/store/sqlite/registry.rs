@@ -12,7 +12,7 @@ use rusqlite::OptionalExtension as _;
 use super::{connect, migrate};
 use crate::model::{
     AuditEntry, CertificateRecord, CertificateStatus, GroupQuery, PendingCertificate, Scope, Spent,
-    StoredToken, Thing, TokenRecord,
+    StoredTemplate, StoredToken, Thing, TokenRecord,
 };
 use crate::store::{RegistryStore, StoreError, backend, corrupt};
 
@@ -53,6 +53,11 @@ CREATE TABLE IF NOT EXISTS audit_log (
     at_ms INTEGER NOT NULL, token_id TEXT NOT NULL, token_name TEXT NOT NULL,
     method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,
     request TEXT, before TEXT
+) STRICT;
+",
+    "
+CREATE TABLE IF NOT EXISTS provisioning_templates (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL
 ) STRICT;
 ",
 ];
@@ -278,6 +283,56 @@ impl RegistryStore for SqliteRegistry {
             .collect()
         })
         .await
+    }
+
+    async fn put_template(&self, t: &StoredTemplate) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(t).map_err(backend)?;
+        self.execute(
+            "INSERT INTO provisioning_templates (name, spec) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+            (t.name.clone(), spec),
+            &t.name,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn template(&self, name: &str) -> Result<Option<StoredTemplate>, StoreError> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            c.prepare_cached("SELECT spec FROM provisioning_templates WHERE name = ?1")
+                .and_then(|mut s| s.query_row([&name], |r| r.get::<_, String>(0)).optional())
+                .map_err(backend)?
+                .map(|s| serde_json::from_str(&s).map_err(corrupt))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn templates(&self) -> Result<Vec<StoredTemplate>, StoreError> {
+        self.with(|c| {
+            rows(
+                c,
+                "SELECT spec FROM provisioning_templates ORDER BY name",
+                [],
+                |r| r.get::<_, String>(0),
+            )?
+            .into_iter()
+            .map(|s| serde_json::from_str(&s).map_err(corrupt))
+            .collect()
+        })
+        .await
+    }
+
+    async fn delete_template(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                "DELETE FROM provisioning_templates WHERE name = ?1",
+                [name.to_owned()],
+                name,
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
