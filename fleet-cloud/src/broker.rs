@@ -101,6 +101,12 @@ pub struct ServeOptions {
     pub clock: Clock,
     /// Commands are sent under this prefix (`$aws` by default).
     pub commands_prefix: String,
+    /// Told of every request a thing makes (its `lastSeen`), at most once
+    /// per [`seen_interval`](Self::seen_interval) per thing: with a broker
+    /// that reports no activity of its own (`None`: not told).
+    pub seen: Option<crate::ConnectivityRecorder>,
+    /// How often a thing's activity is told to [`seen`](Self::seen).
+    pub seen_interval: Duration,
 }
 
 impl Default for ServeOptions {
@@ -110,7 +116,44 @@ impl Default for ServeOptions {
             leadership: None,
             clock: Clock::system(),
             commands_prefix: "$aws".into(),
+            seen: None,
+            seen_interval: Duration::from_secs(10),
         }
+    }
+}
+
+/// Tells a sink that things were heard from, each at most once per
+/// interval.
+struct Seen {
+    sink: crate::ConnectivityRecorder,
+    interval: Duration,
+    last: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl Seen {
+    fn note(&mut self, thing: &str) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .get(thing)
+            .is_some_and(|t| now.duration_since(*t) < self.interval)
+        {
+            return;
+        }
+        // Forget the quiet ones now and then (bounded by the things heard
+        // from within one interval).
+        if self.last.len() >= 100_000 {
+            let interval = self.interval;
+            self.last.retain(|_, t| now.duration_since(*t) < interval);
+        }
+        self.last.insert(thing.to_string(), now);
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.sink.record(crate::ConnectivityEvent::Seen {
+            thing: thing.to_string(),
+            at,
+        });
     }
 }
 
@@ -679,7 +722,13 @@ pub fn serve(
     let telemetry_in =
         crate::metrics::per_qos("fleet_messages_in_total", &[("service", "telemetry")]);
     let other_in = crate::metrics::per_qos("fleet_messages_in_total", &[("service", "other")]);
+    let seen = options.seen.clone().map(|sink| Seen {
+        sink,
+        interval: options.seen_interval,
+        last: std::collections::HashMap::new(),
+    });
     let network = tokio::spawn(async move {
+        let mut seen = seen;
         let mut backoff = Duration::from_millis(100);
         loop {
             match eventloop.poll().await {
@@ -701,7 +750,15 @@ pub fn serve(
                     let response = props.and_then(|pr| {
                         Some((pr.response_topic.clone()?, pr.correlation_data.clone()))
                     });
-                    let routed = table.route(&topic).map(|(id, _)| id);
+                    let routed = match table.route(&topic) {
+                        Some((id, parsed)) => {
+                            if let (Some(s), Some(thing)) = (seen.as_mut(), parsed.thing()) {
+                                s.note(thing.as_str());
+                            }
+                            Some(id)
+                        }
+                        None => None,
+                    };
                     let is_telemetry = routed.is_none()
                         && telemetry_prefix.as_ref().is_some_and(|t| {
                             topic

@@ -214,6 +214,85 @@ impl ConnectivityRecorder {
     }
 }
 
+/// Records what device agents say of their presence
+/// ([`fleet_core::presence`]: a retained birth, a last will, a goodbye on
+/// `fleet/things/{thing}/presence`), for a broker that reports no
+/// lifecycle events (Mosquitto). Each message is written to the store
+/// before it is acknowledged; the topic names the thing (the broker's ACL
+/// lets a device write its own presence only), the time is the backend's.
+/// A malformed message is dropped with a warning (answering it would tell
+/// nobody).
+#[derive(Debug, Clone)]
+pub struct PresenceService {
+    index: Arc<dyn IndexStore>,
+}
+
+impl PresenceService {
+    /// A service writing to `index`.
+    pub fn new(index: Arc<dyn IndexStore>) -> Self {
+        Self { index }
+    }
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[async_trait::async_trait]
+impl crate::Handler for PresenceService {
+    fn service(&self) -> fleet_core::topic::Service {
+        fleet_core::topic::Service::Presence
+    }
+
+    fn prefix(&self) -> &str {
+        fleet_core::presence::PREFIX
+    }
+
+    async fn handle(
+        &self,
+        request: &crate::Request<'_>,
+    ) -> Result<Vec<crate::Outgoing>, crate::service::HandlerError> {
+        use fleet_core::presence::{PresenceEvent, PresenceKind};
+        let Some(thing) = request.topic.thing() else {
+            return Err(crate::service::HandlerError::NotARequest);
+        };
+        // An empty retained message clears the topic: nothing to record.
+        if request.payload.is_empty() {
+            return Ok(Vec::new());
+        }
+        let event = match PresenceEvent::parse(request.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(thing = thing.as_str(), "presence: {e}");
+                return Ok(Vec::new());
+            }
+        };
+        let (thing, at, session) = (
+            thing.as_str().to_string(),
+            epoch_ms(),
+            event.session_identifier,
+        );
+        let recorded = match event.event_type {
+            PresenceKind::Connected => ConnectivityEvent::Connected { thing, at, session },
+            PresenceKind::Disconnected => ConnectivityEvent::Disconnected {
+                thing,
+                at,
+                session,
+                reason: event
+                    .disconnect_reason
+                    .unwrap_or_else(|| fleet_core::presence::CONNECTION_LOST.into()),
+            },
+        };
+        self.index
+            .record_connectivity(vec![recorded])
+            .await
+            .map_err(crate::service::HandlerError::failed)?;
+        Ok(Vec::new())
+    }
+}
+
 impl crate::embedded::PresenceSink for ConnectivityRecorder {
     fn record(&self, event: ConnectivityEvent) {
         ConnectivityRecorder::record(self, event);

@@ -132,7 +132,7 @@ pub use embedded::{
     is_provisioned,
 };
 pub use health::{Readiness, Report};
-pub use inventory::{ConnectivityRecorder, Inventory, InventoryError};
+pub use inventory::{ConnectivityRecorder, Inventory, InventoryError, PresenceService};
 pub use jobs::{ExecutionSummary, JobSnapshot, JobsError, JobsService, RolloutAction};
 pub use model::{
     AttributeQuery, AuditEntry, CertificateRecord, CertificateStatus, Connectivity,

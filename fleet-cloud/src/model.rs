@@ -413,6 +413,13 @@ impl Connectivity {
     /// the thing connected); "seen" moves `last_seen` forward only.
     pub fn apply(&mut self, event: &ConnectivityEvent) {
         match event {
+            // The same connection told again (a retained birth replayed to
+            // a backend that subscribed again): nothing new.
+            ConnectivityEvent::Connected { at, session, .. }
+                if self.connected && *session == self.session =>
+            {
+                self.last_seen = self.last_seen.max(*at);
+            }
             ConnectivityEvent::Connected { at, session, .. } => {
                 self.connected = true;
                 self.timestamp = *at;
@@ -430,6 +437,10 @@ impl Connectivity {
                 if *session != self.session && (self.connected || *at < self.timestamp) {
                     return;
                 }
+                // Its end told again (a retained will replayed).
+                if *session == self.session && !self.connected && self.disconnected_at.is_some() {
+                    return;
+                }
                 self.connected = false;
                 self.timestamp = *at;
                 self.disconnected_at = Some(*at);
@@ -437,5 +448,63 @@ impl Connectivity {
             }
             ConnectivityEvent::Seen { at, .. } => self.last_seen = self.last_seen.max(*at),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connected(session: &str, at: u64) -> ConnectivityEvent {
+        ConnectivityEvent::Connected {
+            thing: "t".into(),
+            at,
+            session: session.into(),
+        }
+    }
+
+    fn disconnected(session: &str, at: u64, reason: &str) -> ConnectivityEvent {
+        ConnectivityEvent::Disconnected {
+            thing: "t".into(),
+            at,
+            session: session.into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn connectivity_follows_the_current_connection_and_ignores_replays() {
+        let mut c = Connectivity::default();
+        c.apply(&connected("a", 10));
+        // A retained birth told again: the same connection.
+        c.apply(&connected("a", 20));
+        assert_eq!(
+            (c.connected, c.connected_since, c.last_seen),
+            (true, Some(10), 20)
+        );
+        // Taken over by b; a's late end leaves it connected.
+        c.apply(&connected("b", 30));
+        c.apply(&disconnected("a", 31, "DUPLICATE_CLIENTID"));
+        assert_eq!((c.connected, c.connected_since), (true, Some(30)));
+        c.apply(&disconnected("b", 40, "CONNECTION_LOST"));
+        // A retained will told again: the same end.
+        c.apply(&disconnected("b", 50, "CONNECTION_LOST"));
+        assert_eq!(
+            (
+                c.connected,
+                c.disconnected_at,
+                c.disconnect_reason.as_deref(),
+                c.last_seen
+            ),
+            (false, Some(40), Some("CONNECTION_LOST"), 50)
+        );
+        // The same session connecting again (an agent's reconnection).
+        c.apply(&connected("b", 60));
+        assert_eq!((c.connected, c.connected_since), (true, Some(60)));
+        c.apply(&ConnectivityEvent::Seen {
+            thing: "t".into(),
+            at: 55,
+        });
+        assert_eq!(c.last_seen, 60, "seen never goes back");
     }
 }

@@ -326,6 +326,13 @@ impl BrokerPolicy {
             device.push((Read, format!("{p}/claims/%u/%c/#")));
         }
         device.push((Write, format!("{t}/%u/#")));
+        // Its own presence (a retained birth and last will, outside the
+        // reserved prefix, which keeps no retained message): written, not
+        // read.
+        device.push((
+            Write,
+            format!("{}/things/%u/presence", fleet_core::presence::PREFIX),
+        ));
         let mut blocks = vec![RuleBlock {
             comment: "Devices: only their own topics. Requests out, replies in.",
             who: Who::Anyone,

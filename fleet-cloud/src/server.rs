@@ -345,6 +345,12 @@ impl FleetServer {
             }
             BrokerSetup::External { host, port } => (host, port, None),
         };
+        // Another broker reports nothing: device agents tell their
+        // presence (retained births and wills), and every request is
+        // activity.
+        let external_presence = embedded
+            .is_none()
+            .then(|| ConnectivityRecorder::start(stores.index.clone()));
         let revoker = embedded.as_ref().map(EmbeddedBroker::revoker);
         let changed = config.on_registry_changed.clone();
 
@@ -364,6 +370,9 @@ impl FleetServer {
             .with_prefix(prefix)
             .map_err(|e| bad_prefix(&e))?;
         let mut services = Services::new().with(shadows.clone()).with(streams.clone());
+        if external_presence.is_some() {
+            services = services.with(crate::PresenceService::new(stores.index.clone()));
+        }
         // Jobs (with rollouts and campaigns) and provisioning speak `$aws`.
         if aws {
             services = services.with(jobs.clone());
@@ -409,6 +418,8 @@ impl FleetServer {
                 leadership: Some(leadership.clone()),
                 clock: config.clock,
                 commands_prefix: prefix.to_string(),
+                seen: external_presence,
+                seen_interval: config.seen_interval,
             },
         )
         .map_err(ServerError::Frontend)?;

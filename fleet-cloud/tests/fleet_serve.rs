@@ -1286,3 +1286,256 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
     fleet.kill().unwrap();
     fleet.wait().unwrap();
 }
+
+/// A device agent on a runtime of its own, so that it can be killed: its
+/// connection dropped without a DISCONNECT, as when its process dies.
+struct KillableAgent {
+    stop: std::sync::mpsc::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl KillableAgent {
+    fn start(builder: fleet_device::AgentBuilder) -> Self {
+        let (stop, told) = std::sync::mpsc::channel::<bool>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let agent = rt.block_on(async { builder.start().unwrap() });
+            let clean = rt.block_on(async {
+                tokio::task::spawn_blocking(move || told.recv().unwrap_or(false))
+                    .await
+                    .unwrap()
+            });
+            if clean {
+                rt.block_on(agent.shutdown());
+            } else {
+                // The pump and its socket are dropped mid-connection.
+                rt.shutdown_background();
+                drop(agent);
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// A clean stop: the agent says goodbye and disconnects.
+    fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.thread.join().unwrap();
+    }
+
+    /// Killed: no DISCONNECT; the broker publishes the last will.
+    fn kill(self) {
+        self.stop.send(false).unwrap();
+        self.thread.join().unwrap();
+    }
+}
+
+/// Issue 27: with an external broker (Mosquitto with the ACL `fleet serve`
+/// writes), device agents tell their presence — a retained birth at each
+/// connection, a retained last will, a goodbye before a clean stop — and
+/// `fleet serve` keeps each thing's connectivity from them: connected,
+/// stopped cleanly (CLIENT_INITIATED_DISCONNECT), killed
+/// (CONNECTION_LOST); a device killed while `fleet serve` was down is
+/// recorded disconnected once it is back (the broker kept the will for
+/// its session); a device still connected across a restart keeps its
+/// connection's start (the replayed birth is not a new connection); every
+/// request moves `lastSeen`; a device cannot write another's presence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mosquitto_agents_tell_who_is_connected() {
+    let broker = Broker::start().expect("start mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let backend = broker.backend_identity().unwrap();
+    std::fs::write(d.join("backend.pem"), backend.cert_pem).unwrap();
+    std::fs::write(d.join("backend.key"), backend.key_pem).unwrap();
+    std::fs::write(d.join("ca.pem"), broker.pki().ca_pem()).unwrap();
+    let server = broker.pki().server_identity().unwrap();
+    std::fs::write(d.join("server.pem"), server.cert_pem).unwrap();
+    std::fs::write(d.join("server.key"), server.key_pem).unwrap();
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .arg("serve")
+            .arg("--broker")
+            .arg(format!("localhost:{}", broker.port()))
+            .arg("--dir")
+            .arg(d)
+            .arg("--api")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .args(["--seen-interval-ms", "100", "--client-id", "cloud-presence"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fleet serve")
+    };
+    let mut fleet = spawn();
+    let tls = fleet_cloud::tls::client_config(&broker.pki().ca_pem(), None).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut token = None;
+    for _ in 0..100 {
+        if let Ok(t) = std::fs::read_to_string(d.join("admin.token"))
+            && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
+        {
+            token = Some(t.trim().to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = token.expect("fleet serve wrote its admin token and serves the API");
+    for thing in ["pump-1", "pump-2"] {
+        let r = http
+            .post(format!("https://localhost:{api_port}/v1/things"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"name": thing}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    }
+    // A thing's connectivity once `want` holds of it (within 20 s).
+    let until = |thing: &'static str, want: fn(&Value) -> bool| {
+        let (http, token) = (http.clone(), token.clone());
+        async move {
+            let mut last = Value::Null;
+            for _ in 0..200 {
+                if let Ok(r) = http
+                    .get(format!("https://localhost:{api_port}/v1/things/{thing}"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    && let Ok(v) = r.json::<Value>().await
+                {
+                    last = v["connectivity"].clone();
+                    if want(&last) {
+                        return last;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{thing}: connectivity stayed {last}");
+        }
+    };
+    let agent = |thing: &str| {
+        let id = broker.device_identity(thing).unwrap();
+        KillableAgent::start(
+            fleet_device::AgentBuilder::new(
+                "localhost",
+                broker.port(),
+                thing,
+                &id.cert_pem,
+                &id.key_pem,
+                &broker.pki().ca_pem(),
+            )
+            .presence(true),
+        )
+    };
+    let connected = |c: &Value| c["connected"] == true;
+    let ended = |c: &Value| c["connected"] == false && c["disconnectReason"].is_string();
+
+    // Connected, then stopped cleanly.
+    let one = agent("pump-1");
+    let c = until("pump-1", connected).await;
+    assert!(c["connectedSince"].as_u64().unwrap() > 0, "{c}");
+    one.stop();
+    let c = until("pump-1", ended).await;
+    assert_eq!(c["disconnectReason"], "CLIENT_INITIATED_DISCONNECT", "{c}");
+
+    // Killed: the broker publishes its will.
+    let two = agent("pump-2");
+    until("pump-2", connected).await;
+    two.kill();
+    let c = until("pump-2", ended).await;
+    assert_eq!(c["disconnectReason"], "CONNECTION_LOST", "{c}");
+
+    // A device cannot speak for another: pump-2's forged birth of pump-1
+    // is refused by the broker's ACL.
+    let forger_id = broker.device_identity("pump-2").unwrap();
+    let forger = TestClient::connect(&broker, &forger_id, "pump-2")
+        .await
+        .unwrap();
+    forger
+        .publish(
+            "fleet/things/pump-1/presence",
+            r#"{"clientId":"pump-1","eventType":"connected","sessionIdentifier":"forged"}"#,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = until("pump-1", |_| true).await;
+    assert_eq!(
+        (&c["connected"], &c["disconnectReason"]),
+        (
+            &Value::Bool(false),
+            &Value::from("CLIENT_INITIATED_DISCONNECT")
+        ),
+        "{c}"
+    );
+    drop(forger);
+
+    // Connected across a restart of fleet serve: the same connection.
+    let one = agent("pump-1");
+    let before = until("pump-1", connected).await;
+    let since = before["connectedSince"].clone();
+    // And killed while fleet serve is down.
+    let two = agent("pump-2");
+    until("pump-2", connected).await;
+    sigkill(&fleet);
+    fleet.wait().unwrap();
+    two.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet = spawn();
+    let c = until("pump-2", ended).await;
+    assert_eq!(c["disconnectReason"], "CONNECTION_LOST", "{c}");
+    let after = until("pump-1", connected).await;
+    assert_eq!(after["connectedSince"], since, "{before} then {after}");
+    // Requests are activity: lastSeen moves.
+    let seen = after["lastSeen"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = broker.device_identity("pump-1").unwrap();
+    let mut dev = TestClient::connect(&broker, &probe, "pump-1-probe")
+        .await
+        .unwrap();
+    assert!(
+        dev.subscribe("$aws/things/pump-1/shadow/get/+")
+            .await
+            .unwrap()
+    );
+    dev.publish("$aws/things/pump-1/shadow/get", "{}")
+        .await
+        .unwrap();
+    until("pump-1", |c| c["lastSeen"].as_u64().unwrap_or(0) > 0).await;
+    let mut last = 0;
+    for _ in 0..50 {
+        last = until("pump-1", |_| true).await["lastSeen"]
+            .as_u64()
+            .unwrap();
+        if last > seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(last > seen, "lastSeen stayed {seen}");
+    drop(dev);
+    one.stop();
+    until("pump-1", ended).await;
+    let _ = fleet.kill();
+    let _ = fleet.wait();
+}
+
+/// SIGKILL, as a crash.
+fn sigkill(child: &Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+}

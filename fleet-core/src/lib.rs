@@ -76,6 +76,8 @@ pub mod identity;
 pub mod jobs;
 pub mod ota;
 #[cfg(feature = "alloc")]
+pub mod presence;
+#[cfg(feature = "alloc")]
 mod replay;
 #[cfg(feature = "alloc")]
 pub mod shadow;

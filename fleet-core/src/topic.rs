@@ -399,6 +399,11 @@ pub enum Topic<'a> {
     Command(CommandTopic<'a>),
     /// A fleet-provisioning topic in a claimant's own namespace.
     Claim(ClaimTopic<'a>),
+    /// `things/{thing}/presence`: where a device agent keeps its retained
+    /// birth message and its last will, so that a backend behind a broker
+    /// that reports no lifecycle events learns who is connected
+    /// ([`crate::presence`]).
+    Presence(ThingName<'a>),
 }
 
 /// The most levels any topic has after the prefix
@@ -427,6 +432,7 @@ impl<'a> Topic<'a> {
 
         match levels {
             ["things", thing, "shadow", rest @ ..] => parse_shadow(thing, rest),
+            ["things", thing, "presence"] => Ok(Topic::Presence(ThingName::new(thing)?)),
             ["things", thing, "jobs", rest @ ..] => parse_jobs(thing, rest),
             ["things", thing, "streams", stream, kind, format] => {
                 let kind = StreamTopicKind::parse(kind).ok_or(TopicError::Unknown)?;
@@ -536,6 +542,11 @@ impl<'a> Topic<'a> {
                 level(c.client.as_str())?;
                 provisioning_pieces(&c.request, false, &mut level)?;
             }
+            Topic::Presence(thing) => {
+                level("things")?;
+                level(thing.as_str())?;
+                level("presence")?;
+            }
             Topic::Command(c) => {
                 level("commands")?;
                 level("things")?;
@@ -605,6 +616,7 @@ impl<'a> Topic<'a> {
             Topic::Jobs(t) => Some(&t.thing),
             Topic::Stream(t) => Some(&t.thing),
             Topic::Command(t) => Some(&t.thing),
+            Topic::Presence(thing) => Some(thing),
             Topic::Provisioning(_) | Topic::Claim(_) => None,
         }
     }
@@ -617,6 +629,7 @@ impl<'a> Topic<'a> {
             Topic::Stream(_) => Service::Streams,
             Topic::Provisioning(_) | Topic::Claim(_) => Service::Provisioning,
             Topic::Command(_) => Service::Commands,
+            Topic::Presence(_) => Service::Presence,
         }
     }
 
@@ -656,6 +669,7 @@ impl<'a> Topic<'a> {
                 ..
             }) => *r == Role::Request,
             Topic::Command(t) => t.kind == CommandTopicKind::Response(Role::Request),
+            Topic::Presence(_) => true,
         }
     }
 
@@ -752,6 +766,7 @@ impl<'a> Topic<'a> {
                 kind: c.kind,
                 format: c.format,
             }),
+            Topic::Presence(thing) => Topic::Presence(thing.into_owned()),
         }
     }
 
@@ -929,6 +944,10 @@ pub enum Service {
     Provisioning,
     /// Commands: the devices' answers.
     Commands,
+    /// Presence: the device agents' birth messages and last wills
+    /// (`things/{thing}/presence`), with a broker that reports no
+    /// lifecycle events of its own. Nothing is answered.
+    Presence,
 }
 
 impl Service {
@@ -941,6 +960,7 @@ impl Service {
             Self::Streams => "streams",
             Self::Provisioning => "provisioning",
             Self::Commands => "commands",
+            Self::Presence => "presence",
         }
     }
 
@@ -978,16 +998,18 @@ impl Service {
                 "claims/+/+/provisioning-templates/+/+",
             ],
             Self::Commands => &["commands/things/+/executions/+/response/+"],
+            Self::Presence => &["things/+/presence"],
         }
     }
 
     /// Every service.
-    pub const ALL: [Service; 5] = [
+    pub const ALL: [Service; 6] = [
         Self::Shadows,
         Self::Jobs,
         Self::Streams,
         Self::Provisioning,
         Self::Commands,
+        Self::Presence,
     ];
 
     /// The request filters under `prefix`, prefixed
@@ -1039,6 +1061,8 @@ impl Service {
             Self::Commands => alloc::vec![alloc::format!(
                 "{p}/commands/things/{thing}/executions/+/request/+"
             )],
+            // Nothing is sent to a device about its presence.
+            Self::Presence => alloc::vec::Vec::new(),
         }
     }
 }
@@ -1402,6 +1426,7 @@ mod tests {
             (template, format(), role()).prop_map(|(t, f, r)| Topic::Provisioning(
                 ProvisioningTopic::RegisterThing(t, f, r)
             )),
+            thing_again().prop_map(Topic::Presence),
             (thing_again(), execution(), command_kind(), format()).prop_map(
                 |(thing, execution, kind, format)| Topic::Command(CommandTopic {
                     thing,
@@ -1455,8 +1480,11 @@ mod tests {
                         prop_assert_eq!(reply.thing(), topic.thing());
                         prop_assert!(reply.reply(role).is_none());
                     }
+                    // Stream requests are answered on topics of their
+                    // own; presence is not answered.
                     None => prop_assert!(
-                        !topic.is_from_device() || topic.service() == Service::Streams
+                        !topic.is_from_device()
+                            || matches!(topic.service(), Service::Streams | Service::Presence)
                     ),
                 }
             }

@@ -54,6 +54,8 @@ pub(crate) struct Options {
     pub(crate) keep_alive: Duration,
     pub(crate) max_packet: u32,
     pub(crate) capacity: usize,
+    /// A last will, retained at QoS 1: topic and payload.
+    pub(crate) will: Option<(String, Vec<u8>)>,
 }
 
 #[derive(Clone)]
@@ -97,6 +99,15 @@ pub(crate) fn connect(protocol: Protocol, o: Options) -> (Client, EventLoop) {
                 // about 8 MiB per connection. AWS IoT allows 100.
                 .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
                 .set_transport(transport);
+            if let Some((topic, payload)) = o.will {
+                m.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    topic,
+                    payload,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    None,
+                ));
+            }
             let (c, e) = rumqttc::v5::AsyncClient::new(m, o.capacity);
             (Client::V5(c), EventLoop::V5(Box::new(e)))
         }
@@ -107,6 +118,14 @@ pub(crate) fn connect(protocol: Protocol, o: Options) -> (Client, EventLoop) {
                 .set_max_packet_size(max, max)
                 .set_clean_session(true)
                 .set_transport(transport);
+            if let Some((topic, payload)) = o.will {
+                m.set_last_will(rumqttc::LastWill::new(
+                    topic,
+                    payload,
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                ));
+            }
             let (c, mut e) = rumqttc::AsyncClient::new(m, o.capacity);
             e.set_network_options(network_options());
             (Client::V4(c), EventLoop::V4(Box::new(e)))
@@ -137,6 +156,23 @@ impl Client {
                 c.try_publish(topic, q, false, payload)
                     .map_err(|e| e.to_string())
             }
+        }
+    }
+
+    /// As [`try_publish`](Self::try_publish), retained, at QoS 1.
+    pub(crate) fn try_publish_retained(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Self::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .map_err(|e| e.to_string()),
+            Self::V4(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+                .map_err(|e| e.to_string()),
         }
     }
 

@@ -382,6 +382,7 @@ impl Session311 {
                 keep_alive: Duration::from_secs(30),
                 max_packet: 256 * 1024,
                 capacity: 16,
+                will: None,
             },
         );
         let mut s = Self {

@@ -31,6 +31,7 @@ pub struct AgentBuilder {
     keep_alive: Duration,
     ota: Option<OtaSettings>,
     inventory: Option<super::types::Inventory>,
+    presence: bool,
 }
 
 impl fmt::Debug for AgentBuilder {
@@ -77,6 +78,7 @@ impl AgentBuilder {
             keep_alive: Duration::from_secs(30),
             ota: None,
             inventory: None,
+            presence: false,
         }
     }
 
@@ -185,6 +187,19 @@ impl AgentBuilder {
         self
     }
 
+    /// Tells the backend who is connected through a broker that reports no
+    /// lifecycle events (Mosquitto, most MQTT brokers): a retained birth on
+    /// `fleet/things/{thing}/presence` at each connection, a retained last
+    /// will there (`CONNECTION_LOST`) that the broker publishes when the
+    /// connection ends without a DISCONNECT, and a retained goodbye
+    /// (`CLIENT_INITIATED_DISCONNECT`) before a clean stop
+    /// ([`fleet_core::presence`]). Off by default: AWS IoT Core and fleet's
+    /// embedded broker publish lifecycle events themselves.
+    pub fn presence(mut self, on: bool) -> Self {
+        self.presence = on;
+        self
+    }
+
     /// MQTT keep-alive (default 30 s).
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
         self.keep_alive = keep_alive;
@@ -215,10 +230,25 @@ impl AgentBuilder {
                 .map_err(|e| AgentError::StateDir(e.to_string()))?,
             None => Outbox::in_memory(self.outbox_bytes, self.overflow),
         };
+        let session = random_u64();
+        let client_id = self.client_id.clone().unwrap_or_else(|| self.thing.clone());
+        let presence = self.presence.then(|| super::pump::PresenceState {
+            topic: fleet_core::presence::topic(&thing),
+            client_id: client_id.clone(),
+            session: format!("{session:016x}"),
+        });
+        let will = presence.as_ref().map(|p| {
+            let will = fleet_core::presence::PresenceEvent::will(
+                &p.client_id,
+                &p.session,
+                super::pump::epoch_millis(),
+            );
+            (p.topic.clone(), will.to_json().into_bytes())
+        });
         let (client, eventloop) = mqtt::connect(
             self.protocol,
             mqtt::Options {
-                client_id: self.client_id.clone().unwrap_or_else(|| self.thing.clone()),
+                client_id,
                 host: self.host.clone(),
                 port: self.port,
                 tls,
@@ -226,9 +256,9 @@ impl AgentBuilder {
                 // The broker limits messages to 128 KiB; accept all it sends.
                 max_packet: 256 * 1024,
                 capacity: 1024,
+                will,
             },
         );
-        let session = random_u64();
         let jobs = JobRunner::new(thing.clone(), self.jobs.clone(), session);
         let thing_name = thing.clone();
         let mut sync = ShadowSync::new(thing, &names, self.sync.clone(), session);
@@ -299,6 +329,7 @@ impl AgentBuilder {
             taken_over: 0,
             stopping: false,
             inventory: self.inventory.map(|i| (i, self.protocol)),
+            presence,
         };
         let mut pump = pump;
         pump.ota_resume();

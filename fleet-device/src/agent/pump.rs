@@ -46,8 +46,26 @@ struct Link {
     connected_at: Instant,
 }
 
+/// The agent's presence messages ([`fleet_core::presence`]).
+pub(super) struct PresenceState {
+    /// `fleet/things/{thing}/presence`.
+    pub(super) topic: String,
+    pub(super) client_id: String,
+    /// This run's session identifier (its birth, will and goodbye).
+    pub(super) session: String,
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub(super) fn epoch_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub(super) struct Pump {
     pub(in crate::agent) ota: Option<OtaState>,
+    /// Births and goodbyes, when the agent tells its presence.
+    pub(in crate::agent) presence: Option<PresenceState>,
     /// What the device runs, reported to the `fleet-inventory` shadow, and
     /// the protocol the agent speaks.
     pub(in crate::agent) inventory: Option<(super::types::Inventory, crate::Protocol)>,
@@ -321,6 +339,20 @@ impl Pump {
         }
         self.pump_outbox();
         self.report_inventory();
+        if let Some(p) = &self.presence {
+            let birth = fleet_core::presence::PresenceEvent::birth(
+                &p.client_id,
+                &p.session,
+                epoch_millis(),
+            );
+            match self
+                .client
+                .try_publish_retained(&p.topic, birth.to_json().into_bytes())
+            {
+                Ok(()) => self.sent.push_back(None),
+                Err(e) => tracing::warn!("cannot publish the presence birth: {e}"),
+            }
+        }
         self.emit(AgentEvent::Connected).await;
     }
 
@@ -690,6 +722,27 @@ impl Pump {
                 }
                 Ok(Ev::Error { .. }) | Err(_) => break,
                 Ok(_) => {}
+            }
+        }
+        // A clean stop says so (the DISCONNECT discards the will), and
+        // waits, a little, for it to be written.
+        if let (Some(p), true) = (&self.presence, self.connected) {
+            let bye = fleet_core::presence::PresenceEvent::goodbye(
+                &p.client_id,
+                &p.session,
+                epoch_millis(),
+            );
+            if self
+                .client
+                .try_publish_retained(&p.topic, bye.to_json().into_bytes())
+                .is_ok()
+            {
+                let until = tokio::time::Instant::now() + Duration::from_millis(500);
+                while let Ok(e) = tokio::time::timeout_at(until, eventloop.poll()).await {
+                    if matches!(e, Ev::OutgoingPublish(_) | Ev::Error { .. }) {
+                        break;
+                    }
+                }
             }
         }
         self.client.try_disconnect();
