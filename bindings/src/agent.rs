@@ -72,6 +72,29 @@ pub struct AgentConfig {
     /// Install signed releases into these slots.
     #[uniffi(default = None)]
     pub ota: Option<OtaConfig>,
+    /// What the device runs, reported to the `fleet-inventory` named
+    /// shadow at each connection and after an update is installed; the
+    /// fleet index keeps it as `inventory.*` fields.
+    #[uniffi(default = None)]
+    pub inventory: Option<InventoryConfig>,
+    /// Tell the backend who is connected through a broker that reports no
+    /// lifecycle events (Mosquitto): a retained birth, a last will and a
+    /// goodbye on `fleet/things/{thing}/presence`. Off by default (AWS IoT
+    /// Core and fleet's embedded broker report connections themselves).
+    #[uniffi(default = false)]
+    pub presence: bool,
+}
+
+/// What a device runs, for the fleet's inventory.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct InventoryConfig {
+    /// The hardware id (as OTA manifests name it; default: the OTA
+    /// configuration's).
+    #[uniffi(default = None)]
+    pub hardware_id: Option<String>,
+    /// Each component's version (`firmware` = `2.4.1`).
+    #[uniffi(default)]
+    pub components: std::collections::HashMap<String, String>,
 }
 
 /// MQTT version.
@@ -531,7 +554,13 @@ fn builder(c: AgentConfig) -> Result<fleet_device::AgentBuilder, FleetError> {
     if let Some(ota) = c.ota {
         b = b.ota(ota.settings()?);
     }
-    Ok(b)
+    if let Some(i) = c.inventory {
+        b = b.inventory(fleet_device::Inventory {
+            hardware_id: i.hardware_id,
+            components: i.components.into_iter().collect(),
+        });
+    }
+    Ok(b.presence(c.presence))
 }
 
 impl From<Qos> for fleet_device::Qos {

@@ -77,6 +77,36 @@ async def test_shadow_round_trip(cloud, device):
         await device.report(None, "[not an object]")
 
 
+async def until(probe, pred, timeout=20.0):
+    """`probe()` once `pred` holds of it (polled)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = probe()
+        if pred(got):
+            return got
+        assert asyncio.get_running_loop().time() < deadline, got
+        await asyncio.sleep(0.2)
+
+
+async def test_presence_and_inventory_reach_the_fleet_index(cloud, tmp_path):
+    """Through Mosquitto, which reports no lifecycle events: the agent's
+    retained birth and goodbye make the thing connected, then disconnected
+    by its own choice; its inventory is searchable."""
+    agent = fleet.Agent.start(config(
+        cloud, "py-device", str(tmp_path / "inv"), presence=True,
+        inventory=fleet.InventoryConfig(hardware_id="board-py", components={"firmware": "1.4.2"})))
+    await next_matching(agent, lambda e: e.is_connected())
+    query = ("connectivity.connected:true AND inventory.components.firmware:1.4.2"
+             " AND inventory.hardwareId:board-py AND inventory.agent.name:fleet-device")
+    found = await until(lambda: cloud.json("thing", "search", query),
+                        lambda r: [t["name"] for t in r["items"]] == ["py-device"])
+    assert found["items"][0]["connectivity"]["connected"] is True, found
+    await agent.shutdown()
+    c = await until(lambda: cloud.json("thing", "get", "py-device")["connectivity"],
+                    lambda c: c["connected"] is False)
+    assert c["disconnectReason"] == "CLIENT_INITIATED_DISCONNECT", c
+
+
 async def test_a_job_runs_to_success(cloud, device):
     cloud.cli("job", "create", "py-job-1", '{"operation": "reboot"}', "--thing", "py-device")
     ev = await next_matching(device, lambda e: e.is_job())

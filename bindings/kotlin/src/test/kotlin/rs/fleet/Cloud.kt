@@ -60,10 +60,18 @@ class Cloud : AutoCloseable {
         return out
     }
 
-    fun config(thing: String, stateDir: File, ota: OtaConfig? = null, clientId: String? = null) = AgentConfig(
+    fun config(
+        thing: String,
+        stateDir: File,
+        ota: OtaConfig? = null,
+        clientId: String? = null,
+        inventory: InventoryConfig? = null,
+        presence: Boolean = false,
+    ) = AgentConfig(
         host = "localhost", port = port.toUShort(), thing = thing,
         certPem = read("things/$thing.pem"), keyPem = read("things/$thing.key"), caPem = read("ca.pem"),
         stateDir = stateDir.path, requestTimeoutMs = 2000uL, ota = ota, clientId = clientId,
+        inventory = inventory, presence = presence,
     )
 
     override fun close() {

@@ -88,6 +88,32 @@ class DeviceTest {
         Unit
     }
 
+    /** `probe()` once `pred` holds of it (polled for 20 s). */
+    private fun until(probe: () -> String, pred: (String) -> Boolean): String {
+        val deadline = System.nanoTime() + 20_000_000_000L
+        while (true) {
+            val got = probe()
+            if (pred(got)) return got
+            check(System.nanoTime() < deadline) { "still $got" }
+            Thread.sleep(200)
+        }
+    }
+
+    @Test
+    fun presenceAndInventoryReachTheFleetIndex(): Unit = runBlocking {
+        val inventory = InventoryConfig(hardwareId = "board-kt", components = mapOf("firmware" to "3.1.0"))
+        val agent = Agent.start(cloud.config("kt-device", tmp(), inventory = inventory, presence = true))
+        agent.next { it is AgentEvent.Connected }
+        val query = "connectivity.connected:true AND inventory.components.firmware:3.1.0 AND inventory.hardwareId:board-kt"
+        until({ cloud.cli("thing", "search", query) }) { it.contains("\"kt-device\"") }
+        agent.shutdown()
+        agent.close()
+        val shown = until({ cloud.cli("thing", "get", "kt-device") }) {
+            Regex(""""connected"\s*:\s*false""").containsMatchIn(it)
+        }
+        assertTrue(shown.contains("CLIENT_INITIATED_DISCONNECT"), shown)
+    }
+
     @Test
     fun aJobRunsToSuccess() = device { agent ->
         cloud.cli("job", "create", "kt-job-1", """{"operation": "reboot"}""", "--thing", "kt-device")
