@@ -1767,6 +1767,47 @@ async fn the_fleet_index_finds_what_an_independent_filter_finds_on_every_store()
                 b.stores.index.count(&Query::All).await.unwrap(),
                 n as u64 - 1
             );
+            // Shadows of things not registered are indexed, not found:
+            // the deleted thing updated again, and one never registered;
+            // once registered, both are.
+            let read = a.stores.shadows.load(&k).await.unwrap();
+            let s = updated(&read.value, r#"{"state":{"reported":{"temp":1501}}}"#);
+            a.stores.shadows.save(&k, read.revision, &s).await.unwrap();
+            let ghost = key("ghost-7", None);
+            let s = updated(
+                &fleet_core::shadow::Shadow::new(),
+                r#"{"state":{"reported":{"temp":1502}}}"#,
+            );
+            a.stores.shadows.save(&ghost, 0, &s).await.unwrap();
+            assert!(search_all(&b.stores, &hot).await.is_empty(), "{}", a.name());
+            assert_eq!(b.stores.index.count(&hot).await.unwrap(), 0);
+            let by_temp = b
+                .stores
+                .index
+                .count_by(&hot, "shadow.reported.temp", 10)
+                .await
+                .unwrap();
+            assert!(by_temp.is_empty(), "{by_temp:?}");
+            let again = |name: &str| {
+                let thing = fleet_cloud::Thing {
+                    name: name.to_string(),
+                    attributes: Default::default(),
+                    enabled: true,
+                };
+                (
+                    name.to_string(),
+                    Some(fleet_cloud::store::index::registry_entries(&thing, &[])),
+                )
+            };
+            a.stores
+                .index
+                .index_registry(vec![again(&first.name), again("ghost-7")])
+                .await
+                .unwrap();
+            let mut want = vec![first.name.clone(), "ghost-7".to_string()];
+            want.sort();
+            assert_eq!(search_all(&b.stores, &hot).await, want, "{}", a.name());
+            assert_eq!(b.stores.index.count(&hot).await.unwrap(), 2);
         }
     })
     .await;

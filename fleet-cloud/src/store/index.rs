@@ -518,9 +518,12 @@ pub(crate) fn compile(d: Dialect, q: &Query, out: Output<'_>) -> Sql {
     let mut sql = Sql::default();
     let mut n = 0;
     let set = set_sql(d, q, &mut sql, &mut n);
-    // Registered things only: a semi-join, the set read once.
+    // Registered things only. Rows of things that were not registered
+    // when written are noted in `fleet_index_orphans` (a few, if any):
+    // those still unregistered are taken out, a lookup in a small list
+    // per row rather than in the index.
     let matched = format!(
-        "SELECT r.thing FROM ({set}) AS r WHERE EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = r.thing AND u.source = 'registry' AND u.field = 'thingName')"
+        "SELECT r.thing FROM ({set}) AS r WHERE r.thing NOT IN (SELECT o.thing FROM fleet_index_orphans o WHERE NOT EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = o.thing AND u.source = 'registry' AND u.field = 'thingName'))"
     );
     sql.text = match out {
         Output::Page(after, limit) => {

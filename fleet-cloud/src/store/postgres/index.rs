@@ -41,7 +41,13 @@ fn replace_sql(first: usize, when: &str) -> String {
                SELECT ${t}::text, ${s}::text, f, x, n FROM (SELECT DISTINCT f, x, n FROM {wanted}) AS r
                WHERE NOT EXISTS (SELECT 1 FROM fleet_index o
                                  WHERE o.thing = ${t}::text AND o.source = ${s}::text AND o.field = r.f
-                                   AND o.txt = r.x AND o.num IS NOT DISTINCT FROM r.n) {when})"
+                                   AND o.txt = r.x AND o.num IS NOT DISTINCT FROM r.n) {when}),
+         u AS (INSERT INTO fleet_index_orphans (thing)
+               SELECT ${t}::text
+               WHERE ${s}::text <> 'registry' AND cardinality(${f}::text[]) > 0
+                 AND NOT EXISTS (SELECT 1 FROM fleet_index g WHERE g.thing = ${t}::text
+                                 AND g.field = 'thingName' AND g.source = 'registry') {when}
+               ON CONFLICT DO NOTHING)"
     )
 }
 
@@ -128,7 +134,14 @@ impl PgStore {
             .query(
                 "WITH d AS (DELETE FROM fleet_index WHERE source = $1 AND thing = ANY($2::text[])),
                       i AS (INSERT INTO fleet_index (thing, source, field, txt, num)
-                            SELECT t, $1, f, x, n FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[]) AS r(t, f, x, n))
+                            SELECT t, $1, f, x, n FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[]) AS r(t, f, x, n)),
+                      p AS (DELETE FROM fleet_index_orphans WHERE $1 = 'registry' AND thing = ANY($2::text[])),
+                      u AS (INSERT INTO fleet_index_orphans (thing)
+                            SELECT DISTINCT t FROM unnest($3::text[]) AS r(t)
+                            WHERE $1 <> 'registry'
+                              AND NOT EXISTS (SELECT 1 FROM fleet_index g WHERE g.thing = r.t
+                                              AND g.field = 'thingName' AND g.source = 'registry')
+                            ON CONFLICT DO NOTHING)
                  SELECT 1",
                 &[&source, &names, &t, &f, &x, &n],
             )
@@ -293,6 +306,12 @@ impl IndexStore for PgStore {
             .map_err(backend)?;
             tx.execute(
                 "DELETE FROM connectivity WHERE thing = ANY($1::text[])",
+                &[&gone],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM fleet_index_orphans WHERE thing = ANY($1::text[])",
                 &[&gone],
             )
             .await

@@ -153,6 +153,17 @@ const MIGRATIONS: &[&str] = &[
         name TEXT PRIMARY KEY,
         spec TEXT NOT NULL
     );",
+    // Things with index rows written while they were not registered
+    // (store/index.rs: queries leave them out without a registry lookup
+    // per row).
+    "CREATE TABLE fleet_index_orphans (
+        thing TEXT COLLATE \"C\" PRIMARY KEY
+    );
+    INSERT INTO fleet_index_orphans (thing)
+        SELECT DISTINCT i.thing FROM fleet_index i
+        WHERE NOT EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = i.thing
+                          AND u.field = 'thingName' AND u.source = 'registry')
+        ON CONFLICT DO NOTHING;",
 ];
 
 /// The key of the advisory lock migrations hold.

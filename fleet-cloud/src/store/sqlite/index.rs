@@ -31,6 +31,21 @@ pub(super) fn replace_rows(
     source: &str,
     entries: &[Entry],
 ) -> Result<(), StoreError> {
+    // Rows of a thing not registered are noted as such (queries leave
+    // it out); a registration crosses it off.
+    if source == REGISTRY {
+        c.prepare_cached("DELETE FROM fleet_index_orphans WHERE thing = ?1")
+            .and_then(|mut s| s.execute([thing]))
+            .map_err(backend)?;
+    } else if !entries.is_empty() {
+        c.prepare_cached(
+            "INSERT OR IGNORE INTO fleet_index_orphans (thing) SELECT ?1
+             WHERE NOT EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = ?1
+                               AND u.field = 'thingName' AND u.source = 'registry')",
+        )
+        .and_then(|mut s| s.execute([thing]))
+        .map_err(backend)?;
+    }
     // A field's value once (an array may hold it twice).
     let mut wanted: Vec<(String, String, Option<f64>)> = Vec::with_capacity(entries.len());
     for e in entries {
@@ -225,6 +240,9 @@ impl IndexStore for SqliteStore {
                             .and_then(|mut s| s.execute([thing]))
                             .map_err(backend)?;
                         c.prepare_cached("DELETE FROM connectivity WHERE thing = ?1")
+                            .and_then(|mut s| s.execute([thing]))
+                            .map_err(backend)?;
+                        c.prepare_cached("DELETE FROM fleet_index_orphans WHERE thing = ?1")
                             .and_then(|mut s| s.execute([thing]))
                             .map_err(backend)?;
                     }

@@ -128,6 +128,17 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) STRICT;",
+    // Things with index rows (a shadow, jobs, connectivity) that were not
+    // registered when the rows were written: queries leave them out
+    // (checked again at query time), so that they need no registry lookup
+    // per row.
+    "CREATE TABLE fleet_index_orphans (
+        thing TEXT PRIMARY KEY
+    ) STRICT, WITHOUT ROWID;
+    INSERT OR IGNORE INTO fleet_index_orphans (thing)
+        SELECT DISTINCT i.thing FROM fleet_index i
+        WHERE NOT EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = i.thing
+                          AND u.field = 'thingName' AND u.source = 'registry');",
 ];
 
 /// The `(revision, bytes)` row one query selects, if there is one.
