@@ -475,7 +475,7 @@ fn set_sql(d: Dialect, q: &Query, sql: &mut Sql, n: &mut usize) -> String {
             // Positive parts intersected, then the negated ones taken out.
             let (neg, pos): (Vec<&Query>, Vec<&Query>) =
                 parts.iter().partition(|p| matches!(p, Query::Not(_)));
-            let mut out = match pos.is_empty() {
+            let out = match pos.is_empty() {
                 true => wrap(EVERY_THING.to_string(), n),
                 false => {
                     let mut acc: Option<String> = None;
@@ -490,12 +490,53 @@ fn set_sql(d: Dialect, q: &Query, sql: &mut Sql, n: &mut usize) -> String {
                     acc.unwrap_or_default()
                 }
             };
+            if neg.is_empty() {
+                return out;
+            }
+            // PostgreSQL subtracts sets by hashing (measured faster there).
+            if d == Dialect::Postgres {
+                let mut out = out;
+                for p in neg {
+                    let Query::Not(inner) = p else { continue };
+                    let s = set_sql(d, inner, sql, n);
+                    out = format!("{} EXCEPT {}", wrap(out, n), wrap(s, n));
+                }
+                return out;
+            }
+            // SQLite: each negated part a probe of the (smaller) set kept
+            // so far, rather than a set of its own to subtract (a negation
+            // is often most of the fleet).
+            *n += 1;
+            let kept = format!("k{n}");
+            let mut probes = Vec::new();
             for p in neg {
                 let Query::Not(inner) = p else { continue };
                 let s = set_sql(d, inner, sql, n);
-                out = format!("{} EXCEPT {}", wrap(out, n), wrap(s, n));
+                *n += 1;
+                probes.push(format!(
+                    "NOT EXISTS (SELECT 1 FROM ({s}) AS x{n} WHERE x{n}.thing = {kept}.thing)"
+                ));
             }
-            out
+            format!(
+                "SELECT DISTINCT {kept}.thing FROM ({out}) AS {kept} WHERE {}",
+                probes.join(" AND ")
+            )
+        }
+    }
+}
+
+/// Whether [`set_sql`] gives `q`'s things once each (a set operation,
+/// or a SELECT DISTINCT), so that counting needs no DISTINCT.
+fn is_distinct(q: &Query) -> bool {
+    match q {
+        Query::All => false,
+        Query::Term(t) => {
+            matches!(&t.test, Test::Equals(v) if crate::query::parse_number(v).is_some())
+        }
+        Query::Not(_) | Query::Or(_) => true,
+        Query::And(parts) => {
+            let positive = parts.iter().filter(|p| !matches!(p, Query::Not(_))).count();
+            positive != 1 || parts.len() > 1
         }
     }
 }
@@ -533,6 +574,8 @@ pub(crate) fn compile(d: Dialect, q: &Query, out: Output<'_>) -> Sql {
                 "SELECT DISTINCT thing FROM ({matched}) AS m WHERE thing > {a} ORDER BY thing LIMIT {l}"
             )
         }
+        // A set operation's rows are distinct already.
+        Output::Count if is_distinct(q) => format!("SELECT COUNT(*) FROM ({matched}) AS m"),
         Output::Count => format!("SELECT COUNT(DISTINCT thing) FROM ({matched}) AS m"),
         Output::CountBy(field, limit) => {
             let f = sql.bind(d, Param::Text(field.into()));
@@ -640,11 +683,40 @@ mod tests {
         let q = Query::parse("thingName:p* AND NOT connectivity.connected:true OR attributes.n:5")
             .unwrap();
         let sql = compile(Dialect::Postgres, &q, Output::Page("", 10));
+        // PostgreSQL subtracts the negation; SQLite probes for it.
         assert!(
             sql.text.contains("EXCEPT") && sql.text.contains("UNION"),
             "{}",
             sql.text
         );
+        let lite = compile(Dialect::Sqlite, &q, Output::Page("", 10));
+        assert!(
+            lite.text.contains("NOT EXISTS") && lite.text.contains("UNION"),
+            "{}",
+            lite.text
+        );
         assert_eq!(sql.text.matches('$').count(), sql.params.len());
+        // A NOT alone is the fleet less a set; counted without DISTINCT
+        // where the set is distinct already.
+        let not = compile(
+            Dialect::Sqlite,
+            &Query::parse("NOT attributes.site:north").unwrap(),
+            Output::Count,
+        );
+        assert!(
+            not.text.contains("EXCEPT") && not.text.starts_with("SELECT COUNT(*)"),
+            "{}",
+            not.text
+        );
+        let term = compile(
+            Dialect::Sqlite,
+            &Query::parse("shadow.reported.tags:a*").unwrap(),
+            Output::Count,
+        );
+        assert!(
+            term.text.starts_with("SELECT COUNT(DISTINCT thing)"),
+            "{}",
+            term.text
+        );
     }
 }

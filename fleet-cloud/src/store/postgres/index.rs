@@ -323,6 +323,18 @@ impl IndexStore for PgStore {
             .collect();
         if !kept.is_empty() {
             Self::replace_many(&tx, REGISTRY, &kept).await?;
+            // A shadow written by another instance while its thing was
+            // being registered may have noted it after the registration
+            // crossed it off (each statement reads the rows as they were
+            // when it began): the registered ones go now. Queries check
+            // the list anyway; this keeps it short.
+            tx.execute(
+                "DELETE FROM fleet_index_orphans o WHERE EXISTS (SELECT 1 FROM fleet_index u
+                 WHERE u.thing = o.thing AND u.field = 'thingName' AND u.source = 'registry')",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
         }
         tx.commit().await.map_err(backend)
     }
