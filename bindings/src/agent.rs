@@ -682,6 +682,8 @@ mod tests {
             outbox_max_bytes: 1 << 20,
             overflow: None,
             ota: None,
+            inventory: None,
+            presence: false,
         }
     }
 

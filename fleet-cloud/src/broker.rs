@@ -101,12 +101,37 @@ pub struct ServeOptions {
     pub clock: Clock,
     /// Commands are sent under this prefix (`$aws` by default).
     pub commands_prefix: String,
-    /// Told of every request a thing makes (its `lastSeen`), at most once
-    /// per [`seen_interval`](Self::seen_interval) per thing: with a broker
-    /// that reports no activity of its own (`None`: not told).
-    pub seen: Option<crate::ConnectivityRecorder>,
-    /// How often a thing's activity is told to [`seen`](Self::seen).
+    /// Connectivity through a broker that reports none of its own
+    /// (`None`: the broker reports it, as the embedded one does).
+    pub presence: Option<ExternalPresence>,
+}
+
+/// What a front-end does for connectivity behind a broker that reports
+/// none (Mosquitto): the device agents' presence is handled by
+/// [`PresenceService`](crate::PresenceService); the front-end tells
+/// [`recorder`](Self::recorder) of every request a thing makes (its
+/// `lastSeen`), at most once per [`seen_interval`](Self::seen_interval),
+/// and, when the broker no longer holds the service's session (it
+/// restarted without its state, or the session expired), records every
+/// connection as ended before subscribing again: the retained births of
+/// the devices still connected then say so again, and those that died with
+/// the broker stay ended.
+#[derive(Clone)]
+pub struct ExternalPresence {
+    /// Where activity is recorded.
+    pub recorder: crate::ConnectivityRecorder,
+    /// Where connections are ended.
+    pub index: Arc<dyn crate::store::IndexStore>,
+    /// How often a thing's activity is recorded.
     pub seen_interval: Duration,
+}
+
+impl fmt::Debug for ExternalPresence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExternalPresence")
+            .field("seen_interval", &self.seen_interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ServeOptions {
@@ -116,8 +141,7 @@ impl Default for ServeOptions {
             leadership: None,
             clock: Clock::system(),
             commands_prefix: "$aws".into(),
-            seen: None,
-            seen_interval: Duration::from_secs(10),
+            presence: None,
         }
     }
 }
@@ -722,18 +746,33 @@ pub fn serve(
     let telemetry_in =
         crate::metrics::per_qos("fleet_messages_in_total", &[("service", "telemetry")]);
     let other_in = crate::metrics::per_qos("fleet_messages_in_total", &[("service", "other")]);
-    let seen = options.seen.clone().map(|sink| Seen {
-        sink,
-        interval: options.seen_interval,
+    let seen = options.presence.as_ref().map(|p| Seen {
+        sink: p.recorder.clone(),
+        interval: p.seen_interval,
         last: std::collections::HashMap::new(),
     });
+    let ended_on_session_loss = options.presence.as_ref().map(|p| p.index.clone());
     let network = tokio::spawn(async move {
         let mut seen = seen;
         let mut backoff = Duration::from_millis(100);
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(100);
+                    // The broker lost this service's session: what it
+                    // would have queued is gone, so every connection is
+                    // ended before the subscriptions bring the retained
+                    // births of the devices still there.
+                    if let (false, Some(index)) = (ack.session_present, &ended_on_session_loss) {
+                        match index.end_connections("SERVER_INITIATED_DISCONNECT").await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                devices = n,
+                                "the broker kept no session: connections recorded as ended until their devices say otherwise"
+                            ),
+                            Err(e) => tracing::warn!("cannot end connections: {e}"),
+                        }
+                    }
                     let mut subscribed = true;
                     for f in &filters {
                         if let Err(e) = sub_client.subscribe(f.clone(), QoS::AtLeastOnce).await {

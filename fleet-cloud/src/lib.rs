@@ -115,8 +115,8 @@ pub mod template;
 pub mod tls;
 
 pub use broker::{
-    BrokerConfig, LinkState, PublishError, Publisher, RunningService, ServeOptions, StartError,
-    error_chain, serve, serve_shadows,
+    BrokerConfig, ExternalPresence, LinkState, PublishError, Publisher, RunningService,
+    ServeOptions, StartError, error_chain, serve, serve_shadows,
 };
 pub use campaigns::{CampaignSpec, CampaignStatus, RECEIPT_KEY_ATTRIBUTE};
 pub use clock::Clock;

@@ -348,9 +348,11 @@ impl FleetServer {
         // Another broker reports nothing: device agents tell their
         // presence (retained births and wills), and every request is
         // activity.
-        let external_presence = embedded
-            .is_none()
-            .then(|| ConnectivityRecorder::start(stores.index.clone()));
+        let external_presence = embedded.is_none().then(|| crate::broker::ExternalPresence {
+            recorder: ConnectivityRecorder::start(stores.index.clone()),
+            index: stores.index.clone(),
+            seen_interval: config.seen_interval,
+        });
         let revoker = embedded.as_ref().map(EmbeddedBroker::revoker);
         let changed = config.on_registry_changed.clone();
 
@@ -418,8 +420,7 @@ impl FleetServer {
                 leadership: Some(leadership.clone()),
                 clock: config.clock,
                 commands_prefix: prefix.to_string(),
-                seen: external_presence,
-                seen_interval: config.seen_interval,
+                presence: external_presence,
             },
         )
         .map_err(ServerError::Frontend)?;

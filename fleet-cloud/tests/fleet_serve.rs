@@ -1341,10 +1341,13 @@ impl KillableAgent {
 /// recorded disconnected once it is back (the broker kept the will for
 /// its session); a device still connected across a restart keeps its
 /// connection's start (the replayed birth is not a new connection); every
-/// request moves `lastSeen`; a device cannot write another's presence.
+/// request moves `lastSeen`; a device cannot write another's presence; a
+/// broker that dies with its devices is noticed (its session is gone when
+/// fleet serve reconnects): the device that died meanwhile is recorded
+/// disconnected, the one that reconnects connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_mosquitto_agents_tell_who_is_connected() {
-    let broker = Broker::start().expect("start mosquitto");
+    let mut broker = Broker::start().expect("start mosquitto");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let backend = broker.backend_identity().unwrap();
@@ -1527,6 +1530,21 @@ async fn with_mosquitto_agents_tell_who_is_connected() {
     }
     assert!(last > seen, "lastSeen stayed {seen}");
     drop(dev);
+
+    // The broker dies with its devices' state (no persistence), and
+    // pump-2 dies while it is down (no will is ever published): once the
+    // broker is back, fleet serve finds its session gone, ends every
+    // connection, and pump-1, which reconnects, says it is connected.
+    let two = agent("pump-2");
+    until("pump-2", connected).await;
+    broker.stop();
+    two.kill();
+    broker.restart().unwrap();
+    let c = until("pump-2", ended).await;
+    assert_eq!(c["disconnectReason"], "SERVER_INITIATED_DISCONNECT", "{c}");
+    // (pump-2's end is that of every connection; pump-1 came back after.)
+    let c = until("pump-1", connected).await;
+    assert!(c["connectedSince"].as_u64() > since.as_u64(), "{c}");
     one.stop();
     until("pump-1", ended).await;
     let _ = fleet.kill();
