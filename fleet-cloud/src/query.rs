@@ -205,7 +205,36 @@ impl Entry {
 }
 
 impl Test {
-    /// Whether a value with this text and number passes.
+    /// The test with its text folded to ASCII lower case: values are
+    /// compared without regard to case, as AWS IoT's fleet indexing
+    /// searches (field names keep theirs). The index keeps each value's
+    /// text folded the same way.
+    pub fn folded(self) -> Self {
+        let fold = |s: String| s.to_ascii_lowercase();
+        let bound = |b: Option<Bound<String>>| {
+            b.map(|b| Bound {
+                value: fold(b.value),
+                inclusive: b.inclusive,
+            })
+        };
+        match self {
+            Self::Equals(v) => Self::Equals(fold(v)),
+            Self::Prefix(p) => Self::Prefix(fold(p)),
+            Self::Pattern(p) => Self::Pattern(
+                p.into_iter()
+                    .map(|g| match g {
+                        Glob::Literal(l) => Glob::Literal(fold(l)),
+                        other => other,
+                    })
+                    .collect(),
+            ),
+            Self::Text(lo, hi) => Self::Text(bound(lo), bound(hi)),
+            other @ (Self::Exists | Self::Number(..)) => other,
+        }
+    }
+
+    /// Whether a value with this text (folded, as [`folded`](Self::folded)
+    /// folds) and number passes.
     pub fn accepts(&self, text: &str, number: Option<f64>) -> bool {
         match self {
             Self::Equals(v) => text == v || parse_number(v).is_some_and(|n| number == Some(n)),
@@ -344,9 +373,11 @@ impl Query {
     fn eval(&self, entries: &[&Entry]) -> bool {
         match self {
             Self::All => true,
-            Self::Term(t) => entries
-                .iter()
-                .any(|e| e.field == t.field && t.test.accepts(&e.value.text(), e.value.number())),
+            Self::Term(t) => entries.iter().any(|e| {
+                e.field == t.field
+                    && t.test
+                        .accepts(&e.value.text().to_ascii_lowercase(), e.value.number())
+            }),
             Self::And(v) => v.iter().all(|q| q.eval(entries)),
             Self::Or(v) => v.iter().any(|q| q.eval(entries)),
             Self::Not(q) => !q.eval(entries),
@@ -578,7 +609,10 @@ fn term(i: &mut &str) -> ModalResult<Query> {
         "`:` or a comparison (`>`, `>=`, `<`, `<=`) after the field name",
     ))
     .parse_next(i)?;
-    Ok(Query::Term(Term { field, test }))
+    Ok(Query::Term(Term {
+        field,
+        test: test.folded(),
+    }))
 }
 
 /// A field the index cannot hold (the cause of a parse error).

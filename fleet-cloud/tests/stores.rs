@@ -1735,9 +1735,38 @@ async fn the_fleet_index_finds_what_an_independent_filter_finds_on_every_store()
             let read = a.stores.shadows.load(&k).await.unwrap();
             let s = updated(
                 &read.value,
-                r#"{"state":{"reported":{"temp":1500,"on":null}}}"#,
+                r#"{"state":{"reported":{"temp":1500,"on":null,"label":"MiXeD"}}}"#,
             );
             a.stores.shadows.save(&k, read.revision, &s).await.unwrap();
+            // Values are searched without regard to case, as AWS's fleet
+            // indexing searches; statistics show them as reported.
+            for q in [
+                "shadow.reported.label:mixed",
+                "shadow.reported.label:MIXED",
+                "shadow.reported.label:mIx*",
+                "shadow.reported.label:m?xed",
+                "shadow.reported.label:[MA TO MZ]",
+            ] {
+                let q = Query::parse(q).unwrap();
+                assert_eq!(
+                    search_all(&b.stores, &q).await,
+                    std::slice::from_ref(&first.name),
+                    "{}: {q:?}",
+                    a.name()
+                );
+            }
+            let labels = b
+                .stores
+                .index
+                .count_by(&Query::All, "shadow.reported.label", 10)
+                .await
+                .unwrap();
+            assert_eq!(labels, [("MiXeD".to_string(), 1)], "{}", a.name());
+            let upper = Query::parse("attributes.site:NORTH").unwrap();
+            assert_eq!(
+                b.stores.index.count(&upper).await.unwrap(),
+                fleet.iter().filter(|t| t.site == "north").count() as u64
+            );
             // Its old value and its removed field are gone from the index.
             let old = Query::parse(&format!(
                 "thingName:{} AND (shadow.reported.temp:{} OR shadow.reported.on:*)",

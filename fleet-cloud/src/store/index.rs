@@ -343,19 +343,19 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
                 // Two ranges of the index, each used on its own.
                 let f = sql.bind(d, Param::Text(field.into()));
                 w = format!(
-                    "{w} AND txt = {a} UNION SELECT thing FROM fleet_index WHERE field = {f} AND num = {b}"
+                    "{w} AND fold = {a} UNION SELECT thing FROM fleet_index WHERE field = {f} AND num = {b}"
                 );
             }
-            None => bound(&mut w, "txt", "=", Param::Text(v.clone())),
+            None => bound(&mut w, "fold", "=", Param::Text(v.clone())),
         },
         Test::Prefix(p) => {
-            bound(&mut w, "txt", ">=", Param::Text(p.clone()));
-            bound(&mut w, "txt", "<", Param::Text(prefix_end(p)));
+            bound(&mut w, "fold", ">=", Param::Text(p.clone()));
+            bound(&mut w, "fold", "<", Param::Text(prefix_end(p)));
         }
         Test::Pattern(globs) => {
             if let Some(Glob::Literal(l)) = globs.first() {
-                bound(&mut w, "txt", ">=", Param::Text(l.clone()));
-                bound(&mut w, "txt", "<", Param::Text(prefix_end(l)));
+                bound(&mut w, "fold", ">=", Param::Text(l.clone()));
+                bound(&mut w, "fold", "<", Param::Text(prefix_end(l)));
             }
             match d {
                 Dialect::Sqlite => {
@@ -378,7 +378,7 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
                             }
                         }
                     }
-                    bound(&mut w, "txt", "GLOB", Param::Text(g));
+                    bound(&mut w, "fold", "GLOB", Param::Text(g));
                 }
                 Dialect::Postgres => {
                     let mut g = String::new();
@@ -396,7 +396,7 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
                             }
                         }
                     }
-                    bound(&mut w, "txt", "LIKE", Param::Text(g));
+                    bound(&mut w, "fold", "LIKE", Param::Text(g));
                 }
             }
         }
@@ -425,7 +425,7 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
             if let Some(b) = lo {
                 bound(
                     &mut w,
-                    "txt",
+                    "fold",
                     if b.inclusive { ">=" } else { ">" },
                     Param::Text(b.value.clone()),
                 );
@@ -433,7 +433,7 @@ fn term_sql(d: Dialect, field: &str, test: &Test, sql: &mut Sql) -> String {
             if let Some(b) = hi {
                 bound(
                     &mut w,
-                    "txt",
+                    "fold",
                     if b.inclusive { "<=" } else { "<" },
                     Param::Text(b.value.clone()),
                 );

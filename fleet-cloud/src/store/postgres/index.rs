@@ -37,8 +37,8 @@ fn replace_sql(first: usize, when: &str) -> String {
         "d AS (DELETE FROM fleet_index o WHERE o.thing = ${t}::text AND o.source = ${s}::text {when}
                AND NOT EXISTS (SELECT 1 FROM {wanted}
                                WHERE r.f = o.field AND r.x = o.txt AND r.n IS NOT DISTINCT FROM o.num)),
-         i AS (INSERT INTO fleet_index (thing, source, field, txt, num)
-               SELECT ${t}::text, ${s}::text, f, x, n FROM (SELECT DISTINCT f, x, n FROM {wanted}) AS r
+         i AS (INSERT INTO fleet_index (thing, source, field, txt, num, fold)
+               SELECT ${t}::text, ${s}::text, f, x, n, lower(x COLLATE \"C\") FROM (SELECT DISTINCT f, x, n FROM {wanted}) AS r
                WHERE NOT EXISTS (SELECT 1 FROM fleet_index o
                                  WHERE o.thing = ${t}::text AND o.source = ${s}::text AND o.field = r.f
                                    AND o.txt = r.x AND o.num IS NOT DISTINCT FROM r.n) {when}),
@@ -133,8 +133,8 @@ impl PgStore {
         client
             .query(
                 "WITH d AS (DELETE FROM fleet_index WHERE source = $1 AND thing = ANY($2::text[])),
-                      i AS (INSERT INTO fleet_index (thing, source, field, txt, num)
-                            SELECT t, $1, f, x, n FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[]) AS r(t, f, x, n)),
+                      i AS (INSERT INTO fleet_index (thing, source, field, txt, num, fold)
+                            SELECT t, $1, f, x, n, lower(x COLLATE \"C\") FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[]) AS r(t, f, x, n)),
                       p AS (DELETE FROM fleet_index_orphans WHERE $1 = 'registry' AND thing = ANY($2::text[])),
                       u AS (INSERT INTO fleet_index_orphans (thing)
                             SELECT DISTINCT t FROM unnest($3::text[]) AS r(t)

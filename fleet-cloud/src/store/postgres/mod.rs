@@ -164,6 +164,13 @@ const MIGRATIONS: &[&str] = &[
         WHERE NOT EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = i.thing
                           AND u.field = 'thingName' AND u.source = 'registry')
         ON CONFLICT DO NOTHING;",
+    // Text is searched without regard to ASCII case, as AWS IoT's fleet
+    // indexing searches: each row keeps its text folded (lower() under
+    // the \"C\" collation folds ASCII only), indexed instead of the text.
+    "ALTER TABLE fleet_index ADD COLUMN fold TEXT COLLATE \"C\" NOT NULL DEFAULT '';
+    UPDATE fleet_index SET fold = lower(txt);
+    DROP INDEX fleet_index_txt;
+    CREATE INDEX fleet_index_fold ON fleet_index (field, fold, thing);",
 ];
 
 /// The key of the advisory lock migrations hold.

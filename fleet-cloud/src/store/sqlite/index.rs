@@ -83,7 +83,7 @@ pub(super) fn replace_rows(
     }
     let mut insert = c
         .prepare_cached(
-            "INSERT INTO fleet_index (thing, source, field, txt, num) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO fleet_index (thing, source, field, txt, num, fold) VALUES (?1, ?2, ?3, ?4, ?5, lower(?4))",
         )
         .map_err(backend)?;
     for (field, txt, num) in wanted {

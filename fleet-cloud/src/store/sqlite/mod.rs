@@ -139,6 +139,13 @@ const MIGRATIONS: &[&str] = &[
         SELECT DISTINCT i.thing FROM fleet_index i
         WHERE NOT EXISTS (SELECT 1 FROM fleet_index u WHERE u.thing = i.thing
                           AND u.field = 'thingName' AND u.source = 'registry');",
+    // Text is searched without regard to ASCII case, as AWS IoT's fleet
+    // indexing searches: each row keeps its text folded (SQLite's lower()
+    // folds ASCII only), indexed instead of the text.
+    "ALTER TABLE fleet_index ADD COLUMN fold TEXT NOT NULL DEFAULT '';
+    UPDATE fleet_index SET fold = lower(txt);
+    DROP INDEX fleet_index_txt;
+    CREATE INDEX fleet_index_fold ON fleet_index (field, fold);",
 ];
 
 /// The `(revision, bytes)` row one query selects, if there is one.
