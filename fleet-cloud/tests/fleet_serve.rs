@@ -1198,22 +1198,7 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
         .spawn()
         .expect("start fleet serve");
 
-    let tls = fleet_cloud::tls::client_config(&broker.pki().ca_pem(), None).unwrap();
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .build()
-        .unwrap();
-    let mut token = None;
-    for _ in 0..100 {
-        if let Ok(t) = std::fs::read_to_string(d.join("admin.token"))
-            && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
-        {
-            token = Some(t.trim().to_string());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let token = token.expect("fleet serve wrote its admin token and serves the API");
+    let (http, token) = api_client(&broker, d, api_port).await;
     let api = |method: reqwest::Method, path: &str, body: Value| {
         http.request(method, format!("https://localhost:{api_port}{path}"))
             .bearer_auth(&token)
@@ -1285,6 +1270,26 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
     );
     fleet.kill().unwrap();
     fleet.wait().unwrap();
+}
+
+/// An HTTPS client trusting the fleet's CA, and the admin token, once
+/// `fleet serve` on `dir` wrote it and its API on `api_port` answers.
+async fn api_client(broker: &Broker, dir: &Path, api_port: u16) -> (reqwest::Client, String) {
+    let tls = fleet_cloud::tls::client_config(&broker.pki().ca_pem(), None).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for _ in 0..100 {
+        if let Ok(t) = std::fs::read_to_string(dir.join("admin.token"))
+            && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
+        {
+            return (http, t.trim().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fleet serve wrote no admin token or does not serve the API");
 }
 
 /// A device agent on a runtime of its own, so that it can be killed: its
@@ -1379,23 +1384,7 @@ async fn with_mosquitto_agents_tell_who_is_connected() {
             .expect("start fleet serve")
     };
     let mut fleet = spawn();
-    let tls = fleet_cloud::tls::client_config(&broker.pki().ca_pem(), None).unwrap();
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let mut token = None;
-    for _ in 0..100 {
-        if let Ok(t) = std::fs::read_to_string(d.join("admin.token"))
-            && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
-        {
-            token = Some(t.trim().to_string());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let token = token.expect("fleet serve wrote its admin token and serves the API");
+    let (http, token) = api_client(&broker, d, api_port).await;
     for thing in ["pump-1", "pump-2"] {
         let r = http
             .post(format!("https://localhost:{api_port}/v1/things"))
