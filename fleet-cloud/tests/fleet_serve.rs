@@ -1161,13 +1161,7 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
     .expect("start mosquitto with fleet-mosquitto-plugin");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let backend = broker.backend_identity().unwrap();
-    std::fs::write(d.join("backend.pem"), backend.cert_pem).unwrap();
-    std::fs::write(d.join("backend.key"), backend.key_pem).unwrap();
-    std::fs::write(d.join("ca.pem"), broker.pki().ca_pem()).unwrap();
-    let server = broker.pki().server_identity().unwrap();
-    std::fs::write(d.join("server.pem"), server.cert_pem).unwrap();
-    std::fs::write(d.join("server.key"), server.key_pem).unwrap();
+    write_identities(&broker, d);
     std::fs::write(
         d.join("mosquitto.pid"),
         broker.pid().expect("mosquitto runs").to_string(),
@@ -1272,6 +1266,18 @@ async fn with_mosquitto_disabling_a_thing_applies_at_once() {
     fleet.wait().unwrap();
 }
 
+/// The backend's and the API server's certificates and keys, and the CA,
+/// where `fleet serve --dir` looks for them.
+fn write_identities(broker: &Broker, dir: &Path) {
+    let backend = broker.backend_identity().unwrap();
+    std::fs::write(dir.join("backend.pem"), backend.cert_pem).unwrap();
+    std::fs::write(dir.join("backend.key"), backend.key_pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), broker.pki().ca_pem()).unwrap();
+    let server = broker.pki().server_identity().unwrap();
+    std::fs::write(dir.join("server.pem"), server.cert_pem).unwrap();
+    std::fs::write(dir.join("server.key"), server.key_pem).unwrap();
+}
+
 /// An HTTPS client trusting the fleet's CA, and the admin token, once
 /// `fleet serve` on `dir` wrote it and its API on `api_port` answers.
 async fn api_client(broker: &Broker, dir: &Path, api_port: u16) -> (reqwest::Client, String) {
@@ -1355,13 +1361,7 @@ async fn with_mosquitto_agents_tell_who_is_connected() {
     let mut broker = Broker::start().expect("start mosquitto");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let backend = broker.backend_identity().unwrap();
-    std::fs::write(d.join("backend.pem"), backend.cert_pem).unwrap();
-    std::fs::write(d.join("backend.key"), backend.key_pem).unwrap();
-    std::fs::write(d.join("ca.pem"), broker.pki().ca_pem()).unwrap();
-    let server = broker.pki().server_identity().unwrap();
-    std::fs::write(d.join("server.pem"), server.cert_pem).unwrap();
-    std::fs::write(d.join("server.key"), server.key_pem).unwrap();
+    write_identities(&broker, d);
     let api_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
