@@ -307,6 +307,85 @@ impl FromDocument for OtaJob {
     }
 }
 
+impl JobsService {
+    /// A device reported an execution of `job_id` SUCCEEDED with a
+    /// receipt: when the job is an OTA campaign's and the receipt verifies
+    /// against the thing's key as a committed install of its manifest, the
+    /// fleet index gets what it attests, `inventory.verified.{component}`
+    /// (the manifest's version), `inventory.verified.sequence` and
+    /// `inventory.verified.job` (the thing's other components kept). Only
+    /// with a registry that keeps an index; failures are logged (the
+    /// update itself stands).
+    pub(crate) async fn note_verified_install(&self, thing: &str, job_id: &str, receipt: &str) {
+        let Some(registry) = &self.registry else {
+            return;
+        };
+        let Some(index) = registry.index() else {
+            return;
+        };
+        let Ok(job) = self.job(job_id).await else {
+            return;
+        };
+        let Ok(ota) = OtaJob::deserialize_from(&job.spec.document) else {
+            return;
+        };
+        let (Ok(envelope), Ok(nonce)) = (ota.manifest_bytes(), ota.nonce_bytes()) else {
+            return;
+        };
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&envelope).into()
+        };
+        if verify_receipt(registry, thing, receipt, &digest, &nonce).await
+            != Some(InstallOutcome::Committed)
+        {
+            tracing::warn!(thing, job_id, "an install receipt that does not verify");
+            return;
+        }
+        let Some(manifest) = fleet_core::ota::Envelope::parse(&envelope)
+            .ok()
+            .and_then(|e| fleet_core::ota::Manifest::parse(e.payload).ok())
+        else {
+            return;
+        };
+        use crate::query::{Entry, FieldValue};
+        let field = format!("inventory.verified.{}", manifest.component);
+        let mut entries: Vec<Entry> = match index.entries(thing).await {
+            Ok(e) => e
+                .into_iter()
+                .filter(|e| {
+                    e.field.starts_with("inventory.verified.")
+                        && e.field != field
+                        && e.field != "inventory.verified.sequence"
+                        && e.field != "inventory.verified.job"
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(thing, "cannot read the index: {e}");
+                return;
+            }
+        };
+        entries.push(Entry::new(
+            field,
+            FieldValue::Text(manifest.version.to_string()),
+        ));
+        entries.push(Entry::new(
+            "inventory.verified.sequence",
+            FieldValue::Number(manifest.sequence as f64),
+        ));
+        entries.push(Entry::new(
+            "inventory.verified.job",
+            FieldValue::Text(job_id.to_string()),
+        ));
+        if let Err(e) = index
+            .index_rows(thing, crate::store::index::RECEIPTS, entries)
+            .await
+        {
+            tracing::warn!(thing, "cannot index a verified install: {e}");
+        }
+    }
+}
+
 /// Checks a base64 receipt against the thing's registered key, the
 /// campaign's manifest digest and nonce; returns its outcome.
 async fn verify_receipt(

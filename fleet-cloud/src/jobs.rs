@@ -18,7 +18,7 @@ use fleet_core::jobs::{
     JobExecution, JobStatus, JobsMessage, RolloutControl, RolloutStatus, Target, TargetStatus,
     ThingJobs,
 };
-use fleet_core::topic::{JobsTopic, Service, Topic, TopicPrefix};
+use fleet_core::topic::{JobsTopic, JobsTopicKind, Role, Service, Topic, TopicPrefix};
 
 use crate::clock::Clock;
 use crate::service::{Handler, HandlerError, Request};
@@ -152,8 +152,9 @@ pub struct JobsService {
     prefix: String,
     clock: Clock,
     /// Where continuous jobs' groups are resolved in `tick` (`None`: only
-    /// by [`sync_continuous`](JobsService::sync_continuous)).
-    registry: Option<Registry>,
+    /// by [`sync_continuous`](JobsService::sync_continuous)), and install
+    /// receipts verified for the fleet index.
+    pub(crate) registry: Option<Registry>,
     /// When continuous jobs were last synced (seconds).
     synced: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -249,7 +250,9 @@ impl JobsService {
     /// Resolves continuous jobs' groups in `registry` from
     /// [`tick`](Self::tick), every few seconds: a thing that joins a
     /// target group (a static one, or one defined by a query it comes to
-    /// match) gets the job.
+    /// match) gets the job. With a registry that keeps the fleet index, a
+    /// campaign's install receipt that verifies is also written there as
+    /// the thing's `inventory.verified.*` fields.
     pub fn with_registry(mut self, registry: Registry) -> Self {
         self.registry = Some(registry);
         self
@@ -325,12 +328,24 @@ impl JobsService {
         };
         let (now, payload) = (request.received_at, request.payload);
         let thing = thing.as_str().to_string();
-        let (messages, ended) = self
+        let (messages, ended, receipt) = self
             .with_thing(&thing, |jobs| {
                 let messages = jobs.handle_request(kind, payload, now);
-                (messages, ended_executions(jobs))
+                // An execution reported done with an install receipt.
+                let receipt = match kind {
+                    JobsTopicKind::Update(job_id, Role::Request) => jobs
+                        .execution(job_id.as_str())
+                        .filter(|e| e.status == JobStatus::Succeeded)
+                        .and_then(|e| e.status_details.get("receipt").cloned())
+                        .map(|r| (job_id.as_str().to_string(), r)),
+                    _ => None,
+                };
+                (messages, ended_executions(jobs), receipt)
             })
             .await?;
+        if let Some((job_id, receipt)) = receipt {
+            self.note_verified_install(&thing, &job_id, &receipt).await;
+        }
         let mut out = self.outgoing(&thing, messages);
         out.extend(self.retry(&thing, ended, now).await?);
         Ok(out)

@@ -424,6 +424,11 @@ impl Registry {
         self.reindex(thing, Some(groups)).await
     }
 
+    /// The fleet index this registry keeps current, if any.
+    pub(crate) fn index(&self) -> Option<&Arc<dyn crate::store::IndexStore>> {
+        self.index.as_ref()
+    }
+
     /// Uses `index` as the fleet index: every change of a thing's
     /// registry fields is written there after the registry.
     pub fn with_index(mut self, index: Arc<dyn crate::store::IndexStore>) -> Self {

@@ -1837,6 +1837,38 @@ async fn the_fleet_index_finds_what_an_independent_filter_finds_on_every_store()
             want.sort();
             assert_eq!(search_all(&b.stores, &hot).await, want, "{}", a.name());
             assert_eq!(b.stores.index.count(&hot).await.unwrap(), 2);
+            // Rows of a source of their own (verified install receipts):
+            // written, found, replaced.
+            use fleet_cloud::query::{Entry, FieldValue};
+            let verified = Query::parse("inventory.verified.fw:2.0").unwrap();
+            a.stores
+                .index
+                .index_rows(
+                    "ghost-7",
+                    fleet_cloud::store::index::RECEIPTS,
+                    vec![Entry::new(
+                        "inventory.verified.fw",
+                        FieldValue::Text("2.0".into()),
+                    )],
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                search_all(&b.stores, &verified).await,
+                ["ghost-7"],
+                "{}",
+                a.name()
+            );
+            a.stores
+                .index
+                .index_rows("ghost-7", fleet_cloud::store::index::RECEIPTS, Vec::new())
+                .await
+                .unwrap();
+            assert!(
+                search_all(&b.stores, &verified).await.is_empty(),
+                "{}",
+                a.name()
+            );
         }
     })
     .await;

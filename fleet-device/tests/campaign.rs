@@ -36,19 +36,24 @@ struct Fleet {
     jobs: JobsService,
     streams: StreamService,
     registry: Registry,
+    /// The fleet index (in the fleet's SQLite file), which the registry
+    /// keeps and verified receipts are written to.
+    index: Arc<dyn fleet_cloud::store::IndexStore>,
     signer: SigningKey,
     root: Vec<u8>,
     cloud: Mutex<Option<RunningService>>,
     db: tempfile::TempDir,
 }
 
-/// The cloud service: jobs and streams over the fleet's SQLite file.
+/// The cloud service: jobs and streams over the fleet's SQLite file; the
+/// jobs service verifies install receipts with `registry`.
 async fn cloud(
     broker: &Broker,
     db: &std::path::Path,
+    registry: &Registry,
 ) -> (RunningService, JobsService, StreamService) {
     let stores = Stores::sqlite(&db.join("fleet.db")).unwrap();
-    let jobs = JobsService::shared(stores.jobs.clone());
+    let jobs = JobsService::shared(stores.jobs.clone()).with_registry(registry.clone());
     let streams = StreamService::load(stores.streams.clone()).await.unwrap();
     let running = serve(
         broker.backend_config("cloud").unwrap(),
@@ -66,7 +71,7 @@ impl Fleet {
     /// Stops the cloud service and starts a new one on the same database.
     async fn restart_cloud(&self) {
         drop(self.cloud.lock().unwrap().take());
-        let running = cloud(&self.broker, self.db.path()).await.0;
+        let running = cloud(&self.broker, self.db.path(), &self.registry).await.0;
         *self.cloud.lock().unwrap() = Some(running);
     }
 }
@@ -80,8 +85,9 @@ fn receipt_seed(i: usize) -> [u8; 32] {
 async fn fleet(devices: usize) -> Fleet {
     let broker = Broker::start().expect("start mosquitto");
     let db = tempfile::tempdir().unwrap();
-    let (running, jobs, streams) = cloud(&broker, db.path()).await;
-    let registry = Registry::in_memory().unwrap();
+    let index = Stores::sqlite(&db.path().join("fleet.db")).unwrap().index;
+    let registry = Registry::in_memory().unwrap().with_index(index.clone());
+    let (running, jobs, streams) = cloud(&broker, db.path(), &registry).await;
     for i in 0..devices {
         // Each device's receipt key is registered with its thing.
         let public = SigningKey::from_bytes(&receipt_seed(i)).verifying_key();
@@ -104,11 +110,20 @@ async fn fleet(devices: usize) -> Fleet {
         jobs,
         streams,
         registry,
+        index,
         signer,
         root,
         cloud: Mutex::new(Some(running)),
         db,
     }
+}
+
+/// How many things `query` finds in the fleet index.
+async fn verified(f: &Fleet, query: &str) -> u64 {
+    fleet_cloud::Inventory::new(f.index.clone(), Default::default())
+        .count(query)
+        .await
+        .unwrap()
 }
 
 fn image() -> Vec<u8> {
@@ -381,6 +396,11 @@ async fn a_hundred_devices_take_a_campaign_and_every_receipt_verifies() {
     };
     assert_eq!(status.succeeded, N, "{status:?}");
     assert_eq!(status.rollout, Some(RolloutStatus::Completed));
+    // What each verified receipt attests is in the fleet index.
+    assert_eq!(
+        verified(&f, "inventory.verified.fw:3.0 AND inventory.verified.sequence:3 AND inventory.verified.job:fw-3").await,
+        N as u64
+    );
     assert_eq!(
         status.unverified_receipt + status.failed + status.rolled_back,
         0
@@ -454,6 +474,21 @@ async fn failed_self_tests_abort_the_campaign_and_roll_back() {
     );
     assert_eq!(status.rolled_back, 2, "{status:?}");
     assert_eq!(status.succeeded, 2, "{status:?}");
+    // Only the committed installs are in the fleet index as verified.
+    assert_eq!(verified(&f, "inventory.verified.fw:*").await, 2);
+    assert_eq!(
+        verified(&f, "thingName:dev-001 OR thingName:dev-003").await,
+        2,
+        "the rolled-back devices are indexed"
+    );
+    assert_eq!(
+        verified(
+            &f,
+            "(thingName:dev-001 OR thingName:dev-003) AND inventory.verified.fw:*"
+        )
+        .await,
+        0
+    );
     assert_eq!(status.pending + status.canceled, N - 4, "{status:?}");
     let executions = f.jobs.executions("fw-bad").await.unwrap();
     assert_eq!(executions.len(), 5, "only the first group got the job");

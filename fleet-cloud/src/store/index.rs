@@ -83,6 +83,9 @@ pub const REGISTRY: &str = "registry";
 pub const JOBS: &str = "jobs";
 /// The source of a thing's connectivity.
 pub const CONNECTIVITY: &str = "connectivity";
+/// The source of the rows a thing's verified install receipts give
+/// (`inventory.verified.*`).
+pub const RECEIPTS: &str = "receipts";
 
 /// The source of a shadow's rows: `shadow` or `shadow:{name}`.
 pub fn shadow_source(key: &ShadowKey) -> String {
@@ -241,6 +244,15 @@ pub trait IndexStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Applies connectivity events in order (each thing's record and rows).
     async fn record_connectivity(&self, events: Vec<ConnectivityEvent>) -> Result<(), StoreError>;
+
+    /// Replaces a thing's rows of a source of their own ([`RECEIPTS`]:
+    /// what its verified install receipts attest).
+    async fn index_rows(
+        &self,
+        thing: &str,
+        source: &str,
+        entries: Vec<Entry>,
+    ) -> Result<(), StoreError>;
 
     /// A thing's connectivity (`None`: never connected).
     async fn connectivity(&self, thing: &str) -> Result<Option<Connectivity>, StoreError>;

@@ -707,6 +707,16 @@ impl IndexStore for MemoryStore {
         Ok(self.index_lock()?.connectivity.get(thing).cloned())
     }
 
+    async fn index_rows(
+        &self,
+        thing: &str,
+        source: &str,
+        entries: Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        self.index_lock()?.replace(thing, source, entries);
+        Ok(())
+    }
+
     async fn end_connections(&self, reason: &str) -> Result<usize, StoreError> {
         let mut index = self.index_lock()?;
         let connected: Vec<String> = index

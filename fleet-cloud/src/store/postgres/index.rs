@@ -382,6 +382,16 @@ impl IndexStore for PgStore {
         load_connectivity(&client, thing).await
     }
 
+    async fn index_rows(
+        &self,
+        thing: &str,
+        source: &str,
+        entries: Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        Self::replace_rows(&client, thing, source, &entries).await
+    }
+
     async fn end_connections(&self, reason: &str) -> Result<usize, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;

@@ -281,6 +281,21 @@ impl IndexStore for SqliteStore {
         self.with_conn(move |c| load_connectivity(c, &thing)).await
     }
 
+    async fn index_rows(
+        &self,
+        thing: &str,
+        source: &str,
+        entries: Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        let (thing, source) = (thing.to_string(), source.to_string());
+        self.write(move |c| {
+            replace_rows(c, &thing, &source, &entries)?;
+            Ok(0)
+        })
+        .await
+        .map(drop)
+    }
+
     async fn end_connections(&self, reason: &str) -> Result<usize, StoreError> {
         let reason = reason.to_string();
         self.write(move |c| {
