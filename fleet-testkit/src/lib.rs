@@ -23,6 +23,7 @@ mod broker;
 mod client;
 mod postgres;
 mod proxy;
+mod softhsm;
 
 pub use broker::{
     BACKEND_IDENTITY, Broker, BrokerKind, BrokerOptions, mosquitto_binary, mosquitto_plugin,
@@ -32,6 +33,7 @@ pub use fleet_cloud::BrokerPolicy;
 pub use fleet_cloud::pki::{Identity, Pki};
 pub use postgres::{Postgres, PostgresTls};
 pub use proxy::Proxy;
+pub use softhsm::{SO_PIN, SoftHsmToken, softhsm_module};
 
 /// Why the harness could not do what a test asked.
 #[derive(Debug)]
@@ -75,6 +77,13 @@ pub enum HarnessError {
         /// What it printed and logged.
         log: String,
     },
+    /// SoftHSM2's PKCS#11 module is not installed.
+    SoftHsmNotFound,
+    /// `$SOFTHSM2_CONF` is not set (the workspace's `.cargo/config.toml`
+    /// sets it for `cargo test`).
+    SoftHsmNotConfigured,
+    /// SoftHSM2 refused to make a token.
+    SoftHsm(String),
 }
 
 impl HarnessError {
@@ -118,6 +127,17 @@ impl std::fmt::Display for HarnessError {
             Self::Tls(e) => write!(f, "could not load TLS material: {e}"),
             Self::Mqtt(e) => write!(f, "MQTT client error: {e}"),
             Self::Policy(e) => write!(f, "broker policy: {e}"),
+            Self::SoftHsmNotFound => f.write_str(
+                "SoftHSM2 is not installed, and the PKCS#11 tests need a real token. \
+                 Install it with `sudo apt-get install softhsm2` (Debian, Ubuntu), \
+                 or set FLEET_SOFTHSM_MODULE=/path/to/libsofthsm2.so. \
+                 `scripts/test` installs it when run as root.",
+            ),
+            Self::SoftHsmNotConfigured => f.write_str(
+                "SOFTHSM2_CONF is not set: run the tests with cargo from the workspace \
+                 (its .cargo/config.toml sets it), or set it to a file the harness may write",
+            ),
+            Self::SoftHsm(e) => write!(f, "SoftHSM2: {e}"),
             Self::PostgresNotFound => f.write_str(
                 "PostgreSQL is not installed, and the store tests need a real one. \
                  Install it with `sudo apt-get install postgresql` (Debian, Ubuntu) or \
