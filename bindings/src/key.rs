@@ -46,6 +46,6 @@ impl fleet_device::DeviceKey for KeyAdapter {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, fleet_device::KeyError> {
         self.0
             .sign(message.to_vec())
-            .map_err(|e| fleet_device::KeyError(e.to_string()))
+            .map_err(fleet_device::KeyError::from_source)
     }
 }

@@ -86,7 +86,7 @@ impl OtaConfig {
             hardware_id: self.hardware_id,
             slots: Arc::new(Mutex::new(SlotsAdapter(self.slots))),
             self_test: Arc::new(move || test.run()),
-            receipt_key,
+            receipt_key: receipt_key.into(),
             block_size: self.block_size,
         })
     }

@@ -12,23 +12,35 @@ use std::fmt;
 
 /// A certificate could not be made.
 #[derive(Debug)]
-pub struct PkiError(rcgen::Error);
+#[non_exhaustive]
+pub enum PkiError {
+    /// The certificate or request is invalid, or the key does not fit.
+    Rcgen(rcgen::Error),
+    /// The CA's key is in a token that failed (removed, locked, ...).
+    Token(fleet_pkcs11::Pkcs11Error),
+}
 
 impl fmt::Display for PkiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "certificate generation failed: {}", self.0)
+        match self {
+            Self::Rcgen(e) => write!(f, "certificate generation failed: {e}"),
+            Self::Token(e) => write!(f, "certificate generation failed: the CA key: {e}"),
+        }
     }
 }
 
 impl std::error::Error for PkiError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
+        match self {
+            Self::Rcgen(e) => Some(e),
+            Self::Token(e) => Some(e),
+        }
     }
 }
 
 impl From<rcgen::Error> for PkiError {
     fn from(e: rcgen::Error) -> Self {
-        Self(e)
+        Self::Rcgen(e)
     }
 }
 
@@ -51,10 +63,66 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// A development certificate authority (ECDSA P-256 keys), made fresh.
+/// The private key of a certificate authority: in memory (read from a
+/// PEM file) or in an HSM (a PKCS#11 token, where it signs and never
+/// leaves).
+#[non_exhaustive]
+pub enum CaKey {
+    /// A key in memory.
+    File(KeyPair),
+    /// A key in a PKCS#11 token (ECDSA P-256 or Ed25519).
+    Pkcs11(fleet_pkcs11::Pkcs11Key),
+}
+
+impl fmt::Debug for CaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(_) => f.write_str("CaKey::File(..)"),
+            Self::Pkcs11(k) => f.debug_tuple("CaKey::Pkcs11").field(k).finish(),
+        }
+    }
+}
+
+impl rcgen::PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            Self::File(k) => k.der_bytes(),
+            Self::Pkcs11(k) => rcgen::PublicKeyData::der_bytes(k),
+        }
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            Self::File(k) => rcgen::PublicKeyData::algorithm(k),
+            Self::Pkcs11(k) => rcgen::PublicKeyData::algorithm(k),
+        }
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            Self::File(k) => rcgen::SigningKey::sign(k, msg),
+            Self::Pkcs11(k) => rcgen::SigningKey::sign(k, msg),
+        }
+    }
+}
+
+/// A certificate authority (ECDSA P-256 keys for what it makes): a
+/// development CA made fresh, or the fleet's CA from its certificate and
+/// key (a PEM file, or a key in an HSM). Cloning shares the key.
+#[derive(Clone)]
 pub struct Pki {
-    ca: Issuer<'static, KeyPair>,
+    ca: std::sync::Arc<Issuer<'static, CaKey>>,
     ca_pem: String,
+}
+
+impl fmt::Debug for Pki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pki")
+            .field("key", self.ca.key())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pki {
@@ -74,16 +142,34 @@ impl Pki {
         let key = KeyPair::generate()?;
         let ca_pem = params.self_signed(&key)?.pem();
         Ok(Self {
-            ca: Issuer::new(params, key),
+            ca: std::sync::Arc::new(Issuer::new(params, CaKey::File(key))),
             ca_pem,
         })
     }
 
     /// A CA from its certificate and private key (PEM).
     pub fn from_pem(ca_pem: &str, ca_key_pem: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::from_pem(ca_key_pem)?;
+        Self::from_pem_with_key(ca_pem, CaKey::File(KeyPair::from_pem(ca_key_pem)?))
+    }
+
+    /// A CA from its certificate (PEM) and its key wherever it is (an HSM:
+    /// [`CaKey::Pkcs11`]). The key must be the certificate's.
+    pub fn from_pem_with_key(ca_pem: &str, key: CaKey) -> Result<Self, PkiError> {
+        let issuer = Issuer::from_ca_cert_pem(ca_pem, key)?;
+        let cert = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes())
+            .ok()
+            .and_then(|(_, pem)| {
+                x509_parser::parse_x509_certificate(&pem.contents)
+                    .ok()
+                    .map(|(_, c)| c.public_key().subject_public_key.data.to_vec())
+            });
+        if cert.as_deref() != Some(rcgen::PublicKeyData::der_bytes(issuer.key())) {
+            return Err(PkiError::Rcgen(rcgen::Error::PemError(
+                "the CA key is not the key of the CA certificate".into(),
+            )));
+        }
         Ok(Self {
-            ca: Issuer::from_ca_cert_pem(ca_pem, key)?,
+            ca: std::sync::Arc::new(issuer),
             ca_pem: ca_pem.into(),
         })
     }
@@ -132,18 +218,34 @@ impl Pki {
             dn.push(DnType::OrganizationalUnitName, crate::PROVISIONED_UNIT);
             csr.params.distinguished_name = dn;
         }
-        let cert = csr.signed_by(&self.ca)?;
+        let cert = csr.signed_by(&self.ca).map_err(|e| self.key_error(e))?;
         Ok((cert.pem(), common_name))
     }
 
-    /// The CA's private key, PEM (keep it out of version control).
-    pub fn ca_key_pem(&self) -> String {
-        self.ca.key().serialize_pem()
+    /// The CA's private key, PEM (keep it out of version control); `None`
+    /// when it is in an HSM, which never gives it out.
+    pub fn ca_key_pem(&self) -> Option<String> {
+        match self.ca.key() {
+            CaKey::File(k) => Some(k.serialize_pem()),
+            CaKey::Pkcs11(_) => None,
+        }
     }
 
     /// The CA certificate, PEM: the trust anchor of servers and clients.
     pub fn ca_pem(&self) -> String {
         self.ca_pem.clone()
+    }
+
+    /// rcgen's `RemoteKeyError` carries nothing: the token's own error, if
+    /// there is one, says what to fix.
+    fn key_error(&self, e: rcgen::Error) -> PkiError {
+        match (self.ca.key(), &e) {
+            (CaKey::Pkcs11(k), rcgen::Error::RemoteKeyError) => match k.take_error() {
+                Some(cause) => PkiError::Token(cause),
+                None => PkiError::Rcgen(e),
+            },
+            _ => PkiError::Rcgen(e),
+        }
     }
 
     /// A server certificate for `localhost`, `127.0.0.1` and `::1`.
@@ -189,7 +291,9 @@ impl Pki {
             .push(DnType::CommonName, common_name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.ca)?;
+        let cert = params
+            .signed_by(&key, &self.ca)
+            .map_err(|e| self.key_error(e))?;
         Ok(Identity {
             common_name: common_name.to_string(),
             cert_pem: cert.pem(),

@@ -87,7 +87,8 @@ impl Fixture {
                 commands: running.commands().clone(),
                 publisher: running.publisher(),
                 claim_ca: Some(Arc::new(
-                    Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap(),
+                    Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem().unwrap())
+                        .unwrap(),
                 )),
                 claim_identities: vec!["claim@factory".into()],
                 on_standing_changed: None,

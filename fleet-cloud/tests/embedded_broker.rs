@@ -428,7 +428,7 @@ async fn mqtt_3_claimants_provision_and_see_only_their_own_replies() {
         ..BrokerPolicy::default()
     };
     let s = setup(policy, Duration::from_secs(10)).await;
-    let ca = Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem()).unwrap();
+    let ca = Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem().unwrap()).unwrap();
     let registry = fleet_cloud::Registry::in_memory().unwrap();
     let provisioning = fleet_cloud::ProvisioningService::new(
         ca,

@@ -69,7 +69,7 @@ async fn setup(token_lifetime: Duration) -> Setup {
     })
     .expect("start mosquitto");
     // The fleet CA is the broker's CA here, so issued certificates connect.
-    let ca = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap();
+    let ca = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem().unwrap()).unwrap();
     let registry = Registry::in_memory().unwrap();
     registry.create_group("new-pumps", None).await.unwrap();
     let mut provisioning =

@@ -649,7 +649,7 @@ async fn devices_provision_by_claim_through_two_instances() {
     for (name, text) in [
         ("ca.pem", broker.pki().ca_pem()),
         // The fleet CA signs the devices' certificates.
-        ("ca.key", broker.pki().ca_key_pem()),
+        ("ca.key", broker.pki().ca_key_pem().unwrap()),
         ("server.pem", server.cert_pem),
         ("server.key", server.key_pem),
         ("backend.pem", backend.cert_pem),

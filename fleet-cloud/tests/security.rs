@@ -69,7 +69,7 @@ fn setup_mosquitto(policy: BrokerPolicy, registry: Registry) -> Setup {
         ..Default::default()
     })
     .expect("start mosquitto with fleet-mosquitto-plugin");
-    let pki = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap();
+    let pki = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem().unwrap()).unwrap();
     Setup {
         pki,
         port: broker.port(),
@@ -482,7 +482,7 @@ async fn provisioning_with(
     };
     s.sync_roster().await;
     let mut service = ProvisioningService::new(
-        Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem()).unwrap(),
+        Pki::from_pem(&s.pki.ca_pem(), &s.pki.ca_key_pem().unwrap()).unwrap(),
         registry.clone(),
         vec![ProvisioningTemplate {
             allow_replace,
@@ -616,7 +616,7 @@ async fn a_claim_certificate_grants_nothing_until_registered_and_never_a_privile
 
     // A certificate the provisioning CA signed for a privileged name (as an
     // older service would have) is still only a device, and unbound.
-    let ca = Pki::from_pem(&p.s.pki.ca_pem(), &p.s.pki.ca_key_pem()).unwrap();
+    let ca = Pki::from_pem(&p.s.pki.ca_pem(), &p.s.pki.ca_key_pem().unwrap()).unwrap();
     let (key, pem) = csr("fleet-backend");
     let (forged, _) = ca.sign_claimed_csr(&pem, 1).unwrap();
     let code = p.connect("fleet-backend", &forged, &key).await;
@@ -1253,7 +1253,7 @@ async fn with_mosquitto_a_claim_certificate_grants_nothing_until_registered() {
 
     // A certificate the provisioning CA signed for a privileged name is
     // only a device, and unbound.
-    let ca = Pki::from_pem(&p.s.pki.ca_pem(), &p.s.pki.ca_key_pem()).unwrap();
+    let ca = Pki::from_pem(&p.s.pki.ca_pem(), &p.s.pki.ca_key_pem().unwrap()).unwrap();
     let (key, pem) = csr("fleet-backend");
     let (forged, _) = ca.sign_claimed_csr(&pem, 1).unwrap();
     let code = p.connect("fleet-backend", &forged, &key).await;

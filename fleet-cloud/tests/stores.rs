@@ -1066,7 +1066,7 @@ async fn an_ownership_token_is_good_at_every_instance_once() {
     };
     for (a, b) in pairs {
         let service = |r: &Registry| {
-            let ca = Pki::from_pem(&ca.ca_pem(), &ca.ca_key_pem()).unwrap();
+            let ca = Pki::from_pem(&ca.ca_pem(), &ca.ca_key_pem().unwrap()).unwrap();
             ProvisioningService::new(ca, r.clone(), vec![template.clone()])
         };
         let (first, second) = (service(&a), service(&b));

@@ -19,17 +19,50 @@ pub enum KeyAlgorithm {
     Ed25519,
 }
 
-/// A signing failure in the key's own terms (a locked token, a busy TPM).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyError(pub String);
+/// A signing failure in the key's own terms (a locked token, a busy TPM),
+/// with the key's own error as its [`source`](std::error::Error::source).
+#[derive(Debug, Clone)]
+pub struct KeyError {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
 
-impl fmt::Display for KeyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "device key: {}", self.0)
+impl KeyError {
+    /// A failure described by `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure caused by `source` (its message is shown).
+    pub fn from_source(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            message: source.to_string(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// What failed, for people.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
-impl std::error::Error for KeyError {}
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "device key: {}", self.message)
+    }
+}
+
+impl std::error::Error for KeyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// A private key that signs on request: the TLS handshake asks it to sign
 /// its transcript once per connection. Implement it over PKCS#11, a TPM or
@@ -48,15 +81,91 @@ impl std::error::Error for KeyError {}
 ///     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
 ///         // hash `message` with SHA-256 and ask the TPM to sign it
 ///         # let _ = message;
-///         Err(KeyError("not wired to a TPM in this example".into()))
+///         Err(KeyError::new("not wired to a TPM in this example"))
 ///     }
 /// }
 /// ```
+///
+/// With the `pkcs11` feature (on by default), a key in any PKCS#11 token
+/// ([`fleet_pkcs11::Pkcs11Key`], addressed by a `pkcs11:` URI) is a
+/// `DeviceKey`.
 pub trait DeviceKey: fmt::Debug + Send + Sync + 'static {
     /// The key's algorithm.
     fn algorithm(&self) -> KeyAlgorithm;
     /// Signs `message` (hashing it as the algorithm says).
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// The raw public key: the uncompressed P-256 point (65 bytes) or the
+    /// Ed25519 key (32 bytes). Provisioning by claim needs it for the
+    /// certificate request; the TLS handshake does not.
+    fn public_key(&self) -> Result<Vec<u8>, KeyError> {
+        Err(KeyError::new(
+            "this key does not give its public key, which a certificate request needs",
+        ))
+    }
+}
+
+#[cfg(feature = "pkcs11")]
+impl DeviceKey for fleet_pkcs11::Pkcs11Key {
+    fn algorithm(&self) -> KeyAlgorithm {
+        match fleet_pkcs11::Pkcs11Key::algorithm(self) {
+            fleet_pkcs11::Algorithm::Ed25519 => KeyAlgorithm::Ed25519,
+            _ => KeyAlgorithm::EcdsaP256Sha256,
+        }
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        fleet_pkcs11::Pkcs11Key::sign(self, message).map_err(KeyError::from_source)
+    }
+
+    fn public_key(&self) -> Result<Vec<u8>, KeyError> {
+        Ok(fleet_pkcs11::Pkcs11Key::public_key(self).to_vec())
+    }
+}
+
+/// A [`DeviceKey`] as rcgen's signer, so a certificate request is signed
+/// by the key wherever it lives.
+pub(crate) struct CsrSigner {
+    key: Arc<dyn DeviceKey>,
+    public: Vec<u8>,
+    error: std::sync::Mutex<Option<KeyError>>,
+}
+
+impl CsrSigner {
+    pub(crate) fn new(key: Arc<dyn DeviceKey>) -> Result<Self, KeyError> {
+        let public = key.public_key()?;
+        Ok(Self {
+            key,
+            public,
+            error: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The key's own failure behind rcgen's `RemoteKeyError`.
+    pub(crate) fn take_error(&self) -> Option<KeyError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl rcgen::PublicKeyData for CsrSigner {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self.key.algorithm() {
+            KeyAlgorithm::EcdsaP256Sha256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyAlgorithm::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+}
+
+impl rcgen::SigningKey for CsrSigner {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.key.sign(msg).map_err(|e| {
+            *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            rcgen::Error::RemoteKeyError
+        })
+    }
 }
 
 #[derive(Debug)]

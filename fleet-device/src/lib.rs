@@ -47,8 +47,11 @@
 //! - **Provisioning by claim** ([`provision_by_claim`]): key and CSR made on
 //!   the device, certificate and registration from the fleet, identity
 //!   stored in the state directory.
-//! - **Hardware keys** ([`DeviceKey`]): the TLS handshake asks a key in a
-//!   TPM, HSM or secure element to sign.
+//! - **Hardware keys** ([`DeviceKey`]): the TLS handshake, the certificate
+//!   request of provisioning ([`provision_by_claim_with_key`]) and install
+//!   receipts ([`ReceiptKey`]) are signed by a key in a TPM, HSM or secure
+//!   element; any PKCS#11 token by a `pkcs11:` URI ([`pkcs11`], feature
+//!   `pkcs11`, on by default).
 
 #![forbid(unsafe_code)]
 
@@ -64,8 +67,13 @@ pub use agent::{
     Agent, AgentBuilder, AgentError, AgentEvent, Backoff, Delivery, Inventory, Qos, ShadowSnapshot,
 };
 pub use fleet_core::{NameError, ThingName};
+/// Keys in PKCS#11 tokens ([`fleet_pkcs11`]), re-exported.
+#[cfg(feature = "pkcs11")]
+pub use fleet_pkcs11 as pkcs11;
 pub use key::{DeviceKey, KeyAlgorithm, KeyError};
 pub use mqtt::Protocol;
-pub use ota::{FileSlots, FirmwareSlots, OtaSettings, Slot};
+pub use ota::{FileSlots, FirmwareSlots, OtaSettings, ReceiptKey, Slot};
 pub use outbox::{MessageKind, Outbox, OutboxError, Overflow};
-pub use provision::{ClaimConfig, ProvisionError, Provisioned, provision_by_claim};
+pub use provision::{
+    ClaimConfig, ProvisionError, Provisioned, provision_by_claim, provision_by_claim_with_key,
+};

@@ -1,6 +1,7 @@
 //! Firmware slots for over-the-air updates: the trait the agent writes
 //! images through, and a file-backed A/B implementation for Linux.
 
+use crate::key::{DeviceKey, KeyError};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -278,6 +279,64 @@ impl FirmwareSlots for FileSlots {
     }
 }
 
+/// The Ed25519 key that signs a device's install receipts.
+#[derive(Clone)]
+pub enum ReceiptKey {
+    /// A 32-byte seed held by the agent.
+    Seed([u8; 32]),
+    /// A key that signs elsewhere (a PKCS#11 token, a secure element); its
+    /// [`algorithm`](DeviceKey::algorithm) must be Ed25519.
+    Device(Arc<dyn DeviceKey>),
+}
+
+impl From<[u8; 32]> for ReceiptKey {
+    fn from(seed: [u8; 32]) -> Self {
+        Self::Seed(seed)
+    }
+}
+
+impl fmt::Debug for ReceiptKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Seed(_) => f.write_str("ReceiptKey::Seed(..)"),
+            Self::Device(k) => f.debug_tuple("ReceiptKey::Device").field(k).finish(),
+        }
+    }
+}
+
+impl fleet_core::ota::Ed25519Signer for ReceiptKey {
+    type Error = KeyError;
+
+    fn public_key(&self) -> Result<ed25519_dalek::VerifyingKey, KeyError> {
+        match self {
+            Self::Seed(seed) => Ok(ed25519_dalek::SigningKey::from_bytes(seed).verifying_key()),
+            Self::Device(key) => {
+                let raw: [u8; 32] = key
+                    .public_key()?
+                    .try_into()
+                    .map_err(|_| KeyError::new("the receipt key is not an Ed25519 key"))?;
+                ed25519_dalek::VerifyingKey::from_bytes(&raw)
+                    .map_err(|_| KeyError::new("the receipt key's public key is invalid"))
+            }
+        }
+    }
+
+    fn sign_ed25519(&self, message: &[u8]) -> Result<[u8; 64], KeyError> {
+        match self {
+            Self::Seed(seed) => {
+                use ed25519_dalek::Signer;
+                Ok(ed25519_dalek::SigningKey::from_bytes(seed)
+                    .sign(message)
+                    .to_bytes())
+            }
+            Self::Device(key) => key
+                .sign(message)?
+                .try_into()
+                .map_err(|_| KeyError::new("the receipt key did not make an Ed25519 signature")),
+        }
+    }
+}
+
 /// What the agent needs to install signed releases.
 #[derive(Clone)]
 pub struct OtaSettings {
@@ -290,8 +349,9 @@ pub struct OtaSettings {
     /// Runs after a trial boot into a new image: `true` keeps it.
     pub self_test: Arc<dyn Fn() -> bool + Send + Sync>,
     /// The device's Ed25519 key that signs install receipts (its public
-    /// key is registered with the fleet).
-    pub receipt_key: [u8; 32],
+    /// key is registered with the fleet as the thing's `receiptKey`): a
+    /// seed in memory, or a key in a token (`[u8; 32]` converts).
+    pub receipt_key: ReceiptKey,
     /// Bytes per downloaded block (256..=131072; default 4096).
     pub block_size: u32,
 }

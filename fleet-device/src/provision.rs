@@ -36,6 +36,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use serde_json::{Value, json};
 
 use crate::AgentBuilder;
+use crate::key::{CsrSigner, DeviceKey};
 use crate::mqtt::{self, Ev, Protocol};
 
 /// Why provisioning failed. Nothing is stored unless it succeeded.
@@ -136,7 +137,8 @@ pub struct Provisioned {
     pub thing_name: String,
     /// The device certificate (PEM).
     pub cert_pem: String,
-    /// The device private key (PEM), generated on the device.
+    /// The device private key (PEM), generated on the device; empty when
+    /// the key is held in hardware ([`provision_by_claim_with_key`]).
     pub key_pem: String,
 }
 
@@ -170,6 +172,22 @@ impl Provisioned {
         }
     }
 
+    /// The certificate and thing name stored in `state_dir` by an earlier
+    /// provisioning with a key held elsewhere, if there are both
+    /// ([`Provisioned::key_pem`] is then empty).
+    pub fn load_certificate(state_dir: &Path) -> Result<Option<Self>, ProvisionError> {
+        let read = |name: &str| std::fs::read_to_string(state_dir.join(name));
+        match (read("device.pem"), read("thing")) {
+            (Ok(cert_pem), Ok(thing_name)) => Ok(Some(Self {
+                thing_name: thing_name.trim().to_string(),
+                cert_pem,
+                key_pem: String::new(),
+            })),
+            (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            (Err(e), _) | (_, Err(e)) => Err(ProvisionError::StateDir(e.to_string())),
+        }
+    }
+
     /// An agent builder with this identity.
     pub fn agent(&self, host: &str, port: u16, ca_pem: &str) -> AgentBuilder {
         AgentBuilder::new(
@@ -193,6 +211,9 @@ impl Provisioned {
             ("device.pem", &self.cert_pem, false),
             ("thing", &self.thing_name, false),
         ] {
+            if text.is_empty() {
+                continue; // a key held in hardware is not stored here
+            }
             let tmp = dir.join(format!("{name}.tmp"));
             std::fs::write(&tmp, text).map_err(bad)?;
             #[cfg(unix)]
@@ -219,16 +240,51 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
         return Ok(p);
     }
     let key = rcgen::KeyPair::generate().map_err(|e| ProvisionError::Key(e.to_string()))?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(|e| ProvisionError::Key(e.to_string()))?;
+    let csr = certificate_request(config, &key).map_err(|e| ProvisionError::Key(e.to_string()))?;
+    register(config, csr, key.serialize_pem()).await
+}
+
+/// Provisions the device by claim with a key held elsewhere (a PKCS#11
+/// token, a TPM, a secure element: [`DeviceKey`]): the certificate request
+/// is signed by that key, which never leaves it, and only the certificate
+/// and thing name are stored (the returned [`Provisioned::key_pem`] is
+/// empty; give the key to [`AgentBuilder::device_key`]). Unless the state
+/// directory already holds a certificate: then returns that one, without
+/// a connection.
+pub async fn provision_by_claim_with_key(
+    config: &ClaimConfig,
+    key: Arc<dyn DeviceKey>,
+) -> Result<Provisioned, ProvisionError> {
+    if let Some(p) = Provisioned::load_certificate(&config.state_dir)? {
+        return Ok(p);
+    }
+    let signer = CsrSigner::new(key).map_err(|e| ProvisionError::Key(e.to_string()))?;
+    let csr = certificate_request(config, &signer).map_err(|e| {
+        ProvisionError::Key(match signer.take_error() {
+            Some(key) => key.to_string(),
+            None => e.to_string(),
+        })
+    })?;
+    register(config, csr, String::new()).await
+}
+
+fn certificate_request(
+    config: &ClaimConfig,
+    key: &impl rcgen::SigningKey,
+) -> Result<String, rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, config.thing_name.as_str());
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| ProvisionError::Key(e.to_string()))?;
+    params.serialize_request(key).and_then(|c| c.pem())
+}
 
+/// `create-from-csr`, then `RegisterThing`; stores the identity.
+async fn register(
+    config: &ClaimConfig,
+    csr: String,
+    key_pem: String,
+) -> Result<Provisioned, ProvisionError> {
     let mut session = Channel::connect(config).await?;
     let created = session
         .request(
@@ -262,7 +318,7 @@ pub async fn provision_by_claim(config: &ClaimConfig) -> Result<Provisioned, Pro
     let provisioned = Provisioned {
         thing_name,
         cert_pem: cert_pem.to_string(),
-        key_pem: key.serialize_pem(),
+        key_pem,
     };
     provisioned.store(&config.state_dir)?;
     Ok(provisioned)

@@ -196,7 +196,7 @@ async fn run_device(
             hardware_id: "board-1".into(),
             slots: slots.clone(),
             self_test: Arc::new(move || healthy),
-            receipt_key: receipt_seed(i),
+            receipt_key: receipt_seed(i).into(),
             block_size: 4096,
         };
         let agent = AgentBuilder::new(

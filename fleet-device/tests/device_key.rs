@@ -28,10 +28,10 @@ impl DeviceKey for SecureElement {
 
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         if self.broken {
-            return Err(KeyError("the token is locked".into()));
+            return Err(KeyError::new("the token is locked"));
         }
         self.signatures.fetch_add(1, Ordering::SeqCst);
-        rcgen::SigningKey::sign(&self.key, message).map_err(|e| KeyError(e.to_string()))
+        rcgen::SigningKey::sign(&self.key, message).map_err(KeyError::from_source)
     }
 }
 

@@ -153,7 +153,7 @@ fn boot(f: &Fleet, state: &Path, self_test: Arc<AtomicBool>) -> Device {
         hardware_id: "board-1".into(),
         slots: slots.clone(),
         self_test: Arc::new(move || self_test.load(Ordering::SeqCst)),
-        receipt_key: [7; 32],
+        receipt_key: [7; 32].into(),
         block_size: BLOCK,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

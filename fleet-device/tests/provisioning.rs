@@ -34,7 +34,7 @@ impl PreProvisioningHook for DenySerial13 {
 }
 
 fn cloud(broker: &Broker, registry: &Registry) -> RunningService {
-    let ca = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem()).unwrap();
+    let ca = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem().unwrap()).unwrap();
     let mut provisioning = ProvisioningService::new(
         ca,
         registry.clone(),

@@ -123,7 +123,10 @@ impl fmt::Display for Pkcs11Error {
                 source_description,
                 source,
             } => {
-                write!(f, "the token's PIN could not be read from {source_description}")?;
+                write!(
+                    f,
+                    "the token's PIN could not be read from {source_description}"
+                )?;
                 if let Some(e) = source {
                     write!(f, " ({e})")?;
                 }

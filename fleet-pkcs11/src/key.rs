@@ -9,7 +9,9 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
-use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
@@ -156,7 +158,10 @@ fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, Pkcs11Error> {
                 .manufacturer
                 .as_ref()
                 .is_none_or(|m| m == info.manufacturer_id().trim_end())
-            && uri.model.as_ref().is_none_or(|m| m == info.model().trim_end())
+            && uri
+                .model
+                .as_ref()
+                .is_none_or(|m| m == info.model().trim_end())
             && uri.slot_id.is_none_or(|id| id == slot.id());
         if ok {
             return Ok(slot);
@@ -239,7 +244,9 @@ impl Pkcs11Key {
         };
         let algorithm = match (key_type, params.as_deref()) {
             (Some(t), Some(P256_OID)) if t == KeyType::EC => Algorithm::EcdsaP256Sha256,
-            (Some(t), Some(p)) if t == KeyType::EC_EDWARDS && (p == ED25519_OID || p == ED25519_NAME) => {
+            (Some(t), Some(p))
+                if t == KeyType::EC_EDWARDS && (p == ED25519_OID || p == ED25519_NAME) =>
+            {
                 Algorithm::Ed25519
             }
             (Some(t), _) if t == KeyType::EC => {
@@ -371,12 +378,13 @@ impl Pkcs11Key {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if conn.is_none() {
             let session = open_session(&self.uri, &self.module, false)?;
-            let handle = one_object(&session, &self.uri, ObjectClass::PRIVATE_KEY)?.ok_or_else(
-                || Pkcs11Error::ObjectNotFound {
-                    token: self.uri.token_description(),
-                    object: self.uri.object_description(),
-                },
-            )?;
+            let handle =
+                one_object(&session, &self.uri, ObjectClass::PRIVATE_KEY)?.ok_or_else(|| {
+                    Pkcs11Error::ObjectNotFound {
+                        token: self.uri.token_description(),
+                        object: self.uri.object_description(),
+                    }
+                })?;
             *conn = Some((session, handle));
         }
         Ok(conn)
@@ -413,12 +421,12 @@ impl Pkcs11Key {
         };
         match signed {
             Ok(sig) => match self.algorithm {
-                Algorithm::EcdsaP256Sha256 => der::ecdsa_signature(&sig).ok_or(Retry::Final(
-                    Pkcs11Error::Module {
+                Algorithm::EcdsaP256Sha256 => {
+                    der::ecdsa_signature(&sig).ok_or(Retry::Final(Pkcs11Error::Module {
                         operation: "signing",
                         source: CkError::InvalidValue,
-                    },
-                )),
+                    }))
+                }
                 Algorithm::Ed25519 => Ok(sig),
             },
             Err(e) => {
@@ -444,7 +452,10 @@ impl Pkcs11Key {
         };
         let token = self.uri.token_description();
         let attrs = session
-            .get_attributes(*handle, &[AttributeType::Extractable, AttributeType::Sensitive])
+            .get_attributes(
+                *handle,
+                &[AttributeType::Extractable, AttributeType::Sensitive],
+            )
             .map_err(|e| Pkcs11Error::classify(&token, "reading the key", e))?;
         let mut p = KeyProtection {
             extractable: true,

@@ -258,8 +258,11 @@ impl FromStr for Pkcs11Uri {
                 }
                 // Attributes fleet does not need identify the library or
                 // slot further; RFC 7512 lets a consumer ignore them.
-                "library-manufacturer" | "library-description" | "library-version"
-                | "slot-manufacturer" | "slot-description" => {}
+                "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-manufacturer"
+                | "slot-description" => {}
                 other => {
                     return Err(UriError {
                         position: here,
@@ -371,7 +374,9 @@ impl fmt::Display for Pkcs11Uri {
                 "pin-source=file:{}",
                 encode(p.to_string_lossy().as_bytes(), true)
             )),
-            PinSource::Env(v) => query.push(format!("pin-source=env:{}", encode(v.as_bytes(), true))),
+            PinSource::Env(v) => {
+                query.push(format!("pin-source=env:{}", encode(v.as_bytes(), true)))
+            }
         }
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
@@ -393,7 +398,10 @@ mod tests {
             .unwrap();
         assert_eq!(u.token.as_deref(), Some("The Software PKCS#11 Softtoken"));
         assert_eq!(u.manufacturer.as_deref(), Some("Snake Oil, Inc."));
-        assert_eq!(u.id.as_deref(), Some(&[0x69, 0x95, 0x3e, 0x5c, 0xf4, 0xbd, 0xec, 0x91][..]));
+        assert_eq!(
+            u.id.as_deref(),
+            Some(&[0x69, 0x95, 0x3e, 0x5c, 0xf4, 0xbd, 0xec, 0x91][..])
+        );
         assert_eq!(u.object_type, Some(ObjectType::Cert));
         assert_eq!(u.serial.as_deref(), Some(""));
         let again: Pkcs11Uri = u.to_string().parse().unwrap();
@@ -410,9 +418,13 @@ mod tests {
 
     #[test]
     fn refuses_with_the_position_of_the_fault() {
-        let e = "pkcs11:token=a;type=secret".parse::<Pkcs11Uri>().unwrap_err();
+        let e = "pkcs11:token=a;type=secret"
+            .parse::<Pkcs11Uri>()
+            .unwrap_err();
         assert_eq!(e.position, 20, "{e}");
-        let e = "pkcs11:token=a?pin-value=1234".parse::<Pkcs11Uri>().unwrap_err();
+        let e = "pkcs11:token=a?pin-value=1234"
+            .parse::<Pkcs11Uri>()
+            .unwrap_err();
         assert_eq!(e.position, 15);
         assert!(e.reason.contains("pin-source=env:NAME"), "{e}");
         let e = "pkcs11:object=%4".parse::<Pkcs11Uri>().unwrap_err();

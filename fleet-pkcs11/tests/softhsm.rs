@@ -28,7 +28,11 @@ fn keys_are_generated_in_the_token_sign_there_and_never_leave() {
     // Opened again by its URI alone: the same key.
     let again = Pkcs11Key::open(&uri).unwrap();
     assert_eq!(again.public_key(), key.public_key());
-    assert!(verify_p256(key.public_key(), b"x", &again.sign(b"x").unwrap()));
+    assert!(verify_p256(
+        key.public_key(),
+        b"x",
+        &again.sign(b"x").unwrap()
+    ));
     // A second generate under the label is refused; open_or_generate opens.
     assert!(matches!(
         Pkcs11Key::generate(&uri, Algorithm::EcdsaP256Sha256),
@@ -39,7 +43,8 @@ fn keys_are_generated_in_the_token_sign_there_and_never_leave() {
 
     // Ed25519, which SoftHSM2 supports.
     let ed = Pkcs11Key::generate(&token.uri("receipts"), Algorithm::Ed25519).unwrap();
-    let public = ed25519_dalek::VerifyingKey::from_bytes(ed.public_key().try_into().unwrap()).unwrap();
+    let public =
+        ed25519_dalek::VerifyingKey::from_bytes(ed.public_key().try_into().unwrap()).unwrap();
     let sig = ed.sign(b"receipt body").unwrap();
     let sig = ed25519_dalek::Signature::from_slice(&sig).unwrap();
     public.verify_strict(b"receipt body", &sig).unwrap();
@@ -72,16 +77,28 @@ fn each_failure_says_what_to_fix() {
 
     // A PIN file that is not there; a variable that is not set.
     uri.pin = PinSource::File(dir.path().join("missing"));
-    assert!(matches!(Pkcs11Key::open(&uri), Err(Pkcs11Error::PinUnreadable { .. })));
+    assert!(matches!(
+        Pkcs11Key::open(&uri),
+        Err(Pkcs11Error::PinUnreadable { .. })
+    ));
     uri.pin = PinSource::Env("FLEET_TEST_PIN_THAT_IS_NOT_SET".into());
     let e = Pkcs11Key::open(&uri).unwrap_err();
-    assert!(e.to_string().contains("FLEET_TEST_PIN_THAT_IS_NOT_SET"), "{e}");
+    assert!(
+        e.to_string().contains("FLEET_TEST_PIN_THAT_IS_NOT_SET"),
+        "{e}"
+    );
 
     // A locked token: its user PIN was never set.
     let locked = SoftHsmToken::without_user_pin().unwrap();
     let e = Pkcs11Key::open(&locked.uri("device")).unwrap_err();
     assert!(
-        matches!(e, Pkcs11Error::TokenLocked { reason: LockReason::PinNotInitialized, .. }),
+        matches!(
+            e,
+            Pkcs11Error::TokenLocked {
+                reason: LockReason::PinNotInitialized,
+                ..
+            }
+        ),
         "{e}"
     );
     assert!(e.to_string().contains("security officer"), "{e}");
@@ -94,7 +111,10 @@ fn each_failure_says_what_to_fix() {
     uri.token = Some("no-such-token".into());
     let e = Pkcs11Key::open(&uri).unwrap_err();
     assert!(matches!(e, Pkcs11Error::TokenNotFound { .. }), "{e}");
-    assert!(e.to_string().contains(token.label()), "lists the tokens there are: {e}");
+    assert!(
+        e.to_string().contains(token.label()),
+        "lists the tokens there are: {e}"
+    );
 
     // A key of an unsupported type (RSA), made with the token's own tools.
     make_rsa_key(&token, "rsa");
@@ -103,7 +123,9 @@ fn each_failure_says_what_to_fix() {
     assert!(e.to_string().contains("ECDSA P-256 or Ed25519"), "{e}");
 
     // A URI with the PIN in it is refused before anything is loaded.
-    let e = "pkcs11:token=x?pin-value=1234".parse::<Pkcs11Uri>().unwrap_err();
+    let e = "pkcs11:token=x?pin-value=1234"
+        .parse::<Pkcs11Uri>()
+        .unwrap_err();
     assert!(e.to_string().contains("pin-source"), "{e}");
 }
 
@@ -116,12 +138,18 @@ fn make_rsa_key(token: &SoftHsmToken, label: &str) {
         .get_all_slots()
         .unwrap()
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).is_ok_and(|t| t.label().trim_end() == token.label()))
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|t| t.label().trim_end() == token.label())
+        })
         .unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
     let pin = std::fs::read_to_string(token.pin_file()).unwrap();
     session
-        .login(cryptoki::session::UserType::User, Some(&pin.trim().to_string().into()))
+        .login(
+            cryptoki::session::UserType::User,
+            Some(&pin.trim().to_string().into()),
+        )
         .unwrap();
     session
         .generate_key_pair(
@@ -149,7 +177,10 @@ fn token_session(token: &SoftHsmToken) -> cryptoki::session::Session {
         .get_all_slots()
         .unwrap()
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).is_ok_and(|t| t.label().trim_end() == token.label()))
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|t| t.label().trim_end() == token.label())
+        })
         .unwrap();
     ctx.open_rw_session(slot).unwrap()
 }
@@ -165,7 +196,10 @@ fn a_lost_session_is_reopened_and_a_removed_token_fails_typed() {
     // of the application loses its login. The key logs in again by itself.
     let other = token_session(&token);
     let pin = std::fs::read_to_string(token.pin_file()).unwrap();
-    let _ = other.login(cryptoki::session::UserType::User, Some(&pin.trim().to_string().into()));
+    let _ = other.login(
+        cryptoki::session::UserType::User,
+        Some(&pin.trim().to_string().into()),
+    );
     other.logout().unwrap();
     let sig = key.sign(b"after a logout").unwrap();
     assert!(verify_p256(key.public_key(), b"after a logout", &sig));
@@ -177,7 +211,10 @@ fn a_lost_session_is_reopened_and_a_removed_token_fails_typed() {
     std::fs::rename(&dir, &away).unwrap();
     let e = key.sign(b"while removed").unwrap_err();
     assert!(
-        matches!(e, Pkcs11Error::TokenRemoved { .. } | Pkcs11Error::TokenNotFound { .. }),
+        matches!(
+            e,
+            Pkcs11Error::TokenRemoved { .. } | Pkcs11Error::TokenNotFound { .. }
+        ),
         "{e:?}"
     );
     assert!(e.is_transient(), "{e}");

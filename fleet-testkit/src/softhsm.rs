@@ -9,8 +9,8 @@
 //! Child processes (`fleet serve`, Python) inherit the variable.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -121,10 +121,7 @@ impl SoftHsmToken {
             .get_all_slots()
             .map_err(|e| hsm("listing slots", e))?
             .into_iter()
-            .find(|s| {
-                ctx.get_token_info(*s)
-                    .is_ok_and(|t| !t.token_initialized())
-            })
+            .find(|s| ctx.get_token_info(*s).is_ok_and(|t| !t.token_initialized()))
             .ok_or_else(|| HarnessError::SoftHsm("SoftHSM2 offers no free slot".into()))?;
         ctx.init_token(free, &AuthPin::from(SO_PIN), &label)
             .map_err(|e| hsm("C_InitToken", e))?;
@@ -187,14 +184,17 @@ impl SoftHsmToken {
 
     /// The token's directory in SoftHSM2's file store.
     pub fn directory(&self) -> Option<PathBuf> {
-        std::fs::read_dir(&self.tokens).ok()?.flatten().find_map(|e| {
-            let tf = e.path().join("token.object");
-            let bytes = std::fs::read(&tf).ok()?;
-            bytes
-                .windows(self.label.len())
-                .any(|w| w == self.label.as_bytes())
-                .then(|| e.path())
-        })
+        std::fs::read_dir(&self.tokens)
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let tf = e.path().join("token.object");
+                let bytes = std::fs::read(&tf).ok()?;
+                bytes
+                    .windows(self.label.len())
+                    .any(|w| w == self.label.as_bytes())
+                    .then(|| e.path())
+            })
     }
 }
 

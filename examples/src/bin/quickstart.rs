@@ -117,7 +117,7 @@ async fn start_cloud(dir: &Path) -> Result<Cloud, BoxError> {
         },
     );
     config.provisioning = Some(ProvisioningSetup {
-        ca: Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
+        ca: pki.clone(),
         templates: vec![ProvisioningTemplate {
             allow_replace: false,
             name: "factory".into(),
@@ -227,7 +227,7 @@ async fn device(
                 hardware_id: "p100".into(),
                 slots,
                 self_test: Arc::new(move || healthy),
-                receipt_key,
+                receipt_key: receipt_key.into(),
                 block_size: 4096,
             })
             .start()?;

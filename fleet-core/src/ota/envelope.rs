@@ -160,7 +160,24 @@ pub fn sign_envelope(
     payload: &[u8],
     keys: &[&ed25519_dalek::SigningKey],
 ) -> alloc::vec::Vec<u8> {
-    use ed25519_dalek::Signer;
+    match sign_envelope_with(payload_type, payload, keys) {
+        Ok(envelope) => envelope,
+        Err(e) => match e {},
+    }
+}
+
+/// As [`sign_envelope`], with signers that may live elsewhere (a release
+/// key in an HSM, [`Ed25519Signer`](super::Ed25519Signer)); the first
+/// signer's failure is returned and no envelope is made.
+///
+/// # Panics
+/// As [`sign_envelope`].
+#[cfg(feature = "alloc")]
+pub fn sign_envelope_with<S: super::Ed25519Signer + ?Sized>(
+    payload_type: &str,
+    payload: &[u8],
+    keys: &[&S],
+) -> Result<alloc::vec::Vec<u8>, S::Error> {
     assert!(
         payload_type.len() <= MAX_PAYLOAD_TYPE_LEN,
         "payload type too long"
@@ -179,10 +196,10 @@ pub fn sign_envelope(
     out.extend_from_slice(payload);
     out.push(keys.len() as u8);
     for key in keys {
-        out.extend_from_slice(&KeyId::of(&key.verifying_key()).0);
-        out.extend_from_slice(&key.sign(&buf[..len]).to_bytes());
+        out.extend_from_slice(&KeyId::of(&key.public_key()?).0);
+        out.extend_from_slice(&key.sign_ed25519(&buf[..len])?);
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

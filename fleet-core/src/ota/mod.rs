@@ -45,6 +45,7 @@ mod image;
 mod manifest;
 mod receipt;
 mod root;
+mod signer;
 #[cfg(test)]
 mod tests;
 #[cfg(feature = "std")]
@@ -54,11 +55,11 @@ mod wire;
 
 #[cfg(feature = "alloc")]
 pub use download::{BlockDownload, DownloadConfig, DownloadError, DownloadEvent};
-#[cfg(feature = "alloc")]
-pub use envelope::sign_envelope;
 pub use envelope::{
     ENVELOPE_MAGIC, Envelope, KeyId, MAX_PAYLOAD_LEN, MAX_PAYLOAD_TYPE_LEN, MAX_SIGNATURES,
 };
+#[cfg(feature = "alloc")]
+pub use envelope::{sign_envelope, sign_envelope_with};
 pub use error::{Malformed, OtaError};
 pub use image::ImageVerifier;
 #[cfg(feature = "alloc")]
@@ -71,6 +72,7 @@ pub use receipt::{InstallOutcome, InstallReceipt, MAX_NONCE_LEN, MAX_RECEIPT_LEN
 #[cfg(feature = "alloc")]
 pub use root::TrustRootBuilder;
 pub use root::{DeviceProfile, MAX_KEYS, ROOT_MAGIC, ROOT_PAYLOAD_TYPE, Role, TrustRoot};
+pub use signer::{Ed25519Signer, SignError};
 pub use update::{
     OtaAction, OtaConfig, OtaEvent, OtaPhase, OtaUpdate, ProgressRecord, RECORD_LEN, Slot,
 };

@@ -3,6 +3,7 @@
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::error::{Malformed, OtaError};
+use super::signer::{Ed25519Signer, SignError};
 
 /// Magic bytes of a receipt.
 pub const RECEIPT_MAGIC: &[u8; 4] = b"FLI1";
@@ -67,9 +68,21 @@ impl<'a> InstallReceipt<'a> {
         key: &ed25519_dalek::SigningKey,
         out: &mut [u8; MAX_RECEIPT_LEN],
     ) -> Result<usize, OtaError> {
-        use ed25519_dalek::Signer;
-        let len = self.body(out)?;
-        let sig = key.sign(&out[..len]).to_bytes();
+        self.sign_with(key, out).map_err(|e| match e {
+            SignError::Invalid(e) => e,
+            SignError::Signer(never) => match never {},
+        })
+    }
+
+    /// Signs the receipt with a key that may live elsewhere (a secure
+    /// element, a PKCS#11 token) into `out`; returns the length written.
+    pub fn sign_with<S: Ed25519Signer + ?Sized>(
+        &self,
+        key: &S,
+        out: &mut [u8; MAX_RECEIPT_LEN],
+    ) -> Result<usize, SignError<S::Error>> {
+        let len = self.body(out).map_err(SignError::Invalid)?;
+        let sig = key.sign_ed25519(&out[..len]).map_err(SignError::Signer)?;
         out[len..len + 64].copy_from_slice(&sig);
         Ok(len + 64)
     }

@@ -292,6 +292,13 @@ impl AgentBuilder {
             (Some(settings), Some(dir)) => {
                 fleet_core::ota::TrustRoot::parse(&settings.trust_root)
                     .map_err(|e| AgentError::Tls(format!("trust root: {e}")))?;
+                if let crate::ota::ReceiptKey::Device(key) = &settings.receipt_key
+                    && key.algorithm() != crate::KeyAlgorithm::Ed25519
+                {
+                    return Err(AgentError::Tls(
+                        "the receipt key must be an Ed25519 key".into(),
+                    ));
+                }
                 Some(OtaState {
                     settings: settings.clone(),
                     state_dir: dir.clone(),

@@ -412,7 +412,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             .map_err(|e| {
                 format!("{e} (install Mosquitto: `apt-get install mosquitto`, or set $MOSQUITTO)")
             })?;
-            let pki = Pki::from_pem(&broker.pki().ca_pem(), &broker.pki().ca_key_pem())?;
+            let pki = broker.pki().clone();
             (Target::Mosquitto(Box::new(broker)), pki)
         }
         external => {

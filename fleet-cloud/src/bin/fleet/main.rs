@@ -13,7 +13,7 @@
 //! export FLEET_TOKEN_FILE=fleet-data/admin.token
 //! fleet thing list
 //! fleet shadow update pump-1 '{"speed": 3}'
-//! fleet keygen --out release.key
+//! fleet keygen --out release.key   # or in an HSM: --pkcs11 'pkcs11:token=..;object=release?...'
 //! fleet manifest sign --image fw.bin --key release.key --component fw \
 //!     --version 2.0.0 --sequence 2 --hardware-id p100 --out fw.envelope
 //! fleet release upload fw-2 --envelope fw.envelope --image fw.bin
@@ -226,8 +226,13 @@ enum Command {
     /// Make an Ed25519 key for signing releases; prints its public key.
     Keygen {
         /// Where to write it (not overwritten).
+        #[arg(long, required_unless_present = "pkcs11", conflicts_with = "pkcs11")]
+        out: Option<PathBuf>,
+        /// Generate it inside a PKCS#11 token (an HSM) instead, under the
+        /// URI's `object=` label; it never leaves the token. The PIN comes
+        /// from the URI's `pin-source` (a file or an environment variable).
         #[arg(long)]
-        out: PathBuf,
+        pkcs11: Option<String>,
     },
     /// Sign or verify a release manifest.
     #[command(subcommand)]
@@ -446,6 +451,12 @@ struct ServeArgs {
     /// The CA of the broker's certificate (PEM); default `{dir}/ca.pem`.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// The key of the CA (`{dir}/ca.pem`) that signs devices' certificates
+    /// in provisioning by claim: a PEM file, or a `pkcs11:` URI of a key in
+    /// an HSM (`...?module-path=/usr/lib/...so&pin-source=file:/run/pin`;
+    /// the PIN is never on the command line). Default `{dir}/ca.key`.
+    #[arg(long)]
+    ca_key: Option<String>,
     /// Where state is kept: `sqlite:PATH` (or a path), PostgreSQL as
     /// `postgres://user@host/database` or `host=... dbname=...` (several
     /// instances may share it), or `memory`; anything else is refused.
@@ -549,6 +560,7 @@ impl ServeArgs {
             cert: self.cert.clone(),
             key: self.key.clone(),
             ca: self.ca.clone(),
+            ca_key: self.ca_key.clone(),
             store: self.store.clone(),
             claims: (!self.claims.is_empty()).then(|| self.claims.clone()),
             client_id: self.client_id.clone(),
@@ -698,7 +710,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Man { out } => man_pages(&out),
-            Command::Keygen { out } => tools::keygen(&out),
+            Command::Keygen { out, pkcs11 } => tools::keygen(out.as_ref(), pkcs11.as_deref()),
             Command::Manifest(cmd) => tools::manifest(cmd),
             Command::Thing { api, command } => client::thing(&api, command).await,
             Command::Group { api, command } => client::group(&api, command).await,
@@ -819,12 +831,28 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
     // instance keeps it in `registry.db` in --dir, where `fleet dev-setup`
     // writes it, whatever --store says.
     config.registry = Some(dir.join("registry.db"));
-    let ca_key = match (
-        std::fs::read_to_string(dir.join("ca.pem")),
-        std::fs::read_to_string(dir.join("ca.key")),
-    ) {
-        (Ok(ca), Ok(key)) => Some(std::sync::Arc::new(Pki::from_pem(&ca, &key)?)),
-        _ => None,
+    let ca_key = match (&args.ca_key, std::fs::read_to_string(dir.join("ca.pem"))) {
+        // A CA key in an HSM: it must be there, or fleet serve does not start.
+        (Some(uri), ca) if fleet_pkcs11::Pkcs11Uri::is_pkcs11(uri) => {
+            let ca = ca.map_err(|e| format!("{}: {e}", dir.join("ca.pem").display()))?;
+            let uri: fleet_pkcs11::Pkcs11Uri = uri.parse().map_err(|e| format!("ca-key: {e}"))?;
+            let key = fleet_pkcs11::Pkcs11Key::open(&uri).map_err(|e| format!("ca-key: {e}"))?;
+            tracing::info!(key = %uri, "the CA's key is in a PKCS#11 token");
+            Some(std::sync::Arc::new(Pki::from_pem_with_key(
+                &ca,
+                fleet_cloud::pki::CaKey::Pkcs11(key),
+            )?))
+        }
+        (Some(path), ca) => {
+            let ca = ca.map_err(|e| format!("{}: {e}", dir.join("ca.pem").display()))?;
+            let key = std::fs::read_to_string(path).map_err(|e| format!("ca-key {path}: {e}"))?;
+            Some(std::sync::Arc::new(Pki::from_pem(&ca, &key)?))
+        }
+        (None, Ok(ca)) => match std::fs::read_to_string(dir.join("ca.key")) {
+            Ok(key) => Some(std::sync::Arc::new(Pki::from_pem(&ca, &key)?)),
+            Err(_) => None,
+        },
+        (None, Err(_)) => None,
     };
     config.claim_ca = ca_key.clone();
     if let Some(pki) = &ca_key
@@ -855,7 +883,7 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
             );
         }
         config.provisioning = Some(ProvisioningSetup {
-            ca: Pki::from_pem(&pki.ca_pem(), &pki.ca_key_pem())?,
+            ca: Pki::clone(pki),
             templates,
         });
     }
@@ -1066,7 +1094,12 @@ fn write_setup(
     };
     let pki = Pki::new("fleet development CA")?;
     write("ca.pem", &pki.ca_pem(), false)?;
-    write("ca.key", &pki.ca_key_pem(), true)?;
+    write(
+        "ca.key",
+        &pki.ca_key_pem()
+            .ok_or("a new development CA has its key in memory")?,
+        true,
+    )?;
     let server = pki.server_identity()?;
     write("server.pem", &server.cert_pem, false)?;
     write("server.key", &server.key_pem, true)?;

@@ -20,6 +20,7 @@ const KEYS: &[&str] = &[
     "cert",
     "key",
     "ca",
+    "ca-key",
     "store",
     "claims",
     "client-id",
@@ -55,6 +56,10 @@ pub(crate) struct Layer {
     pub key: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// The key of the CA that signs devices' certificates: a PEM file, or
+    /// a `pkcs11:` URI of a key in an HSM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,6 +218,7 @@ impl Layer {
             cert: over.cert.or(self.cert),
             key: over.key.or(self.key),
             ca: over.ca.or(self.ca),
+            ca_key: over.ca_key.or(self.ca_key),
             store: over.store.or(self.store),
             claims: over.claims.or(self.claims),
             client_id: over.client_id.or(self.client_id),
@@ -300,6 +306,7 @@ impl Layer {
             cert: self.cert,
             key: self.key,
             ca: self.ca,
+            ca_key: self.ca_key,
             store,
             claims: self.claims.unwrap_or_default(),
             client_id: self.client_id.unwrap_or_else(|| "fleet-cloud".into()),
@@ -333,6 +340,7 @@ pub(crate) struct ServeConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub ca_key: Option<String>,
     pub store: Option<StoreLocation>,
     pub claims: Vec<String>,
     pub client_id: String,
@@ -372,6 +380,7 @@ impl ServeConfig {
             cert: self.cert.clone(),
             key: self.key.clone(),
             ca: self.ca.clone(),
+            ca_key: self.ca_key.clone(),
             store: Some(self.store.as_ref().map_or_else(
                 || format!("sqlite:{}", self.dir.join("fleet.db").display()),
                 ToString::to_string,

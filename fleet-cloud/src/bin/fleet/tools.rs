@@ -20,9 +20,12 @@ pub(crate) enum ManifestCommand {
         /// The image.
         #[arg(long)]
         image: PathBuf,
-        /// The signing key (`fleet keygen` wrote it).
-        #[arg(long)]
-        key: PathBuf,
+        /// The signing key: a file `fleet keygen` wrote, or a `pkcs11:`
+        /// URI of an Ed25519 key in an HSM (the PIN from the URI's
+        /// `pin-source`, never the command line). Repeat for a manifest
+        /// that needs several signatures (k-of-n).
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
         /// The component (firmware name).
         #[arg(long)]
         component: String,
@@ -64,9 +67,110 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
+/// A release key: in a file, or in an HSM.
+enum ReleaseKey {
+    File(SigningKey),
+    Token(fleet_pkcs11::Pkcs11Key),
+}
+
+impl fleet_core::ota::Ed25519Signer for ReleaseKey {
+    type Error = fleet_pkcs11::Pkcs11Error;
+
+    fn public_key(&self) -> Result<ed25519_dalek::VerifyingKey, Self::Error> {
+        match self {
+            Self::File(k) => Ok(k.verifying_key()),
+            Self::Token(k) => {
+                let raw: [u8; 32] = k.public_key().try_into().map_err(|_| {
+                    fleet_pkcs11::Pkcs11Error::UnsupportedKey {
+                        object: k.uri().object_description(),
+                        key_type: "not an Ed25519 key".into(),
+                    }
+                })?;
+                ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|_| {
+                    fleet_pkcs11::Pkcs11Error::UnsupportedKey {
+                        object: k.uri().object_description(),
+                        key_type: "an invalid Ed25519 key".into(),
+                    }
+                })
+            }
+        }
+    }
+
+    fn sign_ed25519(&self, message: &[u8]) -> Result<[u8; 64], Self::Error> {
+        match self {
+            Self::File(k) => match k.sign_ed25519(message) {
+                Ok(sig) => Ok(sig),
+                Err(never) => match never {},
+            },
+            Self::Token(k) => {
+                k.sign(message)?
+                    .try_into()
+                    .map_err(|_| fleet_pkcs11::Pkcs11Error::UnsupportedKey {
+                        object: k.uri().object_description(),
+                        key_type: "a key whose signatures are not Ed25519's".into(),
+                    })
+            }
+        }
+    }
+}
+
+fn token_failure(e: fleet_pkcs11::Pkcs11Error) -> Failure {
+    match e {
+        fleet_pkcs11::Pkcs11Error::Uri(_)
+        | fleet_pkcs11::Pkcs11Error::NoModule
+        | fleet_pkcs11::Pkcs11Error::PinUnreadable { .. } => Failure::usage(e.to_string()),
+        fleet_pkcs11::Pkcs11Error::ObjectNotFound { .. }
+        | fleet_pkcs11::Pkcs11Error::TokenNotFound { .. } => {
+            Failure::api("not_found", e.to_string())
+        }
+        fleet_pkcs11::Pkcs11Error::WrongPin { .. }
+        | fleet_pkcs11::Pkcs11Error::TokenLocked { .. } => Failure::api("forbidden", e.to_string()),
+        fleet_pkcs11::Pkcs11Error::ObjectExists { .. }
+        | fleet_pkcs11::Pkcs11Error::UnsupportedKey { .. } => {
+            Failure::api("conflict", e.to_string())
+        }
+        _ => Failure::other(e.to_string()),
+    }
+}
+
+fn release_key(text: &str) -> Result<ReleaseKey, Failure> {
+    if fleet_pkcs11::Pkcs11Uri::is_pkcs11(text) {
+        let uri: fleet_pkcs11::Pkcs11Uri = text
+            .parse()
+            .map_err(|e: fleet_pkcs11::UriError| Failure::usage(format!("--key: {e}")))?;
+        let key = fleet_pkcs11::Pkcs11Key::open(&uri).map_err(token_failure)?;
+        if key.algorithm() != fleet_pkcs11::Algorithm::Ed25519 {
+            return Err(Failure::api(
+                "invalid_request",
+                format!(
+                    "--key {}: releases are signed with Ed25519 keys; this one is ECDSA P-256",
+                    uri.object_description()
+                ),
+            ));
+        }
+        Ok(ReleaseKey::Token(key))
+    } else {
+        signing_key(&PathBuf::from(text)).map(ReleaseKey::File)
+    }
+}
+
 /// `fleet keygen --out FILE`: a new Ed25519 signing key (its 32-byte seed,
 /// base64, in a file only its owner may read); prints the public key.
-pub(crate) fn keygen(out: &PathBuf) -> Result<(), Failure> {
+/// `fleet keygen --pkcs11 URI`: the key made inside the token instead.
+pub(crate) fn keygen(out: Option<&PathBuf>, pkcs11: Option<&str>) -> Result<(), Failure> {
+    let out = match (out, pkcs11) {
+        (_, Some(uri)) => {
+            let uri: fleet_pkcs11::Pkcs11Uri = uri
+                .parse()
+                .map_err(|e: fleet_pkcs11::UriError| Failure::usage(format!("--pkcs11: {e}")))?;
+            let key = fleet_pkcs11::Pkcs11Key::generate(&uri, fleet_pkcs11::Algorithm::Ed25519)
+                .map_err(token_failure)?;
+            println!("{}", b64().encode(key.public_key()));
+            return Ok(());
+        }
+        (Some(out), None) => out,
+        (None, None) => return Err(Failure::usage("give --out FILE or --pkcs11 URI")),
+    };
     if out.exists() {
         return Err(Failure::usage(format!(
             "{} exists; not overwriting a key",
@@ -106,21 +210,33 @@ pub(crate) fn manifest(cmd: ManifestCommand) -> Result<(), Failure> {
     match cmd {
         ManifestCommand::Sign {
             image,
-            key,
+            keys,
             component,
             version,
             sequence,
             hardware_ids,
             out,
         } => {
-            let key = signing_key(&key)?;
+            if keys.len() > fleet_core::ota::MAX_SIGNATURES {
+                return Err(Failure::usage("at most 8 keys"));
+            }
+            let keys = keys
+                .iter()
+                .map(|k| release_key(k))
+                .collect::<Result<Vec<_>, _>>()?;
             let (size, digest) = fleet_core::ota::tools::hash_file(&image)
                 .map_err(|e| Failure::usage(format!("cannot read {}: {e}", image.display())))?;
             let mut m = ManifestBuilder::new(&component, &version, sequence, size, digest);
             for h in &hardware_ids {
                 m = m.hardware_id(h);
             }
-            let envelope = fleet_core::ota::tools::sign_manifest(&m, &[&key]);
+            let signers: Vec<&ReleaseKey> = keys.iter().collect();
+            let envelope = fleet_core::ota::sign_envelope_with(
+                fleet_core::ota::MANIFEST_PAYLOAD_TYPE,
+                &m.build(),
+                &signers,
+            )
+            .map_err(token_failure)?;
             std::fs::write(&out, &envelope)
                 .map_err(|e| Failure::other(format!("cannot write {}: {e}", out.display())))?;
             println!(

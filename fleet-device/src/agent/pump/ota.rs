@@ -444,11 +444,10 @@ impl Pump {
                             installed_sequence,
                             nonce: &run.nonce,
                         };
-                        let key = ed25519_dalek::SigningKey::from_bytes(&o.settings.receipt_key);
                         let mut buf = [0u8; MAX_RECEIPT_LEN];
                         let mut details = BTreeMap::new();
                         use base64::Engine as _;
-                        match receipt.sign(&key, &mut buf) {
+                        match receipt.sign_with(&o.settings.receipt_key, &mut buf) {
                             Ok(n) => {
                                 details.insert("receipt".to_string(), b64().encode(&buf[..n]));
                             }
