@@ -27,11 +27,15 @@
 //! is logged in.
 //!
 //! With the `rcgen` feature, [`Pkcs11Key`] is an `rcgen::SigningKey`, so
-//! certificates and certificate requests are signed in the token.
+//! certificates and certificate requests are signed in the token; with
+//! `ota`, it is fleet-core's `Ed25519Signer`, so release manifests and
+//! install receipts are.
 
 mod der;
 mod error;
 mod key;
+#[cfg(feature = "ota")]
+mod ota_signer;
 #[cfg(feature = "rcgen")]
 mod rcgen_key;
 mod uri;

@@ -79,20 +79,7 @@ impl fleet_core::ota::Ed25519Signer for ReleaseKey {
     fn public_key(&self) -> Result<ed25519_dalek::VerifyingKey, Self::Error> {
         match self {
             Self::File(k) => Ok(k.verifying_key()),
-            Self::Token(k) => {
-                let raw: [u8; 32] = k.public_key().try_into().map_err(|_| {
-                    fleet_pkcs11::Pkcs11Error::UnsupportedKey {
-                        object: k.uri().object_description(),
-                        key_type: "not an Ed25519 key".into(),
-                    }
-                })?;
-                ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|_| {
-                    fleet_pkcs11::Pkcs11Error::UnsupportedKey {
-                        object: k.uri().object_description(),
-                        key_type: "an invalid Ed25519 key".into(),
-                    }
-                })
-            }
+            Self::Token(k) => fleet_core::ota::Ed25519Signer::public_key(k),
         }
     }
 
@@ -102,14 +89,7 @@ impl fleet_core::ota::Ed25519Signer for ReleaseKey {
                 Ok(sig) => Ok(sig),
                 Err(never) => match never {},
             },
-            Self::Token(k) => {
-                k.sign(message)?
-                    .try_into()
-                    .map_err(|_| fleet_pkcs11::Pkcs11Error::UnsupportedKey {
-                        object: k.uri().object_description(),
-                        key_type: "a key whose signatures are not Ed25519's".into(),
-                    })
-            }
+            Self::Token(k) => k.sign_ed25519(message),
         }
     }
 }
