@@ -128,6 +128,12 @@ impl fmt::Debug for Pki {
 impl Pki {
     /// Makes a new CA whose subject is `name`.
     pub fn new(name: &str) -> Result<Self, PkiError> {
+        Self::new_with_key(name, CaKey::File(KeyPair::generate()?))
+    }
+
+    /// Makes a new CA whose subject is `name` with `key` (a key in an HSM:
+    /// [`CaKey::Pkcs11`]), its certificate self-signed by that key.
+    pub fn new_with_key(name: &str, key: CaKey) -> Result<Self, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -139,10 +145,20 @@ impl Pki {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let key = KeyPair::generate()?;
-        let ca_pem = params.self_signed(&key)?.pem();
+        let ca_pem = match params.self_signed(&key) {
+            Ok(cert) => cert.pem(),
+            Err(e) => {
+                return Err(match (&key, e) {
+                    (CaKey::Pkcs11(k), rcgen::Error::RemoteKeyError) => match k.take_error() {
+                        Some(cause) => PkiError::Token(cause),
+                        None => PkiError::Rcgen(rcgen::Error::RemoteKeyError),
+                    },
+                    (_, e) => PkiError::Rcgen(e),
+                });
+            }
+        };
         Ok(Self {
-            ca: std::sync::Arc::new(Issuer::new(params, CaKey::File(key))),
+            ca: std::sync::Arc::new(Issuer::new(params, key)),
             ca_pem,
         })
     }

@@ -1546,3 +1546,238 @@ fn sigkill(child: &Child) {
         .args(["-KILL", &child.id().to_string()])
         .status();
 }
+
+/// Issue 23: the fleet's CA key in an HSM (SoftHSM2). `fleet dev-setup
+/// --ca-key pkcs11:...` makes the key in the token and the CA certificate
+/// with it (no `ca.key` is written); `fleet serve --ca-key` signs the
+/// certificates of devices that provision by claim with it, and the broker
+/// admits them. A wrong PIN stops `fleet serve` with what to fix. Release
+/// keys: `fleet keygen --pkcs11` makes an Ed25519 key in the token,
+/// `fleet manifest sign --key pkcs11:...` signs with it, and the envelope
+/// verifies (`fleet manifest verify`, and fleet-core's allocation-free
+/// path devices run); an ECDSA key is refused as a release key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_in_an_hsm_sign_device_certificates_and_releases() {
+    let token = fleet_testkit::SoftHsmToken::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ca_uri = token.uri("fleet-ca").to_string();
+    let setup = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "dev-setup",
+            "--claim",
+            "claim@factory",
+            "--port",
+            &port.to_string(),
+        ])
+        .args(["--ca-key", &ca_uri])
+        .arg("--dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(setup.status.success(), "{setup:?}");
+    assert!(data.join("ca.pem").exists());
+    assert!(
+        !data.join("ca.key").exists(),
+        "the CA key stays in the token"
+    );
+    let ca_key = fleet_pkcs11::Pkcs11Key::open(&token.uri("fleet-ca")).unwrap();
+    assert!(!ca_key.protection().unwrap().extractable);
+
+    // A wrong PIN: fleet serve does not start, and says why.
+    let pins = tempfile::tempdir().unwrap();
+    std::fs::write(pins.path().join("pin"), "0000\n").unwrap();
+    let mut wrong = token.uri("fleet-ca");
+    wrong.pin = fleet_pkcs11::PinSource::File(pins.path().join("pin"));
+    let refused = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .arg("serve")
+        .arg("--dir")
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--no-api"])
+        .args(["--claim", "claim@factory", "--ca-key", &wrong.to_string()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("refused the PIN"), "{stderr}");
+
+    let mut fleet = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .arg("serve")
+        .arg("--dir")
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--no-api"])
+        .args(["--claim", "claim@factory", "--ca-key", &ca_uri])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleet serve");
+    let mut up = false;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "fleet serve did not start its broker");
+
+    // A device provisions by claim: its certificate is signed in the token.
+    let ca = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = fleet_device::ClaimConfig {
+        host: "localhost".into(),
+        port,
+        claim_cert_pem: std::fs::read_to_string(data.join("claims/claim@factory.pem")).unwrap(),
+        claim_key_pem: std::fs::read_to_string(data.join("claims/claim@factory.key")).unwrap(),
+        ca_pem: ca.clone(),
+        template: "default".into(),
+        parameters: [("SerialNumber".to_string(), "hsm-1".to_string())].into(),
+        thing_name: "thing-hsm-1".into(),
+        state_dir: state.path().into(),
+        timeout: Duration::from_millis(800),
+        protocol: Default::default(),
+    };
+    let mut me = None;
+    for _ in 0..30 {
+        match fleet_device::provision_by_claim(&config).await {
+            Err(fleet_device::ProvisionError::Network(_)) => continue,
+            other => {
+                me = Some(other.unwrap());
+                break;
+            }
+        }
+    }
+    let me = me.expect("provisioned");
+    // Issued by the CA whose key is in the token: it verifies against the
+    // token's public key.
+    let (_, pem) = x509_parser::pem::parse_x509_pem(me.cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).unwrap();
+    let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca.as_bytes()).unwrap();
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_pem.contents).unwrap();
+    cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+    assert_eq!(
+        &*ca_cert.public_key().subject_public_key.data,
+        ca_key.public_key()
+    );
+    let agent = me.agent("localhost", port, &ca).start().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(15), agent.next_event())
+        .await
+        .unwrap();
+    assert_eq!(first, Some(fleet_device::AgentEvent::Connected));
+    agent.shutdown().await;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(fleet.id().to_string())
+        .status()
+        .unwrap();
+    assert!(fleet.wait().unwrap().success());
+
+    // Release keys in the token.
+    let fleet_cmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let release_uri = token.uri("release").to_string();
+    let made = fleet_cmd(&["keygen", "--pkcs11", &release_uri]);
+    assert!(made.status.success(), "{made:?}");
+    let public = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    let image = dir.path().join("fw.bin");
+    std::fs::write(&image, vec![7u8; 10_000]).unwrap();
+    let envelope = dir.path().join("fw.envelope");
+    let signed = fleet_cmd(&[
+        "manifest",
+        "sign",
+        "--image",
+        image.to_str().unwrap(),
+        "--key",
+        &release_uri,
+        "--component",
+        "fw",
+        "--version",
+        "2.0",
+        "--sequence",
+        "2",
+        "--hardware-id",
+        "b1",
+        "--out",
+        envelope.to_str().unwrap(),
+    ]);
+    assert!(signed.status.success(), "{signed:?}");
+    let verified = fleet_cmd(&[
+        "manifest",
+        "verify",
+        "--envelope",
+        envelope.to_str().unwrap(),
+        "--public-key",
+        &public,
+        "--hardware-id",
+        "b1",
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    assert!(verified.status.success(), "{verified:?}");
+    // The same bytes on the path firmware runs (no allocator).
+    use base64::Engine as _;
+    let key: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(&public)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key).unwrap();
+    let root = fleet_core::ota::TrustRootBuilder::new(1)
+        .key(
+            &key,
+            &[fleet_core::ota::Role::Root, fleet_core::ota::Role::Targets],
+        )
+        .build();
+    let bytes = std::fs::read(&envelope).unwrap();
+    let m = fleet_core::ota::TrustRoot::parse(&root)
+        .unwrap()
+        .verify_manifest(
+            &bytes,
+            &fleet_core::ota::DeviceProfile {
+                hardware_id: "b1",
+                installed_sequence: 1,
+                max_image_size: 1 << 20,
+                now: None,
+            },
+        )
+        .unwrap();
+    assert_eq!((m.sequence, m.size), (2, 10_000));
+    // A second keygen under the label is refused; the CA's ECDSA key is
+    // not a release key.
+    assert_eq!(
+        fleet_cmd(&["keygen", "--pkcs11", &release_uri])
+            .status
+            .code(),
+        Some(5)
+    );
+    let ecdsa = fleet_cmd(&[
+        "manifest",
+        "sign",
+        "--image",
+        image.to_str().unwrap(),
+        "--key",
+        &ca_uri,
+        "--component",
+        "fw",
+        "--version",
+        "2.0",
+        "--sequence",
+        "2",
+        "--hardware-id",
+        "b1",
+        "--out",
+        envelope.to_str().unwrap(),
+    ]);
+    assert_eq!(ecdsa.status.code(), Some(5), "{ecdsa:?}");
+    assert!(String::from_utf8_lossy(&ecdsa.stderr).contains("Ed25519"));
+}

@@ -412,6 +412,11 @@ struct DevSetupArgs {
     /// `fleet serve --mosquitto-roster {dir}/roster`).
     #[arg(long)]
     mosquitto_plugin: Option<PathBuf>,
+    /// Keep the CA's key in an HSM: a `pkcs11:` URI of an ECDSA P-256 key
+    /// (generated in the token if it holds none by that label). No
+    /// `ca.key` is written; run `fleet serve --ca-key` with the same URI.
+    #[arg(long)]
+    ca_key: Option<String>,
 }
 
 /// `fleet serve`'s flags: each overrides the configuration file
@@ -755,7 +760,11 @@ async fn serve_command(args: serve_config::ServeConfig) -> Result<(), Box<dyn st
         }
         None => {
             if !dir.join("ca.pem").exists() {
-                write_setup(dir, &[], &args.claims, args.listen.port(), None)?;
+                let hsm = args
+                    .ca_key
+                    .as_deref()
+                    .filter(|k| fleet_pkcs11::Pkcs11Uri::is_pkcs11(k));
+                write_setup(dir, &[], &args.claims, args.listen.port(), None, hsm)?;
                 tracing::info!(
                     "wrote a development CA and certificates to {}",
                     dir.display()
@@ -1019,6 +1028,7 @@ async fn dev_setup(args: &DevSetupArgs) -> Result<(), Box<dyn std::error::Error>
         &args.claims,
         args.port,
         plugin.as_deref(),
+        args.ca_key.as_deref(),
     )?;
     // The things exist in the registry, bound to their certificates: the
     // embedded broker admits a device the registry knows.
@@ -1064,6 +1074,7 @@ fn write_setup(
     claims: &[String],
     port: u16,
     plugin: Option<&std::path::Path>,
+    ca_key: Option<&str>,
 ) -> Result<PathBuf, Box<dyn std::error::Error>> {
     for thing in things {
         fleet_core::ThingName::new(thing).map_err(|e| format!("--thing {thing}: {e}"))?;
@@ -1092,14 +1103,22 @@ fn write_setup(
         let _ = secret;
         Ok(())
     };
-    let pki = Pki::new("fleet development CA")?;
+    let pki = match ca_key {
+        Some(uri) => {
+            let uri: fleet_pkcs11::Pkcs11Uri = uri.parse().map_err(|e| format!("--ca-key: {e}"))?;
+            let key = fleet_pkcs11::Pkcs11Key::open_or_generate(
+                &uri,
+                fleet_pkcs11::Algorithm::EcdsaP256Sha256,
+            )
+            .map_err(|e| format!("--ca-key: {e}"))?;
+            Pki::new_with_key("fleet CA", fleet_cloud::pki::CaKey::Pkcs11(key))?
+        }
+        None => Pki::new("fleet development CA")?,
+    };
     write("ca.pem", &pki.ca_pem(), false)?;
-    write(
-        "ca.key",
-        &pki.ca_key_pem()
-            .ok_or("a new development CA has its key in memory")?,
-        true,
-    )?;
+    if let Some(key) = pki.ca_key_pem() {
+        write("ca.key", &key, true)?;
+    }
     let server = pki.server_identity()?;
     write("server.pem", &server.cert_pem, false)?;
     write("server.key", &server.key_pem, true)?;
