@@ -30,6 +30,11 @@ pub struct AgentConfig {
     /// A key that signs without leaving its hardware (instead of `key_pem`).
     #[uniffi(default = None)]
     pub device_key: Option<Arc<dyn DeviceKey>>,
+    /// The device's key in a PKCS#11 token (instead of `key_pem`): an RFC
+    /// 7512 URI with `module-path` and a `pin-source` (a file or an
+    /// environment variable, never the PIN itself).
+    #[uniffi(default = None)]
+    pub pkcs11_uri: Option<String>,
     /// Where the agent keeps what must survive a restart (the outbox, OTA
     /// progress); without one the outbox lives in memory.
     #[uniffi(default = None)]
@@ -509,9 +514,11 @@ fn builder(c: AgentConfig) -> Result<fleet_device::AgentBuilder, FleetError> {
     );
     if let Some(key) = c.device_key {
         b = b.device_key(Arc::new(KeyAdapter(key)));
+    } else if let Some(uri) = &c.pkcs11_uri {
+        b = b.device_key(crate::key::open_pkcs11(uri)?);
     } else if c.key_pem.trim().is_empty() {
         return Err(FleetError::invalid(
-            "key_pem is empty and no device_key is given",
+            "key_pem is empty and no device_key or pkcs11_uri is given",
         ));
     }
     let mut shadows: Vec<Option<&str>> = Vec::new();
@@ -669,6 +676,7 @@ mod tests {
             key_pem: String::new(),
             ca_pem: String::new(),
             device_key: None,
+            pkcs11_uri: None,
             state_dir: None,
             classic_shadow: true,
             named_shadows: Vec::new(),

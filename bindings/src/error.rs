@@ -105,6 +105,20 @@ impl From<ProvisionError> for FleetError {
     }
 }
 
+impl From<fleet_device::pkcs11::Pkcs11Error> for FleetError {
+    fn from(e: fleet_device::pkcs11::Pkcs11Error) -> Self {
+        use fleet_device::pkcs11::Pkcs11Error as E;
+        let reason = e.to_string();
+        match e {
+            E::WrongPin { .. } | E::TokenLocked { .. } => Self::Unauthorized { reason },
+            E::TokenRemoved { .. } => Self::Network { reason },
+            E::ObjectExists { .. } => Self::rejected("exists", reason),
+            E::Module { .. } => Self::Other { reason },
+            _ => Self::InvalidArgument { reason },
+        }
+    }
+}
+
 impl From<NameError> for FleetError {
     fn from(e: NameError) -> Self {
         Self::invalid(e)

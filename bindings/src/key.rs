@@ -49,3 +49,33 @@ impl fleet_device::DeviceKey for KeyAdapter {
             .map_err(fleet_device::KeyError::from_source)
     }
 }
+
+/// Opens the key a `pkcs11:` URI names.
+pub(crate) fn open_pkcs11(
+    uri: &str,
+) -> Result<Arc<fleet_device::pkcs11::Pkcs11Key>, FleetError> {
+    let uri: fleet_device::pkcs11::Pkcs11Uri = uri.parse().map_err(FleetError::invalid)?;
+    Ok(Arc::new(fleet_device::pkcs11::Pkcs11Key::open(&uri)?))
+}
+
+/// Generates a key pair inside the PKCS#11 token a `pkcs11:` URI names
+/// (under its `object=` label; the private key is not extractable) and
+/// returns its raw public key: the uncompressed P-256 point (65 bytes) or
+/// the Ed25519 key (32 bytes, what the fleet registers as `receiptKey`).
+/// Refused if the token already holds a key by that label.
+#[uniffi::export]
+pub fn pkcs11_generate_key(uri: String, algorithm: KeyAlgorithm) -> Result<Vec<u8>, FleetError> {
+    let uri: fleet_device::pkcs11::Pkcs11Uri = uri.parse().map_err(FleetError::invalid)?;
+    let algorithm = match algorithm {
+        KeyAlgorithm::EcdsaP256Sha256 => fleet_device::pkcs11::Algorithm::EcdsaP256Sha256,
+        KeyAlgorithm::Ed25519 => fleet_device::pkcs11::Algorithm::Ed25519,
+    };
+    let key = fleet_device::pkcs11::Pkcs11Key::generate(&uri, algorithm)?;
+    Ok(key.public_key().to_vec())
+}
+
+/// The raw public key of the key a `pkcs11:` URI names.
+#[uniffi::export]
+pub fn pkcs11_public_key(uri: String) -> Result<Vec<u8>, FleetError> {
+    Ok(open_pkcs11(&uri)?.public_key().to_vec())
+}

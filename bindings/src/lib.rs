@@ -60,7 +60,7 @@ pub use agent::{
     EventSubscription, JobStatus, Overflow, Protocol, Qos, ShadowSnapshot,
 };
 pub use error::FleetError;
-pub use key::{DeviceKey, KeyAlgorithm};
+pub use key::{DeviceKey, KeyAlgorithm, pkcs11_generate_key, pkcs11_public_key};
 pub use ota::{FirmwareSlots, OtaConfig, SelfTest, Slot};
 pub use provision::{ClaimConfig, Provisioned, load_provisioned, provision_by_claim};
 pub use runtime::shutdown_runtime;

@@ -60,7 +60,8 @@ pub struct OtaConfig {
     /// This device's hardware id; a manifest must list it.
     pub hardware_id: String,
     /// The Ed25519 secret key (32 bytes) that signs install receipts; its
-    /// public key is registered with the fleet (`receiptKey`).
+    /// public key is registered with the fleet (`receiptKey`). Empty with
+    /// `receipt_key_pkcs11_uri`.
     pub receipt_key: Vec<u8>,
     /// The slots.
     pub slots: Arc<dyn FirmwareSlots>,
@@ -69,14 +70,24 @@ pub struct OtaConfig {
     /// Bytes per downloaded block (256..=131072).
     #[uniffi(default = 4096)]
     pub block_size: u32,
+    /// Sign install receipts with an Ed25519 key in a PKCS#11 token (its
+    /// `pkcs11:` URI) instead of `receipt_key`.
+    #[uniffi(default = None)]
+    pub receipt_key_pkcs11_uri: Option<String>,
 }
 
 impl OtaConfig {
     pub(crate) fn settings(self) -> Result<fleet_device::OtaSettings, FleetError> {
-        let receipt_key: [u8; 32] = self
-            .receipt_key
-            .try_into()
-            .map_err(|_| FleetError::invalid("receipt_key must be 32 bytes"))?;
+        let receipt_key = match &self.receipt_key_pkcs11_uri {
+            Some(uri) => fleet_device::ReceiptKey::Device(crate::key::open_pkcs11(uri)?),
+            None => {
+                let seed: [u8; 32] = self
+                    .receipt_key
+                    .try_into()
+                    .map_err(|_| FleetError::invalid("receipt_key must be 32 bytes"))?;
+                seed.into()
+            }
+        };
         if !(256..=131_072).contains(&self.block_size) {
             return Err(FleetError::invalid("block_size must be 256..=131072"));
         }
@@ -86,7 +97,7 @@ impl OtaConfig {
             hardware_id: self.hardware_id,
             slots: Arc::new(Mutex::new(SlotsAdapter(self.slots))),
             self_test: Arc::new(move || test.run()),
-            receipt_key: receipt_key.into(),
+            receipt_key,
             block_size: self.block_size,
         })
     }

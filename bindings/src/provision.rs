@@ -31,6 +31,13 @@ pub struct ClaimConfig {
     /// How long to wait for each answer, milliseconds.
     #[uniffi(default = 10000)]
     pub timeout_ms: u64,
+    /// Keep the device's key in a PKCS#11 token: the `pkcs11:` URI of an
+    /// ECDSA P-256 key (generated there if the token holds none by that
+    /// label). The certificate request is signed in the token and no key
+    /// is stored (the returned `key_pem` is empty: give the same URI to
+    /// `AgentConfig.pkcs11_uri`).
+    #[uniffi(default = None)]
+    pub pkcs11_uri: Option<String>,
 }
 
 /// A device's own identity, issued by the fleet.
@@ -40,7 +47,8 @@ pub struct Provisioned {
     pub thing_name: String,
     /// The device certificate (PEM).
     pub cert_pem: String,
-    /// The device private key (PEM), made on the device.
+    /// The device private key (PEM), made on the device; empty when it is
+    /// in a PKCS#11 token.
     pub key_pem: String,
 }
 
@@ -66,6 +74,17 @@ impl From<fleet_device::provision::Provisioned> for Provisioned {
 /// holds an identity (then returns that one without connecting).
 #[uniffi::export]
 pub async fn provision_by_claim(config: ClaimConfig) -> Result<Provisioned, FleetError> {
+    let key = match &config.pkcs11_uri {
+        Some(uri) => {
+            let uri: fleet_device::pkcs11::Pkcs11Uri = uri.parse().map_err(FleetError::invalid)?;
+            let key = fleet_device::pkcs11::Pkcs11Key::open_or_generate(
+                &uri,
+                fleet_device::pkcs11::Algorithm::EcdsaP256Sha256,
+            )?;
+            Some(std::sync::Arc::new(key) as std::sync::Arc<dyn fleet_device::DeviceKey>)
+        }
+        None => None,
+    };
     let config = fleet_device::ClaimConfig {
         host: config.host,
         port: config.port,
@@ -79,12 +98,24 @@ pub async fn provision_by_claim(config: ClaimConfig) -> Result<Provisioned, Flee
         timeout: Duration::from_millis(config.timeout_ms),
         protocol: Default::default(),
     };
-    let p = runtime::run(async move { fleet_device::provision_by_claim(&config).await }).await??;
+    let p = runtime::run(async move {
+        match key {
+            Some(key) => fleet_device::provision_by_claim_with_key(&config, key).await,
+            None => fleet_device::provision_by_claim(&config).await,
+        }
+    })
+    .await??;
     Ok(p.into())
 }
 
-/// The identity stored in `state_dir` by an earlier provisioning, if any.
+/// The identity stored in `state_dir` by an earlier provisioning, if any
+/// (with an empty `key_pem` when the key is in a PKCS#11 token).
 #[uniffi::export]
 pub fn load_provisioned(state_dir: String) -> Result<Option<Provisioned>, FleetError> {
-    Ok(fleet_device::provision::Provisioned::load(Path::new(&state_dir))?.map(Into::into))
+    let dir = Path::new(&state_dir);
+    let stored = match fleet_device::provision::Provisioned::load(dir)? {
+        Some(p) => Some(p),
+        None => fleet_device::provision::Provisioned::load_certificate(dir)?,
+    };
+    Ok(stored.map(Into::into))
 }

@@ -7,10 +7,11 @@ use std::str::FromStr;
 
 /// Where the user PIN comes from. Never from a URI's `pin-value` or a
 /// command line: both end up in shell histories, process listings and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum PinSource {
     /// No PIN (a token that needs no login, or one already logged in).
+    #[default]
     None,
     /// The first line of a file (`pin-source=file:/path` or an absolute
     /// path, as RFC 7512 §2.4 allows).
@@ -69,12 +70,6 @@ pub struct Pkcs11Uri {
     pub object_type: Option<ObjectType>,
     /// Where the user PIN comes from.
     pub pin: PinSource,
-}
-
-impl Default for PinSource {
-    fn default() -> Self {
-        Self::None
-    }
 }
 
 /// A URI that is not a usable `pkcs11:` URI; `position` is the byte offset

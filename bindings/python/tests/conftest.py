@@ -5,17 +5,46 @@ against it with its management API. The tests drive the cloud with the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
+
+# SoftHSM2 reads its configuration once per process, when the bindings
+# first load it: the tests' own, with tokens in a temporary directory.
+_SOFTHSM = Path(tempfile.mkdtemp(prefix="fleet-softhsm-"))
+(_SOFTHSM / "tokens").mkdir()
+(_SOFTHSM / "softhsm2.conf").write_text(
+    f"directories.tokendir = {_SOFTHSM / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+os.environ["SOFTHSM2_CONF"] = str(_SOFTHSM / "softhsm2.conf")
+_TOKENS = itertools.count()
+
+
+def softhsm_token(tmp: Path):
+    """A fresh SoftHSM2 token (made by `softhsm2-util`, its user PIN in a
+    file); returns a function from an object label to its `pkcs11:` URI."""
+    util = shutil.which("softhsm2-util")
+    module = next((m for m in ["/usr/lib/softhsm/libsofthsm2.so",
+                               "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"]
+                   if os.path.exists(m)), None)
+    if util is None or module is None:
+        pytest.fail("SoftHSM2 is needed: apt-get install softhsm2")
+    label = f"py-{os.getpid()}-{next(_TOKENS)}"
+    subprocess.run([util, "--init-token", "--free", "--label", label, "--so-pin", "so-pin-0000",
+                    "--pin", "user-pin-1234"], check=True, capture_output=True)
+    pin = tmp / f"{label}.pin"
+    pin.write_text("user-pin-1234\n")
+    return lambda obj: (f"pkcs11:token={label};object={obj}"
+                        f"?module-path={module}&pin-source=file:{pin}")
 
 
 def _free_port() -> int:
