@@ -27,12 +27,12 @@ class Cloud : AutoCloseable {
         val mosquitto = listOfNotNull(System.getenv("MOSQUITTO"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto")
             .firstOrNull { File(it).canExecute() }
             ?: error("mosquitto is needed: apt-get install mosquitto (or MOSQUITTO=/path/to/mosquitto)")
-        run(listOf(fleetBin, "dev-setup", "--dir", dir.path, "--port", "$port", "--thing", "kt-device", "--thing", "kt-ota"))
+        run(listOf(fleetBin, "dev-setup", "--dir", dir.path, "--port", "$port", "--thing", "kt-device", "--thing", "kt-ota", "--claim", CLAIM))
         val logs = dir.parentFile
         broker = ProcessBuilder(mosquitto, "-c", dir.resolve("mosquitto.conf").path)
             .redirectErrorStream(true).redirectOutput(logs.resolve("mosquitto.log")).start()
         waitPort(port, broker, "mosquitto")
-        service = ProcessBuilder(fleetBin, "serve", "--dir", dir.path, "--broker", "localhost:$port", "--api", "127.0.0.1:$apiPort")
+        service = ProcessBuilder(fleetBin, "serve", "--dir", dir.path, "--broker", "localhost:$port", "--api", "127.0.0.1:$apiPort", "--claim", CLAIM)
             .redirectErrorStream(true).redirectOutput(logs.resolve("fleet-serve.log")).start()
         waitPort(apiPort, service, "fleet serve")
         env = mapOf(
@@ -90,6 +90,9 @@ class Cloud : AutoCloseable {
     }
 
     companion object {
+        /** The claim identity devices provision with. */
+        const val CLAIM = "kt@factory"
+
         fun freePort(): Int = ServerSocket(0).use { it.localPort }
 
         fun waitPort(port: Int, proc: Process, what: String) {

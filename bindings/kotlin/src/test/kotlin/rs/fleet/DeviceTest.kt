@@ -57,6 +57,56 @@ class DeviceTest {
         }
     }
 
+    /**
+     * Issue 23 from Kotlin: the device's key is made in a SoftHSM2 token and
+     * never leaves it; the device provisions by claim through Mosquitto (the
+     * certificate request signed in the token) and connects with it.
+     */
+    @Test
+    fun aDeviceWithItsKeyInATokenProvisionsAndConnects() = runBlocking {
+        val label = "kt-${ProcessHandle.current().pid()}"
+        val util = listOf("/usr/bin/softhsm2-util", "/usr/local/bin/softhsm2-util").firstOrNull { File(it).canExecute() }
+            ?: error("SoftHSM2 is needed: apt-get install softhsm2")
+        val module = listOf("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
+            .firstOrNull { File(it).exists() } ?: error("SoftHSM2 is needed: apt-get install softhsm2")
+        val init = ProcessBuilder(util, "--init-token", "--free", "--label", label, "--so-pin", "so-pin-0000", "--pin", "user-pin-1234")
+            .redirectErrorStream(true).start()
+        val initOut = init.inputStream.bufferedReader().readText()
+        check(init.waitFor() == 0) { "softhsm2-util: $initOut" }
+        val dir = tmp()
+        val pin = dir.resolve("pin").apply { writeText("user-pin-1234\n") }
+        fun uri(obj: String, pinFile: File = pin) = "pkcs11:token=$label;object=$obj?module-path=$module&pin-source=file:${pinFile.path}"
+
+        assertEquals(32, pkcs11GenerateKey(uri("receipts"), KeyAlgorithm.ED25519).size)
+        assertThrows<FleetException.Rejected> { pkcs11GenerateKey(uri("receipts"), KeyAlgorithm.ED25519) }
+        val wrong = dir.resolve("wrong-pin").apply { writeText("0000\n") }
+        assertThrows<FleetException.Unauthorized> { pkcs11PublicKey(uri("receipts", wrong)) }
+        assertThrows<FleetException.InvalidArgument> { pkcs11PublicKey("pkcs11:token=$label;object=x?pin-value=1234") }
+
+        val state = dir.resolve("state")
+        val claim = ClaimConfig(
+            host = "localhost", port = cloud.port.toUShort(),
+            claimCertPem = cloud.read("claims/${Cloud.CLAIM}.pem"), claimKeyPem = cloud.read("claims/${Cloud.CLAIM}.key"),
+            caPem = cloud.read("ca.pem"), template = "default", parameters = mapOf("SerialNumber" to "kt-hsm"),
+            thingName = "thing-kt-hsm", stateDir = state.path, timeoutMs = 10_000uL, pkcs11Uri = uri("device"),
+        )
+        val me = provisionByClaim(claim)
+        assertEquals("thing-kt-hsm", me.thingName)
+        assertEquals("", me.keyPem, "no key leaves the token")
+        assertTrue(!state.resolve("device.key").exists())
+        assertEquals(65, pkcs11PublicKey(uri("device")).size)
+        val config = AgentConfig(
+            host = "localhost", port = cloud.port.toUShort(), thing = me.thingName, certPem = me.certPem,
+            caPem = cloud.read("ca.pem"), pkcs11Uri = uri("device"), stateDir = dir.resolve("agent").path,
+        )
+        Agent.start(config).use { agent ->
+            agent.next { it is AgentEvent.Connected }
+            val d = agent.publish("telemetry", """{"key": "in a token"}""".toByteArray(), Qos.AT_LEAST_ONCE)
+            withTimeout(15_000) { d.acknowledged() }
+            agent.shutdown()
+        }
+    }
+
     @Test
     fun badInputIsATypedError() {
         assertThrows<FleetException.InvalidArgument> {
