@@ -51,9 +51,7 @@ impl fleet_device::DeviceKey for KeyAdapter {
 }
 
 /// Opens the key a `pkcs11:` URI names.
-pub(crate) fn open_pkcs11(
-    uri: &str,
-) -> Result<Arc<fleet_device::pkcs11::Pkcs11Key>, FleetError> {
+pub(crate) fn open_pkcs11(uri: &str) -> Result<Arc<fleet_device::pkcs11::Pkcs11Key>, FleetError> {
     let uri: fleet_device::pkcs11::Pkcs11Uri = uri.parse().map_err(FleetError::invalid)?;
     Ok(Arc::new(fleet_device::pkcs11::Pkcs11Key::open(&uri)?))
 }

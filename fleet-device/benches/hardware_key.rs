@@ -66,8 +66,8 @@ impl rustls::client::ResolvesClientCert for Resolver {
 }
 
 fn handshake(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::ServerConfig>) {
-    let mut c = rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap())
-        .unwrap();
+    let mut c =
+        rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
     let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
     let mut buf = Vec::new();
     while c.is_handshaking() || s.is_handshaking() {
@@ -101,9 +101,8 @@ fn tls(c: &mut Criterion) {
     );
     // In the token: the certificate is issued for the token's key.
     let token = SoftHsmToken::new().unwrap();
-    let key = Arc::new(
-        Pkcs11Key::generate(&token.uri("device"), Algorithm::EcdsaP256Sha256).unwrap(),
-    );
+    let key =
+        Arc::new(Pkcs11Key::generate(&token.uri("device"), Algorithm::EcdsaP256Sha256).unwrap());
     let csr = {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params
@@ -174,7 +173,9 @@ fn tls(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group("mutual_tls_handshake");
     g.bench_function("key_in_file", |b| b.iter(|| handshake(&file, &server)));
-    g.bench_function("key_in_softhsm", |b| b.iter(|| handshake(&in_token, &server)));
+    g.bench_function("key_in_softhsm", |b| {
+        b.iter(|| handshake(&in_token, &server))
+    });
     g.finish();
 }
 
@@ -239,9 +240,8 @@ fn provisioning(c: &mut Criterion) {
     .unwrap();
     let claim = broker.claim_identity("claim@factory").unwrap();
     let token = SoftHsmToken::new().unwrap();
-    let key: Arc<dyn fleet_device::DeviceKey> = Arc::new(
-        Pkcs11Key::generate(&token.uri("device"), Algorithm::EcdsaP256Sha256).unwrap(),
-    );
+    let key: Arc<dyn fleet_device::DeviceKey> =
+        Arc::new(Pkcs11Key::generate(&token.uri("device"), Algorithm::EcdsaP256Sha256).unwrap());
     let serial = AtomicU64::new(0);
     let dirs = tempfile::tempdir().unwrap();
     let config = || {

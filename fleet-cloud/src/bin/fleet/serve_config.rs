@@ -280,6 +280,12 @@ impl Layer {
                 ));
             }
         }
+        if let Some(key) = &self.ca_key
+            && fleet_pkcs11::Pkcs11Uri::is_pkcs11(key)
+        {
+            key.parse::<fleet_pkcs11::Pkcs11Uri>()
+                .map_err(|e| format!("ca-key: {e}"))?;
+        }
         if self.seen_interval_ms == Some(0) {
             return Err("seen-interval-ms: must be at least 1".into());
         }
@@ -441,6 +447,31 @@ mod tests {
         // What it shows reads back as the same configuration.
         let again: Layer = toml::from_str(&shown).unwrap();
         assert_eq!(again.resolve().unwrap().client_id, "from-flag");
+
+        // The CA key: a file or a PKCS#11 URI, from the file or the
+        // environment; a URI with the PIN in it is refused with its place.
+        let file: Layer = toml::from_str(
+            "ca-key = \"pkcs11:token=fleet;object=ca?module-path=/m.so&pin-source=env:HSM_PIN\"\n",
+        )
+        .unwrap();
+        assert!(
+            file.clone()
+                .resolve()
+                .unwrap()
+                .ca_key
+                .unwrap()
+                .starts_with("pkcs11:")
+        );
+        let env =
+            Layer::from_env(|v| (v == "FLEET_SERVE_CA_KEY").then(|| "/etc/fleet/ca.key".into()))
+                .unwrap();
+        let c = file.under(env).resolve().unwrap();
+        assert_eq!(c.ca_key.as_deref(), Some("/etc/fleet/ca.key"));
+        let e = toml::from_str::<Layer>("ca-key = \"pkcs11:token=fleet?pin-value=1234\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(e.starts_with("ca-key: pkcs11 URI, at byte 19"), "{e}");
 
         let e = toml::from_str::<Layer>("lisen = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(e.to_string().contains("lisen"), "{e}");
