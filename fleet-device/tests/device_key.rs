@@ -418,9 +418,10 @@ mod in_softhsm {
         // The token refuses: its login is lost (another session logs the
         // user out) and its PIN file is now wrong. The agent cannot make a
         // handshake; what it publishes waits in its outbox.
+        // (PKCS#11 keeps one login state per application and token.)
+        token.user_session().unwrap().logout().unwrap();
         let pin = std::fs::read_to_string(token.pin_file()).unwrap();
         std::fs::write(token.pin_file(), "wrong-pin\n").unwrap();
-        log_out(&token, pin.trim());
         let agent = agent_with(Arc::new(Mutex::new(
             FileSlots::boot(&state.path().join("slots"), 1 << 20, 1).unwrap(),
         )));
@@ -442,28 +443,5 @@ mod in_softhsm {
             .expect("delivered once the token signs again")
             .unwrap();
         agent.shutdown().await;
-    }
-
-    /// Logs the token's user out of every session of this process (PKCS#11
-    /// keeps one login state per application and token).
-    fn log_out(token: &SoftHsmToken, pin: &str) {
-        use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-        let ctx = Pkcs11::new(token.module()).unwrap();
-        let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-        let slot = ctx
-            .get_all_slots()
-            .unwrap()
-            .into_iter()
-            .find(|s| {
-                ctx.get_token_info(*s)
-                    .is_ok_and(|t| t.label().trim_end() == token.label())
-            })
-            .unwrap();
-        let session = ctx.open_ro_session(slot).unwrap();
-        let _ = session.login(
-            cryptoki::session::UserType::User,
-            Some(&pin.to_string().into()),
-        );
-        session.logout().unwrap();
     }
 }

@@ -166,6 +166,43 @@ fn encode(bytes: &[u8], query: bool) -> String {
     out
 }
 
+/// One `name=value` of a URI's path or query, with where it starts.
+struct Attr<'a> {
+    name: &'a str,
+    value: &'a str,
+    at: usize,
+    value_at: usize,
+}
+
+/// The `name=value` attributes of `part` (which starts at byte `base` of
+/// the URI), separated by `sep`; empty ones are skipped.
+fn attributes(
+    part: &str,
+    sep: char,
+    base: usize,
+) -> impl Iterator<Item = Result<Attr<'_>, UriError>> {
+    let mut at = base;
+    part.split(sep).filter_map(move |attr| {
+        let here = at;
+        at += attr.len() + 1;
+        if attr.is_empty() {
+            return None;
+        }
+        Some(match attr.split_once('=') {
+            Some((name, value)) => Ok(Attr {
+                name,
+                value,
+                at: here,
+                value_at: here + name.len() + 1,
+            }),
+            None => Err(UriError {
+                position: here,
+                reason: format!("\"{attr}\" is not name=value"),
+            }),
+        })
+    })
+}
+
 impl FromStr for Pkcs11Uri {
     type Err = UriError;
 
@@ -181,18 +218,13 @@ impl FromStr for Pkcs11Uri {
             Some((p, q)) => (p, q, 7 + p.len() + 1),
             None => (&text[7..], "", text.len()),
         };
-        let mut at = 7;
-        for attr in path.split(';') {
-            let here = at;
-            at += attr.len() + 1;
-            if attr.is_empty() {
-                continue;
-            }
-            let (name, value) = attr.split_once('=').ok_or_else(|| UriError {
-                position: here,
-                reason: format!("\"{attr}\" is not name=value"),
-            })?;
-            let vat = here + name.len() + 1;
+        for attr in attributes(path, ';', 7) {
+            let Attr {
+                name,
+                value,
+                at: here,
+                value_at: vat,
+            } = attr?;
             let dup = |set: bool| {
                 if set {
                     Err(UriError {
@@ -266,18 +298,13 @@ impl FromStr for Pkcs11Uri {
                 }
             }
         }
-        let mut at = query_at;
-        for attr in query.split('&') {
-            let here = at;
-            at += attr.len() + 1;
-            if attr.is_empty() {
-                continue;
-            }
-            let (name, value) = attr.split_once('=').ok_or_else(|| UriError {
-                position: here,
-                reason: format!("\"{attr}\" is not name=value"),
-            })?;
-            let vat = here + name.len() + 1;
+        for attr in attributes(query, '&', query_at) {
+            let Attr {
+                name,
+                value,
+                at: here,
+                value_at: vat,
+            } = attr?;
             match name {
                 "module-path" => {
                     uri.module_path = Some(PathBuf::from(decode_text(value, vat)?));

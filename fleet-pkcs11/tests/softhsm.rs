@@ -133,28 +133,9 @@ fn each_failure_says_what_to_fix() {
 }
 
 fn make_rsa_key(token: &SoftHsmToken, label: &str) {
-    let ctx = cryptoki::context::Pkcs11::new(token.module()).unwrap();
-    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
-        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
-    ));
-    let slot = ctx
-        .get_all_slots()
+    token
+        .user_session()
         .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .is_ok_and(|t| t.label().trim_end() == token.label())
-        })
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    let pin = std::fs::read_to_string(token.pin_file()).unwrap();
-    session
-        .login(
-            cryptoki::session::UserType::User,
-            Some(&pin.trim().to_string().into()),
-        )
-        .unwrap();
-    session
         .generate_key_pair(
             &Mechanism::RsaPkcsKeyPairGen,
             &[
@@ -171,23 +152,6 @@ fn make_rsa_key(token: &SoftHsmToken, label: &str) {
         .unwrap();
 }
 
-fn token_session(token: &SoftHsmToken) -> cryptoki::session::Session {
-    let ctx = cryptoki::context::Pkcs11::new(token.module()).unwrap();
-    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
-        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
-    ));
-    let slot = ctx
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .is_ok_and(|t| t.label().trim_end() == token.label())
-        })
-        .unwrap();
-    ctx.open_rw_session(slot).unwrap()
-}
-
 #[test]
 fn a_lost_session_is_reopened_and_a_removed_token_fails_typed() {
     let token = SoftHsmToken::new().unwrap();
@@ -197,13 +161,7 @@ fn a_lost_session_is_reopened_and_a_removed_token_fails_typed() {
 
     // Another part of the process logs the token's user out: every session
     // of the application loses its login. The key logs in again by itself.
-    let other = token_session(&token);
-    let pin = std::fs::read_to_string(token.pin_file()).unwrap();
-    let _ = other.login(
-        cryptoki::session::UserType::User,
-        Some(&pin.trim().to_string().into()),
-    );
-    other.logout().unwrap();
+    token.user_session().unwrap().logout().unwrap();
     let sig = key.sign(b"after a logout").unwrap();
     assert!(verify_p256(key.public_key(), b"after a logout", &sig));
 

@@ -182,6 +182,31 @@ impl SoftHsmToken {
         uri
     }
 
+    /// A read-write session on this token, logged in as its user (for a
+    /// test that makes keys fleet would not, or logs the user out).
+    pub fn user_session(&self) -> Result<cryptoki::session::Session, HarnessError> {
+        let ctx = context()?;
+        let hsm = |what: &str, e: CkError| HarnessError::SoftHsm(format!("{what}: {e}"));
+        let slot = ctx
+            .get_all_slots()
+            .map_err(|e| hsm("listing slots", e))?
+            .into_iter()
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .is_ok_and(|t| t.label().trim_end() == self.label)
+            })
+            .ok_or_else(|| HarnessError::SoftHsm(format!("token {} not listed", self.label)))?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(|e| hsm("C_OpenSession", e))?;
+        let pin = std::fs::read_to_string(self.pin_file())
+            .map_err(|e| HarnessError::io("read the PIN file", e))?;
+        match session.login(UserType::User, Some(&AuthPin::from(pin.trim().to_string()))) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => Err(hsm("C_Login", e)),
+        }
+    }
+
     /// The token's directory in SoftHSM2's file store.
     pub fn directory(&self) -> Option<PathBuf> {
         std::fs::read_dir(&self.tokens)
