@@ -186,12 +186,15 @@ mod in_softhsm {
     /// provisions by claim with a CSR signed there, connects with mutual
     /// TLS, reports its shadow, installs a release whose manifest was
     /// signed by a release key in the token, and the cloud verifies the
-    /// receipt the token signed. When the token refuses it (its login
-    /// lost, its PIN wrong), the agent keeps its outbox and delivers it
-    /// once the token signs again.
+    /// receipt the token signed. When the token is taken away, the agent
+    /// says so, keeps its outbox and delivers it once the token is back.
     async fn a_device_whose_keys_are_in_a_token_provisions_connects_and_signs_receipts(
         kind: BrokerKind,
     ) {
+        // One at a time: taking a token away starts the module again, which
+        // ends every session in this process.
+        static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = ONE.lock().await;
         let token = SoftHsmToken::new().unwrap();
         let tls_key = Arc::new(
             Pkcs11Key::generate(&token.uri("device"), Algorithm::EcdsaP256Sha256).unwrap(),
@@ -413,34 +416,49 @@ mod in_softhsm {
             (1, 0),
             "the token's receipt verifies: {status:?}"
         );
-        agent.shutdown().await;
 
-        // The token refuses: its login is lost (another session logs the
-        // user out) and its PIN file is now wrong. The agent cannot make a
-        // handshake; what it publishes waits in its outbox.
-        // (PKCS#11 keeps one login state per application and token.)
-        token.user_session().unwrap().logout().unwrap();
-        let pin = std::fs::read_to_string(token.pin_file()).unwrap();
-        std::fs::write(token.pin_file(), "wrong-pin\n").unwrap();
+        // The token is taken away (its store out of SoftHSM2's reach)
+        // while the device is connected: the connection stays, as a TLS
+        // session does without its key. A reboot then cannot connect: the
+        // agent says why, and what it publishes waits in its outbox.
+        let dir = token.directory().unwrap();
+        let away = dir
+            .parent()
+            .and_then(|tokens| tokens.parent())
+            .unwrap()
+            .join(format!("removed-{}", token.label()));
+        std::fs::rename(&dir, &away).unwrap();
+        let d = agent
+            .publish("status", "sent while the token is away", Qos::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(15), d.acknowledged())
+            .await
+            .unwrap()
+            .unwrap();
+        agent.shutdown().await;
         let agent = agent_with(Arc::new(Mutex::new(
             FileSlots::boot(&state.path().join("slots"), 1 << 20, 1).unwrap(),
         )));
         match next(&agent).await {
             AgentEvent::Disconnected { reason, .. } => {
-                assert!(reason.contains("refused the PIN"), "{kind:?}: {reason}");
+                assert!(
+                    reason.contains("reinsert it") || reason.contains("is inserted"),
+                    "{kind:?}: {reason}"
+                );
             }
             e => panic!("{kind:?}: {e:?}"),
         }
         let delivery = agent
-            .publish("status", "kept while the token refused", Qos::AtLeastOnce)
+            .publish("status", "kept while the token was away", Qos::AtLeastOnce)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        // The token signs again: the agent connects and delivers.
-        std::fs::write(token.pin_file(), pin).unwrap();
+        // The token is back: the agent connects and delivers.
+        std::fs::rename(&away, &dir).unwrap();
         tokio::time::timeout(Duration::from_secs(20), delivery.acknowledged())
             .await
-            .expect("delivered once the token signs again")
+            .expect("delivered once the token is back")
             .unwrap();
         agent.shutdown().await;
     }

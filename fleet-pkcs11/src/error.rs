@@ -239,7 +239,10 @@ impl Pkcs11Error {
             // tokens whose objects live in files) report a token taken
             // away this way.
             | RvError::ObjectHandleInvalid
-            | RvError::KeyHandleInvalid => Self::TokenRemoved { token, source: e },
+            | RvError::KeyHandleInvalid
+            // The module was started again under a session (after a
+            // removal): the next attempt opens a fresh one.
+            | RvError::CryptokiNotInitialized => Self::TokenRemoved { token, source: e },
             _ => Self::Module {
                 operation,
                 source: e,

@@ -89,10 +89,16 @@ const ED25519_OID: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 /// `PrintableString "edwards25519"`, the other encoding PKCS#11 3.0 allows.
 const ED25519_NAME: &[u8] = b"\x13\x0cedwards25519";
 
-/// Each module is loaded and initialized once per process: PKCS#11 allows
-/// one `C_Initialize` per library.
+/// The modules loaded in this process, by path: PKCS#11 allows one
+/// `C_Initialize` per library, which every key of the process shares.
+static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+
+fn init_args() -> CInitializeArgs {
+    CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)
+}
+
+/// The module at `path`, loaded and initialized once per process.
 fn module(path: &Path) -> Result<Pkcs11, Pkcs11Error> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut modules = MODULES
         .get_or_init(Default::default)
         .lock()
@@ -105,12 +111,27 @@ fn module(path: &Path) -> Result<Pkcs11, Pkcs11Error> {
         source,
     };
     let ctx = Pkcs11::new(path).map_err(load)?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    match ctx.initialize(init_args()) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(load(e)),
     }
     modules.insert(path.to_path_buf(), ctx.clone());
     Ok(ctx)
+}
+
+/// Starts the module at `path` again (`C_Finalize`, `C_Initialize`): some
+/// modules notice a token that came back only then (SoftHSM2 reads its
+/// token store at initialization; a module that talks to a remote token
+/// connects then). Every session of the module ends; keys open fresh ones.
+fn reinitialize(path: &Path) {
+    let modules = MODULES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(ctx) = modules.get(path) {
+        let _ = ctx.clone().finalize();
+        let _ = ctx.initialize(init_args());
+    }
 }
 
 fn read_pin(pin: &PinSource) -> Result<Option<AuthPin>, Pkcs11Error> {
@@ -392,14 +413,27 @@ impl Pkcs11Key {
 
     /// Signs `message`: ECDSA P-256 over its SHA-256 (DER signature), or
     /// Ed25519 over the message itself. A session the token lost (closed,
-    /// logged out) is opened again once, transparently; a token that went
-    /// away gives [`Pkcs11Error::TokenRemoved`] (or
-    /// [`Pkcs11Error::TokenNotFound`] while it is gone), and the next call
-    /// tries again.
+    /// logged out) is opened again, transparently; a token that went away
+    /// gives [`Pkcs11Error::TokenRemoved`] (or [`Pkcs11Error::TokenNotFound`]
+    /// while it is gone), after the module was started again in case the
+    /// token is back; the next call tries again.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
-        match self.sign_once(message) {
-            Err(Retry::Stale(_)) => self.sign_once(message).map_err(Retry::into_error),
-            other => other.map_err(Retry::into_error),
+        // As it is; then with a fresh session; then, the token still away,
+        // with the module started again (a token put back is seen then).
+        let mut failures = 0;
+        loop {
+            match self.sign_once(message) {
+                Ok(signature) => return Ok(signature),
+                Err(Retry::Final(e)) if !e.is_transient() => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    match failures {
+                        1 => {}
+                        2 => reinitialize(&self.module),
+                        _ => return Err(e.into_error()),
+                    }
+                }
+            }
         }
     }
 

@@ -9,6 +9,14 @@ use cryptoki::object::Attribute;
 use fleet_pkcs11::{Algorithm, LockReason, PinSource, Pkcs11Error, Pkcs11Key, Pkcs11Uri};
 use fleet_testkit::SoftHsmToken;
 
+/// One test at a time: taking a token away starts the module again, which
+/// ends every session of the process.
+static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one() -> std::sync::MutexGuard<'static, ()> {
+    ONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn verify_p256(public: &[u8], message: &[u8], der: &[u8]) -> bool {
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public)
         .verify(message, der)
@@ -17,6 +25,7 @@ fn verify_p256(public: &[u8], message: &[u8], der: &[u8]) -> bool {
 
 #[test]
 fn keys_are_generated_in_the_token_sign_there_and_never_leave() {
+    let _one = one();
     let token = SoftHsmToken::new().unwrap();
     let uri = token.uri("device");
     let key = Pkcs11Key::generate(&uri, Algorithm::EcdsaP256Sha256).unwrap();
@@ -57,6 +66,7 @@ fn keys_are_generated_in_the_token_sign_there_and_never_leave() {
 
 #[test]
 fn each_failure_says_what_to_fix() {
+    let _one = one();
     let token = SoftHsmToken::new().unwrap();
     Pkcs11Key::generate(&token.uri("device"), Algorithm::EcdsaP256Sha256).unwrap();
 
@@ -153,7 +163,8 @@ fn make_rsa_key(token: &SoftHsmToken, label: &str) {
 }
 
 #[test]
-fn a_lost_session_is_reopened_and_a_removed_token_fails_typed() {
+fn a_lost_session_is_reopened_and_a_removed_token_comes_back() {
+    let _one = one();
     let token = SoftHsmToken::new().unwrap();
     let uri = token.uri("device");
     let key = Pkcs11Key::generate(&uri, Algorithm::EcdsaP256Sha256).unwrap();
@@ -168,7 +179,12 @@ fn a_lost_session_is_reopened_and_a_removed_token_fails_typed() {
     // The token taken away (its store gone): typed, and marked transient
     // so the agent keeps retrying rather than giving up.
     let dir = token.directory().unwrap();
-    let away = dir.with_extension("removed");
+    // Out of the token store altogether (SoftHSM2 reads every directory in it).
+    let away = dir
+        .parent()
+        .and_then(|tokens| tokens.parent())
+        .unwrap()
+        .join(format!("removed-{}", token.label()));
     std::fs::rename(&dir, &away).unwrap();
     let e = key.sign(b"while removed").unwrap_err();
     assert!(
@@ -180,7 +196,14 @@ fn a_lost_session_is_reopened_and_a_removed_token_fails_typed() {
     );
     assert!(e.is_transient(), "{e}");
     assert!(e.to_string().contains(token.label()), "{e}");
+    assert!(
+        e.to_string().contains("reinsert it") || e.to_string().contains("inserted"),
+        "{e}"
+    );
     let e = key.sign(b"still removed").unwrap_err();
     assert!(e.is_transient(), "{e}");
+    // Put back: the key signs again (the module is started again to see it).
     std::fs::rename(&away, &dir).unwrap();
+    let sig = key.sign(b"back").unwrap();
+    assert!(verify_p256(key.public_key(), b"back", &sig));
 }
